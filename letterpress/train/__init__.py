@@ -1,0 +1,1 @@
+"""Training letterpress's own small model and its tokenizer."""
