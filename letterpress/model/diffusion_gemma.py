@@ -1,0 +1,281 @@
+"""The DiffusionGemma text model: one stack of layers run two ways.
+
+- `encode`: causal pass over new context tokens (the prompt, then each finished canvas) that appends their
+  keys/values to the KV cache.
+- `denoise`: bidirectional pass over a canvas that reads the cache (never writes it) and returns logits.
+
+Encoder and decoder share every weight; only `layer_scalar` exists twice (`encoder_scalar`,
+`decoder_scalar`), and only the decoder uses the self-conditioning block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache, visible_from
+from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
+from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
+
+# (layer index, new keys [B, T, kvh, d], new values) -> all keys/values to attend to, [B, kvh, S, d] each
+KVSource = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Attention(nn.Module):
+    """GQA attention with q/k norms and an unscaled value norm. Scale is 1.0 (the q/k norms set the scale).
+    Full-attention layers have no v_proj: values are the raw (pre-norm, pre-RoPE) keys."""
+
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = spec.head_dim
+        self.num_kv_heads = spec.num_kv_heads
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias) if spec.is_sliding else None
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv_source: KVSource, layer_idx: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        keys, values = kv_source(layer_idx, k, self.v_norm(v))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, scale=1.0, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Layer(nn.Module):
+    """Attention, then a dense MLP and a MoE side by side, each with Gemma's sandwich norms."""
+
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = GatedMLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        # The tie between encoder and decoder covers weights, not these buffers: keep both.
+        self.register_buffer("encoder_scalar", torch.ones(1))
+        self.register_buffer("decoder_scalar", torch.ones(1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv_source: KVSource, layer_idx: int, scalar: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_source, layer_idx)
+        x = x + self.post_attention_layernorm(attn)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = self.router(flat)  # the router reads the raw residual stream
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).reshape(x.shape)
+        x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return x * scalar
+
+
+class SelfConditioning(nn.Module):
+    """Feeds the previous step's probabilities back: soft embeddings -> pre-norm -> gated MLP, added to the
+    canvas embeddings, then an unscaled post-norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, canvas_embeds: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
+        if soft_embeds is None:
+            # A zero signal gives an exactly zero MLP output (gelu(0) = 0), so skip the matmuls.
+            return self.post_norm(canvas_embeds)
+        normed = self.pre_norm(soft_embeds)
+        signal = self.down_proj(gelu_tanh(self.gate_proj(normed)) * self.up_proj(normed))
+        return self.post_norm(canvas_embeds + signal)
+
+
+class DiffusionGemma(nn.Module):
+    """DiffusionGemma's text path. Build with `DiffusionGemma.from_pretrained(path_or_hub_id)`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        cfg = config.text
+        self.text_config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Layer(cfg, spec) for spec in cfg.layers])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        for layer_type in cfg.rope:
+            self.register_buffer(f"inv_freq_{layer_type}", torch.empty(0), persistent=False)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE frequencies in float32: after `to_empty` or a dtype change they are garbage."""
+        cfg = self.text_config
+        for layer_type, rope in cfg.rope.items():
+            head_dim = next((s.head_dim for s in cfg.layers if s.layer_type == layer_type), cfg.head_dim)
+            setattr(self, f"inv_freq_{layer_type}", rope_inv_freq(rope, head_dim).to(self.embed_tokens.weight.device))
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
+                        device: torch.device | str = "cpu", offline: bool | None = None,
+                        revision: str | None = None) -> "DiffusionGemma":
+        from ..checkpoint import load_model
+
+        return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DiffusionGemma":
+        """Fresh weights for training from scratch: normal(0, std) matrices, unit norms and scales."""
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.fill_(1.0)
+        for layer in self.layers:
+            layer.encoder_scalar.fill_(1.0)
+            layer.decoder_scalar.fill_(1.0)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, num_slots: int, capacity: int) -> KVCache:
+        return KVCache(self.text_config, num_slots, capacity, self.dtype, self.device)
+
+    # ----------------------------------------------------------------------------------------------- pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # The scale is rounded to the weight dtype first, as the reference does.
+        scale = torch.tensor(self.text_config.hidden_size**0.5).to(self.dtype)
+        return self.embed_tokens(ids) * scale
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output head and soft-capping, in float32: [.., hidden] -> [.., vocab]."""
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.text_config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input: softmax (float32) of the previous step's logits times the embedding."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(self.dtype)
+        scale = torch.tensor(self.text_config.hidden_size**0.5).to(self.dtype)
+        return (probs @ self.embed_tokens.weight) * scale
+
+    def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {t: rope_cos_sin(positions, getattr(self, f"inv_freq_{t}"), self.dtype) for t in self.text_config.rope}
+
+    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor],
+                    kv_source: KVSource, scalar_name: str) -> torch.Tensor:
+        rope = self._rope(positions)
+        for i, (layer, spec) in enumerate(zip(self.layers, self.text_config.layers)):
+            cos, sin = rope[spec.layer_type]
+            x = layer(x, cos, sin, masks[spec.layer_type], kv_source, i, getattr(layer, scalar_name))
+        return self.norm(x)
+
+    def _window(self, layer_type: str) -> int | None:
+        return self.text_config.sliding_window if layer_type == SLIDING else None
+
+    # ----------------------------------------------------------------------------------------------- encode
+    def encode(self, input_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None,
+               input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Append `input_ids` [B, T] (right-padded; row b has `input_lengths[b]` real tokens) to the cache
+        slots `slots` [B], continuing each slot's positions. Returns final hidden states [B, T, hidden]."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        slots = torch.arange(b, device=device) if slots is None else slots.to(device)
+        input_lengths = torch.full((b,), t, device=device) if input_lengths is None else input_lengths.to(device)
+        cache.check_room(slots, input_lengths)
+        base = cache.lengths[slots]  # [B] tokens already cached per row
+        offsets = torch.arange(t, device=device)
+        positions = base[:, None] + offsets  # [B, T]
+        query_valid = offsets[None, :] < input_lengths[:, None]
+        key_len = int((base + input_lengths).max())
+        masks = {lt: self._encoder_mask(lt, positions, base, base + input_lengths, query_valid, key_len)
+                 for lt in set(self.text_config.layer_types)}
+
+        def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cache.write(layer_idx, slots, positions, query_valid, k, v)
+            return cache.keys[layer_idx][slots, :, :key_len], cache.values[layer_idx][slots, :, :key_len]
+
+        hidden = self._run_layers(self.embed(input_ids), positions, masks, kv_source, "encoder_scalar")
+        cache.advance(slots, input_lengths)
+        return hidden
+
+    def _encoder_mask(self, layer_type: str, positions: torch.Tensor, base: torch.Tensor, total: torch.Tensor,
+                      query_valid: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Boolean mask [B, 1, T, key_len] over cache positions (the chunk is already written there)."""
+        qp = positions[:, :, None]
+        kp = torch.arange(key_len, device=positions.device)[None, None, :]
+        allowed = kp < total[:, None, None]
+        window = self._window(layer_type)
+        if self.text_config.encoder_is_causal:
+            allowed = allowed & (kp <= qp)
+            if window is not None:
+                allowed = allowed & (kp > qp - window)
+        elif window is not None:
+            # Bidirectional sliding window over the chunk, reading only what the sliding cache retained.
+            allowed = allowed & ((qp - kp).abs() <= window) & (kp >= visible_from(base, window)[:, None, None])
+        # Padding queries attend to everything: their outputs are discarded, this only keeps them finite.
+        allowed = allowed | ~query_valid[:, :, None]
+        return allowed[:, None]
+
+    # ----------------------------------------------------------------------------------------------- denoise
+    def denoise(self, canvas_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None,
+                self_conditioning_logits: torch.Tensor | None = None,
+                self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over canvases [B, C] that read cache slots `slots` [B]. Returns float32,
+        soft-capped logits [B, C, vocab]. `self_conditioning_logits` [B, C, vocab] are the previous step's
+        processed logits; rows where `self_conditioning_mask` [B] is False get a zero signal."""
+        b, c = canvas_ids.shape
+        device = canvas_ids.device
+        slots = torch.arange(b, device=device) if slots is None else slots.to(device)
+        base = cache.lengths[slots]
+        positions = base[:, None] + torch.arange(c, device=device)
+        key_len = int(base.max()) if b else 0
+        masks = {lt: self._decoder_mask(lt, base, key_len, c) for lt in set(self.text_config.layer_types)}
+
+        def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = torch.cat([cache.keys[layer_idx][slots, :, :key_len], k.transpose(1, 2)], dim=2)
+            values = torch.cat([cache.values[layer_idx][slots, :, :key_len], v.transpose(1, 2)], dim=2)
+            return keys, values
+
+        soft = None
+        if self_conditioning_logits is not None:
+            soft = self.soft_embeddings(self_conditioning_logits)
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.to(device=device, dtype=soft.dtype)[:, None, None]
+        x = self.self_conditioning(self.embed(canvas_ids), soft)
+        hidden = self._run_layers(x, positions, masks, kv_source, "decoder_scalar")
+        return self.lm_logits(hidden)
+
+    def _decoder_mask(self, layer_type: str, base: torch.Tensor, key_len: int, canvas: int) -> torch.Tensor:
+        """[B, 1, 1, key_len + canvas]: every canvas query sees the same keys, the cached prefix (last
+        window - 1 tokens on sliding layers) and the whole canvas."""
+        kp = torch.arange(key_len, device=base.device)[None, :]
+        cached = (kp < base[:, None]) & (kp >= visible_from(base, self._window(layer_type))[:, None])
+        canvas_part = torch.ones(base.shape[0], canvas, dtype=torch.bool, device=base.device)
+        return torch.cat([cached, canvas_part], dim=1)[:, None, None, :]
