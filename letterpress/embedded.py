@@ -1,0 +1,86 @@
+"""The embedded default model, so that every command runs with no download.
+
+Until a trained small model ships inside the package (`assets/<name>/model.safetensors`), the default is a
+*placeholder*: a tiny DiffusionGemma with random weights and our own BPE tokenizer, built deterministically
+on first use into the user's cache folder. It exercises every code path (loader, engine, server) but its
+text is noise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+PLACEHOLDER_VERSION = 1
+
+
+def placeholder_config(vocab_size: int) -> dict:
+    """A DiffusionGemma config of the released shape family, scaled down: sliding + full layers, larger
+    full-attention heads, MoE with top-2 of 8 experts."""
+    return {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "model_type": "diffusion_gemma",
+        "canvas_length": 64,
+        "tie_word_embeddings": True,
+        "text_config": {
+            "model_type": "diffusion_gemma_text",
+            "vocab_size": vocab_size,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "global_head_dim": 64,
+            "num_global_key_value_heads": 1,
+            "sliding_window": 128,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            "num_experts": 8,
+            "top_k_experts": 2,
+            "moe_intermediate_size": 64,
+            "max_position_embeddings": 4096,
+            "final_logit_softcapping": 30.0,
+            "pad_token_id": 0,
+            "eos_token_id": [1, 5],
+            "bos_token_id": 2,
+        },
+    }
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LETTERPRESS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "letterpress")
+    return Path(base).expanduser()
+
+
+def shipped_models() -> dict[str, Path]:
+    """Trained models shipped in the package: folders under assets/ that hold weights."""
+    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "model.safetensors").is_file()}
+
+
+def default_model_dir() -> Path:
+    shipped = shipped_models()
+    if "tiny_code" in shipped:
+        return shipped["tiny_code"]
+    return build_placeholder(cache_root() / f"placeholder-v{PLACEHOLDER_VERSION}")
+
+
+def build_placeholder(folder: Path) -> Path:
+    """Build (once) the random-weight placeholder checkpoint in the released format."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from .checkpoint import save_model
+    from .config import model_config_from_dict
+    from .model import DiffusionGemma
+    from .tokenizer import Tokenizer
+
+    tokenizer_dir = ASSETS / "tiny_code"
+    vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
+    config = placeholder_config(vocab)
+    model = DiffusionGemma(model_config_from_dict(config))
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    generation = {"max_new_tokens": 64, "eos_token_id": [1, 5], "pad_token_id": 0}
+    return save_model(model, folder, config, generation, {f: tokenizer_dir / f for f in TOKENIZER_FILES})

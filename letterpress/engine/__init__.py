@@ -1,0 +1,1 @@
+"""Rows, scheduler, runner and the `LLM` API."""

@@ -1,0 +1,164 @@
+"""The runner: one engine step for every active row.
+
+    encode   rows with pending context (prompt chunks, just-finished canvases) -> KV cache
+    denoise  every active canvas in one batched call                          -> logits [R, C, V]
+    sample   proposals, argmax, entropy, acceptance                           -> next canvases, done flags
+
+Rows are independent: each has its own cache slot, step counter and random draws, so a row's output does
+not depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import DiffusionGemma
+from ..sampling import denoise_step, temperature
+from .request import CanvasEvent, Request, RequestOutput
+
+
+@dataclass
+class Row:
+    request: Request
+    slot: int
+    pending: list[int]  # context tokens not yet encoded
+    canvas: torch.Tensor | None = None  # [C] current (noisy) canvas; None while encoding
+    argmax: torch.Tensor | None = None  # [C] the canvas this row commits if it stops now
+    sc_logits: torch.Tensor | None = None  # [C, V] previous step's processed logits
+    history: list[torch.Tensor] = field(default_factory=list)  # last `stability_threshold` argmax canvases
+    step: int = 0
+    canvas_index: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    steps_per_canvas: list[int] = field(default_factory=list)
+    valid_tokens: int = 0  # for tokens/forward: non-pad tokens through the stop token
+    finish_reason: str | None = None
+
+    @property
+    def denoising(self) -> bool:
+        return self.canvas is not None and self.finish_reason is None
+
+    def output(self) -> RequestOutput:
+        passes = sum(self.steps_per_canvas)
+        return RequestOutput(
+            request_id=self.request.request_id,
+            prompt_token_ids=self.request.prompt_token_ids,
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason or "abort",
+            canvases=len(self.steps_per_canvas),
+            steps_per_canvas=self.steps_per_canvas,
+            decoder_passes=passes,
+            tokens_per_forward=self.valid_tokens / passes if passes else 0.0,
+            seconds=time.perf_counter() - self.request.arrival,
+        )
+
+
+class Runner:
+    def __init__(self, model: DiffusionGemma, num_slots: int, max_model_len: int, prefill_chunk: int = 2048,
+                 pad_token_id: int = 0):
+        self.model = model
+        self.cache = model.new_cache(num_slots, max_model_len)
+        self.canvas_length = model.config.canvas_length
+        self.vocab_size = model.text_config.vocab_size
+        self.prefill_chunk = prefill_chunk
+        self.pad_token_id = pad_token_id
+        self.decoder_passes = 0  # batched denoise calls, for metrics
+
+    @torch.inference_mode()
+    def step(self, rows: list[Row]) -> None:
+        encoding = [r for r in rows if r.pending and r.finish_reason is None]
+        if encoding:
+            self._encode(encoding)
+        denoising = [r for r in rows if r.denoising]
+        if denoising:
+            self._denoise(denoising)
+
+    # ------------------------------------------------------------------------------------------------ encode
+    def _encode(self, rows: list[Row]) -> None:
+        chunks = [r.pending[: self.prefill_chunk] for r in rows]
+        device = self.model.device
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        lengths = torch.tensor([len(c) for c in chunks], device=device)
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        self.model.encode(ids.to(device), self.cache, slots, lengths)
+        for row, chunk in zip(rows, chunks):
+            row.pending = row.pending[len(chunk):]
+            if not row.pending:
+                self._start_canvas(row)
+
+    def _start_canvas(self, row: Row) -> None:
+        row.canvas = row.request.draws.initial_canvas(self.canvas_length, self.vocab_size, row.canvas_index)
+        row.canvas = row.canvas.to(self.model.device)
+        row.argmax = row.canvas
+        row.sc_logits = None
+        row.history = []
+        row.step = 0
+
+    # ----------------------------------------------------------------------------------------------- denoise
+    def _denoise(self, rows: list[Row]) -> None:
+        device = self.model.device
+        canvases = torch.stack([r.canvas for r in rows])
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        sc_logits, sc_mask = self._self_conditioning(rows)
+        logits = self.model.denoise(canvases, self.cache, slots, sc_logits, sc_mask)
+        self.decoder_passes += 1
+
+        params = [r.request.params for r in rows]
+        temps = torch.tensor([temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max) for r, p in zip(rows, params)],
+                             dtype=torch.float32)
+        bounds = torch.tensor([p.entropy_bound for p in params], dtype=torch.float32)
+        outcome = denoise_step(logits, temps, bounds, [r.request.draws for r in rows],
+                               [r.canvas_index for r in rows], [r.step for r in rows])
+        for i, (row, p) in enumerate(zip(rows, params)):
+            argmax = outcome.argmax[i]
+            k = p.stability_threshold
+            # Stable: the argmax canvas equals each of the previous k ones (so never at the first step).
+            stable = k == 0 or (len(row.history) == k and all(torch.equal(h, argmax) for h in row.history))
+            row.history = (row.history + [argmax])[-k:] if k else []
+            confident = bool(outcome.mean_entropy[i] < p.confidence_threshold)
+            row.argmax, row.canvas = argmax, outcome.next_canvas[i]
+            row.sc_logits = outcome.processed_logits[i].to(self.model.dtype)
+            row.step += 1
+            if row.request.want_drafts and row.request.listener:
+                row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
+                                                 argmax.tolist(), final=False, accepted=int(outcome.accept_mask[i].sum())))
+            if (stable and confident) or row.step >= p.max_denoising_steps:
+                self._finish_canvas(row)
+
+    def _self_conditioning(self, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stack the previous step's logits; rows at their first step get a zero signal through the mask."""
+        present = [r.sc_logits is not None for r in rows]
+        if not any(present):
+            return None, None
+        template = next(r.sc_logits for r in rows if r.sc_logits is not None)
+        stacked = torch.stack([r.sc_logits if r.sc_logits is not None else torch.zeros_like(template) for r in rows])
+        return stacked, torch.tensor(present, device=stacked.device)
+
+    def _finish_canvas(self, row: Row) -> None:
+        p = row.request.params
+        tokens = row.argmax.tolist()
+        budget = p.max_new_tokens - len(row.token_ids)
+        eos = set() if p.ignore_eos else set(p.eos_token_ids)
+        stop_at = next((i for i, t in enumerate(tokens) if t in eos), None)
+        if stop_at is not None and stop_at < budget:
+            committed, counted, reason = tokens[:stop_at], tokens[: stop_at + 1], "stop"
+        elif budget <= len(tokens):
+            committed, counted, reason = tokens[:budget], tokens[:budget], "length"
+        else:
+            committed, counted, reason = tokens, tokens, None
+        row.token_ids.extend(committed)
+        row.valid_tokens += sum(t != self.pad_token_id for t in counted)
+        row.steps_per_canvas.append(row.step)
+        if row.request.listener:
+            row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step, committed, final=True))
+        row.canvas, row.sc_logits, row.history = None, None, []
+        row.canvas_index += 1
+        if reason is None:
+            row.pending = tokens  # the canvas joins the context before the next one starts
+        else:
+            row.finish_reason = reason

@@ -1,0 +1,93 @@
+"""The scheduler: admits waiting requests into free cache slots between steps, runs the runner, and hands
+back finished rows. `LLM.generate` feeds it everything at once; the server feeds it from a queue."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from ..errors import RequestError
+from .request import Request, RequestOutput
+from .runner import Row, Runner
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, max_num_seqs: int, max_model_len: int):
+        self.runner = runner
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Row] = []
+        self.free_slots = list(range(max_num_seqs))
+        self.aborted: set[str] = set()
+
+    def check(self, request: Request) -> None:
+        """Reject what can never fit: the context is budgeted as prompt + canvases x canvas_length."""
+        if not request.prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        canvas = self.runner.canvas_length
+        canvases = math.ceil(request.params.max_new_tokens / canvas)
+        need = len(request.prompt_token_ids) + canvases * canvas
+        if need > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(request.prompt_token_ids)} tokens) + {canvases} canvas(es) of {canvas} = {need} "
+                f"tokens exceeds max_model_len {self.max_model_len}; shorten the prompt or lower max_new_tokens")
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+
+    def add(self, request: Request) -> None:
+        self.check(request)
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> None:
+        """Free a request's row at the next step (or drop it from the queue)."""
+        self.aborted.add(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one step, and return the outputs of the rows that finished (or were aborted)."""
+        finished = self._drop_aborted()
+        self._admit()
+        if self.running:
+            self.runner.step(self.running)
+        done = [r for r in self.running if r.finish_reason is not None]
+        self._release(done)
+        return finished + [r.output() for r in done]
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            slot = self.free_slots.pop(0)
+            self.runner.cache.reset([slot])
+            self.running.append(Row(request=request, slot=slot, pending=list(request.prompt_token_ids)))
+
+    def _drop_aborted(self) -> list[RequestOutput]:
+        if not self.aborted:
+            return []
+        out = []
+        for request in [q for q in self.waiting if q.request_id in self.aborted]:
+            self.waiting.remove(request)
+            out.append(Row(request=request, slot=-1, pending=[], finish_reason="abort").output())
+        rows = [r for r in self.running if r.request.request_id in self.aborted]
+        for row in rows:
+            row.finish_reason = "abort"
+        self._release(rows)
+        self.aborted.clear()
+        return out + [r.output() for r in rows]
+
+    def _release(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.running.remove(row)
+            self.free_slots.append(row.slot)
+        self.free_slots.sort()
