@@ -1,0 +1,160 @@
+"""Command line: argument parsing and printing only; the work is done by `letterpress.LLM` and friends.
+
+    letterpress generate [MODEL] "prompt"     one completion, then a stats line
+    letterpress chat [MODEL]                  interactive multi-turn chat (/reset, /exit)
+
+With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+from .errors import LetterpressError
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--offline", action="store_true", help="never touch the network (Hub cache only)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context budget per request (tokens)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-denoising-steps", type=int, default=None)
+    g.add_argument("--entropy-bound", type=float, default=None)
+    g.add_argument("--t-min", type=float, default=None)
+    g.add_argument("--t-max", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="fixes the output (per-request generator)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from .engine.request import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
+                          entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max, seed=args.seed)
+
+
+def load_llm(model: str | None, args: argparse.Namespace):
+    from .engine.llm import LLM
+
+    return LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               offline=True if args.offline else None, max_num_seqs=1)
+
+
+def stats_line(out, seconds: float) -> str:
+    steps = "+".join(str(s) for s in out.steps_per_canvas)
+    rate = len(out.token_ids) / seconds if seconds > 0 else 0.0
+    return (f"[{len(out.token_ids)} tokens, {out.canvases} canvas(es), steps {steps}, "
+            f"{out.tokens_per_forward:.2f} tokens/forward, {rate:.1f} tokens/s, finish: {out.finish_reason}]")
+
+
+def split_model_and_text(words: list[str], parser: argparse.ArgumentParser) -> tuple[str | None, str]:
+    if len(words) == 1:
+        return None, words[0]
+    if len(words) == 2:
+        return words[0], words[1]
+    parser.error('expected [MODEL] "prompt"')
+    raise AssertionError
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("words", nargs="+", metavar='[MODEL] "prompt"', help="checkpoint folder or Hub id (optional), then the prompt")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model, prompt = split_model_and_text(args.words, args.parser)
+    llm = load_llm(model, args)
+    params = sampling_params(args)
+    start = time.perf_counter()
+    if args.chat_template:
+        out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+    else:
+        out = llm.generate(prompt, params)[0]
+    seconds = time.perf_counter() - start
+    print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    print(stats_line(out, seconds), file=sys.stderr)
+    return 0
+
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: embedded model)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    llm = load_llm(args.model, args)
+    params = sampling_params(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"letterpress chat with {llm.model_name}: /reset clears the conversation, /exit or Ctrl-D quits")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        start = time.perf_counter()
+        try:
+            out = llm.chat(history, params)[0]
+        except LetterpressError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": out.text})
+        print(("model> " if interactive else "") + out.text)
+        print(stats_line(out, time.perf_counter() - start), file=sys.stderr)
+
+
+# name -> (help, add arguments, run)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "generate": ("complete one prompt", generate_arguments, run_generate),
+    "chat": ("interactive multi-turn chat", chat_arguments, run_chat),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="letterpress", description=__doc__.split("\n\n")[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"letterpress {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.set_defaults(run=run, parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except LetterpressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
