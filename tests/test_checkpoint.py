@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -159,3 +161,43 @@ def test_saved_by_us_loads_in_both(saved, tmp_path):
         if "vision" not in name:
             torch.testing.assert_close(reloaded[name], tensor, atol=0, rtol=0, msg=name)
     assert load_model_config(out).text.sliding_window == model.text_config.sliding_window
+
+
+LOAD_MEMORY_SCRIPT = r"""
+import sys, threading, time
+import torch
+from letterpress.checkpoint import load_model
+
+def anon_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+
+peak, done = [anon_kb()], threading.Event()
+def sample():
+    while not done.is_set():
+        peak.append(anon_kb()); time.sleep(0.002)
+before = anon_kb()
+thread = threading.Thread(target=sample); thread.start()
+model = load_model(sys.argv[1])
+done.set(); thread.join()
+size_kb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
+print((max(peak) - before) / size_kb)
+"""
+
+
+def test_loading_needs_about_one_model_of_memory(tmp_path):
+    """Peak anonymous memory while loading stays near one copy of the weights (file pages are mmapped and
+    reclaimable, so they are not counted)."""
+    from letterpress.checkpoint import save_model
+    from letterpress.config import model_config_from_dict
+    from letterpress.model import DiffusionGemma
+
+    raw = {"model_type": "diffusion_gemma", "canvas_length": 16, "text_config": {
+        "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_experts": 16,
+        "top_k_experts": 2, "moe_intermediate_size": 512, "sliding_window": 64}}
+    save_model(DiffusionGemma(model_config_from_dict(raw)).init_weights(), tmp_path / "m", raw)  # ~130 MB
+    run = subprocess.run([sys.executable, "-c", LOAD_MEMORY_SCRIPT, str(tmp_path / "m")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout) < 1.3, f"peak anonymous memory was {float(run.stdout):.2f}x the model"
