@@ -200,4 +200,5 @@ def test_loading_needs_about_one_model_of_memory(tmp_path):
     run = subprocess.run([sys.executable, "-c", LOAD_MEMORY_SCRIPT, str(tmp_path / "m")], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert float(run.stdout) < 1.3, f"peak anonymous memory was {float(run.stdout):.2f}x the model"
+    # one model plus the largest tensor in flight (~1.25x here); twice the model would be 2.0
+    assert float(run.stdout) < 1.5, f"peak anonymous memory was {float(run.stdout):.2f}x the model"
