@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from .config import load_model_config
 from .errors import CheckpointError
@@ -155,9 +156,12 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
             raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
         plan.setdefault(files[stored], []).append((ours, stored))
 
+    progress = tqdm(total=sum(len(v) for v in plan.values()), desc=f"loading {folder.name}", unit="tensor",
+                    disable=None, leave=False)  # disable=None: shown on a terminal only
     for path, items in sorted(plan.items()):
         with _open(path) as f:
             for ours, stored in items:
+                progress.update()
                 target = targets[ours]
                 try:
                     shape = tuple(f.get_slice(stored).get_shape())
@@ -171,6 +175,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
                 except Exception as e:  # truncated data section
                     raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
                 target.data.copy_(tensor)
+    progress.close()
     model.requires_grad_(False)
 
 
