@@ -1,0 +1,180 @@
+"""Sudoku puzzles for the case study: full grids, puzzles with a unique solution, difficulty by givens.
+
+A grid is a string of 81 digits, row by row; in a puzzle "0" marks an empty cell. Everything is driven by
+a `random.Random` passed in, so data sets are reproducible from a seed.
+
+Puzzles are made by emptying cells of a random full grid, in random order, keeping each removal only if the
+puzzle still has exactly one solution (checked by a complete solver that counts up to two solutions).
+`augment` applies Sudoku's symmetries (digit relabelling, row and column swaps within a band or stack,
+band and stack swaps, transposition), which keep a valid puzzle valid and unique, so a few thousand
+generated puzzles give an endless training stream.
+"""
+
+from __future__ import annotations
+
+import random
+
+DIGITS = "123456789"
+ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
+COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
+BOXES = [[(br * 3 + r) * 9 + bc * 3 + c for r in range(3) for c in range(3)] for br in range(3) for bc in range(3)]
+UNITS = ROWS + COLS + BOXES
+PEERS = [sorted({p for unit in UNITS if i in unit for p in unit} - {i}) for i in range(81)]
+
+
+def _candidates(cells: list[int], i: int) -> list[int]:
+    used = {cells[p] for p in PEERS[i]}
+    return [d for d in range(1, 10) if d not in used]
+
+
+def count_solutions(puzzle: str, limit: int = 2) -> int:
+    """Number of solutions, counting no further than `limit` (backtracking on the most constrained cell)."""
+    cells = [int(ch) for ch in puzzle]
+    found = 0
+
+    def search() -> bool:
+        nonlocal found
+        best, best_options = -1, None
+        for i, v in enumerate(cells):
+            if v == 0:
+                options = _candidates(cells, i)
+                if best_options is None or len(options) < len(best_options):
+                    best, best_options = i, options
+                    if len(options) <= 1:
+                        break
+        if best_options is None:
+            found += 1
+            return found >= limit
+        for d in best_options:
+            cells[best] = d
+            if search():
+                return True
+        cells[best] = 0
+        return False
+
+    if any(cells[i] and cells[i] in {cells[p] for p in PEERS[i]} for i in range(81)):
+        return 0
+    search()
+    return found
+
+
+def solve(puzzle: str) -> str | None:
+    """The unique solution, or None if the puzzle has none or several."""
+    cells = [int(ch) for ch in puzzle]
+
+    def search() -> bool:
+        empty = [i for i, v in enumerate(cells) if v == 0]
+        if not empty:
+            return True
+        i = min(empty, key=lambda j: len(_candidates(cells, j)))
+        for d in _candidates(cells, i):
+            cells[i] = d
+            if search():
+                return True
+        cells[i] = 0
+        return False
+
+    if count_solutions(puzzle) != 1:
+        return None
+    search()
+    return "".join(map(str, cells))
+
+
+def random_solution(rng: random.Random) -> str:
+    """A uniformly shuffled full grid: fill by randomized backtracking."""
+    cells = [0] * 81
+
+    def fill(i: int) -> bool:
+        if i == 81:
+            return True
+        digits = _candidates(cells, i)
+        rng.shuffle(digits)
+        for d in digits:
+            cells[i] = d
+            if fill(i + 1):
+                return True
+        cells[i] = 0
+        return False
+
+    fill(0)
+    return "".join(map(str, cells))
+
+
+def make_puzzle(solution: str, givens: int, rng: random.Random) -> str:
+    """Empty cells of `solution` in random order while the solution stays unique, down to `givens` filled
+    cells (or as far as uniqueness allows)."""
+    cells = list(solution)
+    order = list(range(81))
+    rng.shuffle(order)
+    filled = 81
+    for i in order:
+        if filled <= givens:
+            break
+        keep, cells[i] = cells[i], "0"
+        if count_solutions("".join(cells)) == 1:
+            filled -= 1
+        else:
+            cells[i] = keep
+    return "".join(cells)
+
+
+def generate(n: int, givens: tuple[int, int], seed: int) -> list[tuple[str, str]]:
+    """`n` (puzzle, solution) pairs with a number of givens drawn uniformly from the inclusive range."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        solution = random_solution(rng)
+        pairs.append((make_puzzle(solution, rng.randint(*givens), rng), solution))
+    return pairs
+
+
+def augment(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
+    """Apply one random symmetry of Sudoku to a (puzzle, solution) pair."""
+    relabel = list(DIGITS)
+    rng.shuffle(relabel)
+    digit_map = {"0": "0", **{d: relabel[k] for k, d in enumerate(DIGITS)}}
+
+    def line_order() -> list[int]:
+        bands = rng.sample(range(3), 3)
+        return [b * 3 + r for b in bands for r in rng.sample(range(3), 3)]
+
+    rows, cols, transpose = line_order(), line_order(), rng.random() < 0.5
+
+    def apply(grid: str) -> str:
+        out = []
+        for r in range(9):
+            for c in range(9):
+                src_r, src_c = (cols[c], rows[r]) if transpose else (rows[r], cols[c])
+                out.append(digit_map[grid[src_r * 9 + src_c]])
+        return "".join(out)
+
+    return apply(puzzle), apply(solution)
+
+
+def is_solution(candidate: str, puzzle: str) -> bool:
+    """Complete (81 digits 1-9), valid (every row, column and box a permutation) and consistent with the
+    givens."""
+    if len(candidate) != 81 or any(ch not in DIGITS for ch in candidate):
+        return False
+    if any(p != "0" and p != c for p, c in zip(puzzle, candidate)):
+        return False
+    return all(sorted(candidate[i] for i in unit) == list(DIGITS) for unit in UNITS)
+
+
+def parse_grid(text: str) -> str:
+    """Accept 81 cells written with digits and '0' or '.' for blanks, ignoring whitespace and separators."""
+    cells = [ch for ch in text if ch.isdigit() or ch == "."]
+    if len(cells) != 81:
+        raise ValueError(f"a Sudoku needs 81 cells (digits, 0 or . for blanks), got {len(cells)}")
+    return "".join("0" if ch == "." else ch for ch in cells)
+
+
+def format_grid(grid: str, blank: str = ".") -> str:
+    """A 9x9 board with box separators."""
+    lines = []
+    for r in range(9):
+        if r and r % 3 == 0:
+            lines.append("------+-------+------")
+        row = [grid[r * 9 + c] if grid[r * 9 + c] != "0" else blank for c in range(9)]
+        lines.append(" | ".join(" ".join(row[b * 3:(b + 1) * 3]) for b in range(3)))
+    return "\n".join(lines)

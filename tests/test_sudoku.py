@@ -1,0 +1,44 @@
+"""The Sudoku generator: valid grids, unique puzzles, difficulty by givens, symmetry-preserving augmentation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from letterpress.sudoku import augment, count_solutions, format_grid, generate, is_solution, parse_grid, solve
+
+
+def test_generated_puzzles_are_unique_and_consistent():
+    pairs = generate(8, givens=(30, 40), seed=0)
+    assert pairs == generate(8, givens=(30, 40), seed=0)  # reproducible from the seed
+    for puzzle, solution in pairs:
+        assert is_solution(solution, puzzle)
+        assert count_solutions(puzzle) == 1 and solve(puzzle) == solution
+        assert 30 <= 81 - puzzle.count("0") <= 40
+
+
+def test_augmentation_keeps_puzzles_valid_and_unique():
+    rng = random.Random(3)
+    for puzzle, solution in generate(4, givens=(32, 36), seed=1):
+        new_puzzle, new_solution = augment(puzzle, solution, rng)
+        assert new_puzzle != puzzle and new_puzzle.count("0") == puzzle.count("0")
+        assert is_solution(new_solution, new_puzzle) and count_solutions(new_puzzle) == 1
+
+
+def test_checker_rejects_wrong_answers():
+    puzzle, solution = generate(1, givens=(35, 35), seed=2)[0]
+    swapped = solution[1] + solution[0] + solution[2:]
+    assert not is_solution(swapped, puzzle)  # breaks a column
+    assert not is_solution(solution[:80], puzzle)
+    given = next(i for i, ch in enumerate(puzzle) if ch != "0")
+    other = solution.replace(solution[given], "x")
+    assert not is_solution(other, puzzle)
+    assert count_solutions("0" * 81, limit=2) == 2 and solve("0" * 81) is None
+
+
+def test_parse_and_format():
+    puzzle, _ = generate(1, givens=(40, 40), seed=4)[0]
+    assert parse_grid(format_grid(puzzle)) == puzzle
+    with pytest.raises(ValueError, match="81 cells"):
+        parse_grid("123")
