@@ -73,15 +73,37 @@ def run_generate(args: argparse.Namespace) -> int:
     model, prompt = split_model_and_text(args.words, args.parser)
     llm = load_llm(model, args)
     params = sampling_params(args)
+    printer = CanvasPrinter(llm.tokenizer)
     start = time.perf_counter()
     if args.chat_template:
-        out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+        out = llm.chat([{"role": "user", "content": prompt}], params, listener=printer)[0]
     else:
-        out = llm.generate(prompt, params)[0]
+        out = llm.generate(prompt, params, listener=printer)[0]
     seconds = time.perf_counter() - start
-    print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    print()
     print(stats_line(out, seconds), file=sys.stderr)
     return 0
+
+
+class CanvasPrinter:
+    """Prints each canvas's text as soon as the canvas is committed, so long generations show progress.
+    Decodes the cumulative ids and prints the new suffix (a canvas may end inside a multi-byte character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, event) -> None:
+        if not event.final:
+            return
+        self.ids.extend(event.token_ids)
+        if self.tokenizer is None:
+            text = " ".join(map(str, self.ids)) + " "
+        else:
+            text = self.tokenizer.decode(self.ids)
+            if text.endswith("\ufffd"):
+                return  # wait for the rest of the character
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
 
 
 def chat_arguments(p: argparse.ArgumentParser) -> None:

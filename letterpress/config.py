@@ -175,6 +175,8 @@ def text_config_from_dict(raw: dict[str, Any]) -> TextConfig:
     for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
         if raw.get(name) is None:
             raise ConfigError(f"text_config.{name} is missing: letterpress supports the MoE DiffusionGemma only")
+    if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"hidden_activation {cfg.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
 

@@ -49,6 +49,7 @@ def test_bidirectional_all_halves_the_window():
     ({"layer_types": ["chunked_attention"] * 7}, "unknown layer types"),
     ({"use_bidirectional_attention": "some"}, "use_bidirectional_attention"),
     ({"rope_parameters": {FULL: {"rope_type": "yarn"}}}, "yarn"),
+    ({"hidden_activation": "silu"}, "hidden_activation"),
 ])
 def test_bad_configs(bad, message):
     with pytest.raises(ConfigError, match=message):
