@@ -18,7 +18,7 @@ def test_generate_prints_text_and_stats():
                       "--max-denoising-steps", "4")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()
-    assert "12 tokens, 1 canvas(es), steps 4" in run.stderr and "tokens/forward" in run.stderr
+    assert "[12 tokens, 1 canvas(es), steps 4" in run.stderr and "tokens/forward" in run.stderr
     again = letterpress("generate", "def fibonacci(n):", "--max-new-tokens", "12", "--seed", "0",
                         "--max-denoising-steps", "4")
     assert again.stdout == run.stdout  # seeded => reproducible
@@ -30,14 +30,14 @@ def test_generate_with_explicit_model_and_chat_template():
     run = letterpress("generate", str(default_model_dir()), "hello", "--chat-template", "--max-new-tokens", "5",
                       "--max-denoising-steps", "3", "--seed", "1")
     assert run.returncode == 0, run.stderr
-    assert "5 tokens" in run.stderr
+    assert "[5 tokens," in run.stderr
 
 
 def test_chat_is_multi_turn_over_stdin():
     run = letterpress("chat", "--max-new-tokens", "6", "--max-denoising-steps", "3", "--seed", "0",
                       stdin="hello there\n/reset\nsecond question\n/exit\nnot read\n")
     assert run.returncode == 0, run.stderr
-    assert run.stderr.count("6 tokens") == 2  # two answers, one stats line each
+    assert run.stderr.count("[6 tokens,") == 2  # two answers, one stats line each
     assert len([line for line in run.stdout.splitlines() if line.strip()]) >= 2
 
 
