@@ -41,8 +41,11 @@ class Scheduler:
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> None:
-        """Free a request's row at the next step (or drop it from the queue)."""
-        self.aborted.add(request_id)
+        """Free a request's row at the next step (or drop it from the queue). An id that is neither waiting
+        nor running (already finished, or never added) is ignored, so the set cannot grow stale."""
+        if any(q.request_id == request_id for q in self.waiting) or any(
+                r.request.request_id == request_id for r in self.running):
+            self.aborted.add(request_id)
 
     @property
     def num_waiting(self) -> int:

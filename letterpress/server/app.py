@@ -1,0 +1,487 @@
+"""Routes, streaming, errors, auth and metrics of the OpenAI-compatible server.
+
+One HTTP request becomes a `Job`: n engine rows (one per choice; several prompts on /v1/completions give
+n rows each) that share one `RequestStream`. `Job.events()` turns the rows' canvases into text deltas and
+finish reasons; the non-streaming path collects them, the streaming path sends each as an SSE chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from ..engine.llm import LLM
+from ..engine.request import CanvasEvent, Request, RequestOutput, SamplingParams
+from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
+from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
+from .metrics import Metrics
+from .schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _Common,
+    error_body,
+    model_card,
+    refuse_unsupported,
+    usage,
+)
+from .text import ChoiceText
+
+log = logging.getLogger("letterpress.server")
+
+DISCONNECTED = object()  # pushed into a job's stream by the disconnect watcher
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_queue: int = 128
+    # sampler defaults for requests that do not set them (None = the checkpoint's generation_config.json)
+    entropy_bound: float | None = None
+    max_denoising_steps: int | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
+
+
+# ------------------------------------------------------------------------------------------------- a job
+@dataclass
+class Job:
+    """One HTTP request's rows. Choice i is row i; it is complete when its RequestOutput has arrived."""
+
+    id: str
+    kind: str  # "chat" or "completion"
+    model: str
+    prompts: list[list[int]]
+    rows: list[Request]
+    texts: list[ChoiceText]
+    stream: RequestStream
+    created: int = field(default_factory=lambda: int(time.time()))
+    outputs: list[RequestOutput | None] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.outputs = [None] * len(self.rows)
+        self.finish_reasons = [None] * len(self.rows)
+
+    def unfinished_row_ids(self) -> list[str]:
+        return [r.request_id for r, out in zip(self.rows, self.outputs) if out is None]
+
+    async def events(self, engine: EngineLoop) -> AsyncIterator[tuple[str, int, Any]]:
+        """Yield ("text", i, delta), ("preview", i, CanvasEvent) and ("finish", i, reason) until every row
+        has reported back. A stop string ends a choice at once: its row is aborted and what it still sends
+        is ignored (its RequestOutput is awaited only for the usage statistics, at most one step later)."""
+        while any(out is None for out in self.outputs):
+            index, item = await self.stream.get()
+            if item is DISCONNECTED:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            text = self.texts[index]
+            if isinstance(item, RequestOutput):
+                self.outputs[index] = item
+                if self.finish_reasons[index] is None:
+                    if item.finish_reason == "abort":
+                        raise RuntimeError(f"row {item.request_id} was aborted by the engine")
+                    delta = text.finish(item.token_ids)
+                    if delta:
+                        yield "text", index, delta
+                    self.finish_reasons[index] = "stop" if text.stopped else item.finish_reason
+                    yield "finish", index, self.finish_reasons[index]
+            elif self.finish_reasons[index] is not None:
+                continue  # the choice ended at a stop string; the row is on its way out
+            elif not item.final:
+                yield "preview", index, item
+            else:
+                delta = text.add_canvas(item.token_ids)
+                if delta:
+                    yield "text", index, delta
+                if text.stopped:
+                    engine.abort([item.request_id])
+                    self.finish_reasons[index] = "stop"
+                    yield "finish", index, "stop"
+
+    def usage(self) -> dict:
+        outs = [o for o in self.outputs if o is not None]
+        passes = sum(o.decoder_passes for o in outs)
+        stats = {
+            "canvases": sum(o.canvases for o in outs),
+            "denoising_steps": passes,
+            # tokens_per_forward is valid tokens / passes per row; weighting by passes gives the job's ratio
+            "tokens_per_forward": sum(o.tokens_per_forward * o.decoder_passes for o in outs) / max(passes, 1),
+            "steps_per_canvas": [o.steps_per_canvas for o in outs],
+        }
+        completion = sum(t.completion_tokens() for t in self.texts)
+        return usage(sum(len(p) for p in self.prompts), completion, stats)
+
+
+# ------------------------------------------------------------------------------------------ the server
+class OpenAIServer:
+    def __init__(self, llm: LLM, config: ServerConfig):
+        if llm.tokenizer is None:
+            raise CheckpointError("letterpress serve needs a checkpoint with a tokenizer.json")
+        self.llm = llm
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = EngineLoop(llm, config.max_queue, self.metrics)
+        self.created = int(time.time())
+        self.t_min = config.t_min if config.t_min is not None else llm.defaults.t_min
+        self.t_max = config.t_max if config.t_max is not None else llm.defaults.t_max
+
+    # ------------------------------------------------------------------------------------------ requests
+    def check_model(self, model: str | None) -> str:
+        names = self.config.served_model_names
+        if model is not None and model not in names:
+            raise ApiError(404, f"The model '{model}' does not exist; this server serves {names[0]!r}",
+                           param="model", code="model_not_found")
+        return model or names[0]
+
+    def completion_prompts(self, prompt: str | list) -> list[list[int]]:
+        """A string, a list of token ids, or a list of either (a batch: each gets n choices). A string is
+        tokenized with the checkpoint's BOS; token ids are used as given."""
+        if prompt == []:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        single = isinstance(prompt, str) or isinstance(prompt[0], int)
+        prompts = [prompt] if single else prompt
+        if any(p == [] for p in prompts):
+            raise ApiError(400, "a token-id prompt is empty", param="prompt")
+        return [self.llm.tokenize(p) for p in prompts]
+
+    def sampling_params(self, body: _Common, max_tokens: int | None, index: int) -> SamplingParams:
+        """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 is greedy (argmax
+        proposals, unscaled schedule) with seed 0 unless one is given, so it is deterministic. An explicit
+        t_min / t_max wins over the scaling. Row `index` of a request with a seed uses seed + index."""
+        temperature = 1.0 if body.temperature is None else body.temperature
+        greedy = temperature == 0
+        scale = 1.0 if greedy else temperature
+        seed = body.seed if body.seed is not None else (0 if greedy else None)
+        cfg = self.config
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            max_denoising_steps=body.max_denoising_steps or cfg.max_denoising_steps,
+            entropy_bound=body.entropy_bound or cfg.entropy_bound,
+            t_min=body.t_min if body.t_min is not None else self.t_min * scale,
+            t_max=body.t_max if body.t_max is not None else self.t_max * scale,
+            seed=None if seed is None else seed + index,
+            greedy=greedy,
+            ignore_eos=body.ignore_eos,
+        )
+
+    def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None) -> Job:
+        model = self.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        rows_wanted = len(prompts) * body.n
+        if rows_wanted > self.engine.capacity:
+            raise ApiError(400, f"{rows_wanted} rows (prompts x n) can never fit: this server holds "
+                                f"{self.engine.capacity} (--max-num-seqs + --max-queue)", param="n")
+        job_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        stream = RequestStream(asyncio.get_running_loop())
+        rows = []
+        for p, prompt in enumerate(prompts):
+            for j in range(body.n):
+                index = p * body.n + j
+                request = self.llm.make_request(prompt, self.sampling_params(body, max_tokens, j),
+                                                listener=stream.listener(index), want_drafts=body.wants_preview(),
+                                                request_id=f"{job_id}-{index}")
+                # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
+                # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
+                self.llm.scheduler.check(request)
+                rows.append(request)
+        texts = [ChoiceText(self.llm.tokenizer.decode, body.stop_strings()) for _ in rows]
+        log.info("%s: %d row(s), %s prompt tokens, user=%s", job_id, len(rows), "+".join(str(len(p)) for p in prompts),
+                 body.user)
+        return Job(job_id, kind, model, prompts, rows, texts, stream)
+
+    async def run(self, raw: HttpRequest, kind: str, body: _Common, prompts: list[list[int]],
+                  max_tokens: int | None):
+        job = self.make_job(kind, body, prompts, max_tokens)
+        try:
+            self.engine.submit(job.stream, job.rows)
+        except QueueFull:
+            raise ApiError(429, "the server is at capacity (all slots busy and the queue full); retry later",
+                           type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        if body.stream:
+            return StreamingResponse(self.sse(raw, job, body), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await self.collect(raw, job))
+
+    # ------------------------------------------------------------------------------------------ responses
+    async def collect(self, raw: HttpRequest, job: Job) -> dict:
+        watcher = asyncio.create_task(self.watch_disconnect(raw, job))
+        try:
+            async for _ in job.events(self.engine):
+                pass
+        finally:
+            watcher.cancel()
+            self.abort_unfinished(job)
+        if any(out is None for out in job.outputs):
+            return {}  # the client went away; nobody reads this
+        choices = []
+        for i, (text, reason) in enumerate(zip(job.texts, job.finish_reasons)):
+            if job.kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": text.text},
+                                "logprobs": None, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": text.text, "logprobs": None, "finish_reason": reason})
+        self.log_done(job)
+        return {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+                "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
+
+    async def sse(self, raw: HttpRequest, job: Job, body: _Common) -> AsyncIterator[str]:
+        watcher = asyncio.create_task(self.watch_disconnect(raw, job))
+        with_usage = body.wants_usage_chunk()
+        try:
+            if job.kind == "chat":  # OpenAI opens every chat choice with the role
+                for i in range(len(job.rows)):
+                    yield sse_data(self.chunk(job, i, {"role": "assistant", "content": ""}, None, with_usage))
+            async for event, index, payload in job.events(self.engine):
+                if event == "text":
+                    delta = {"content": payload} if job.kind == "chat" else payload
+                    yield sse_data(self.chunk(job, index, delta, None, with_usage))
+                elif event == "finish":
+                    yield sse_data(self.chunk(job, index, {} if job.kind == "chat" else "", payload, with_usage))
+                else:
+                    yield self.preview(job, index, payload)
+            if any(out is None for out in job.outputs):
+                return  # the client went away
+            if with_usage:
+                yield sse_data({**self.chunk(job, 0, None, None, False), "choices": [], "usage": job.usage()})
+            self.log_done(job)
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the 200 and some chunks are already out: report the error in-band
+            if not isinstance(e, EngineError):  # those were logged by the engine thread
+                log.exception("%s failed while streaming", job.id)
+            yield sse_data(error_body(str(e) if isinstance(e, EngineError) else f"internal error: {e}", "server_error"))
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when starlette cancels us because the client disconnected
+            watcher.cancel()
+            self.abort_unfinished(job)
+
+    def chunk(self, job: Job, index: int, delta: Any, finish_reason: str | None, with_usage: bool) -> dict:
+        if job.kind == "chat":
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        out = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
+        if with_usage:
+            out["usage"] = None
+        return out
+
+    def preview(self, job: Job, index: int, event: CanvasEvent) -> str:
+        """`event: denoising_preview`: the current argmax draft of the canvas being denoised. Its data is also
+        a valid, empty chunk, so a client that does not look at event names (the `openai` package) sees a
+        chunk with no content. The draft is cut where the committed canvas would be (first EOS, max_tokens)."""
+        params = job.rows[index].params
+        budget = params.max_new_tokens - len(job.texts[index].token_ids)
+        draft = event.token_ids[:budget]
+        eos = None if params.ignore_eos else next((i for i, t in enumerate(draft) if t in params.eos_token_ids), None)
+        draft = draft if eos is None else draft[:eos]
+        data = self.chunk(job, index, {} if job.kind == "chat" else "", None, False)
+        data["denoising_preview"] = {"index": index, "canvas": event.canvas, "step": event.step,
+                                     "accepted": event.accepted, "token_ids": draft,
+                                     "text": self.llm.tokenizer.decode(draft)}
+        return "event: denoising_preview\n" + sse_data(data)
+
+    # ------------------------------------------------------------------------------------ disconnects
+    async def watch_disconnect(self, raw: HttpRequest, job: Job) -> None:
+        """Poll the connection while the job runs; when the client is gone, free its rows at the next step.
+        Also notices a dead engine loop, so that no handler waits forever."""
+        while True:
+            await asyncio.sleep(self.config.disconnect_poll_s)
+            if self.engine.failed is not None:
+                job.stream.queue.put_nowait((0, EngineError(f"the engine loop died: {self.engine.failed!r}")))
+                return
+            if await raw.is_disconnected():
+                log.info("%s: client disconnected; aborting %d row(s)", job.id, len(job.unfinished_row_ids()))
+                self.abort_unfinished(job)
+                job.stream.queue.put_nowait((-1, DISCONNECTED))
+                return
+
+    def abort_unfinished(self, job: Job) -> None:
+        ids = job.unfinished_row_ids()
+        if ids:
+            self.engine.abort(ids)
+
+    def log_done(self, job: Job) -> None:
+        u = job.usage()
+        log.info("%s: done, %d completion tokens, %d canvas(es), %d denoising steps, finish %s", job.id,
+                 u["completion_tokens"], u["letterpress"]["canvases"], u["letterpress"]["denoising_steps"],
+                 ",".join(str(r) for r in job.finish_reasons))
+
+
+def sse_data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+UNION_FIELDS = {
+    "prompt": "a string, a list of token ids, or a list of strings or of token-id lists",
+    "stop": "a string or a list of strings",
+    "tool_choice": "a string or an object",
+    "function_call": "a string or an object",
+}
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first pydantic error as one line, and the offending top-level field."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = loc[0] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return f"'{'.'.join(loc)}' is not a parameter letterpress supports", param
+    if param is None:
+        return f"the request body must be a JSON object ({first.get('msg')})", None
+    siblings = [e for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1] == [param]]
+    if len(siblings) > 1:  # a union: pydantic reports one error per alternative
+        return f"'{param}' must be {UNION_FIELDS.get(param, 'of another type')}", param
+    return f"'{'.'.join(loc)}': {first.get('msg')}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        return error_response(400, message, param=param, code="invalid_value" if param else None)
+
+    @app.exception_handler(LetterpressError)
+    async def letterpress_error(_, exc: LetterpressError):
+        if isinstance(exc, NotSupportedError):
+            return error_response(400, str(exc), code="unsupported")
+        if isinstance(exc, RequestError):
+            return error_response(400, str(exc))
+        log.error("server-side error: %s", exc)
+        return error_response(500, str(exc), "server_error")
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_, exc: EngineError):  # already logged, with its traceback, by the engine thread
+        return error_response(500, str(exc), "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                              else "server_error", headers=getattr(exc, "headers", None))
+
+
+class Edge:
+    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1, and
+    turns any exception that escaped the handlers into a logged 500 JSON error (the server never dies)."""
+
+    def __init__(self, app, metrics: Metrics, api_key: str | None):
+        self.app, self.metrics, self.api_key = app, metrics, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.count_response(message["status"])
+            await send(message)
+
+        if self.api_key and scope["path"].startswith("/v1") and not self.authorized(scope):
+            response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                      code="invalid_api_key")
+            return await response(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except ClientDisconnect:  # the client left mid-response; its rows were aborted by the handler
+            pass
+        except Exception as e:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")(
+                    scope, receive, counting_send)
+
+    def authorized(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        value = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+# ------------------------------------------------------------------------------------------------ routes
+def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
+    """The ASGI app; the engine thread starts and stops with it (lifespan)."""
+    from contextlib import asynccontextmanager
+
+    server = OpenAIServer(llm, config)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="letterpress", lifespan=lifespan)
+    app.state.server = server
+    install_error_handlers(app)
+    app.add_middleware(Edge, metrics=server.metrics, api_key=config.api_key)
+
+    @app.get("/health")
+    async def health():
+        if server.engine.healthy:
+            return PlainTextResponse("ok")
+        state = "engine failed" if server.engine.failed is not None else "warming up"
+        return error_response(503, state, "server_error")
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(config.served_model_names[0]),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(name, llm.model_name, server.created, llm.max_model_len)
+                                           for name in config.served_model_names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return model_card(model, llm.model_name, server.created, llm.max_model_len)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: HttpRequest):
+        refuse_unsupported(body)
+        return await server.run(raw, "completion", body, server.completion_prompts(body.prompt), body.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: HttpRequest):
+        refuse_unsupported(body)
+        prompt = llm.tokenizer.encode_chat(body.messages)
+        return await server.run(raw, "chat", body, [prompt], body.max_completion_tokens or body.max_tokens)
+
+    return app

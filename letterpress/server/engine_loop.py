@@ -1,0 +1,204 @@
+"""The engine loop: one background thread owns `llm.scheduler`; asyncio handlers talk to it through queues.
+
+    handler (asyncio thread)                       engine thread
+    ------------------------                       -------------
+    engine.submit(stream, requests) --inbox-->     drain inbox: scheduler.add / scheduler.abort
+    engine.abort(request_ids)       --inbox-->     scheduler.step(): one batched denoise for every row
+                                    <--stream--    listener(CanvasEvent) and finished RequestOutputs,
+                                                   via loop.call_soon_threadsafe(stream.queue.put_nowait)
+
+Only the engine thread touches the scheduler, the runner and the model, so none of them needs a lock. The
+inbox is a thread-safe FIFO, so an abort is always processed after the add it refers to; `wake` lets the
+thread sleep while there is no work. Requests are admitted between steps (the scheduler does this in
+`step()`), and a prompt is encoded `prefill_chunk` tokens per step, so a long prompt does not stall the
+rows that are denoising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+from ..engine.llm import LLM
+from ..engine.request import CanvasEvent, Request, RequestOutput, SamplingParams
+from .metrics import Metrics
+
+log = logging.getLogger("letterpress.server")
+
+
+class EngineError(Exception):
+    """An engine step failed; every request that had rows in it gets this (a 500)."""
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is at --max-queue: the handler answers 429."""
+
+
+class RequestStream:
+    """The asyncio side of one HTTP request: its n rows push (row index, item) pairs into one queue.
+
+    An item is a CanvasEvent (from the row's listener), the row's RequestOutput (it finished or was
+    aborted), or an exception (the engine failed). `push` is the only method the engine thread calls."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    def push(self, index: int, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+        except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
+            pass
+
+    def listener(self, index: int) -> Callable[[CanvasEvent], None]:
+        return lambda event: self.push(index, event)
+
+    async def get(self) -> tuple[int, Any]:
+        return await self.queue.get()
+
+
+class EngineLoop:
+    def __init__(self, llm: LLM, max_queue: int, metrics: Metrics):
+        self.llm = llm
+        self.scheduler = llm.scheduler
+        self.metrics = metrics
+        self.capacity = self.scheduler.max_num_seqs + max_queue  # rows running + rows waiting
+        self.ready = threading.Event()  # set once the warm-up step ran
+        self.failed: BaseException | None = None
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards _rows_in_flight, which handlers read and the engine updates
+        self._rows_in_flight = 0
+        self._streams: dict[str, tuple[RequestStream, int]] = {}  # request_id -> (stream, row index); engine thread
+        self._stopping = False
+        self._passes_at_start = 0
+        self._thread = threading.Thread(target=self._main, name="letterpress-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------ called from asyncio
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready.is_set() and self.failed is None and self._thread.is_alive()
+
+    def submit(self, stream: RequestStream, requests: list[Request]) -> None:
+        """Queue rows for the engine (all or none); raises QueueFull when they do not fit."""
+        if self.failed is not None:
+            raise EngineError(f"the engine loop died: {self.failed!r}; restart the server")
+        with self._lock:
+            if self._rows_in_flight + len(requests) > self.capacity:
+                raise QueueFull
+            self._rows_in_flight += len(requests)
+        for index, request in enumerate(requests):
+            self._inbox.put(("add", request, stream, index))
+        self._wake.set()
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Free these rows at the next step (a client went away, or a stop string ended the choice)."""
+        self._inbox.put(("abort", request_ids))
+        self._wake.set()
+
+    # ------------------------------------------------------------------------------ the engine thread
+    def _main(self) -> None:
+        try:
+            self._warm_up()
+            self.ready.set()
+            while not self._stopping:
+                self._drain_inbox()
+                if self.scheduler.has_work():
+                    self._step()
+                else:
+                    self._wake.wait()
+                    self._wake.clear()  # cleared before the next drain, so no submission is missed
+        except BaseException as e:  # a bug in this loop: /health turns 503 and every open request gets a 500
+            log.exception("the engine loop died")
+            self.failed = e
+            error = EngineError(f"the engine loop died: {type(e).__name__}: {e}")
+            for stream, index in self._streams.values():
+                stream.push(index, error)
+            self._fail_inbox(error)
+
+    def _fail_inbox(self, error: EngineError) -> None:
+        """Answer the rows that were submitted but never reached the scheduler (the loop is gone)."""
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                message[2].push(message[3], error)
+
+    def _warm_up(self) -> None:
+        """One tiny generation, so that torch's one-off start-up cost is not paid by the first request."""
+        tokenizer = self.llm.tokenizer
+        token = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else 0
+        self.llm.generate([token], SamplingParams(max_new_tokens=1, max_denoising_steps=1, seed=0))
+        self._passes_at_start = self.llm.runner.decoder_passes
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                self._add(*message[1:])
+            else:
+                for request_id in message[1]:
+                    self.scheduler.abort(request_id)
+
+    def _add(self, request: Request, stream: RequestStream, index: int) -> None:
+        request.listener = self._counting(request.listener)
+        self._streams[request.request_id] = (stream, index)
+        try:
+            self.scheduler.add(request)
+        except Exception as e:  # the handler already ran scheduler.check, so this is unexpected
+            self._streams.pop(request.request_id)
+            self._release_rows(1)
+            stream.push(index, e)
+
+    def _counting(self, listener: Callable[[CanvasEvent], None] | None) -> Callable[[CanvasEvent], None]:
+        def counted(event: CanvasEvent) -> None:
+            if event.final:
+                self.metrics.count_canvas(len(event.token_ids), event.step)
+            if listener is not None:
+                listener(event)
+
+        return counted
+
+    def _step(self) -> None:
+        try:
+            outputs = self.scheduler.step()
+        except Exception as e:  # we cannot tell which row broke the batch: fail them all, keep serving
+            log.exception("an engine step failed; failing the %d row(s) in flight", len(self._streams))
+            outputs = self._fail_everything(EngineError(f"the engine step failed: {type(e).__name__}: {e}"))
+        for output in outputs:
+            self._deliver(output)
+        self.metrics.after_step(self.llm.runner.decoder_passes - self._passes_at_start,
+                                self.scheduler.num_waiting, self.scheduler.num_running)
+
+    def _fail_everything(self, error: EngineError) -> list[RequestOutput]:
+        for request_id, (stream, index) in self._streams.items():
+            stream.push(index, error)
+            self.scheduler.abort(request_id)
+        return self.scheduler.step()  # drops every row; with nothing running it calls no model code
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream, index = self._streams.pop(output.request_id, (None, 0))
+        self._release_rows(1)
+        self.metrics.count_row(output.finish_reason, output.tokens_per_forward)
+        if stream is not None:
+            stream.push(index, output)
+
+    def _release_rows(self, n: int) -> None:
+        with self._lock:
+            self._rows_in_flight -= n

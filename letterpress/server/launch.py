@@ -1,0 +1,71 @@
+"""`letterpress serve [MODEL]`: arguments and start-up. fastapi and uvicorn are imported only in `run_serve`,
+so the rest of the CLI does not pay for them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger("letterpress.server")
+DEFAULT_SERVED_NAME = "letterpress-default"
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_model_arguments
+
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: embedded model)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LETTERPRESS_API_KEY, else none)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients pass as `model` (default: MODEL, or letterpress-default)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="rows denoised together (cache slots), default 8")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="rows that may wait for a slot; beyond that requests get 429 (default 128)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens encoded per row per step, so long prompts do not stall others (default 512)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_model_arguments(p)
+    g = p.add_argument_group("sampler defaults for requests that do not set them "
+                             "(default: the checkpoint's generation_config.json)")
+    g.add_argument("--entropy-bound", type=float, default=None)
+    g.add_argument("--max-denoising-steps", type=int, default=None)
+    g.add_argument("--t-min", type=float, default=None)
+    g.add_argument("--t-max", type=float, default=None)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    for name in ("port", "max_num_seqs", "max_queue", "prefill_chunk"):
+        value = getattr(args, name)
+        if value < (0 if name in ("port", "max_queue") else 1):
+            args.parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..engine.llm import LLM
+    from ..engine.request import SamplingParams
+    from .app import ServerConfig, build_app
+
+    check_arguments(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len, offline=True if args.offline else None,
+              prefill_chunk=args.prefill_chunk)
+    # Bad sampler defaults would turn every request into a 400: refuse them now (RequestError -> exit 2).
+    SamplingParams(max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
+                   t_max=args.t_max).resolve(llm.defaults)
+    names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
+    config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
+                          max_queue=args.max_queue, entropy_bound=args.entropy_bound,
+                          max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max)
+    app = build_app(llm, config)
+    log.info("model %s (from %s), dtype %s, device %s, max_num_seqs %d, max_model_len %d, canvas %d",
+             names[0], llm.folder, llm.model.dtype, llm.model.device, args.max_num_seqs, llm.max_model_len,
+             llm.runner.canvas_length)
+    log.info("serving on http://%s:%d/v1 (auth: %s)", args.host, args.port, "API key" if config.api_key else "none")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,136 @@
+"""OpenAI request bodies as pydantic models, and the response shapes as plain dicts.
+
+Validation is strict on purpose: a wrong type is a 400, an unknown field is a 400, and a field OpenAI has but
+letterpress does not implement (logprobs, tools, ...) is a 400 that names it. Nothing is silently ignored.
+Our extensions (`entropy_bound`, `max_denoising_steps`, `t_min`, `t_max`, and vLLM's `ignore_eos`) are top-level fields;
+with the `openai` client pass them through `extra_body`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None  # a last chunk with `usage` (and `choices: []`)
+    include_obfuscation: bool | None = None  # accepted for compatibility: we never pad chunks
+    denoising_preview: bool | None = None  # letterpress: `event: denoising_preview` after every denoising step
+
+
+class _Common(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None  # None = the served model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    user: str | None = None  # only logged
+
+    # letterpress extensions: override the sampler settings for this request
+    entropy_bound: float | None = Field(None, gt=0)
+    max_denoising_steps: int | None = Field(None, ge=1)
+    t_min: float | None = Field(None, ge=0)
+    t_max: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # as in vLLM: keep going past EOS until max_tokens (benchmarks, tests)
+
+    # OpenAI fields that we refuse unless they hold their no-op value (see UNSUPPORTED)
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]  # an empty stop string would stop before the first character
+
+    def wants_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def wants_preview(self) -> bool:
+        return bool(self.stream_options and self.stream_options.denoising_preview)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    suffix: str | None = None  # infilling: a later issue
+    echo: bool | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[Any]  # checked message by message by the tokenizer (roles, text parts, no images)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools, which we refuse
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+# field -> (values that mean "off", why we refuse anything else)
+UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "logprobs": ((None, False, 0), "log-probabilities are not supported yet"),
+    "top_logprobs": ((None, 0), "log-probabilities are not supported yet"),
+    "tools": ((None, []), "tool calling is not supported yet"),
+    "tool_choice": ((None, "none"), "tool calling is not supported yet"),
+    "functions": ((None, []), "function calling is not supported yet"),
+    "function_call": ((None, "none"), "function calling is not supported yet"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "best_of": ((None, 1), "best_of > 1 is not supported"),
+    "top_p": ((None, 1.0), "top_p is not supported: the denoiser samples full distributions (use temperature)"),
+    "presence_penalty": ((None, 0.0), "presence_penalty is not supported"),
+    "frequency_penalty": ((None, 0.0), "frequency_penalty is not supported"),
+}
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, rendered as OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+def refuse_unsupported(body: _Common) -> None:
+    """Raise a 400 naming the first OpenAI feature the request turns on that letterpress lacks."""
+    for name, (off, why) in UNSUPPORTED.items():
+        if hasattr(body, name) and getattr(body, name) not in off:
+            raise ApiError(400, f"'{name}' is not supported by letterpress: {why}", param=name, code="unsupported")
+    if getattr(body, "response_format", None) not in (None, {"type": "text"}):
+        raise ApiError(400, "'response_format' is not supported by letterpress: only {\"type\": \"text\"}",
+                       param="response_format", code="unsupported")
+    if getattr(body, "suffix", None):
+        raise ApiError(400, "suffix (infilling) is not supported yet", param="suffix", code="unsupported")
+
+
+# ----------------------------------------------------------------------------------------------- responses
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def model_card(name: str, root: str, created: int, max_model_len: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "letterpress", "root": root,
+            "max_model_len": max_model_len}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, stats: dict) -> dict:
+    """OpenAI's usage plus `letterpress`: canvases, denoising steps and tokens per forward (see README)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "letterpress": stats}
