@@ -19,3 +19,11 @@ class RequestError(LetterpressError):
 
 class NotSupportedError(LetterpressError):
     """A feature the checkpoint may have but letterpress does not support yet (e.g. images)."""
+
+
+class DataError(LetterpressError):
+    """A training data file with a line we cannot use (the message names the file and line)."""
+
+
+class TrainError(LetterpressError):
+    """Training settings that do not fit together (batch sizes, LoRA targets, resume state, ...)."""

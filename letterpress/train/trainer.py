@@ -1,0 +1,547 @@
+"""`letterpress train`: full fine-tuning or LoRA of a DiffusionGemma checkpoint, or training one from scratch.
+
+One optimiser step = `batch_size` examples over all ranks, run as micro-batches of `micro_batch_size` per rank
+(gradient accumulation). The step's examples, and every random draw of their loss, are a pure function of
+(seed, step): see data.py and loss.py. Losses are normalised by the scored positions of the whole global
+batch, so any split into micro-batches or ranks computes the same update.
+
+Output folder:
+    checkpoints/step-0000100/   resume state (model + optimizer via torch.distributed.checkpoint, scheduler,
+                                RNG states, step); written to a temporary folder and renamed
+    metrics.jsonl               one line per logged step and per evaluation
+    model/                      the trained model in the released format (config.json, model.safetensors,
+                                generation_config.json, tokenizer files): full fine-tuning, or LoRA with merge
+    adapter/                    LoRA only: adapter_config.json + adapter_model.safetensors (PEFT format)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..checkpoint import parse_dtype, resolve, save_model
+from ..config import model_config_from_dict
+from ..embedded import ASSETS
+from ..errors import TrainError
+from ..model import DiffusionGemma
+from ..tokenizer import Tokenizer
+from . import distributed as D
+from .data import DataFormat, ExampleOrder, TokenizedDataset, example_generator, read_jsonl
+from .lora import LoRAConfig, apply_lora, merge_lora_state, save_adapter
+from .merge import TOKENIZER_FILES
+from .loss import LossConfig, LossModule, LossSums, make_batch, total_loss
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    # what to train: a checkpoint folder / Hub id, or a config dict (config.json contents) from scratch
+    model: str | None = None
+    model_config: dict | None = None
+    tokenizer: str | None = None  # tokenizer folder; default: the checkpoint's, or the embedded tiny_code one
+    init_std: float = 0.02  # from scratch: weights ~ N(0, init_std)
+    # data
+    data: str | None = None  # JSONL; or pass datasets to Trainer directly (recipes do)
+    eval_data: str | None = None
+    eval_fraction: float = 0.0  # hold out this fraction of `data` when there is no eval_data
+    chat_template: bool = False  # render prompt/completion lines as one user turn + one assistant turn
+    max_length: int | None = None  # skip longer examples (prompt + target + EOS)
+    output_dir: str = "runs/letterpress"
+    # method
+    lora: LoRAConfig | None = None  # None: full fine-tuning
+    train_router: bool | None = None  # None: frozen when fine-tuning a checkpoint (as AutoModel), trained from scratch
+    loss: LossConfig = field(default_factory=LossConfig)  # canvas_length and eos_id come from the model/tokenizer
+    # optimisation (defaults: the reference page's Sudoku LoRA recipe)
+    steps: int = 2000
+    batch_size: int = 16  # examples per optimiser step, all ranks together
+    micro_batch_size: int | None = None  # examples per forward per rank; None: batch_size / world size
+    lr: float = 1.5e-4
+    min_lr: float = 1.5e-5
+    warmup_steps: int = 100
+    beta1: float = 0.95
+    beta2: float = 0.99
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4  # on matrices only (not norms, scales)
+    grad_clip: float = 1.0  # 0: no clipping
+    # run
+    seed: int = 0
+    device: str | None = None  # None: cuda when available
+    dtype: str = "float32"  # parameter dtype
+    autocast: bool | None = None  # bf16 autocast; None: on for float32 parameters on GPU
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0: only at the end (when there is held-out data)
+    eval_examples: int = 512  # at most this many held-out examples per evaluation
+    save_every: int = 0  # steps between resume checkpoints; 0: none
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
+    merge: bool = False  # LoRA: also write the merged model to output_dir/model
+    progress: bool = True
+    stop_after_steps: int | None = None  # leave (with a checkpoint) after this many steps of this invocation
+
+
+@dataclass
+class StepStats:
+    loss: float
+    diffusion: float
+    encoder: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    step: int
+    finished: bool
+    last: StepStats | None
+    eval: dict[str, float]
+    model_dir: Path | None
+    adapter_dir: Path | None
+
+
+EvalHook = Callable[["Trainer"], dict[str, float]]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, train_data: TokenizedDataset | None = None,
+                 eval_data: TokenizedDataset | None = None, eval_hook: EvalHook | None = None):
+        """`eval_hook(trainer) -> metrics` runs on every rank at each evaluation, after the held-out loss (e.g. a
+        recipe's generation accuracy); its metrics are logged with the others."""
+        self.cfg = cfg = config
+        self.eval_hook = eval_hook
+        self.env = D.init_distributed(cfg.device)
+        # Our draws use their own generators; the global RNG only drives dropout (LoRA dropout). Seed it so that
+        # runs repeat, per rank so that ranks differ; checkpoints save and restore it.
+        torch.manual_seed(cfg.seed + self.env.rank)
+        self.out = Path(cfg.output_dir)
+        self.dtype = parse_dtype(cfg.dtype)
+        self._load_sources()
+        self.train_data, self.eval_data = self._load_data(train_data, eval_data)
+        self.micro = self._micro_batch_size()
+        self.model_config = model_config_from_dict(self.config_dict)
+        if self.vocab_size < self.tokenizer.vocab_size:
+            raise TrainError(f"the tokenizer ({self.tokenizer_dir}) has {self.tokenizer.vocab_size} ids but the "
+                             f"model's vocabulary only {self.vocab_size}")
+        self.loss_cfg = replace(cfg.loss, canvas_length=self.model_config.canvas_length, eos_id=self._eos_id())
+        self.module = self._build_module()
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise TrainError("nothing to train: every parameter is frozen")
+        self.optimizer = self._build_optimizer()
+        ratio = cfg.min_lr / cfg.lr if cfg.lr else 1.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
+        self.order = ExampleOrder(len(self.train_data), cfg.seed)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    def _load_sources(self) -> None:
+        cfg = self.cfg
+        if cfg.model is None and cfg.model_config is None:
+            raise TrainError("give a checkpoint to fine-tune (--model) or a config to train from scratch (--config)")
+        self.base_dir = resolve(cfg.model) if cfg.model is not None else None
+        if self.base_dir is not None:
+            self.config_dict = json.loads((self.base_dir / "config.json").read_text())
+            gen_file = self.base_dir / "generation_config.json"
+            self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+        else:
+            self.config_dict = dict(cfg.model_config)
+            self.generation_config = None
+        tokenizer_dir = cfg.tokenizer or self.base_dir or ASSETS / "tiny_code"
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
+
+    def _eos_id(self) -> int:
+        eos = self.tokenizer.eos_id
+        return eos if eos is not None else self.model_config.text.eos_token_id[0]
+
+    def _load_data(self, train: TokenizedDataset | None, held_out: TokenizedDataset | None):
+        cfg = self.cfg
+        fmt = DataFormat(chat_template=cfg.chat_template, max_length=cfg.max_length)
+        if train is None:
+            if cfg.data is None:
+                raise TrainError("no training data: pass --data FILE.jsonl (or a recipe)")
+            train = read_jsonl(cfg.data, self.tokenizer, fmt)
+        if held_out is None and cfg.eval_data is not None:
+            held_out = read_jsonl(cfg.eval_data, self.tokenizer, fmt)
+        elif held_out is None and cfg.eval_fraction > 0:
+            train, held_out = train.split(cfg.eval_fraction, cfg.seed)
+        return train, held_out
+
+    def _micro_batch_size(self) -> int:
+        cfg, world = self.cfg, self.env.world_size
+        if cfg.batch_size % world:
+            raise TrainError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+        micro = cfg.micro_batch_size or cfg.batch_size // world
+        if (cfg.batch_size // world) % micro:
+            raise TrainError(f"batch size {cfg.batch_size} / {world} processes is not a multiple of the micro-batch "
+                             f"size {micro}")
+        return micro
+
+    def _base_model(self) -> DiffusionGemma:
+        """The starting weights on CPU (rank 0 only when distributed), trainable flags set."""
+        if self.base_dir is not None:
+            model = DiffusionGemma.from_pretrained(self.base_dir, dtype=self.dtype)
+        else:
+            model = DiffusionGemma(self.model_config).to(self.dtype)
+            model.init_weights(self.cfg.init_std, torch.Generator().manual_seed(self.cfg.seed))
+        self._set_trainable(model, torch.Generator().manual_seed(self.cfg.seed + 1))
+        return model
+
+    def _set_trainable(self, model: DiffusionGemma, generator: torch.Generator | None) -> None:
+        if self.cfg.lora is not None:
+            apply_lora(model, self.cfg.lora, generator)
+            return
+        model.requires_grad_(True)
+        train_router = self.cfg.train_router if self.cfg.train_router is not None else self.base_dir is None
+        if not train_router:
+            for layer in model.layers:
+                layer.router.requires_grad_(False)
+
+    def _build_module(self) -> LossModule:
+        env = self.env
+        if not env.distributed:
+            return LossModule(self._base_model().to(env.device), self.loss_cfg)
+        # Rank 0 reads the weights; every rank builds an empty replica on `meta`, shards it and receives its shard.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {f"model.{k}": v for k, v in self._base_model().state_dict().items()} if env.is_main else {}
+        with torch.device("meta"):
+            replica = DiffusionGemma(self.model_config).to(self.dtype)
+        self._set_trainable(replica, None)
+        module = D.shard_model(LossModule(replica, self.loss_cfg), replica.layers, env)
+        module.to_empty(device=env.device)
+        replica.init_rope()
+        set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        return module
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        other = [p for p in self.trainable if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 eps=cfg.adam_eps)
+
+    def _autocast(self):
+        use = self.cfg.autocast
+        if use is None:
+            use = self.env.device.type == "cuda" and self.dtype == torch.float32
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+    # ----------------------------------------------------------------------------------------------- batches
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.text.vocab_size
+
+    def step_batches(self, step: int) -> list:
+        """This rank's micro-batches of global step `step`: positions [step*G + rank*L, ... + L) of the stream."""
+        per_rank = self.cfg.batch_size // self.env.world_size
+        first = step * self.cfg.batch_size + self.env.rank * per_rank
+        positions = list(range(first, first + per_rank))
+        examples = [self.train_data[self.order(p)] for p in positions]
+        generators = [example_generator(self.cfg.seed, p) for p in positions]
+        return [make_batch(examples[i:i + self.micro], self.loss_cfg, self.vocab_size, generators[i:i + self.micro])
+                .to(self.env.device) for i in range(0, per_rank, self.micro)]
+
+    # -------------------------------------------------------------------------------------------------- steps
+    def train_step(self) -> StepStats:
+        start = time.perf_counter()
+        batches = self.step_batches(self.step)
+        enc = bool(self.loss_cfg.encoder_loss_weight)
+        counts = [sum(b.num_scored for b in batches), sum(b.num_next_token_scored for b in batches) if enc else 0,
+                  sum(b.num_tokens for b in batches)]
+        d_count, e_count, tokens = (int(x) for x in D.all_reduce_sum(counts, self.env))
+        self.module.train()
+        sums = [0.0, 0.0]
+        for i, batch in enumerate(batches):
+            if self.env.distributed:  # reduce-scatter gradients once, after the last micro-batch
+                self.module.set_requires_gradient_sync(i == len(batches) - 1)
+            with self._autocast():
+                out: LossSums = self.module(batch)
+            # FSDP averages gradients over ranks; scaling by the world size makes that a sum of the global loss.
+            loss = total_loss(out, self.loss_cfg, d_count, e_count) * self.env.world_size
+            loss.backward()
+            sums[0] += float(out.diffusion.detach())
+            sums[1] += float(out.encoder.detach())
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        d_sum, e_sum = D.all_reduce_sum(sums, self.env)
+        diffusion, encoder = d_sum / max(d_count, 1), (e_sum / e_count if e_count else 0.0)
+        return StepStats(loss=diffusion + self.loss_cfg.encoder_loss_weight * encoder, diffusion=diffusion,
+                         encoder=encoder, grad_norm=grad_norm, lr=lr, tokens=tokens,
+                         seconds=time.perf_counter() - start)
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean losses on (at most `eval_examples` of) the held-out set, with fixed draws per held-out example so
+        that evaluations at different steps are comparable."""
+        if self.eval_data is None or not len(self.eval_data):
+            return {}
+        world = self.env.world_size
+        n = min(len(self.eval_data), self.cfg.eval_examples)
+        n -= n % world  # every rank must run the same number of forwards
+        mine = list(range(self.env.rank, n, world))
+        self.module.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for i in range(0, len(mine), self.micro):
+            idx = mine[i:i + self.micro]
+            batch = make_batch([self.eval_data[j] for j in idx], self.loss_cfg, self.vocab_size,
+                               [example_generator(self.cfg.seed, j, stream=1) for j in idx]).to(self.env.device)
+            with self._autocast():
+                out = self.module(batch)
+            sums = [a + b for a, b in zip(sums, (float(out.diffusion), float(out.encoder), out.diffusion_count,
+                                                 out.encoder_count))]
+        d_sum, e_sum, d_count, e_count = D.all_reduce_sum(sums, self.env)
+        diffusion, encoder = d_sum / max(d_count, 1), (e_sum / e_count if e_count else 0.0)
+        return {"eval_loss": diffusion + self.loss_cfg.encoder_loss_weight * encoder, "eval_diffusion": diffusion,
+                "eval_encoder": encoder, "eval_examples": n}
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume()
+        stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, self.step + cfg.stop_after_steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.env.is_main))
+        stats, evals = None, {}
+        try:
+            while self.step < stop:
+                stats = self.train_step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                                tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):,.0f}")
+                if self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps:
+                    self._log_metrics({"step": self.step, **asdict(stats)})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    evals = self._eval_and_log(bar)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        finished = self.step >= cfg.steps
+        model_dir = adapter_dir = None
+        if not finished and stats is not None:
+            self.save_checkpoint()  # a time-boxed run leaves a checkpoint where the next one resumes
+        if finished:
+            evals = self._eval_and_log(None)
+            model_dir, adapter_dir = self.save_final()
+        return TrainResult(step=self.step, finished=finished, last=stats, eval=evals, model_dir=model_dir,
+                           adapter_dir=adapter_dir)
+
+    def _eval_and_log(self, bar) -> dict[str, float]:
+        metrics = self.evaluate()
+        if self.eval_hook is not None:
+            metrics.update(self.eval_hook(self))
+        if metrics:
+            self._log_metrics({"step": self.step, **metrics})
+            if bar is not None and self.env.is_main:
+                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _state_dict_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # Frozen weights (a LoRA base, frozen routers) come from the base checkpoint again; not strict on load
+        # for that reason (dcp.load itself fails on any trainable tensor missing from the checkpoint).
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+    def save_checkpoint(self) -> Path:
+        """Model (trainable part) and optimizer through torch.distributed.checkpoint (each rank writes its
+        shards), plus scheduler, per-rank RNG state and the step. Temporary folder, then rename."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        root = self.out / "checkpoints"
+        final, tmp = root / f"step-{self.step:07d}", root / f".tmp-step-{self.step:07d}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        D.barrier(self.env)
+        model_sd, optim_sd = get_state_dict(self.module, [self.optimizer], options=self._state_dict_options())
+        with _quiet_single_process_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng-{self.env.rank}.pt")
+        D.barrier(self.env)
+        if self.env.is_main:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": self.step, "world_size": self.env.world_size, "batch_size": self.cfg.batch_size,
+                     "seed": self.cfg.seed, "lora": asdict(self.cfg.lora) if self.cfg.lora else None}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last: marks it complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune_checkpoints(root)
+        D.barrier(self.env)
+        return final
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+        for old in done[:-max(self.cfg.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in (self.out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+        return done[-1] if done else None
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint, if any. Returns whether one was loaded."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = D.broadcast_object(self.latest_checkpoint() if self.env.is_main else None, self.env)
+        if path is None:
+            return False
+        state = json.loads((path / STATE_FILE).read_text())
+        mine = {"batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
+                "lora": asdict(self.cfg.lora) if self.cfg.lora else None}
+        for key, value in mine.items():
+            stored = state.get(key)
+            if key == "lora" and stored is not None:
+                stored = {**stored, "target_modules": tuple(stored["target_modules"])}
+            if stored != value:
+                raise TrainError(f"{path}: the checkpoint was written with {key}={stored}, this run has {value}; "
+                                 f"use the same settings or a new --output folder")
+        model_sd, optim_sd = get_state_dict(self.module, [self.optimizer], options=self._state_dict_options())
+        sd = {"model": model_sd, "optim": optim_sd}
+        with _quiet_single_process_dcp():
+            dcp.load(sd, checkpoint_id=str(path))
+        set_state_dict(self.module, [self.optimizer], model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=self._state_dict_options())
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng_file = path / f"rng-{self.env.rank}.pt"
+        if rng_file.is_file() and state["world_size"] == self.env.world_size:
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        self.step = int(state["step"])
+        if self.env.is_main:
+            self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint (the interrupted run's steps are about to be redone)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------------------------------ output
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole model as CPU tensors with our parameter names (every rank must call it under FSDP)."""
+        model = self.module.model
+        if not self.env.distributed:
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("model."): v for k, v in full.items()}
+
+    def save_final(self) -> tuple[Path | None, Path | None]:
+        state = self.full_state()
+        model_dir = adapter_dir = None
+        if self.env.is_main:
+            lora = self.cfg.lora
+            if lora is not None:
+                adapter = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+                adapter_dir = save_adapter(adapter, lora, self.out / "adapter",
+                                           base_model=str(self.cfg.model) if self.cfg.model else None)
+            if lora is None or self.cfg.merge:
+                weights = merge_lora_state(state, lora.scaling) if lora is not None else state
+                model_dir = self.save_model(weights, self.out / "model")
+        D.barrier(self.env)
+        return model_dir, adapter_dir
+
+    def save_model(self, weights: dict[str, torch.Tensor], folder: Path) -> Path:
+        """Write `weights` (our names) in the released format, with the tokenizer files copied."""
+        with torch.device("meta"):
+            model = DiffusionGemma(self.model_config)
+        model.load_state_dict(weights, assign=True)
+        extra = {name: self.tokenizer_dir / name for name in TOKENIZER_FILES if (self.tokenizer_dir / name).is_file()}
+        return save_model(model, folder, self.config_dict, self.generation_config or self._default_generation_config(),
+                          extra)
+
+    def _default_generation_config(self) -> dict:
+        text = self.model_config.text
+        return {"max_new_tokens": self.model_config.canvas_length, "eos_token_id": list(text.eos_token_id),
+                "pad_token_id": text.pad_token_id}
+
+    @property
+    def model(self) -> nn.Module:
+        """The DiffusionGemma being trained (with LoRA modules when training LoRA; sharded under FSDP)."""
+        return self.module.model
+
+
+@contextmanager
+def _quiet_single_process_dcp():
+    """torch.distributed.checkpoint warns that it assumes one process when there is no process group: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train(config: TrainConfig, train_data: TokenizedDataset | None = None,
+          eval_data: TokenizedDataset | None = None, eval_hook: EvalHook | None = None) -> TrainResult:
+    """Build a Trainer and run it to `config.steps` (or `stop_after_steps`)."""
+    return Trainer(config, train_data, eval_data, eval_hook).train()
