@@ -126,6 +126,7 @@ class DiffusionGemma(nn.Module):
         for layer_type in cfg.rope:
             self.register_buffer(f"inv_freq_{layer_type}", torch.empty(0), persistent=False)
         self.init_rope()
+        self.fast_attention = False  # `fast.decoder_attention` in `denoise`; set by `fast.apply_fast_path`
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE frequencies in float32: after `to_empty` or a dtype change they are garbage."""
@@ -179,9 +180,12 @@ class DiffusionGemma(nn.Module):
         cap = self.text_config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
-        """Self-conditioning input: softmax (float32) of the previous step's logits times the embedding."""
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(self.dtype)
+    def soft_embeddings(self, logits: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-conditioning input: softmax (float32) of the previous step's logits times the embedding.
+        A caller that already has that softmax (the fused sampler) passes it as `probs` instead."""
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        probs = probs.to(self.dtype)
         scale = torch.tensor(self.text_config.hidden_size**0.5).to(self.dtype)
         return (probs @ self.embed_tokens.weight) * scale
 
@@ -246,26 +250,33 @@ class DiffusionGemma(nn.Module):
     # ----------------------------------------------------------------------------------------------- denoise
     def denoise(self, canvas_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None,
                 self_conditioning_logits: torch.Tensor | None = None,
-                self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
+                self_conditioning_mask: torch.Tensor | None = None,
+                self_conditioning_probs: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over canvases [B, C] that read cache slots `slots` [B]. Returns float32,
         soft-capped logits [B, C, vocab]. `self_conditioning_logits` [B, C, vocab] are the previous step's
-        processed logits; rows where `self_conditioning_mask` [B] is False get a zero signal."""
+        processed logits (or pass their softmax as `self_conditioning_probs`); rows where
+        `self_conditioning_mask` [B] is False get a zero signal."""
         b, c = canvas_ids.shape
         device = canvas_ids.device
         slots = torch.arange(b, device=device) if slots is None else slots.to(device)
         base = cache.lengths[slots]
         positions = base[:, None] + torch.arange(c, device=device)
-        key_len = int(base.max()) if b else 0
-        masks = {lt: self._decoder_mask(lt, base, key_len, c) for lt in set(self.text_config.layer_types)}
+        if self.fast_attention:
+            from .fast import decoder_attention
 
-        def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys = torch.cat([cache.keys[layer_idx][slots, :, :key_len], k.transpose(1, 2)], dim=2)
-            values = torch.cat([cache.values[layer_idx][slots, :, :key_len], v.transpose(1, 2)], dim=2)
-            return keys, values
+            masks, kv_source = decoder_attention(self, cache, slots, base, c)
+        else:
+            key_len = int(base.max()) if b else 0
+            masks = {lt: self._decoder_mask(lt, base, key_len, c) for lt in set(self.text_config.layer_types)}
+
+            def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                keys = torch.cat([cache.keys[layer_idx][slots, :, :key_len], k.transpose(1, 2)], dim=2)
+                values = torch.cat([cache.values[layer_idx][slots, :, :key_len], v.transpose(1, 2)], dim=2)
+                return keys, values
 
         soft = None
-        if self_conditioning_logits is not None:
-            soft = self.soft_embeddings(self_conditioning_logits)
+        if self_conditioning_logits is not None or self_conditioning_probs is not None:
+            soft = self.soft_embeddings(self_conditioning_logits, self_conditioning_probs)
             if self_conditioning_mask is not None:
                 soft = soft * self_conditioning_mask.to(device=device, dtype=soft.dtype)[:, None, None]
         x = self.self_conditioning(self.embed(canvas_ids), soft)

@@ -1,0 +1,250 @@
+"""Fast paths for the decoder step, beside the plain ones in `layers.py` / `diffusion_gemma.py`.
+
+Each piece here computes what a plain piece computes and is tested against it (tests/test_fast_path.py):
+
+- MoE (`moe_forward`): the (token, expert) pairs are sorted by expert once, then the experts run as one
+  grouped matmul over the sorted buffer instead of a Python loop with a `torch.where` per expert.
+  Methods: "grouped_mm" (`torch._grouped_mm`; no host sync, so it also traces under `torch.compile`),
+  "sorted" (one sort, then per-expert slices of the sorted buffer: a loop without per-expert searches),
+  "bmm" (experts padded to the busiest one's count, two `bmm`s) and "loop" (the plain path).
+  "auto" picks "grouped_mm" where torch has it for the device and dtype, else "sorted" (measured on CPU:
+  benchmarks/roofline.py --moe and BENCHMARKS.md).
+- Decoder attention (`decoder_attention`): every query of a canvas row sees the same keys, so instead of a
+  boolean mask over the whole cache the keys are *sliced*: from the first position any row may see (the
+  sliding window start) to the end. No mask at all when every row sees the same span (batch 1, or rows
+  with equal lengths); a [B, 1, 1, keys] mask only when rows differ. Contiguous slots are sliced, not
+  gathered.
+- `compile_layers`: `torch.compile` of each decoder/encoder layer (see its docstring for what it buys).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import KVCache, visible_from
+from ..config import SLIDING
+from .layers import Experts, apply_rope
+
+MOE_METHODS = ("auto", "grouped_mm", "sorted", "bmm", "loop")
+IMPLS = ("plain", "fast")
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# --------------------------------------------------------------------------------------------------- MoE
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """`torch._grouped_mm` runs on CPU for float dtypes (checked on torch 2.13); on CUDA bf16 on SM >= 8.0 (untested here)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return False
+
+
+def resolve_moe_method(method: str, device: torch.device, dtype: torch.dtype) -> str:
+    if method not in MOE_METHODS:
+        raise ValueError(f"unknown MoE method {method!r}; choose one of {', '.join(MOE_METHODS)}")
+    if method == "auto":
+        return "grouped_mm" if grouped_mm_supported(device, dtype) else "sorted"
+    return method
+
+
+def sort_by_expert(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """index: [N, k] expert ids -> (order [N*k] flat pair ids sorted by expert (stable, so tokens ascend
+    within an expert), token [N*k] the token of each sorted pair, counts [E] pairs per expert)."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    # histc instead of bincount: no data-dependent output size, so it traces (CPU histc wants floats)
+    source = flat.float() if flat.device.type == "cpu" else flat.int()
+    counts = torch.histc(source, bins=num_experts, min=0, max=num_experts - 1).to(torch.int64)
+    return order, order // index.shape[1], counts
+
+
+@torch.library.custom_op("letterpress::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` as an opaque op for `torch.compile`: its fake (meta) kernel only accepts bf16,
+    so float32 CPU graphs would otherwise break at it."""
+    return torch._grouped_mm(x, w, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+def moe_forward(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
+                index: torch.Tensor, method: str) -> torch.Tensor:
+    """Packed experts gate_up [E, 2I, H], down [E, H, I]; x [N, H]; weights, index [N, k] -> [N, H].
+
+    Accumulates like the plain path (an `index_add_` in x's dtype, experts in ascending order per token)."""
+    num_experts = gate_up.shape[0]
+    order, token, counts = sort_by_expert(index, num_experts)
+    xs = x[token]  # [N*k, H] sorted by expert
+    if method == "grouped_mm":
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        mm = _grouped_mm_op if torch.compiler.is_compiling() else (lambda a, b, o: torch._grouped_mm(a, b, offs=o))
+        gate, up = mm(xs, gate_up.transpose(-2, -1), offsets).chunk(2, dim=-1)
+        ys = mm(_gelu_tanh(gate) * up, down.transpose(-2, -1), offsets)
+    elif method == "sorted":
+        ys = torch.empty_like(xs)
+        start = 0
+        for expert, n in enumerate(counts.tolist()):  # one host sync for all experts
+            if n:
+                gate, up = F.linear(xs[start:start + n], gate_up[expert]).chunk(2, dim=-1)
+                ys[start:start + n] = F.linear(_gelu_tanh(gate) * up, down[expert])
+                start += n
+    elif method == "bmm":
+        expert_sorted = index.reshape(-1)[order]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(order.numel(), device=x.device) - starts[expert_sorted]
+        padded = x.new_zeros(num_experts, int(counts.max()), x.shape[-1])
+        padded[expert_sorted, slot] = xs
+        gate, up = torch.bmm(padded, gate_up.transpose(-2, -1)).chunk(2, dim=-1)
+        ys = torch.bmm(_gelu_tanh(gate) * up, down.transpose(-2, -1))[expert_sorted, slot]
+    else:
+        raise ValueError(f"moe_forward: unknown method {method!r}")
+    ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+# --------------------------------------------------------------------------------------------- attention
+def _rows(slots: torch.Tensor) -> slice | torch.Tensor:
+    """A slice when the slots are consecutive (a view, no copy), else the index tensor (a gather)."""
+    n = slots.numel()
+    if n == 0:
+        return slots
+    first = int(slots[0])
+    if torch.equal(slots.cpu(), torch.arange(first, first + n)):
+        return slice(first, first + n)
+    return slots
+
+
+def decoder_attention(model, cache: KVCache, slots: torch.Tensor, base: torch.Tensor, canvas: int):
+    """Masks and a KV source for `denoise` that read only the cached span some row can see.
+
+    Returns (masks: layer type -> [B, 1, 1, keys] bool or None, kv_source). Row b's canvas sees cached
+    positions [visible_from(base_b), base_b) and the whole canvas: the plain `_decoder_mask` semantics."""
+    key_len = int(base.max()) if base.numel() else 0
+    rows = _rows(slots)
+    uniform = bool((base == base[0]).all()) if base.numel() else True
+    spans: dict[str, int] = {}
+    masks: dict[str, torch.Tensor | None] = {}
+    for layer_type in set(model.text_config.layer_types):
+        window = model.text_config.sliding_window if layer_type == SLIDING else None
+        first = visible_from(base, window)  # [B]
+        start = int(first.min()) if base.numel() else 0
+        spans[layer_type] = start
+        if uniform:
+            masks[layer_type] = None  # every row sees exactly [start, key_len) + the canvas
+        else:
+            kp = torch.arange(start, key_len, device=base.device)[None, :]
+            cached = (kp < base[:, None]) & (kp >= first[:, None])
+            canvas_part = torch.ones(base.shape[0], canvas, dtype=torch.bool, device=base.device)
+            masks[layer_type] = torch.cat([cached, canvas_part], dim=1)[:, None, None, :]
+    layer_types = model.text_config.layer_types
+
+    def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = spans[layer_types[layer_idx]]
+        keys = torch.cat([cache.keys[layer_idx][rows, :, start:key_len], k.transpose(1, 2)], dim=2)
+        values = torch.cat([cache.values[layer_idx][rows, :, start:key_len], v.transpose(1, 2)], dim=2)
+        return keys, values
+
+    return masks, kv_source
+
+
+# ------------------------------------------------------------------------------------------- switching
+def apply_fast_path(model, moe: str = "auto", attention: bool = True) -> None:
+    """Switch `model` (in place) to the fast MoE method and the sliced decoder attention. Weights are not
+    touched; `apply_plain_path` switches back."""
+    for layer in model.layers:
+        experts = layer.experts
+        # quantized experts (letterpress.quant) pick their own kernels; only float experts switch here
+        if isinstance(experts, Experts):
+            experts.impl = resolve_moe_method(moe, experts.gate_up_proj.device, experts.gate_up_proj.dtype)
+    model.fast_attention = attention
+
+
+def apply_plain_path(model) -> None:
+    for layer in model.layers:
+        if isinstance(layer.experts, Experts):
+            layer.experts.impl = "loop"
+    model.fast_attention = False
+
+
+def prepare(model, impl: str = "plain", quantization: str | None = None, compile: bool | str = False,
+            moe: str = "auto") -> None:
+    """What `LLM` does after loading: quantize (letterpress.quant), switch to the fast path, compile."""
+    from ..errors import RequestError
+    from ..quant import quantize_model
+
+    if impl not in IMPLS:
+        raise RequestError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    quantize_model(model, quantization)
+    if impl == "fast":
+        apply_fast_path(model, moe=moe)
+    if compile:
+        compile_layers(model, mode=None if compile is True else compile)
+
+
+# ----------------------------------------------------------------------------------------------- compile
+def layer_qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`Layer.forward` up to the attention itself: x [B, T, H] -> q [B, heads, T, d], k, v [B, T, kvh, d]."""
+    attn = layer.self_attn
+    b, t, _ = x.shape
+    h = layer.input_layernorm(x)
+    q = apply_rope(attn.q_norm(attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim)), cos, sin)
+    k_raw = attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim) if attn.v_proj is not None else k_raw
+    return q.transpose(1, 2), apply_rope(attn.k_norm(k_raw), cos, sin), attn.v_norm(v)
+
+
+def layer_rest(layer, x: torch.Tensor, attn_out: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+    """`Layer.forward` after the attention: output projection, dense MLP, MoE, norms, residuals."""
+    b, t, _ = x.shape
+    attn = layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, t, -1))
+    x = x + layer.post_attention_layernorm(attn)
+    dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(x)))
+    flat = x.reshape(-1, x.shape[-1])
+    weights, index = layer.router(flat)
+    moe = layer.experts(layer.pre_feedforward_layernorm_2(flat), weights, index).reshape(x.shape)
+    x = x + layer.post_feedforward_layernorm(dense + layer.post_feedforward_layernorm_2(moe))
+    return x * scalar
+
+
+class CompiledLayerForward:
+    """A `Layer.forward` replacement: the work before and after the attention runs as two compiled graphs
+    (shared by every layer of the same shape); the KV source and `scaled_dot_product_attention` stay
+    eager, so growing caches and masks never trigger a recompile."""
+
+    def __init__(self, layer, qkv, rest):
+        self.layer, self.qkv, self.rest = layer, qkv, rest
+
+    def __call__(self, x, cos, sin, mask, kv_source, layer_idx, scalar):
+        attn = self.layer.self_attn
+        q, k, v = self.qkv(self.layer, x, cos, sin)
+        keys, values = kv_source(layer_idx, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
+                                             enable_gqa=attn.num_heads != attn.num_kv_heads)
+        return self.rest(self.layer, x, out, scalar)
+
+
+def compile_layers(model, mode: str | None = None, dynamic: bool | None = None) -> None:
+    """`torch.compile` the layers in place (weights untouched; `uncompile_layers` undoes it).
+
+    Measured on CPU (BENCHMARKS.md): the first calls compile for tens of seconds; afterwards the gain is
+    small because the step is dominated by matmuls and the sampler's random draws. On CUDA,
+    mode="reduce-overhead" adds CUDA graphs to the compiled parts (untested: no GPU was available)."""
+    qkv = torch.compile(layer_qkv, mode=mode, dynamic=dynamic)
+    rest = torch.compile(layer_rest, mode=mode, dynamic=dynamic)
+    for layer in model.layers:
+        layer.forward = CompiledLayerForward(layer, qkv, rest)
+
+
+def uncompile_layers(model) -> None:
+    for layer in model.layers:
+        layer.__dict__.pop("forward", None)
