@@ -1,9 +1,9 @@
 """The embedded default model, so that every command runs with no download.
 
-Until a trained small model ships inside the package (`assets/<name>/model.safetensors`), the default is a
-*placeholder*: a tiny DiffusionGemma with random weights and our own BPE tokenizer, built deterministically
-on first use into the user's cache folder. It exercises every code path (loader, engine, server) but its
-text is noise.
+The default is `assets/tiny_code`, a small code model trained by `letterpress train --recipe tiny-code` and
+shipped in the package. If its weights are missing (e.g. a trimmed install), the fallback is a
+*placeholder*: a tiny DiffusionGemma with random weights and the same BPE tokenizer, built deterministically
+on first use into the user's cache folder. It exercises every code path but its text is noise.
 """
 
 from __future__ import annotations
