@@ -2,6 +2,12 @@
 
 Pure functions over tensors plus the `Draws` interface that supplies every random number. Nothing here
 knows about the model. Shapes: R rows, C canvas positions, V vocabulary.
+
+Clamps (infilling, editing): a row's canvas may pin known tokens at some positions (`Clamp`). A clamped
+position starts as its token, is never re-noised, never takes a proposal, reports its token in the argmax
+canvas, and is left out of the entropy-bound ranking and of the mean entropy the stopping rule reads. The
+model was trained with uniform-state corruption (each position kept with probability 1 - t), so a canvas
+whose known positions never change is in its training distribution, as in image inpainting.
 """
 
 from __future__ import annotations
@@ -59,14 +65,77 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
+def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor | float,
+                         clamp_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Accept the longest lowest-entropy prefix with sum(entropy) - max(entropy) <= bound (Ben-Hamu et al.,
-    arXiv 2505.24857). The lowest-entropy position is always accepted. entropy: [R, C] -> accept_mask [R, C]."""
+    arXiv 2505.24857). The lowest-entropy position is always accepted. entropy: [R, C] -> accept_mask [R, C].
+    With `clamp_mask` [R, C], only free positions are ranked (the lowest-entropy *free* one is always
+    accepted) and clamped ones are never accepted; a row with no clamped position gives the same bits."""
+    if clamp_mask is not None:
+        # +inf sorts last and makes cumsum - current NaN (never <= bound) from the first clamped entry on
+        entropy = entropy.masked_fill(clamp_mask, float("inf"))
     sorted_entropy, order = torch.sort(entropy, dim=-1)
     bound = torch.as_tensor(bound, dtype=entropy.dtype, device=entropy.device).reshape(-1, 1)
     # In ascending order the running max is the current element, so cumsum - current is the LHS.
     accept_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
-    return torch.zeros_like(accept_sorted).scatter(-1, order, accept_sorted)
+    accept = torch.zeros_like(accept_sorted).scatter(-1, order, accept_sorted)
+    return accept if clamp_mask is None else accept & ~clamp_mask
+
+
+@dataclass
+class Clamp:
+    """Known tokens pinned in one canvas: `tokens[i]` is held wherever `mask[i]`; other positions are free.
+    tokens: [C] long (its values at free positions are ignored), mask: [C] bool."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, pinned: list[int | None]) -> Clamp:
+        """From a list with a token id at each clamped position and None at each free one."""
+        mask = torch.tensor([t is not None for t in pinned], dtype=torch.bool)
+        return cls(torch.tensor([0 if t is None else t for t in pinned], dtype=torch.long), mask)
+
+    @property
+    def free(self) -> int:
+        return int((~self.mask).sum())
+
+    def to(self, device: torch.device | str) -> Clamp:
+        return Clamp(self.tokens.to(device), self.mask.to(device))
+
+    def apply(self, canvas: torch.Tensor) -> torch.Tensor:
+        """canvas [C] with the clamped positions set to their tokens."""
+        return torch.where(self.mask, self.tokens, canvas)
+
+
+def stack_clamps(clamps: list[Clamp | None], length: int,
+                 device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-row clamps -> (tokens [R, C], mask [R, C]) for the step functions; (None, None) when no row has
+    one, so that unclamped batches take exactly the old path. A row without a clamp gets an all-False mask."""
+    if all(c is None for c in clamps):
+        return None, None
+    tokens = torch.zeros(len(clamps), length, dtype=torch.long, device=device)
+    mask = torch.zeros(len(clamps), length, dtype=torch.bool, device=device)
+    for r, c in enumerate(clamps):
+        if c is not None:
+            tokens[r], mask[r] = c.tokens, c.mask
+    return tokens, mask
+
+
+def free_mean_entropy(entropy: torch.Tensor, clamp_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean entropy per row over its free positions: [R, C] -> [R]. Rows without clamps use `mean` itself
+    (not sum / count), so their bits do not change; a row with no free position counts as certain (0)."""
+    plain = entropy.mean(-1)
+    if clamp_mask is None:
+        return plain
+    free = (~clamp_mask).sum(-1)
+    masked = entropy.masked_fill(clamp_mask, 0.0).sum(-1) / free.clamp(min=1)
+    return torch.where(clamp_mask.any(-1), masked, plain)
+
+
+def pin(canvas: torch.Tensor, clamp_tokens: torch.Tensor | None, clamp_mask: torch.Tensor | None) -> torch.Tensor:
+    """[R, C] canvas with clamped positions replaced by their tokens (the identity without clamps)."""
+    return canvas if clamp_mask is None else torch.where(clamp_mask, clamp_tokens.to(canvas.device), canvas)
 
 
 @dataclass
@@ -81,14 +150,24 @@ class StepOutcome:
 
 
 def denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor,
-                 draws: list[Draws], canvas_index: list[int], step_index: list[int]) -> StepOutcome:
-    """logits: [R, C, V] float32; temperatures, entropy_bounds: [R]; one `Draws` per row."""
+                 draws: list[Draws], canvas_index: list[int], step_index: list[int],
+                 greedy: list[bool] | None = None, clamp_tokens: torch.Tensor | None = None,
+                 clamp_mask: torch.Tensor | None = None) -> StepOutcome:
+    """logits: [R, C, V] float32; temperatures, entropy_bounds: [R]; one `Draws` per row. A `greedy` row
+    proposes the argmax instead of sampling (and draws no proposals); its schedule, acceptance and
+    re-noising are unchanged. `clamp_tokens` / `clamp_mask` [R, C] (from `stack_clamps`): see the module
+    docstring; every row still draws proposals and noise for all C positions, so a row's random stream
+    does not depend on its clamp."""
     processed = logits / temperatures.to(logits.device, logits.dtype)[:, None, None]
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     entropy = token_entropy(processed)
-    accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device))
+    accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     rows, length, vocab = processed.shape
-    proposals = torch.stack([d.proposals(probs[r], canvas_index[r], step_index[r]) for r, d in enumerate(draws)])
+    argmax = processed.argmax(-1)
+    proposals = torch.stack([argmax[r] if greedy and greedy[r] else
+                             d.proposals(probs[r], canvas_index[r], step_index[r]).to(logits.device)
+                             for r, d in enumerate(draws)])
     noise = torch.stack([d.noise(length, vocab, canvas_index[r], step_index[r]) for r, d in enumerate(draws)])
     next_canvas = torch.where(accept, proposals.to(logits.device), noise.to(logits.device))
-    return StepOutcome(next_canvas, processed.argmax(-1), accept, entropy.mean(-1), processed)
+    return StepOutcome(pin(next_canvas, clamp_tokens, clamp_mask), pin(argmax, clamp_tokens, clamp_mask), accept,
+                       free_mean_entropy(entropy, clamp_mask), processed)

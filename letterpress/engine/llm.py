@@ -11,8 +11,10 @@ import torch
 from ..checkpoint import parse_dtype, resolve
 from ..config import load_generation_defaults
 from ..errors import RequestError
+from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
 from ..model import DiffusionGemma
-from ..sampling import Draws, GeneratorDraws
+from ..model.fast import prepare
+from ..sampling import Clamp, Draws, GeneratorDraws
 from ..tokenizer import Tokenizer
 from .request import CanvasEvent, Request, RequestOutput, SamplingParams
 from .runner import Runner
@@ -32,7 +34,11 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str = "float32",
                  device: str | torch.device = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
-                 offline: bool | None = None, prefill_chunk: int = 2048):
+                 offline: bool | None = None, prefill_chunk: int = 2048, quantization: str | None = None,
+                 impl: str = "plain", compile: bool | str = False):
+        """`quantization`: None, "int8", "int4" or "fp8" (letterpress.quant). `impl`: "plain" (the reference
+        path) or "fast" (grouped MoE, sliced attention, fused sampler; letterpress.model.fast). `compile`:
+        torch.compile each layer (True, or a torch.compile mode)."""
         if model is None:
             from ..embedded import default_model_dir
 
@@ -40,13 +46,15 @@ class LLM:
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
         self.model = DiffusionGemma.from_pretrained(self.folder, dtype=parse_dtype(dtype), device=device)
+        prepare(self.model, impl=impl, quantization=quantization, compile=compile)
         self.tokenizer = Tokenizer.from_dir(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         self.defaults = load_generation_defaults(self.folder, self.model.config)
         text = self.model.text_config
         if max_model_len is None:
             max_model_len = min(text.max_position_embeddings, 4096)
         self.max_model_len = max_model_len
-        self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id)
+        self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id,
+                             impl=impl)
         self.scheduler = Scheduler(self.runner, max_num_seqs, max_model_len)
 
     # ------------------------------------------------------------------------------------------- requests
@@ -63,10 +71,13 @@ class LLM:
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, draws: Draws | None = None,
                      listener: Callable[[CanvasEvent], None] | None = None, want_drafts: bool = False,
-                     request_id: str | None = None) -> Request:
+                     request_id: str | None = None, clamps: list[Clamp | None] | None = None) -> Request:
+        """`clamps[k]`: known tokens pinned in canvas k (infill, edit; see letterpress.infill)."""
         resolved = (params or SamplingParams()).resolve(self.defaults)
         draws = draws or GeneratorDraws(resolved.seed, self.model.device)
-        request = Request(prompt_ids, resolved, draws, listener=listener, want_drafts=want_drafts)
+        request = Request(prompt_ids, resolved, draws, listener=listener, want_drafts=want_drafts,
+                          clamps=list(clamps or []))
+        request.check_clamps(self.runner.canvas_length, self.runner.vocab_size)
         if request_id is not None:
             request.request_id = request_id
         return request
@@ -101,6 +112,36 @@ class LLM:
             raise RequestError("this checkpoint has no tokenizer, so no chat template")
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
         return self.generate([self.tokenizer.encode_chat(c) for c in batch], params, listener=listener)
+
+    # ------------------------------------------------------------------------------------ infill and edit
+    def infill(self, prefix: str, suffix: str, max_middle_tokens: int | None = None,
+               params: SamplingParams | None = None, strategy: str = DEFAULT_STRATEGY,
+               lengths: Sequence[int] | None = None) -> InfillResult:
+        """Write the text between `prefix` and `suffix` (README, "Infilling and editing"). The prefix is the
+        context; the canvas holds up to `max_middle_tokens` (default: half a canvas) free positions and then
+        as much of the suffix as fits, clamped. `strategy`: "search" (default: several middle lengths as
+        rows of one batch, the most confident wins; `lengths` overrides the candidates), "slack" (one row,
+        suffix at the end of the canvas) or "prompt" (plain generation, for comparison)."""
+        return self.infill_batch([prefix], [suffix], max_middle_tokens, params, strategy, lengths)[0]
+
+    def infill_batch(self, prefixes: list[str], suffixes: list[str], max_middle_tokens: int | None = None,
+                     params: SamplingParams | None = None, strategy: str = DEFAULT_STRATEGY,
+                     lengths: Sequence[int] | None = None) -> list[InfillResult]:
+        """`infill` for many (prefix, suffix) pairs; all their rows run as one batch."""
+        return run_infill(self, list(prefixes), list(suffixes), max_middle_tokens, params, strategy, lengths)
+
+    def edit(self, text: str, spans: Sequence[tuple[int, int]], instruction: str | None = None,
+             params: SamplingParams | None = None, slack_tokens: int = 0) -> EditResult:
+        """Rewrite the character spans [start, end) of `text` (widened to whole tokens) and keep every other
+        character. `instruction` goes into the context before the text; `slack_tokens` extra free positions
+        after each span let the replacement be longer than the original."""
+        return self.edit_batch([text], [spans], [instruction], params, slack_tokens)[0]
+
+    def edit_batch(self, texts: list[str], spans: list[Sequence[tuple[int, int]]],
+                   instructions: list[str | None] | None = None, params: SamplingParams | None = None,
+                   slack_tokens: int = 0) -> list[EditResult]:
+        instructions = [None] * len(texts) if instructions is None else list(instructions)
+        return run_edit(self, list(texts), list(spans), instructions, params, slack_tokens)
 
     def run(self, requests: list[Request]) -> list[RequestOutput]:
         for request in requests:

@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import torch
+
 from ..config import GenerationDefaults
 from ..errors import RequestError
-from ..sampling import Draws
+from ..sampling import Clamp, Draws
 
 _ids = itertools.count()
 
@@ -28,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    greedy: bool = False  # propose the argmax instead of sampling (the server's temperature 0)
 
     def resolve(self, defaults: GenerationDefaults) -> "SamplingParams":
         """Fill unset fields from the checkpoint's defaults and validate the result."""
@@ -61,6 +64,8 @@ class SamplingParams:
             raise RequestError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.greedy, bool):
+            raise RequestError(f"greedy must be true or false, got {self.greedy!r}")
 
 
 @dataclass
@@ -85,6 +90,23 @@ class Request:
     listener: Callable[[CanvasEvent], None] | None = None
     want_drafts: bool = False
     arrival: float = field(default_factory=time.perf_counter)
+    # infill / edit: clamps[k] pins known tokens in canvas k (None or past the end: a free canvas)
+    clamps: list[Clamp | None] = field(default_factory=list)
+
+    def clamp_for(self, canvas: int) -> Clamp | None:
+        return self.clamps[canvas] if canvas < len(self.clamps) else None
+
+    def check_clamps(self, canvas_length: int, vocab_size: int) -> None:
+        for k, clamp in enumerate(self.clamps):
+            if clamp is None:
+                continue
+            if clamp.tokens.shape != (canvas_length,) or clamp.mask.shape != (canvas_length,):
+                raise RequestError(f"clamp of canvas {k} must have {canvas_length} positions (the canvas length)")
+            if clamp.mask.dtype != torch.bool:
+                raise RequestError(f"clamp of canvas {k}: the mask must be boolean")
+            pinned = clamp.tokens[clamp.mask]
+            if pinned.numel() and not (0 <= int(pinned.min()) and int(pinned.max()) < vocab_size):
+                raise RequestError(f"clamp of canvas {k}: token ids must lie in [0, {vocab_size})")
 
 
 @dataclass
@@ -99,3 +121,5 @@ class RequestOutput:
     tokens_per_forward: float  # the reference's definition: non-pad tokens through EOS / decoder passes
     seconds: float
     text: str | None = None
+    # per canvas: mean entropy over its free positions at its last step (lower = the model is surer)
+    final_entropy: list[float] = field(default_factory=list)

@@ -5,18 +5,21 @@
     sample   proposals, argmax, entropy, acceptance                           -> next canvases, done flags
 
 Rows are independent: each has its own cache slot, step counter and random draws, so a row's output does
-not depend on which other rows share its batch.
+not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
+edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from ..model import DiffusionGemma
-from ..sampling import denoise_step, temperature
+from ..fast_sampling import fused_denoise_step
+from ..sampling import Clamp, denoise_step, stack_clamps, temperature
 from .request import CanvasEvent, Request, RequestOutput
 
 
@@ -29,6 +32,9 @@ class Row:
     argmax: torch.Tensor | None = None  # [C] the canvas this row commits if it stops now
     sc_logits: torch.Tensor | None = None  # [C, V] previous step's processed logits
     history: list[torch.Tensor] = field(default_factory=list)  # last `stability_threshold` argmax canvases
+    clamp: Clamp | None = None  # the current canvas's pinned positions (on the model's device)
+    mean_entropy: float = 0.0  # free positions, last step
+    final_entropy: list[float] = field(default_factory=list)  # per finished canvas
     step: int = 0
     canvas_index: int = 0
     token_ids: list[int] = field(default_factory=list)
@@ -52,13 +58,18 @@ class Row:
             decoder_passes=passes,
             tokens_per_forward=self.valid_tokens / passes if passes else 0.0,
             seconds=time.perf_counter() - self.request.arrival,
+            final_entropy=self.final_entropy,
         )
 
 
 class Runner:
     def __init__(self, model: DiffusionGemma, num_slots: int, max_model_len: int, prefill_chunk: int = 2048,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, impl: str = "plain"):
         self.model = model
+        # "fast": the fused sampler pass, whose softmax also feeds the next step's self-conditioning
+        # (rows then keep probabilities, not logits, in `sc_logits`); the model's own fast paths are switched
+        # on the model (`letterpress.model.fast.apply_fast_path`)
+        self.fast = impl == "fast"
         self.cache = model.new_cache(num_slots, max_model_len)
         self.canvas_length = model.config.canvas_length
         self.vocab_size = model.text_config.vocab_size
@@ -94,6 +105,10 @@ class Runner:
     def _start_canvas(self, row: Row) -> None:
         row.canvas = row.request.draws.initial_canvas(self.canvas_length, self.vocab_size, row.canvas_index)
         row.canvas = row.canvas.to(self.model.device)
+        clamp = row.request.clamp_for(row.canvas_index)
+        row.clamp = None if clamp is None else clamp.to(self.model.device)
+        if row.clamp is not None:
+            row.canvas = row.clamp.apply(row.canvas)
         row.argmax = row.canvas
         row.sc_logits = None
         row.history = []
@@ -105,24 +120,31 @@ class Runner:
         canvases = torch.stack([r.canvas for r in rows])
         slots = torch.tensor([r.slot for r in rows], device=device)
         sc_logits, sc_mask = self._self_conditioning(rows)
-        logits = self.model.denoise(canvases, self.cache, slots, sc_logits, sc_mask)
+        if self.fast:
+            logits = self.model.denoise(canvases, self.cache, slots, None, sc_mask, self_conditioning_probs=sc_logits)
+        else:
+            logits = self.model.denoise(canvases, self.cache, slots, sc_logits, sc_mask)
         self.decoder_passes += 1
 
         params = [r.request.params for r in rows]
         temps = torch.tensor([temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max) for r, p in zip(rows, params)],
                              dtype=torch.float32)
         bounds = torch.tensor([p.entropy_bound for p in params], dtype=torch.float32)
-        outcome = denoise_step(logits, temps, bounds, [r.request.draws for r in rows],
-                               [r.canvas_index for r in rows], [r.step for r in rows])
+        step = partial(fused_denoise_step, sc_dtype=self.model.dtype) if self.fast else denoise_step
+        clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
+        outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
+                       [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
+                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
         for i, (row, p) in enumerate(zip(rows, params)):
             argmax = outcome.argmax[i]
             k = p.stability_threshold
             # Stable: the argmax canvas equals each of the previous k ones (so never at the first step).
             stable = k == 0 or (len(row.history) == k and all(torch.equal(h, argmax) for h in row.history))
             row.history = (row.history + [argmax])[-k:] if k else []
-            confident = bool(outcome.mean_entropy[i] < p.confidence_threshold)
+            row.mean_entropy = float(outcome.mean_entropy[i])  # free positions only (clamps are certain)
+            confident = bool(outcome.mean_entropy[i] < p.confidence_threshold)  # float32 compare, as before
             row.argmax, row.canvas = argmax, outcome.next_canvas[i]
-            row.sc_logits = outcome.processed_logits[i].to(self.model.dtype)
+            row.sc_logits = outcome.sc_probs[i] if self.fast else outcome.processed_logits[i].to(self.model.dtype)
             row.step += 1
             if row.request.want_drafts and row.request.listener:
                 row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
@@ -152,11 +174,14 @@ class Runner:
         else:
             committed, counted, reason = tokens, tokens, None
         row.token_ids.extend(committed)
-        row.valid_tokens += sum(t != self.pad_token_id for t in counted)
+        # tokens/forward counts what the model wrote: clamped positions were given, not generated
+        free = [True] * len(counted) if row.clamp is None else (~row.clamp.mask).tolist()
+        row.valid_tokens += sum(t != self.pad_token_id and f for t, f in zip(counted, free))
         row.steps_per_canvas.append(row.step)
+        row.final_entropy.append(row.mean_entropy)
         if row.request.listener:
             row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step, committed, final=True))
-        row.canvas, row.sc_logits, row.history = None, None, []
+        row.canvas, row.sc_logits, row.history, row.clamp = None, None, [], None
         row.canvas_index += 1
         if reason is None:
             row.pending = tokens  # the canvas joins the context before the next one starts
