@@ -374,7 +374,7 @@ ERRORS = [
     ("completion", {"prompt": []}, 400, "empty", "prompt"),
     ("completion", {"prompt": [1, "a"]}, 400, "list of token ids", "prompt"),
     ("completion", {"prompt": [10**9]}, 400, "token ids", None),
-    ("completion", {"prompt": PROMPT, "suffix": "return x"}, 400, "suffix (infilling) is not supported yet", "suffix"),
+    ("completion", {"prompt": [5, 6], "suffix": "return x"}, 400, "with suffix, the prompt must be text", "prompt"),
     ("completion", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream", "stream_options"),
     ("completion", {"prompt": PROMPT, "n": 1000}, 400, "never fit", "n"),
     ("completion", {"prompt": PROMPT, "t_min": 0.9, "t_max": 0.5}, 400, "t_min", None),
@@ -414,7 +414,7 @@ def test_unknown_route_and_method(http):
 
 def test_openai_client_raises_on_errors(client):
     with pytest.raises(openai.BadRequestError, match="suffix"):
-        client.completions.create(model=MODEL, prompt=PROMPT, suffix="x")
+        client.completions.create(model=MODEL, prompt=PROMPT, suffix="x", max_tokens=1000)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=CHAT)
 

@@ -3,6 +3,8 @@
 One HTTP request becomes a `Job`: n engine rows (one per choice; several prompts on /v1/completions give
 n rows each) that share one `RequestStream`. `Job.events()` turns the rows' canvases into text deltas and
 finish reasons; the non-streaming path collects them, the streaming path sends each as an SSE chunk.
+Infilling (`suffix`) may give a choice several competing rows (`Job.groups`); edits (`/v1/edits`) are rows
+too. Both are planned in `server/infill.py`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from ..engine.llm import LLM
 from ..engine.request import CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
+from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
 from .schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    EditRequest,
     _Common,
+    _Sampler,
     error_body,
     model_card,
     refuse_unsupported,
@@ -73,10 +78,34 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     outputs: list[RequestOutput | None] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
+    # infill: the rows that compete for each choice (candidate middle lengths); None = one row per choice
+    groups: list[list[int]] | None = None
 
     def __post_init__(self):
         self.outputs = [None] * len(self.rows)
         self.finish_reasons = [None] * len(self.rows)
+
+    def choice_rows(self) -> list[int]:
+        """The row that answers each choice; with groups, the one the model was surest of (lowest mean
+        entropy of its free positions at its last step). Call once every row has reported."""
+        if self.groups is None:
+            return list(range(len(self.rows)))
+        return [min(g, key=lambda r: (self.outputs[r].final_entropy[0], r)) for g in self.groups]
+
+    async def choice_events(self, engine: EngineLoop) -> AsyncIterator[tuple[str, int, Any]]:
+        """`events()` per choice. Grouped rows compete, so nothing is final before all have finished: then
+        each choice's whole text and its finish reason come at once ("stop": the middle meets the suffix)."""
+        if self.groups is None:
+            async for event in self.events(engine):
+                yield event
+            return
+        async for _ in self.events(engine):
+            pass
+        if any(out is None for out in self.outputs):
+            return  # the client went away
+        for i, r in enumerate(self.choice_rows()):
+            yield "text", i, self.texts[r].text
+            yield "finish", i, "stop"
 
     def unfinished_row_ids(self) -> list[str]:
         return [r.request_id for r, out in zip(self.rows, self.outputs) if out is None]
@@ -125,7 +154,9 @@ class Job:
             "tokens_per_forward": sum(o.tokens_per_forward * o.decoder_passes for o in outs) / max(passes, 1),
             "steps_per_canvas": [o.steps_per_canvas for o in outs],
         }
-        completion = sum(t.completion_tokens() for t in self.texts)
+        completion = sum(self.texts[r].completion_tokens() for r in self.choice_rows())
+        if self.groups is not None:  # every candidate row cost passes; only the chosen middles count
+            stats["tokens_per_forward"] = completion / max(passes, 1)
         return usage(sum(len(p) for p in self.prompts), completion, stats)
 
 
@@ -161,7 +192,7 @@ class OpenAIServer:
             raise ApiError(400, "a token-id prompt is empty", param="prompt")
         return [self.llm.tokenize(p) for p in prompts]
 
-    def sampling_params(self, body: _Common, max_tokens: int | None, index: int) -> SamplingParams:
+    def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams:
         """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 is greedy (argmax
         proposals, unscaled schedule) with seed 0 unless one is given, so it is deterministic. An explicit
         t_min / t_max wins over the scaling. Row `index` of a request with a seed uses seed + index."""
@@ -178,7 +209,7 @@ class OpenAIServer:
             t_max=body.t_max if body.t_max is not None else self.t_max * scale,
             seed=None if seed is None else seed + index,
             greedy=greedy,
-            ignore_eos=body.ignore_eos,
+            ignore_eos=getattr(body, "ignore_eos", False),
         )
 
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None) -> Job:
@@ -209,19 +240,26 @@ class OpenAIServer:
 
     async def run(self, raw: HttpRequest, kind: str, body: _Common, prompts: list[list[int]],
                   max_tokens: int | None):
-        job = self.make_job(kind, body, prompts, max_tokens)
+        return await self.serve(raw, self.make_job(kind, body, prompts, max_tokens), body)
+
+    def submit(self, job: Job) -> None:
         try:
             self.engine.submit(job.stream, job.rows)
         except QueueFull:
             raise ApiError(429, "the server is at capacity (all slots busy and the queue full); retry later",
                            type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+
+    async def serve(self, raw: HttpRequest, job: Job, body: _Common):
+        """Submit a job's rows and answer: one JSON body, or an SSE stream."""
+        self.submit(job)
         if body.stream:
             return StreamingResponse(self.sse(raw, job, body), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(await self.collect(raw, job))
 
     # ------------------------------------------------------------------------------------------ responses
-    async def collect(self, raw: HttpRequest, job: Job) -> dict:
+    async def drain(self, raw: HttpRequest, job: Job) -> bool:
+        """Wait for every row of a job (aborting them if the client leaves); False when it left."""
         watcher = asyncio.create_task(self.watch_disconnect(raw, job))
         try:
             async for _ in job.events(self.engine):
@@ -229,10 +267,15 @@ class OpenAIServer:
         finally:
             watcher.cancel()
             self.abort_unfinished(job)
-        if any(out is None for out in job.outputs):
+        return all(out is not None for out in job.outputs)
+
+    async def collect(self, raw: HttpRequest, job: Job) -> dict:
+        if not await self.drain(raw, job):
             return {}  # the client went away; nobody reads this
         choices = []
-        for i, (text, reason) in enumerate(zip(job.texts, job.finish_reasons)):
+        reasons = ["stop"] * len(job.groups) if job.groups is not None else job.finish_reasons
+        for i, (row, reason) in enumerate(zip(job.choice_rows(), reasons)):
+            text = job.texts[row]
             if job.kind == "chat":
                 choices.append({"index": i, "message": {"role": "assistant", "content": text.text},
                                 "logprobs": None, "finish_reason": reason})
@@ -249,7 +292,7 @@ class OpenAIServer:
             if job.kind == "chat":  # OpenAI opens every chat choice with the role
                 for i in range(len(job.rows)):
                     yield sse_data(self.chunk(job, i, {"role": "assistant", "content": ""}, None, with_usage))
-            async for event, index, payload in job.events(self.engine):
+            async for event, index, payload in job.choice_events(self.engine):
                 if event == "text":
                     delta = {"content": payload} if job.kind == "chat" else payload
                     yield sse_data(self.chunk(job, index, delta, None, with_usage))
@@ -476,7 +519,17 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: HttpRequest):
         refuse_unsupported(body)
+        if body.suffix:  # infilling: the completion is the middle (an empty suffix is a plain completion)
+            return await server.serve(raw, infill_job(server, body), body)
         return await server.run(raw, "completion", body, server.completion_prompts(body.prompt), body.max_tokens)
+
+    @app.post("/v1/edits")
+    async def edits(body: EditRequest, raw: HttpRequest):
+        job, plans = edit_job(server, body)
+        server.submit(job)
+        if not await server.drain(raw, job):
+            return JSONResponse({})  # the client went away; nobody reads this
+        return JSONResponse(edit_response(server, job, plans))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: HttpRequest):

@@ -46,6 +46,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..cli import attach_profiler, engine_options
     from ..engine.llm import LLM
     from ..engine.request import SamplingParams
     from .app import ServerConfig, build_app
@@ -54,7 +55,8 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, offline=True if args.offline else None,
-              prefill_chunk=args.prefill_chunk)
+              prefill_chunk=args.prefill_chunk, **engine_options(args))
+    attach_profiler(llm, args)
     # Bad sampler defaults would turn every request into a 400: refuse them now (RequestError -> exit 2).
     SamplingParams(max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
                    t_max=args.t_max).resolve(llm.defaults)

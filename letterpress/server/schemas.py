@@ -2,13 +2,14 @@
 
 Validation is strict on purpose: a wrong type is a 400, an unknown field is a 400, and a field OpenAI has but
 letterpress does not implement (logprobs, tools, ...) is a 400 that names it. Nothing is silently ignored.
-Our extensions (`entropy_bound`, `max_denoising_steps`, `t_min`, `t_max`, and vLLM's `ignore_eos`) are top-level fields;
-with the `openai` client pass them through `extra_body`.
+Our extensions (`entropy_bound`, `max_denoising_steps`, `t_min`, `t_max`, vLLM's `ignore_eos`, and
+`infill_strategy` beside `suffix`) are top-level fields; with the `openai` client pass them through
+`extra_body`. `POST /v1/edits` (`EditRequest`) is ours: OpenAI retired its edits endpoint.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,18 +22,14 @@ class StreamOptions(BaseModel):
     denoising_preview: bool | None = None  # letterpress: `event: denoising_preview` after every denoising step
 
 
-class _Common(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class _Sampler(BaseModel):
+    """Sampler fields shared by every generating endpoint (completions, chat, edits)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None  # None = the served model
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None  # only logged
 
@@ -41,7 +38,16 @@ class _Common(BaseModel):
     max_denoising_steps: int | None = Field(None, ge=1)
     t_min: float | None = Field(None, ge=0)
     t_max: float | None = Field(None, gt=0)
+
+
+class _Common(_Sampler):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
     ignore_eos: bool = False  # as in vLLM: keep going past EOS until max_tokens (benchmarks, tests)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
 
     # OpenAI fields that we refuse unless they hold their no-op value (see UNSUPPORTED)
     top_p: float | None = None
@@ -62,10 +68,20 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    suffix: str | None = None  # infilling: a later issue
+    suffix: str | None = None  # infilling: the completion is the text between prompt and suffix
+    infill_strategy: Literal["search", "slack"] | None = None  # letterpress: see README, "Infilling and editing"
     echo: bool | None = None
     best_of: int | None = None
     logprobs: int | None = None
+
+
+class EditRequest(_Sampler):
+    """letterpress's `POST /v1/edits`: rewrite character spans of `input`, keep every other character."""
+
+    input: str
+    spans: list[list[int]]  # [[start, end), ...] character offsets into `input`; checked by letterpress.infill
+    instruction: str | None = None  # put in the context before the text
+    slack_tokens: int = Field(0, ge=0)  # extra free positions after each span (longer replacements)
 
 
 class ChatCompletionRequest(_Common):
@@ -116,8 +132,6 @@ def refuse_unsupported(body: _Common) -> None:
     if getattr(body, "response_format", None) not in (None, {"type": "text"}):
         raise ApiError(400, "'response_format' is not supported by letterpress: only {\"type\": \"text\"}",
                        param="response_format", code="unsupported")
-    if getattr(body, "suffix", None):
-        raise ApiError(400, "suffix (infilling) is not supported yet", param="suffix", code="unsupported")
 
 
 # ----------------------------------------------------------------------------------------------- responses

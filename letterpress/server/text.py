@@ -14,9 +14,12 @@ REPLACEMENT = "\ufffd"
 
 
 class ChoiceText:
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]):
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str],
+                 select: Callable[[list[int]], list[int]] | None = None):
         self.decode = decode
         self.stops = stops
+        # maps a committed canvas to this choice's tokens (infill: the middle, without the clamped suffix)
+        self.select = select
         self.token_ids: list[int] = []
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.sent = 0  # characters of `text` already handed out as deltas
@@ -24,12 +27,13 @@ class ChoiceText:
 
     def add_canvas(self, token_ids: list[int]) -> str:
         """Take one finished canvas; return the new text that is safe to send."""
-        self.token_ids.extend(token_ids)
+        self.token_ids.extend(token_ids if self.select is None else self.select(token_ids))
         self._update(self.decode(self.token_ids))
         return self._take(final=self.stopped)
 
     def finish(self, token_ids: list[int]) -> str:
         """The row is done (the engine's final token ids): return whatever was still held back."""
+        token_ids = token_ids if self.select is None else self.select(token_ids)
         if not self.stopped and token_ids != self.token_ids:  # normally equal: canvases already carried them
             self.token_ids = list(token_ids)
             self._update(self.decode(self.token_ids))

@@ -1,0 +1,440 @@
+"""Infilling and inline editing: rows whose one canvas carries clamped (known) positions.
+
+Neither is a separate loop (DESIGN.md). This module *plans* rows, each a context (the prompt the encoder
+writes into the KV cache) plus the clamp of its single canvas, and *reads* the committed canvas back;
+`LLM.infill` / `LLM.edit` and the server run the rows through the ordinary scheduler, beside any others.
+
+Canvas layouts (C positions; `.` free, `S` suffix token, `T` text token, `E` EOS):
+
+    search   context <bos> prefix            canvas  . . . . S S S S S S S S ... [E E]   one row per length M
+    slack    context <bos> prefix            canvas  . . . . . . . . . . S S S S S S     suffix at the end
+    edit     context <bos> [instruction\\n] text before the edit
+                                             canvas  . . . T T T T . . T T T ... [E E]   spans free
+
+- The suffix goes in the canvas because it is the only place where text after the middle can be seen: the
+  context is encoded causally *before* the canvas. Suffix tokens that do not fit in the canvas are cut (the
+  model never sees them; they are still part of the returned text). When the suffix ends inside the canvas
+  the rest is clamped to EOS: the text ends there.
+- The length of the middle is unknown. `search` (the default) denoises several candidate lengths as
+  separate rows of one batch and keeps the one the model is surest of (lowest mean entropy over its free
+  positions at its last step). `slack` is one row whose free region is everything before the suffix; the
+  model ends the middle early with EOS / pad, and what follows is dropped. `prompt` asks for the middle in a
+  plain prompt (no clamps), for comparison.
+- Reading back: in each run of free positions everything from the first end token (an EOS id or pad) on
+  is dropped, as generation drops everything after EOS. Clamped positions come back as they went in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
+from typing import TYPE_CHECKING
+
+from .errors import RequestError
+from .sampling import Clamp
+
+if TYPE_CHECKING:
+    from .engine.llm import LLM
+    from .engine.request import Request, RequestOutput, SamplingParams
+    from .tokenizer import Tokenizer
+
+STRATEGIES = ("search", "slack", "prompt")
+DEFAULT_STRATEGY = "search"
+Span = tuple[int, int]
+
+
+# ---------------------------------------------------------------------------------------------- shared
+@dataclass(frozen=True)
+class Codec:
+    """What planning needs to know about a checkpoint."""
+
+    tokenizer: Tokenizer
+    canvas_length: int
+    eos_id: int  # written after a text that ends inside the canvas
+    end_ids: frozenset[int]  # EOS ids and pad: a free run ends at the first of these
+
+    @classmethod
+    def of(cls, llm: LLM) -> Codec:
+        if llm.tokenizer is None:
+            raise RequestError("infilling and editing need a checkpoint with a tokenizer.json")
+        eos = list(llm.defaults.eos_token_ids)
+        return cls(llm.tokenizer, llm.runner.canvas_length, eos[0], frozenset(eos) | {llm.defaults.pad_token_id})
+
+    def context(self, text: str) -> list[int]:
+        """A prompt: <bos> + tokens of `text`."""
+        bos = self.tokenizer.bos_id
+        return ([] if bos is None else [bos]) + self.tokenizer.encode(text)
+
+
+@dataclass
+class RowPlan:
+    """One engine row: its context and its canvas's clamp. `runs` are the [start, end) canvas positions the
+    model writes, in order."""
+
+    prompt_ids: list[int]
+    clamp: Clamp
+    runs: list[Span]
+
+
+def read_run(canvas: list[int], run: Span, end_ids: frozenset[int]) -> list[int]:
+    """The tokens the model wrote in one free run, cut at the first end token."""
+    tokens = canvas[run[0]:run[1]]
+    stop = next((i for i, t in enumerate(tokens) if t in end_ids), len(tokens))
+    return tokens[:stop]
+
+
+def row_params(params: SamplingParams | None, canvas_length: int) -> SamplingParams:
+    """A clamped row commits its whole canvas: one canvas, EOS does not cut it (free runs are cut when read)."""
+    from .engine.request import SamplingParams
+
+    return replace(params or SamplingParams(), max_new_tokens=canvas_length, ignore_eos=True)
+
+
+def make_rows(llm: LLM, plans: list[RowPlan], params: SamplingParams | None) -> list[Request]:
+    canvas = llm.runner.canvas_length
+    return [llm.make_request(plan.prompt_ids, row_params(params, canvas), clamps=[plan.clamp]) for plan in plans]
+
+
+# ---------------------------------------------------------------------------------------------- infill
+@dataclass
+class Candidate:
+    length: int  # free positions before the suffix
+    entropy: float  # mean entropy of the free positions at the row's last step
+    middle: str
+    steps: int
+
+
+@dataclass
+class InfillResult:
+    middle: str
+    text: str  # prefix + middle + suffix
+    strategy: str
+    length: int  # free positions of the chosen row (its middle budget)
+    middle_tokens: int  # tokens of the middle, end tokens dropped
+    steps: int  # denoising steps of the chosen row
+    decoder_passes: int  # row passes of every row this infill used (search: all candidates)
+    tokens_per_forward: float  # middle_tokens / decoder_passes
+    suffix_tokens_seen: int  # suffix tokens that fit in the chosen canvas
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+@dataclass
+class InfillPlan:
+    prefix: str
+    suffix: str
+    strategy: str
+    max_middle: int
+    rows: list[RowPlan]
+    lengths: list[int]  # per row: free positions before the suffix
+    seen: list[int]  # per row: suffix tokens in the canvas
+
+
+def search_lengths(max_middle: int, count: int = 5) -> list[int]:
+    """Candidate middle lengths: `count` values spaced geometrically from max_middle / 8 up to max_middle
+    (short middles need finer steps than long ones)."""
+    low = max(1, math.ceil(max_middle / 8))
+    if count <= 1 or low == max_middle:
+        return [max_middle]
+    ratio = (max_middle / low) ** (1 / (count - 1))
+    return sorted({min(max_middle, max(1, round(low * ratio ** k))) for k in range(count)})
+
+
+def check_infill_args(prefix: object, suffix: object, max_middle: int, canvas_length: int, strategy: str,
+                      lengths: Sequence[int] | None = None) -> None:
+    if not isinstance(prefix, str) or not isinstance(suffix, str):
+        raise RequestError("prefix and suffix must be strings")
+    if strategy not in STRATEGIES:
+        raise RequestError(f"unknown infill strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if lengths is not None and strategy != "search":
+        raise RequestError(f"lengths are the search strategy's candidates; strategy {strategy!r} takes none")
+    if not isinstance(max_middle, int) or isinstance(max_middle, bool) or not 1 <= max_middle <= canvas_length:
+        raise RequestError(f"max_middle_tokens must be an integer in [1, {canvas_length}] (the canvas length), "
+                           f"got {max_middle!r}")
+
+
+def plan_infill(codec: Codec, prefix: str, suffix: str, max_middle: int | None = None, strategy: str = DEFAULT_STRATEGY,
+                lengths: Sequence[int] | None = None) -> InfillPlan:
+    """The rows of one infill (`prompt` plans no clamped rows: see `prompt_for_infill`)."""
+    C = codec.canvas_length
+    max_middle = C // 2 if max_middle is None else max_middle
+    check_infill_args(prefix, suffix, max_middle, C, strategy, lengths)
+    context = codec.context(prefix)
+    suffix_ids = codec.tokenizer.encode(suffix)
+    plan = InfillPlan(prefix, suffix, strategy, max_middle, [], [], [])
+    if strategy == "search":
+        lengths = search_lengths(max_middle) if lengths is None else sorted(set(lengths))
+        if not lengths or any(not isinstance(m, int) or not 1 <= m <= max_middle for m in lengths):
+            raise RequestError(f"search lengths must be integers in [1, {max_middle}] (max_middle_tokens)")
+        for m in lengths:
+            seen = suffix_ids[:C - m]
+            pinned = [None] * m + seen + [codec.eos_id] * (C - m - len(seen))
+            plan.rows.append(RowPlan(context, Clamp.of(pinned), [(0, m)]))
+            plan.lengths.append(m)
+            plan.seen.append(len(seen))
+    elif strategy == "slack":
+        seen = suffix_ids[:C - max_middle]  # at least max_middle free positions
+        free = C - len(seen)
+        plan.rows.append(RowPlan(context, Clamp.of([None] * free + seen), [(0, free)]))
+        plan.lengths.append(free)
+        plan.seen.append(len(seen))
+    return plan
+
+
+def finish_infill(codec: Codec, plan: InfillPlan, outputs: list[RequestOutput]) -> InfillResult:
+    """Read each row's middle and keep the row with the lowest final free-position entropy (ties: the
+    shorter length)."""
+    middles = [read_run(out.token_ids, row.runs[0], codec.end_ids)[:plan.max_middle]
+               for row, out in zip(plan.rows, outputs)]
+    entropies = [out.final_entropy[0] for out in outputs]
+    best = min(range(len(outputs)), key=lambda i: (entropies[i], plan.lengths[i]))
+    passes = sum(out.decoder_passes for out in outputs)
+    middle = codec.tokenizer.decode(middles[best])
+    return InfillResult(
+        middle=middle, text=plan.prefix + middle + plan.suffix, strategy=plan.strategy, length=plan.lengths[best],
+        middle_tokens=len(middles[best]), steps=outputs[best].decoder_passes, decoder_passes=passes,
+        tokens_per_forward=len(middles[best]) / passes if passes else 0.0, suffix_tokens_seen=plan.seen[best],
+        candidates=[Candidate(m, e, codec.tokenizer.decode(ids), out.decoder_passes)
+                    for m, e, ids, out in zip(plan.lengths, entropies, middles, outputs)])
+
+
+PROMPT_HEADER = "# Fill in the missing code. The code after the gap is:\n"
+PROMPT_BRIDGE = "# The code before the gap, continued with the missing code:\n"
+
+
+def prompt_for_infill(prefix: str, suffix: str, suffix_chars: int = 2000) -> str:
+    """The `prompt` strategy's prompt: the suffix first (as comments, so the code that follows still reads as
+    code), then the prefix, which the model continues. Plain generation; nothing is clamped."""
+    shown = suffix[:suffix_chars].splitlines() or [""]
+    return PROMPT_HEADER + "".join(f"# | {line}\n" for line in shown) + PROMPT_BRIDGE + prefix
+
+
+def cut_generated_middle(text: str, suffix: str) -> str:
+    """A generated continuation cut where it starts to repeat the suffix (its first non-blank line)."""
+    first = next((line.strip() for line in suffix.splitlines() if line.strip()), None)
+    if first is None:
+        return text
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if i > 0 and line.strip() == first:
+            return "".join(lines[:i]).rstrip(" \t")
+    return text
+
+
+def run_infill(llm: LLM, prefixes: list[str], suffixes: list[str], max_middle: int | None,
+               params: SamplingParams | None, strategy: str, lengths: Sequence[int] | None) -> list[InfillResult]:
+    """Plan every infill, run all their rows as one batch through the scheduler, read the results."""
+    codec = Codec.of(llm)
+    if len(prefixes) != len(suffixes):
+        raise RequestError("pass one suffix per prefix")
+    if strategy == "prompt":
+        return prompt_infill(llm, codec, prefixes, suffixes, max_middle, params, lengths)
+    plans = [plan_infill(codec, p, s, max_middle, strategy, lengths) for p, s in zip(prefixes, suffixes)]
+    requests = [make_rows(llm, plan.rows, params) for plan in plans]
+    for request in (r for rows in requests for r in rows):
+        llm.scheduler.check(request)
+    outputs = llm.run([r for rows in requests for r in rows])
+    results, at = [], 0
+    for plan in plans:
+        results.append(finish_infill(codec, plan, outputs[at:at + len(plan.rows)]))
+        at += len(plan.rows)
+    return results
+
+
+def prompt_infill(llm: LLM, codec: Codec, prefixes: list[str], suffixes: list[str], max_middle: int | None,
+                  params: SamplingParams | None, lengths: Sequence[int] | None = None) -> list[InfillResult]:
+    """The `prompt` strategy: plain generation of at most max_middle tokens from `prompt_for_infill`."""
+    from .engine.request import SamplingParams
+
+    C = codec.canvas_length
+    max_middle = C // 2 if max_middle is None else max_middle
+    for p, s in zip(prefixes, suffixes):
+        check_infill_args(p, s, max_middle, C, "prompt", lengths)
+    gen = replace(params or SamplingParams(), max_new_tokens=max_middle)
+    outputs = llm.generate([prompt_for_infill(p, s) for p, s in zip(prefixes, suffixes)], gen)
+    results = []
+    for p, s, out in zip(prefixes, suffixes, outputs):
+        middle = cut_generated_middle(out.text or "", s)
+        n = len(codec.tokenizer.encode(middle))
+        results.append(InfillResult(middle, p + middle + s, "prompt", max_middle, n, out.decoder_passes,
+                                    out.decoder_passes, n / max(out.decoder_passes, 1), 0))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ line gaps
+@dataclass
+class LineGap:
+    """A file with one line cut out, as an infill. The cut sits *before* newlines: a byte-level BPE merges a
+    newline with the next line's indentation ("\n" + "    " is one token), so a prefix ending in "\n" or a
+    suffix starting with bare indentation would tokenize unlike anything the model saw. Here the prefix
+    ends at the end of the line before the gap (without its newline), the suffix starts with the gap
+    line's newline, and the middle is expected as "\n" + the new line(s)."""
+
+    prefix: str
+    suffix: str
+    lead: str  # "\n", or "" when the gap is the first line
+
+    @classmethod
+    def cut(cls, text: str, line: int) -> LineGap:
+        lines = text.splitlines(keepends=True)
+        if not 1 <= line <= len(lines):
+            raise RequestError(f"line {line} is out of range: the text has {len(lines)} lines")
+        before, gap, after = "".join(lines[:line - 1]), lines[line - 1], "".join(lines[line:])
+        lead = "\n" if before.endswith("\n") else ""
+        newline = gap[len(gap.rstrip("\r\n")):]
+        return cls(before[:len(before) - len(lead)], newline + after, lead)
+
+    @classmethod
+    def marked(cls, text: str, line: int) -> LineGap:
+        """Like `cut`, for a line that must be a gap marker (only `...` or a `# fill` comment)."""
+        lines = text.splitlines()
+        body = lines[line - 1].strip() if 1 <= line <= len(lines) else None
+        if body is not None and not (body == "..." or body.lower().startswith("# fill")):
+            raise RequestError(f"line {line} is not a gap: mark the line to fill with only `...` or `# fill`")
+        return cls.cut(text, line)
+
+    def fill(self, middle: str) -> str:
+        """The text with the middle in the gap; the middle always forms whole lines of its own."""
+        middle = middle.rstrip("\r\n")
+        if self.lead and not middle.startswith(self.lead):
+            middle = self.lead + middle
+        return self.prefix + middle + self.suffix
+
+
+# ------------------------------------------------------------------------------------------------ edit
+@dataclass
+class Replacement:
+    start: int  # character range of the input that was regenerated: the span widened to whole tokens
+    end: int
+    old: str
+    new: str
+
+
+@dataclass
+class EditResult:
+    text: str
+    replacements: list[Replacement]
+    steps: int
+    written_tokens: int  # tokens the model wrote into the spans (end tokens dropped)
+    tokens_per_forward: float  # written_tokens / denoising steps
+    context_tokens: int  # text tokens before the canvas (encoded as context)
+    tokens_after_canvas: int  # text tokens that did not fit in the canvas (unseen, unchanged)
+
+
+@dataclass
+class EditPlan:
+    text: str
+    row: RowPlan
+    char_ranges: list[Span]  # per run: the characters its tokens cover in `text`
+    context_tokens: int
+    tokens_after_canvas: int
+
+
+def check_spans(text: object, spans: object) -> list[Span]:
+    """Spans sorted by start; every problem a user can make is a RequestError naming the span."""
+    if not isinstance(text, str):
+        raise RequestError("the text to edit must be a string")
+    if not text:
+        raise RequestError("the text to edit is empty")
+    if not isinstance(spans, (list, tuple)) or not spans:
+        raise RequestError("give at least one span [start, end) of characters to edit")
+    checked = []
+    for span in spans:
+        if (not isinstance(span, (list, tuple)) or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            raise RequestError(f"a span must be a pair of integers [start, end), got {span!r}")
+        start, end = span
+        if start > end:
+            raise RequestError(f"span [{start}, {end}) ends before it starts")
+        if not 0 <= start <= end <= len(text):
+            raise RequestError(f"span [{start}, {end}) is out of range: the text has {len(text)} characters")
+        if start == end:
+            raise RequestError(f"span [{start}, {end}) is empty: it must cover at least one character")
+        checked.append((start, end))
+    checked.sort()
+    for (a, b), (c, d) in pairwise(checked):
+        if c < b:
+            raise RequestError(f"spans [{a}, {b}) and [{c}, {d}) overlap")
+    return checked
+
+
+def span_tokens(offsets: list[Span], spans: list[Span]) -> list[Span]:
+    """Per span, the [first, last] token indices overlapping it; spans that share a token are merged."""
+    runs: list[list[int]] = []
+    for start, end in spans:
+        hit = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        if not hit:  # only possible with a tokenizer that drops characters
+            raise RequestError(f"span [{start}, {end}) covers no token of the text")
+        first, last = hit[0], hit[-1]
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], last)
+        else:
+            runs.append([first, last])
+    return [(a, b) for a, b in runs]
+
+
+def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str | None = None,
+              slack: int = 0) -> EditPlan:
+    """The canvas starts at the first edited token: the text before it (after the instruction) is the
+    context, the text after the spans is clamped in the canvas as far as it fits, and EOS fills the rest
+    when the text ends inside the canvas. Each span's tokens are free, plus `slack` more free positions
+    after each span so that the model may write a longer replacement (it ends a shorter one with EOS)."""
+    checked = check_spans(text, spans)
+    if instruction is not None and not isinstance(instruction, str):
+        raise RequestError("instruction must be a string")
+    if not isinstance(slack, int) or slack < 0:
+        raise RequestError(f"slack_tokens must be an integer >= 0, got {slack!r}")
+    ids, offsets = codec.tokenizer.encode_with_offsets(text)
+    token_runs = span_tokens(offsets, checked)
+    C = codec.canvas_length
+    start = token_runs[0][0]
+    needed = token_runs[-1][1] - start + 1 + slack * len(token_runs)
+    if needed > C:
+        raise RequestError(f"the edited region spans {needed} tokens (first to last edited token"
+                           f"{', plus slack' if slack else ''}); it must fit in one canvas of {C} tokens: "
+                           "edit in several calls")
+    pinned: list[int | None] = []
+    runs: list[Span] = []
+    i = start
+    for first, last in token_runs:
+        pinned += ids[i:first]
+        runs.append((len(pinned), len(pinned) + last - first + 1 + slack))
+        pinned += [None] * (last - first + 1 + slack)
+        i = last + 1
+    room = C - len(pinned)
+    pinned += ids[i:i + room]
+    after = max(0, len(ids) - (i + room))
+    pinned += [codec.eos_id] * (C - len(pinned))
+    context = codec.context(instruction + "\n" if instruction else "") + ids[:start]
+    char_ranges = [(offsets[a][0], offsets[b][1]) for a, b in token_runs]
+    return EditPlan(text, RowPlan(context, Clamp.of(pinned), runs), char_ranges, start, after)
+
+
+def finish_edit(codec: Codec, plan: EditPlan, out: RequestOutput) -> EditResult:
+    """Splice each run's new text into the original string, so everything outside the spans is unchanged."""
+    pieces, replacements, at, written = [], [], 0, 0
+    for run, (a, b) in zip(plan.row.runs, plan.char_ranges):
+        new_ids = read_run(out.token_ids, run, codec.end_ids)
+        new = codec.tokenizer.decode(new_ids)
+        written += len(new_ids)
+        pieces += [plan.text[at:a], new]
+        replacements.append(Replacement(a, b, plan.text[a:b], new))
+        at = b
+    pieces.append(plan.text[at:])
+    passes = out.decoder_passes
+    return EditResult("".join(pieces), replacements, passes, written, written / passes if passes else 0.0,
+                      plan.context_tokens, plan.tokens_after_canvas)
+
+
+def run_edit(llm: LLM, texts: list[str], spans: list[Sequence[Span]], instructions: list[str | None],
+             params: SamplingParams | None, slack: int) -> list[EditResult]:
+    codec = Codec.of(llm)
+    if not (len(texts) == len(spans) == len(instructions)):
+        raise RequestError("pass one list of spans (and one instruction) per text")
+    plans = [plan_edit(codec, t, s, i, slack) for t, s, i in zip(texts, spans, instructions)]
+    requests = make_rows(llm, [p.row for p in plans], params)
+    for request in requests:
+        llm.scheduler.check(request)
+    outputs = llm.run(requests)
+    return [finish_edit(codec, plan, out) for plan, out in zip(plans, outputs)]
