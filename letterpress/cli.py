@@ -2,6 +2,12 @@
 
     letterpress generate [MODEL] "prompt"     one completion, then a stats line
     letterpress chat [MODEL]                  interactive multi-turn chat (/reset, /exit)
+    letterpress infill FILE [MODEL] --line N  fill the gap marked at line N (README, "Infilling and editing")
+    letterpress edit FILE [MODEL] --span A:B  rewrite characters A..B of FILE, keep the rest
+    letterpress serve [MODEL]                 OpenAI-compatible HTTP server (see README, "Serving")
+    letterpress train --model CKPT --data F   fine-tune, full or LoRA (see README, "Fine-tuning")
+    letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint
+    letterpress sudoku "<81 cells>"           solve a Sudoku with the embedded Sudoku model, step by step
 
 With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
 """
@@ -14,12 +20,45 @@ import time
 from typing import Callable
 
 from .errors import LetterpressError
+from .infill_cli import edit_arguments, infill_arguments, run_edit, run_infill
+from .server.launch import run_serve, serve_arguments  # light: fastapi/uvicorn load inside run_serve
+from .sudoku_cli import run_sudoku, sudoku_arguments
+from .train.command import merge_lora_arguments, run_merge_lora, run_train, train_arguments
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--offline", action="store_true", help="never touch the network (Hub cache only)")
     p.add_argument("--max-model-len", type=int, default=None, help="context budget per request (tokens)")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (README, 'Performance' and 'Quantization')")
+    g.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
+                   help="weight-only quantization of the linear layers and experts (default: none)")
+    g.add_argument("--impl", choices=["plain", "fast"], default="plain",
+                   help="plain: the reference path (default); fast: grouped MoE, sliced attention, fused sampler")
+    g.add_argument("--compile", action="store_true", help="torch.compile the layers (slow first steps)")
+    g.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs; untested)")
+    g.add_argument("--profile", metavar="DIR", default=None,
+                   help="write a torch profiler trace (chrome trace JSON) of the first --profile-steps steps to DIR")
+    g.add_argument("--profile-steps", type=int, default=8, metavar="N", help="steps to profile (default 8)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """`LLM` keyword arguments from `add_engine_arguments`."""
+    compile_ = (getattr(args, "compile_mode", None) or True) if getattr(args, "compile", False) else False
+    return dict(quantization=getattr(args, "quantization", None), impl=getattr(args, "impl", "plain"),
+                compile=compile_)
+
+
+def attach_profiler(llm, args: argparse.Namespace) -> None:
+    if getattr(args, "profile", None):
+        from .profiling import StepProfiler
+
+        StepProfiler(args.profile, args.profile_steps).attach(llm.runner)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +81,10 @@ def sampling_params(args: argparse.Namespace):
 def load_llm(model: str | None, args: argparse.Namespace):
     from .engine.llm import LLM
 
-    return LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               offline=True if args.offline else None, max_num_seqs=1)
+    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              offline=True if args.offline else None, max_num_seqs=1, **engine_options(args))
+    attach_profiler(llm, args)
+    return llm
 
 
 def stats_line(out, seconds: float) -> str:
@@ -150,6 +191,12 @@ def run_chat(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "generate": ("complete one prompt", generate_arguments, run_generate),
     "chat": ("interactive multi-turn chat", chat_arguments, run_chat),
+    "infill": ("fill a marked gap (a `...` or `# fill` line) in a file", infill_arguments, run_infill),
+    "edit": ("rewrite character spans of a file, keeping the rest", edit_arguments, run_edit),
+    "serve": ("OpenAI-compatible HTTP server", serve_arguments, run_serve),
+    "train": ("fine-tune (full or LoRA) or train a model on JSONL data", train_arguments, run_train),
+    "merge-lora": ("fold a LoRA adapter into its base checkpoint", merge_lora_arguments, run_merge_lora),
+    "sudoku": ("solve a Sudoku with the embedded Sudoku model, step by step", sudoku_arguments, run_sudoku),
 }
 
 
