@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -187,20 +189,34 @@ def checkpoint_names(ours: str) -> list[str]:
     return [candidate_names(ours)[0]]
 
 
+@contextmanager
+def atomic_folder(folder: Path):
+    """Yield a temporary sibling folder to write into; on success it replaces `folder`, on any error (or an
+    interruption) it is removed, so nothing half-written is ever left at `folder`. `mkdir`, not `mkdtemp`,
+    so the result has the umask's permissions."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, generation_config: dict | None = None,
                extra_files: dict[str, Path] | None = None) -> Path:
     """Write `model` in the released checkpoint format: config.json, generation_config.json, model.safetensors
     (and copies of `extra_files`, e.g. the tokenizer). Written into a temporary folder first and renamed, so
     an interrupted save leaves nothing half-written."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         state = {}
         tensors = dict(model.named_parameters())
         tensors.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
@@ -213,10 +229,4 @@ def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, ge
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint import atomic_folder
 from ..errors import CheckpointError, NotSupportedError, TrainError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -182,19 +181,9 @@ def save_adapter(lora_state: dict[str, torch.Tensor], cfg: LoRAConfig, folder: s
     if not state:
         raise TrainError("no LoRA parameters to save")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"  # mkdir, not mkdtemp: keep the umask's permissions
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg, base_model), indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
