@@ -129,13 +129,17 @@ class EngineLoop:
 
     def _fail_inbox(self, error: EngineError) -> None:
         """Answer the rows that were submitted but never reached the scheduler (the loop is gone)."""
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._take_inbox():
             if message[0] == "add":
                 message[2].push(message[3], error)
+
+    def _take_inbox(self):
+        """Every message waiting in the inbox, without blocking."""
+        while True:
+            try:
+                yield self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def _warm_up(self) -> None:
         """One tiny generation, so that torch's one-off start-up cost is not paid by the first request."""
@@ -145,11 +149,7 @@ class EngineLoop:
         self._passes_at_start = self.llm.runner.decoder_passes
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._take_inbox():
             if message[0] == "add":
                 self._add(*message[1:])
             else:
