@@ -16,6 +16,7 @@ from common import machine
 
 from letterpress import LLM, SamplingParams
 from letterpress import sudoku as S
+from letterpress.sudoku_solve import prompt_ids
 from letterpress.sampling import Clamp
 from letterpress.train.recipes_builtin import held_out_puzzles
 
@@ -32,7 +33,7 @@ def rows(llm: LLM, puzzles: list[str], mode: str, params: SamplingParams) -> lis
             pinned = [d if ch != "0" else None for d, ch in zip(tok.encode(puzzle), puzzle)]
             pinned += [eos if mode.endswith("fill clamped") else None] * (canvas - 81)
             clamps = [Clamp.of(pinned)]
-        requests.append(llm.make_request(tok.encode(puzzle, add_special_tokens=True), params, clamps=clamps))
+        requests.append(llm.make_request(prompt_ids(tok, puzzle), params, clamps=clamps))
     return requests
 
 

@@ -161,6 +161,16 @@ def is_solution(candidate: str, puzzle: str) -> bool:
     return all(sorted(candidate[i] for i in unit) == list(DIGITS) for unit in UNITS)
 
 
+CELL_LETTERS = "abcdefghi"
+
+
+def prompt_text(puzzle: str) -> str:
+    """The model's prompt for a puzzle: one word per cell naming its row, column and content ("ae0" = row 1,
+    column 5, blank). Naming the cell in the token gives the model each cell's row, column and box by content,
+    so it does not have to work them out from positions (it only has 1-D rotary positions)."""
+    return " ".join(f"{CELL_LETTERS[i // 9]}{CELL_LETTERS[i % 9]}{ch}" for i, ch in enumerate(puzzle))
+
+
 def parse_grid(text: str) -> str:
     """Accept 81 cells written with digits and '0' or '.' for blanks, ignoring whitespace and separators."""
     cells = [ch for ch in text if ch.isdigit() or ch == "."]

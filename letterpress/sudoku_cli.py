@@ -43,6 +43,7 @@ def run_sudoku(args: argparse.Namespace) -> int:
     from .engine.llm import LLM
     from .engine.request import SamplingParams
     from .sudoku import format_grid, is_solution, parse_grid
+    from .sudoku_solve import prompt_ids
 
     text = args.puzzle if args.puzzle is not None else sys.stdin.read()
     try:
@@ -68,7 +69,7 @@ def run_sudoku(args: argparse.Namespace) -> int:
         time.sleep(args.delay)
 
     params = SamplingParams(seed=args.seed, greedy=not args.sample, max_denoising_steps=args.max_denoising_steps)
-    request = llm.make_request(llm.tokenize(puzzle), params, listener=show, want_drafts=tty)
+    request = llm.make_request(prompt_ids(llm.tokenizer, puzzle), params, listener=show, want_drafts=tty)
     start = time.perf_counter()
     out = llm.run([request])[0]
     seconds = time.perf_counter() - start

@@ -24,9 +24,17 @@ def test_checkpoint_format():
         assert (SUDOKU / name).is_file(), name
     from letterpress.tokenizer import Tokenizer
 
+    from letterpress.sudoku import prompt_text
+
     tok = Tokenizer.from_dir(SUDOKU)
     assert tok.encode("0123456789") == list(range(7, 17))
     assert tok.decode(tok.encode("530070000")) == "530070000"
+    # the prompt: one word per cell naming row, column and content, all distinct ids after the digits
+    puzzle = "530070000600195000098000060800060003400800001700000002060000280000419005000080079"
+    ids = tok.encode(prompt_text(puzzle))
+    assert len(ids) == 81 and all(i >= 17 for i in ids)
+    assert ids[:2] == [17 + 0 * 10 + 5, 17 + 1 * 10 + 3]  # "aa5", "ab3"
+    assert tok.vocab_size == 17 + 810
 
 
 def test_held_out_puzzles_are_fixed_and_valid(held_out):
@@ -39,25 +47,34 @@ def test_held_out_puzzles_are_fixed_and_valid(held_out):
         assert SUDOKU_GIVENS[0] <= 81 - puzzle.count("0") <= SUDOKU_GIVENS[1]
 
 
-@pytest.mark.skip(reason="shipped model solves 0/100 < 90: see BENCHMARKS.md")
-def test_solves_at_least_90_of_100_held_out_puzzles(held_out):
-    from letterpress import LLM, SamplingParams
-    from letterpress import sudoku as S
+@pytest.fixture(scope="module")
+def solved(held_out):
+    from letterpress.sudoku_solve import solve_diffusion
 
-    llm = LLM(SUDOKU, max_num_seqs=100, max_model_len=256)
-    puzzles = [p for p, _ in held_out]
-    outs = llm.generate(puzzles, [SamplingParams(seed=i, greedy=True) for i in range(len(puzzles))])
-    solved = sum(S.is_solution(out.text, p) for p, out in zip(puzzles, outs))
-    assert solved >= 90, f"solved {solved}/100"
+    return solve_diffusion(SUDOKU, [p for p, _ in held_out])  # greedy, the checkpoint's sampler: deterministic
+
+
+@pytest.mark.skip(reason="the shipped model solves 87/100 (86.3% of 1,000), short of 90: see BENCHMARKS.md, Sudoku")
+def test_solves_at_least_90_of_100_held_out_puzzles(solved):
+    assert solved["solved"] >= 90, f"solved {solved['solved']}/100"
+
+
+def test_solves_what_the_shipped_model_solved(solved):
+    """The level the shipped model reached (87/100, BENCHMARKS.md): guards the engine and loader against
+    regressions while the 90/100 goal above is open. Many tokens per forward: the point of diffusion here."""
+    assert solved["solved"] >= 85, f"solved {solved['solved']}/100"
+    assert solved["tokens_per_forward"] > 10
 
 
 def test_outputs_complete_grids_that_keep_the_givens(held_out):
-    """What the shipped model does reliably (it does not yet solve: see the skipped test above)."""
+    """What the shipped model does reliably on every puzzle (it solves 87 of these 100: see the skipped test)."""
     from letterpress import LLM, SamplingParams
+    from letterpress.sudoku_solve import prompt_ids
 
     llm = LLM(SUDOKU, max_num_seqs=10, max_model_len=256)
     puzzles = [p for p, _ in held_out[:10]]
-    outs = llm.generate(puzzles, [SamplingParams(seed=i, greedy=True) for i in range(len(puzzles))])
+    outs = llm.run([llm.make_request(prompt_ids(llm.tokenizer, p), SamplingParams(seed=i, greedy=True))
+                    for i, p in enumerate(puzzles)])
     for p, out in zip(puzzles, outs):
         assert len(out.text) == 81 and all(ch in "123456789" for ch in out.text) and out.finish_reason == "stop"
         assert all(g == "0" or g == c for g, c in zip(p, out.text))
