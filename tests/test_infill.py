@@ -284,30 +284,17 @@ def test_edit_errors(llm, text, spans, message):
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
-KEY, MODEL = "test-key", "letterpress-default"
+from .live_server import KEY, MODEL, LiveServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server():
     from letterpress.server.app import ServerConfig
 
-    from .test_server import LiveServer
-
     live = LiveServer(LLM(None, max_num_seqs=16, max_model_len=1024),
                       ServerConfig(served_model_names=[MODEL], api_key=KEY, max_denoising_steps=3))
     yield live
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-        yield c
 
 
 def test_suffix_through_the_openai_client(client, llm):

@@ -8,7 +8,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,47 +20,13 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from letterpress import LLM  # noqa: E402
 from letterpress.sampling import GeneratorDraws, denoise_step  # noqa: E402
-from letterpress.server.app import ServerConfig, build_app  # noqa: E402
+from letterpress.server.app import ServerConfig  # noqa: E402
 from letterpress.server.text import ChoiceText  # noqa: E402
 
-KEY = "test-key"
-MODEL = "letterpress-default"
+from .live_server import DEADLINE_S, KEY, MODEL, LiveServer, wait_healthy  # noqa: E402
+
 PROMPT = "def fibonacci(n):"
 CHAT = [{"role": "user", "content": "Write a haiku about tests."}]
-DEADLINE_S = 90  # generous bound for "eventually" checks; we never assert on how long anything took
-
-
-class LiveServer:
-    """uvicorn serving `build_app(llm, config)` from a background thread, on a socket we already bound."""
-
-    def __init__(self, llm: LLM, config: ServerConfig):
-        self.app = build_app(llm, config)
-        self.server_state = self.app.state.server
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        wait_healthy(self.url)
-
-    def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(30)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +37,6 @@ def server():
                                         max_denoising_steps=3))
     yield live
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-        yield c
 
 
 def eventually(condition, what: str = "condition") -> None:

@@ -3,7 +3,6 @@ command solves a puzzle from the command line."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 
