@@ -35,6 +35,7 @@ class Scheduler:
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        request.check_clamps(canvas, vocab)  # requests built without LLM.make_request get the same checks
 
     def add(self, request: Request) -> None:
         self.check(request)
