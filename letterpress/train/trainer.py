@@ -105,6 +105,14 @@ class StepStats:
     seconds: float
 
 
+def window_means(window: list[StepStats]) -> dict[str, float]:
+    """One metrics line for the steps since the last one: per-step means (a single step's loss is noisy: t is
+    random per example), the learning rate of the last step, and how many steps were averaged."""
+    means = {name: sum(getattr(st, name) for st in window) / len(window)
+             for name in ("loss", "diffusion", "encoder", "grad_norm", "tokens", "seconds")}
+    return {**means, "lr": window[-1].lr, "steps_averaged": len(window)}
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -341,16 +349,18 @@ class Trainer:
         stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, self.step + cfg.stop_after_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.env.is_main))
-        stats, evals = None, {}
+        stats, evals, window = None, {}, []
         try:
             while self.step < stop:
                 stats = self.train_step()
+                window.append(stats)
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                                 tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):,.0f}")
                 if self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps:
-                    self._log_metrics({"step": self.step, **asdict(stats)})
+                    self._log_metrics({"step": self.step, **window_means(window)})
+                    window = []
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     evals = self._eval_and_log(bar)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
