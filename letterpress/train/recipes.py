@@ -60,20 +60,30 @@ def get_recipe(name: str) -> Recipe:
 
 
 # ------------------------------------------------------------------------------------------------ tiny-reverse
-def tiny_config(vocab_size: int, canvas_length: int = 16) -> dict:
-    """A DiffusionGemma a CPU trains in minutes: 2 layers (sliding + full), hidden 64, 4 experts."""
+def small_config(*, vocab_size: int, canvas_length: int, hidden_size: int, head_dim: int, layer_types: list[str],
+                 sliding_window: int, max_position_embeddings: int, eos_token_id: tuple[int, ...] = (1, 5)) -> dict:
+    """config.json of a small DiffusionGemma from scratch, the shape family our recipes share: 4 heads (2 KV;
+    1 KV head, twice as wide, on full-attention layers), dense MLP 2x hidden, 4 experts top-2 of 1x hidden."""
     return {
         "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
         "canvas_length": canvas_length, "tie_word_embeddings": True,
         "text_config": {
-            "model_type": "diffusion_gemma_text", "vocab_size": vocab_size, "hidden_size": 64,
-            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1, "sliding_window": 64,
-            "layer_types": ["sliding_attention", "full_attention"], "num_experts": 4, "top_k_experts": 2,
-            "moe_intermediate_size": 64, "max_position_embeddings": 1024, "final_logit_softcapping": 30.0,
-            "pad_token_id": 0, "eos_token_id": [1, 5], "bos_token_id": 2,
+            "model_type": "diffusion_gemma_text", "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size, "num_hidden_layers": len(layer_types), "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": head_dim, "global_head_dim": 2 * head_dim,
+            "num_global_key_value_heads": 1, "sliding_window": sliding_window, "layer_types": list(layer_types),
+            "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": hidden_size,
+            "max_position_embeddings": max_position_embeddings, "final_logit_softcapping": 30.0,
+            "pad_token_id": 0, "eos_token_id": list(eos_token_id), "bos_token_id": 2,
         },
     }
+
+
+def tiny_config(vocab_size: int, canvas_length: int = 16) -> dict:
+    """A DiffusionGemma a CPU trains in minutes: 2 layers (sliding + full), hidden 64, 4 experts."""
+    return small_config(vocab_size=vocab_size, canvas_length=canvas_length, hidden_size=64, head_dim=16,
+                        layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+                        max_position_embeddings=1024)
 
 
 def reverse_digits_data(tokenizer: Tokenizer, seed: int, n_train: int = 2000,

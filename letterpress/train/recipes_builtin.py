@@ -19,7 +19,7 @@ from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from .data import TokenizedDataset
 from .loss import Example, LossConfig
-from .recipes import Recipe, register
+from .recipes import Recipe, register, small_config
 
 # ---------------------------------------------------------------------------------------------------- Sudoku
 SUDOKU_DIR = ASSETS / "sudoku"
@@ -74,18 +74,9 @@ SUDOKU_VOCAB = 7 + 10 + 810
 
 def sudoku_config(vocab_size: int = SUDOKU_VOCAB) -> dict:
     """2.3M parameters: hidden 128, 6 layers (sliding, sliding, full) x 2, 4 experts top-2, canvas 84, vocabulary 827."""
-    return {
-        "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
-        "canvas_length": SUDOKU_CANVAS, "tie_word_embeddings": True,
-        "text_config": {
-            "model_type": "diffusion_gemma_text", "vocab_size": vocab_size, "hidden_size": 128,
-            "intermediate_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 1, "sliding_window": 256,
-            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
-            "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 128, "max_position_embeddings": 512,
-            "final_logit_softcapping": 30.0, "pad_token_id": 0, "eos_token_id": [1], "bos_token_id": 2,
-        },
-    }
+    return small_config(vocab_size=vocab_size, canvas_length=SUDOKU_CANVAS, hidden_size=128, head_dim=32,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                        sliding_window=256, max_position_embeddings=512, eos_token_id=(1,))
 
 
 def sudoku_example(puzzle: str, solution: str, tokenizer: Tokenizer) -> Example:
@@ -191,18 +182,9 @@ TINY_CODE_CANVAS = 64
 def tiny_code_config(vocab_size: int = 4096) -> dict:
     """A DiffusionGemma of the released shape family, small: hidden 192, 4 layers (3 sliding, 1 full),
     4 experts top-2, canvas 64."""
-    return {
-        "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
-        "canvas_length": TINY_CODE_CANVAS, "tie_word_embeddings": True,
-        "text_config": {
-            "model_type": "diffusion_gemma_text", "vocab_size": vocab_size, "hidden_size": 192,
-            "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 48, "global_head_dim": 96, "num_global_key_value_heads": 1, "sliding_window": 128,
-            "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
-            "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 192, "max_position_embeddings": 4096,
-            "final_logit_softcapping": 30.0, "pad_token_id": 0, "eos_token_id": [1, 5], "bos_token_id": 2,
-        },
-    }
+    return small_config(vocab_size=vocab_size, canvas_length=TINY_CODE_CANVAS, hidden_size=192, head_dim=48,
+                        layer_types=["sliding_attention"] * 3 + ["full_attention"], sliding_window=128,
+                        max_position_embeddings=4096)
 
 
 def code_windows(tokenizer: Tokenizer, seed: int, n: int, files: list[Path],
@@ -256,12 +238,19 @@ def code_windows(tokenizer: Tokenizer, seed: int, n: int, files: list[Path],
     return TokenizedDataset(examples())
 
 
+def tiny_code_held_out_files() -> list[Path]:
+    """The standard library files of the held-out packages (json, email, http): never trained on."""
+    from .bpe import stdlib_python_files
+
+    kept = set(stdlib_python_files(exclude=TINY_CODE_HELD_OUT))
+    return [p for p in stdlib_python_files() if p not in kept]
+
+
 def tiny_code_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
     from .bpe import stdlib_python_files
 
     files = stdlib_python_files(exclude=TINY_CODE_HELD_OUT)
-    kept = set(files)
-    held = [p for p in stdlib_python_files() if p not in kept]  # json, email, http: the held-out loss
+    held = tiny_code_held_out_files()  # the held-out loss
     train = code_windows(tokenizer, seed, 120_000, files)
     held_out = code_windows(tokenizer, seed + 1, 512, held) if held else None
     return train, held_out
