@@ -54,6 +54,18 @@ def build_checkpoint(shape: str | dict, canvas: int, folder: str | Path, seed: i
     return Path(folder)
 
 
+def checkpoint_for(shape: str, canvas: int) -> Path:
+    """The benchmarks' `--shape`: "embedded" is the shipped default model, anything else a random checkpoint of
+    that SHAPES entry written to a fresh temporary folder."""
+    if shape == "embedded":
+        from letterpress.embedded import default_model_dir
+
+        return Path(default_model_dir())
+    import tempfile
+
+    return build_checkpoint(shape, canvas, tempfile.mkdtemp(prefix="lp-bench-"))
+
+
 def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(n)

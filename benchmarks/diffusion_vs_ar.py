@@ -18,12 +18,11 @@ Random weights accept few tokens per step, so several diffusion figures are prin
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
-from common import SHAPES, build_checkpoint, interleaved, machine, median, set_threads
+from common import SHAPES, checkpoint_for, interleaved, machine, median, set_threads
 
 from letterpress.fast_sampling import fused_denoise_step
 from letterpress.sampling import GeneratorDraws
@@ -59,12 +58,7 @@ def main() -> None:
 
     from letterpress import LLM, SamplingParams
 
-    if args.shape == "embedded":
-        from letterpress.embedded import default_model_dir
-
-        folder = default_model_dir()
-    else:
-        folder = build_checkpoint(args.shape, args.canvas, tempfile.mkdtemp(prefix="lp-bench-"))
+    folder = checkpoint_for(args.shape, args.canvas)
     print(f"machine: {machine()}")
     llm = LLM(folder, max_num_seqs=8, max_model_len=args.prompt_len + (args.canvases + 1) * 256, impl=args.impl)
     model, canvas = llm.model, llm.runner.canvas_length

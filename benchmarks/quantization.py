@@ -16,11 +16,10 @@ trained model sees.
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
 
-from common import SHAPES, build_checkpoint, interleaved, machine, median, ratio, set_threads
+from common import SHAPES, checkpoint_for, interleaved, machine, median, ratio, set_threads
 
 
 def main() -> None:
@@ -37,12 +36,7 @@ def main() -> None:
     from letterpress import LLM, SamplingParams
     from letterpress.quant import drift, model_bytes
 
-    if args.shape == "embedded":
-        from letterpress.embedded import default_model_dir
-
-        folder = default_model_dir()
-    else:
-        folder = build_checkpoint(args.shape, args.canvas, tempfile.mkdtemp(prefix="lp-bench-"))
+    folder = checkpoint_for(args.shape, args.canvas)
     print(f"machine: {machine()}")
     print(f"shape={args.shape} steps={args.steps} repeats={args.repeats} impl=fast")
     first = None

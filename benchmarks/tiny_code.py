@@ -29,23 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from letterpress.train.bpe import read_source, stdlib_python_files  # noqa: E402
-from letterpress.train.recipes_builtin import TINY_CODE_DIR, TINY_CODE_HELD_OUT  # noqa: E402
+from letterpress.train.bpe import read_source  # noqa: E402
+from letterpress.train.recipes_builtin import TINY_CODE_DIR, TINY_CODE_HELD_OUT, tiny_code_held_out_files  # noqa: E402
 
 
 def held_out_signatures(n: int, skip: int = 0) -> list[str]:
-    files = set(stdlib_python_files()) - set(stdlib_python_files(exclude=TINY_CODE_HELD_OUT))
-    sigs = []
-    for path in sorted(files):
-        for line in read_source(path).splitlines():
-            stripped = line.strip()
-            if stripped.startswith("def ") and stripped.endswith(":"):
-                sigs.append(stripped)  # dedented: the prompt a user would type
-    seen, unique = set(), []
-    for s in sigs:
-        if s not in seen:
-            seen.add(s)
-            unique.append(s)
+    """Distinct `def` lines of the held-out packages, dedented (the prompt a user would type), in file order."""
+    sigs = (line.strip() for path in tiny_code_held_out_files() for line in read_source(path).splitlines())
+    unique = list(dict.fromkeys(s for s in sigs if s.startswith("def ") and s.endswith(":")))
     return unique[skip:skip + n]
 
 
