@@ -54,7 +54,10 @@ def solved(held_out):
     return solve_diffusion(SUDOKU, [p for p, _ in held_out])  # greedy, the checkpoint's sampler: deterministic
 
 
-@pytest.mark.skip(reason="the shipped model solves 87/100 (86.3% of 1,000), short of 90: see BENCHMARKS.md, Sudoku")
+# The issue's goal, not yet met: it runs (the result is shared with the next test) and is expected to fail; strict,
+# so a model that reaches 90 turns it into a failure that asks for the mark to go.
+@pytest.mark.xfail(strict=True, reason="the shipped model solves 87/100 (86.3% of 1,000), short of 90: "
+                                       "see BENCHMARKS.md, Sudoku")
 def test_solves_at_least_90_of_100_held_out_puzzles(solved):
     assert solved["solved"] >= 90, f"solved {solved['solved']}/100"
 
@@ -67,7 +70,7 @@ def test_solves_what_the_shipped_model_solved(solved):
 
 
 def test_outputs_complete_grids_that_keep_the_givens(held_out):
-    """What the shipped model does reliably on every puzzle (it solves 87 of these 100: see the skipped test)."""
+    """What the shipped model does reliably on every puzzle (it solves 87 of these 100: see the xfail above)."""
     from letterpress import LLM, SamplingParams
     from letterpress.sudoku_solve import prompt_ids
 
