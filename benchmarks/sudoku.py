@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the held-out vs training-stream collision check")
     ap.add_argument("--entropy-bound", type=float, default=None, help="sampler override (default: the checkpoint's)")
     ap.add_argument("--max-denoising-steps", type=int, default=None, help="sampler override")
+    ap.add_argument("--stability-threshold", type=int, default=None, help="sampler override")
+    ap.add_argument("--confidence-threshold", type=float, default=None, help="sampler override")
     ap.add_argument("--validation", action="store_true",
                     help="use the validation puzzles (their own seed) instead of the held-out ones: for tuning")
     ap.add_argument("--json", default=None, help="write the figures here")
@@ -64,8 +66,8 @@ def main() -> None:
     print(f"{len(puzzles)} {'validation' if args.validation else 'held-out'} puzzles, {RB.SUDOKU_GIVENS[0]}-{RB.SUDOKU_GIVENS[1]} givens "
           f"(mean blanks {statistics.mean(blanks):.1f})", flush=True)
     results = {}
-    overrides = {k: v for k, v in (("entropy_bound", args.entropy_bound),
-                                   ("max_denoising_steps", args.max_denoising_steps)) if v is not None}
+    overrides = {k: getattr(args, k) for k in ("entropy_bound", "max_denoising_steps", "stability_threshold",
+                                               "confidence_threshold") if getattr(args, k) is not None}
     d = solve_diffusion(args.model, puzzles, args.batch, greedy=not args.sample, **overrides)
     results["diffusion"] = d
     print(f"diffusion   : solved {d['solved']}/{d['n']} ({100 * d['solve_rate']:.1f}%), mean steps "
