@@ -57,10 +57,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     held = (RB.validation_puzzles(args.n) if args.validation else RB.held_out_puzzles(1000))[:args.n]
     if not args.no_check:
-        for seed in RB.SUDOKU_STREAM_SEEDS:
-            RB.check_disjoint(RB.sudoku_training_pairs(seed), held)
+        for seed, givens in RB.SUDOKU_STREAMS:
+            RB.check_disjoint(RB.sudoku_training_pairs(seed, givens=givens), held)
         print(f"checked: none of the {len(held)} puzzles occurs in the training streams (seeds "
-              f"{', '.join(map(str, RB.SUDOKU_STREAM_SEEDS))})", flush=True)
+              f"{', '.join(str(seed) for seed, _ in RB.SUDOKU_STREAMS)})", flush=True)
     puzzles = [p for p, _ in held]
     blanks = [p.count("0") for p in puzzles]
     print(f"{len(puzzles)} {'validation' if args.validation else 'held-out'} puzzles, {RB.SUDOKU_GIVENS[0]}-{RB.SUDOKU_GIVENS[1]} givens "

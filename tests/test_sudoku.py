@@ -42,3 +42,18 @@ def test_parse_and_format():
     assert parse_grid(format_grid(puzzle)) == puzzle
     with pytest.raises(ValueError, match="81 cells"):
         parse_grid("123")
+
+
+def test_training_stream_givens_and_recipes():
+    """The recipes' training streams: the asked-for difficulty, augmented beyond the base puzzles, and the two
+    Sudoku diffusion recipes differ only in their puzzles."""
+    from letterpress.train.recipes import get_recipe
+    from letterpress.train.recipes_builtin import SUDOKU_HARDER_GIVENS, sudoku_training_pairs
+
+    for givens in ((50, 60), SUDOKU_HARDER_GIVENS):
+        pairs = sudoku_training_pairs(seed=7, n_base=6, n_stream=12, givens=givens)
+        assert len(pairs) == 12 and len(set(pairs)) == 12
+        for puzzle, solution in pairs:
+            assert givens[0] <= 81 - puzzle.count("0") <= givens[1] and is_solution(solution, puzzle)
+    plain, harder = get_recipe("sudoku"), get_recipe("sudoku-harder")
+    assert plain.model_config == harder.model_config and plain.config() == harder.config()

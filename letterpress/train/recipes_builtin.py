@@ -25,7 +25,12 @@ from .recipes import Recipe, register, small_config
 SUDOKU_DIR = ASSETS / "sudoku"
 SUDOKU_GIVENS = (50, 60)  # filled cells per puzzle, inclusive: 21-31 blanks (easy puzzles: a CPU budget)
 SUDOKU_TRAIN_SEED = 1_000  # base puzzles of the training stream: seed SUDOKU_TRAIN_SEED + recipe seed
-SUDOKU_STREAM_SEEDS = (0, 1)  # the --seed values of the shipped model's two runs (BENCHMARKS.md, "Sudoku")
+# Harder training puzzles than the held-out ones (more blanks: longer chains of deduction), the recipe
+# `sudoku-harder` for continuing a trained model; the held-out and validation puzzles stay at SUDOKU_GIVENS.
+SUDOKU_HARDER_GIVENS = (45, 60)
+# (--seed, givens) of every training stream behind the figures in BENCHMARKS.md, "Sudoku": the shipped model's
+# three runs (sudoku seed 0, sudoku seed 1, sudoku-harder seed 5) and the comparison run (sudoku seed 3)
+SUDOKU_STREAMS = ((0, SUDOKU_GIVENS), (1, SUDOKU_GIVENS), (3, SUDOKU_GIVENS), (5, SUDOKU_HARDER_GIVENS))
 SUDOKU_HELD_OUT_SEED = 777_777  # the 1,000 held-out puzzles (benchmarks/sudoku.py, tests)
 SUDOKU_VALIDATION_SEED = 555_555  # puzzles for tuning the sampler, so the held-out ones stay untouched
 SUDOKU_BASE_PUZZLES = 4_000  # generated puzzles; `augment` turns them into the training stream
@@ -97,9 +102,9 @@ def validation_puzzles(n: int = 200) -> list[tuple[str, str]]:
     return S.generate(n, SUDOKU_GIVENS, SUDOKU_VALIDATION_SEED)
 
 
-def sudoku_training_pairs(seed: int, n_base: int = SUDOKU_BASE_PUZZLES,
-                          n_stream: int = SUDOKU_STREAM) -> list[tuple[str, str]]:
-    base = S.generate(n_base, SUDOKU_GIVENS, SUDOKU_TRAIN_SEED + seed)
+def sudoku_training_pairs(seed: int, n_base: int = SUDOKU_BASE_PUZZLES, n_stream: int = SUDOKU_STREAM,
+                          givens: tuple[int, int] = SUDOKU_GIVENS) -> list[tuple[str, str]]:
+    base = S.generate(n_base, givens, SUDOKU_TRAIN_SEED + seed)
     rng = random.Random(SUDOKU_TRAIN_SEED + seed + 1)
     pairs = list(base)
     while len(pairs) < n_stream:
@@ -115,8 +120,9 @@ def check_disjoint(train: list[tuple[str, str]], held_out: list[tuple[str, str]]
         raise RuntimeError(f"{len(clash)} held-out Sudoku puzzles collide with the training stream")
 
 
-def sudoku_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
-    train = sudoku_training_pairs(seed)
+def sudoku_data(tokenizer: Tokenizer, seed: int,
+                givens: tuple[int, int] = SUDOKU_GIVENS) -> tuple[TokenizedDataset, TokenizedDataset]:
+    train = sudoku_training_pairs(seed, givens=givens)
     held_out = held_out_puzzles()
     check_disjoint(train, held_out)
     return (TokenizedDataset(sudoku_example(p, s, tokenizer) for p, s in train),
@@ -155,6 +161,16 @@ register(Recipe(
     description=f"Sudoku case study, from scratch: a 6-layer DiffusionGemma (hidden 128, canvas {SUDOKU_CANVAS}) on "
                 f"generated puzzles with {SUDOKU_GIVENS[0]}-{SUDOKU_GIVENS[1]} givens, augmented; diffusion loss only",
     build_data=sudoku_data,
+    model_config=sudoku_config(),
+    hyperparameters={**SUDOKU_HYPERPARAMETERS, "loss": LossConfig(encoder_loss_weight=0.0)},
+    evaluate=sudoku_solve_rate("diffusion"),
+))
+
+register(Recipe(
+    name="sudoku-harder",
+    description=f"the sudoku recipe on puzzles with {SUDOKU_HARDER_GIVENS[0]}-{SUDOKU_HARDER_GIVENS[1]} givens "
+                "(evaluated on the same held-out puzzles)",
+    build_data=lambda tokenizer, seed: sudoku_data(tokenizer, seed, givens=SUDOKU_HARDER_GIVENS),
     model_config=sudoku_config(),
     hyperparameters={**SUDOKU_HYPERPARAMETERS, "loss": LossConfig(encoder_loss_weight=0.0)},
     evaluate=sudoku_solve_rate("diffusion"),
