@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 
@@ -156,7 +158,7 @@ SUDOKU_HYPERPARAMETERS = dict(steps=4000, batch_size=16, lr=2e-3, min_lr=1e-4, w
 # model's encoder over the 82-token prompt (3 x 82) plus two decoder passes over the 84-token canvas, the
 # self-conditioning one without gradient (3 x 84 + 84) = 582; the baseline's encoder over the 163-token prompt +
 # solution (3 x 163) = 489. Same training compute: 4,000 x 582 / 489 = 4,760 baseline steps.
-register(Recipe(
+SUDOKU_RECIPE = register(Recipe(
     name="sudoku",
     description=f"Sudoku case study, from scratch: a 6-layer DiffusionGemma (hidden 128, canvas {SUDOKU_CANVAS}) on "
                 f"generated puzzles with {SUDOKU_GIVENS[0]}-{SUDOKU_GIVENS[1]} givens, augmented; diffusion loss only",
@@ -166,14 +168,11 @@ register(Recipe(
     evaluate=sudoku_solve_rate("diffusion"),
 ))
 
-register(Recipe(
-    name="sudoku-harder",
+register(replace(
+    SUDOKU_RECIPE, name="sudoku-harder",
     description=f"the sudoku recipe on puzzles with {SUDOKU_HARDER_GIVENS[0]}-{SUDOKU_HARDER_GIVENS[1]} givens "
                 "(evaluated on the same held-out puzzles)",
-    build_data=lambda tokenizer, seed: sudoku_data(tokenizer, seed, givens=SUDOKU_HARDER_GIVENS),
-    model_config=sudoku_config(),
-    hyperparameters={**SUDOKU_HYPERPARAMETERS, "loss": LossConfig(encoder_loss_weight=0.0)},
-    evaluate=sudoku_solve_rate("diffusion"),
+    build_data=partial(sudoku_data, givens=SUDOKU_HARDER_GIVENS),
 ))
 
 register(Recipe(
