@@ -291,6 +291,26 @@ def test_resume_refuses_other_settings(tmp_path, base_dir, data_file):
         Trainer(trainer_config(tmp_path, base_dir, data_file, steps=2, batch_size=2)).train()
 
 
+def test_canvas_length_override(tmp_path, base_dir, data_file):
+    """--canvas-length: the loss splits targets into canvases of the new length, the saved config carries it, the
+    base checkpoint's generation defaults are kept, and a resume with another canvas length is refused."""
+    trainer = Trainer(trainer_config(tmp_path, base_dir, data_file, steps=2, canvas_length=CANVAS // 2,
+                                     save_every=1, stop_after_steps=1))
+    assert trainer.loss_cfg.canvas_length == CANVAS // 2
+    batch = trainer.step_batches(0)[0]
+    assert batch.clean.shape[1] == CANVAS // 2
+    trainer.train()
+    result = Trainer(trainer_config(tmp_path, base_dir, data_file, steps=2, canvas_length=CANVAS // 2)).train()
+    assert json.loads((result.model_dir / "config.json").read_text())["canvas_length"] == CANVAS // 2
+    assert (json.loads((result.model_dir / "generation_config.json").read_text())
+            == json.loads((base_dir / "generation_config.json").read_text()))
+    with pytest.raises(TrainError, match="canvas_length"):
+        Trainer(trainer_config(tmp_path / "x", base_dir, data_file, canvas_length=0))
+    Trainer(trainer_config(tmp_path / "y", base_dir, data_file, steps=2, save_every=1, stop_after_steps=1)).train()
+    with pytest.raises(TrainError, match="canvas_length=8"):
+        Trainer(trainer_config(tmp_path / "y", base_dir, data_file, steps=2, canvas_length=CANVAS // 2)).train()
+
+
 def test_trainer_output_loads_in_letterpress_and_transformers(tmp_path, base_dir, data_file, tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     result = Trainer(trainer_config(tmp_path, base_dir, data_file, steps=2, eval_fraction=0.25)).train()

@@ -23,6 +23,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="checkpoint folder or Hub id to fine-tune")
     g.add_argument("--config", default=None, help="config.json of a model to train from scratch")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's or the embedded one)")
+    g.add_argument("--canvas-length", type=int, default=None,
+                   help="train and save with this canvas length instead of the checkpoint's (no weight depends on it)")
     g = p.add_argument_group("data (JSONL: {prompt, completion} or {messages} per line)")
     g.add_argument("--data", default=None)
     g.add_argument("--eval-data", default=None)
@@ -70,7 +72,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
 
-TRAIN_FIELDS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "chat_template", "max_length",
+TRAIN_FIELDS = ("model", "tokenizer", "canvas_length", "data", "eval_data", "eval_fraction", "chat_template", "max_length",
                 "output_dir", "merge", "train_router", "steps", "batch_size", "micro_batch_size", "lr", "min_lr",
                 "warmup_steps", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "seed", "device", "dtype",
                 "autocast", "log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints",
