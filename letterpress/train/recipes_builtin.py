@@ -175,12 +175,10 @@ register(replace(
     build_data=partial(sudoku_data, givens=SUDOKU_HARDER_GIVENS),
 ))
 
-register(Recipe(
-    name="sudoku-ar",
+register(replace(
+    SUDOKU_RECIPE, name="sudoku-ar",
     description="the Sudoku case study's autoregressive baseline: the same backbone, data and steps, trained "
                 "causally by the encoder's next-token loss alone (diffusion loss weight 0)",
-    build_data=sudoku_data,
-    model_config=sudoku_config(),
     # 4,760 steps: the same training compute as the diffusion model's 4,000 (see above)
     hyperparameters={**SUDOKU_HYPERPARAMETERS, "steps": 4760,
                      "loss": LossConfig(encoder_loss_weight=1.0, diffusion_loss_weight=0.0, self_conditioning_prob=0.0)},
@@ -253,19 +251,27 @@ def code_windows(tokenizer: Tokenizer, seed: int, n: int, files: list[Path],
     return TokenizedDataset(examples())
 
 
-def tiny_code_held_out_files() -> list[Path]:
-    """The standard library files of the held-out packages (json, email, http): never trained on."""
+def tiny_code_files() -> tuple[list[Path], list[Path]]:
+    """The standard library files the tiny-code recipe trains on, and those of the held-out packages (json,
+    email, http), which it never trains on: one walk of the standard library, split by top-level name."""
+    import sysconfig
+
     from .bpe import stdlib_python_files
 
-    kept = set(stdlib_python_files(exclude=TINY_CODE_HELD_OUT))
-    return [p for p in stdlib_python_files() if p not in kept]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, held = [], []
+    for path in stdlib_python_files():
+        top = path.relative_to(root).parts[0].removesuffix(".py")  # as stdlib_python_files(exclude=...) matches
+        (held if top in TINY_CODE_HELD_OUT else train).append(path)
+    return train, held
+
+
+def tiny_code_held_out_files() -> list[Path]:
+    return tiny_code_files()[1]
 
 
 def tiny_code_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
-    from .bpe import stdlib_python_files
-
-    files = stdlib_python_files(exclude=TINY_CODE_HELD_OUT)
-    held = tiny_code_held_out_files()  # the held-out loss
+    files, held = tiny_code_files()  # held: the held-out loss
     train = code_windows(tokenizer, seed, 120_000, files)
     held_out = code_windows(tokenizer, seed + 1, 512, held) if held else None
     return train, held_out
