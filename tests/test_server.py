@@ -1,5 +1,5 @@
 """`letterpress serve` end to end: the real `openai` client (and raw httpx for SSE) against a real uvicorn server
-on 127.0.0.1 serving the embedded default model. Its weights are random, so the text is noise; we test
+on 127.0.0.1 serving the embedded default model. Its text is not the point (a tiny model, or random weights); we test
 shapes, token counts, seeds, streaming, errors, batching and disconnects. Never timing."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from letterpress import LLM  # noqa: E402
+from letterpress.embedded import default_model_dir  # noqa: E402
 from letterpress.sampling import GeneratorDraws, denoise_step  # noqa: E402
 from letterpress.server.app import ServerConfig  # noqa: E402
 from letterpress.server.text import ChoiceText  # noqa: E402
@@ -26,6 +27,8 @@ from letterpress.server.text import ChoiceText  # noqa: E402
 from .live_server import DEADLINE_S, KEY, MODEL, LiveServer, wait_healthy  # noqa: E402
 
 PROMPT = "def fibonacci(n):"
+CANVAS = json.loads((default_model_dir() / "config.json").read_text())["canvas_length"]
+TWO_CANVASES = CANVAS + CANVAS // 2  # max_tokens that take two canvases
 CHAT = [{"role": "user", "content": "Write a haiku about tests."}]
 
 
@@ -131,8 +134,8 @@ def test_model_is_optional(http):
 # ------------------------------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("endpoint", ["chat", "completion"])
 def test_stream_equals_non_stream(client, endpoint):
-    # 100 tokens = two canvases of 64, so the stream has two content chunks
-    args = dict(model=MODEL, max_tokens=100, seed=3, extra_body={"ignore_eos": True})
+    # two canvases, so the stream has two content chunks
+    args = dict(model=MODEL, max_tokens=TWO_CANVASES, seed=3, extra_body={"ignore_eos": True})
     if endpoint == "chat":
         create, args["messages"] = client.chat.completions.create, CHAT
         piece = lambda c: c.choices[0].delta.content or ""  # noqa: E731
@@ -159,7 +162,7 @@ def test_stream_without_usage_has_no_usage_chunk(client):
 
 
 def test_denoising_preview_events(http, client):
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 100, "seed": 4, "stream": True, "ignore_eos": True,
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": TWO_CANVASES, "seed": 4, "stream": True, "ignore_eos": True,
             "stream_options": {"denoising_preview": True}}
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -173,14 +176,14 @@ def test_denoising_preview_events(http, client):
     # every preview is also an empty chunk, so standard clients see no content in it
     assert all(data["choices"][0]["delta"] == {} for name, data in events if name == "denoising_preview")
     content = "".join(d["choices"][0]["delta"].get("content") or "" for n, d in events[:-1] if n == "message")
-    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=100, seed=4,
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=TWO_CANVASES, seed=4,
                                            extra_body={"ignore_eos": True})
     assert content == plain.choices[0].message.content
     # the last draft of each canvas is what the canvas committed
     last = {p["canvas"]: p for p in previews}
     assert sum(len(p["token_ids"]) for p in last.values()) == plain.usage.completion_tokens
     # the openai package, asked for previews, still yields the same text
-    chunks = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=100, seed=4, stream=True,
+    chunks = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=TWO_CANVASES, seed=4, stream=True,
                                             stream_options={"denoising_preview": True}, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
 
