@@ -284,9 +284,11 @@ register(Recipe(
     build_data=tiny_code_data,
     model_config=tiny_code_config(),
     tokenizer=str(TINY_CODE_DIR),
-    # The shipped run was started with steps=4000 and, at step 2,000, resumed with --steps 3500 to fit the CPU
+    # This recipe's run was started with steps=4000 and, at step 2,000, resumed with --steps 3500 to fit the CPU
     # budget (the cosine then steps down from 1.09e-3 to 0.83e-3); this recipe's single 3,500-step schedule
-    # differs from it only in the learning rate of those first 2,000 steps.
+    # differs from it only in the learning rate of those first 2,000 steps. The shipped weights continue it for
+    # 4,000 steps (--model runs/tiny-code/model --train-router --seed 1 --steps 4000 --lr 1e-3 --min-lr 3e-5;
+    # BENCHMARKS.md, "Embedded models").
     hyperparameters=dict(steps=3500, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
                          weight_decay=0.01, eval_every=1000, log_every=50, eval_examples=256, save_every=250,
                          device="cpu", loss=LossConfig(encoder_loss_weight=0.5)),
