@@ -23,7 +23,6 @@ import argparse
 import ast
 import json
 import random
-import sysconfig
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from common import machine
 
 from letterpress import LLM, SamplingParams
 from letterpress.infill import LineGap
-from letterpress.train.bpe import read_source, stdlib_python_files
+from letterpress.train.bpe import read_source, stdlib_module, stdlib_python_files
 
 HELD_OUT = ("json", "email", "http")
 METHODS = ("search", "slack", "prefix", "prompt")
@@ -51,8 +50,7 @@ class Example:
 
 
 def held_out_files(modules: tuple[str, ...] = HELD_OUT) -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in stdlib_python_files() if p.relative_to(root).parts[0].removesuffix(".py") in modules]
+    return [p for p in stdlib_python_files() if stdlib_module(p) in modules]
 
 
 def body_lines(tree: ast.AST) -> list[tuple[int, tuple[int, int]]]:

@@ -90,17 +90,27 @@ def _tokenizer_config() -> dict:
     }
 
 
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_module(path: Path) -> str:
+    """The top-level package or module a standard library file belongs to: `json` for json/decoder.py and for a
+    json.py."""
+    return path.relative_to(stdlib_root()).parts[0].removesuffix(".py")
+
+
 def stdlib_python_files(exclude: Sequence[str] = ()) -> list[Path]:
     """The running Python's standard library `.py` files, without tests, IDLE, lib2to3, site-packages and the
     top-level packages/modules named in `exclude` (kept out for evaluation). Sorted, so training is repeatable."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     excluded = set(exclude)
     files = []
     for path in root.rglob("*.py"):
         parts = path.relative_to(root).parts
         if _SKIPPED_DIRS.intersection(parts[:-1]):
             continue
-        if parts[0] in excluded or parts[0].removesuffix(".py") in excluded:
+        if parts[0] in excluded or stdlib_module(path) in excluded:
             continue
         files.append(path)
     return sorted(files)

@@ -254,15 +254,11 @@ def code_windows(tokenizer: Tokenizer, seed: int, n: int, files: list[Path],
 def tiny_code_files() -> tuple[list[Path], list[Path]]:
     """The standard library files the tiny-code recipe trains on, and those of the held-out packages (json,
     email, http), which it never trains on: one walk of the standard library, split by top-level name."""
-    import sysconfig
+    from .bpe import stdlib_module, stdlib_python_files
 
-    from .bpe import stdlib_python_files
-
-    root = Path(sysconfig.get_paths()["stdlib"])
     train, held = [], []
     for path in stdlib_python_files():
-        top = path.relative_to(root).parts[0].removesuffix(".py")  # as stdlib_python_files(exclude=...) matches
-        (held if top in TINY_CODE_HELD_OUT else train).append(path)
+        (held if stdlib_module(path) in TINY_CODE_HELD_OUT else train).append(path)
     return train, held
 
 
