@@ -16,6 +16,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (  # 
 
 from letterpress import LLM, SamplingParams  # noqa: E402
 from letterpress.model import DiffusionGemma  # noqa: E402
+from letterpress.model.fast import apply_fast_path, apply_plain_path  # noqa: E402
 from letterpress.sampling import entropy_bound_accept, temperature, token_entropy  # noqa: E402
 
 from .reference import RecordedDraws, build_reference, reference_bidirectional_fix  # noqa: E402
@@ -59,10 +60,24 @@ def padded_batch(lengths: list[int], vocab: int = 512, seed: int = 0):
     return prompts, ids, mask
 
 
+@pytest.fixture(params=["plain", "fast"])
+def impl(request, checkpoint):
+    """The plain model, or the fast path (grouped MoE, sliced decoder attention) switched on for one test."""
+    _, _, ours = checkpoint
+    if request.param == "fast":
+        apply_fast_path(ours)
+    try:
+        yield request.param
+    finally:
+        apply_plain_path(ours)
+
+
+@pytest.mark.parametrize("cache_kind", ["contiguous", "paged"])
 @torch.no_grad()
-def test_encoder_cache_and_denoise_logits_match(checkpoint):
+def test_encoder_cache_and_denoise_logits_match(checkpoint, impl, cache_kind):
     """Prompt -> cache -> denoise (with and without self-conditioning) -> a canvas appended through the
-    encoder -> denoise again, for a batch of prompts of different lengths."""
+    encoder -> denoise again, for a batch of prompts of different lengths. The paged cache uses blocks of 4
+    positions, so with a window of 8 the sliding layers give blocks back and reuse them as rows grow."""
     _, ref, ours = checkpoint
     lengths = [21, 13, 6]
     prompts, ids, mask = padded_batch(lengths)
@@ -73,7 +88,10 @@ def test_encoder_cache_and_denoise_logits_match(checkpoint):
     cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
     ref.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions)
 
-    our_cache = ours.new_cache(b, 128)
+    if cache_kind == "paged":
+        our_cache = ours.new_paged_cache(b, 128, block_size=4, prefill_chunk=32)
+    else:
+        our_cache = ours.new_cache(b, 128)
     our_ids = torch.zeros(b, width, dtype=torch.long)
     for i, p in enumerate(prompts):
         our_ids[i, : len(p)] = p
@@ -85,8 +103,9 @@ def test_encoder_cache_and_denoise_logits_match(checkpoint):
             kept = ref_k.shape[2]  # sliding layers keep only the last window - 1 positions
             for row, n in enumerate(total):
                 visible = min(kept, n)
-                torch.testing.assert_close(our_cache.keys[layer][row, :, n - visible:n], ref_k[row, :, kept - visible:], atol=1e-4, rtol=0)
-                torch.testing.assert_close(our_cache.values[layer][row, :, n - visible:n], ref_v[row, :, kept - visible:], atol=1e-4, rtol=0)
+                our_k, our_v = our_cache.read(layer, torch.tensor([row]), n - visible, n)
+                torch.testing.assert_close(our_k[0], ref_k[row, :, kept - visible:], atol=1e-4, rtol=0)
+                torch.testing.assert_close(our_v[0], ref_v[row, :, kept - visible:], atol=1e-4, rtol=0)
 
     check_cache(lengths)
     canvas = torch.randint(0, 512, (b, CANVAS), generator=torch.Generator().manual_seed(1))
@@ -107,6 +126,10 @@ def test_encoder_cache_and_denoise_logits_match(checkpoint):
     ref.model.encoder(input_ids=canvas, attention_mask=dec_mask, past_key_values=cache, position_ids=dec_pos)
     ours.encode(canvas, our_cache)
     check_cache([n + CANVAS for n in lengths])
+    if cache_kind == "paged" and ours.text_config.sliding_window:  # sliding layers hold only their window
+        sliding = next(k for k in our_cache.kinds if k.window is not None)
+        held = our_cache.pools[sliding.name].num_held
+        assert held <= sum(-(-(our_cache.cfg.sliding_window - 1) // 4) + 1 for _ in lengths) < sum(-(-(n + CANVAS) // 4) for n in lengths)
     dec_mask2 = torch.nn.functional.pad(dec_mask, (0, CANVAS), value=True)
     ref_logits2 = ref(decoder_input_ids=canvas.flip(1), past_key_values=cache, decoder_attention_mask=dec_mask2,
                       decoder_position_ids=dec_pos + CANVAS).logits
@@ -167,7 +190,8 @@ def test_generate_matches_reference_with_same_draws(checkpoint, sampler):
         expected.append((out.sequences[0, len(prompt):].tolist(), float(out.tokens_per_forward[0])))
         draws.append(recorded.for_row(0))
 
-    llm = LLM(folder, max_num_seqs=4, max_model_len=128)
+    # blocks of 4 positions: the sliding layers (window 8) recycle blocks as the rows grow
+    llm = LLM(folder, max_num_seqs=4, max_model_len=128, block_size=4)
     params = SamplingParams(max_new_tokens=max_new, eos_token_ids=eos, **settings)
     outs = llm.generate([p.tolist() for p in prompts], params, draws=draws)
     for row, (out, (tokens, tokens_per_forward)) in enumerate(zip(outs, expected)):

@@ -8,9 +8,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..cache import kv_cache_budget
 from ..checkpoint import parse_dtype, resolve
 from ..config import load_generation_defaults
-from ..errors import RequestError
+from ..errors import ConfigError, RequestError
 from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
 from ..model import DiffusionGemma
 from ..model.fast import prepare
@@ -35,10 +36,15 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str = "float32",
                  device: str | torch.device = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
                  offline: bool | None = None, prefill_chunk: int = 2048, quantization: str | None = None,
-                 impl: str = "plain", compile: bool | str = False):
+                 impl: str = "plain", compile: bool | str = False, kv_cache_memory: str | int | None = None,
+                 gpu_memory_utilization: float | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True):
         """`quantization`: None, "int8", "int4" or "fp8" (letterpress.quant). `impl`: "plain" (the reference
         path) or "fast" (grouped MoE, sliced attention, fused sampler; letterpress.model.fast). `compile`:
-        torch.compile each layer (True, or a torch.compile mode)."""
+        torch.compile each layer (True, or a torch.compile mode). The paged KV cache (letterpress.cache) is
+        sized by `kv_cache_memory` (bytes or "4GiB"), else on CUDA by `gpu_memory_utilization` (vLLM's
+        fraction of device memory), else for `max_num_seqs` rows of `max_model_len` tokens; `block_size`
+        positions per block; `enable_prefix_caching` shares the blocks of equal prompt prefixes."""
         if model is None:
             from ..embedded import default_model_dir
 
@@ -53,8 +59,12 @@ class LLM:
         if max_model_len is None:
             max_model_len = min(text.max_position_embeddings, 4096)
         self.max_model_len = max_model_len
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        budget = kv_cache_budget(self.model.device, kv_cache_memory, gpu_memory_utilization)
         self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id,
-                             impl=impl)
+                             impl=impl, block_size=block_size, kv_cache_bytes=budget,
+                             enable_prefix_caching=enable_prefix_caching and self.model.text_config.encoder_is_causal)
         self.scheduler = Scheduler(self.runner, max_num_seqs, max_model_len)
 
     # ------------------------------------------------------------------------------------------- requests

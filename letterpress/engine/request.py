@@ -123,3 +123,4 @@ class RequestOutput:
     text: str | None = None
     # per canvas: mean entropy over its free positions at its last step (lower = the model is surer)
     final_entropy: list[float] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (vLLM's name)

@@ -41,6 +41,7 @@ class Row:
     steps_per_canvas: list[int] = field(default_factory=list)
     valid_tokens: int = 0  # for tokens/forward: non-pad tokens through the stop token
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not encoded)
 
     @property
     def denoising(self) -> bool:
@@ -59,18 +60,23 @@ class Row:
             tokens_per_forward=self.valid_tokens / passes if passes else 0.0,
             seconds=time.perf_counter() - self.request.arrival,
             final_entropy=self.final_entropy,
+            num_cached_tokens=self.num_cached_tokens,
         )
 
 
 class Runner:
     def __init__(self, model: DiffusionGemma, num_slots: int, max_model_len: int, prefill_chunk: int = 2048,
-                 pad_token_id: int = 0, impl: str = "plain"):
+                 pad_token_id: int = 0, impl: str = "plain", block_size: int = 16, kv_cache_bytes: int | None = None,
+                 enable_prefix_caching: bool = True):
         self.model = model
         # "fast": the fused sampler pass, whose softmax also feeds the next step's self-conditioning
         # (rows then keep probabilities, not logits, in `sc_logits`); the model's own fast paths are switched
         # on the model (`letterpress.model.fast.apply_fast_path`)
         self.fast = impl == "fast"
-        self.cache = model.new_cache(num_slots, max_model_len)
+        # paged: rows are admitted by free blocks (Scheduler), `kv_cache_bytes` None sizes the pool for
+        # num_slots rows of max_model_len tokens (letterpress.cache.plan_pool)
+        self.cache = model.new_paged_cache(num_slots, max_model_len, block_size, budget_bytes=kv_cache_bytes,
+                                           prefill_chunk=prefill_chunk, enable_prefix_caching=enable_prefix_caching)
         self.canvas_length = model.config.canvas_length
         self.vocab_size = model.text_config.vocab_size
         self.prefill_chunk = prefill_chunk

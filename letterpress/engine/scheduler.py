@@ -1,5 +1,6 @@
-"""The scheduler: admits waiting requests into free cache slots between steps, runs the runner, and hands
-back finished rows. `LLM.generate` feeds it everything at once; the server feeds it from a queue."""
+"""The scheduler: admits waiting requests between steps, first come first served, when a row (at most
+`max_num_seqs`) and the KV blocks of the request's worst case are free (`PagedKVCache.admit`; the head of
+the queue waits otherwise), runs the runner, and hands back finished rows. `LLM.generate` feeds it everything at once; the server feeds it from a queue."""
 
 from __future__ import annotations
 
@@ -27,15 +28,24 @@ class Scheduler:
             raise RequestError("the prompt is empty")
         canvas = self.runner.canvas_length
         canvases = math.ceil(request.params.max_new_tokens / canvas)
-        need = len(request.prompt_token_ids) + canvases * canvas
+        need = self.max_tokens(request)
         if need > self.max_model_len:
             raise RequestError(
                 f"prompt ({len(request.prompt_token_ids)} tokens) + {canvases} canvas(es) of {canvas} = {need} "
                 f"tokens exceeds max_model_len {self.max_model_len}; shorten the prompt or lower max_new_tokens")
+        if not self.runner.cache.fits_alone(need):
+            raise RequestError(
+                f"{need} tokens (prompt + canvases) need more KV blocks than the whole cache pool has; raise "
+                f"--kv-cache-memory, or shorten the prompt or lower max_new_tokens")
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
         request.check_clamps(canvas, vocab)  # requests built without LLM.make_request get the same checks
+
+    def max_tokens(self, request: Request) -> int:
+        """The most context a request can reach: its prompt plus every canvas it may write."""
+        canvas = self.runner.canvas_length
+        return len(request.prompt_token_ids) + math.ceil(request.params.max_new_tokens / canvas) * canvas
 
     def add(self, request: Request) -> None:
         self.check(request)
@@ -71,10 +81,14 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
-            request = self.waiting.popleft()
-            slot = self.free_slots.pop(0)
-            self.runner.cache.reset([slot])
-            self.running.append(Row(request=request, slot=slot, pending=list(request.prompt_token_ids)))
+            request, slot = self.waiting[0], self.free_slots[0]
+            cached = self.runner.cache.admit(slot, request.prompt_token_ids, self.max_tokens(request))
+            if cached is None:  # not enough free blocks yet: wait for running rows to finish
+                break
+            self.waiting.popleft()
+            self.free_slots.pop(0)
+            self.running.append(Row(request=request, slot=slot, pending=list(request.prompt_token_ids[cached:]),
+                                    num_cached_tokens=cached))
 
     def _drop_aborted(self) -> list[RequestOutput]:
         if not self.aborted:
@@ -93,5 +107,6 @@ class Scheduler:
     def _release(self, rows: list[Row]) -> None:
         for row in rows:
             self.running.remove(row)
+            self.runner.cache.free(row.slot)
             self.free_slots.append(row.slot)
         self.free_slots.sort()

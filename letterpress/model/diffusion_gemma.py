@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, visible_from
+from ..cache import KVCache, PagedKVCache, layer_kinds, plan_pool, visible_from
+
+Cache = KVCache | PagedKVCache
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
 from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
@@ -166,7 +168,19 @@ class DiffusionGemma(nn.Module):
         return self.embed_tokens.weight.device
 
     def new_cache(self, num_slots: int, capacity: int) -> KVCache:
+        """A contiguous cache (every position of every row kept): training, tests, benchmarks."""
         return KVCache(self.text_config, num_slots, capacity, self.dtype, self.device)
+
+    def new_paged_cache(self, num_slots: int, max_model_len: int, block_size: int = 16,
+                        num_blocks: dict[str, int] | None = None, budget_bytes: int | None = None,
+                        prefill_chunk: int = 2048, enable_prefix_caching: bool = True) -> PagedKVCache:
+        """The engine's block cache (letterpress.cache). `num_blocks` per layer kind, else planned from
+        `budget_bytes` (None: room for `num_slots` rows of `max_model_len` tokens)."""
+        if num_blocks is None:
+            num_blocks = plan_pool(layer_kinds(self.text_config), self.dtype, block_size, num_slots, max_model_len,
+                                   prefill_chunk, budget_bytes)
+        return PagedKVCache(self.text_config, num_slots, max_model_len, block_size, num_blocks, self.dtype,
+                            self.device, prefill_chunk, enable_prefix_caching)
 
     # ----------------------------------------------------------------------------------------------- pieces
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -204,7 +218,7 @@ class DiffusionGemma(nn.Module):
         return self.text_config.sliding_window if layer_type == SLIDING else None
 
     # ----------------------------------------------------------------------------------------------- encode
-    def encode(self, input_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None,
+    def encode(self, input_ids: torch.Tensor, cache: Cache, slots: torch.Tensor | None = None,
                input_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Append `input_ids` [B, T] (right-padded; row b has `input_lengths[b]` real tokens) to the cache
         slots `slots` [B], continuing each slot's positions. Returns final hidden states [B, T, hidden]."""
@@ -212,28 +226,32 @@ class DiffusionGemma(nn.Module):
         device = input_ids.device
         slots = torch.arange(b, device=device) if slots is None else slots.to(device)
         input_lengths = torch.full((b,), t, device=device) if input_lengths is None else input_lengths.to(device)
-        cache.check_room(slots, input_lengths)
+        cache.begin_append(slots, input_lengths)
         base = cache.lengths[slots]  # [B] tokens already cached per row
         offsets = torch.arange(t, device=device)
         positions = base[:, None] + offsets  # [B, T]
         query_valid = offsets[None, :] < input_lengths[:, None]
         key_len = int((base + input_lengths).max())
-        masks = {lt: self._encoder_mask(lt, positions, base, base + input_lengths, query_valid, key_len)
-                 for lt in set(self.text_config.layer_types)}
+        # keys are read from the first position some row's chunk can see (nothing before is ever read again)
+        starts = {lt: int(visible_from(base, self._window(lt)).min()) for lt in set(self.text_config.layer_types)}
+        masks = {lt: self._encoder_mask(lt, positions, base, base + input_lengths, query_valid, start, key_len)
+                 for lt, start in starts.items()}
+        layer_types = self.text_config.layer_types
 
         def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             cache.write(layer_idx, slots, positions, query_valid, k, v)
-            return cache.keys[layer_idx][slots, :, :key_len], cache.values[layer_idx][slots, :, :key_len]
+            return cache.read(layer_idx, slots, starts[layer_types[layer_idx]], key_len)
 
         hidden = self._run_layers(self.embed(input_ids), positions, masks, kv_source, "encoder_scalar")
-        cache.advance(slots, input_lengths)
+        cache.advance(slots, input_lengths, input_ids)
         return hidden
 
     def _encoder_mask(self, layer_type: str, positions: torch.Tensor, base: torch.Tensor, total: torch.Tensor,
-                      query_valid: torch.Tensor, key_len: int) -> torch.Tensor:
-        """Boolean mask [B, 1, T, key_len] over cache positions (the chunk is already written there)."""
+                      query_valid: torch.Tensor, start: int, key_len: int) -> torch.Tensor:
+        """Boolean mask [B, 1, T, key_len - start] over cache positions [start, key_len) (the chunk is
+        already written there)."""
         qp = positions[:, :, None]
-        kp = torch.arange(key_len, device=positions.device)[None, None, :]
+        kp = torch.arange(start, key_len, device=positions.device)[None, None, :]
         allowed = kp < total[:, None, None]
         window = self._window(layer_type)
         if self.text_config.encoder_is_causal:
@@ -248,7 +266,7 @@ class DiffusionGemma(nn.Module):
         return allowed[:, None]
 
     # ----------------------------------------------------------------------------------------------- denoise
-    def denoise(self, canvas_ids: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None,
+    def denoise(self, canvas_ids: torch.Tensor, cache: Cache, slots: torch.Tensor | None = None,
                 self_conditioning_logits: torch.Tensor | None = None,
                 self_conditioning_mask: torch.Tensor | None = None,
                 self_conditioning_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,12 +285,14 @@ class DiffusionGemma(nn.Module):
             masks, kv_source = decoder_attention(self, cache, slots, base, c)
         else:
             key_len = int(base.max()) if b else 0
-            masks = {lt: self._decoder_mask(lt, base, key_len, c) for lt in set(self.text_config.layer_types)}
+            starts = {lt: int(visible_from(base, self._window(lt)).min()) if b else 0
+                      for lt in set(self.text_config.layer_types)}
+            masks = {lt: self._decoder_mask(lt, base, start, key_len, c) for lt, start in starts.items()}
+            layer_types = self.text_config.layer_types
 
             def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                keys = torch.cat([cache.keys[layer_idx][slots, :, :key_len], k.transpose(1, 2)], dim=2)
-                values = torch.cat([cache.values[layer_idx][slots, :, :key_len], v.transpose(1, 2)], dim=2)
-                return keys, values
+                keys, values = cache.read(layer_idx, slots, starts[layer_types[layer_idx]], key_len)
+                return torch.cat([keys, k.transpose(1, 2)], dim=2), torch.cat([values, v.transpose(1, 2)], dim=2)
 
         soft = None
         if self_conditioning_logits is not None or self_conditioning_probs is not None:
@@ -283,10 +303,10 @@ class DiffusionGemma(nn.Module):
         hidden = self._run_layers(x, positions, masks, kv_source, "decoder_scalar")
         return self.lm_logits(hidden)
 
-    def _decoder_mask(self, layer_type: str, base: torch.Tensor, key_len: int, canvas: int) -> torch.Tensor:
-        """[B, 1, 1, key_len + canvas]: every canvas query sees the same keys, the cached prefix (last
-        window - 1 tokens on sliding layers) and the whole canvas."""
-        kp = torch.arange(key_len, device=base.device)[None, :]
+    def _decoder_mask(self, layer_type: str, base: torch.Tensor, start: int, key_len: int, canvas: int) -> torch.Tensor:
+        """[B, 1, 1, key_len - start + canvas]: every canvas query sees the same keys, the cached prefix (last
+        window - 1 tokens on sliding layers) and the whole canvas. Keys are cache positions [start, key_len)."""
+        kp = torch.arange(start, key_len, device=base.device)[None, :]
         cached = (kp < base[:, None]) & (kp >= visible_from(base, self._window(layer_type))[:, None])
         canvas_part = torch.ones(base.shape[0], canvas, dtype=torch.bool, device=base.device)
         return torch.cat([cached, canvas_part], dim=1)[:, None, None, :]

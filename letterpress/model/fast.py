@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cache import KVCache, visible_from
+from ..cache import KVCache, PagedKVCache, contiguous_rows, visible_from
 from ..config import SLIDING
 from .layers import Experts, apply_rope
 
@@ -113,24 +113,13 @@ def moe_forward(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weig
 
 
 # --------------------------------------------------------------------------------------------- attention
-def _rows(slots: torch.Tensor) -> slice | torch.Tensor:
-    """A slice when the slots are consecutive (a view, no copy), else the index tensor (a gather)."""
-    n = slots.numel()
-    if n == 0:
-        return slots
-    first = int(slots[0])
-    if torch.equal(slots.cpu(), torch.arange(first, first + n)):
-        return slice(first, first + n)
-    return slots
-
-
-def decoder_attention(model, cache: KVCache, slots: torch.Tensor, base: torch.Tensor, canvas: int):
+def decoder_attention(model, cache: KVCache | PagedKVCache, slots: torch.Tensor, base: torch.Tensor, canvas: int):
     """Masks and a KV source for `denoise` that read only the cached span some row can see.
 
     Returns (masks: layer type -> [B, 1, 1, keys] bool or None, kv_source). Row b's canvas sees cached
     positions [visible_from(base_b), base_b) and the whole canvas: the plain `_decoder_mask` semantics."""
     key_len = int(base.max()) if base.numel() else 0
-    rows = _rows(slots)
+    rows = contiguous_rows(slots)
     uniform = bool((base == base[0]).all()) if base.numel() else True
     spans: dict[str, int] = {}
     masks: dict[str, torch.Tensor | None] = {}
@@ -150,9 +139,8 @@ def decoder_attention(model, cache: KVCache, slots: torch.Tensor, base: torch.Te
 
     def kv_source(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = spans[layer_types[layer_idx]]
-        keys = torch.cat([cache.keys[layer_idx][rows, :, start:key_len], k.transpose(1, 2)], dim=2)
-        values = torch.cat([cache.values[layer_idx][rows, :, start:key_len], v.transpose(1, 2)], dim=2)
-        return keys, values
+        keys, values = cache.read(layer_idx, rows, start, key_len)
+        return torch.cat([keys, k.transpose(1, 2)], dim=2), torch.cat([values, v.transpose(1, 2)], dim=2)
 
     return masks, kv_source
 
