@@ -1,0 +1,155 @@
+"""The paged KV cache (letterpress.cache.PagedKVCache): memory held by a row many windows long, equality
+with the contiguous cache (itself checked against transformers in test_parity), admission under pool
+pressure, and sizing. Parity against transformers for paged rows longer than the window is in test_parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from letterpress import LLM, SamplingParams
+from letterpress.cache import blocks_for_row, layer_kinds, parse_bytes, plan_pool
+from letterpress.config import model_config_from_dict
+from letterpress.errors import ConfigError, RequestError
+from letterpress.model.fast import apply_fast_path, apply_plain_path
+from letterpress.quant import GEMMA4_26B_A4B_TEXT
+
+from .fast_fixtures import random_model, save_checkpoint
+
+WINDOW = 8  # the fixtures' sliding window
+BLOCK = 4
+
+
+def encode_in_chunks(model, cache, lengths: list[int], chunk: int, seed: int = 0) -> None:
+    """Encode rows 0..B-1 of the given lengths, `chunk` tokens per call, as the runner does."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.text_config.vocab_size, (len(lengths), max(lengths)), generator=g)
+    for start in range(0, max(lengths), chunk):
+        rows = [i for i, n in enumerate(lengths) if n > start]
+        n = torch.tensor([min(chunk, lengths[i] - start) for i in rows])
+        model.encode(ids[rows, start:start + chunk], cache, torch.tensor(rows), n)
+
+
+@torch.no_grad()
+def test_long_row_holds_only_the_window_on_sliding_layers():
+    """A row 60 windows long: full layers hold every position, sliding layers a window's worth of blocks."""
+    model = random_model()
+    length, chunk = 480, 32
+    cache = model.new_paged_cache(1, 512, block_size=BLOCK, prefill_chunk=chunk)
+    encode_in_chunks(model, cache, [length], chunk)
+    full, sliding = sorted(cache.kinds, key=lambda k: k.window is not None)
+    assert full.window is None and sliding.window == WINDOW
+    assert cache.pools[full.name].num_held == length // BLOCK
+    window_blocks = math.ceil((WINDOW - 1) / BLOCK) + 1
+    assert cache.pools[sliding.name].num_held <= window_blocks
+    beyond_full = cache.used_bytes() - length * full.bytes_per_token(torch.float32)
+    assert 0 < beyond_full <= window_blocks * BLOCK * sliding.bytes_per_token(torch.float32)
+    # the contiguous cache of the same row keeps every position of every layer
+    every = sum(k.bytes_per_token(torch.float32) for k in cache.kinds) * length
+    assert cache.used_bytes() < 0.6 * every
+
+
+def test_released_shapes_bytes_per_token():
+    """At the released shapes (bf16), a token beyond the window costs only the full layers: <= 21 KiB; a
+    256K-token row needs ~5.5 GB (the encoder chunk's sliding blocks included), not 59."""
+    config = model_config_from_dict({"model_type": "diffusion_gemma", "canvas_length": 256,
+                                     "text_config": {"model_type": "diffusion_gemma_text", **GEMMA4_26B_A4B_TEXT}})
+    kinds = {k.window is None: k for k in layer_kinds(config.text)}
+    assert len(kinds[True].layers) == 5 and len(kinds[False].layers) == 25
+    assert kinds[True].bytes_per_token(torch.bfloat16) == 20 * 1024
+    row = 262_144
+    total = sum(blocks_for_row(k, row, 16, 512) * 16 * k.bytes_per_token(torch.bfloat16) for k in kinds.values())
+    assert 5.3e9 < total < 5.8e9
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fast", [False, True])
+def test_paged_equals_contiguous_for_rows_many_windows_long(fast):
+    """Rows of different lengths, several windows long, encoded in chunks: the paged cache (blocks recycled
+    on sliding layers, rows not in slot order) gives the contiguous cache's logits, plain and fast path."""
+    model = random_model(qk_scale=0.3)
+    lengths, chunk = [150, 37, 96], 24
+    paged = model.new_paged_cache(3, 256, block_size=BLOCK, prefill_chunk=chunk)
+    contiguous = model.new_cache(3, 256)
+    for cache in (paged, contiguous):
+        encode_in_chunks(model, cache, lengths, chunk)
+    canvas = torch.randint(0, 384, (3, 16), generator=torch.Generator().manual_seed(1))
+    slots = torch.tensor([2, 0, 1])
+    if fast:
+        apply_fast_path(model)
+    try:
+        expected = model.denoise(canvas, contiguous, slots)
+        got = model.denoise(canvas, paged, slots)
+        expected_sc = model.denoise(canvas, contiguous, slots, expected / 0.7, torch.tensor([True, False, True]))
+        got_sc = model.denoise(canvas, paged, slots, expected / 0.7, torch.tensor([True, False, True]))
+    finally:
+        apply_plain_path(model)
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_sc, expected_sc, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- admission
+PROMPTS = [list(range(3, 3 + n)) for n in (19, 9, 4, 13)]
+PARAMS = [SamplingParams(max_new_tokens=40, seed=s, max_denoising_steps=6, eos_token_ids=[1, 7, 11]) for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("calm"), qk_scale=0.3)
+
+
+def run_counting_rows(llm: LLM, prompts, params) -> tuple[list, int]:
+    """`LLM.generate`, stepping the scheduler by hand to record the most rows that ran at once."""
+    requests = [llm.make_request(p, sp) for p, sp in zip(prompts, params)]
+    for r in requests:
+        llm.scheduler.add(r)
+    outs, most = {}, 0
+    while llm.scheduler.has_work():
+        for out in llm.scheduler.step():
+            outs[out.request_id] = out
+        most = max(most, llm.scheduler.num_running)
+    return [outs[r.request_id] for r in requests], most
+
+
+@torch.no_grad()
+def test_pool_pressure_rows_wait_and_outputs_equal_running_alone(calm):
+    """A pool with room for one worst-case row at a time on the full layers: the four requests wait their
+    turn (never more than the pool holds), and each gets the tokens it gets when run alone with its seed."""
+    alone = [LLM(calm, max_num_seqs=1, max_model_len=128, block_size=BLOCK).generate(p, sp)[0].token_ids
+             for p, sp in zip(PROMPTS, PARAMS)]
+    # 4 KiB blocks (2 KiB per kind): a row of 19 + 3 x 16 tokens reserves 17 full blocks; the pool has 33
+    llm = LLM(calm, max_num_seqs=4, max_model_len=128, block_size=BLOCK, prefill_chunk=8, kv_cache_memory=100_000)
+    full = next(k.name for k in llm.runner.cache.kinds if k.window is None)
+    assert llm.runner.cache.pools[full].num_blocks == 33
+    outs, most = run_counting_rows(llm, PROMPTS, PARAMS)
+    assert [o.token_ids for o in outs] == alone
+    assert most == 2  # the two short prompts (9 + 48 and 4 + 48 tokens: 15 and 13 blocks) fit together
+    for pool in llm.runner.cache.pools.values():  # everything given back
+        assert pool.reserved == 0 and pool.num_held == 0
+
+
+def test_request_that_cannot_fit_is_refused(calm):
+    """The pool always holds one row of max_model_len (else the LLM refuses to start, test_pool_sizing), so a
+    request that cannot fit is one beyond max_model_len: refused before it queues; the others still run."""
+    llm = LLM(calm, max_num_seqs=2, max_model_len=128, block_size=BLOCK, prefill_chunk=8, kv_cache_memory=80_000)
+    with pytest.raises(RequestError, match="max_model_len"):
+        llm.generate(list(range(3, 120)), SamplingParams(max_new_tokens=16))
+    assert llm.generate(PROMPTS[0], PARAMS[0])[0].token_ids
+
+
+def test_pool_sizing(calm):
+    with pytest.raises(ConfigError, match="cannot hold one row"):
+        LLM(calm, max_num_seqs=2, max_model_len=128, block_size=BLOCK, kv_cache_memory="1KiB")
+    with pytest.raises(ConfigError, match="kv-cache-memory"):
+        LLM(calm, max_num_seqs=2, max_model_len=128, gpu_memory_utilization=0.5)  # CPU
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("4096") == 4096
+    with pytest.raises(ConfigError):
+        parse_bytes("two gigs")
+    # the default pool holds max_num_seqs rows of max_model_len tokens, sliding layers only their window
+    kinds = layer_kinds(random_model().text_config)
+    plan = plan_pool(kinds, torch.float32, BLOCK, 8, 1024, 64)
+    assert plan == {k.name: 8 * (1024 // BLOCK if k.window is None else math.ceil((WINDOW - 1 + 64) / BLOCK) + 1)
+                    for k in kinds}
