@@ -153,3 +153,118 @@ def test_pool_sizing(calm):
     plan = plan_pool(kinds, torch.float32, BLOCK, 8, 1024, 64)
     assert plan == {k.name: 8 * (1024 // BLOCK if k.window is None else math.ceil((WINDOW - 1 + 64) / BLOCK) + 1)
                     for k in kinds}
+
+
+# ------------------------------------------------------------------------------------------ prefix cache
+def _denoise_after(model, cache, slot: int, prompt: list[int], chunk: int, canvas: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Admit `prompt` into `slot`, encode what the prefix cache did not have, denoise one canvas."""
+    cached = cache.admit(slot, prompt, len(prompt) + canvas.shape[1])
+    assert cached is not None
+    rest = prompt[cached:]
+    for start in range(0, len(rest), chunk):
+        part = torch.tensor(rest[start:start + chunk])[None]
+        model.encode(part, cache, torch.tensor([slot]))
+    return cached, model.denoise(canvas, cache, torch.tensor([slot]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fast", [False, True])
+def test_prefix_hit_changes_no_logits(fast):
+    """A second prompt sharing 45 tokens with a finished one reuses 11 blocks (44 tokens): the full layers'
+    blocks, and on the sliding layers the blocks the window still sees, which the first row had already
+    given back (cached, unreferenced, evictable). The logits equal (float32, 1e-4) those of a cache without
+    prefix caching that saw the same two prompts."""
+    model = random_model(qk_scale=0.3)
+    if fast:
+        apply_fast_path(model)
+    g = torch.Generator().manual_seed(4)
+    first = torch.randint(3, 384, (60,), generator=g).tolist()
+    second = first[:45] + torch.randint(3, 384, (20,), generator=g).tolist()
+    canvas = torch.randint(0, 384, (1, 16), generator=g)
+    try:
+        shared = model.new_paged_cache(2, 128, block_size=BLOCK, prefill_chunk=16)
+        assert _denoise_after(model, shared, 0, first, 16, canvas)[0] == 0
+        shared.free(0)
+        sliding = next(k.name for k in shared.kinds if k.window is not None)
+        # the sliding pool (7 blocks a row) is smaller than the 15 blocks the row wrote: the oldest cached
+        # ones were evicted (least recently freed first) to make room; all are unreferenced now
+        pool = shared.pools[sliding]
+        assert len(pool.evictable) == pool.num_blocks == 14
+        hashes = shared.hashes_of(first, 60)
+        assert hashes[0] not in pool.cached and hashes[14] in pool.cached
+        cached, got = _denoise_after(model, shared, 1, second, 16, canvas)
+        plain = model.new_paged_cache(2, 128, block_size=BLOCK, prefill_chunk=16, enable_prefix_caching=False)
+        assert _denoise_after(model, plain, 0, first, 16, canvas)[0] == 0
+        plain.free(0)
+        uncached, expected = _denoise_after(model, plain, 1, second, 16, canvas)
+    finally:
+        apply_plain_path(model)
+    assert (cached, uncached) == (44, 0)
+    # Not bit for bit: without the hit, positions 44..47 are encoded in another chunk (32..47) than with it
+    # (44..59), and a matmul of another shape rounds differently (~1e-5 here); the parity tolerance holds.
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_prefix_hit_needs_the_sliding_window_blocks():
+    """Full-layer blocks alone are no hit: once the sliding blocks the window needs have been evicted, the hit
+    falls back to a shorter prefix whose window blocks are still cached (or none)."""
+    model = random_model()
+    cache = model.new_paged_cache(2, 128, block_size=BLOCK, prefill_chunk=16)
+    prompt = list(range(3, 43))  # 40 tokens: 10 blocks
+    _denoise_after(model, cache, 0, prompt, 16, torch.zeros(1, 16, dtype=torch.long))
+    cache.free(0)
+    sliding = next(k.name for k in cache.kinds if k.window is not None)
+    pool = cache.pools[sliding]
+    hashes = cache.hashes_of(prompt, 40)
+    for j in (7, 8):  # evict the sliding blocks of positions 28..35
+        block = pool.cached.pop(hashes[j])
+        del pool.hash_of[block], pool.evictable[block]
+        pool.free.append(block)
+    # 9 blocks (36 tokens) would need sliding blocks 7, 8 (positions 29..35); 7 blocks (28 tokens) need 5, 6
+    assert cache.admit(1, prompt + [5], 64) == 28
+
+
+def test_engine_reports_cached_prompt_tokens_and_same_outputs(calm):
+    """Through the engine: a follow-up prompt that extends the first conversation gets its shared blocks from
+    the cache (RequestOutput.num_cached_tokens) and the same tokens as with prefix caching off."""
+    first = list(range(3, 40))
+    follow = first + list(range(50, 70))
+    params = SamplingParams(max_new_tokens=32, seed=3, max_denoising_steps=6, eos_token_ids=[1])
+    outs = {}
+    for caching in (True, False):
+        llm = LLM(calm, max_num_seqs=2, max_model_len=128, block_size=BLOCK, enable_prefix_caching=caching)
+        a = llm.generate(first, params)[0]
+        b = llm.generate(follow, params)[0]
+        outs[caching] = (a, b)
+    (a, b), (a_off, b_off) = outs[True], outs[False]
+    assert (a.token_ids, b.token_ids) == (a_off.token_ids, b_off.token_ids)
+    assert a.num_cached_tokens == 0 and b_off.num_cached_tokens == 0
+    assert b.num_cached_tokens == 36  # 37 shared tokens, whole blocks of 4
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("uvicorn")
+    from letterpress.server.app import ServerConfig
+
+    from .live_server import KEY, MODEL, LiveServer
+
+    live = LiveServer(LLM(None, max_num_seqs=2, max_model_len=256), ServerConfig(
+        served_model_names=[MODEL], api_key=KEY, max_denoising_steps=3))
+    yield live
+    live.stop()
+
+
+def test_server_usage_reports_cached_tokens(client):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field): 0 the first time, whole blocks of the
+    prompt (never its last token) when the same prompt comes again; the text does not change."""
+    from .live_server import MODEL
+
+    prompt = list(range(100, 140))  # 40 tokens: 2 blocks of 16 can be reused
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    assert again.choices[0].text == first.choices[0].text

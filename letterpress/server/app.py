@@ -157,7 +157,12 @@ class Job:
         completion = sum(self.texts[r].completion_tokens() for r in self.choice_rows())
         if self.groups is not None:  # every candidate row cost passes; only the chosen middles count
             stats["tokens_per_forward"] = completion / max(passes, 1)
-        return usage(sum(len(p) for p in self.prompts), completion, stats)
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        out = usage(prompt_tokens, completion, stats)
+        # prompt tokens whose KV came from the prefix cache (rows of one prompt share it: capped at the prompt)
+        cached = min(prompt_tokens, sum(o.num_cached_tokens for o in outs))
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the server
