@@ -12,8 +12,8 @@ Each piece here computes what a plain piece computes and is tested against it (t
 - Decoder attention (`decoder_attention`): every query of a canvas row sees the same keys, so instead of a
   boolean mask over the whole cache the keys are *sliced*: from the first position any row may see (the
   sliding window start) to the end. No mask at all when every row sees the same span (batch 1, or rows
-  with equal lengths); a [B, 1, 1, keys] mask only when rows differ. Contiguous slots are sliced, not
-  gathered.
+  with equal lengths); a [B, 1, 1, keys] mask only when rows differ. Consecutive slots of a contiguous
+  cache are sliced, not gathered; a paged cache gathers the blocks of that span.
 - `compile_layers`: `torch.compile` of each decoder/encoder layer (see its docstring for what it buys).
 """
 
