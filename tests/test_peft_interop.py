@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from letterpress.checkpoint import PLACEHOLDER_VISION_CONFIG, save_model
+from letterpress.cli import main as cli_main
 from letterpress.errors import NotSupportedError
 from letterpress.model import DiffusionGemma
 from letterpress.train import lora as L
@@ -61,7 +62,7 @@ def peft_trained_adapter(base_dir: Path, targets: str, folder: Path, seed: int =
 
 
 @pytest.mark.parametrize("passes", ["decoder", "encoder", "both"])
-def test_peft_adapter_from_transformers_gives_peft_logits(tmp_path, base_dir, passes, caplog):
+def test_peft_adapter_from_transformers_gives_peft_logits(tmp_path, base_dir, passes, caplog, capsys):
     model = peft_trained_adapter(base_dir, PEFT_TARGETS[passes], tmp_path / "peft")
     expected = decoder_logits(model.base_model.model, PROMPT, CANVAS_IDS)
     base = DiffusionGemma.from_pretrained(base_dir)
@@ -91,8 +92,12 @@ def test_peft_adapter_from_transformers_gives_peft_logits(tmp_path, base_dir, pa
     # The two passes share their base weights: such an adapter has no merged form.
     with pytest.raises(NotSupportedError, match="encoder and decoder"):
         L.merge_lora(ours)
-    with pytest.raises(NotSupportedError, match="encoder and decoder"):
-        merge_adapter(base_dir, saved, tmp_path / "merged")
+    with pytest.raises(NotSupportedError, match="encoder and decoder"):  # from the adapter alone, before the base loads
+        merge_adapter(tmp_path / "no-base-needed", saved, tmp_path / "merged")
+    capsys.readouterr()
+    assert cli_main(["merge-lora", str(base_dir), str(saved), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "encoder and decoder" in err
     assert not (tmp_path / "merged").exists()
 
 
