@@ -237,8 +237,9 @@ PLACEHOLDER_VISION_CONFIG = {
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 
 
-def is_placeholder_vision(vision_config: dict) -> bool:
-    return all(vision_config.get(k) == v for k, v in PLACEHOLDER_VISION_CONFIG.items())
+def is_placeholder_vision(vision_config) -> bool:
+    return isinstance(vision_config, dict) and all(vision_config.get(k) == v
+                                                    for k, v in PLACEHOLDER_VISION_CONFIG.items())
 
 
 def placeholder_vision_tensors(hidden_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
