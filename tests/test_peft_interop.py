@@ -35,6 +35,8 @@ PEFT_TARGETS = {
     # both passes, trained apart; the vision tower's projections too (letterpress ignores those)
     "both": rf"model\.(?:decoder|encoder\.language_model)\.(?:{LAYER_TARGETS}|self_conditioning\.\w+_proj)"
             r"|model\.encoder\.vision_tower\..*\.linear",
+    # PEFT's most common setting: every linear layer (routers and vision tower too), both passes apart
+    "all-linear": "all-linear",
 }
 
 
@@ -61,7 +63,7 @@ def peft_trained_adapter(base_dir: Path, targets: str, folder: Path, seed: int =
     return model
 
 
-@pytest.mark.parametrize("passes", ["decoder", "encoder", "both"])
+@pytest.mark.parametrize("passes", ["decoder", "encoder", "both", "all-linear"])
 def test_peft_adapter_from_transformers_gives_peft_logits(tmp_path, base_dir, passes, caplog, capsys):
     model = peft_trained_adapter(base_dir, PEFT_TARGETS[passes], tmp_path / "peft")
     expected = decoder_logits(model.base_model.model, PROMPT, CANVAS_IDS)
@@ -71,19 +73,21 @@ def test_peft_adapter_from_transformers_gives_peft_logits(tmp_path, base_dir, pa
     ours = DiffusionGemma.from_pretrained(base_dir)
     with caplog.at_level(logging.WARNING, logger="letterpress.train.lora"):
         L.load_adapter(ours, tmp_path / "peft")
-    assert ("vision tower" in caplog.text) == (passes == "both")
+    apart = passes in ("both", "all-linear")
+    assert ("vision tower" in caplog.text) == apart
     modules = L.lora_modules(ours)
     q = modules["layers.0.self_attn.q_proj"]
-    assert q.passes == {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("decoder",)}[passes]
-    assert (q.encoder_lora_A is not None) == (passes == "both")
+    assert q.passes == {"decoder": ("decoder",), "encoder": ("encoder",)}.get(passes, ("decoder",))
+    assert (q.encoder_lora_A is not None) == apart
+    assert ("layers.1.router.proj" in modules) == (passes == "all-linear")
     assert ("self_conditioning.up_proj" in modules) == (passes != "encoder")
     torch.testing.assert_close(our_logits(ours, PROMPT, CANVAS_IDS), expected, atol=1e-4, rtol=0)
 
     # ... and back: saved by letterpress, loaded by PEFT onto transformers, the same logits again
     saved = L.save_adapter(ours, L.read_adapter_config(tmp_path / "peft"), tmp_path / "ours")
     names = json.loads((saved / L.ADAPTER_CONFIG).read_text())["target_modules"]
-    prefixes = {"decoder": {"model.decoder."}, "encoder": {"model.encoder.language_model."},
-                "both": {"model.decoder.", "model.encoder.language_model."}}[passes]
+    prefixes = {"decoder": {"model.decoder."}, "encoder": {"model.encoder.language_model."}}.get(
+        passes, {"model.decoder.", "model.encoder.language_model."})
     assert {n.split("layers.")[0].split("self_conditioning.")[0] for n in names} == prefixes
     again = peft.PeftModel.from_pretrained(reference(base_dir), str(saved)).eval()
     torch.testing.assert_close(decoder_logits(again.base_model.model, PROMPT, CANVAS_IDS), expected, atol=1e-4,
