@@ -49,6 +49,13 @@ def test_long_row_holds_only_the_window_on_sliding_layers():
     # the contiguous cache of the same row keeps every position of every layer
     every = sum(k.bytes_per_token(torch.float32) for k in cache.kinds) * length
     assert cache.used_bytes() < 0.6 * every
+    # and the pool allocated for one row of 512 tokens: every block on full layers, the window and one
+    # chunk on sliding ones
+    sliding_blocks = math.ceil((WINDOW - 1 + chunk) / BLOCK) + 1
+    assert cache.pool_bytes() == (512 * full.bytes_per_token(torch.float32)
+                                  + sliding_blocks * BLOCK * sliding.bytes_per_token(torch.float32))
+    assert sum(t.numel() * t.element_size() for t in cache.keys + cache.values) == (
+        cache.pool_bytes() + sum(cache.block_bytes(k) for k in cache.kinds))  # + the null blocks
 
 
 def test_released_shapes_bytes_per_token():
@@ -138,6 +145,14 @@ def test_request_that_cannot_fit_is_refused(calm):
     with pytest.raises(RequestError, match="max_model_len"):
         llm.generate(list(range(3, 120)), SamplingParams(max_new_tokens=16))
     assert llm.generate(PROMPTS[0], PARAMS[0])[0].token_ids
+
+
+def test_cli_refuses_a_pool_too_small_for_one_row(capsys):
+    from letterpress.cli import main
+
+    assert main(["generate", "def f(x):", "--max-new-tokens", "4", "--kv-cache-memory", "1KiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv-cache-memory" in err[0]
 
 
 def test_pool_sizing(calm):

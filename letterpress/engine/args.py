@@ -30,13 +30,24 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="DIR", default=None,
                    help="write a torch profiler trace (chrome trace JSON) of the first --profile-steps steps to DIR")
     g.add_argument("--profile-steps", type=int, default=8, metavar="N", help="steps to profile (default 8)")
+    c = p.add_argument_group("KV cache (README, 'KV cache and prefix caching')")
+    c.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
+                   help="size of the paged KV cache, e.g. 4GiB (default: room for --max-num-seqs rows of --max-model-len)")
+    c.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="CUDA only: size the KV cache so letterpress uses this fraction of the device's memory")
+    c.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default 16)")
+    c.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of equal prompt prefixes between requests (default: on)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """`LLM` keyword arguments from `add_engine_arguments`."""
     compile_ = (getattr(args, "compile_mode", None) or True) if getattr(args, "compile", False) else False
     return dict(quantization=getattr(args, "quantization", None), impl=getattr(args, "impl", "plain"),
-                compile=compile_)
+                compile=compile_, kv_cache_memory=getattr(args, "kv_cache_memory", None),
+                gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
+                block_size=getattr(args, "block_size", 16),
+                enable_prefix_caching=getattr(args, "enable_prefix_caching", True))
 
 
 def attach_profiler(llm, args: argparse.Namespace) -> None:

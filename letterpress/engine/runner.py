@@ -4,7 +4,8 @@
     denoise  every active canvas in one batched call                          -> logits [R, C, V]
     sample   proposals, argmax, entropy, acceptance                           -> next canvases, done flags
 
-Rows are independent: each has its own cache slot, step counter and random draws, so a row's output does
+Rows are independent: each has its own row of block tables in the paged KV cache (blocks shared through
+prefix caching are never written again), step counter and random draws, so a row's output does
 not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
 edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
 """
