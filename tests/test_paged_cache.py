@@ -124,7 +124,8 @@ def run_counting_rows(llm: LLM, prompts, params) -> tuple[list, int]:
 @torch.no_grad()
 def test_pool_pressure_rows_wait_and_outputs_equal_running_alone(calm):
     """A pool with room for one worst-case row at a time on the full layers: the four requests wait their
-    turn (never more than the pool holds), and each gets the tokens it gets when run alone with its seed."""
+    turn (never more than the pool holds), and each gets the tokens it gets when run alone with its seed,
+    with prefix caching (on by default) sharing and evicting blocks under that pressure."""
     alone = [LLM(calm, max_num_seqs=1, max_model_len=128, block_size=BLOCK).generate(p, sp)[0].token_ids
              for p, sp in zip(PROMPTS, PARAMS)]
     # 4 KiB blocks (2 KiB per kind): a row of 19 + 3 x 16 tokens reserves 17 full blocks; the pool has 33
@@ -134,6 +135,7 @@ def test_pool_pressure_rows_wait_and_outputs_equal_running_alone(calm):
     outs, most = run_counting_rows(llm, PROMPTS, PARAMS)
     assert [o.token_ids for o in outs] == alone
     assert most == 2  # the two short prompts (9 + 48 and 4 + 48 tokens: 15 and 13 blocks) fit together
+    assert any(o.num_cached_tokens for o in outs)  # the prompts share prefixes: later rows reuse blocks
     for pool in llm.runner.cache.pools.values():  # everything given back
         assert pool.reserved == 0 and pool.num_held == 0
 
