@@ -44,9 +44,10 @@ class NonFiniteRows(RuntimeError):
 
 
 def check_finite(entropy: torch.Tensor) -> None:
-    """entropy [R, C]: a nan or inf logit anywhere in a row makes its entropy nan, so this one [R, C] check
-    covers the [R, C, V] logits without another pass over them."""
-    finite = torch.isfinite(entropy).all(-1)
+    """entropy [R, C]: a nan or inf logit anywhere in a row makes its entropy nan, so this check covers the
+    [R, C, V] logits without another pass over them. (Entropies are >= 0 and small: their row sum is finite
+    exactly when all of them are.)"""
+    finite = torch.isfinite(entropy.sum(-1))
     if not bool(finite.all()):
         raise NonFiniteRows((~finite).nonzero().flatten().tolist())
 

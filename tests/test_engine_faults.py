@@ -133,8 +133,9 @@ def test_every_row_failing_leaves_the_engine_usable(llm, alone, monkeypatch):
         raise RuntimeError("broken model")
 
     monkeypatch.setattr(llm.model, "denoise", always)
-    _, outs = run_batch(llm)
-    assert all(o.finish_reason == "error" for o in outs)
+    with pytest.raises(RuntimeError, match="broken model"):  # nothing to return: the error is raised
+        run_batch(llm)
+    assert not llm.scheduler.has_work() and sorted(llm.scheduler.free_slots) == list(range(8))
     monkeypatch.setattr(llm.model, "denoise", original)
     assert llm.generate(prompts()[0], PARAMS[0])[0].token_ids == alone[0]
 

@@ -104,7 +104,7 @@ class LLM:
         """Generate for one prompt or a batch; all rows run together through the scheduler.
 
         A row that fails in an engine step comes back with finish_reason "error" and the exception in
-        `error`; the other rows are unaffected. `timeout`: seconds per request, after which it comes back
+        `error`; the other rows are unaffected (if every row failed, the first error is raised). `timeout`: seconds per request, after which it comes back
         with finish_reason "timeout" and the canvases it had committed."""
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
@@ -158,10 +158,16 @@ class LLM:
         return run_edit(self, list(texts), list(spans), instructions, params, slack_tokens)
 
     def run(self, requests: list[Request]) -> list[RequestOutput]:
+        """Run requests to completion. A request that failed in an engine step comes back with finish_reason
+        "error" (its batch-mates are unaffected); when every request failed there is nothing to return, so
+        the first one's exception is raised, as a single request's failure always was."""
         for request in requests:
             self.scheduler.add(request)
         results: dict[str, RequestOutput] = {}
         while self.scheduler.has_work():
             for out in self.scheduler.step():
                 results[out.request_id] = self.detokenize(out)
-        return [results[r.request_id] for r in requests]
+        outputs = [results[r.request_id] for r in requests]
+        if outputs and all(out.finish_reason == "error" for out in outputs):
+            raise outputs[0].error
+        return outputs

@@ -61,7 +61,8 @@ class SamplingParams:
         def integer(name: str, low: int, high: int) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise RequestError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+                raise RequestError(f"{name} must be {kind} (at most {high}), got {value!r}")
 
         def number(name: str, low: float, high: float, low_open: bool = False) -> float:
             value = getattr(self, name)
