@@ -443,7 +443,9 @@ class PagedKVCache:
 
     def advance(self, slots: torch.Tensor, new_tokens: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
         """After a chunk is written on every layer: record its tokens, hash the blocks it completed (with prefix
-        caching), and give back sliding blocks that no later read can reach."""
+        caching), and give back sliding blocks that no later read can reach. The only change to a row's
+        state besides `begin_append`'s new blocks (which a retry reuses), and the last step of `encode`: an
+        encode that fails leaves the row as it was (the runner retries failed batches row by row)."""
         self.lengths[slots] += new_tokens
         ids = token_ids.tolist() if token_ids is not None else None
         updates: dict[str, list[tuple[int, int]]] = {k.name: [] for k in self.kinds}
