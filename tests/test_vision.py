@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -206,3 +207,23 @@ def test_missing_vision_tensors_are_reported(tmp_path, pair):
         load_vision_model(folder)
     json.loads((folder / "config.json").read_text())["vision_config"]  # still there
     assert isinstance(load_model_config(folder), ModelConfig)
+
+
+def test_bfloat16_and_bad_inputs(tmp_path, pair):
+    """bfloat16 runs (pooling, scaling and standardizing stay in float32) and stays near float32; inputs
+    the tower cannot take get a clear error."""
+    ref, ours, cfg = pair
+    k, patch = cfg["pooling_kernel_size"], cfg["patch_size"]
+    pixels, positions = random_image(2 * k, 3 * k, patch, None, seed=11)
+    full = ours(pixels[None], positions[None])
+    bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    bf16.init_rope()  # as load_vision_model does: RoPE frequencies stay float32
+    half = bf16(pixels[None], positions[None])
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max().item() <= 0.05 * full.abs().max().item()
+    with pytest.raises(ValueError, match="position table"):
+        ours(pixels[None], (positions + 64)[None])
+    with pytest.raises(ValueError, match="pooled"):
+        ours(pixels[None, :-1], positions[None, :-1])
+    with pytest.raises(ValueError, match="expected"):
+        ours(pixels, positions)

@@ -166,6 +166,9 @@ class VisionTower(nn.Module):
         if pixel_values.shape[1] % k2:
             raise ValueError(f"{pixel_values.shape[1]} patches cannot be pooled by a {cfg.pooling_kernel_size}² kernel")
         padding = (positions == -1).all(dim=-1)  # [B, P]
+        if positions.numel() and int(positions.max()) >= cfg.position_embedding_size:
+            raise ValueError(f"a patch position {int(positions.max())} is beyond the position table "
+                             f"({cfg.position_embedding_size}): the image is larger than this tower takes")
         x = self.patch_embedder(pixel_values, positions, padding)
         dtype = x.dtype
         cos_sin = []
