@@ -236,7 +236,6 @@ class VisionModel(nn.Module):
     def init_rope(self) -> None:
         self.vision_tower.init_rope()
 
-    @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Image embeddings in the text model's width: [B, P, 3·p²], [B, P, 2] -> [ΣN, text hidden]
         (transformers' `get_image_features(...).pooler_output`)."""
