@@ -7,6 +7,7 @@
     letterpress serve [MODEL]                 OpenAI-compatible HTTP server (see README, "Serving")
     letterpress train --model CKPT --data F   fine-tune, full or LoRA (see README, "Fine-tuning")
     letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint
+    letterpress quantize MODEL OUT --format F write an int8/int4/fp8 checkpoint (compressed-tensors layout)
     letterpress sudoku "<81 cells>"           solve a Sudoku with the embedded Sudoku model, step by step
 
 With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
@@ -20,6 +21,7 @@ import time
 from typing import Callable
 
 from .errors import LetterpressError
+from . import quantize_cli
 from .infill_cli import edit_arguments, infill_arguments, run_edit, run_infill
 from .server.launch import run_serve, serve_arguments  # light: fastapi/uvicorn load inside run_serve
 from .sudoku_cli import run_sudoku, sudoku_arguments
@@ -196,6 +198,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "serve": ("OpenAI-compatible HTTP server", serve_arguments, run_serve),
     "train": ("fine-tune (full or LoRA) or train a model on JSONL data", train_arguments, run_train),
     "merge-lora": ("fold a LoRA adapter into its base checkpoint", merge_lora_arguments, run_merge_lora),
+    "quantize": (quantize_cli.HELP, quantize_cli.add_arguments, quantize_cli.run),
     "sudoku": ("solve a Sudoku with the embedded Sudoku model, step by step", sudoku_arguments, run_sudoku),
 }
 

@@ -468,16 +468,17 @@ def ct_to_parts(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tup
     return ("int8" if weight.dtype == torch.int8 else "fp8"), {"q": weight, "scale": scale.contiguous()}
 
 
-def ct_quantize(w: torch.Tensor, fmt: str, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A float weight [.., N, K] -> compressed-tensors tensors (local names) in our scheme for `fmt`:
-    int8 and fp8 as `quantize_int8` / `quantize_fp8` (per channel, float32 scales), int4 as compressed-tensors'
-    W4A16 preset (symmetric, groups of 128 or the largest even divisor of K, scale = max|W| / 7.5 rounded to
-    `scale_dtype`, q = round(W / scale) in [-8, 7]). 3-D weights are quantized expert by expert."""
-    if w.ndim == 3:
-        per_expert = [ct_quantize(w[e], fmt, scale_dtype) for e in range(w.shape[0])]
+def ct_quantize(w: torch.Tensor | Sequence[torch.Tensor], fmt: str, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A float weight [N, K], or the per-expert slices of a packed [E, N, K] one (a sequence that may read
+    each slice when asked), -> compressed-tensors tensors (local names) in our scheme for `fmt`: int8 and
+    fp8 as `quantize_int8` / `quantize_fp8` (per channel, float32 scales; the same numbers as quantizing
+    while loading), int4 as compressed-tensors' W4A16 preset (symmetric, groups of 128 or the largest even
+    divisor of K, scale = max|W| / 7.5 rounded to `scale_dtype`, q = round(W / scale) in [-8, 7])."""
+    if not isinstance(w, torch.Tensor) or w.ndim == 3:
+        per_expert = [ct_quantize(w[e], fmt, scale_dtype) for e in range(len(w))]
         out = {name: torch.stack([p[name] for p in per_expert]) for name in per_expert[0] if name != "weight_shape"}
         if "weight_shape" in per_expert[0]:
-            out["weight_shape"] = torch.tensor(list(w.shape))
+            out["weight_shape"] = torch.tensor([len(w), *per_expert[0]["weight_shape"].tolist()])
         return out
     if fmt == "int8":
         q, scale = quantize_int8(w)
@@ -498,6 +499,21 @@ def ct_quantize(w: torch.Tensor, fmt: str, scale_dtype: torch.dtype) -> dict[str
 
 def ct_group_size(fmt: str, k: int) -> int | None:
     return int4_group(k, CT_INT4_GROUP) if fmt == "int4" else None
+
+
+def quantized_tensor_names(model: nn.Module) -> list[str]:
+    """The tensors `quantize_model` (and quantizing while loading) quantizes: every linear weight of the
+    layers and the self-conditioning block except the routers', and the packed expert weights."""
+    from .model.layers import Experts
+
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not path.endswith("router.proj") and (
+                path.startswith("layers.") or path.startswith("self_conditioning.")):
+            names.append(f"{path}.weight")
+        elif isinstance(module, Experts):
+            names += [f"{path}.gate_up_proj", f"{path}.down_proj"]
+    return names
 
 
 def ct_scheme(fmt: str, group: int | None) -> dict:
@@ -629,6 +645,6 @@ def drift(reference_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, flo
 
 
 __all__ = ["LOADABLE_FORMATS", "CT_METHOD", "ct_pack", "ct_unpack_bytes", "ct_to_parts", "ct_quantize",
-           "ct_quantization_config", "ct_check_config", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
+           "ct_quantization_config", "ct_check_config", "ct_group_size", "quantized_tensor_names", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
            "projected_bytes", "drift", "check_format", "quantize_int8", "dequantize_int8", "quantize_int4",
            "dequantize_int4", "pack_int4", "unpack_int4", "quantize_fp8", "dequantize_fp8", "fp8_linear"]
