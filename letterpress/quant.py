@@ -468,14 +468,15 @@ def ct_to_parts(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tup
     return ("int8" if weight.dtype == torch.int8 else "fp8"), {"q": weight, "scale": scale.contiguous()}
 
 
-def ct_quantize(w: torch.Tensor | Sequence[torch.Tensor], fmt: str, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def ct_quantize(w: torch.Tensor | Sequence[torch.Tensor], fmt: str, scale_dtype: torch.dtype,
+                group: int = CT_INT4_GROUP) -> dict[str, torch.Tensor]:
     """A float weight [N, K], or the per-expert slices of a packed [E, N, K] one (a sequence that may read
     each slice when asked), -> compressed-tensors tensors (local names) in our scheme for `fmt`: int8 and
     fp8 as `quantize_int8` / `quantize_fp8` (per channel, float32 scales; the same numbers as quantizing
-    while loading), int4 as compressed-tensors' W4A16 preset (symmetric, groups of 128 or the largest even
-    divisor of K, scale = max|W| / 7.5 rounded to `scale_dtype`, q = round(W / scale) in [-8, 7])."""
+    while loading), int4 as compressed-tensors' W4A16 preset (symmetric, groups of `group` inputs (see
+    `ct_int4_group`), scale = max|W| / 7.5 rounded to `scale_dtype`, q = round(W / scale) in [-8, 7])."""
     if not isinstance(w, torch.Tensor) or w.ndim == 3:
-        per_expert = [ct_quantize(w[e], fmt, scale_dtype) for e in range(len(w))]
+        per_expert = [ct_quantize(w[e], fmt, scale_dtype, group) for e in range(len(w))]
         out = {name: torch.stack([p[name] for p in per_expert]) for name in per_expert[0] if name != "weight_shape"}
         if "weight_shape" in per_expert[0]:
             out["weight_shape"] = torch.tensor([len(w), *per_expert[0]["weight_shape"].tolist()])
@@ -488,7 +489,8 @@ def ct_quantize(w: torch.Tensor | Sequence[torch.Tensor], fmt: str, scale_dtype:
         return {"weight": q, "weight_scale": scale[:, None]}
     if fmt == "int4":
         n, k = w.shape
-        group = int4_group(k, CT_INT4_GROUP)
+        if k % group:
+            raise ValueError(f"int4: the input size {k} is not a multiple of the group size {group}")
         groups = w.float().reshape(n, k // group, group)
         # rounded to the stored dtype first, then used as stored (as compressed-tensors does)
         scale = (groups.abs().amax(-1) / 7.5).to(scale_dtype).clamp(min=torch.finfo(scale_dtype).tiny)
@@ -497,8 +499,16 @@ def ct_quantize(w: torch.Tensor | Sequence[torch.Tensor], fmt: str, scale_dtype:
     raise ValueError(f"ct_quantize: format {fmt!r}")
 
 
-def ct_group_size(fmt: str, k: int) -> int | None:
-    return int4_group(k, CT_INT4_GROUP) if fmt == "int4" else None
+def ct_int4_group(input_sizes: Sequence[int]) -> int:
+    """One group size for every int4 weight of a checkpoint: 128 (compressed-tensors' W4A16 preset) or the
+    largest divisor of 128 that divides every input size (64 for the 26B-A4B, whose expert down projection
+    has 704 inputs). One size, because transformers 5.23 applies one scheme to all dense layers."""
+    group = CT_INT4_GROUP
+    for k in input_sizes:
+        group = math.gcd(group, k)
+    if group % 2:
+        raise ValueError(f"int4: input sizes {sorted(set(input_sizes))} have no common even group size")
+    return group
 
 
 def quantized_tensor_names(model: nn.Module) -> list[str]:
@@ -532,15 +542,10 @@ def ct_scheme(fmt: str, group: int | None) -> dict:
     raise ValueError(f"ct_scheme: format {fmt!r}")
 
 
-def ct_quantization_config(fmt: str, targets_by_group: dict[int | None, list[str]], ignore: list[str],
-                           version: str = "0.20.1") -> dict:
+def ct_quantization_config(fmt: str, group: int | None, ignore: list[str], version: str = "0.20.1") -> dict:
     """config.json's `quantization_config` for a checkpoint written by `letterpress quantize`: one config
-    group per group size (the commonest targets every Linear; the others name their modules), the routers
-    and the LM head in `ignore`."""
-    ordered = sorted(targets_by_group.items(), key=lambda kv: -len(kv[1]))
-    groups = {}
-    for i, (group, names) in enumerate(ordered):
-        groups[f"group_{i}"] = {**ct_scheme(fmt, group), "targets": ["Linear"] if i == 0 else sorted(names)}
+    group targeting every Linear (and, for us, the packed experts), the routers and the LM head in `ignore`."""
+    groups = {"group_0": {**ct_scheme(fmt, group), "targets": ["Linear"]}}
     return {"quant_method": CT_METHOD, "format": ct_scheme(fmt, None)["format"],
             "config_groups": groups, "ignore": ignore, "quantization_status": "compressed",
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
@@ -645,6 +650,6 @@ def drift(reference_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, flo
 
 
 __all__ = ["LOADABLE_FORMATS", "CT_METHOD", "ct_pack", "ct_unpack_bytes", "ct_to_parts", "ct_quantize",
-           "ct_quantization_config", "ct_check_config", "ct_group_size", "quantized_tensor_names", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
+           "ct_quantization_config", "ct_check_config", "ct_int4_group", "quantized_tensor_names", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
            "projected_bytes", "drift", "check_format", "quantize_int8", "dequantize_int8", "quantize_int4",
            "dequantize_int4", "pack_int4", "unpack_int4", "quantize_fp8", "dequantize_fp8", "fp8_linear"]

@@ -22,7 +22,7 @@ from .checkpoint import (INDEX_FILE, SINGLE_FILE, _ExpertSlices, _open, atomic_f
                          checkpoint_names, plan_weights, read_tensor, resolve, weight_files)
 from .config import load_model_config
 from .errors import CheckpointError
-from .quant import check_format, ct_group_size, ct_quantization_config, ct_quantize, quantized_tensor_names
+from .quant import check_format, ct_int4_group, ct_quantization_config, ct_quantize, quantized_tensor_names
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 
@@ -49,8 +49,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, offline: boo
     shapes = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     ours_stored = {c for ours in shapes for c in candidate_names(ours)}
 
+    group = ct_int4_group([shapes[n][-1] for n in to_quantize]) if fmt == "int4" else None
     state: dict[str, torch.Tensor] = {}
-    groups: dict[int | None, list[str]] = {}
     ignore = ["lm_head"]
     with _OpenFiles(files) as handle:
         for ours, stored in plan.items():
@@ -69,9 +69,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, offline: boo
             weight = (_ExpertSlices(f, path, name, shape, scale_dtype, "cpu") if len(shape) == 3
                       else read_tensor(f, path, name, shape))
             prefix = out_name[: -len(".weight")] if out_name.endswith(".weight") else out_name
-            for local, tensor in ct_quantize(weight, fmt, scale_dtype).items():
+            for local, tensor in ct_quantize(weight, fmt, scale_dtype, group or 0).items():
                 state[f"{prefix}.{local}"] = tensor.contiguous()
-            groups.setdefault(ct_group_size(fmt, shape[-1]), []).append(prefix)
             del weight
         for name in files:  # what we do not use (the vision tower), copied as stored
             if name in ours_stored:
@@ -82,7 +81,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, offline: boo
             if name.endswith(".weight") and tensor.ndim == 2:
                 ignore.append(name[: -len(".weight")])  # a linear layer a compressed-tensors loader must not touch
 
-    raw["quantization_config"] = ct_quantization_config(fmt, groups, sorted(ignore))
+    raw["quantization_config"] = ct_quantization_config(fmt, group, sorted(ignore))
     out = Path(out)
     with atomic_folder(out) as tmp:
         save_shards(state, tmp, max_shard_bytes)
