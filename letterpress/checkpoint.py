@@ -353,7 +353,8 @@ def load_stored_quantized(qweight: QuantWeight, stored: Stored, handle, device) 
     if tuple(main.shape) != expected:
         raise CheckpointError(f"{where}: quantized weight of shape {list(main.shape)}, the config implies "
                               f"{list(expected)} for a [{', '.join(map(str, shape))}] weight")
-    qweight.load_parts({name: t.to(device) for name, t in parts.items()}, fmt)
+    # copy=True: a CPU tensor from safe_open may share the file's mapping; own it, as float weights are owned
+    qweight.load_parts({name: t.to(device, copy=True) for name, t in parts.items()}, fmt)
 
 
 def checkpoint_names(ours: str) -> list[str]:
