@@ -189,6 +189,9 @@ def find_stored(ours: str, files: dict[str, Path]) -> Stored | None:
     for name in candidate_names(ours):
         prefix = name[: -len(".weight")] if name.endswith(".weight") else name
         if f"{prefix}.weight_scale" in files:
+            if f"{prefix}.weight_g_idx" in files:
+                raise CheckpointError(f"{prefix} is stored with activation ordering (weight_g_idx), which "
+                                      "letterpress does not load")
             return Stored({local: f"{prefix}.{local}" for local in CT_LOCAL_NAMES if f"{prefix}.{local}" in files})
         if name in files:
             return Stored({"float": name})
@@ -207,6 +210,13 @@ def plan_weights(model: torch.nn.Module, folder: Path, files: dict[str, Path]) -
                 # A buffer that starts at 1.0 in the reference too; a checkpoint may omit it.
                 log.warning("%s: %s not in checkpoint, using 1.0", folder.name, candidate_names(ours)[0])
                 continue
+            per_expert = [c for c in candidate_names(ours) if any(n.startswith(f"{c}.0.") or
+                                                                  n.startswith(c.rsplit(".", 1)[0] + ".0.")
+                                                                  for n in files)]
+            if ours.endswith(("experts.gate_up_proj", "experts.down_proj")) and per_expert:
+                raise CheckpointError(f"{folder}: the experts are stored one linear layer per expert "
+                                      f"({per_expert[0].rsplit('.', 1)[0]}.0. ...); letterpress loads them packed "
+                                      "(experts.gate_up_proj / experts.down_proj)")
             raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
         plan[ours] = stored
     return plan
@@ -272,6 +282,25 @@ def read_tensor(f, path: Path, stored: str, shape: tuple[int, ...] | None = None
         raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). Quantizing while loading
+    frees float temporaries of many sizes between long-lived quantized tensors; glibc keeps such holes, and
+    without this the process grew to ~2x the quantized model by the end of loading (benchmarks/load_memory.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 class _ExpertSlices:
     """The [N, K] slices of a stored [E, N, K] float tensor, each read (and cast) only when indexed."""
 
@@ -324,6 +353,7 @@ def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] |
                         qweight.load_float(_ExpertSlices(f, path, stored.names["float"], qweight.shape, dtype, device))
                     else:
                         qweight.load_float(read_tensor(f, path, stored.names["float"], qweight.shape).to(device, dtype))
+                    _trim_heap()
                 continue
             f, path = handle(stored.names["float"])
             target = targets[ours]

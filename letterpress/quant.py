@@ -1,7 +1,9 @@
 """Weight-only quantization: int8, group-wise int4 and fp8, for every linear layer and the packed experts.
 
-    quantize_model(model, "int8" | "int4" | "fp8")       in place; `LLM(..., quantization=...)`,
-                                                         `--quantization` on every command
+    load_model(path, quantization="int4")                quantize each tensor while loading; `LLM(...,
+                                                         quantization=...)`, `--quantization` on every command
+    quantize_model(model, "int8" | "int4" | "fp8")       in place, on a model already in memory
+    letterpress quantize MODEL OUT --format int4         write a compressed-tensors checkpoint (quant_save.py)
 
 Formats (W is a weight [.., N out, K in]; packed experts are [E, N, K] and quantize per expert):
 
@@ -23,8 +25,13 @@ exists for the device, dtype and shape, otherwise by dequantizing into the activ
 
 Not quantized: the embedding (tied with the LM head and read three ways: lookup, LM head, the
 self-conditioning matmul over the vocabulary; ~3% of the 26B's weights), the router (its top-k choices
-flip easily) and the norms. The model is loaded in float first and quantized layer by layer, so loading
-peaks at the float model's size.
+flip easily) and the norms.
+
+Loading (letterpress.checkpoint.load_model): the model is built on the meta device, its linear layers and
+experts are swapped for empty QuantWeights, and each tensor is quantized as it is read (packed experts one
+expert slice at a time), so the float model never exists: loading peaks at about the quantized model plus
+the largest float tensor. Checkpoints in the compressed-tensors layout (see "compressed-tensors" below;
+`letterpress quantize` writes them) load as stored, without float weights.
 """
 
 from __future__ import annotations
@@ -238,11 +245,18 @@ class QuantWeight(nn.Module):
             self.group = group = k // scale.shape[-1]
             if (cpu and low_precision and n % 16 == 0 and group in (32, 64, 128, 256)
                     and _has_op("_convert_weight_to_int4pack_for_cpu")):
-                # Repack (still two per byte) into the CPU kernel's tile layout; keep only that copy.
+                # Repack (still two per byte) into the CPU kernel's tile layout, one [N, K] matrix at a time
+                # (its int32 unpacking is 8x the packed size); keep only that copy.
                 self.kernel = "int4pack_cpu"
-                q = unpack_int4(packed).to(torch.int32).reshape(-1, n, k)
-                packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m.contiguous(), 1) for m in q])
-                packed = packed.reshape(*self.shape[:-2], *packed.shape[1:])
+                flat = packed.reshape(-1, n, k // 2)
+                repacked = None
+                for i in range(flat.shape[0]):
+                    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                        unpack_int4(flat[i]).to(torch.int32).contiguous(), 1)
+                    if repacked is None:
+                        repacked = tiles.new_empty(flat.shape[0], *tiles.shape)
+                    repacked[i] = tiles
+                packed = repacked.reshape(*self.shape[:-2], *repacked.shape[1:])
                 # [.., K/group, N, 2] in the activation dtype, as the kernel wants
                 self.register_buffer("scales_and_zeros",
                                      torch.stack([scale.float(), zero.float()], -1).transpose(-3, -2)

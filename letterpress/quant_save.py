@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (INDEX_FILE, SINGLE_FILE, _ExpertSlices, _open, atomic_folder, candidate_names,
+from .checkpoint import (INDEX_FILE, SINGLE_FILE, _ExpertSlices, _open, _trim_heap, atomic_folder, candidate_names,
                          checkpoint_names, plan_weights, read_tensor, resolve, weight_files)
 from .config import load_model_config
 from .errors import CheckpointError
@@ -72,6 +72,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, offline: boo
             for local, tensor in ct_quantize(weight, fmt, scale_dtype, group or 0).items():
                 state[f"{prefix}.{local}"] = tensor.contiguous()
             del weight
+            _trim_heap()
         for name in files:  # what we do not use (the vision tower), copied as stored
             if name in ours_stored:
                 continue

@@ -39,6 +39,8 @@ def library_quantized(base: Path, scheme: str, out: Path) -> Path:
             if args.strategy in ("group", "tensor_group"):
                 grouped = w.unflatten(-1, (-1, args.group_size))
                 low, high = grouped.amin(-1), grouped.amax(-1)
+            elif args.strategy == "tensor":
+                low, high = w.amin().reshape(1), w.amax().reshape(1)
             else:  # channel
                 low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
             global_scale = None

@@ -139,7 +139,7 @@ def test_quantize_refuses_a_quantized_checkpoint(quantized_checkpoints, tmp_path
 
 
 # --------------------------------------------------------------------- checkpoints quantized by the library
-SCHEMES = ["FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A16"] + (["NVFP4"] if has_nvfp4() else [])
+SCHEMES = ["FP8_DYNAMIC", "FP8", "W4A16", "W4A16_ASYM", "W8A16"] + (["NVFP4"] if has_nvfp4() else [])
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_library_quantized_checkpoint_loads_and_matches_its_dequantization(libra
     scheme, quantized, dequantized = library_checkpoint
     model = load_model(quantized)
     reference = load_model(dequantized)
-    expected_fmt = {"FP8_DYNAMIC": "fp8", "W4A16": "int4", "W4A16_ASYM": "int4", "W8A16": "int8", "NVFP4": "nvfp4"}
+    expected_fmt = {"FP8_DYNAMIC": "fp8", "FP8": "fp8", "W4A16": "int4", "W4A16_ASYM": "int4", "W8A16": "int8", "NVFP4": "nvfp4"}
     linears = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 4 * 6 + 2 + 3  # q, k, o, gate, up, down per layer, v on the 2 sliding ones, 3 self-cond.
     for name in linears:
