@@ -353,7 +353,7 @@ def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] |
                         qweight.load_float(_ExpertSlices(f, path, stored.names["float"], qweight.shape, dtype, device))
                     else:
                         qweight.load_float(read_tensor(f, path, stored.names["float"], qweight.shape).to(device, dtype))
-                    _trim_heap()
+                _trim_heap()
                 continue
             f, path = handle(stored.names["float"])
             target = targets[ours]
