@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .quant_save import quantize_checkpoint
+    from ..quant_save import quantize_checkpoint
 
     start = time.perf_counter()
     out = quantize_checkpoint(args.model, args.out, args.format)
