@@ -94,8 +94,10 @@ def test_paged_equals_contiguous_for_rows_many_windows_long(fast):
     finally:
         apply_plain_path(model)
     assert expected.abs().max() > 1.0
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got_sc, expected_sc, atol=1e-5, rtol=0)
+    # the contiguous cache is read from position 0 under a mask, the paged one from the window's start: the
+    # same keys, summed in another order (~1e-5 apart)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_sc, expected_sc, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- admission

@@ -220,6 +220,16 @@ class DiffusionGemma(nn.Module):
     def _window(self, layer_type: str) -> int | None:
         return self.text_config.sliding_window if layer_type == SLIDING else None
 
+    def _read_starts(self, cache: Cache, base: torch.Tensor) -> dict[str, int]:
+        """First cache position the plain paths read per layer type. A paged cache holds nothing before the
+        first position some row can still see (`visible_from`), so reads start there; the contiguous cache
+        keeps every position, and reading it from 0 under the mask keeps its results bit for bit what they
+        were before the paged cache existed."""
+        layer_types = set(self.text_config.layer_types)
+        if isinstance(cache, KVCache) or base.numel() == 0:
+            return {lt: 0 for lt in layer_types}
+        return {lt: int(visible_from(base, self._window(lt)).min()) for lt in layer_types}
+
     # ----------------------------------------------------------------------------------------------- encode
     def encode(self, input_ids: torch.Tensor, cache: Cache, slots: torch.Tensor | None = None,
                input_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,8 +245,7 @@ class DiffusionGemma(nn.Module):
         positions = base[:, None] + offsets  # [B, T]
         query_valid = offsets[None, :] < input_lengths[:, None]
         key_len = int((base + input_lengths).max())
-        # keys are read from the first position some row's chunk can see (nothing before is ever read again)
-        starts = {lt: int(visible_from(base, self._window(lt)).min()) for lt in set(self.text_config.layer_types)}
+        starts = self._read_starts(cache, base)
         masks = {lt: self._encoder_mask(lt, positions, base, base + input_lengths, query_valid, start, key_len)
                  for lt, start in starts.items()}
         layer_types = self.text_config.layer_types
@@ -288,8 +297,7 @@ class DiffusionGemma(nn.Module):
             masks, kv_source = decoder_attention(self, cache, slots, base, c)
         else:
             key_len = int(base.max()) if b else 0
-            starts = {lt: int(visible_from(base, self._window(lt)).min()) if b else 0
-                      for lt in set(self.text_config.layer_types)}
+            starts = self._read_starts(cache, base)
             masks = {lt: self._decoder_mask(lt, base, start, key_len, c) for lt, start in starts.items()}
             layer_types = self.text_config.layer_types
 
