@@ -289,3 +289,32 @@ def test_from_pretrained_none_is_the_embedded_model_and_encode_checks_its_input(
             model.encode(bad, cache)
     with pytest.raises(TypeError, match="canvas_ids must be"):
         model.denoise([[1, 2]], cache)
+
+
+# ------------------------------------------------------------------------------- the README's own commands
+def test_readme_curls_work_against_the_readme_server():
+    """Every `curl` block of README.md, run as written against a server with the README's `--api-key sk-local`
+    (only the address differs)."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    from letterpress import LLM
+    from letterpress.server.app import ServerConfig
+    from tests.live_server import LiveServer
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "--api-key sk-local" in readme
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if b.startswith("curl ")]
+    assert any("/v1/edits" in b for b in blocks) and any("/v1/chat/completions" in b for b in blocks)
+    server = LiveServer(LLM(max_num_seqs=2), ServerConfig(served_model_names=["letterpress-default"],
+                                                          api_key="sk-local"))
+    try:
+        for block in blocks:
+            command = block.replace("http://127.0.0.1:8000", server.url).replace("curl ", "curl -sS -f ", 1)
+            run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, (block, run.stdout, run.stderr)  # -f: an HTTP error (401, 400) fails
+            assert '"error"' not in run.stdout, run.stdout
+    finally:
+        server.stop()
