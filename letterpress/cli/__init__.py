@@ -57,7 +57,7 @@ def configure_logging(verbose: int, quiet: int) -> int:
 def default_threads() -> int:
     """Threads for a machine others may be using: $OMP_NUM_THREADS when set, else the usable cores minus the
     1-minute load average (rounded), at least 1. torch's own default, one thread per physical core, made a
-    `generate` 6-10x slower on a 2-core machine busy with other work (BENCHMARKS.md, "Threads")."""
+    `generate` 3.8x slower (median) on a 2-core machine busy with other work (BENCHMARKS.md, "Threads")."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
