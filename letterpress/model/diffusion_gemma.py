@@ -149,16 +149,18 @@ class DiffusionGemma(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
                         device: torch.device | str = "cpu", offline: bool | None = None,
-                        revision: str | None = None) -> "DiffusionGemma":
-        """A checkpoint folder or Hub id; None is the embedded default model, as for `LLM(None)`."""
+                        revision: str | None = None, quantization: str | None = None) -> "DiffusionGemma":
+        """A checkpoint folder or Hub id; None is the embedded default model, as for `LLM(None)`.
+        `quantization` ("int8", "int4", "fp8"): quantize each weight while loading (letterpress.quant);
+        a compressed-tensors checkpoint loads quantized as stored either way."""
         from ..checkpoint import load_model
 
         if path_or_id is None:
             from ..embedded import default_model_dir
 
             path_or_id = default_model_dir()
-
-        return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision)
+        return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision,
+                          quantization=quantization)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DiffusionGemma":
