@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,13 +43,14 @@ def save_png(fig, out: str | Path) -> Path:
     """Render `fig` to `out` atomically (temporary file in the same folder, then rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    # open(), not mkstemp: the file gets the umask's permissions (mkstemp's are owner-only)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             fig.savefig(f, format="png")
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 
@@ -93,7 +94,15 @@ def loss_curve(records: Sequence[dict[str, Any]], out: str | Path, title: str | 
     if eval_steps:
         ax.plot(eval_steps, eval_loss, color="tab:orange", marker="o", markersize=4, linewidth=1.2,
                 label="held-out loss")
-    ax.set_ylabel("loss (nats)")
+    values = [v for v in loss + eval_loss if v > 0]
+    log_y = bool(values) and max(values) > 5 * min(values)  # the first steps' fall would flatten the rest
+    if log_y:
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FormatStrFormatter("%g"))  # 2, 3, 10 rather than 2x10^0, 10^1
+    ax.set_ylabel("loss (nats, log scale)" if log_y else "loss (nats)")
     ax.set_title(title or "Training loss")
     ax.legend(loc="upper right")
     if lr_steps:
@@ -114,13 +123,25 @@ def plot_metrics_file(metrics: str | Path, out: str | Path | None = None, title:
 # -------------------------------------------------------------------------------------------- benchmark charts
 def line_chart(x: Sequence[float], series: dict[str, Sequence[float]], out: str | Path, *, title: str,
                xlabel: str, ylabel: str, log_x: bool = False, percent: bool = False) -> Path:
-    """One line per series over shared x values (e.g. throughput against concurrency)."""
+    """One line per series over shared x values (e.g. throughput against concurrency), ticks at those values."""
+    return curves({name: (x, ys) for name, ys in series.items()}, out, title=title, xlabel=xlabel, ylabel=ylabel,
+                  log_x=log_x, percent=percent, x_ticks=x)
+
+
+def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path, *, title: str, xlabel: str,
+           ylabel: str, log_x: bool = False, percent: bool = False, x_ticks: Sequence[float] | None = None,
+           marks: dict[str, float] | None = None) -> Path:
+    """One line per series, each on its own x values; `marks` = {label: x} draws labelled vertical lines."""
     fig, (ax,) = _figure()
-    for name, ys in series.items():
-        ax.plot(list(x), list(ys), marker="o", linewidth=1.5, label=name)
+    for name, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", markersize=4, linewidth=1.5, label=name)
     if log_x:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(list(x), [f"{v:g}" for v in x])
+    if x_ticks is not None:
+        ax.set_xticks(list(x_ticks), [f"{v:g}" for v in x_ticks])
+    for label, x in (marks or {}).items():
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(label, (x, 0), xytext=(4, 4), textcoords="offset points", fontsize=8, color="dimgrey")
     _finish(ax, title, xlabel, ylabel, percent, legend=len(series) > 1)
     return save_png(fig, out)
 
