@@ -36,6 +36,7 @@ def _figure(rows: int = 1, height: float = 4.0, sharex: bool = True):
     axes = fig.subplots(rows, 1, sharex=sharex, squeeze=False, gridspec_kw={"height_ratios": ratios})[:, 0]
     for ax in axes:
         ax.grid(True, alpha=0.3)
+        ax.set_axisbelow(True)  # bars in front of the grid
     return fig, list(axes)
 
 
