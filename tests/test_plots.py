@@ -133,3 +133,11 @@ def test_cli_plot_metrics(tmp_path, capsys):
     png_size(tmp_path / "run" / "loss.png")
     assert cli_main(["plot-metrics", str(tmp_path / "nope.jsonl")]) == 2
     assert capsys.readouterr().err.startswith("error: cannot read")
+
+
+def test_cli_import_and_parser_leave_matplotlib_out():
+    import subprocess
+
+    code = ("import sys\nfrom letterpress.cli import build_parser\nbuild_parser()\n"
+            "assert not [m for m in sys.modules if m.startswith(('matplotlib', 'torch'))], 'heavy import'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
