@@ -89,7 +89,7 @@ def main() -> None:
     if args.plot:
         from letterpress.plots import bar_chart
 
-        buckets = sorted({g for rates in by_givens.values() for g in rates}, key=lambda g: int(g.split("-")[0]))
+        buckets = sorted({g for rates in by_givens.values() for g in rates}, key=int)
         series = {f"{name} ({100 * results[name]['solve_rate']:.1f}% overall)":
                   [rates.get(g, (0.0, 0))[0] for g in buckets] for name, rates in by_givens.items()}
         print("chart:", bar_chart(buckets, series, args.plot, percent=True, xlabel="givens (filled cells)",
@@ -97,16 +97,14 @@ def main() -> None:
                                   f"{'validation' if args.validation else 'held-out'} puzzles)"))
 
 
-def solve_rate_by_givens(puzzles: list[str], outputs: list[str], width: int = 2) -> dict[str, tuple[float, int]]:
-    """{"50-51": (solve rate, puzzles), ...}: buckets of `width` givens counts, easiest (most givens) last."""
+def solve_rate_by_givens(puzzles: list[str], outputs: list[str]) -> dict[str, tuple[float, int]]:
+    """{"50": (solve rate, puzzles), ...} per number of givens, hardest (fewest givens) first."""
     from letterpress.apps.sudoku import is_solution
 
     buckets: dict[int, list[bool]] = {}
     for puzzle, output in zip(puzzles, outputs):
-        low = (81 - puzzle.count("0")) // width * width
-        buckets.setdefault(low, []).append(is_solution(output, puzzle))
-    return {(f"{low}-{low + width - 1}" if width > 1 else str(low)): (sum(ok) / len(ok), len(ok))
-            for low, ok in sorted(buckets.items())}
+        buckets.setdefault(81 - puzzle.count("0"), []).append(is_solution(output, puzzle))
+    return {str(givens): (sum(ok) / len(ok), len(ok)) for givens, ok in sorted(buckets.items())}
 
 
 if __name__ == "__main__":
