@@ -156,7 +156,7 @@ def bar_chart(categories: Sequence[str], series: dict[str, Sequence[float]], out
     for i, (name, ys) in enumerate(series.items()):
         xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
         bars = ax.bar(xs, list(ys), width=width, label=name)
-        if labels:
+        if labels and len(categories) * len(series) <= 24:  # more would overlap
             ax.bar_label(bars, labels=[(f"{100 * v:.0f}%" if percent else f"{v:.3g}") for v in ys], fontsize=8,
                          padding=2)
     ax.set_xticks(range(len(categories)), list(categories))
