@@ -7,6 +7,7 @@
     letterpress serve [MODEL]                 OpenAI-compatible HTTP server                 (cli/serve.py)
     letterpress train --model CKPT --data F   fine-tune, full or LoRA                       (cli/train.py)
     letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint  (cli/merge_lora.py)
+    letterpress quantize MODEL OUT --format F write an int8/int4/fp8 compressed-tensors checkpoint (cli/quantize.py)
     letterpress sudoku "<81 cells>"           solve a Sudoku with the embedded Sudoku model (cli/sudoku.py)
     letterpress plot-metrics METRICS.jsonl    draw a training run's loss curve as a PNG     (cli/plot_metrics.py)
 
@@ -26,7 +27,8 @@ from ..errors import LetterpressError
 
 # verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code
 VERBS = {"generate": "generate", "chat": "chat", "infill": "infill", "edit": "edit", "serve": "serve",
-         "train": "train", "merge-lora": "merge_lora", "sudoku": "sudoku", "plot-metrics": "plot_metrics"}
+         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku",
+         "plot-metrics": "plot_metrics"}
 
 
 def build_parser() -> argparse.ArgumentParser:
