@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, PagedKVCache, layer_kinds, plan_pool, visible_from
-
-Cache = KVCache | PagedKVCache
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
 from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
+
+Cache = KVCache | PagedKVCache  # what `encode` / `denoise` accept (letterpress.cache)
 
 
 def check_token_ids(ids, name: str) -> None:
