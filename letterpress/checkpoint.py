@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .config import load_model_config
+from .config import ModelConfig, load_model_config
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,41 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# safetensors header dtype -> torch dtype, for the floating-point ones we read into float parameters.
+# (F8 tensors come with scales that need their own loader, so they are not plain floats here.)
+FLOAT_STORAGE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str, auto: torch.dtype | None = None) -> torch.dtype:
+    """A torch dtype from its name. "auto" (transformers' and vLLM's name for "the checkpoint's own dtype")
+    needs `auto`, the dtype found in the checkpoint (`checkpoint_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto" and auto is not None:
+        return auto
+    if dtype == "auto":
+        raise CheckpointError("dtype 'auto' means the checkpoint's own dtype: pass it where a checkpoint is "
+                              "loaded (LLM, DiffusionGemma.from_pretrained, --dtype auto)")
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
     return DTYPES[dtype]
+
+
+def checkpoint_dtype(folder: Path, config: ModelConfig) -> torch.dtype:
+    """What dtype="auto" loads in: the config's `dtype` (as transformers and vLLM do), else the dtype of the
+    first floating-point tensor stored, else float32."""
+    if config.dtype is not None:
+        if config.dtype not in ("float32", "bfloat16", "float16"):
+            raise CheckpointError(f"{folder / 'config.json'}: dtype {config.dtype!r} is not one letterpress runs "
+                                  "in (float32, bfloat16, float16): choose one with --dtype / dtype=")
+        return DTYPES[config.dtype]
+    files = weight_files(folder)
+    for name, path in sorted(files.items()):
+        with _open(path) as f:
+            stored = f.get_slice(name).get_dtype()
+        if stored in FLOAT_STORAGE:
+            return torch.float32 if stored == "F64" else FLOAT_STORAGE[stored]
+    return torch.float32
 
 
 def is_offline(offline: bool | None) -> bool:
@@ -59,15 +86,37 @@ def resolve(path_or_id: str | Path, offline: bool | None = None, revision: str |
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError("huggingface_hub is needed to download from the Hub") from None
+    offline = is_offline(offline)
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS,
-                                      local_files_only=is_offline(offline)))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(f"{name} is not in the local Hub cache and offline mode is on") from None
+                                      local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(offline_message(name, offline, e)) from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"could not download {name} from the Hub: {e}") from None
     except OSError as e:
         raise CheckpointError(f"could not download {name}: {e}") from None
+
+
+def offline_message(name: str, offline: bool, error: Exception) -> str:
+    """Why a Hub id could not be resolved from the cache: offline mode (and which switch set it), or a Hub
+    that could not be reached although we tried (huggingface_hub raises the same error type for both)."""
+    if offline:
+        return f"{name} is not in the local Hub cache and offline mode is on (--offline or LETTERPRESS_OFFLINE)"
+    if _hub_offline_env():
+        return f"{name} is not in the local Hub cache and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+    cause = error.__cause__ or error.__context__
+    reason = f" ({type(cause).__name__})" if cause is not None else ""
+    return (f"could not reach the Hub to download {name}{reason}, and it is not in the local Hub cache: check the "
+            "network or HF_ENDPOINT, or pass a local checkpoint folder")
+
+
+def _hub_offline_env() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -126,22 +175,51 @@ def candidate_names(ours: str) -> list[str]:
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-               offline: bool | None = None, revision: str | None = None):
+               offline: bool | None = None, revision: str | None = None, check_finite: bool = True):
+    """`dtype`: a torch dtype, its name, or "auto" (the checkpoint's own, `checkpoint_dtype`).
+    `check_finite`: refuse weights holding NaN or infinity (one extra read of every tensor, see README)."""
     from .model import DiffusionGemma
 
     folder = resolve(path_or_id, offline=offline, revision=revision)
     config = load_model_config(folder)
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
     with torch.device("meta"):
         model = DiffusionGemma(config).to(dtype)
     model = model.to_empty(device=device)
     model.init_rope()
-    load_weights(model, folder)
+    load_weights(model, folder, check_finite=check_finite)
     model.checkpoint_dir = folder
     return model.eval()
 
 
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
+def check_stored_dtype(path: Path, stored: str, stored_dtype: str, target: torch.Tensor) -> None:
+    """Refuse a tensor whose header dtype cannot be cast to the target without changing its meaning: integer
+    or boolean data where the model holds floats (copy_ would cast the integers silently)."""
+    if target.is_floating_point() and stored_dtype not in FLOAT_STORAGE:
+        raise CheckpointError(f"{path.name}: {stored} is stored as {stored_dtype}, but the model holds floating-point "
+                              f"weights there (expected one of {', '.join(FLOAT_STORAGE)})")
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN / infinite values `tensor` holds. A sum accumulated in float64 is finite exactly when every
+    value is (float32's largest value times any tensor size stays far below float64's), so the common case is
+    one reduction with no temporary; only a bad tensor pays for the element-wise count."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def non_finite_error(folder: Path, bad: list[tuple[str, str, int, int, str | None]]) -> CheckpointError:
+    """One line for every tensor that held NaN/inf: (file, stored name, bad count, size, stored dtype if a
+    cast to a narrower dtype made the values overflow)."""
+    file, name, count, numel, cast_from = bad[0]
+    more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+    hint = (f"; they overflowed when cast from {cast_from}: load in float32 or bfloat16" if cast_from
+            else ": the checkpoint is corrupt (or pass check_finite=False to load it anyway)")
+    return CheckpointError(f"{folder}: {file}: {name} has {count} of {numel} values NaN or infinite{more}{hint}")
+
+
+def load_weights(model: torch.nn.Module, folder: Path, check_finite: bool = True) -> None:
     """Copy every parameter and layer scalar from the checkpoint into `model`, casting to the model's dtype."""
     files = weight_files(folder)
     targets = dict(model.named_parameters())
@@ -160,24 +238,33 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
     progress = tqdm(total=sum(len(v) for v in plan.values()), desc=f"loading {folder.name}", unit="tensor",
                     disable=None, leave=False)  # disable=None: shown on a terminal only
+    bad: list[tuple[str, str, int, int, str | None]] = []  # tensors holding NaN/inf, reported together
     for path, items in sorted(plan.items()):
         with _open(path) as f:
             for ours, stored in items:
                 progress.update()
                 target = targets[ours]
                 try:
-                    shape = tuple(f.get_slice(stored).get_shape())
+                    header = f.get_slice(stored)
+                    shape, stored_dtype = tuple(header.get_shape()), header.get_dtype()
                 except Exception as e:
                     raise CheckpointError(f"{path.name}: cannot read {stored} ({e})") from None
                 if shape != tuple(target.shape):
                     raise CheckpointError(f"{path.name}: {stored} has shape {list(shape)}, "
                                           f"the config implies {list(target.shape)}")
+                check_stored_dtype(path, stored, stored_dtype, target)
                 try:
                     tensor = f.get_tensor(stored)
                 except Exception as e:  # truncated data section
                     raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
                 target.data.copy_(tensor)
+                bad_count = count_non_finite(target.data) if check_finite else 0
+                if bad_count:
+                    cast_from = stored_dtype if count_non_finite(tensor) == 0 else None
+                    bad.append((path.name, stored, bad_count, target.numel(), cast_from))
     progress.close()
+    if bad:
+        raise non_finite_error(folder, bad)
     model.requires_grad_(False)
 
 

@@ -46,7 +46,7 @@ def test_bidirectional_all_halves_the_window():
 @pytest.mark.parametrize("bad, message", [
     ({"num_experts": None}, "num_experts"),
     ({"layer_types": [SLIDING] * 3}, "layer_types has 3 entries"),
-    ({"layer_types": ["chunked_attention"] * 7}, "unknown layer types"),
+    ({"layer_types": ["chunked_attention"] * 7}, "layer_types must be a list of one of"),
     ({"use_bidirectional_attention": "some"}, "use_bidirectional_attention"),
     ({"rope_parameters": {FULL: {"rope_type": "yarn"}}}, "yarn"),
     ({"hidden_activation": "silu"}, "hidden_activation"),
