@@ -28,8 +28,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # safetensors header dtype -> torch dtype, for the floating-point ones we read into float parameters.
 # (F8 tensors come with scales that need their own loader, so they are not plain floats here.)
 FLOAT_STORAGE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -201,10 +201,10 @@ def check_stored_dtype(path: Path, stored: str, stored_dtype: str, target: torch
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:
-    """How many NaN / infinite values `tensor` holds. A sum accumulated in float64 is finite exactly when every
-    value is (float32's largest value times any tensor size stays far below float64's), so the common case is
-    one reduction with no temporary; only a bad tensor pays for the element-wise count."""
-    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float64)):
+    """How many NaN / infinite values `tensor` holds. Any NaN or infinity makes the sum non-finite, so a finite
+    sum (one vectorized reduction, no temporary: ~25x cheaper than isfinite(t).all(), benchmarks/load_checks.py)
+    clears the tensor; a non-finite one (a bad value, or a sum that overflowed) gets the exact element count."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
         return 0
     return int((~torch.isfinite(tensor)).sum())
 
