@@ -102,9 +102,11 @@ def offline_message(name: str, offline: bool, error: Exception) -> str:
     """Why a Hub id could not be resolved from the cache: offline mode (and which switch set it), or a Hub
     that could not be reached although we tried (huggingface_hub raises the same error type for both)."""
     if offline:
-        return f"{name} is not in the local Hub cache and offline mode is on (--offline or LETTERPRESS_OFFLINE)"
+        return (f"{name} is not in the local Hub cache and offline mode is on (--offline, LETTERPRESS_OFFLINE "
+                "or HF_HUB_OFFLINE)")
     if _hub_offline_env():
-        return f"{name} is not in the local Hub cache and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+        return (f"{name} is not in the local Hub cache and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so it "
+                "cannot be downloaded")
     cause = error.__cause__ or error.__context__
     reason = f" ({type(cause).__name__})" if cause is not None else ""
     return (f"could not reach the Hub to download {name}{reason}, and it is not in the local Hub cache: check the "
@@ -202,7 +204,7 @@ def check_stored_dtype(path: Path, stored: str, stored_dtype: str, target: torch
 
 def count_non_finite(tensor: torch.Tensor) -> int:
     """How many NaN / infinite values `tensor` holds. Any NaN or infinity makes the sum non-finite, so a finite
-    sum (one vectorized reduction, no temporary: ~25x cheaper than isfinite(t).all(), benchmarks/load_checks.py)
+    sum (one vectorized reduction, no temporary: ~15x cheaper than isfinite(t).all(), benchmarks/load_checks.py)
     clears the tensor; a non-finite one (a bad value, or a sum that overflowed) gets the exact element count."""
     if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
         return 0
