@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -187,9 +188,17 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
     with torch.device("meta"):
         model = DiffusionGemma(config).to(dtype)
-    model = model.to_empty(device=device)
+    plan = plan_weights(model, folder)  # refuse a mismatched checkpoint before allocating
+    try:
+        model = model.to_empty(device=device)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        size_gb = sum(t.numel() * t.element_size() for t in _targets(model).values()) / 1e9
+        raise CheckpointError(f"{folder}: not enough memory on {device} for the model's {size_gb:.1f} GB "
+                              f"in {str(dtype).removeprefix('torch.')}") from None
     model.init_rope()
-    load_weights(model, folder, check_finite=check_finite)
+    load_weights(model, folder, check_finite=check_finite, plan=plan)
     model.checkpoint_dir = folder
     return model.eval()
 
@@ -221,40 +230,67 @@ def non_finite_error(folder: Path, bad: list[tuple[str, str, int, int, str | Non
     return CheckpointError(f"{folder}: {file}: {name} has {count} of {numel} values NaN or infinite{more}{hint}")
 
 
-def load_weights(model: torch.nn.Module, folder: Path, check_finite: bool = True) -> None:
-    """Copy every parameter and layer scalar from the checkpoint into `model`, casting to the model's dtype."""
-    files = weight_files(folder)
+@dataclass
+class LoadPlan:
+    """Which stored tensor fills which of our tensors, checked against the headers before anything is read."""
+
+    by_file: dict[Path, list[tuple[str, str, str]]]  # file -> [(our name, stored name, stored dtype)]
+    scalars_to_one: list[str]  # layer scalars the checkpoint omits (they start at 1.0 in the reference too)
+
+
+def _targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     targets = dict(model.named_parameters())
     targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
-    plan: dict[Path, list[tuple[str, str]]] = {}
-    for ours in targets:
+    return targets
+
+
+def plan_weights(model: torch.nn.Module, folder: Path) -> LoadPlan:
+    """Match every parameter and layer scalar of `model` (which may still be on the meta device) to a stored
+    tensor, and check each header's shape and dtype, so that a checkpoint that does not fit its config is
+    refused before the model is allocated (a typo'd hidden_size must not try to allocate terabytes)."""
+    files = weight_files(folder)
+    plan = LoadPlan(by_file={}, scalars_to_one=[])
+    for ours in _targets(model):
         stored = next((n for n in candidate_names(ours) if n in files), None)
         if stored is None:
             if ours.endswith("_scalar"):
-                # A buffer that starts at 1.0 in the reference too; a checkpoint may omit it.
                 log.warning("%s: %s not in checkpoint, using 1.0", folder.name, candidate_names(ours)[0])
-                targets[ours].data.fill_(1.0)
+                plan.scalars_to_one.append(ours)
                 continue
             raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
-        plan.setdefault(files[stored], []).append((ours, stored))
-
-    progress = tqdm(total=sum(len(v) for v in plan.values()), desc=f"loading {folder.name}", unit="tensor",
-                    disable=None, leave=False)  # disable=None: shown on a terminal only
-    bad: list[tuple[str, str, int, int, str | None]] = []  # tensors holding NaN/inf, reported together
-    for path, items in sorted(plan.items()):
+        plan.by_file.setdefault(files[stored], []).append((ours, stored, ""))
+    targets = _targets(model)
+    for path, items in plan.by_file.items():
         with _open(path) as f:
-            for ours, stored in items:
-                progress.update()
-                target = targets[ours]
+            for k, (ours, stored, _) in enumerate(items):
                 try:
                     header = f.get_slice(stored)
                     shape, stored_dtype = tuple(header.get_shape()), header.get_dtype()
                 except Exception as e:
                     raise CheckpointError(f"{path.name}: cannot read {stored} ({e})") from None
-                if shape != tuple(target.shape):
+                if shape != tuple(targets[ours].shape):
                     raise CheckpointError(f"{path.name}: {stored} has shape {list(shape)}, "
-                                          f"the config implies {list(target.shape)}")
-                check_stored_dtype(path, stored, stored_dtype, target)
+                                          f"the config implies {list(targets[ours].shape)}")
+                check_stored_dtype(path, stored, stored_dtype, targets[ours])
+                items[k] = (ours, stored, stored_dtype)
+    return plan
+
+
+def load_weights(model: torch.nn.Module, folder: Path, check_finite: bool = True, plan: LoadPlan | None = None) -> None:
+    """Copy every parameter and layer scalar from the checkpoint into `model`, casting to the model's dtype.
+    `plan`: from `plan_weights` (made here if not given)."""
+    plan = plan or plan_weights(model, folder)
+    targets = _targets(model)
+    for ours in plan.scalars_to_one:
+        targets[ours].data.fill_(1.0)
+    progress = tqdm(total=sum(len(v) for v in plan.by_file.values()), desc=f"loading {folder.name}", unit="tensor",
+                    disable=None, leave=False)  # disable=None: shown on a terminal only
+    bad: list[tuple[str, str, int, int, str | None]] = []  # tensors holding NaN/inf, reported together
+    for path, items in sorted(plan.by_file.items()):
+        with _open(path) as f:
+            for ours, stored, stored_dtype in items:
+                progress.update()
+                target = targets[ours]
                 try:
                     tensor = f.get_tensor(stored)
                 except Exception as e:  # truncated data section

@@ -94,6 +94,8 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "per-layer-out-of-range": (edit_text(per_layer_config={"7": {}}), ["config.json", "per_layer_config.7", "layer 7"]),
     "per-layer-string-heads": (edit_text(per_layer_config={"3": {"head_dim": "96"}}),
                                ["config.json", "per_layer_config.3.head_dim"]),
+    # checked against the file's headers before allocating: this must not try to allocate ~16 TB
+    "hidden-size-huge": (edit_text(hidden_size=2_000_000_000), ["model.safetensors", "embed_tokens.weight has shape"]),
     "untied": (edit_config(lambda r: r.update(tie_word_embeddings=False)), ["config.json", "tie_word_embeddings"]),
     "pad-outside-vocab": (edit_text(pad_token_id=5000), ["config.json", "text_config.pad_token_id"]),
     "text-config-not-object": (edit_config(lambda r: r.update(text_config=[1])), ["config.json", "text_config"]),
