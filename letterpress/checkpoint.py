@@ -127,9 +127,13 @@ def weight_files(folder: Path) -> dict[str, Path]:
     index = folder / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(shard, str) and Path(shard).name == shard and shard not in ("", ".", "..")
+                for shard in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in {folder}")
         files = {name: folder / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():

@@ -52,6 +52,12 @@ def edit_weights(change: Callable[[dict], None]) -> Callable[[Path], None]:
     return apply
 
 
+def sharded_index(weight_map) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return apply
+
+
 def not_utf8(folder: Path) -> None:
     data = (folder / "config.json").read_bytes()
     (folder / "config.json").write_bytes(data.replace(b'"diffusion_gemma"', b'"diffusion_gemma\xff"', 1))
@@ -94,6 +100,9 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "per-layer-out-of-range": (edit_text(per_layer_config={"7": {}}), ["config.json", "per_layer_config.7", "layer 7"]),
     "per-layer-string-heads": (edit_text(per_layer_config={"3": {"head_dim": "96"}}),
                                ["config.json", "per_layer_config.3.head_dim"]),
+    "index-weight-map-list": (sharded_index(["model.safetensors"]), ["model.safetensors.index.json", "weight_map"]),
+    "index-shard-outside-folder": (sharded_index({A_TENSOR: "../model.safetensors"}),
+                                   ["model.safetensors.index.json", "weight_map"]),
     # checked against the file's headers before allocating: this must not try to allocate ~16 TB
     "hidden-size-huge": (edit_text(hidden_size=2_000_000_000), ["model.safetensors", "embed_tokens.weight has shape"]),
     "untied": (edit_config(lambda r: r.update(tie_word_embeddings=False)), ["config.json", "tie_word_embeddings"]),
