@@ -472,6 +472,10 @@ def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.f
                 if tuple(tensor.shape) != tuple(targets[ours].shape):
                     raise CheckpointError(f"{path.name}: {stored} has shape {list(tensor.shape)}, "
                                           f"the vision config implies {list(targets[ours].shape)}")
+                check_stored_dtype(path, stored, f.get_slice(stored).get_dtype(), targets[ours])
                 targets[ours].data.copy_(tensor)
+                if count_non_finite(targets[ours].data):
+                    raise non_finite_error(folder, [(path.name, stored, count_non_finite(targets[ours].data),
+                                                     tensor.numel(), None)])
     model.requires_grad_(False)
     return model.eval()

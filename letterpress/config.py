@@ -96,6 +96,7 @@ class ModelConfig:
     pad_token_id: int = 0
     dtype: str | None = None  # the checkpoint's own dtype (`dtype`, formerly `torch_dtype`), for dtype="auto"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    source: str = "config.json"  # the file `raw` came from, for error messages
 
 
 @dataclass
@@ -405,6 +406,7 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "config.json") -> 
         pad_token_id=pad,
         dtype=_stored_dtype_name(raw),
         raw=raw,
+        source=source,
     )
 
 
@@ -501,12 +503,25 @@ class VisionConfig:
         return 3 * self.patch_size**2
 
 
-def _vision_rope_theta(raw: dict[str, Any]) -> float:
+VISION_RULES: dict[str, Rule] = {
+    "hidden_size": SIZE, "intermediate_size": SIZE, "num_hidden_layers": Rule("int", lo=0),
+    "num_attention_heads": SIZE, "num_key_value_heads": SIZE, "head_dim": HEAD_DIM,
+    "hidden_activation": Rule("str", null=True), "rms_norm_eps": Rule("number", above=0, null=True),
+    "patch_size": SIZE, "pooling_kernel_size": SIZE, "position_embedding_size": SIZE,
+    "use_clipped_linears": Rule("bool", null=True), "standardize": Rule("bool", null=True),
+    "rope_theta": Rule("number", above=0, null=True), "rope_parameters": Rule("object", null=True),
+    "rope_scaling": Rule("object", null=True), "default_output_length": Rule("int", lo=1, null=True),
+}
+
+
+def _vision_rope_theta(raw: dict[str, Any], source: str = "config.json") -> float:
     """transformers reads `rope_parameters` (or legacy `rope_scaling`), then a bare `rope_theta`; a type
     "default" means "axial" for this tower, and every other type is refused."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError("vision_config.rope_parameters must be an object")
+    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    check_fields(params, {"rope_theta": Rule("number", above=0, null=True)}, source, f"vision_config.{key}.")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "axial"):
         raise ConfigError(f"vision_config rope_type {rope_type!r} is not supported (the vision tower uses axial RoPE)")
@@ -520,13 +535,15 @@ def vision_config_of(model: ModelConfig) -> VisionConfig | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise ConfigError("config.json: vision_config must be an object")
-    if int(raw.get("num_hidden_layers", 16)) == 0:
+        raise _fail(model.source, "vision_config must be an object")
+    check_fields(raw, VISION_RULES, model.source, "vision_config.")
+    check_fields(model.raw, {"vision_soft_tokens_per_image": Rule("int", lo=1, null=True)}, model.source)
+    if raw.get("num_hidden_layers", 16) == 0:
         return None
     known = {f.name for f in fields(VisionConfig)} - {"rope_theta", "text_hidden_size", "default_soft_tokens"}
     kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
     default = model.raw.get("vision_soft_tokens_per_image") or raw.get("default_output_length") or 280
-    cfg = VisionConfig(**kwargs, rope_theta=_vision_rope_theta(raw), text_hidden_size=model.text.hidden_size,
+    cfg = VisionConfig(**kwargs, rope_theta=_vision_rope_theta(raw, model.source), text_hidden_size=model.text.hidden_size,
                        default_soft_tokens=int(default))
     if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"vision_config.hidden_activation {cfg.hidden_activation!r} is not supported (gelu_pytorch_tanh)")

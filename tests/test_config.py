@@ -161,3 +161,16 @@ def test_errors_name_the_file(tmp_path):
                                                       "canvas_length": "abc"}))
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: canvas_length must be an integer"):
         load_model_config(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "32"), ("num_hidden_layers", -1), ("head_dim", 7),
+                                          ("standardize", "yes"), ("rope_parameters", 5)])
+def test_vision_config_fields_are_checked(field, value):
+    from letterpress.config import vision_config_of
+
+    raw = {"model_type": "diffusion_gemma", "text_config": TEXT, "vision_config": {field: value}}
+    with pytest.raises(ConfigError, match=rf"^config.json: vision_config\.{field} must be "):
+        vision_config_of(model_config_from_dict(raw))
+    raw["vision_config"] = {"rope_parameters": {"rope_theta": "100"}}
+    with pytest.raises(ConfigError, match=r"vision_config\.rope_parameters\.rope_theta must be "):
+        vision_config_of(model_config_from_dict(raw))
