@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import ModelConfig, load_model_config
-from .errors import CheckpointError
+from .errors import CheckpointError, NotSupportedError
+from .quant import CT_METHOD, QuantExperts, QuantLinear, QuantWeight, check_format, ct_check_config, ct_to_parts
 
 log = logging.getLogger(__name__)
 
@@ -182,29 +184,140 @@ def candidate_names(ours: str) -> list[str]:
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-               offline: bool | None = None, revision: str | None = None, check_finite: bool = True):
-    """`dtype`: a torch dtype, its name, or "auto" (the checkpoint's own, `checkpoint_dtype`).
-    `check_finite`: refuse weights holding NaN or infinity (one extra read of every tensor, see README)."""
+               offline: bool | None = None, revision: str | None = None, quantization: str | None = None,
+               check_finite: bool = True):
+    """Build the model on the meta device, swap in quantized modules where the checkpoint stores quantized
+    weights (compressed-tensors) or `quantization` asks for them, allocate on `device`, then read each
+    tensor into its place: float tensors are cast, quantized while loading or taken as stored. Peak memory
+    is about the loaded model plus the largest float tensor (one expert's slice for packed experts).
+
+    `dtype`: a torch dtype, its name, or "auto" (the checkpoint's own, `checkpoint_dtype`). Every stored
+    header is checked (name, shape, float dtype) before anything is allocated. `check_finite`: refuse
+    float weights holding NaN or infinity (one sum per tensor, see README)."""
     from .model import DiffusionGemma
 
     folder = resolve(path_or_id, offline=offline, revision=revision)
     config = load_model_config(folder)
     dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
+    fmt = check_format(quantization)
+    stored_config = stored_quantization(folder)
     with torch.device("meta"):
         model = DiffusionGemma(config).to(dtype)
-    plan = plan_weights(model, folder)  # refuse a mismatched checkpoint before allocating
+    files = weight_files(folder)
+    plan = plan_weights(model, folder, files)
+    check_headers(model, plan, files)  # refuse a mismatched checkpoint before allocating
+    quantized = swap_quantized_modules(model, plan, fmt)
+    model = allocate(model, device, folder)
+    model.init_rope()
+    load_weights(model, folder, plan, quantized, check_finite=check_finite)
+    model.checkpoint_dir = folder
+    model.quantization = fmt or (CT_METHOD if stored_config else None)
+    return model.eval()
+
+
+def allocate(model: torch.nn.Module, device: torch.device | str, folder: Path) -> torch.nn.Module:
+    """`to_empty` with an allocation failure as a one-line error."""
     try:
-        model = model.to_empty(device=device)
+        return model.to_empty(device=device)
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
             raise
-        size_gb = sum(t.numel() * t.element_size() for t in _targets(model).values()) / 1e9
-        raise CheckpointError(f"{folder}: not enough memory on {device} for the model's {size_gb:.1f} GB "
-                              f"in {str(dtype).removeprefix('torch.')}") from None
-    model.init_rope()
-    load_weights(model, folder, check_finite=check_finite, plan=plan)
-    model.checkpoint_dir = folder
-    return model.eval()
+        size_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
+        raise CheckpointError(f"{folder}: not enough memory on {device} for the model's {size_gb:.1f} GB") from None
+
+
+def stored_quantization(folder: Path) -> dict | None:
+    """config.json's `quantization_config`, checked to be one we load (compressed-tensors), or None."""
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None  # load_model_config has already reported a broken config.json
+    if qc is None:
+        return None
+    try:
+        ct_check_config(qc, folder.name)
+    except NotSupportedError as e:
+        raise CheckpointError(str(e)) from None
+    return qc
+
+
+@dataclass
+class Stored:
+    """Where one of our tensors is in the checkpoint: a float tensor `names["float"]`, or a quantized one
+    (compressed-tensors): local name (weight, weight_packed, weight_scale, ...) -> stored name."""
+    names: dict[str, str]
+
+    @property
+    def quantized(self) -> bool:
+        return "weight_scale" in self.names
+
+
+CT_LOCAL_NAMES = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape")
+
+
+def find_stored(ours: str, files: dict[str, Path]) -> Stored | None:
+    """The first of `candidate_names(ours)` the checkpoint has, as a float tensor or as a quantized module
+    (`prefix.weight_scale` next to `prefix.weight` or `prefix.weight_packed`; for packed experts the
+    prefix is the parameter's own name)."""
+    for name in candidate_names(ours):
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else name
+        if f"{prefix}.weight_scale" in files:
+            if f"{prefix}.weight_g_idx" in files:
+                raise CheckpointError(f"{prefix} is stored with activation ordering (weight_g_idx), which "
+                                      "letterpress does not load")
+            return Stored({local: f"{prefix}.{local}" for local in CT_LOCAL_NAMES if f"{prefix}.{local}" in files})
+        if name in files:
+            return Stored({"float": name})
+    return None
+
+
+def plan_weights(model: torch.nn.Module, folder: Path, files: dict[str, Path]) -> dict[str, Stored]:
+    """Our tensor name -> where the checkpoint stores it, for every parameter and persistent buffer."""
+    targets = [n for n, _ in model.named_parameters()]
+    targets += [n for n, _ in model.named_buffers() if not n.startswith("inv_freq")]
+    plan = {}
+    for ours in targets:
+        stored = find_stored(ours, files)
+        if stored is None:
+            if ours.endswith("_scalar"):
+                # A buffer that starts at 1.0 in the reference too; a checkpoint may omit it.
+                log.warning("%s: %s not in checkpoint, using 1.0", folder.name, candidate_names(ours)[0])
+                continue
+            per_expert = [c for c in candidate_names(ours) if any(n.startswith(f"{c}.0.") or
+                                                                  n.startswith(c.rsplit(".", 1)[0] + ".0.")
+                                                                  for n in files)]
+            if ours.endswith(("experts.gate_up_proj", "experts.down_proj")) and per_expert:
+                raise CheckpointError(f"{folder}: the experts are stored one linear layer per expert "
+                                      f"({per_expert[0].rsplit('.', 1)[0]}.0. ...); letterpress loads them packed "
+                                      "(experts.gate_up_proj / experts.down_proj)")
+            raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
+        plan[ours] = stored
+    return plan
+
+
+def check_headers(model: torch.nn.Module, plan: dict[str, "Stored"], files: dict[str, Path]) -> None:
+    """Check every float tensor's header against `model` (still on the meta device): its shape, and a
+    floating-point dtype where the model holds floats. Reads headers only."""
+    targets = dict(model.named_parameters())
+    targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for ours, stored in plan.items():
+            name = stored.names.get("float")
+            if name is None:
+                continue  # stored quantized: checked when read (load_stored_quantized)
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path))
+            try:
+                header = handles[path].get_slice(name)
+                shape, stored_dtype = tuple(header.get_shape()), header.get_dtype()
+            except Exception as e:
+                raise CheckpointError(f"{path.name}: cannot read {name} ({e})") from None
+            if shape != tuple(targets[ours].shape):
+                raise CheckpointError(f"{path.name}: {name} has shape {list(shape)}, "
+                                      f"the config implies {list(targets[ours].shape)}")
+            check_stored_dtype(path, name, stored_dtype, targets[ours])
 
 
 def check_stored_dtype(path: Path, stored: str, stored_dtype: str, target: torch.Tensor) -> None:
@@ -234,80 +347,195 @@ def non_finite_error(folder: Path, bad: list[tuple[str, str, int, int, str | Non
     return CheckpointError(f"{folder}: {file}: {name} has {count} of {numel} values NaN or infinite{more}{hint}")
 
 
-@dataclass
-class LoadPlan:
-    """Which stored tensor fills which of our tensors, checked against the headers before anything is read."""
+def swap_quantized_modules(model: torch.nn.Module, plan: dict[str, Stored], fmt: str | None) -> dict[str, QuantWeight]:
+    """Replace (on the meta device) every linear layer and packed expert pair that the checkpoint stores
+    quantized, or that `fmt` asks to quantize, by an empty quantized module. Returns our tensor name ->
+    the QuantWeight that tensor fills. Routers, norms and the embedding stay float."""
+    from .model.layers import Experts, Router
 
-    by_file: dict[Path, list[tuple[str, str, str]]]  # file -> [(our name, stored name, stored dtype)]
-    scalars_to_one: list[str]  # layer scalars the checkpoint omits (they start at 1.0 in the reference too)
+    quantized: dict[str, QuantWeight] = {}
+
+    def visit(module: torch.nn.Module, path: str) -> None:
+        for name, child in list(module.named_children()):
+            full = f"{path}.{name}"
+            if isinstance(child, Router):
+                continue
+            if isinstance(child, torch.nn.Linear):
+                stored = plan[f"{full}.weight"]
+                if stored.quantized or fmt:
+                    new = QuantLinear(child, fmt, empty=True)
+                    setattr(module, name, new)
+                    quantized[f"{full}.weight"] = new.qweight
+            elif isinstance(child, Experts):
+                parts = {"gate_up_proj": "gate_up", "down_proj": "down"}
+                stored = [plan[f"{full}.{p}"].quantized for p in parts]
+                if any(stored) and not all(stored) and not fmt:
+                    raise CheckpointError(f"{full}: one of the packed expert weights is quantized and the other "
+                                          "is not; pass a quantization format for the float one")
+                if any(stored) or fmt:
+                    new = QuantExperts(child, fmt, empty=True)
+                    setattr(module, name, new)
+                    for p, attr in parts.items():
+                        quantized[f"{full}.{p}"] = getattr(new, attr)
+            else:
+                visit(child, full)
+
+    for i, layer in enumerate(model.layers):
+        visit(layer, f"layers.{i}")
+    visit(model.self_conditioning, "self_conditioning")
+    stray = [n for n, s in plan.items() if s.quantized and n not in quantized]
+    if stray:
+        raise CheckpointError(f"{stray[0]} is stored quantized, but letterpress keeps it in float "
+                              "(only linear layers of the text stack and the experts load quantized)")
+    return quantized
 
 
-def _targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def read_tensor(f, path: Path, stored: str, shape: tuple[int, ...] | None = None,
+                expert: int | None = None) -> torch.Tensor:
+    """Read one stored tensor (or expert `expert` of a 3-D one), checking its shape against `shape`. Every
+    tensor the loader reads goes through here."""
+    try:
+        view = f.get_slice(stored)
+        got = tuple(view.get_shape())
+    except Exception as e:
+        raise CheckpointError(f"{path.name}: cannot read {stored} ({e})") from None
+    if shape is not None and got != tuple(shape):
+        raise CheckpointError(f"{path.name}: {stored} has shape {list(got)}, the config implies {list(shape)}")
+    try:
+        return view[expert] if expert is not None else f.get_tensor(stored)
+    except Exception as e:  # truncated data section
+        raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). Quantizing while loading
+    frees float temporaries of many sizes between long-lived quantized tensors; glibc keeps such holes, and
+    without this the process grew to ~2x the quantized model by the end of loading (benchmarks/load_memory.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+class _ExpertSlices:
+    """The [N, K] slices of a stored [E, N, K] float tensor, each read (and cast) only when indexed."""
+
+    def __init__(self, f, path: Path, stored: str, shape: tuple[int, ...], dtype: torch.dtype, device,
+                 check_finite: bool = True):
+        read_tensor(f, path, stored, shape)  # checks the shape (reads the header only)
+        self.f, self.path, self.stored, self.shape, self.dtype, self.device = f, path, stored, shape, dtype, device
+        self.check_finite = check_finite
+        self.non_finite = 0  # NaN/inf values seen in the slices read so far (after the cast)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        piece = read_tensor(self.f, self.path, self.stored, expert=e).to(self.device, self.dtype)
+        self.non_finite += count_non_finite(piece) if self.check_finite else 0
+        return piece
+
+
+def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] | None = None,
+                 quantized: dict[str, QuantWeight] | None = None, check_finite: bool = True) -> None:
+    """Read every tensor of `plan` (default: every parameter and layer scalar of `model`) into the model:
+    float tensors cast to the model's dtype, or quantized into the QuantWeight `quantized` maps them to,
+    or taken as stored when the checkpoint stores them quantized. `check_finite`: float tensors holding
+    NaN/inf (after the cast) are collected and refused together at the end."""
+    files = weight_files(folder)
+    plan = plan if plan is not None else plan_weights(model, folder, files)
+    quantized = quantized or {}
     targets = dict(model.named_parameters())
     targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
-    return targets
-
-
-def plan_weights(model: torch.nn.Module, folder: Path) -> LoadPlan:
-    """Match every parameter and layer scalar of `model` (which may still be on the meta device) to a stored
-    tensor, and check each header's shape and dtype, so that a checkpoint that does not fit its config is
-    refused before the model is allocated (a typo'd hidden_size must not try to allocate terabytes)."""
-    files = weight_files(folder)
-    plan = LoadPlan(by_file={}, scalars_to_one=[])
-    for ours in _targets(model):
-        stored = next((n for n in candidate_names(ours) if n in files), None)
-        if stored is None:
-            if ours.endswith("_scalar"):
-                log.warning("%s: %s not in checkpoint, using 1.0", folder.name, candidate_names(ours)[0])
-                plan.scalars_to_one.append(ours)
-                continue
-            raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
-        plan.by_file.setdefault(files[stored], []).append((ours, stored, ""))
-    targets = _targets(model)
-    for path, items in plan.by_file.items():
-        with _open(path) as f:
-            for k, (ours, stored, _) in enumerate(items):
-                try:
-                    header = f.get_slice(stored)
-                    shape, stored_dtype = tuple(header.get_shape()), header.get_dtype()
-                except Exception as e:
-                    raise CheckpointError(f"{path.name}: cannot read {stored} ({e})") from None
-                if shape != tuple(targets[ours].shape):
-                    raise CheckpointError(f"{path.name}: {stored} has shape {list(shape)}, "
-                                          f"the config implies {list(targets[ours].shape)}")
-                check_stored_dtype(path, stored, stored_dtype, targets[ours])
-                items[k] = (ours, stored, stored_dtype)
-    return plan
-
-
-def load_weights(model: torch.nn.Module, folder: Path, check_finite: bool = True, plan: LoadPlan | None = None) -> None:
-    """Copy every parameter and layer scalar from the checkpoint into `model`, casting to the model's dtype.
-    `plan`: from `plan_weights` (made here if not given)."""
-    plan = plan or plan_weights(model, folder)
-    targets = _targets(model)
-    for ours in plan.scalars_to_one:
-        targets[ours].data.fill_(1.0)
-    progress = tqdm(total=sum(len(v) for v in plan.by_file.values()), desc=f"loading {folder.name}", unit="tensor",
+    for name, tensor in targets.items():
+        if name.endswith("_scalar") and name not in plan:
+            tensor.data.fill_(1.0)
+    dtype, device = model.dtype, model.device
+    progress = tqdm(total=len(plan), desc=f"loading {folder.name}", unit="tensor",
                     disable=None, leave=False)  # disable=None: shown on a terminal only
     bad: list[tuple[str, str, int, int, str | None]] = []  # tensors holding NaN/inf, reported together
-    for path, items in sorted(plan.by_file.items()):
-        with _open(path) as f:
-            for ours, stored, stored_dtype in items:
-                progress.update()
-                target = targets[ours]
-                try:
-                    tensor = f.get_tensor(stored)
-                except Exception as e:  # truncated data section
-                    raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
-                target.data.copy_(tensor)
-                bad_count = count_non_finite(target.data) if check_finite else 0
-                if bad_count:
-                    cast_from = stored_dtype if count_non_finite(tensor) == 0 else None
-                    bad.append((path.name, stored, bad_count, target.numel(), cast_from))
+
+    def check(f, path: Path, name: str, loaded: torch.Tensor, stored: torch.Tensor | None) -> None:
+        count = count_non_finite(loaded) if check_finite else 0
+        if count:  # finite as stored but not after the cast: the cast overflowed
+            overflowed = stored is not None and count_non_finite(stored) == 0
+            bad.append((path.name, name, count, loaded.numel(), f.get_slice(name).get_dtype() if overflowed else None))
+
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def handle(name: str):
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path))
+            return handles[path], path
+
+        # file by file, in stored order, so reads go through each file once
+        for ours, stored in sorted(plan.items(), key=lambda kv: (str(files[next(iter(kv[1].names.values()))]), kv[0])):
+            progress.update()
+            if ours in quantized:
+                qweight = quantized[ours]
+                if stored.quantized:
+                    load_stored_quantized(qweight, stored, handle, device)
+                else:
+                    name = stored.names["float"]
+                    f, path = handle(name)
+                    if len(qweight.shape) == 3:
+                        slices = _ExpertSlices(f, path, name, qweight.shape, dtype, device, check_finite)
+                        qweight.load_float(slices)
+                        if slices.non_finite:
+                            bad.append((path.name, name, slices.non_finite, math.prod(qweight.shape), None))
+                    else:
+                        weight = read_tensor(f, path, name, qweight.shape).to(device, dtype)
+                        check(f, path, name, weight, None)
+                        qweight.load_float(weight)
+                        del weight
+                _trim_heap()
+                continue
+            name = stored.names["float"]
+            f, path = handle(name)
+            target = targets[ours]
+            tensor = read_tensor(f, path, name, tuple(target.shape))
+            target.data.copy_(tensor)
+            check(f, path, name, target.data, tensor)
     progress.close()
     if bad:
         raise non_finite_error(folder, bad)
     model.requires_grad_(False)
+
+
+def load_stored_quantized(qweight: QuantWeight, stored: Stored, handle, device) -> None:
+    """Fill `qweight` from a compressed-tensors module (weight_packed / weight / weight_scale / ...)."""
+    tensors = {}
+    for local, name in stored.names.items():
+        f, path = handle(name)
+        tensors[local] = read_tensor(f, path, name)
+    where = f"{path.name}: {next(iter(stored.names.values())).rsplit('.', 1)[0]}"
+    shape = qweight.shape
+    if "weight_shape" in tensors and tuple(tensors["weight_shape"].tolist()) != shape:
+        raise CheckpointError(f"{where} has weight_shape {tensors['weight_shape'].tolist()}, "
+                              f"the config implies {list(shape)}")
+    try:
+        fmt, parts = ct_to_parts(tensors, shape)
+    except NotSupportedError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    *lead, n, k = shape
+    main = parts.get("q", parts.get("packed"))
+    expected = (*lead, n, k) if "q" in parts else (*lead, n, k // 2)
+    if tuple(main.shape) != expected:
+        raise CheckpointError(f"{where}: quantized weight of shape {list(main.shape)}, the config implies "
+                              f"{list(expected)} for a [{', '.join(map(str, shape))}] weight")
+    # copy=True: a CPU tensor from safe_open may share the file's mapping; own it, as float weights are owned
+    qweight.load_parts({name: t.to(device, copy=True) for name, t in parts.items()}, fmt)
 
 
 def checkpoint_names(ours: str) -> list[str]:

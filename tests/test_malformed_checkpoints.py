@@ -214,3 +214,15 @@ def test_count_non_finite():
     assert count_non_finite(x) == 3
     assert count_non_finite(x.to(torch.bfloat16)) == 3
     assert count_non_finite(torch.arange(5)) == 0
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("tensor", [A_TENSOR, "model.decoder.layers.1.experts.gate_up_proj"])
+def test_non_finite_weights_refused_when_quantizing_while_loading(tmp_path, quantization, tensor):
+    """Linear layers and packed experts (read one expert at a time) are quantized as they are read: the check
+    sees their float values."""
+    state = load_file(TINY / "model.safetensors")
+    state[tensor].view(-1)[7] = float("nan")
+    folder = with_weights(tiny_copy(tmp_path / "ckpt"), state)
+    with pytest.raises(LetterpressError, match=rf"{tensor} has 1 of \d+ values NaN or infinite"):
+        load_model(folder, quantization=quantization)
