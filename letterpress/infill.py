@@ -359,19 +359,43 @@ def check_spans(text: object, spans: object) -> list[Span]:
     return checked
 
 
-def span_tokens(offsets: list[Span], spans: list[Span]) -> list[Span]:
-    """Per span, the [first, last] token indices overlapping it; spans that share a token are merged."""
+def span_tokens(offsets: Sequence[Span], spans: list[Span]) -> list[Span]:
+    """Per span, the [first, last] token indices overlapping it; spans that share a token are merged.
+
+    `spans` are sorted and disjoint (check_spans). Token offsets from a tokenizer run left to right (starts
+    and ends never decrease), so one sweep over tokens and spans together finds every overlap: O(tokens +
+    spans). Offsets that do not run left to right (no tokenizer we know) get the per-span scan instead."""
+    if not all(a1 <= a2 and b1 <= b2 for (a1, b1), (a2, b2) in pairwise(offsets)):
+        return _span_tokens_scan(offsets, spans)
+    runs: list[list[int]] = []
+    i, n = 0, len(offsets)
+    for start, end in spans:
+        while i < n and offsets[i][1] <= start:  # tokens that end before this span cannot reach the next ones
+            i += 1
+        if i == n or offsets[i][0] >= end:  # only possible with a tokenizer that drops characters
+            raise RequestError(f"span [{start}, {end}) covers no token of the text")
+        last = i
+        while last + 1 < n and offsets[last + 1][0] < end:
+            last += 1
+        _add_run(runs, i, last)
+    return [(a, b) for a, b in runs]
+
+
+def _span_tokens_scan(offsets: Sequence[Span], spans: list[Span]) -> list[Span]:
     runs: list[list[int]] = []
     for start, end in spans:
         hit = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        if not hit:  # only possible with a tokenizer that drops characters
+        if not hit:
             raise RequestError(f"span [{start}, {end}) covers no token of the text")
-        first, last = hit[0], hit[-1]
-        if runs and first <= runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], last)
-        else:
-            runs.append([first, last])
+        _add_run(runs, hit[0], hit[-1])
     return [(a, b) for a, b in runs]
+
+
+def _add_run(runs: list[list[int]], first: int, last: int) -> None:
+    if runs and first <= runs[-1][1]:
+        runs[-1][1] = max(runs[-1][1], last)
+    else:
+        runs.append([first, last])
 
 
 def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str | None = None,
