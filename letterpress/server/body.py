@@ -1,0 +1,104 @@
+"""Reading a request body: a size limit, strict JSON, valid Unicode, then the pydantic schema.
+
+Everything here runs before a request costs the engine anything. The body is read with a byte limit
+(`--max-request-bytes`; 413 from Content-Length before reading, or as soon as a chunked body passes it),
+then parsed on a worker thread (a multi-megabyte body takes tens of milliseconds to parse; the event loop
+keeps answering meanwhile). The JSON must be JSON: Python's parser also takes `NaN`, `Infinity` and
+`-Infinity`, which are not JSON, and strings holding lone UTF-16 surrogates (`"\\ud800"`), which are not
+text; both are a 400 here rather than a 500 deeper down.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypeVar
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request as HttpRequest
+
+from .schemas import ApiError
+
+# Hugging Face's text-generation-inference and text-embeddings-inference refuse bodies over 2,000,000 bytes
+# (`--payload-limit`); vLLM sets no limit. 2 MB holds far more text than the default max_model_len does.
+DEFAULT_MAX_REQUEST_BYTES = 2_000_000
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def too_large(size: int | None, limit: int) -> ApiError:
+    what = f"{size:,} bytes" if size is not None else f"more than {limit:,} bytes"
+    return ApiError(413, f"the request body is {what}; this server accepts at most {limit:,} bytes "
+                         "(--max-request-bytes)", code="request_too_large")
+
+
+async def read_body(raw: HttpRequest, limit: int) -> bytes:
+    """The whole body, or a 413 as soon as it is known to be larger than `limit` bytes."""
+    declared = raw.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > limit:  # a chunked body (or a Content-Length that lied): stop reading now
+            raise too_large(None, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON (numbers must be finite)")
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN / Infinity literals, no lone surrogates. Raises ApiError(400)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object")
+    try:
+        value = json.loads(text, parse_constant=_not_json)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON body: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except ValueError as e:  # _not_json
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
+    # Valid UTF-8 cannot hold a surrogate, so one can only come from a \u escape: skip the walk without one.
+    if "\\ud" in text or "\\uD" in text:
+        check_surrogates(value)
+    return value
+
+
+def check_surrogates(value: Any) -> None:
+    """A 400 naming the first string (or key) that holds a lone UTF-16 surrogate."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            found = _LONE_SURROGATE.search(item)
+            if found is not None:
+                where = path or "the body"
+                raise ApiError(400, f"'{where}' holds a lone UTF-16 surrogate (\\u{ord(found.group()):04x} at "
+                                    f"character {found.start()}), which is not valid Unicode",
+                               param=re.split(r"[.\[]", path, maxsplit=1)[0] or None, code="invalid_value")
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                child_path = f"{path}.{key}" if path else str(key)
+                stack.append((child, child_path))
+                stack.append((key, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
+
+
+def parse_body(data: bytes, model: type[Body]) -> Body:
+    """The body as `model`; schema errors become FastAPI's RequestValidationError (the server's 400)."""
+    value = parse_json(data)
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
