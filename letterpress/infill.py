@@ -319,7 +319,7 @@ class EditResult:
     written_tokens: int  # tokens the model wrote into the spans (end tokens dropped)
     tokens_per_forward: float  # written_tokens / denoising steps
     context_tokens: int  # text tokens before the canvas (encoded as context)
-    tokens_after_canvas: int  # text tokens that did not fit in the canvas (unseen, unchanged)
+    tokens_after_canvas: int  # text tokens that did not fit in the canvas (unseen, unchanged; see edit_window)
 
 
 @dataclass
@@ -409,9 +409,10 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
         raise RequestError("instruction must be a string")
     if not isinstance(slack, int) or slack < 0:
         raise RequestError(f"slack_tokens must be an integer >= 0, got {slack!r}")
-    ids, offsets = codec.tokenizer.encode_with_offsets(text)
-    token_runs = span_tokens(offsets, checked)
     C = codec.canvas_length
+    head = edit_window(codec, text, checked)
+    ids, offsets = codec.tokenizer.encode_with_offsets(text[:head])
+    token_runs = span_tokens(offsets, checked)
     start = token_runs[0][0]
     needed = token_runs[-1][1] - start + 1 + slack * len(token_runs)
     if needed > C:
@@ -429,10 +430,28 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
     room = C - len(pinned)
     pinned += ids[i:i + room]
     after = max(0, len(ids) - (i + room))
+    if head < len(text):  # counted apart: may differ by a token where the window was cut
+        after += codec.tokenizer.count_tokens(text[head:])
     pinned += [codec.eos_id] * (C - len(pinned))
     context = codec.context(instruction + "\n" if instruction else "") + ids[:start]
     char_ranges = [(offsets[a][0], offsets[b][1]) for a, b in token_runs]
     return EditPlan(text, RowPlan(context, Clamp.of(pinned), runs), char_ranges, start, after)
+
+
+def edit_window(codec: Codec, text: str, spans: list[Span]) -> int:
+    """How much of `text` to tokenize for the plan: every token a canvas starting at the first span can hold,
+    and a margin, so that a large text costs its context and one canvas, not its length (the rest is only
+    counted). A region too long for one canvas in characters is refused here, before any tokenizing."""
+    per_token = codec.tokenizer.max_chars_per_token()
+    if per_token is None:  # no bound on characters per token: tokenize everything
+        return len(text)
+    first, last = spans[0][0], spans[-1][1]
+    reach = codec.canvas_length * per_token  # the most characters one canvas of tokens can cover
+    if last - first > reach:
+        raise RequestError(f"the edited region spans {last - first:,} characters (first to last edited "
+                           f"character): more than one canvas of {codec.canvas_length} tokens can hold "
+                           f"({reach:,} characters at {per_token} per token at most): edit in several calls")
+    return min(len(text), first + reach + 4 * per_token + 64)
 
 
 def finish_edit(codec: Codec, plan: EditPlan, out: RequestOutput) -> EditResult:

@@ -143,6 +143,10 @@ class Tokenizer:
         encoding = self._encode(text, False)
         return list(encoding.ids), [tuple(o) for o in encoding.offsets]
 
+    def count_tokens(self, text: str) -> int:
+        """len(encode(text)) without building the list of ids."""
+        return len(self._encode(text, False))
+
     def _encode(self, text: str, add_special_tokens: bool):
         # encode_batch releases the GIL while it works and encode does not: a long text tokenized on a worker
         # thread (the server does) then leaves the other threads (its event loop) running. Same ids.

@@ -327,6 +327,30 @@ def test_span_mapping_matches_the_scan_on_random_spans(llm):
         spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
         assert span_tokens(offsets, spans) == _span_tokens_scan(offsets, spans)
 
+
+def test_edit_of_a_long_text_tokenizes_only_its_window(llm, monkeypatch):
+    """A large text costs its context and one canvas: the plan is the one a full tokenization gives, the rest
+    is only counted, and spans further apart than a canvas can cover are refused before tokenizing."""
+    lines = [f"    value_{i} = compute({i}, value_{i - 1})\n" for i in range(1, 8000)]
+    text = "def long():\n    value_0 = 0\n" + "".join(lines)
+    start = text.index("compute(30,")
+    codec = Codec.of(llm)
+    windowed = plan_edit(codec, text, [(start, start + 11), (start + 40, start + 45)], slack=2)
+    monkeypatch.setattr(type(codec.tokenizer), "max_chars_per_token", lambda self: None)
+    full = plan_edit(codec, text, [(start, start + 11), (start + 40, start + 45)], slack=2)
+    monkeypatch.undo()
+    assert windowed.row.prompt_ids == full.row.prompt_ids and windowed.row.runs == full.row.runs
+    assert torch.equal(windowed.row.clamp.mask, full.row.clamp.mask)
+    assert torch.equal(windowed.row.clamp.tokens[windowed.row.clamp.mask], full.row.clamp.tokens[full.row.clamp.mask])
+    assert windowed.char_ranges == full.char_ranges
+    assert windowed.context_tokens == full.context_tokens
+    assert abs(windowed.tokens_after_canvas - full.tokens_after_canvas) <= 1  # counted apart past the window
+    calls = []
+    monkeypatch.setattr(type(codec.tokenizer), "encode_with_offsets", lambda self, t: calls.append(t) or ([], []))
+    with pytest.raises(RequestError, match="more than one canvas of 64 tokens can hold"):
+        plan_edit(codec, text, [(0, 1), (len(text) - 1, len(text))])
+    assert calls == []  # refused without tokenizing
+
 # ---------------------------------------------------------------------------------------------- the server
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")

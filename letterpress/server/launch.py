@@ -4,7 +4,6 @@ so the rest of the CLI does not pay for them."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -83,9 +82,9 @@ def run_serve(args: argparse.Namespace) -> int:
     log.info("serving on http://%s:%d/v1 (auth: %s)", args.host, args.port, "API key" if config.api_key else "none")
     # uvicorn's own grace period only backs ours up: by then every handler has answered (or its client does
     # not read, and is cut off).
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=3)
-    server = graceful_server(uvicorn.Server)(config, app.state.server, args.shutdown_timeout)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=3)
+    server = graceful_server(uvicorn.Server)(uvicorn_config, app.state.server, args.shutdown_timeout)
     server.run()
     return 0 if server.started else 1
 
@@ -98,6 +97,7 @@ def graceful_server(base: type) -> type:
     `OpenAIServer.shut_down` (503 for new requests, at most --shutdown-timeout seconds for open ones, then a
     final error event); then uvicorn closes the connections, which are idle by then. A second signal exits
     the process at once."""
+    import asyncio
 
     class GracefulServer(base):
         def __init__(self, config, app_server, shutdown_timeout: float):
