@@ -4,15 +4,21 @@ For each scenario a probe thread sends `GET /health` back to back (each probe wa
 answer) while one large request runs; we print the large request's status and time, and the probes' median
 and worst latency. Scenarios (issue 12, item 2):
 
-- chat-10MB: one chat message of 10 MiB of text (refused: 413 past --max-request-bytes; or, with a limit
-  raised above it, 400 from the character bound on max_model_len before anything is tokenized)
-- chat-max: the largest chat message that passes the character bound (rendered and tokenized, then 400)
-- edits-N: `POST /v1/edits` with N one-character spans over 60,000 characters (400: the spans do not fit
-  in one canvas; everything before that answer is span mapping)
+- chat-NMB: one chat message of N MiB of text (past --max-request-bytes: 413; under it, 400 from the
+  character bound on max_model_len, checked on the rendered template before anything is tokenized)
+- chat-max: a chat message that fills the body limit (--max-request-bytes, default 2,000,000)
+- ids-max: a token-id prompt that fills the body limit (the parse itself is the work; then 400)
+- edit-max: an edit of a text that fills the body limit, one span near the top (200: planned on a window,
+  the rest counted)
+- edits-N: `POST /v1/edits` with N one-character spans over 60,000 characters (400: they do not fit in one
+  canvas)
+- spans-N (no server): the span-to-token mapping alone for N spans over 60,000 characters, the old per-span
+  scan against the sweep, in this process
 
 With no --url it starts `letterpress serve` on a free loopback port (extra server flags after `--`).
 
-    python benchmarks/server_stall.py [--scenarios chat-10MB edits-1000 edits-4000 edits-8000] [-- --max-request-bytes 20000000]
+    python benchmarks/server_stall.py [--scenarios chat-10MB chat-max ids-max edit-max edits-8000 spans-8000] \
+        [-- --max-request-bytes 20000000]
 """
 
 from __future__ import annotations
@@ -27,23 +33,20 @@ import httpx
 
 from serve_load import machine, start_server  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex the jolly zebra ".split()
-
-
 def text_of(chars: int) -> str:
-    line = " ".join(WORDS) + "\n"
-    return (line * (chars // len(line) + 1))[:chars]
+    line = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex the jolly zebra "
+    return (line * (chars // len(line) + 1))[:chars]  # no JSON escapes: one byte per character
 
 
-def scenario_body(name: str, url: str) -> tuple[str, dict]:
+def scenario_body(name: str, limit: int) -> tuple[str, dict]:
     if name.startswith("chat-") and name.endswith("MB"):
         return "/v1/chat/completions", {"messages": [{"role": "user", "content": text_of(int(name[5:-2]) << 20)}]}
     if name == "chat-max":
-        card = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
-        chars = card.get("max_prompt_chars")
-        if chars is None:
-            raise SystemExit("chat-max needs a server that reports max_prompt_chars in /v1/models")
-        return "/v1/chat/completions", {"messages": [{"role": "user", "content": text_of(chars - 200)}]}
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": text_of(limit - 200)}]}
+    if name == "ids-max":
+        return "/v1/completions", {"prompt": [7] * ((limit - 100) // 3)}
+    if name == "edit-max":
+        return "/v1/edits", {"input": text_of(limit - 300), "spans": [[10, 15]], "seed": 0}
     if name.startswith("edits-"):
         n = int(name[6:])
         text = text_of(60_000)
@@ -61,8 +64,34 @@ def probe(url: str, stop: threading.Event, latencies: list[float]) -> None:
             time.sleep(0.01)
 
 
-def run(url: str, name: str) -> dict:
-    path, body = scenario_body(name, url)
+def spans_scenario(name: str) -> dict:
+    """The span mapping alone, old scan against the sweep (same runs), for N spans over 60,000 characters."""
+    from common import ROOT  # noqa: F401  (puts the checkout on sys.path)
+
+    from letterpress.embedded import default_model_dir
+    from letterpress.infill import _span_tokens_scan, span_tokens
+    from letterpress.tokenizer import Tokenizer
+
+    n = int(name[6:])
+    text = text_of(60_000)
+    _, offsets = Tokenizer.from_dir(default_model_dir()).encode_with_offsets(text)
+    step = len(text) // n
+    spans = [(i * step, i * step + 1) for i in range(n)]
+    start = time.monotonic()
+    old = _span_tokens_scan(offsets, spans)
+    scan = time.monotonic() - start
+    start = time.monotonic()
+    new = span_tokens(offsets, spans)
+    sweep = time.monotonic() - start
+    assert old == new
+    return {"name": name, "status": "-", "took": sweep, "probes": 0, "p50": 0.0, "max": 0.0,
+            "message": f"{len(offsets):,} tokens: per-span scan {scan:.2f} s, sweep {sweep * 1000:.1f} ms"}
+
+
+def run(url: str, name: str, limit: int) -> dict:
+    if name.startswith("spans-"):
+        return spans_scenario(name)
+    path, body = scenario_body(name, limit)
     latencies: list[float] = []
     stop = threading.Event()
     prober = threading.Thread(target=probe, args=(url, stop, latencies))
@@ -92,9 +121,13 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["chat-10MB", "edits-1000", "edits-4000", "edits-8000"])
     args = parser.parse_args(argv)
     args.concurrency, args.max_denoising_steps, args.extra = [8], None, server_flags
-    proc, url = (None, args.url) if args.url else start_server(args)
+    limit = 2_000_000
+    if "--max-request-bytes" in server_flags:
+        limit = int(server_flags[server_flags.index("--max-request-bytes") + 1])
+    in_process = all(name.startswith("spans-") for name in args.scenarios)
+    proc, url = (None, args.url) if args.url or in_process else start_server(args)
     try:
-        rows = [run(url, name) for name in args.scenarios]
+        rows = [run(url, name, limit) for name in args.scenarios]
     finally:
         if proc is not None:
             proc.terminate()
