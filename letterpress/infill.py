@@ -430,8 +430,8 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
     room = C - len(pinned)
     pinned += ids[i:i + room]
     after = max(0, len(ids) - (i + room))
-    if head < len(text):  # counted apart: may differ by a token where the window was cut
-        after += codec.tokenizer.count_tokens(text[head:])
+    if head < len(text):
+        after += count_tokens(codec.tokenizer, text, head)
     pinned += [codec.eos_id] * (C - len(pinned))
     context = codec.context(instruction + "\n" if instruction else "") + ids[:start]
     char_ranges = [(offsets[a][0], offsets[b][1]) for a, b in token_runs]
@@ -441,7 +441,8 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
 def edit_window(codec: Codec, text: str, spans: list[Span]) -> int:
     """How much of `text` to tokenize for the plan: every token a canvas starting at the first span can hold,
     and a margin, so that a large text costs its context and one canvas, not its length (the rest is only
-    counted). A region too long for one canvas in characters is refused here, before any tokenizing."""
+    counted, see count_tokens). A region too long for one canvas in characters is refused here, before any
+    tokenizing."""
     per_token = codec.tokenizer.max_chars_per_token()
     if per_token is None:  # no bound on characters per token: tokenize everything
         return len(text)
@@ -452,6 +453,21 @@ def edit_window(codec: Codec, text: str, spans: list[Span]) -> int:
                            f"character): more than one canvas of {codec.canvas_length} tokens can hold "
                            f"({reach:,} characters at {per_token} per token at most): edit in several calls")
     return min(len(text), first + reach + 4 * per_token + 64)
+
+
+def count_tokens(tokenizer: Tokenizer, text: str, start: int, piece: int = 65536) -> int:
+    """Tokens of text[start:], counted in pieces of at most `piece` characters cut before a space (a token
+    boundary for the tokenizers we ship), so that no single call holds the GIL long: exact but for a token
+    here and there at the cuts (it only feeds the tokens_after_canvas statistic)."""
+    count = 0
+    while start < len(text):
+        end = min(len(text), start + piece)
+        if end < len(text):
+            space = text.rfind(" ", start + piece // 2, end)
+            end = space if space > start else end
+        count += tokenizer.count_tokens(text[start:end])
+        start = end
+    return count
 
 
 def finish_edit(codec: Codec, plan: EditPlan, out: RequestOutput) -> EditResult:

@@ -55,7 +55,7 @@ T = TypeVar("T")
 
 
 class ShuttingDown(Exception):
-    """The server is shutting down: new requests get a 503, and open ones this once the drain time is up."""
+    """The server is shutting down and its drain time is up: what is still open ends with this error."""
 
 
 @dataclass
@@ -473,8 +473,6 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = loc[0] if loc else None
     if first.get("type") == "extra_forbidden":
