@@ -100,7 +100,8 @@ def run(url: str, name: str, limit: int) -> dict:
     prober = threading.Thread(target=probe, args=(url, stop, latencies))
     with httpx.Client(base_url=url, timeout=600) as http:
         prober.start()
-        time.sleep(0.2)  # a few probes before, so the probe connection is open
+        while len(latencies) < 3:  # a few probes before, so the probe connection is open
+            time.sleep(0.05)
         before = len(latencies)
         start = time.monotonic()
         if data is None:  # the machine's own noise: probes alone for 3 s
