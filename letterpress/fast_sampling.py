@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import Draws, StepOutcome, entropy_bound_accept, free_mean_entropy, pin
+from .sampling import Draws, StepOutcome, check_finite, entropy_bound_accept, free_mean_entropy, pin
 
 
 @dataclass
@@ -51,6 +51,7 @@ def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy
     processed = logits.div_(temperatures.to(logits.device, logits.dtype)[:, None, None])
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     entropy = row_entropy(processed)
+    check_finite(entropy)  # before any row draws (sampling.denoise_step)
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     argmax = processed.argmax(-1)
     rows, length, vocab = processed.shape

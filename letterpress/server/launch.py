@@ -28,6 +28,13 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows that may wait for a slot; beyond that requests get 429 (default 128)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens encoded per row per step, so long prompts do not stall others (default 512)")
+    p.add_argument("--max-denoising-steps", type=int, default=None,
+                   help="the most denoising steps per canvas a request may ask for (400 above); requests that do not "
+                        "set it get the checkpoint's default capped at this (default: 1024, or the checkpoint's "
+                        "default if larger)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop a request's rows this long after it was queued and answer 504 (streams: a final "
+                        "error event); 0 = no limit (default 600, the openai client's own timeout)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="larger request bodies get 413 (default 2000000, text-generation-inference's --payload-limit)")
     p.add_argument("--shutdown-timeout", type=float, default=0.0,
@@ -38,7 +45,6 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler defaults for requests that do not set them "
                              "(default: the checkpoint's generation_config.json)")
     g.add_argument("--entropy-bound", type=float, default=None)
-    g.add_argument("--max-denoising-steps", type=int, default=None)
     g.add_argument("--t-min", type=float, default=None)
     g.add_argument("--t-max", type=float, default=None)
 
@@ -48,6 +54,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < (0 if name in ("port", "max_queue") else 1):
             args.parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.request_timeout < float("inf"):
+        args.parser.error(f"--request-timeout must be a number of seconds >= 0 (0: no limit), got {args.request_timeout}")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         args.parser.error(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     if not 0 <= args.shutdown_timeout < float("inf"):
@@ -75,6 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
                           max_queue=args.max_queue, entropy_bound=args.entropy_bound,
                           max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max,
+                          request_timeout=args.request_timeout or None,
                           **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}))
     app = build_app(llm, config)
     # Everything loaded so far lives as long as the process: keep it out of the garbage collector's full passes,
