@@ -4,6 +4,7 @@ an event loop that keeps answering while large requests are prepared, 499 in /me
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import socket
@@ -32,9 +33,15 @@ PROMPT = "def fibonacci(n):"
 @pytest.fixture(scope="module")
 def server():
     llm = LLM(None, max_num_seqs=8, max_model_len=1024, prefill_chunk=64)
-    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY, max_denoising_steps=3,
+    llm.defaults.max_denoising_steps = 3  # fast requests by default; up to 48 when one asks (as test_server)
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY, max_denoising_steps=48,
                                         max_request_bytes=LIMIT))
+    # As `letterpress serve` does once loaded: the heap so far (here: every test module's) stays out of full
+    # garbage collections, which stop every thread of this process, the server's event loop included.
+    gc.collect()
+    gc.freeze()
     yield live
+    gc.unfreeze()
     live.stop()
 
 
