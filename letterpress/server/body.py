@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -48,8 +48,11 @@ async def read_body(raw: HttpRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _not_json(literal: str) -> Any:
-    raise ValueError(f"{literal} is not JSON (numbers must be finite)")
+class _NotJson:
+    """What Python's parser makes of NaN / Infinity / -Infinity here: a marker we then look for, to name the field."""
+
+    def __init__(self, literal: str):
+        self.literal = literal
 
 
 def parse_json(data: bytes) -> Any:
@@ -60,39 +63,49 @@ def parse_json(data: bytes) -> Any:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
     if not text.strip():
         raise ApiError(400, "the request body is empty: send a JSON object")
+    constants: list[_NotJson] = []
     try:
-        value = json.loads(text, parse_constant=_not_json)
+        value = json.loads(text, parse_constant=lambda literal: constants.append(_NotJson(literal)) or constants[-1])
     except json.JSONDecodeError as e:
         raise ApiError(400, f"malformed JSON body: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except ValueError as e:  # _not_json
-        raise ApiError(400, f"malformed JSON body: {e}") from None
     except RecursionError:
         raise ApiError(400, "malformed JSON body: nested too deeply") from None
+    if constants:
+        path, item = find(value, lambda item: isinstance(item, _NotJson))
+        raise ApiError(400, f"'{path or 'the body'}': {item.literal} is not JSON (numbers must be finite)",
+                       param=top_field(path), code="invalid_value")
     # Valid UTF-8 cannot hold a surrogate, so one can only come from a \u escape: skip the walk without one.
     if "\\ud" in text or "\\uD" in text:
-        check_surrogates(value)
+        found = find(value, lambda item: isinstance(item, str) and lone_surrogate_at(item) is not None)
+        if found is not None:
+            path, item = found
+            at = lone_surrogate_at(item)
+            raise ApiError(400, f"'{path or 'the body'}' holds a lone UTF-16 surrogate (\\u{ord(item[at]):04x} at "
+                                f"character {at}), which is not valid Unicode", param=top_field(path),
+                           code="invalid_value")
     return value
 
 
-def check_surrogates(value: Any) -> None:
-    """A 400 naming the first string (or key) that holds a lone UTF-16 surrogate."""
+def find(value: Any, wanted: Callable[[Any], bool]) -> tuple[str, Any] | None:
+    """The first item (in document order: keys before their values) for which `wanted` holds, with its path
+    such as `messages[0].content`; None when there is none."""
     stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
         item, path = stack.pop()
-        if isinstance(item, str):
-            at = lone_surrogate_at(item)
-            if at is not None:
-                where = path or "the body"
-                raise ApiError(400, f"'{where}' holds a lone UTF-16 surrogate (\\u{ord(item[at]):04x} at "
-                                    f"character {at}), which is not valid Unicode",
-                               param=re.split(r"[.\[]", path, maxsplit=1)[0] or None, code="invalid_value")
-        elif isinstance(item, dict):
+        if wanted(item):
+            return path, item
+        if isinstance(item, dict):
             for key, child in reversed(list(item.items())):
                 child_path = f"{path}.{key}" if path else str(key)
                 stack.append((child, child_path))
                 stack.append((key, child_path))
         elif isinstance(item, list):
             stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def top_field(path: str) -> str | None:
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
 
 
 def parse_body(data: bytes, model: type[Body]) -> Body:
