@@ -9,6 +9,7 @@
     letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint  (cli/merge_lora.py)
     letterpress quantize MODEL OUT --format F write an int8/int4/fp8 compressed-tensors checkpoint (cli/quantize.py)
     letterpress sudoku "<81 cells>"           solve a Sudoku with the embedded Sudoku model (cli/sudoku.py)
+    letterpress plot-metrics METRICS.jsonl    draw a training run's loss curve as a PNG     (cli/plot_metrics.py)
 
 With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
 
@@ -30,7 +31,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code
 VERBS = {"generate": "generate", "chat": "chat", "infill": "infill", "edit": "edit", "serve": "serve",
-         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku"}
+         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku",
+         "plot-metrics": "plot_metrics"}
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
