@@ -396,7 +396,7 @@ def test_unexpected_errors_are_500_json_and_the_server_lives_on(http, server, cl
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(llm.tokenizer, "encode_chat", broken)
+    monkeypatch.setattr(llm.tokenizer, "apply_chat_template", broken)
     assert_error(http.post("/v1/chat/completions", json={"messages": CHAT}), 500, "boom")
     monkeypatch.undo()
     # an engine step that fails: the requests in it get a 500, the engine keeps going
