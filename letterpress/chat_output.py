@@ -120,7 +120,10 @@ class StreamParser:
         self._segment_start = True  # at the start of a reasoning segment (its label may follow)
         self._reasoning_fresh = True  # no reasoning text shown yet in this segment
         self._content_started = False  # visible content was emitted (a bare call can no longer start)
-        self._held_space = ""  # trailing whitespace, shown only if more text follows
+        self._held_space = ""  # trailing whitespace of the content, shown only if more text follows
+        self._held_thought_space = ""  # the same for the reasoning
+        self._lstrip_next = False  # a thought or call just ended: drop the whitespace that follows it
+        self._marker_since_held = False  # a thought or call started after the held whitespace
 
     # ---- public ------------------------------------------------------------------------------------------
 
@@ -141,7 +144,9 @@ class StreamParser:
             self._emit_text(self._buffer, out, final=True)
         elif self._state == _REASONING and self._buffer:
             self._emit_text(self._buffer, out, final=True)
-        self._buffer, self._state = "", _DONE
+        if self._held_space and not self._marker_since_held:
+            out.append(ChatDelta(content=self._held_space))
+        self._buffer, self._state, self._held_space = "", _DONE, ""
         return out
 
     # ---- the state machine -------------------------------------------------------------------------------
@@ -188,6 +193,7 @@ class StreamParser:
 
     def _on_marker(self, marker: str, out: list[ChatDelta]) -> None:
         if marker in TURN_ENDS:
+            self._marker_since_held = True
             self._state = _DONE
         elif marker == CALL_OPEN:
             self._end_segment()
@@ -202,9 +208,11 @@ class StreamParser:
         # anything else is a hidden token: dropped
 
     def _end_segment(self) -> None:
-        # Whitespace that ended a reasoning segment is dropped; content keeps it only if content follows.
+        """A thought or a call starts or a thought ends: whitespace around it is not shown."""
         if self._state == _REASONING:
-            self._held_space = ""
+            self._held_thought_space, self._lstrip_next = "", True
+        else:
+            self._marker_since_held = True
 
     def _emit_text(self, text: str, out: list[ChatDelta], final: bool) -> None:
         if not text:
@@ -215,23 +223,26 @@ class StreamParser:
                 if not text:
                     return
                 self._reasoning_fresh = False
-            text = self._held_space + text
+            text = self._held_thought_space + text
             body = text.rstrip()
-            self._held_space = "" if final else text[len(body):]
+            self._held_thought_space = "" if final else text[len(body):]
             if body:
                 out.append(ChatDelta(reasoning=body))
             return
-        if not self._content_started:
+        if self._lstrip_next:  # whitespace right after a thought or a call belongs to neither side
             text = text.lstrip()
             if not text:
                 return
-            self._content_started = True
-            self._held_space = ""
-        # Whitespace on both sides of a removed call or thought collapses to the side that follows.
-        text = (self._held_space if not text[0].isspace() else "") + text
+            self._lstrip_next = False
+        # Trailing whitespace waits: it is shown when more content follows, or at the end unless a thought or
+        # a call came after it (whitespace around them is not content). Leading whitespace of the answer stays.
+        text = self._held_space + text
         body = text.rstrip()
-        self._held_space = "" if final else text[len(body):]
+        self._held_space = text[len(body):]
+        if final and not self._marker_since_held:
+            body, self._held_space = text, ""
         if body:
+            self._content_started, self._marker_since_held = True, False
             out.append(ChatDelta(content=body))
 
     # ---- tool calls ----------------------------------------------------------------------------------------
@@ -254,6 +265,7 @@ class StreamParser:
             self._state = _CONTENT
             self._emit_text(CALL_OPEN + body + (CALL_CLOSE if closed else ""), out, final=False)
             return
+        self._lstrip_next = True
         for name, arguments in calls:
             out.append(ChatDelta(tool_call=ToolCall(self._make_id(), name, json.dumps(arguments, ensure_ascii=False))))
 

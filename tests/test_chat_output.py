@@ -49,6 +49,8 @@ CASES = {
     "word call": ("calling you", "calling you", "", []),
     "unclosed channel": ("<|channel>thought\nstill thinking", "", "still thinking", []),
     "text after turn end ignored": ("A<turn|><|turn>user\nB", "A", "", []),
+    "code keeps its whitespace": ("\n    return x\n\n", "\n    return x\n\n", "", []),
+    "whitespace around a call": ("A \n<|tool_call>call:f{}<tool_call|>\n B \n<turn|>", "A \nB", "", [("f", {})]),
     "partial marker at the end": ("Answer <|chan", "Answer <|chan", "", []),
 }
 
