@@ -254,7 +254,7 @@ class StreamParser:
             return False
         body, self._buffer = self._buffer[:at], self._buffer[at + len(found):]
         self._state = _CONTENT
-        self._end_call(body, out, closed=True)
+        self._end_call(body, out, closed=found == CALL_CLOSE)
         if found in TURN_ENDS:
             self._state = _DONE
         return True
@@ -279,6 +279,10 @@ class StreamParser:
             return None if final or not _BARE_CALL.startswith(text) else False
         if not text.startswith(_BARE_CALL):
             return None
+        name = _NAME.match(text, len(_BARE_CALL))
+        if name is not None and text.startswith("{", name.end()) and self._tool_names is not None \
+                and name.group() not in self._tool_names:
+            return None  # not a declared tool: plain text, shown at once
         end = _call_end(text, len(_BARE_CALL))
         if end is None:
             if final:

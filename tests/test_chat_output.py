@@ -44,6 +44,7 @@ CASES = {
     "malformed call stays content": (f"<|tool_call>call:f{{k:{Q}v}}<tool_call|>", f"<|tool_call>call:f{{k:{Q}v}}<tool_call|>",
                                      "", []),
     "malformed missing brace": ("<|tool_call>call:f{k:1<tool_call|>", "<|tool_call>call:f{k:1<tool_call|>", "", []),
+    "call closed by turn end but malformed": ("<|tool_call>call:f{k:<turn|>", "<|tool_call>call:f{k:", "", []),
     "not a call": ("<|tool_call>weather please<tool_call|>", "<|tool_call>weather please<tool_call|>", "", []),
     "bare call never closed": ("call:f{a:1", "call:f{a:1", "", []),
     "word call": ("calling you", "calling you", "", []),
@@ -116,6 +117,8 @@ def test_bare_calls_only_for_declared_names() -> None:
     assert parse_output("call:weather{city:Paris}", tool_names={"weather"}).tool_calls[0].name == "weather"
     out = parse_output("call:other{x:1}", tool_names={"weather"})
     assert (out.content, out.tool_calls) == ("call:other{x:1}", [])
+    # an undeclared name is shown at once, not held until its braces close
+    assert [d.content for d in StreamParser(tool_names={"weather"}).feed("call:other{x:")] == ["call:other{x:"]
 
 
 def test_garbage_never_raises() -> None:
