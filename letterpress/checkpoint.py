@@ -300,3 +300,49 @@ def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, ge
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
     return folder
+
+
+# ---- the vision tower (optional: loaded on its own, text-only use never touches it) ----------------------
+
+def vision_candidate_names(ours: str) -> list[str]:
+    """Our `VisionModel` name (`vision_tower.*`, `embed_vision.*`) -> the names a checkpoint may store it under."""
+    return ["model.encoder." + ours, "encoder." + ours]
+
+
+def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
+                      device: torch.device | str = "cpu", offline: bool | None = None, revision: str | None = None):
+    """The checkpoint's vision tower and `embed_vision` as a `letterpress.model.vision.VisionModel`.
+    Raises CheckpointError for a text-only checkpoint, or one whose config names a tower it does not store."""
+    from .config import vision_config_of
+    from .model.vision import VisionModel
+
+    folder = resolve(path_or_id, offline=offline, revision=revision)
+    vision = vision_config_of(load_model_config(folder))
+    if vision is None:
+        raise CheckpointError(f"{folder} is a text-only checkpoint: its config.json has no vision tower")
+    with torch.device("meta"):
+        model = VisionModel(vision).to(parse_dtype(dtype))
+    model = model.to_empty(device=device)
+    model.init_rope()
+    files = weight_files(folder)
+    targets = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.endswith("inv_freq")}
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    for ours in targets:
+        stored = next((n for n in vision_candidate_names(ours) if n in files), None)
+        if stored is None:
+            raise CheckpointError(f"{folder}: vision tensor {vision_candidate_names(ours)[0]} is missing from the "
+                                  "checkpoint (a text-only model with a vision_config?)")
+        plan.setdefault(files[stored], []).append((ours, stored))
+    for path, items in sorted(plan.items()):
+        with _open(path) as f:
+            for ours, stored in items:
+                try:
+                    tensor = f.get_tensor(stored)
+                except Exception as e:
+                    raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
+                if tuple(tensor.shape) != tuple(targets[ours].shape):
+                    raise CheckpointError(f"{path.name}: {stored} has shape {list(tensor.shape)}, "
+                                          f"the vision config implies {list(targets[ours].shape)}")
+                targets[ours].data.copy_(tensor)
+    model.requires_grad_(False)
+    return model.eval()
