@@ -68,6 +68,17 @@ CONVERSATIONS = {
                 "query": "rain", "limit": 3, "exact": True, "filter": {"since": 1.5, "tags": ["x", "y"]}}}}]},
         {"role": "tool", "tool_call_id": "b", "content": [{"type": "text", "text": "docs"}]},
         {"role": "tool", "tool_call_id": "a", "content": "cold"}],
+    "call-with-text-and-response": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "weather", "arguments": {"city": "Nice"}}}]},
+        {"role": "tool", "tool_call_id": "x", "content": "mild"},
+        {"role": "user", "content": "And tomorrow?"}],
+    "call-without-response": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "y", "type": "function", "function": {"name": "weather", "arguments": {}}}]}],
     "string-arguments-then-answer": [
         {"role": "user", "content": "Weather?"},
         {"role": "assistant", "tool_calls": [
@@ -160,6 +171,11 @@ def test_calls_responses_and_reasoning_in_history(tok: Tokenizer) -> None:
     # A JSON-string argument is pasted as given; the answer continues the same model turn; old thoughts dropped.
     assert ('<|tool_call>call:weather{city:<|"|>Rome<|"|>}<tool_call|><|tool_response>response:weather{value:'
             '<|"|>hot<|"|>}<tool_response|>It is hot.<turn|>\n<|turn>user\nThanks<turn|>\n') in later
+    # Text beside the calls closes the turn after the responses; calls still waiting end at <|tool_response>.
+    assert ('<tool_response|>Checking.<turn|>\n<|turn>user\nAnd tomorrow?<turn|>\n'
+            in tok.apply_chat_template(CONVERSATIONS["call-with-text-and-response"]))
+    assert tok.apply_chat_template(CONVERSATIONS["call-without-response"]).endswith(
+        "<|turn>model\n<|tool_call>call:weather{}<tool_call|><|tool_response>")
     history = tok.apply_chat_template(CONVERSATIONS["history-with-thought"])
     assert "<|turn>model\n4<turn|>\n" in history and "add" not in history
 
