@@ -133,6 +133,25 @@ def test_tool_loop_history_and_answer(client, server):
     assert answer.usage.prompt_tokens == len(tok.encode(prompt))
 
 
+def test_thinking_resumes_after_a_tool_response(client, server):
+    # With thinking on, the prompt after a tool response ends in an open thought channel: the output starts as
+    # reasoning, and the answer follows <channel|>. Streamed and whole agree.
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {
+            "name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "sunny"}]
+    text = "The tool says sunny.\n<channel|>It is sunny in Paris.<turn|>"
+    kwargs = dict(messages=history, tools=[WEATHER], extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    n = server.script.split_inside(text, "<channel|>")
+    whole = create(client, n, **kwargs).choices[0].message
+    assert (whole.content, whole.model_extra["reasoning"]) == ("It is sunny in Paris.", "The tool says sunny.")
+    chunks = list(create(client, n, stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.content
+    assert "".join((c.choices[0].delta.model_extra or {}).get("reasoning") or "" for c in chunks) == "The tool says sunny."
+    no_reasoning = create(client, n, **{**kwargs, "extra_body": {**kwargs["extra_body"], "include_reasoning": False}})
+    assert "reasoning" not in no_reasoning.choices[0].message.model_extra
+
+
 def test_tool_choice_none_keeps_calls_as_text(client, server):
     resp = create(client, server.script.whole(CALL_OUTPUT), messages=ASK, tools=[WEATHER], tool_choice="none")
     message = resp.choices[0].message

@@ -37,6 +37,7 @@ class ChatOptions:
     tool_names: frozenset[str]
     start_in_reasoning: bool  # the prompt ends inside an open thought channel
     parallel_tool_calls: bool
+    include_reasoning: bool
     hidden: tuple[str, ...]  # special tokens to drop from the output
 
 
@@ -60,6 +61,7 @@ def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str,
         tool_names=names,
         start_in_reasoning=prompt_opens_reasoning(prompt),
         parallel_tool_calls=body.parallel_tool_calls is not False,
+        include_reasoning=body.include_reasoning,
         hidden=tuple(sorted(t for t in special if t and t not in _FORMAT_TOKENS)),
     )
     return prompt, options
@@ -151,6 +153,8 @@ class ChatChoice:
                 result.append({"tool_calls": [{"index": self.calls_sent, **delta.tool_call.to_openai()}]})
                 self.calls_sent += 1
                 continue
+            if not self.options.include_reasoning:
+                delta = ChatDelta(content=delta.content)
             self.output.content += delta.content
             self.output.reasoning += delta.reasoning
             if delta.content:

@@ -95,6 +95,7 @@ class ChatCompletionRequest(_Common):
     tool_choice: str | dict[str, Any] | None = None  # "auto" / "none"; "required" / named: 400 (server/chat.py)
     parallel_tool_calls: bool | None = None  # false: only the first call is returned
     chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": true}
+    include_reasoning: bool = True  # vLLM's: false leaves the thoughts out of the answer
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
