@@ -33,6 +33,9 @@ THOUGHT_LABEL = "thought\n"
 # Control tokens of the format that are never shown when they turn up out of place.
 _STRAY = (CHANNEL_CLOSE, THINK_CLOSE, CALL_CLOSE, "<|think|>", "<|tool>", "<tool|>", "<tool_response|>")
 _BARE_CALL = "call:"
+# Where a call without its <|tool_call> is looked for besides the start of the answer: at the start of a line,
+# and after "<call>" (a fragment of the marker seen with multimodal prompts).
+_LINE_CALL, _FRAGMENT_CALL = "\ncall:", "<call>"
 _NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _JSON = json.JSONDecoder()
@@ -124,6 +127,7 @@ class StreamParser:
         self._held_thought_space = ""  # the same for the reasoning
         self._lstrip_next = False  # a thought or call just ended: drop the whitespace that follows it
         self._marker_since_held = False  # a thought or call started after the held whitespace
+        self._bare_shown: str | None = None  # a possible bare call was found: the text to show if it is not one
 
     # ---- public ------------------------------------------------------------------------------------------
 
@@ -165,9 +169,15 @@ class StreamParser:
             if label.startswith(THOUGHT_LABEL):
                 self._buffer = label[len(THOUGHT_LABEL):]
             self._segment_start = False
-        if self._state == _CONTENT and not self._content_started and self._tool_calls:
+        if self._state == _CONTENT and self._tool_calls and (not self._content_started or self._bare_shown):
             bare = self._try_bare_call(out, final)
+            if bare is None and self._bare_shown is not None:  # not a call after all: it is text
+                self._buffer = self._buffer[len(_BARE_CALL):]
+                self._emit_text(self._bare_shown, out, final=False)
+                self._bare_shown = None
+                return True
             if bare is not None:
+                self._bare_shown = None if bare else self._bare_shown
                 return bare
 
         markers = self._markers()
@@ -188,7 +198,7 @@ class StreamParser:
         if self._state == _REASONING:
             opens = (CALL_OPEN,) if self._tool_calls else ()
             return (self._reasoning_close, *opens, *TURN_ENDS, CHANNEL_OPEN, THINK_OPEN, *self._hidden)
-        opens = (CALL_OPEN,) if self._tool_calls else ()
+        opens = (CALL_OPEN, _LINE_CALL, _FRAGMENT_CALL) if self._tool_calls else ()
         return (CHANNEL_OPEN, THINK_OPEN, *opens, *TURN_ENDS, *self._hidden)
 
     def _on_marker(self, marker: str, out: list[ChatDelta]) -> None:
@@ -198,6 +208,11 @@ class StreamParser:
         elif marker == CALL_OPEN:
             self._end_segment()
             self._state = _CALL
+        elif marker in (_LINE_CALL, _FRAGMENT_CALL):  # maybe a bare call: _try_bare_call decides
+            if marker == _LINE_CALL:
+                self._emit_text("\n", out, final=False)
+            self._bare_shown = _BARE_CALL if marker == _LINE_CALL else marker
+            self._buffer = _BARE_CALL + self._buffer
         elif self._state == _CONTENT and marker in (CHANNEL_OPEN, THINK_OPEN):
             self._end_segment()
             self._state, self._segment_start, self._reasoning_fresh = _REASONING, True, True
@@ -270,8 +285,8 @@ class StreamParser:
             out.append(ChatDelta(tool_call=ToolCall(self._make_id(), name, json.dumps(arguments, ensure_ascii=False))))
 
     def _try_bare_call(self, out: list[ChatDelta], final: bool) -> bool | None:
-        """A `call:NAME{...}` without its `<|tool_call>` at the start of the answer. None: not one, go on
-        as content; False: wait for more text; True: consumed."""
+        """A `call:NAME{...}` without its `<|tool_call>` (at the start of the answer or of a line, or after
+        `<call>`). None: not one, go on as content; False: wait for more text; True: consumed."""
         text = self._buffer.lstrip()
         if not text:
             return None if final else False
@@ -292,6 +307,7 @@ class StreamParser:
         if calls is None or (self._tool_names is not None and calls[0][0] not in self._tool_names):
             return None
         self._buffer = text[end:]
+        self._end_segment()
         self._end_call(text[:end], out, closed=True)
         return True
 
@@ -356,6 +372,8 @@ class _Malformed(Exception):
 def _parse_calls(body: str) -> list[tuple[str, dict]] | None:
     """`call:NAME{...}` once or more (whitespace around allowed), or None when it does not parse."""
     calls, i, body = [], 0, body.strip()
+    if body.startswith(":" + _BARE_CALL):  # "<|tool_call>:call:..." is seen too
+        i = 1
     try:
         while i < len(body):
             if not body.startswith(_BARE_CALL, i):
