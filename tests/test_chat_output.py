@@ -140,3 +140,28 @@ def test_garbage_never_raises() -> None:
         out.add(parser.finish())
         for call in out.tool_calls:
             assert isinstance(json.loads(call.arguments), dict)
+
+
+def test_llm_chat_takes_tools_and_template_kwargs(tmp_path) -> None:
+    # The library path: LLM.chat renders tools and the thinking switch; the output parses (stays content here,
+    # the tiny model knows no tool syntax).
+    import shutil
+
+    from letterpress import LLM, SamplingParams
+    from letterpress.embedded import default_model_dir
+    from letterpress.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, tmp_path / name)
+    shutil.copy(default_model_dir().parent.parent / "chat_templates" / "gemma4_tools.jinja",
+                tmp_path / "chat_template.jinja")
+    llm = LLM(None, max_num_seqs=1, max_model_len=512)
+    llm.tokenizer = Tokenizer.from_dir(tmp_path)
+    tools = [{"type": "function", "function": {"name": "f", "description": "F"}}]
+    messages = [{"role": "user", "content": "hi"}]
+    out = llm.chat(messages, SamplingParams(max_new_tokens=4, max_denoising_steps=1, seed=0), tools=tools,
+                   chat_template_kwargs={"enable_thinking": True})[0]
+    prompt = llm.tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=True)
+    assert out.prompt_token_ids == llm.tokenizer.encode(prompt) and "<|tool>declaration:f{" in prompt
+    parsed = parse_output(llm.tokenizer.decode(out.token_ids, skip_special_tokens=False))
+    assert isinstance(parsed.content, str)
