@@ -46,7 +46,8 @@ class LLM:
             model = default_model_dir()
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
-        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=parse_dtype(dtype), device=device)
+        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=parse_dtype(dtype), device=device,
+                                                    quantization=quantization)  # quantized while loading
         prepare(self.model, impl=impl, quantization=quantization, compile=compile)
         self.tokenizer = Tokenizer.from_dir(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         self.defaults = load_generation_defaults(self.folder, self.model.config)
