@@ -47,7 +47,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     sock.close()
     cmd = [sys.executable, "-m", "letterpress.cli", "serve", *([args.model] if args.model else []), "--port", str(port),
            "--max-num-seqs", str(max(args.concurrency)), "--max-model-len", "1024", "--log-level", "warning",
-           *(["--max-denoising-steps", str(args.max_denoising_steps)] if args.max_denoising_steps else [])]
+           *(["--max-denoising-steps", str(args.max_denoising_steps)] if args.max_denoising_steps else []),
+           *getattr(args, "extra", [])]
     print("server:", " ".join(cmd[1:]), file=sys.stderr)
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from contextlib import ExitStack, contextmanager
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .config import load_model_config
+from .config import ModelConfig, load_model_config
 from .errors import CheckpointError, NotSupportedError
 from .quant import CT_METHOD, QuantExperts, QuantLinear, QuantWeight, check_format, ct_check_config, ct_to_parts
 
@@ -30,16 +31,43 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# safetensors header dtype -> torch dtype, for the floating-point ones we read into float parameters.
+# (F8 tensors come with scales that need their own loader, so they are not plain floats here.)
+FLOAT_STORAGE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str, auto: torch.dtype | None = None) -> torch.dtype:
+    """A torch dtype from its name. "auto" (transformers' and vLLM's name for "the checkpoint's own dtype")
+    needs `auto`, the dtype found in the checkpoint (`checkpoint_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto" and auto is not None:
+        return auto
+    if dtype == "auto":
+        raise CheckpointError("dtype 'auto' means the checkpoint's own dtype: pass it where a checkpoint is "
+                              "loaded (LLM, DiffusionGemma.from_pretrained, --dtype auto)")
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
     return DTYPES[dtype]
+
+
+def checkpoint_dtype(folder: Path, config: ModelConfig) -> torch.dtype:
+    """What dtype="auto" loads in: the config's `dtype` (as transformers and vLLM do), else the dtype of the
+    first floating-point tensor stored, else float32."""
+    if config.dtype is not None:
+        if config.dtype not in ("float32", "bfloat16", "float16"):
+            raise CheckpointError(f"{folder / 'config.json'}: dtype {config.dtype!r} is not one letterpress runs "
+                                  "in (float32, bfloat16, float16): choose one with --dtype / dtype=")
+        return DTYPES[config.dtype]
+    files = weight_files(folder)
+    for name, path in sorted(files.items()):
+        with _open(path) as f:
+            stored = f.get_slice(name).get_dtype()
+        if stored in FLOAT_STORAGE:
+            return torch.float32 if stored == "F64" else FLOAT_STORAGE[stored]
+    return torch.float32
 
 
 def is_offline(offline: bool | None) -> bool:
@@ -61,15 +89,39 @@ def resolve(path_or_id: str | Path, offline: bool | None = None, revision: str |
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError("huggingface_hub is needed to download from the Hub") from None
+    offline = is_offline(offline)
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS,
-                                      local_files_only=is_offline(offline)))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(f"{name} is not in the local Hub cache and offline mode is on") from None
+                                      local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(offline_message(name, offline, e)) from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"could not download {name} from the Hub: {e}") from None
     except OSError as e:
         raise CheckpointError(f"could not download {name}: {e}") from None
+
+
+def offline_message(name: str, offline: bool, error: Exception) -> str:
+    """Why a Hub id could not be resolved from the cache: offline mode (and which switch set it), or a Hub
+    that could not be reached although we tried (huggingface_hub raises the same error type for both)."""
+    if offline:
+        return (f"{name} is not in the local Hub cache and offline mode is on (--offline, LETTERPRESS_OFFLINE "
+                "or HF_HUB_OFFLINE)")
+    if _hub_offline_env():
+        return (f"{name} is not in the local Hub cache and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so it "
+                "cannot be downloaded")
+    cause = error.__cause__ or error.__context__
+    reason = f" ({type(cause).__name__})" if cause is not None else ""
+    return (f"could not reach the Hub to download {name}{reason}, and it is not in the local Hub cache: check the "
+            "network or HF_ENDPOINT, or pass a local checkpoint folder")
+
+
+def _hub_offline_env() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -77,9 +129,13 @@ def weight_files(folder: Path) -> dict[str, Path]:
     index = folder / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(shard, str) and Path(shard).name == shard and shard not in ("", ".", "..")
+                for shard in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in {folder}")
         files = {name: folder / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -128,29 +184,46 @@ def candidate_names(ours: str) -> list[str]:
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-               offline: bool | None = None, revision: str | None = None, quantization: str | None = None):
+               offline: bool | None = None, revision: str | None = None, quantization: str | None = None,
+               check_finite: bool = True):
     """Build the model on the meta device, swap in quantized modules where the checkpoint stores quantized
     weights (compressed-tensors) or `quantization` asks for them, allocate on `device`, then read each
     tensor into its place: float tensors are cast, quantized while loading or taken as stored. Peak memory
-    is about the loaded model plus the largest float tensor (one expert's slice for packed experts)."""
+    is about the loaded model plus the largest float tensor (one expert's slice for packed experts).
+
+    `dtype`: a torch dtype, its name, or "auto" (the checkpoint's own, `checkpoint_dtype`). Every stored
+    header is checked (name, shape, float dtype) before anything is allocated. `check_finite`: refuse
+    float weights holding NaN or infinity (one sum per tensor, see README)."""
     from .model import DiffusionGemma
 
     folder = resolve(path_or_id, offline=offline, revision=revision)
     config = load_model_config(folder)
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
     fmt = check_format(quantization)
     stored_config = stored_quantization(folder)
     with torch.device("meta"):
         model = DiffusionGemma(config).to(dtype)
     files = weight_files(folder)
     plan = plan_weights(model, folder, files)
+    check_headers(model, plan, files)  # refuse a mismatched checkpoint before allocating
     quantized = swap_quantized_modules(model, plan, fmt)
-    model = model.to_empty(device=device)
+    model = allocate(model, device, folder)
     model.init_rope()
-    load_weights(model, folder, plan, quantized)
+    load_weights(model, folder, plan, quantized, check_finite=check_finite)
     model.checkpoint_dir = folder
     model.quantization = fmt or (CT_METHOD if stored_config else None)
     return model.eval()
+
+
+def allocate(model: torch.nn.Module, device: torch.device | str, folder: Path) -> torch.nn.Module:
+    """`to_empty` with an allocation failure as a one-line error."""
+    try:
+        return model.to_empty(device=device)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        size_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
+        raise CheckpointError(f"{folder}: not enough memory on {device} for the model's {size_gb:.1f} GB") from None
 
 
 def stored_quantization(folder: Path) -> dict | None:
@@ -220,6 +293,58 @@ def plan_weights(model: torch.nn.Module, folder: Path, files: dict[str, Path]) -
             raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
         plan[ours] = stored
     return plan
+
+
+def check_headers(model: torch.nn.Module, plan: dict[str, "Stored"], files: dict[str, Path]) -> None:
+    """Check every float tensor's header against `model` (still on the meta device): its shape, and a
+    floating-point dtype where the model holds floats. Reads headers only."""
+    targets = dict(model.named_parameters())
+    targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for ours, stored in plan.items():
+            name = stored.names.get("float")
+            if name is None:
+                continue  # stored quantized: checked when read (load_stored_quantized)
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path))
+            try:
+                header = handles[path].get_slice(name)
+                shape, stored_dtype = tuple(header.get_shape()), header.get_dtype()
+            except Exception as e:
+                raise CheckpointError(f"{path.name}: cannot read {name} ({e})") from None
+            if shape != tuple(targets[ours].shape):
+                raise CheckpointError(f"{path.name}: {name} has shape {list(shape)}, "
+                                      f"the config implies {list(targets[ours].shape)}")
+            check_stored_dtype(path, name, stored_dtype, targets[ours])
+
+
+def check_stored_dtype(path: Path, stored: str, stored_dtype: str, target: torch.Tensor) -> None:
+    """Refuse a tensor whose header dtype cannot be cast to the target without changing its meaning: integer
+    or boolean data where the model holds floats (copy_ would cast the integers silently)."""
+    if target.is_floating_point() and stored_dtype not in FLOAT_STORAGE:
+        raise CheckpointError(f"{path.name}: {stored} is stored as {stored_dtype}, but the model holds floating-point "
+                              f"weights there (expected one of {', '.join(FLOAT_STORAGE)})")
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN / infinite values `tensor` holds. Any NaN or infinity makes the sum non-finite, so a finite
+    sum (one vectorized reduction, no temporary: ~15x cheaper than isfinite(t).all(), benchmarks/load_checks.py)
+    clears the tensor; a non-finite one (a bad value, or a sum that overflowed) gets the exact element count."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def non_finite_error(folder: Path, bad: list[tuple[str, str, int, int, str | None]]) -> CheckpointError:
+    """One line for every tensor that held NaN/inf: (file, stored name, bad count, size, stored dtype if a
+    cast to a narrower dtype made the values overflow)."""
+    file, name, count, numel, cast_from = bad[0]
+    more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+    hint = (f"; they overflowed when cast from {cast_from}: load in float32 or bfloat16" if cast_from
+            else ": the checkpoint is corrupt (or pass check_finite=False to load it anyway)")
+    return CheckpointError(f"{folder}: {file}: {name} has {count} of {numel} values NaN or infinite{more}{hint}")
 
 
 def swap_quantized_modules(model: torch.nn.Module, plan: dict[str, Stored], fmt: str | None) -> dict[str, QuantWeight]:
@@ -304,22 +429,28 @@ _malloc_trim = None
 class _ExpertSlices:
     """The [N, K] slices of a stored [E, N, K] float tensor, each read (and cast) only when indexed."""
 
-    def __init__(self, f, path: Path, stored: str, shape: tuple[int, ...], dtype: torch.dtype, device):
+    def __init__(self, f, path: Path, stored: str, shape: tuple[int, ...], dtype: torch.dtype, device,
+                 check_finite: bool = True):
         read_tensor(f, path, stored, shape)  # checks the shape (reads the header only)
         self.f, self.path, self.stored, self.shape, self.dtype, self.device = f, path, stored, shape, dtype, device
+        self.check_finite = check_finite
+        self.non_finite = 0  # NaN/inf values seen in the slices read so far (after the cast)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        return read_tensor(self.f, self.path, self.stored, expert=e).to(self.device, self.dtype)
+        piece = read_tensor(self.f, self.path, self.stored, expert=e).to(self.device, self.dtype)
+        self.non_finite += count_non_finite(piece) if self.check_finite else 0
+        return piece
 
 
 def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] | None = None,
-                 quantized: dict[str, QuantWeight] | None = None) -> None:
+                 quantized: dict[str, QuantWeight] | None = None, check_finite: bool = True) -> None:
     """Read every tensor of `plan` (default: every parameter and layer scalar of `model`) into the model:
     float tensors cast to the model's dtype, or quantized into the QuantWeight `quantized` maps them to,
-    or taken as stored when the checkpoint stores them quantized."""
+    or taken as stored when the checkpoint stores them quantized. `check_finite`: float tensors holding
+    NaN/inf (after the cast) are collected and refused together at the end."""
     files = weight_files(folder)
     plan = plan if plan is not None else plan_weights(model, folder, files)
     quantized = quantized or {}
@@ -331,6 +462,14 @@ def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] |
     dtype, device = model.dtype, model.device
     progress = tqdm(total=len(plan), desc=f"loading {folder.name}", unit="tensor",
                     disable=None, leave=False)  # disable=None: shown on a terminal only
+    bad: list[tuple[str, str, int, int, str | None]] = []  # tensors holding NaN/inf, reported together
+
+    def check(f, path: Path, name: str, loaded: torch.Tensor, stored: torch.Tensor | None) -> None:
+        count = count_non_finite(loaded) if check_finite else 0
+        if count:  # finite as stored but not after the cast: the cast overflowed
+            overflowed = stored is not None and count_non_finite(stored) == 0
+            bad.append((path.name, name, count, loaded.numel(), f.get_slice(name).get_dtype() if overflowed else None))
+
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
 
@@ -348,17 +487,29 @@ def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] |
                 if stored.quantized:
                     load_stored_quantized(qweight, stored, handle, device)
                 else:
-                    f, path = handle(stored.names["float"])
+                    name = stored.names["float"]
+                    f, path = handle(name)
                     if len(qweight.shape) == 3:
-                        qweight.load_float(_ExpertSlices(f, path, stored.names["float"], qweight.shape, dtype, device))
+                        slices = _ExpertSlices(f, path, name, qweight.shape, dtype, device, check_finite)
+                        qweight.load_float(slices)
+                        if slices.non_finite:
+                            bad.append((path.name, name, slices.non_finite, math.prod(qweight.shape), None))
                     else:
-                        qweight.load_float(read_tensor(f, path, stored.names["float"], qweight.shape).to(device, dtype))
+                        weight = read_tensor(f, path, name, qweight.shape).to(device, dtype)
+                        check(f, path, name, weight, None)
+                        qweight.load_float(weight)
+                        del weight
                 _trim_heap()
                 continue
-            f, path = handle(stored.names["float"])
+            name = stored.names["float"]
+            f, path = handle(name)
             target = targets[ours]
-            target.data.copy_(read_tensor(f, path, stored.names["float"], tuple(target.shape)))
+            tensor = read_tensor(f, path, name, tuple(target.shape))
+            target.data.copy_(tensor)
+            check(f, path, name, target.data, tensor)
     progress.close()
+    if bad:
+        raise non_finite_error(folder, bad)
     model.requires_grad_(False)
 
 
@@ -549,6 +700,10 @@ def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.f
                 if tuple(tensor.shape) != tuple(targets[ours].shape):
                     raise CheckpointError(f"{path.name}: {stored} has shape {list(tensor.shape)}, "
                                           f"the vision config implies {list(targets[ours].shape)}")
+                check_stored_dtype(path, stored, f.get_slice(stored).get_dtype(), targets[ours])
                 targets[ours].data.copy_(tensor)
+                if count_non_finite(targets[ours].data):
+                    raise non_finite_error(folder, [(path.name, stored, count_non_finite(targets[ours].data),
+                                                     tensor.numel(), None)])
     model.requires_grad_(False)
     return model.eval()

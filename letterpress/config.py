@@ -6,6 +6,7 @@ Only plain data lives here; nothing in this module knows about torch modules.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,13 @@ class ModelConfig:
     eoi_token_id: int | None = None
     image_token_id: int | None = None
     has_vision: bool = False
+    # Generation fallbacks when there is no generation_config.json: the top-level ids win over text_config's,
+    # as transformers' GenerationConfig.from_model_config does.
+    eos_token_ids: list[int] = field(default_factory=lambda: [1])
+    pad_token_id: int = 0
+    dtype: str | None = None  # the checkpoint's own dtype (`dtype`, formerly `torch_dtype`), for dtype="auto"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    source: str = "config.json"  # the file `raw` came from, for error messages
 
 
 @dataclass
@@ -107,6 +114,129 @@ class GenerationDefaults:
     pad_token_id: int = 0
 
 
+# ------------------------------------------------------------------------------------------- field rules
+MAX_INT = 2**31 - 1  # ids, sizes and counts end up in int32 index math somewhere
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one JSON field may hold. `kind`: "int", "number" (int or float), "bool", "str", "ids" (an int or a
+    list of ints), "strs" (a list of strings), "object". Bounds are inclusive (`lo`, `hi`) or exclusive
+    (`above`); `null` says whether JSON null is allowed (it means "use the default")."""
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    above: float | None = None
+    choices: tuple[str, ...] = ()
+    even: bool = False
+    null: bool = False
+
+    def describe(self) -> str:
+        what = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+                "ids": "a token id or a list of token ids", "strs": "a list of strings",
+                "object": "a JSON object"}[self.kind]
+        if self.even:
+            what = "an even integer"
+        if self.choices:
+            what = ("a list of " if self.kind == "strs" else "") + "one of " + ", ".join(map(repr, self.choices))
+        bounds = [f">= {self.lo:g}" if self.lo is not None else "", f"> {self.above:g}" if self.above is not None else "",
+                  f"<= {self.hi:g}" if self.hi is not None and self.hi != MAX_INT else ""]
+        bounds = [b for b in bounds if b]
+        return what + (" " + " and ".join(bounds) if bounds else "") + (" (or null)" if self.null else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.null
+        if self.kind in ("int", "ids"):
+            items = value if self.kind == "ids" and isinstance(value, list) else [value]
+            return bool(items) and all(_is_int(v) and self._in_range(v) for v in items)
+        if self.kind == "number":
+            return _is_number(value) and math.isfinite(value) and self._in_range(value)
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str) and (not self.choices or value in self.choices)
+        if self.kind == "strs":
+            return isinstance(value, list) and all(isinstance(v, str) and (not self.choices or v in self.choices)
+                                                   for v in value)
+        if self.kind == "object":
+            return isinstance(value, dict)
+        raise ValueError(f"unknown rule kind {self.kind!r}")
+
+    def _in_range(self, value: float) -> bool:
+        hi = self.hi if self.hi is not None else (MAX_INT if self.kind in ("int", "ids") else None)
+        return ((self.lo is None or value >= self.lo) and (self.above is None or value > self.above)
+                and (hi is None or value <= hi) and (not self.even or value % 2 == 0))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fields(raw: dict[str, Any], rules: dict[str, Rule], source: str, prefix: str = "") -> None:
+    """Raise a one-line ConfigError naming `source` and the first field of `raw` its rule refuses. Fields
+    without a rule are ignored (transformers writes many that do not concern us); absent fields get defaults."""
+    for name, rule in rules.items():
+        if name in raw and not rule.accepts(raw[name]):
+            raise ConfigError(f"{source}: {prefix}{name} must be {rule.describe()}, got {_short(raw[name])}")
+
+
+def _fail(source: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {message}")
+
+
+SIZE = Rule("int", lo=1)
+HEAD_DIM = Rule("int", lo=2, even=True)  # RoPE rotates pairs of dimensions
+TOKEN = Rule("int", lo=0, null=True)
+
+TEXT_RULES: dict[str, Rule] = {
+    "vocab_size": SIZE, "hidden_size": SIZE, "intermediate_size": SIZE, "num_hidden_layers": SIZE,
+    "num_attention_heads": SIZE, "num_key_value_heads": SIZE, "head_dim": HEAD_DIM,
+    "global_head_dim": HEAD_DIM, "num_global_key_value_heads": Rule("int", lo=1, null=True),
+    "hidden_activation": Rule("str", choices=("gelu_pytorch_tanh", "gelu_tanh")),
+    "max_position_embeddings": SIZE, "rms_norm_eps": Rule("number", above=0),
+    "pad_token_id": TOKEN, "bos_token_id": TOKEN, "eos_token_id": Rule("ids", lo=0, null=True),
+    "tie_word_embeddings": Rule("bool"), "attention_bias": Rule("bool"), "sliding_window": SIZE,
+    "final_logit_softcapping": Rule("number", above=0, null=True),
+    "use_bidirectional_attention": Rule("str", choices=("vision", "all"), null=True),
+    "num_experts": Rule("int", lo=1, null=True), "top_k_experts": Rule("int", lo=1, null=True),
+    "moe_intermediate_size": Rule("int", lo=1, null=True),
+    "layer_types": Rule("strs", choices=(SLIDING, FULL), null=True),
+    "rope_parameters": Rule("object", null=True), "per_layer_config": Rule("object", null=True),
+    "dtype": Rule("str", null=True), "torch_dtype": Rule("str", null=True),
+}
+TOP_RULES: dict[str, Rule] = {
+    "model_type": Rule("str", null=True), "text_config": Rule("object", null=True),
+    "vision_config": Rule("object", null=True), "canvas_length": Rule("int", lo=1, null=True),
+    "boi_token_id": TOKEN, "eoi_token_id": TOKEN, "image_token_id": TOKEN,
+    "eos_token_id": Rule("ids", lo=0, null=True), "pad_token_id": TOKEN, "tie_word_embeddings": Rule("bool"),
+    "dtype": Rule("str", null=True), "torch_dtype": Rule("str", null=True),
+}
+ROPE_RULES: dict[str, Rule] = {
+    "rope_type": Rule("str", choices=("default", "proportional")), "rope_theta": Rule("number", above=0),
+    "partial_rotary_factor": Rule("number", above=0, hi=1), "factor": Rule("number", above=0),
+}
+LAYER_RULES: dict[str, Rule] = {"head_dim": HEAD_DIM, "num_key_value_heads": SIZE}
+GENERATION_RULES: dict[str, Rule] = {
+    "max_new_tokens": Rule("int", lo=1, null=True), "max_denoising_steps": Rule("int", lo=1, null=True),
+    "stability_threshold": Rule("int", lo=0, null=True), "t_min": Rule("number", lo=0, null=True),
+    "t_max": Rule("number", above=0, null=True), "confidence_threshold": Rule("number", above=0, null=True),
+    "eos_token_id": Rule("ids", lo=0, null=True), "pad_token_id": TOKEN, "sampler_config": Rule("object", null=True),
+}
+SAMPLER_RULES: dict[str, Rule] = {"entropy_bound": Rule("number", above=0, null=True)}
+
+
+# ------------------------------------------------------------------------------------------- parsing
 def _default_layer_types(num_layers: int) -> list[str]:
     # 5 sliding : 1 full, as the reference does when `layer_types` is absent.
     return [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
@@ -120,7 +250,7 @@ def _as_id_list(value: Any, default: list[int]) -> list[int]:
     return [int(v) for v in value]
 
 
-def _rope_configs(raw: dict[str, Any]) -> dict[str, RopeConfig]:
+def _rope_configs(raw: dict[str, Any], source: str, prefix: str) -> dict[str, RopeConfig]:
     params = raw.get("rope_parameters") or {
         SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
         FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
@@ -129,11 +259,12 @@ def _rope_configs(raw: dict[str, Any]) -> dict[str, RopeConfig]:
     for layer_type, p in params.items():
         if p is None:
             continue
-        rope_type = p.get("rope_type", "default")
-        if rope_type not in ("default", "proportional"):
-            raise ConfigError(f"rope_type {rope_type!r} for {layer_type} is not supported (default, proportional)")
+        where = f"{prefix}rope_parameters.{layer_type}"
+        if not isinstance(p, dict):
+            raise _fail(source, f"{where} must be a JSON object (rope_type, rope_theta, ...), got {_short(p)}")
+        check_fields(p, ROPE_RULES, source, where + ".")
         out[layer_type] = RopeConfig(
-            rope_type=rope_type,
+            rope_type=p.get("rope_type", "default"),
             theta=float(p.get("rope_theta", 10_000.0)),
             partial_rotary_factor=float(p.get("partial_rotary_factor", 1.0)),
             factor=float(p.get("factor", 1.0)),
@@ -141,31 +272,54 @@ def _rope_configs(raw: dict[str, Any]) -> dict[str, RopeConfig]:
     return out
 
 
-def _layer_specs(raw: dict[str, Any], layer_types: list[str], head_dim: int, kv_heads: int) -> list[LayerSpec]:
-    """Per-layer head dim and KV heads. transformers 5.23 writes `per_layer_config` ({"2": {"head_dim": ..}});
+def _per_layer_overrides(raw: dict[str, Any], num_layers: int, source: str, prefix: str) -> dict[int, dict]:
+    """`per_layer_config` by layer index. transformers writes the keys as strings, zero-padded to the width of
+    the largest index ("05" in a 12-layer model), and reads them back with int(): so do we."""
+    out: dict[int, dict] = {}
+    for key, overrides in raw["per_layer_config"].items():
+        where = f"{prefix}per_layer_config.{key}"
+        try:
+            index = int(key)
+        except ValueError:
+            raise _fail(source, f"{where}: keys must be layer indices, got {key!r}") from None
+        if not 0 <= index < num_layers:
+            raise _fail(source, f"{where}: layer {index} does not exist (num_hidden_layers is {num_layers})")
+        if index in out:
+            raise _fail(source, f"{where}: layer {index} is listed twice")
+        if not isinstance(overrides, dict):
+            raise _fail(source, f"{where} must be a JSON object, got {_short(overrides)}")
+        check_fields(overrides, LAYER_RULES, source, where + ".")
+        for name, value in overrides.items():
+            # Other attributes may be listed only with the global value (transformers' explicit per-layer form).
+            if name not in LAYER_RULES and raw.get(name, value) != value:
+                raise _fail(source, f"{where}.{name}: per-layer {name} is not supported "
+                                    f"(only {', '.join(LAYER_RULES)} may differ between layers)")
+        out[index] = overrides
+    return out
+
+
+def _layer_specs(raw: dict[str, Any], layer_types: list[str], head_dim: int, kv_heads: int, source: str,
+                 prefix: str) -> list[LayerSpec]:
+    """Per-layer head dim and KV heads. transformers 5.23 writes `per_layer_config` ({"05": {"head_dim": ..}});
     other writers give `global_head_dim` / `num_global_key_value_heads` for the full-attention layers."""
-    per_layer = raw.get("per_layer_config")
-    if per_layer is None:
-        override: dict[str, int] = {"head_dim": int(raw.get("global_head_dim", 512))}
+    if raw.get("per_layer_config") is not None:
+        per_layer = _per_layer_overrides(raw, len(layer_types), source, prefix)
+    else:
+        override: dict[str, int] = {"head_dim": raw.get("global_head_dim", 512)}
         if raw.get("num_global_key_value_heads") is not None:
-            override["num_key_value_heads"] = int(raw["num_global_key_value_heads"])
-        per_layer = {str(i): override for i, t in enumerate(layer_types) if t == FULL}
-    specs = []
-    for i, layer_type in enumerate(layer_types):
-        o = per_layer.get(str(i), per_layer.get(i, {})) or {}
-        specs.append(
-            LayerSpec(
-                layer_type=layer_type,
-                head_dim=int(o.get("head_dim", head_dim)),
-                num_kv_heads=int(o.get("num_key_value_heads", kv_heads)),
-            )
-        )
-    return specs
+            override["num_key_value_heads"] = raw["num_global_key_value_heads"]
+        per_layer = {i: override for i, t in enumerate(layer_types) if t == FULL}
+    return [LayerSpec(layer_type=layer_type,
+                      head_dim=per_layer.get(i, {}).get("head_dim", head_dim),
+                      num_kv_heads=per_layer.get(i, {}).get("num_key_value_heads", kv_heads))
+            for i, layer_type in enumerate(layer_types)]
 
 
-def text_config_from_dict(raw: dict[str, Any]) -> TextConfig:
+def text_config_from_dict(raw: dict[str, Any], source: str = "config.json", prefix: str = "") -> TextConfig:
+    """`source` and `prefix` ("text_config.") only name the file and field in error messages."""
+    check_fields(raw, TEXT_RULES, source, prefix)
     known = {f.name for f in fields(TextConfig)}
-    kwargs = {k: v for k, v in raw.items() if k in known and k not in ("eos_token_id", "layers", "rope")}
+    kwargs = {k: v for k, v in raw.items() if k in known and k not in ("eos_token_id", "layers", "rope", "stored_sliding_window")}
     cfg = TextConfig(**kwargs)
     cfg.eos_token_id = _as_id_list(raw.get("eos_token_id"), [1])
     if cfg.pad_token_id is None:
@@ -174,65 +328,101 @@ def text_config_from_dict(raw: dict[str, Any]) -> TextConfig:
         cfg.final_logit_softcapping = 30.0
     for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
         if raw.get(name) is None:
-            raise ConfigError(f"text_config.{name} is missing: letterpress supports the MoE DiffusionGemma only")
-    if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ConfigError(f"hidden_activation {cfg.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
+            raise _fail(source, f"{prefix}{name} is missing: letterpress supports the MoE DiffusionGemma only")
+    if cfg.top_k_experts > cfg.num_experts:
+        raise _fail(source, f"{prefix}top_k_experts ({cfg.top_k_experts}) is larger than num_experts ({cfg.num_experts})")
+    if not cfg.tie_word_embeddings:
+        raise _fail(source, f"{prefix}tie_word_embeddings is false: letterpress supports tied input and output "
+                            "embeddings only (as the released model has)")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        raise _fail(source, f"{prefix}num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({cfg.num_key_value_heads})")
+    # The pad id is fed to the embedding, so it must be inside the vocabulary; an EOS id outside it would
+    # merely never match (transformers only warns), so it is allowed.
+    if cfg.pad_token_id >= cfg.vocab_size:
+        raise _fail(source, f"{prefix}pad_token_id {cfg.pad_token_id} is outside the vocabulary "
+                            f"(vocab_size {cfg.vocab_size})")
 
     layer_types = list(raw.get("layer_types") or _default_layer_types(cfg.num_hidden_layers))
     if len(layer_types) != cfg.num_hidden_layers:
-        raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {cfg.num_hidden_layers}")
-    unknown = set(layer_types) - {SLIDING, FULL}
-    if unknown:
-        raise ConfigError(f"unknown layer types {sorted(unknown)}")
+        raise _fail(source, f"{prefix}layer_types has {len(layer_types)} entries but num_hidden_layers is "
+                            f"{cfg.num_hidden_layers}")
     layer_types[-1] = FULL  # the reference forces the last layer to full attention
-    cfg.layers = _layer_specs(raw, layer_types, cfg.head_dim, cfg.num_key_value_heads)
+    cfg.layers = _layer_specs(raw, layer_types, cfg.head_dim, cfg.num_key_value_heads, source, prefix)
     for i, spec in enumerate(cfg.layers):
         if cfg.num_attention_heads % spec.num_kv_heads:
-            raise ConfigError(f"layer {i}: num_attention_heads is not a multiple of its {spec.num_kv_heads} KV heads")
-    cfg.rope = _rope_configs(raw)
+            raise _fail(source, f"{prefix}layer {i}: num_attention_heads ({cfg.num_attention_heads}) is not a "
+                                f"multiple of its {spec.num_kv_heads} KV heads")
+    cfg.rope = _rope_configs(raw, source, prefix)
     missing = set(layer_types) - set(cfg.rope)
     if missing:
-        raise ConfigError(f"rope_parameters has no entry for {sorted(missing)}")
+        raise _fail(source, f"{prefix}rope_parameters has no entry for {sorted(missing)}")
 
-    cfg.stored_sliding_window = int(raw.get("sliding_window", 512))
+    cfg.stored_sliding_window = raw.get("sliding_window", 512)
     cfg.sliding_window = cfg.stored_sliding_window
     if cfg.use_bidirectional_attention == "all":
         # The reference stores the symmetric window and halves it on load (an exclusive bound).
         cfg.sliding_window = cfg.stored_sliding_window // 2 + 1
-    elif cfg.use_bidirectional_attention not in (None, "vision"):
-        raise ConfigError(f"use_bidirectional_attention must be null, 'vision' or 'all', got {cfg.use_bidirectional_attention!r}")
     return cfg
 
 
-def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+def _stored_dtype_name(raw: dict[str, Any]) -> str | None:
+    for section in (raw, raw.get("text_config") or {}):
+        for name in ("dtype", "torch_dtype"):  # transformers 5 writes `dtype`, 4.x wrote `torch_dtype`
+            if section.get(name) is not None:
+                return section[name]
+    return None
+
+
+def model_config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """`source` names the file in error messages."""
+    check_fields(raw, TOP_RULES, source)
     model_type = raw.get("model_type")
     if model_type == "diffusion_gemma":
-        text_raw = raw.get("text_config")
+        text_raw, prefix = raw.get("text_config"), "text_config."
         if not isinstance(text_raw, dict):
-            raise ConfigError("config.json has model_type 'diffusion_gemma' but no text_config")
+            raise _fail(source, "model_type is 'diffusion_gemma' but there is no text_config")
     elif model_type == "diffusion_gemma_text":
-        text_raw = raw
+        text_raw, prefix = raw, ""
     else:
-        raise ConfigError(f"config.json has model_type {model_type!r}; letterpress runs 'diffusion_gemma' checkpoints")
+        raise _fail(source, f"model_type is {model_type!r}; letterpress runs 'diffusion_gemma' checkpoints")
+    if raw.get("tie_word_embeddings") is False:
+        # transformers: false at the top level unties everything, the encoder/decoder weights included
+        raise _fail(source, "tie_word_embeddings is false: letterpress supports tied weights only "
+                            "(as the released model has)")
+    text = text_config_from_dict(text_raw, source, prefix)
+    eos = _as_id_list(raw.get("eos_token_id"), text.eos_token_id)
+    pad = raw["pad_token_id"] if raw.get("pad_token_id") is not None else text.pad_token_id
+    if pad >= text.vocab_size:
+        raise _fail(source, f"pad_token_id {pad} is outside the vocabulary (vocab_size {text.vocab_size})")
     return ModelConfig(
-        text=text_config_from_dict(text_raw),
-        canvas_length=int(raw.get("canvas_length") or 256),
+        text=text,
+        canvas_length=raw.get("canvas_length") or 256,
         boi_token_id=raw.get("boi_token_id"),
         eoi_token_id=raw.get("eoi_token_id"),
         image_token_id=raw.get("image_token_id"),
         has_vision=raw.get("vision_config") is not None,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        dtype=_stored_dtype_name(raw),
         raw=raw,
+        source=source,
     )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
@@ -242,29 +432,38 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found: is this a DiffusionGemma checkpoint folder?")
-    return model_config_from_dict(_read_json(path))
+    return model_config_from_dict(_read_json(path), source=str(path))
 
 
 def load_generation_defaults(folder: str | Path, model: ModelConfig) -> GenerationDefaults:
-    """Reference global defaults, overridden by any non-null value in generation_config.json."""
-    gen = GenerationDefaults(eos_token_ids=list(model.text.eos_token_id), pad_token_id=model.text.pad_token_id)
+    """Reference global defaults, overridden by any non-null value in generation_config.json. Without that
+    file, EOS and padding come from config.json (top level first, then text_config), as in transformers."""
+    gen = GenerationDefaults(eos_token_ids=list(model.eos_token_ids), pad_token_id=model.pad_token_id)
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return gen
     raw = _read_json(path)
-    sampler = raw.get("sampler_config")
-    if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+    source = str(path)
+    check_fields(raw, GENERATION_RULES, source)
+    sampler = raw.get("sampler_config") or {}
+    check_fields(sampler, SAMPLER_RULES, source, "sampler_config.")
+    if sampler.get("entropy_bound") is not None:
         gen.entropy_bound = float(sampler["entropy_bound"])
     for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
         if raw.get(name) is not None:
-            setattr(gen, name, int(raw[name]))
+            setattr(gen, name, raw[name])
     for name in ("t_min", "t_max", "confidence_threshold"):
         if raw.get(name) is not None:
             setattr(gen, name, float(raw[name]))
+    if gen.t_max <= gen.t_min:
+        raise _fail(source, f"t_max ({gen.t_max}) must be larger than t_min ({gen.t_min})")
     if raw.get("eos_token_id") is not None:
         gen.eos_token_ids = _as_id_list(raw["eos_token_id"], gen.eos_token_ids)
     if raw.get("pad_token_id") is not None:
-        gen.pad_token_id = int(raw["pad_token_id"])
+        gen.pad_token_id = raw["pad_token_id"]
+    if gen.pad_token_id >= model.text.vocab_size:
+        raise _fail(source, f"pad_token_id {gen.pad_token_id} is outside the vocabulary "
+                            f"(vocab_size {model.text.vocab_size})")
     return gen
 
 
@@ -304,12 +503,25 @@ class VisionConfig:
         return 3 * self.patch_size**2
 
 
-def _vision_rope_theta(raw: dict[str, Any]) -> float:
+VISION_RULES: dict[str, Rule] = {
+    "hidden_size": SIZE, "intermediate_size": SIZE, "num_hidden_layers": Rule("int", lo=0),
+    "num_attention_heads": SIZE, "num_key_value_heads": SIZE, "head_dim": HEAD_DIM,
+    "hidden_activation": Rule("str", null=True), "rms_norm_eps": Rule("number", above=0, null=True),
+    "patch_size": SIZE, "pooling_kernel_size": SIZE, "position_embedding_size": SIZE,
+    "use_clipped_linears": Rule("bool", null=True), "standardize": Rule("bool", null=True),
+    "rope_theta": Rule("number", above=0, null=True), "rope_parameters": Rule("object", null=True),
+    "rope_scaling": Rule("object", null=True), "default_output_length": Rule("int", lo=1, null=True),
+}
+
+
+def _vision_rope_theta(raw: dict[str, Any], source: str = "config.json") -> float:
     """transformers reads `rope_parameters` (or legacy `rope_scaling`), then a bare `rope_theta`; a type
     "default" means "axial" for this tower, and every other type is refused."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError("vision_config.rope_parameters must be an object")
+    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    check_fields(params, {"rope_theta": Rule("number", above=0, null=True)}, source, f"vision_config.{key}.")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "axial"):
         raise ConfigError(f"vision_config rope_type {rope_type!r} is not supported (the vision tower uses axial RoPE)")
@@ -323,13 +535,15 @@ def vision_config_of(model: ModelConfig) -> VisionConfig | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise ConfigError("config.json: vision_config must be an object")
-    if int(raw.get("num_hidden_layers", 16)) == 0:
+        raise _fail(model.source, "vision_config must be an object")
+    check_fields(raw, VISION_RULES, model.source, "vision_config.")
+    check_fields(model.raw, {"vision_soft_tokens_per_image": Rule("int", lo=1, null=True)}, model.source)
+    if raw.get("num_hidden_layers", 16) == 0:
         return None
     known = {f.name for f in fields(VisionConfig)} - {"rope_theta", "text_hidden_size", "default_soft_tokens"}
     kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
     default = model.raw.get("vision_soft_tokens_per_image") or raw.get("default_output_length") or 280
-    cfg = VisionConfig(**kwargs, rope_theta=_vision_rope_theta(raw), text_hidden_size=model.text.hidden_size,
+    cfg = VisionConfig(**kwargs, rope_theta=_vision_rope_theta(raw, model.source), text_hidden_size=model.text.hidden_size,
                        default_soft_tokens=int(default))
     if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"vision_config.hidden_activation {cfg.hidden_activation!r} is not supported (gelu_pytorch_tanh)")

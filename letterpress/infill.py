@@ -319,7 +319,7 @@ class EditResult:
     written_tokens: int  # tokens the model wrote into the spans (end tokens dropped)
     tokens_per_forward: float  # written_tokens / denoising steps
     context_tokens: int  # text tokens before the canvas (encoded as context)
-    tokens_after_canvas: int  # text tokens that did not fit in the canvas (unseen, unchanged)
+    tokens_after_canvas: int  # text tokens that did not fit in the canvas (unseen, unchanged; see edit_window)
 
 
 @dataclass
@@ -359,19 +359,43 @@ def check_spans(text: object, spans: object) -> list[Span]:
     return checked
 
 
-def span_tokens(offsets: list[Span], spans: list[Span]) -> list[Span]:
-    """Per span, the [first, last] token indices overlapping it; spans that share a token are merged."""
+def span_tokens(offsets: Sequence[Span], spans: list[Span]) -> list[Span]:
+    """Per span, the [first, last] token indices overlapping it; spans that share a token are merged.
+
+    `spans` are sorted and disjoint (check_spans). Token offsets from a tokenizer run left to right (starts
+    and ends never decrease), so one sweep over tokens and spans together finds every overlap: O(tokens +
+    spans). Offsets that do not run left to right (no tokenizer we know) get the per-span scan instead."""
+    if not all(a1 <= a2 and b1 <= b2 for (a1, b1), (a2, b2) in pairwise(offsets)):
+        return _span_tokens_scan(offsets, spans)
+    runs: list[list[int]] = []
+    i, n = 0, len(offsets)
+    for start, end in spans:
+        while i < n and offsets[i][1] <= start:  # tokens that end before this span cannot reach the next ones
+            i += 1
+        if i == n or offsets[i][0] >= end:  # only possible with a tokenizer that drops characters
+            raise RequestError(f"span [{start}, {end}) covers no token of the text")
+        last = i
+        while last + 1 < n and offsets[last + 1][0] < end:
+            last += 1
+        _add_run(runs, i, last)
+    return [(a, b) for a, b in runs]
+
+
+def _span_tokens_scan(offsets: Sequence[Span], spans: list[Span]) -> list[Span]:
     runs: list[list[int]] = []
     for start, end in spans:
         hit = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        if not hit:  # only possible with a tokenizer that drops characters
+        if not hit:
             raise RequestError(f"span [{start}, {end}) covers no token of the text")
-        first, last = hit[0], hit[-1]
-        if runs and first <= runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], last)
-        else:
-            runs.append([first, last])
+        _add_run(runs, hit[0], hit[-1])
     return [(a, b) for a, b in runs]
+
+
+def _add_run(runs: list[list[int]], first: int, last: int) -> None:
+    if runs and first <= runs[-1][1]:
+        runs[-1][1] = max(runs[-1][1], last)
+    else:
+        runs.append([first, last])
 
 
 def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str | None = None,
@@ -385,9 +409,10 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
         raise RequestError("instruction must be a string")
     if not isinstance(slack, int) or slack < 0:
         raise RequestError(f"slack_tokens must be an integer >= 0, got {slack!r}")
-    ids, offsets = codec.tokenizer.encode_with_offsets(text)
-    token_runs = span_tokens(offsets, checked)
     C = codec.canvas_length
+    head = edit_window(codec, text, checked)
+    ids, offsets = codec.tokenizer.encode_with_offsets(text[:head])
+    token_runs = span_tokens(offsets, checked)
     start = token_runs[0][0]
     needed = token_runs[-1][1] - start + 1 + slack * len(token_runs)
     if needed > C:
@@ -405,10 +430,44 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
     room = C - len(pinned)
     pinned += ids[i:i + room]
     after = max(0, len(ids) - (i + room))
+    if head < len(text):
+        after += count_tokens(codec.tokenizer, text, head)
     pinned += [codec.eos_id] * (C - len(pinned))
     context = codec.context(instruction + "\n" if instruction else "") + ids[:start]
     char_ranges = [(offsets[a][0], offsets[b][1]) for a, b in token_runs]
     return EditPlan(text, RowPlan(context, Clamp.of(pinned), runs), char_ranges, start, after)
+
+
+def edit_window(codec: Codec, text: str, spans: list[Span]) -> int:
+    """How much of `text` to tokenize for the plan: every token a canvas starting at the first span can hold,
+    and a margin, so that a large text costs its context and one canvas, not its length (the rest is only
+    counted, see count_tokens). A region too long for one canvas in characters is refused here, before any
+    tokenizing."""
+    per_token = codec.tokenizer.max_chars_per_token()
+    if per_token is None:  # no bound on characters per token: tokenize everything
+        return len(text)
+    first, last = spans[0][0], spans[-1][1]
+    reach = codec.canvas_length * per_token  # the most characters one canvas of tokens can cover
+    if last - first > reach:
+        raise RequestError(f"the edited region spans {last - first:,} characters (first to last edited "
+                           f"character): more than one canvas of {codec.canvas_length} tokens can hold "
+                           f"({reach:,} characters at {per_token} per token at most): edit in several calls")
+    return min(len(text), first + reach + 4 * per_token + 64)
+
+
+def count_tokens(tokenizer: Tokenizer, text: str, start: int, piece: int = 65536) -> int:
+    """Tokens of text[start:], counted in pieces of at most `piece` characters cut before a space (a token
+    boundary for the tokenizers we ship), so that no single call holds the GIL long: exact but for a token
+    here and there at the cuts (it only feeds the tokens_after_canvas statistic)."""
+    count = 0
+    while start < len(text):
+        end = min(len(text), start + piece)
+        if end < len(text):
+            space = text.rfind(" ", start + piece // 2, end)
+            end = space if space > start else end
+        count += tokenizer.count_tokens(text[start:end])
+        start = end
+    return count
 
 
 def finish_edit(codec: Codec, plan: EditPlan, out: RequestOutput) -> EditResult:

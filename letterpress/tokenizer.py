@@ -25,6 +25,9 @@ _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pa
 _IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
 # transformers copies a message's reasoning under all of these names, because templates read different ones.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# OpenAI's chat roles (less the deprecated "function", whose calls we do not take); the DiffusionGemma
+# templates render system/developer as the system turn, assistant as "model", and read tool responses.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class Tokenizer:
@@ -41,6 +44,7 @@ class Tokenizer:
         self._special_tokens = dict(special_tokens)
         self._chat_templates = dict(chat_templates)
         self.add_bos_token = add_bos_token
+        self._max_chars_per_token: int | None = 0  # 0: not computed yet
 
     # ---- loading -------------------------------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class Tokenizer:
         encoding one with True would give the model a second BOS. Pass True for a plain prompt that should
         get the checkpoint's usual prefix (BOS for Gemma).
         """
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._encode(text, add_special_tokens).ids
         bos = self.bos_id
         # Some tokenizer.json files have no post-processor and rely on tokenizer_config's add_bos_token instead.
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
@@ -134,8 +138,31 @@ class Tokenizer:
         """Token ids of `text` (no special tokens) and each token's (start, end) character range in `text`.
         Byte-level tokens that split one character all get that character's range (used by editing to map
         character spans to tokens)."""
-        encoding = self._backend.encode(text, add_special_tokens=False)
+        encoding = self._encode(text, False)
         return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+
+    def count_tokens(self, text: str) -> int:
+        """len(encode(text)) without building the list of ids."""
+        return len(self._encode(text, False))
+
+    def _encode(self, text: str, add_special_tokens: bool):
+        # encode_batch releases the GIL while it works and encode does not: a long text tokenized on a worker
+        # thread (the server does) then leaves the other threads (its event loop) running. Same ids.
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def max_chars_per_token(self) -> int | None:
+        """An upper bound on the characters of input text one token can stand for, so that a text longer than
+        `n * bound` characters is known to take more than n tokens without tokenizing it. None when the
+        normalizer could shorten the text (then no such bound holds)."""
+        if self._max_chars_per_token == 0:
+            normalizer = self._backend.normalizer
+            config = None if normalizer is None else json.loads(normalizer.__getstate__())
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            # A token's string has at least one character per character it covers: byte-level tokens write one
+            # character per byte, SentencePiece writes "▁" for a space and "<0x41>" for a byte.
+            longest = max((len(token) for token in vocab), default=1)
+            self._max_chars_per_token = longest if _never_shortens(config) else None
+        return self._max_chars_per_token
 
     # ---- chat ----------------------------------------------------------------------------------------------
 
@@ -275,6 +302,19 @@ def _template_message(message: dict) -> dict:
     return message
 
 
+def _never_shortens(normalizer: dict | None) -> bool:
+    """Whether a tokenizer.json normalizer keeps at least as many characters as it is given."""
+    if normalizer is None:
+        return True
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return all(_never_shortens(n) for n in normalizer.get("normalizers", []))
+    if kind == "Replace":  # e.g. SentencePiece's " " -> "▁"
+        pattern = normalizer.get("pattern", {})
+        return "String" in pattern and len(normalizer.get("content", "")) >= len(pattern["String"])
+    return kind in ("Prepend", "NFD", "NFKD", "Lowercase", "ByteLevel")
+
+
 def _validate_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects")
@@ -282,8 +322,10 @@ def _validate_messages(messages: Any) -> None:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(f"{where} must be an object with 'role' and 'content'")
-        if not isinstance(message.get("role"), str):
-            raise RequestError(f"{where}.role must be a string such as 'user', 'assistant' or 'system'")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            got = f"{role!r} is not a chat role" if isinstance(role, str) else "must be a string"
+            raise RequestError(f"{where}.role {got}: use one of {', '.join(CHAT_ROLES)}")
         if message.get("tool_calls") is not None:
             _validate_tool_calls(message, where)
             if message.get("content") is None:  # OpenAI sends content null beside tool calls
@@ -313,8 +355,29 @@ def _validate_tools(tools: Any) -> None:
         raise RequestError("tools must be a list of {type: 'function', function: {name, description, parameters}}")
 
 
+def _check_text(text: str, where: str) -> None:
+    """Text must be valid Unicode: a lone UTF-16 surrogate (JSON's "\\ud800" alone) cannot be encoded."""
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise RequestError(f"{where} holds a lone UTF-16 surrogate (U+{ord(text[at]):04X} at character {at}), "
+                           "which is not valid Unicode")
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (a str can; UTF-8 cannot encode one), or None. Fast: ASCII is
+    checked at C speed, anything else by encoding it (~4x faster than a regular expression search)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def _validate_content(content: Any, where: str) -> None:
     if isinstance(content, str):
+        _check_text(content, where)
         return
     if not isinstance(content, list):
         raise RequestError(f"{where} must be a string or a list of text parts")
@@ -327,3 +390,4 @@ def _validate_content(content: Any, where: str) -> None:
             raise NotSupportedError(f"{where}[{j}] has type {kind!r}; only text parts are supported")
         if kind is None or not isinstance(part.get("text"), str):
             raise RequestError(f'{where}[{j}] must be a text part: {{"type": "text", "text": "..."}}')
+        _check_text(part["text"], f"{where}[{j}].text")

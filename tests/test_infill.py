@@ -16,12 +16,14 @@ from letterpress import LLM, SamplingParams
 from letterpress.errors import RequestError
 from letterpress.fast_sampling import fused_denoise_step
 from letterpress.infill import (
+    _span_tokens_scan,
     Codec,
     finish_infill,
     make_rows,
     plan_edit,
     plan_infill,
     search_lengths,
+    span_tokens,
 )
 from letterpress.sampling import (
     Clamp,
@@ -279,6 +281,75 @@ def test_edit_errors(llm, text, spans, message):
     with pytest.raises(RequestError, match=message):
         llm.edit(text, spans, params=FAST)
 
+
+
+class CountingOffsets(list):
+    """Token offsets that count how often they are read (an operation count instead of a timing)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            self.reads += 1
+            yield item
+
+
+@pytest.mark.parametrize("n_spans", [1000, 4000, 8000])
+def test_span_mapping_is_linear(llm, n_spans):
+    """Issue 12: mapping N spans to tokens read every token once per span (8,000 spans over 60k characters
+    took 16 s). Now it reads each token and each span a bounded number of times, whatever N is, and finds
+    exactly the runs the per-span scan finds."""
+    text = ("    value = compute(alpha, beta) + other_value * 3\n" * 1200)[:60_000]
+    ids, offsets = Codec.of(llm).tokenizer.encode_with_offsets(text)
+    step = len(text) // n_spans
+    spans = [(k * step, k * step + 1 + k % 2) for k in range(n_spans)]
+    counted = CountingOffsets(offsets)
+    runs = span_tokens(counted, spans)
+    assert 0 < len(runs) <= n_spans
+    assert counted.reads <= 4 * (len(offsets) + n_spans)
+    # the same runs as the quadratic scan, checked on a slice (the scan itself is what was slow)
+    head = [s for s in spans if s[1] <= 2000]
+    assert span_tokens(offsets, head) == _span_tokens_scan(offsets, head)
+
+
+def test_span_mapping_matches_the_scan_on_random_spans(llm):
+    import random
+
+    rng = random.Random(0)
+    text = "".join(rng.choice(["ab", " cd", "é", "\n    ", "字", "x"]) for _ in range(800))
+    _, offsets = Codec.of(llm).tokenizer.encode_with_offsets(text)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(len(text) + 1), 2 * rng.randint(1, 20)))
+        spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+        assert span_tokens(offsets, spans) == _span_tokens_scan(offsets, spans)
+
+
+def test_edit_of_a_long_text_tokenizes_only_its_window(llm, monkeypatch):
+    """A large text costs its context and one canvas: the plan is the one a full tokenization gives, the rest
+    is only counted, and spans further apart than a canvas can cover are refused before tokenizing."""
+    lines = [f"    value_{i} = compute({i}, value_{i - 1})\n" for i in range(1, 8000)]
+    text = "def long():\n    value_0 = 0\n" + "".join(lines)
+    start = text.index("compute(30,")
+    codec = Codec.of(llm)
+    windowed = plan_edit(codec, text, [(start, start + 11), (start + 40, start + 45)], slack=2)
+    monkeypatch.setattr(type(codec.tokenizer), "max_chars_per_token", lambda self: None)
+    full = plan_edit(codec, text, [(start, start + 11), (start + 40, start + 45)], slack=2)
+    monkeypatch.undo()
+    assert windowed.row.prompt_ids == full.row.prompt_ids and windowed.row.runs == full.row.runs
+    assert torch.equal(windowed.row.clamp.mask, full.row.clamp.mask)
+    assert torch.equal(windowed.row.clamp.tokens[windowed.row.clamp.mask], full.row.clamp.tokens[full.row.clamp.mask])
+    assert windowed.char_ranges == full.char_ranges
+    assert windowed.context_tokens == full.context_tokens
+    assert abs(windowed.tokens_after_canvas - full.tokens_after_canvas) <= 1  # counted apart past the window
+    calls = []
+    monkeypatch.setattr(type(codec.tokenizer), "encode_with_offsets", lambda self, t: calls.append(t) or ([], []))
+    with pytest.raises(RequestError, match="more than one canvas of 64 tokens can hold"):
+        plan_edit(codec, text, [(0, 1), (len(text) - 1, len(text))])
+    assert calls == []  # refused without tokenizing
 
 # ---------------------------------------------------------------------------------------------- the server
 openai = pytest.importorskip("openai")

@@ -11,7 +11,8 @@ import argparse
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="float32",
+                   help="float32 (default), bfloat16, float16, or auto (the checkpoint's own dtype, from config.json)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, xpu, ...")
     p.add_argument("--offline", action="store_true", help="never touch the network (Hub cache only)")
     p.add_argument("--max-model-len", type=int, default=None, help="context budget per request (tokens)")

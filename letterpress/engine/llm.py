@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import parse_dtype, resolve
+from ..checkpoint import resolve
 from ..config import load_generation_defaults
 from ..errors import RequestError
 from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
@@ -46,7 +46,7 @@ class LLM:
             model = default_model_dir()
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
-        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=parse_dtype(dtype), device=device,
+        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=dtype, device=device,
                                                     quantization=quantization)  # quantized while loading
         prepare(self.model, impl=impl, quantization=quantization, compile=compile)
         self.tokenizer = Tokenizer.from_dir(self.folder) if (self.folder / "tokenizer.json").is_file() else None

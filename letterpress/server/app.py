@@ -10,13 +10,15 @@ too. Both are planned in `server/infill.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -29,6 +31,7 @@ from ..engine.llm import LLM
 from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from .chat import ChatChoice, ChatOptions, render_chat
+from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
@@ -49,6 +52,11 @@ from .text import ChoiceText
 log = logging.getLogger("letterpress.server")
 
 DISCONNECTED = object()  # pushed into a job's stream by the disconnect watcher
+T = TypeVar("T")
+
+
+class ShuttingDown(Exception):
+    """The server is shutting down and its drain time is up: what is still open ends with this error."""
 
 
 DEFAULT_STEP_CEILING = 1024  # --max-denoising-steps when not given (or the checkpoint's default, if larger)
@@ -71,10 +79,11 @@ class ServerConfig:
     # seconds a request may take from submission; then its rows are stopped and it gets a 504. None: no limit
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
     disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
 
 
 # ------------------------------------------------------------------------------------------------- a job
-@dataclass
+@dataclass(eq=False)  # compared (and hashed, in OpenAIServer.open_jobs) by identity
 class Job:
     """One HTTP request's rows. Choice i is row i; it is complete when its RequestOutput has arrived."""
 
@@ -187,8 +196,42 @@ class OpenAIServer:
         checkpoint_steps = llm.defaults.max_denoising_steps
         self.step_ceiling = config.max_denoising_steps or max(DEFAULT_STEP_CEILING, checkpoint_steps)
         self.default_steps = min(checkpoint_steps, self.step_ceiling)
+        # Parsing, chat templates, tokenizing and planning run here, never on the event loop; two workers keep
+        # many large requests from crowding out the loop (and the engine thread) for the GIL.
+        self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="letterpress-prep")
+        # A text longer than this many characters cannot fit in max_model_len tokens (None: no such bound)
+        per_token = llm.tokenizer.max_chars_per_token()
+        self.max_prompt_chars = None if per_token is None else llm.max_model_len * per_token
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
+        self.draining = False  # after SIGTERM: refuse new requests, let open ones finish
+        self.open_jobs: set[Job] = set()  # submitted and not yet answered in full
 
     # ------------------------------------------------------------------------------------------ requests
+    async def read(self, raw: HttpRequest, model: type[T]) -> T:
+        """The request body as `model`: 413 past --max-request-bytes, 400 for anything that is not JSON."""
+        data = await read_body(raw, self.config.max_request_bytes)
+        return await self.off_loop(parse_body, data, model)
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn(*args)` on a preparation thread, so that the event loop keeps answering meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, functools.partial(fn, *args))
+
+    def check_chars(self, text: str, what: str, param: str | None = None) -> None:
+        """Refuse, before tokenizing, a text that cannot fit in max_model_len tokens whatever its tokens."""
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise ApiError(400, f"{what} is {len(text):,} characters: more than max_model_len "
+                                f"{self.llm.max_model_len} tokens can hold ({self.max_prompt_chars:,} characters "
+                                "at most); shorten it", param=param, code="context_length_exceeded")
+
+    def completion_job(self, body: CompletionRequest) -> Job:
+        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens)
+
+    def chat_job(self, body: ChatCompletionRequest) -> Job:
+        text, chat = render_chat(self.llm.tokenizer, body)
+        self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
+        return self.make_job("chat", body, [self.llm.tokenizer.encode(text)],
+                             body.max_completion_tokens or body.max_tokens, chat)
+
     def check_model(self, model: str | None) -> str:
         names = self.config.served_model_names
         if model is not None and model not in names:
@@ -205,6 +248,12 @@ class OpenAIServer:
         prompts = [prompt] if single else prompt
         if any(p == [] for p in prompts):
             raise ApiError(400, "a token-id prompt is empty", param="prompt")
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_chars(p, "the prompt", "prompt")
+            elif len(p) > self.llm.max_model_len:
+                raise ApiError(400, f"the prompt is {len(p):,} tokens: more than max_model_len "
+                                    f"{self.llm.max_model_len}", param="prompt", code="context_length_exceeded")
         return [self.llm.tokenize(p) for p in prompts]
 
     def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams:
@@ -242,7 +291,7 @@ class OpenAIServer:
             raise ApiError(400, f"{rows_wanted} rows (prompts x n) can never fit: this server holds "
                                 f"{self.engine.capacity} (--max-num-seqs + --max-queue)", param="n")
         job_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        stream = RequestStream(asyncio.get_running_loop())
+        stream = RequestStream(self.loop)
         rows = []
         for p, prompt in enumerate(prompts):
             for j in range(body.n):
@@ -263,16 +312,36 @@ class OpenAIServer:
         return Job(job_id, kind, model, prompts, rows, texts, stream,
                    chat=None if chat is None else [ChatChoice(chat) for _ in rows])
 
-    async def run(self, raw: HttpRequest, kind: str, body: _Common, prompts: list[list[int]],
-                  max_tokens: int | None, chat: ChatOptions | None = None):
-        return await self.serve(raw, self.make_job(kind, body, prompts, max_tokens, chat), body)
-
     def submit(self, job: Job) -> None:
+        if self.draining:
+            raise shutting_down_error()
         try:
             self.engine.submit(job.stream, job.rows)
         except QueueFull:
             raise ApiError(429, "the server is at capacity (all slots busy and the queue full); retry later",
                            type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        self.open_jobs.add(job)
+
+    # ------------------------------------------------------------------------------------------ shutdown
+    async def shut_down(self, timeout: float) -> None:
+        """Refuse new requests (503), wait up to `timeout` seconds for the open ones, then end those that are
+        still running: a stream gets a last error event, a waiting request a 503. Returns once every handler
+        has answered (or after a few more seconds, for a client that does not read)."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        log.info("shutting down: new requests get 503; waiting up to %gs for %d open request(s)", timeout,
+                 len(self.open_jobs))
+        deadline = loop.time() + timeout
+        while self.open_jobs and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.open_jobs:
+            log.warning("--shutdown-timeout (%gs) is up: ending %d open request(s)", timeout, len(self.open_jobs))
+            for job in list(self.open_jobs):
+                job.stream.queue.put_nowait((0, ShuttingDown("the server is shutting down; the request was "
+                                                             "cut short (retry on another server)")))
+            deadline = loop.time() + 5.0
+            while self.open_jobs and loop.time() < deadline:
+                await asyncio.sleep(0.02)
 
     async def serve(self, raw: HttpRequest, job: Job, body: _Common):
         """Submit a job's rows and answer: one JSON body, or an SSE stream."""
@@ -292,6 +361,7 @@ class OpenAIServer:
         finally:
             watcher.cancel()
             self.abort_unfinished(job)
+            self.open_jobs.discard(job)
         return all(out is not None for out in job.outputs)
 
     async def collect(self, raw: HttpRequest, job: Job) -> dict:
@@ -342,19 +412,22 @@ class OpenAIServer:
             self.log_done(job)
             yield "data: [DONE]\n\n"
         except Exception as e:  # the 200 and some chunks are already out: report the error in-band
-            if isinstance(e, ApiError):  # e.g. the request timed out
+            if isinstance(e, ShuttingDown):
+                yield sse_data(error_body(str(e), "server_error", code="shutting_down"))
+            elif isinstance(e, ApiError):  # e.g. the request timed out
                 yield sse_data(error_body(e.message, e.type, e.param, e.code))
             elif isinstance(e, RequestError):
                 yield sse_data(error_body(str(e), "invalid_request_error"))
+            elif isinstance(e, EngineError):  # logged by the engine thread
+                yield sse_data(error_body(str(e), "server_error"))
             else:
-                if not isinstance(e, EngineError):  # those were logged by the engine thread
-                    log.exception("%s failed while streaming", job.id)
-                yield sse_data(error_body(str(e) if isinstance(e, EngineError) else f"internal error: {e}",
-                                          "server_error"))
+                log.exception("%s failed while streaming", job.id)
+                yield sse_data(error_body(f"internal error: {e}", "server_error"))
             yield "data: [DONE]\n\n"
         finally:  # also runs when starlette cancels us because the client disconnected
             watcher.cancel()
             self.abort_unfinished(job)
+            self.open_jobs.discard(job)
 
     def chunk(self, job: Job, index: int, delta: Any, finish_reason: str | None, with_usage: bool) -> dict:
         if job.kind == "chat":
@@ -415,6 +488,11 @@ def sse_data(obj: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- errors
+def shutting_down_error() -> ApiError:
+    return ApiError(503, "the server is shutting down and takes no new requests", "server_error",
+                    code="shutting_down")
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
@@ -434,8 +512,6 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = loc[0] if loc else None
     if first.get("type") == "extra_forbidden":
@@ -467,6 +543,10 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("server-side error: %s", exc)
         return error_response(500, str(exc), "server_error")
 
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(_, exc: ShuttingDown):
+        return error_response(503, str(exc), "server_error", code="shutting_down")
+
     @app.exception_handler(EngineError)
     async def engine_error(_, exc: EngineError):  # already logged, with its traceback, by the engine thread
         return error_response(500, str(exc), "server_error")
@@ -478,37 +558,60 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class Edge:
-    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1, and
-    turns any exception that escaped the handlers into a logged 500 JSON error (the server never dies)."""
+    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1, refuses
+    new work while shutting down, and turns any exception that escaped the handlers into a logged 500 JSON
+    error (the server never dies).
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None):
-        self.app, self.metrics, self.api_key = app, metrics, api_key
+    A response is counted when it ends, as 499 (nginx's "client closed request") when the client went away
+    before the whole response was sent, however it started (a stream starts with a 200)."""
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app, self.server = app, server
+        self.metrics, self.api_key = server.metrics, server.config.api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
+        state = {"status": None, "complete": False, "left": False}
+
+        async def watching_receive():
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["complete"]:
+                state["left"] = True
+            return message
 
         async def counting_send(message):
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
-                self.metrics.count_response(message["status"])
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
             await send(message)
 
-        if self.api_key and scope["path"].startswith("/v1") and not self.authorized(scope):
+        try:
+            await self.handle(scope, watching_receive, counting_send, state)
+        finally:
+            status = 499 if state["left"] else state["status"]
+            if status is not None:
+                self.metrics.count_response(status)
+
+    async def handle(self, scope, receive, send, state) -> None:
+        v1 = scope["path"].startswith("/v1")
+        if self.api_key and v1 and not self.authorized(scope):
             response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                       code="invalid_api_key")
-            return await response(scope, receive, counting_send)
+            return await response(scope, receive, send)
+        if self.server.draining and v1 and scope["method"] == "POST":
+            error = shutting_down_error()
+            return await error_response(503, error.message, error.type, code=error.code)(scope, receive, send)
         try:
-            await self.app(scope, receive, counting_send)
-        except ClientDisconnect:  # the client left mid-response; its rows were aborted by the handler
-            pass
+            await self.app(scope, receive, send)
+        except ClientDisconnect:  # the client left mid-request; its rows were aborted by the handler
+            state["left"] = True
         except Exception as e:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if not started:
+            if state["status"] is None:
                 await error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")(
-                    scope, receive, counting_send)
+                    scope, receive, send)
 
     def authorized(self, scope) -> bool:
         headers = dict(scope.get("headers") or [])
@@ -526,57 +629,66 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_):
+        server.loop = asyncio.get_running_loop()
         server.engine.start()
         yield
         server.engine.stop()
+        server.prep.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="letterpress", lifespan=lifespan)
     app.state.server = server
     install_error_handlers(app)
-    app.add_middleware(Edge, metrics=server.metrics, api_key=config.api_key)
+    app.add_middleware(Edge, server=server)
 
-    @app.get("/health")
+    # HEAD answers like GET without a body (uvicorn drops the body of a HEAD response)
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        if server.engine.healthy:
+        if server.engine.healthy and not server.draining:
             return PlainTextResponse("ok")
-        state = "engine failed" if server.engine.failed is not None else "warming up"
+        state = ("shutting down" if server.draining else "engine failed" if server.engine.failed is not None
+                 else "warming up")
         return error_response(503, state, "server_error")
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return PlainTextResponse(server.metrics.render(config.served_model_names[0]),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [model_card(name, llm.model_name, server.created, llm.max_model_len)
                                            for name in config.served_model_names]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(model: str):
         server.check_model(model)
         return model_card(model, llm.model_name, server.created, llm.max_model_len)
 
+    # Bodies are read and parsed by `server.read` (size limit, strict JSON) and every request is prepared
+    # (template, tokenizer, planning) on a preparation thread: the event loop only moves bytes.
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: HttpRequest):
+    async def completions(raw: HttpRequest):
+        body = await server.read(raw, CompletionRequest)
         refuse_unsupported(body)
         if body.suffix:  # infilling: the completion is the middle (an empty suffix is a plain completion)
-            return await server.serve(raw, infill_job(server, body), body)
-        return await server.run(raw, "completion", body, server.completion_prompts(body.prompt), body.max_tokens)
+            job = await server.off_loop(infill_job, server, body)
+        else:
+            job = await server.off_loop(server.completion_job, body)
+        return await server.serve(raw, job, body)
 
     @app.post("/v1/edits")
-    async def edits(body: EditRequest, raw: HttpRequest):
-        job, plans = edit_job(server, body)
+    async def edits(raw: HttpRequest):
+        body = await server.read(raw, EditRequest)
+        job, plans = await server.off_loop(edit_job, server, body)
         server.submit(job)
         if not await server.drain(raw, job):
             return JSONResponse({})  # the client went away; nobody reads this
         return JSONResponse(edit_response(server, job, plans))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw: HttpRequest):
+    async def chat_completions(raw: HttpRequest):
+        body = await server.read(raw, ChatCompletionRequest)
         refuse_unsupported(body)
-        text, chat = render_chat(llm.tokenizer, body)
-        prompt = llm.tokenizer.encode(text)
-        return await server.run(raw, "chat", body, [prompt], body.max_completion_tokens or body.max_tokens, chat)
+        return await server.serve(raw, await server.off_loop(server.chat_job, body), body)
 
     return app

@@ -13,7 +13,6 @@ loop batches them with every other request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import asdict
@@ -51,6 +50,8 @@ def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
     if body.wants_preview():
         raise ApiError(400, "denoising_preview is not available with suffix: candidate middles compete until "
                             "the end", param="stream_options", code="unsupported")
+    for prefix in prefixes:  # the prefix is the context: it must fit in max_model_len
+        server.check_chars(prefix, "the prompt", "prompt")
     codec = Codec.of(server.llm)
     if body.max_tokens is not None and body.max_tokens > codec.canvas_length:
         raise ApiError(400, f"with suffix, max_tokens bounds the middle: at most {codec.canvas_length} (one canvas)",
@@ -62,7 +63,7 @@ def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
         raise ApiError(400, f"{rows_wanted} rows (prompts x n x candidate lengths) can never fit: this server holds "
                             f"{server.engine.capacity} (--max-num-seqs + --max-queue)", param="n")
     job_id = "cmpl-" + uuid.uuid4().hex
-    stream = RequestStream(asyncio.get_running_loop())
+    stream = RequestStream(server.loop)
     rows, texts, groups = [], [], []
     for plan in plans:
         for j in range(body.n):
@@ -98,10 +99,14 @@ def edit_job(server: OpenAIServer, body: EditRequest) -> tuple[Job, EditPlan]:
     model = server.check_model(body.model)
     if body.n > server.engine.capacity:
         raise ApiError(400, f"{body.n} rows can never fit: this server holds {server.engine.capacity}", param="n")
+    starts = [span[0] for span in body.spans if span]  # the schema made them ints; plan_edit checks the rest
+    if starts:  # the instruction and the text before the first span are the context: they must fit
+        context = (body.instruction or "") + body.input[:max(min(starts), 0)]
+        server.check_chars(context, "the text before the first span (with the instruction)", "spans")
     codec = Codec.of(server.llm)
     plan = plan_edit(codec, body.input, body.spans, body.instruction, body.slack_tokens)  # RequestError -> 400
     job_id = "edit-" + uuid.uuid4().hex
-    stream = RequestStream(asyncio.get_running_loop())
+    stream = RequestStream(server.loop)
     rows = []
     for j in range(body.n):
         request = server.llm.make_request(plan.row.prompt_ids,

@@ -4,8 +4,10 @@ so the rest of the CLI does not pay for them."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
+import signal
 
 log = logging.getLogger("letterpress.server")
 DEFAULT_SERVED_NAME = "letterpress-default"
@@ -33,6 +35,11 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop a request's rows this long after it was queued and answer 504 (streams: a final "
                         "error event); 0 = no limit (default 600, the openai client's own timeout)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger request bodies get 413 (default 2000000, text-generation-inference's --payload-limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=0.0,
+                   help="on SIGTERM/SIGINT, refuse new requests (503) and let open ones run this many seconds "
+                        "before ending them with an error; a second signal exits at once (default 0, as vLLM)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the server's and uvicorn's log level (default: info, or as -v / -q say)")
     add_model_arguments(p)
@@ -50,6 +57,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             args.parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= args.request_timeout < float("inf"):
         args.parser.error(f"--request-timeout must be a number of seconds >= 0 (0: no limit), got {args.request_timeout}")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        args.parser.error(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        args.parser.error(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
 
 
 def check_port(host: str, port: int) -> None:
@@ -93,11 +104,67 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
                           max_queue=args.max_queue, entropy_bound=args.entropy_bound,
                           max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max,
-                          request_timeout=args.request_timeout or None)
+                          request_timeout=args.request_timeout or None,
+                          **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}))
     app = build_app(llm, config)
+    # Everything loaded so far lives as long as the process: keep it out of the garbage collector's full passes,
+    # which otherwise stop every thread (the event loop too) for ~0.4 s on a 2-core machine with the model held.
+    gc.collect()
+    gc.freeze()
     log.info("model %s (from %s), dtype %s, device %s, max_num_seqs %d, max_model_len %d, canvas %d",
              names[0], llm.folder, llm.model.dtype, llm.model.device, args.max_num_seqs, llm.max_model_len,
              llm.runner.canvas_length)
     log.info("serving on http://%s:%d/v1 (auth: %s)", args.host, args.port, "API key" if config.api_key else "none")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    # uvicorn's own grace period only backs ours up: by then every handler has answered (or its client does
+    # not read, and is cut off).
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=3)
+    server = graceful_server(uvicorn.Server)(uvicorn_config, app.state.server, args.shutdown_timeout)
+    server.run()
+    if server.signals:  # a shutdown we finished: skip the interpreter's teardown (seconds, for a loaded model)
+        import atexit
+        import sys
+
+        atexit._run_exitfuncs()  # log handlers, the profiler's trace
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0 if server.started else 1
+
+
+def graceful_server(base: type) -> type:
+    """uvicorn.Server with our shutdown (a subclass made here, so that uvicorn is imported only to serve).
+
+    uvicorn alone, on SIGTERM, stops accepting connections and waits for open ones without a limit (a second
+    SIGTERM does not hurry it; only a second SIGINT does). Here the first SIGTERM or SIGINT starts
+    `OpenAIServer.shut_down` (503 for new requests, at most --shutdown-timeout seconds for open ones, then a
+    final error event); then uvicorn closes the connections, which are idle by then. A second signal exits
+    the process at once."""
+    import asyncio
+
+    class GracefulServer(base):
+        def __init__(self, config, app_server, shutdown_timeout: float):
+            super().__init__(config)
+            self.app_server, self.shutdown_timeout = app_server, shutdown_timeout
+            self.signals = 0
+            self.draining = None  # the shut_down task, once started
+
+        def handle_exit(self, sig: int, frame) -> None:  # a signal handler: no locks, no logging
+            self.signals += 1
+            if self.signals > 1:
+                os.write(2, f"letterpress serve: second {signal.Signals(sig).name}: exiting now\n".encode())
+                os._exit(128 + sig)
+            # on_tick (on the event loop, within 0.1 s) starts the drain
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.signals and self.draining is None:
+                self.draining = asyncio.ensure_future(self.drain())
+            return await super().on_tick(counter)
+
+        async def drain(self) -> None:
+            try:
+                await self.app_server.shut_down(self.shutdown_timeout)
+            finally:
+                self.should_exit = True
+
+    return GracefulServer

@@ -46,7 +46,7 @@ class Histogram:
 class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
-        self.responses: dict[str, int] = {}  # HTTP status -> count
+        self.responses: dict[str, int] = {}  # HTTP status -> count (499: the client left first)
         self.finished_rows: dict[str, int] = {}  # finish reason -> count
         self.decoder_steps = 0  # batched denoise calls
         self.tokens = 0  # committed completion tokens
@@ -100,7 +100,8 @@ class Metrics:
             def metric(name: str, kind: str, help: str, lines: list[str]) -> None:
                 out.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", *lines])
 
-            metric("letterpress_requests_total", "counter", "HTTP responses by status code.",
+            metric("letterpress_requests_total", "counter", "HTTP responses by status code, counted when they end; "
+                   "499 (nginx's convention): the client went away before the whole response was sent.",
                    [f'letterpress_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.responses.items())])
             metric("letterpress_finished_rows_total", "counter", "Engine rows that left, by finish reason.",
                    [f'letterpress_finished_rows_total{{reason="{r}"}} {n}'
