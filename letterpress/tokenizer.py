@@ -169,8 +169,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
         """Render `messages` with the checkpoint's chat template, exactly as transformers'
         `apply_chat_template(..., tokenize=False)` does. Extra keyword arguments (tools=..., documents=...,
-        enable_thinking=...) become template variables."""
+        enable_thinking=...) become template variables. `tools` are OpenAI-style function schemas; assistant
+        messages may carry `tool_calls` (arguments as a dict, or a JSON string the template pastes as given) and
+        `role: "tool"` messages answer them, all handed to the template as transformers hands them."""
         _validate_messages(messages)
+        _validate_tools(extra.get("tools"))
         template = self._compiled_template(self._pick_template(extra.get("tools")))
         context = {
             **self._special_tokens,
@@ -185,9 +188,9 @@ class Tokenizer:
         except jinja2.TemplateError as e:  # raise_exception's RequestError is not a TemplateError and passes through
             raise RequestError(f"the chat template could not render these messages: {e}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
         """Token ids of the rendered chat; the template supplies BOS, so none is added."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra))
 
     def _pick_template(self, tools: Any) -> str:
         # Same choice as transformers: a "tool_use" template when tools are given and one exists.
@@ -323,7 +326,33 @@ def _validate_messages(messages: Any) -> None:
         if not isinstance(role, str) or role not in CHAT_ROLES:
             got = f"{role!r} is not a chat role" if isinstance(role, str) else "must be a string"
             raise RequestError(f"{where}.role {got}: use one of {', '.join(CHAT_ROLES)}")
+        if message.get("tool_calls") is not None:
+            _validate_tool_calls(message, where)
+            if message.get("content") is None:  # OpenAI sends content null beside tool calls
+                continue
         _validate_content(message.get("content"), f"{where}.content")
+
+
+def _validate_tool_calls(message: dict, where: str) -> None:
+    calls = message["tool_calls"]
+    if message.get("role") != "assistant":
+        raise RequestError(f"{where}: only assistant messages carry tool_calls")
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be a list of {{id, type, function: {{name, arguments}}}}")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{where}.tool_calls[{j}] must be {{id, type, function: {{name, arguments}}}}")
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            raise RequestError(f"{where}.tool_calls[{j}].function.arguments must be an object or a JSON string")
+
+
+def _validate_tools(tools: Any) -> None:
+    # transformers also takes Python functions here (and builds their schemas); a request can only send JSON.
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RequestError("tools must be a list of {type: 'function', function: {name, description, parameters}}")
 
 
 def _check_text(text: str, where: str) -> None:

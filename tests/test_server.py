@@ -342,8 +342,9 @@ ERRORS = [
     # OpenAI features we do not have: a 400 that names them, never silence
     ("chat", {"messages": CHAT, "logprobs": True}, 400, "not supported", "logprobs"),
     ("chat", {"messages": CHAT, "top_logprobs": 2}, 400, "not supported", "top_logprobs"),
-    ("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool", "tools"),
-    ("chat", {"messages": CHAT, "tool_choice": "auto"}, 400, "tool", "tool_choice"),
+    ("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+     400, "not supported yet", "tool_choice"),
+    ("chat", {"messages": CHAT, "tool_choice": "auto"}, 400, "needs tools", "tool_choice"),
     ("chat", {"messages": CHAT, "functions": [{"name": "f"}]}, 400, "function", "functions"),
     ("chat", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "response_format"),
     ("chat", {"messages": CHAT, "logit_bias": {"5": 10}}, 400, "logit_bias", "logit_bias"),

@@ -131,12 +131,18 @@ class LLM:
         return self.run(requests)
 
     def chat(self, conversations: Messages | list[Messages], params: SamplingParams | list[SamplingParams] | None = None,
-             listener: Callable[[CanvasEvent], None] | None = None, timeout: float | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a batch of them; renders the chat template."""
+             listener: Callable[[CanvasEvent], None] | None = None, timeout: float | None = None,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a batch of them; renders the chat template with
+        `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": True}), as vLLM's LLM.chat. To split the
+        answer into reasoning, content and tool calls, decode `token_ids` with skip_special_tokens=False and
+        pass the text to letterpress.chat_output.parse_output."""
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template")
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
-        return self.generate([self.tokenizer.encode_chat(c) for c in batch], params, listener=listener, timeout=timeout)
+        kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
+        prompts = [self.tokenizer.encode_chat(c, **kwargs) for c in batch]
+        return self.generate(prompts, params, listener=listener, timeout=timeout)
 
     # ------------------------------------------------------------------------------------ infill and edit
     def infill(self, prefix: str, suffix: str, max_middle_tokens: int | None = None,

@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from ..engine.llm import LLM
 from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
+from .chat import ChatChoice, ChatOptions, render_chat
 from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
@@ -98,6 +99,8 @@ class Job:
     finish_reasons: list[str | None] = field(default_factory=list)
     # infill: the rows that compete for each choice (candidate middle lengths); None = one row per choice
     groups: list[list[int]] | None = None
+    # chat: each row's parser (reasoning, content, tool calls)
+    chat: list[ChatChoice] | None = None
 
     def __post_init__(self):
         self.outputs = [None] * len(self.rows)
@@ -229,10 +232,10 @@ class OpenAIServer:
         return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens)
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
-        text = self.llm.tokenizer.apply_chat_template(body.messages)
+        text, chat = render_chat(self.llm.tokenizer, body)
         self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
         return self.make_job("chat", body, [self.llm.tokenizer.encode(text)],
-                             body.max_completion_tokens or body.max_tokens)
+                             body.max_completion_tokens or body.max_tokens, chat)
 
     def check_model(self, model: str | None) -> str:
         names = self.config.served_model_names
@@ -283,7 +286,8 @@ class OpenAIServer:
             ignore_eos=getattr(body, "ignore_eos", False),
         )
 
-    def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None) -> Job:
+    def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
+                 chat: ChatOptions | None = None) -> Job:
         model = self.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
@@ -304,10 +308,14 @@ class OpenAIServer:
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)
                 rows.append(request)
-        texts = [ChoiceText(self.llm.tokenizer.decode, body.stop_strings()) for _ in rows]
+        tokenizer = self.llm.tokenizer
+        # chat output keeps its special tokens: the parser finds thoughts and tool calls by them
+        decode = tokenizer.decode if chat is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        texts = [ChoiceText(decode, body.stop_strings()) for _ in rows]
         log.info("%s: %d row(s), %s prompt tokens, user=%s", job_id, len(rows), "+".join(str(len(p)) for p in prompts),
                  body.user)
-        return Job(job_id, kind, model, prompts, rows, texts, stream)
+        return Job(job_id, kind, model, prompts, rows, texts, stream,
+                   chat=None if chat is None else [ChatChoice(chat) for _ in rows])
 
     def submit(self, job: Job) -> None:
         if self.draining:
@@ -369,8 +377,11 @@ class OpenAIServer:
         for i, (row, reason) in enumerate(zip(job.choice_rows(), reasons)):
             text = job.texts[row]
             if job.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": text.text},
-                                "logprobs": None, "finish_reason": reason})
+                chat = job.chat[row]
+                chat.feed(text.text)
+                chat.finish()
+                choices.append({"index": i, "message": chat.message(), "logprobs": None,
+                                "finish_reason": chat.finish_reason(reason)})
             else:
                 choices.append({"index": i, "text": text.text, "logprobs": None, "finish_reason": reason})
         self.log_done(job)
@@ -385,11 +396,18 @@ class OpenAIServer:
                 for i in range(len(job.rows)):
                     yield sse_data(self.chunk(job, i, {"role": "assistant", "content": ""}, None, with_usage))
             async for event, index, payload in job.choice_events(self.engine):
-                if event == "text":
-                    delta = {"content": payload} if job.kind == "chat" else payload
-                    yield sse_data(self.chunk(job, index, delta, None, with_usage))
+                if event == "text" and job.kind == "chat":
+                    for delta in job.chat[index].feed(payload):
+                        yield sse_data(self.chunk(job, index, delta, None, with_usage))
+                elif event == "text":
+                    yield sse_data(self.chunk(job, index, payload, None, with_usage))
+                elif event == "finish" and job.kind == "chat":
+                    for delta in job.chat[index].finish():
+                        yield sse_data(self.chunk(job, index, delta, None, with_usage))
+                    reason = job.chat[index].finish_reason(payload)
+                    yield sse_data(self.chunk(job, index, {}, reason, with_usage))
                 elif event == "finish":
-                    yield sse_data(self.chunk(job, index, {} if job.kind == "chat" else "", payload, with_usage))
+                    yield sse_data(self.chunk(job, index, "", payload, with_usage))
                 else:
                     yield self.preview(job, index, payload)
             if any(out is None for out in job.outputs):

@@ -1,7 +1,7 @@
 """OpenAI request bodies as pydantic models, and the response shapes as plain dicts.
 
 Validation is strict on purpose: a wrong type is a 400, an unknown field is a 400, and a field OpenAI has but
-letterpress does not implement (logprobs, tools, ...) is a 400 that names it. Nothing is silently ignored.
+letterpress does not implement (logprobs, functions, ...) is a 400 that names it. Nothing is silently ignored.
 Our extensions (`entropy_bound`, `max_denoising_steps`, `t_min`, `t_max`, vLLM's `ignore_eos`, and
 `infill_strategy` beside `suffix`) are top-level fields; with the `openai` client pass them through
 `extra_body`. `POST /v1/edits` (`EditRequest`) is ours: OpenAI retired its edits endpoint.
@@ -91,9 +91,11 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools, which we refuse
+    tools: list[dict[str, Any]] | None = None  # checked by the tokenizer; rendered by the chat template
+    tool_choice: str | dict[str, Any] | None = None  # "auto" / "none"; "required" / named: 400 (server/chat.py)
+    parallel_tool_calls: bool | None = None  # false: only the first call is returned
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": true}
+    include_reasoning: bool = True  # vLLM's: false leaves the thoughts out of the answer
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -103,10 +105,8 @@ class ChatCompletionRequest(_Common):
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "logprobs": ((None, False, 0), "log-probabilities are not supported yet"),
     "top_logprobs": ((None, 0), "log-probabilities are not supported yet"),
-    "tools": ((None, []), "tool calling is not supported yet"),
-    "tool_choice": ((None, "none"), "tool calling is not supported yet"),
-    "functions": ((None, []), "function calling is not supported yet"),
-    "function_call": ((None, "none"), "function calling is not supported yet"),
+    "functions": ((None, []), "the deprecated functions API is not supported: use tools"),
+    "function_call": ((None, "none"), "the deprecated function_call is not supported: use tool_choice"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
     "echo": ((None, False), "echo is not supported"),
     "best_of": ((None, 1), "best_of > 1 is not supported"),
