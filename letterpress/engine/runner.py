@@ -125,12 +125,17 @@ class Runner:
         else:
             logits = self.model.denoise(canvases, self.cache, slots, sc_logits, sc_mask)
         self.decoder_passes += 1
+        # the previous step's self-conditioning state is spent: free it before the sampler makes the next one
+        del sc_logits
+        for row in rows:
+            row.sc_logits = None
 
         params = [r.request.params for r in rows]
         temps = torch.tensor([temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max) for r, p in zip(rows, params)],
                              dtype=torch.float32)
         bounds = torch.tensor([p.entropy_bound for p in params], dtype=torch.float32)
-        step = partial(fused_denoise_step, sc_dtype=self.model.dtype) if self.fast else denoise_step
+        # keep_processed=False: the fused step may reuse the logits as its sampling scratch
+        step = partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast else denoise_step
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
@@ -158,7 +163,9 @@ class Runner:
         if not any(present):
             return None, None
         template = next(r.sc_logits for r in rows if r.sc_logits is not None)
-        stacked = torch.stack([r.sc_logits if r.sc_logits is not None else torch.zeros_like(template) for r in rows])
+        stacked = _rows_of_one_tensor([r.sc_logits for r in rows])  # the last step's batch: no [R, C, V] copy
+        if stacked is None:
+            stacked = torch.stack([r.sc_logits if r.sc_logits is not None else torch.zeros_like(template) for r in rows])
         return stacked, torch.tensor(present, device=stacked.device)
 
     def _finish_canvas(self, row: Row) -> None:
@@ -187,3 +194,16 @@ class Runner:
             row.pending = tokens  # the canvas joins the context before the next one starts
         else:
             row.finish_reason = reason
+
+
+def _rows_of_one_tensor(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The contiguous [R, ...] tensor whose rows 0..R-1 are exactly `tensors` (the same rows as the previous
+    step, in the same order), else None."""
+    base = tensors[0]._base if tensors[0] is not None else None
+    if base is None or not base.is_contiguous() or base.shape[0] != len(tensors):
+        return None
+    for i, t in enumerate(tensors):
+        if t is None or t._base is not base or t.shape != base.shape[1:] or \
+                t.storage_offset() != base.storage_offset() + i * base.stride(0):
+            return None
+    return base
