@@ -11,9 +11,11 @@ from __future__ import annotations
 CHUNK_BYTES = 32 * 2**20
 
 
-def position_slices(length: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+def position_slices(length: int, vocab: int, chunk_bytes: int | None = None) -> list[slice]:
     """Slices covering range(length), as equal as possible, of at most max(1, chunk_bytes // (4 vocab))
-    positions each: a [chunk, vocab] float32 temporary stays under `chunk_bytes`."""
+    positions each: a [chunk, vocab] float32 temporary stays under `chunk_bytes` (default: `CHUNK_BYTES`,
+    read at call time so that tests can shrink it)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     per_chunk = max(1, chunk_bytes // (4 * vocab))
     n = max(1, -(-length // per_chunk))
     bounds = [length * i // n for i in range(n + 1)]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunks import CHUNK_BYTES, position_slices
+from .chunks import position_slices
 from .sampling import Draws, StepOutcome, entropy_bound_accept, free_mean_entropy, pin, token_entropy
 
 
@@ -53,7 +53,7 @@ def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy
                        draws: list[Draws], canvas_index: list[int], step_index: list[int],
                        greedy: list[bool] | None = None, clamp_tokens: torch.Tensor | None = None,
                        clamp_mask: torch.Tensor | None = None, sc_dtype: torch.dtype | None = None,
-                       keep_processed: bool = True, chunk_bytes: int = CHUNK_BYTES) -> FusedStepOutcome:
+                       keep_processed: bool = True, chunk_bytes: int | None = None) -> FusedStepOutcome:
     """`sampling.denoise_step` (same arguments, same results) plus `sc_probs`. logits: [R, C, V] float32,
     *consumed* (divided in place by the temperatures; with `keep_processed=False` also reused as scratch,
     and `processed_logits` is None); `sc_dtype`: the model's dtype, for `sc_probs`."""

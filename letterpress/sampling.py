@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .chunks import CHUNK_BYTES, position_slices
+from .chunks import position_slices
 
 
 class Draws(Protocol):
@@ -73,7 +73,7 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
     return float(t_min + (t_max - t_min) * remaining)
 
 
-def token_entropy(logits: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
     """Entropy of softmax(logits) per position, float32: [.., V] -> [..]. A chunk of positions at a time, so
     the temporaries (log-probabilities, p * log p) are [chunk, V], not [.., V]."""
     vocab = logits.shape[-1]
@@ -81,7 +81,8 @@ def token_entropy(logits: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for s in position_slices(flat.shape[0], vocab, chunk_bytes):
         logp = torch.log_softmax(flat[s].float(), dim=-1)
-        out[s] = -(logp.exp() * logp).sum(-1)
+        out[s] = -logp.exp().mul_(logp).sum(-1)  # p * log p, in place: the same bits, one temporary less
+        del logp  # before the next chunk's
     return out.reshape(logits.shape[:-1])
 
 

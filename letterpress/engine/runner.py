@@ -140,6 +140,8 @@ class Runner:
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
                        clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
+        # one [R, C, V] tensor whose rows are the rows' state: next step reads it back without a copy
+        sc_state = outcome.sc_probs if self.fast else outcome.processed_logits.to(self.model.dtype)
         for i, (row, p) in enumerate(zip(rows, params)):
             argmax = outcome.argmax[i]
             k = p.stability_threshold
@@ -149,7 +151,7 @@ class Runner:
             row.mean_entropy = float(outcome.mean_entropy[i])  # free positions only (clamps are certain)
             confident = bool(outcome.mean_entropy[i] < p.confidence_threshold)  # float32 compare, as before
             row.argmax, row.canvas = argmax, outcome.next_canvas[i]
-            row.sc_logits = outcome.sc_probs[i] if self.fast else outcome.processed_logits[i].to(self.model.dtype)
+            row.sc_logits = sc_state[i]
             row.step += 1
             if row.request.want_drafts and row.request.listener:
                 row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
@@ -197,13 +199,15 @@ class Runner:
 
 
 def _rows_of_one_tensor(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The contiguous [R, ...] tensor whose rows 0..R-1 are exactly `tensors` (the same rows as the previous
-    step, in the same order), else None."""
-    base = tensors[0]._base if tensors[0] is not None else None
-    if base is None or not base.is_contiguous() or base.shape[0] != len(tensors):
+    """A [R, ...] view of the storage whose consecutive rows are exactly `tensors` (the previous step's
+    batch, same rows in the same order), else None. (Storage offsets, not `_base`: inference-mode views
+    have no `_base`.)"""
+    first = tensors[0]
+    if first is None or not first.is_contiguous():
         return None
+    storage, n = first.untyped_storage().data_ptr(), first.numel()
     for i, t in enumerate(tensors):
-        if t is None or t._base is not base or t.shape != base.shape[1:] or \
-                t.storage_offset() != base.storage_offset() + i * base.stride(0):
+        if (t is None or t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != first.storage_offset() + i * n):
             return None
-    return base
+    return first.as_strided((len(tensors), *first.shape), (n, *first.stride()), first.storage_offset())

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, visible_from
-from ..chunks import CHUNK_BYTES, position_slices
+from ..chunks import position_slices
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
 from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
@@ -128,7 +128,6 @@ class DiffusionGemma(nn.Module):
             self.register_buffer(f"inv_freq_{layer_type}", torch.empty(0), persistent=False)
         self.init_rope()
         self.fast_attention = False  # `fast.decoder_attention` in `denoise`; set by `fast.apply_fast_path`
-        self.logits_chunk_bytes = CHUNK_BYTES  # `lm_logits` / `soft_embeddings` (letterpress/chunks.py)
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE frequencies in float32: after `to_empty` or a dtype change they are garbage."""
@@ -188,12 +187,13 @@ class DiffusionGemma(nn.Module):
         vocab = weight.shape[0]
         flat = hidden.reshape(-1, hidden.shape[-1])
         out = torch.empty(flat.shape[0], vocab, dtype=torch.float32, device=hidden.device)
-        for s in position_slices(flat.shape[0], vocab, self.logits_chunk_bytes):
+        for s in position_slices(flat.shape[0], vocab):
             chunk = F.linear(flat[s], weight).float()
             if cap:
                 torch.tanh(chunk.div_(cap), out=out[s]).mul_(cap)  # the same ops as tanh(x / cap) * cap
             else:
                 out[s] = chunk
+            del chunk  # before the next chunk's
         return out.reshape(*hidden.shape[:-1], vocab)
 
     def soft_embeddings(self, logits: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,9 +206,10 @@ class DiffusionGemma(nn.Module):
         flat = source.reshape(-1, vocab)
         scale = torch.tensor(self.text_config.hidden_size**0.5).to(self.dtype)
         out = torch.empty(flat.shape[0], weight.shape[1], dtype=self.dtype, device=source.device)
-        for s in position_slices(flat.shape[0], vocab, self.logits_chunk_bytes):
+        for s in position_slices(flat.shape[0], vocab):
             chunk = flat[s] if probs is not None else torch.softmax(flat[s], dim=-1, dtype=torch.float32)
             out[s] = (chunk.to(self.dtype) @ weight) * scale
+            del chunk
         return out.reshape(*source.shape[:-1], weight.shape[1])
 
     def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
