@@ -319,10 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     parity: dict = {"sampler_bitwise": sampler_parity(device, text.vocab_size, canvas)}
     header = (f"{'format':6s} {'batch':>5s} {'context':>7s} {'mode':10s} {'step ms':>9s} {'roofline ms':>11s} "
               f"{'% roofline':>10s} {'step peak GiB':>13s} {'total peak GiB':>14s}  note")
-    print(header)
-    print("-" * len(header))
+
+    def print_parity() -> None:
+        print(f"parity on {device.type}: fused sampler == plain sampler bit for bit: {parity['sampler_bitwise']}; "
+              f"fast vs plain decoder ({args.formats[0]}, context {contexts[0]}): max |logit diff| "
+              f"{parity.get('max_abs_logit_diff', float('nan')):.3g}, argmax agreement "
+              f"{parity.get('argmax_agreement', float('nan')):.4f}", flush=True)
 
     def emit(row: dict) -> None:
+        if not rows:
+            print(header)
+            print("-" * len(header))
         rows.append(row)
         if "ms" in row:
             print(f"{row['format']:6s} {row['batch']:5d} {row['context']:7d} {row['mode']:10s} {row['ms']:9.1f} "
@@ -332,62 +339,71 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['format']:6s} {row['batch']:5d} {row['context']:7d} {row['mode']:10s} {'-':>9s} {'-':>11s} "
                   f"{'-':>10s} {'-':>13s} {'-':>14s}  skipped: {row['skipped']}", flush=True)
 
+    def run(model, fmt: str, batch: int, context: int, mode: str, note: str = "") -> None:
+        base = {"format": fmt, "batch": batch, "context": context, "mode": mode}
+        if time.perf_counter() - began > args.budget_s:
+            emit({**base, "skipped": "time budget"})
+            return
+        need = kv_bytes(text, batch, context) + 3 * batch * canvas * text.vocab_size * 4
+        if device.type == "cuda" and need > torch.cuda.mem_get_info(device)[0]:
+            emit({**base, "skipped": f"needs ~{need / GIB:.0f} GiB for cache and step, "
+                                     f"{torch.cuda.mem_get_info(device)[0] / GIB:.0f} free"})
+            return
+        compiled = mode in ("compile", "cudagraphs")
+        try:
+            (apply_plain_path if mode == "plain" else apply_fast_path)(model)
+            if compiled:
+                compile_layers(model, mode="reduce-overhead" if mode == "cudagraphs" else None)
+            stepper = Stepper(model, random_cache(model, batch, context), batch, fast=mode != "plain")
+            t1 = time.perf_counter()
+            result = time_steps(stepper, device, args.warmup + (2 if compiled else 0), args.repeat)
+            if compiled:
+                note = f"warmup+compile {time.perf_counter() - t1:.0f}s"
+            emit({**base, **result, "roofline_ms": 1e3 * step_bytes(text, fmt, batch, canvas, context) / bw, "note": note})
+        except Exception as exc:  # keep the table going: one failing mode is a finding, not an end
+            emit({**base, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+        finally:
+            if compiled:
+                uncompile_layers(model)
+            apply_fast_path(model)
+            stepper = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def build(fmt: str):
+        t0 = time.perf_counter()
+        model = random_model(config, fmt, device)
+        apply_fast_path(model)
+        return model, f"build {time.perf_counter() - t0:.0f}s"
+
+    # every format on the fast path (plain once, at the first configuration); compile modes last, so that an
+    # overrunning compile cannot cost the main table
     for fi, fmt in enumerate(args.formats):
         if time.perf_counter() - began > args.budget_s:
             for batch in args.batch:
                 for context in contexts:
                     emit({"format": fmt, "batch": batch, "context": context, "mode": "fast", "skipped": "time budget"})
             continue
-        t0 = time.perf_counter()
-        model = random_model(config, fmt, device)
-        build_s = time.perf_counter() - t0
+        model, note = build(fmt)
         if fi == 0:
             parity.update(decoder_parity(model, device, contexts[0]))
-        apply_fast_path(model)
-        for bi, batch in enumerate(args.batch):
-            for ci, context in enumerate(contexts):
-                modes = ["fast"] + (extra_modes if fi == bi == ci == 0 else [])
-                for mode in modes:
-                    base = {"format": fmt, "batch": batch, "context": context, "mode": mode}
-                    if time.perf_counter() - began > args.budget_s:
-                        emit({**base, "skipped": "time budget"})
-                        continue
-                    need = kv_bytes(text, batch, context) + 3 * batch * canvas * text.vocab_size * 4
-                    if device.type == "cuda" and need > torch.cuda.mem_get_info(device)[0]:
-                        emit({**base, "skipped": f"needs ~{need / GIB:.0f} GiB for cache and step, "
-                                                 f"{torch.cuda.mem_get_info(device)[0] / GIB:.0f} free"})
-                        continue
-                    note = f"build {build_s:.0f}s" if (bi == ci == 0 and mode == "fast") else ""
-                    try:
-                        (apply_plain_path if mode == "plain" else apply_fast_path)(model)
-                        if mode in ("compile", "cudagraphs"):
-                            compile_layers(model, mode="reduce-overhead" if mode == "cudagraphs" else None)
-                        cache = random_cache(model, batch, context)
-                        stepper = Stepper(model, cache, batch, fast=mode != "plain")
-                        warmup = args.warmup + (2 if mode in ("compile", "cudagraphs") else 0)
-                        t1 = time.perf_counter()
-                        result = time_steps(stepper, device, warmup, args.repeat)
-                        if mode in ("compile", "cudagraphs"):
-                            note = f"warmup+compile {time.perf_counter() - t1:.0f}s"
-                        roofline = 1e3 * step_bytes(text, fmt, batch, canvas, context) / bw
-                        emit({**base, **result, "roofline_ms": roofline, "note": note})
-                    except Exception as exc:  # keep the table going: one failing mode is a finding, not an end
-                        emit({**base, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
-                    finally:
-                        if mode in ("compile", "cudagraphs"):
-                            uncompile_layers(model)
-                        apply_fast_path(model)
-                        cache = stepper = None
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+            print_parity()
+        for batch in args.batch:
+            for context in contexts:
+                run(model, fmt, batch, context, "fast", note)
+                note = ""
+        if fi == 0 and "plain" in extra_modes:
+            run(model, fmt, args.batch[0], contexts[0], "plain")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    compile_modes = [m for m in extra_modes if m in ("compile", "cudagraphs")]
+    if compile_modes:
+        model, note = build(args.formats[0])
+        for mode in compile_modes:
+            run(model, args.formats[0], args.batch[0], contexts[0], mode)
+        del model
 
-    print(f"parity on {device.type}: fused sampler == plain sampler bit for bit: {parity['sampler_bitwise']}; "
-          f"fast vs plain decoder ({args.formats[0]}, context {contexts[0]}): max |logit diff| "
-          f"{parity.get('max_abs_logit_diff', float('nan')):.3g}, argmax agreement "
-          f"{parity.get('argmax_agreement', float('nan')):.4f}")
     print(f"gpu_check: done in {time.perf_counter() - began:.0f}s")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "parity": parity, "bandwidth": bw, "bandwidth_source": bw_source},
