@@ -114,7 +114,9 @@ def layout_report(block: int, chunk: int, canvas: int = 256, step_units: float =
         full_row = row_bytes(text, MAX_CONTEXT, "after", block, chunk)
         fits.append({"card": card, "format": fmt, "weights_gib": weights / GIB, "kv_budget_gib": budget / GIB,
                      "before_tokens": before, "after_tokens": after,
-                     "after_rows_at_max_context": max(0, budget - attention_gather_bytes(text, MAX_CONTEXT)) // full_row})
+                     # rows of 262,144 tokens at once: each with its KV blocks and its share of the step
+                     "after_rows_at_max_context": max(0, int(GPU_MEMORY_UTILIZATION * size - weights)
+                                                      - attention_gather_bytes(text, MAX_CONTEXT)) // (full_row + step_bytes)})
     full = sum(e["all_layers"] for t, e in per.items() if t != "sliding_attention")
     return {"per_token": per, "before_per_token_kib": sum(e["all_layers"] for e in per.values()) / KIB,
             "after_per_token_beyond_window_kib": full / KIB,

@@ -41,6 +41,16 @@ class FusedStepOutcome(StepOutcome):
     sc_probs: torch.Tensor | None = None
 
 
+def _softmax_into(out: torch.Tensor, logits: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+    """out [C, V] <- softmax(logits [C, V]), a chunk of positions at a time. A 16-bit `out` gets the softmax of
+    the logits rounded to its dtype: what the plain runner's stored state (processed logits in the model's
+    dtype) gives when the model takes its softmax."""
+    for s in slices:
+        chunk = logits[s] if out.dtype == torch.float32 else logits[s].to(out.dtype)
+        out[s] = torch.softmax(chunk, dim=-1, dtype=torch.float32)
+    return out
+
+
 def _draw(draws: Draws, probs: torch.Tensor, scratch: torch.Tensor | None, canvas: int, step: int) -> torch.Tensor:
     """One row's proposals; into `scratch` where the draws can (same bits either way)."""
     into = getattr(draws, "proposals_into", None)
@@ -68,23 +78,14 @@ def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy
     proposals = []
     for r, d in enumerate(draws):
         row = processed[r]
-        sample = not (greedy and greedy[r])
-        if sc_dtype == torch.float32:
-            probs = sc_probs[r]  # exactly what the model's softmax of the float32 processed logits gives
-            for s in slices:
-                probs[s] = torch.softmax(row[s], dim=-1, dtype=torch.float32)
-        else:
-            # the plain runner stores processed.to(dtype) and the model softmaxes that: same values here
-            for s in slices:
-                sc_probs[r, s] = torch.softmax(row[s].to(sc_dtype), dim=-1, dtype=torch.float32).to(sc_dtype)
-            probs = torch.empty_like(row) if sample else None
-            for s in slices if sample else ():
-                probs[s] = torch.softmax(row[s], dim=-1, dtype=torch.float32)
-        if sample:
-            scratch = None if keep_processed else row  # this row's logits are spent: entropy, argmax, softmax
-            proposals.append(_draw(d, probs, scratch, canvas_index[r], step_index[r]).to(logits.device))
-        else:
+        _softmax_into(sc_probs[r], row, slices)
+        if greedy and greedy[r]:
             proposals.append(argmax[r])
+            continue
+        # drawn from the float32 softmax: for a float32 model the state itself
+        probs = sc_probs[r] if sc_dtype == torch.float32 else _softmax_into(torch.empty_like(row), row, slices)
+        scratch = None if keep_processed else row  # this row's logits are spent: entropy, argmax, softmax taken
+        proposals.append(_draw(d, probs, scratch, canvas_index[r], step_index[r]).to(logits.device))
         del probs
     proposals = torch.stack(proposals)
     noise = torch.stack([d.noise(length, vocab, canvas_index[r], step_index[r]) for r, d in enumerate(draws)])
