@@ -15,8 +15,8 @@ import argparse
 from common import machine
 
 from letterpress import LLM, SamplingParams
-from letterpress import sudoku as S
-from letterpress.sudoku_solve import prompt_ids
+from letterpress.apps import sudoku as S
+from letterpress.apps.sudoku_solve import prompt_ids
 from letterpress.sampling import Clamp
 from letterpress.train.recipes_builtin import held_out_puzzles
 

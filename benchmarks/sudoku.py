@@ -11,9 +11,9 @@ then
 
 The held-out puzzles are `letterpress.train.recipes_builtin.held_out_puzzles()`: their own seed, checked here not
 to occur in the training stream (puzzle or solution grid). A puzzle counts as solved when the output is
-complete, valid and consistent with the givens (`letterpress.sudoku.is_solution`).
+complete, valid and consistent with the givens (`letterpress.apps.sudoku.is_solution`).
 
-The prompt is the puzzle's 81 cell words (`letterpress.sudoku.prompt_text`). Diffusion: `LLM.run` over batches of puzzles, greedy proposals (argmax; the accept/re-noise schedule of the
+The prompt is the puzzle's 81 cell words (`letterpress.apps.sudoku.prompt_text`). Diffusion: `LLM.run` over batches of puzzles, greedy proposals (argmax; the accept/re-noise schedule of the
 checkpoint's generation_config.json). Autoregressive: greedy decoding, `model.encode` one token at a time and
 `model.lm_logits`, 81 forwards per puzzle (1 token/forward).
 """
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from letterpress.sudoku_solve import solve_autoregressive, solve_diffusion  # noqa: E402
+from letterpress.apps.sudoku_solve import solve_autoregressive, solve_diffusion  # noqa: E402
 from letterpress.train import recipes_builtin as RB  # noqa: E402
 
 

@@ -189,17 +189,33 @@ def checkpoint_names(ours: str) -> list[str]:
     return [candidate_names(ours)[0]]
 
 
+def _new_file_mode(folder: Path) -> int:
+    """The permissions a new file gets in `folder` (0o666 less the umask), read off a probe file: calling
+    os.umask() to read the umask would change it for a moment under the process's other threads."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 @contextmanager
 def atomic_folder(folder: Path):
     """Yield a temporary sibling folder to write into; on success it replaces `folder`, on any error (or an
-    interruption) it is removed, so nothing half-written is ever left at `folder`. `mkdir`, not `mkdtemp`,
-    so the result has the umask's permissions."""
+    interruption) it is removed, so nothing half-written is ever left at `folder`. The folder and its files
+    get the umask's permissions (`mkdir`, not `mkdtemp`; safetensors writes its files 0600, so they are
+    widened to what any new file would get)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        mode = _new_file_mode(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(mode)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -208,14 +224,61 @@ def atomic_folder(folder: Path):
         raise
 
 
+# transformers 5.23 builds a vision tower for every DiffusionGemma: `vision_config: null` (or none) means its
+# default, 167M-parameter tower, randomly initialised and reported as missing weights. A text-only checkpoint
+# therefore gets the smallest tower transformers accepts (no layers, width 1; 3 tensors, 2 + 3 + hidden
+# values) with those tensors stored as zeros, so transformers loads it with nothing missing. letterpress
+# itself runs text only and never reads them.
+PLACEHOLDER_VISION_CONFIG = {
+    "model_type": "gemma4_vision", "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 0,
+    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 2, "patch_size": 1, "pooling_kernel_size": 1,
+    "position_embedding_size": 1,
+}
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+def is_placeholder_vision(vision_config) -> bool:
+    return isinstance(vision_config, dict) and all(vision_config.get(k) == v
+                                                    for k, v in PLACEHOLDER_VISION_CONFIG.items())
+
+
+def placeholder_vision_tensors(hidden_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights of PLACEHOLDER_VISION_CONFIG's tower (zeros), under transformers' names."""
+    vision = PLACEHOLDER_VISION_CONFIG
+    width, patch = vision["hidden_size"], vision["patch_size"]
+    return {
+        "model.encoder.vision_tower.patch_embedder.position_embedding_table":
+            torch.zeros(2, vision["position_embedding_size"], width, dtype=dtype),
+        "model.encoder.vision_tower.patch_embedder.input_proj.weight": torch.zeros(width, 3 * patch * patch, dtype=dtype),
+        "model.encoder.embed_vision.embedding_projection.weight": torch.zeros(hidden_size, width, dtype=dtype),
+    }
+
+
+def vision_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors stored in a checkpoint (letterpress does not load them)."""
+    files = weight_files(folder)
+    out = {}
+    for path in sorted(set(files.values())):
+        with _open(path) as f:
+            for name in f.keys():
+                if name.startswith(VISION_PREFIXES):
+                    out[name] = f.get_tensor(name)
+    return out
+
+
 def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, generation_config: dict | None = None,
-               extra_files: dict[str, Path] | None = None) -> Path:
+               extra_files: dict[str, Path] | None = None, vision_from: Path | None = None) -> Path:
     """Write `model` in the released checkpoint format: config.json, generation_config.json, model.safetensors
     (and copies of `extra_files`, e.g. the tokenizer). Written into a temporary folder first and renamed, so
-    an interrupted save leaves nothing half-written."""
+    an interrupted save leaves nothing half-written.
+
+    letterpress runs text only, so the vision tower is not part of `model`: with `vision_from` (the base
+    checkpoint folder) its tensors are copied from there; a config without `vision_config` gets the
+    placeholder tower above."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    config_dict = dict(config_dict)
     with atomic_folder(folder) as tmp:
         state = {}
         tensors = dict(model.named_parameters())
@@ -223,6 +286,13 @@ def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, ge
         for ours, tensor in tensors.items():
             for stored in checkpoint_names(ours):
                 state[stored] = tensor.detach().to("cpu").contiguous()
+        embed = tensors["embed_tokens.weight"]
+        vision = config_dict.get("vision_config")
+        if vision is None or is_placeholder_vision(vision):
+            config_dict["vision_config"] = vision or dict(PLACEHOLDER_VISION_CONFIG)
+            state.update(placeholder_vision_tensors(embed.shape[1], embed.dtype))
+        elif vision_from is not None:
+            state.update({k: v.to(embed.dtype) for k, v in vision_tensors(Path(vision_from)).items()})
         save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
         if generation_config is not None:

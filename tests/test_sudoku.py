@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from letterpress.sudoku import augment, count_solutions, format_grid, generate, is_solution, parse_grid, solve
+from letterpress.apps.sudoku import augment, count_solutions, format_grid, generate, is_solution, parse_grid, solve
 
 
 def test_generated_puzzles_are_unique_and_consistent():

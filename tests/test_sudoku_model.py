@@ -24,7 +24,7 @@ def test_checkpoint_format():
         assert (SUDOKU / name).is_file(), name
     from letterpress.tokenizer import Tokenizer
 
-    from letterpress.sudoku import prompt_text
+    from letterpress.apps.sudoku import prompt_text
 
     tok = Tokenizer.from_dir(SUDOKU)
     assert tok.encode("0123456789") == list(range(7, 17))
@@ -38,7 +38,7 @@ def test_checkpoint_format():
 
 
 def test_held_out_puzzles_are_fixed_and_valid(held_out):
-    from letterpress import sudoku as S
+    from letterpress.apps import sudoku as S
     from letterpress.train.recipes_builtin import SUDOKU_GIVENS
 
     assert len(held_out) == 100
@@ -49,7 +49,7 @@ def test_held_out_puzzles_are_fixed_and_valid(held_out):
 
 @pytest.fixture(scope="module")
 def solved(held_out):
-    from letterpress.sudoku_solve import solve_diffusion
+    from letterpress.apps.sudoku_solve import solve_diffusion
 
     return solve_diffusion(SUDOKU, [p for p, _ in held_out])  # greedy, the checkpoint's sampler: deterministic
 
@@ -64,7 +64,7 @@ def test_solves_at_least_90_of_100_held_out_puzzles(solved):
 def test_outputs_complete_grids_that_keep_the_givens(held_out):
     """What the shipped model does reliably on every puzzle (it solves 95 of these 100)."""
     from letterpress import LLM, SamplingParams
-    from letterpress.sudoku_solve import prompt_ids
+    from letterpress.apps.sudoku_solve import prompt_ids
 
     llm = LLM(SUDOKU, max_num_seqs=10, max_model_len=256)
     puzzles = [p for p, _ in held_out[:10]]

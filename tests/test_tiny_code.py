@@ -47,7 +47,7 @@ def letterpress(*args: str, stdin: str | None = None) -> subprocess.CompletedPro
 
 @pytest.mark.skipif("sudoku" not in shipped_models(), reason="the Sudoku model is not shipped")
 def test_sudoku_command_end_to_end():
-    from letterpress import sudoku as S
+    from letterpress.apps import sudoku as S
     from letterpress.train.recipes_builtin import held_out_puzzles
 
     puzzle, solution = held_out_puzzles(1)[0]

@@ -23,8 +23,8 @@ from letterpress.train.loss import (Example, LossConfig, LossModule, loss_sums, 
 from letterpress.train.recipes import RECIPES, Recipe, get_recipe, register
 from letterpress.train.trainer import TrainConfig, Trainer, lr_factor
 
-from .train_fixtures import (CANVAS, addition_lines, make_checkpoint, make_tokenizer, tiny_config, tiny_model,
-                             write_jsonl)
+from .train_fixtures import (CANVAS, addition_lines, decoder_logits, make_checkpoint, make_tokenizer, our_logits,
+                             tiny_config, tiny_model, write_jsonl)
 
 V = 512
 
@@ -327,26 +327,6 @@ def test_trainer_output_loads_in_letterpress_and_transformers(tmp_path, base_dir
     prompt = torch.tensor([[2, 17, 33, 41, 9]])
     canvas = torch.randint(0, V, (1, CANVAS), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(decoder_logits(ref, prompt, canvas), our_logits(ours, prompt, canvas), atol=1e-4, rtol=0)
-
-
-@torch.no_grad()
-def our_logits(model, prompt, canvas):
-    cache = model.new_cache(1, prompt.shape[1])
-    model.encode(prompt, cache)
-    return model.denoise(canvas, cache)
-
-
-@torch.no_grad()
-def decoder_logits(ref, prompt, canvas):
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
-    n = prompt.shape[1]
-    ref.model.encoder(input_ids=prompt, attention_mask=torch.ones_like(prompt, dtype=torch.bool),
-                      past_key_values=cache, position_ids=torch.arange(n)[None])
-    return ref(decoder_input_ids=canvas, past_key_values=cache,
-               decoder_attention_mask=torch.ones(1, n + canvas.shape[1], dtype=torch.bool),
-               decoder_position_ids=n + torch.arange(canvas.shape[1])[None]).logits
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA

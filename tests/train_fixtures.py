@@ -67,3 +67,25 @@ def addition_lines(n: int, offset: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
+
+
+@torch.no_grad()
+def our_logits(model, prompt: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """Encode `prompt` [1, T], then denoise `canvas` [1, C] with letterpress: logits [1, C, vocab]."""
+    cache = model.new_cache(1, prompt.shape[1])
+    model.encode(prompt, cache)
+    return model.denoise(canvas, cache)
+
+
+@torch.no_grad()
+def decoder_logits(ref, prompt: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """The same with transformers' DiffusionGemmaForBlockDiffusion (or PEFT's model around it)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
+    n = prompt.shape[1]
+    ref.model.encoder(input_ids=prompt, attention_mask=torch.ones_like(prompt, dtype=torch.bool),
+                      past_key_values=cache, position_ids=torch.arange(n)[None])
+    return ref(decoder_input_ids=canvas, past_key_values=cache,
+               decoder_attention_mask=torch.ones(1, n + canvas.shape[1], dtype=torch.bool),
+               decoder_position_ids=n + torch.arange(canvas.shape[1])[None]).logits

@@ -12,7 +12,7 @@ DEFAULT_SERVED_NAME = "letterpress-default"
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_arguments
+    from ..engine.args import add_model_arguments
 
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: embedded model)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -46,7 +46,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..cli import attach_profiler, engine_options
+    from ..engine.args import attach_profiler, engine_options
     from ..engine.llm import LLM
     from ..engine.request import SamplingParams
     from .app import ServerConfig, build_app

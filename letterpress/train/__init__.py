@@ -3,11 +3,35 @@ tokenizer of letterpress's own small model (bpe.py).
 
     from letterpress.train import TrainConfig, Trainer, LoRAConfig, LossConfig
     result = Trainer(TrainConfig(model="ckpt", data="train.jsonl", lora=LoRAConfig(rank=8))).train()
+
+The names below load on first use (PEP 562), so that `letterpress train --help` (train/command.py) imports no
+torch.
 """
 
-from .lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from .loss import DiffusionBatch, Example, LossConfig, make_batch, total_loss
-from .trainer import TrainConfig, Trainer, TrainResult, train
+from __future__ import annotations
 
-__all__ = ["DiffusionBatch", "Example", "LoRAConfig", "LossConfig", "TrainConfig", "TrainResult", "Trainer",
-           "apply_lora", "load_adapter", "make_batch", "merge_lora", "save_adapter", "total_loss", "train"]
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module (relative to this package) that defines it
+_EXPORTS = {**dict.fromkeys(("LoRAConfig", "apply_lora", "load_adapter", "merge_lora", "save_adapter"), ".lora"),
+            **dict.fromkeys(("DiffusionBatch", "Example", "LossConfig", "make_batch", "total_loss"), ".loss"),
+            **dict.fromkeys(("TrainConfig", "Trainer", "TrainResult", "train"), ".trainer")}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+    from .loss import DiffusionBatch, Example, LossConfig, make_batch, total_loss
+    from .trainer import TrainConfig, Trainer, TrainResult, train
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,4 +1,8 @@
-"""Merge a LoRA adapter into its base checkpoint and save the result in the released format."""
+"""Merge a LoRA adapter into its base checkpoint and save the result in the released format.
+
+Only an adapter that is the same in the encoder and decoder passes can be merged: both passes share every base
+weight. This is the way to merge a letterpress adapter; PEFT's `merge_and_unload()` on transformers adds the
+delta once per tied module, twice in all (see `lora.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from safetensors import safe_open
 
 from ..checkpoint import parse_dtype, resolve, save_model, weight_files
 from ..model import DiffusionGemma
-from .lora import load_adapter, merge_lora
+from .lora import check_mergeable, load_adapter, merge_lora
 
 # What a checkpoint folder may hold besides weights and configs; copied next to a saved model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -28,6 +32,7 @@ def stored_dtype(folder: Path) -> torch.dtype:
 
 def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
                   offline: bool | None = None) -> Path:
+    check_mergeable(adapter)
     base = resolve(model, offline=offline)
     dtype = parse_dtype(dtype) if dtype is not None else stored_dtype(base)
     # Merge in float32 (W + s * B A), then cast once when saving.
@@ -38,4 +43,4 @@ def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dt
     gen_file = base / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
     extra = {name: base / name for name in TOKENIZER_FILES if (base / name).is_file()}
-    return save_model(net, output, config, generation, extra)
+    return save_model(net, output, config, generation, extra, vision_from=base)

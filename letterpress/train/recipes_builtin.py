@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 
-from .. import sudoku as S
+from ..apps import sudoku as S
 from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from .data import TokenizedDataset
@@ -136,7 +136,7 @@ def sudoku_solve_rate(kind: str, n: int = 100):
     def evaluate(trainer) -> dict[str, float]:
         import tempfile
 
-        from ..sudoku_solve import solve_autoregressive, solve_diffusion
+        from ..apps.sudoku_solve import solve_autoregressive, solve_diffusion
 
         state = trainer.full_state()  # collective: every rank takes part
         if not trainer.env.is_main:

@@ -528,7 +528,7 @@ class Trainer:
         model.load_state_dict(weights, assign=True)
         extra = {name: self.tokenizer_dir / name for name in TOKENIZER_FILES if (self.tokenizer_dir / name).is_file()}
         return save_model(model, folder, self.config_dict, self.generation_config or self._default_generation_config(),
-                          extra)
+                          extra, vision_from=self.base_dir)
 
     def _default_generation_config(self) -> dict:
         text = self.model_config.text

@@ -13,10 +13,12 @@ import argparse
 import sys
 import time
 
-from .errors import RequestError
+from ..errors import RequestError
+
+HELP = "solve a Sudoku with the embedded Sudoku model, step by step"
 
 
-def sudoku_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("puzzle", nargs="?", default=None,
                    help="81 cells, row by row: digits, 0 or . for blanks (separators ignored); default: stdin")
     p.add_argument("--model", default=None, help="a Sudoku checkpoint folder (default: the embedded one)")
@@ -33,17 +35,17 @@ def _cells(ids: list[int], digit_of: dict[int, str]) -> str:
 
 def _board(puzzle: str, cells: str) -> str:
     """The draft over the puzzle: the givens, then the draft's digits; '.' where it has none yet."""
-    from .sudoku import format_grid
+    from ..apps.sudoku import format_grid
 
     return format_grid("".join(g if g != "0" else c for g, c in zip(puzzle, cells)))
 
 
-def run_sudoku(args: argparse.Namespace) -> int:
-    from .embedded import ASSETS
-    from .engine.llm import LLM
-    from .engine.request import SamplingParams
-    from .sudoku import format_grid, is_solution, parse_grid
-    from .sudoku_solve import prompt_ids
+def run(args: argparse.Namespace) -> int:
+    from ..apps.sudoku import format_grid, is_solution, parse_grid
+    from ..apps.sudoku_solve import prompt_ids
+    from ..embedded import ASSETS
+    from ..engine.llm import LLM
+    from ..engine.request import SamplingParams
 
     text = args.puzzle if args.puzzle is not None else sys.stdin.read()
     try:

@@ -21,8 +21,8 @@ def prompt_ids(tokenizer, puzzle: str) -> list[int]:
 def solve_diffusion(model_dir: str | Path, puzzles: list[str], batch: int = 100, greedy: bool = True,
                     seed: int = 0, **params) -> dict:
     """Solve rate, denoising steps and tokens per forward of a diffusion checkpoint (`LLM.run` over batches)."""
-    from .engine.llm import LLM
-    from .engine.request import SamplingParams
+    from ..engine.llm import LLM
+    from ..engine.request import SamplingParams
 
     llm = LLM(model_dir, max_num_seqs=batch, max_model_len=256)
     solved, steps, tpf, tokens, passes, outputs = 0, [], [], 0, 0, []
@@ -48,8 +48,8 @@ def solve_diffusion(model_dir: str | Path, puzzles: list[str], batch: int = 100,
 @torch.no_grad()
 def solve_autoregressive(model_dir: str | Path, puzzles: list[str], batch: int = 100) -> dict:
     """Solve rate of the autoregressive baseline: greedy next-token decoding through the encoder, 81 forwards."""
-    from .model import DiffusionGemma
-    from .tokenizer import Tokenizer
+    from ..model import DiffusionGemma
+    from ..tokenizer import Tokenizer
 
     model = DiffusionGemma.from_pretrained(model_dir)
     model.eval()

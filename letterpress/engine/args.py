@@ -1,0 +1,76 @@
+"""Engine and sampling options as command-line arguments, shared by every command that loads a model
+(`letterpress generate / chat / infill / edit / serve`), as vLLM's `engine/arg_utils.py` is.
+
+It sits below both the CLI and the server, so neither imports the other. Importing it is cheap (argparse only):
+torch and the engine load inside the functions that build an `LLM`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, xpu, ...")
+    p.add_argument("--offline", action="store_true", help="never touch the network (Hub cache only)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context budget per request (tokens)")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (README, 'Performance' and 'Quantization')")
+    g.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
+                   help="weight-only quantization of the linear layers and experts (default: none)")
+    g.add_argument("--impl", choices=["plain", "fast"], default="plain",
+                   help="plain: the reference path (default); fast: grouped MoE, sliced attention, fused sampler")
+    g.add_argument("--compile", action="store_true", help="torch.compile the layers (slow first steps)")
+    g.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs; untested)")
+    g.add_argument("--profile", metavar="DIR", default=None,
+                   help="write a torch profiler trace (chrome trace JSON) of the first --profile-steps steps to DIR")
+    g.add_argument("--profile-steps", type=int, default=8, metavar="N", help="steps to profile (default 8)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """`LLM` keyword arguments from `add_engine_arguments`."""
+    compile_ = (getattr(args, "compile_mode", None) or True) if getattr(args, "compile", False) else False
+    return dict(quantization=getattr(args, "quantization", None), impl=getattr(args, "impl", "plain"),
+                compile=compile_)
+
+
+def attach_profiler(llm, args: argparse.Namespace) -> None:
+    if getattr(args, "profile", None):
+        from ..profiling import StepProfiler
+
+        StepProfiler(args.profile, args.profile_steps).attach(llm.runner)
+
+
+def llm_from_args(model, args: argparse.Namespace, **kwargs):
+    """An `LLM` built from `add_model_arguments`' flags (plus `kwargs`, e.g. max_num_seqs), profiler attached."""
+    from .llm import LLM
+
+    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              offline=True if args.offline else None, **kwargs, **engine_options(args))
+    attach_profiler(llm, args)
+    return llm
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: bool = True) -> None:
+    g = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
+    if max_new_tokens:
+        g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-denoising-steps", type=int, default=None)
+    g.add_argument("--entropy-bound", type=float, default=None)
+    g.add_argument("--t-min", type=float, default=None)
+    g.add_argument("--t-max", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="fixes the output (per-request generator)")
+
+
+def sampling_params(args: argparse.Namespace):
+    """`SamplingParams` from `add_sampling_arguments`' flags."""
+    from .request import SamplingParams
+
+    return SamplingParams(max_new_tokens=getattr(args, "max_new_tokens", None),
+                          max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound,
+                          t_min=args.t_min, t_max=args.t_max, seed=args.seed)
