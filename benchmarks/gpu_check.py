@@ -138,7 +138,7 @@ def step_bytes(text, fmt: str, batch: int, canvas: int, context: int) -> float:
 
 def bandwidth(device: torch.device) -> tuple[float, str]:
     if device.type != "cuda":
-        return _measured_bandwidth(device), "measured copy"
+        return _measured_bandwidth(device, 2**25), "measured copy"
     name = torch.cuda.get_device_name(device)
     for key, value in BANDWIDTH.items():
         if key in name:
