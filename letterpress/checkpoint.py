@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import load_model_config
-from .errors import CheckpointError
+from .errors import CheckpointError, NotSupportedError
+from .quant import CT_METHOD, QuantExperts, QuantLinear, QuantWeight, check_format, ct_check_config, ct_to_parts
 
 log = logging.getLogger(__name__)
 
@@ -126,59 +128,263 @@ def candidate_names(ours: str) -> list[str]:
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-               offline: bool | None = None, revision: str | None = None):
+               offline: bool | None = None, revision: str | None = None, quantization: str | None = None):
+    """Build the model on the meta device, swap in quantized modules where the checkpoint stores quantized
+    weights (compressed-tensors) or `quantization` asks for them, allocate on `device`, then read each
+    tensor into its place: float tensors are cast, quantized while loading or taken as stored. Peak memory
+    is about the loaded model plus the largest float tensor (one expert's slice for packed experts)."""
     from .model import DiffusionGemma
 
     folder = resolve(path_or_id, offline=offline, revision=revision)
     config = load_model_config(folder)
     dtype = parse_dtype(dtype)
+    fmt = check_format(quantization)
+    stored_config = stored_quantization(folder)
     with torch.device("meta"):
         model = DiffusionGemma(config).to(dtype)
+    files = weight_files(folder)
+    plan = plan_weights(model, folder, files)
+    quantized = swap_quantized_modules(model, plan, fmt)
     model = model.to_empty(device=device)
     model.init_rope()
-    load_weights(model, folder)
+    load_weights(model, folder, plan, quantized)
     model.checkpoint_dir = folder
+    model.quantization = fmt or (CT_METHOD if stored_config else None)
     return model.eval()
 
 
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Copy every parameter and layer scalar from the checkpoint into `model`, casting to the model's dtype."""
-    files = weight_files(folder)
-    targets = dict(model.named_parameters())
-    targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
-    plan: dict[Path, list[tuple[str, str]]] = {}
+def stored_quantization(folder: Path) -> dict | None:
+    """config.json's `quantization_config`, checked to be one we load (compressed-tensors), or None."""
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None  # load_model_config has already reported a broken config.json
+    if qc is None:
+        return None
+    try:
+        ct_check_config(qc, folder.name)
+    except NotSupportedError as e:
+        raise CheckpointError(str(e)) from None
+    return qc
+
+
+@dataclass
+class Stored:
+    """Where one of our tensors is in the checkpoint: a float tensor `names["float"]`, or a quantized one
+    (compressed-tensors): local name (weight, weight_packed, weight_scale, ...) -> stored name."""
+    names: dict[str, str]
+
+    @property
+    def quantized(self) -> bool:
+        return "weight_scale" in self.names
+
+
+CT_LOCAL_NAMES = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape")
+
+
+def find_stored(ours: str, files: dict[str, Path]) -> Stored | None:
+    """The first of `candidate_names(ours)` the checkpoint has, as a float tensor or as a quantized module
+    (`prefix.weight_scale` next to `prefix.weight` or `prefix.weight_packed`; for packed experts the
+    prefix is the parameter's own name)."""
+    for name in candidate_names(ours):
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else name
+        if f"{prefix}.weight_scale" in files:
+            if f"{prefix}.weight_g_idx" in files:
+                raise CheckpointError(f"{prefix} is stored with activation ordering (weight_g_idx), which "
+                                      "letterpress does not load")
+            return Stored({local: f"{prefix}.{local}" for local in CT_LOCAL_NAMES if f"{prefix}.{local}" in files})
+        if name in files:
+            return Stored({"float": name})
+    return None
+
+
+def plan_weights(model: torch.nn.Module, folder: Path, files: dict[str, Path]) -> dict[str, Stored]:
+    """Our tensor name -> where the checkpoint stores it, for every parameter and persistent buffer."""
+    targets = [n for n, _ in model.named_parameters()]
+    targets += [n for n, _ in model.named_buffers() if not n.startswith("inv_freq")]
+    plan = {}
     for ours in targets:
-        stored = next((n for n in candidate_names(ours) if n in files), None)
+        stored = find_stored(ours, files)
         if stored is None:
             if ours.endswith("_scalar"):
                 # A buffer that starts at 1.0 in the reference too; a checkpoint may omit it.
                 log.warning("%s: %s not in checkpoint, using 1.0", folder.name, candidate_names(ours)[0])
-                targets[ours].data.fill_(1.0)
                 continue
+            per_expert = [c for c in candidate_names(ours) if any(n.startswith(f"{c}.0.") or
+                                                                  n.startswith(c.rsplit(".", 1)[0] + ".0.")
+                                                                  for n in files)]
+            if ours.endswith(("experts.gate_up_proj", "experts.down_proj")) and per_expert:
+                raise CheckpointError(f"{folder}: the experts are stored one linear layer per expert "
+                                      f"({per_expert[0].rsplit('.', 1)[0]}.0. ...); letterpress loads them packed "
+                                      "(experts.gate_up_proj / experts.down_proj)")
             raise CheckpointError(f"{folder}: tensor {candidate_names(ours)[0]} is missing from the checkpoint")
-        plan.setdefault(files[stored], []).append((ours, stored))
+        plan[ours] = stored
+    return plan
 
-    progress = tqdm(total=sum(len(v) for v in plan.values()), desc=f"loading {folder.name}", unit="tensor",
+
+def swap_quantized_modules(model: torch.nn.Module, plan: dict[str, Stored], fmt: str | None) -> dict[str, QuantWeight]:
+    """Replace (on the meta device) every linear layer and packed expert pair that the checkpoint stores
+    quantized, or that `fmt` asks to quantize, by an empty quantized module. Returns our tensor name ->
+    the QuantWeight that tensor fills. Routers, norms and the embedding stay float."""
+    from .model.layers import Experts, Router
+
+    quantized: dict[str, QuantWeight] = {}
+
+    def visit(module: torch.nn.Module, path: str) -> None:
+        for name, child in list(module.named_children()):
+            full = f"{path}.{name}"
+            if isinstance(child, Router):
+                continue
+            if isinstance(child, torch.nn.Linear):
+                stored = plan[f"{full}.weight"]
+                if stored.quantized or fmt:
+                    new = QuantLinear(child, fmt, empty=True)
+                    setattr(module, name, new)
+                    quantized[f"{full}.weight"] = new.qweight
+            elif isinstance(child, Experts):
+                parts = {"gate_up_proj": "gate_up", "down_proj": "down"}
+                stored = [plan[f"{full}.{p}"].quantized for p in parts]
+                if any(stored) and not all(stored) and not fmt:
+                    raise CheckpointError(f"{full}: one of the packed expert weights is quantized and the other "
+                                          "is not; pass a quantization format for the float one")
+                if any(stored) or fmt:
+                    new = QuantExperts(child, fmt, empty=True)
+                    setattr(module, name, new)
+                    for p, attr in parts.items():
+                        quantized[f"{full}.{p}"] = getattr(new, attr)
+            else:
+                visit(child, full)
+
+    for i, layer in enumerate(model.layers):
+        visit(layer, f"layers.{i}")
+    visit(model.self_conditioning, "self_conditioning")
+    stray = [n for n, s in plan.items() if s.quantized and n not in quantized]
+    if stray:
+        raise CheckpointError(f"{stray[0]} is stored quantized, but letterpress keeps it in float "
+                              "(only linear layers of the text stack and the experts load quantized)")
+    return quantized
+
+
+def read_tensor(f, path: Path, stored: str, shape: tuple[int, ...] | None = None,
+                expert: int | None = None) -> torch.Tensor:
+    """Read one stored tensor (or expert `expert` of a 3-D one), checking its shape against `shape`. Every
+    tensor the loader reads goes through here."""
+    try:
+        view = f.get_slice(stored)
+        got = tuple(view.get_shape())
+    except Exception as e:
+        raise CheckpointError(f"{path.name}: cannot read {stored} ({e})") from None
+    if shape is not None and got != tuple(shape):
+        raise CheckpointError(f"{path.name}: {stored} has shape {list(got)}, the config implies {list(shape)}")
+    try:
+        return view[expert] if expert is not None else f.get_tensor(stored)
+    except Exception as e:  # truncated data section
+        raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). Quantizing while loading
+    frees float temporaries of many sizes between long-lived quantized tensors; glibc keeps such holes, and
+    without this the process grew to ~2x the quantized model by the end of loading (benchmarks/load_memory.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+class _ExpertSlices:
+    """The [N, K] slices of a stored [E, N, K] float tensor, each read (and cast) only when indexed."""
+
+    def __init__(self, f, path: Path, stored: str, shape: tuple[int, ...], dtype: torch.dtype, device):
+        read_tensor(f, path, stored, shape)  # checks the shape (reads the header only)
+        self.f, self.path, self.stored, self.shape, self.dtype, self.device = f, path, stored, shape, dtype, device
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return read_tensor(self.f, self.path, self.stored, expert=e).to(self.device, self.dtype)
+
+
+def load_weights(model: torch.nn.Module, folder: Path, plan: dict[str, Stored] | None = None,
+                 quantized: dict[str, QuantWeight] | None = None) -> None:
+    """Read every tensor of `plan` (default: every parameter and layer scalar of `model`) into the model:
+    float tensors cast to the model's dtype, or quantized into the QuantWeight `quantized` maps them to,
+    or taken as stored when the checkpoint stores them quantized."""
+    files = weight_files(folder)
+    plan = plan if plan is not None else plan_weights(model, folder, files)
+    quantized = quantized or {}
+    targets = dict(model.named_parameters())
+    targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
+    for name, tensor in targets.items():
+        if name.endswith("_scalar") and name not in plan:
+            tensor.data.fill_(1.0)
+    dtype, device = model.dtype, model.device
+    progress = tqdm(total=len(plan), desc=f"loading {folder.name}", unit="tensor",
                     disable=None, leave=False)  # disable=None: shown on a terminal only
-    for path, items in sorted(plan.items()):
-        with _open(path) as f:
-            for ours, stored in items:
-                progress.update()
-                target = targets[ours]
-                try:
-                    shape = tuple(f.get_slice(stored).get_shape())
-                except Exception as e:
-                    raise CheckpointError(f"{path.name}: cannot read {stored} ({e})") from None
-                if shape != tuple(target.shape):
-                    raise CheckpointError(f"{path.name}: {stored} has shape {list(shape)}, "
-                                          f"the config implies {list(target.shape)}")
-                try:
-                    tensor = f.get_tensor(stored)
-                except Exception as e:  # truncated data section
-                    raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
-                target.data.copy_(tensor)
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def handle(name: str):
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path))
+            return handles[path], path
+
+        # file by file, in stored order, so reads go through each file once
+        for ours, stored in sorted(plan.items(), key=lambda kv: (str(files[next(iter(kv[1].names.values()))]), kv[0])):
+            progress.update()
+            if ours in quantized:
+                qweight = quantized[ours]
+                if stored.quantized:
+                    load_stored_quantized(qweight, stored, handle, device)
+                else:
+                    f, path = handle(stored.names["float"])
+                    if len(qweight.shape) == 3:
+                        qweight.load_float(_ExpertSlices(f, path, stored.names["float"], qweight.shape, dtype, device))
+                    else:
+                        qweight.load_float(read_tensor(f, path, stored.names["float"], qweight.shape).to(device, dtype))
+                _trim_heap()
+                continue
+            f, path = handle(stored.names["float"])
+            target = targets[ours]
+            target.data.copy_(read_tensor(f, path, stored.names["float"], tuple(target.shape)))
     progress.close()
     model.requires_grad_(False)
+
+
+def load_stored_quantized(qweight: QuantWeight, stored: Stored, handle, device) -> None:
+    """Fill `qweight` from a compressed-tensors module (weight_packed / weight / weight_scale / ...)."""
+    tensors = {}
+    for local, name in stored.names.items():
+        f, path = handle(name)
+        tensors[local] = read_tensor(f, path, name)
+    where = f"{path.name}: {next(iter(stored.names.values())).rsplit('.', 1)[0]}"
+    shape = qweight.shape
+    if "weight_shape" in tensors and tuple(tensors["weight_shape"].tolist()) != shape:
+        raise CheckpointError(f"{where} has weight_shape {tensors['weight_shape'].tolist()}, "
+                              f"the config implies {list(shape)}")
+    try:
+        fmt, parts = ct_to_parts(tensors, shape)
+    except NotSupportedError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    *lead, n, k = shape
+    main = parts.get("q", parts.get("packed"))
+    expected = (*lead, n, k) if "q" in parts else (*lead, n, k // 2)
+    if tuple(main.shape) != expected:
+        raise CheckpointError(f"{where}: quantized weight of shape {list(main.shape)}, the config implies "
+                              f"{list(expected)} for a [{', '.join(map(str, shape))}] weight")
+    # copy=True: a CPU tensor from safe_open may share the file's mapping; own it, as float weights are owned
+    qweight.load_parts({name: t.to(device, copy=True) for name, t in parts.items()}, fmt)
 
 
 def checkpoint_names(ours: str) -> list[str]:
@@ -300,3 +506,49 @@ def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, ge
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
     return folder
+
+
+# ---- the vision tower (optional: loaded on its own, text-only use never touches it) ----------------------
+
+def vision_candidate_names(ours: str) -> list[str]:
+    """Our `VisionModel` name (`vision_tower.*`, `embed_vision.*`) -> the names a checkpoint may store it under."""
+    return ["model.encoder." + ours, "encoder." + ours]
+
+
+def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
+                      device: torch.device | str = "cpu", offline: bool | None = None, revision: str | None = None):
+    """The checkpoint's vision tower and `embed_vision` as a `letterpress.model.vision.VisionModel`.
+    Raises CheckpointError for a text-only checkpoint, or one whose config names a tower it does not store."""
+    from .config import vision_config_of
+    from .model.vision import VisionModel
+
+    folder = resolve(path_or_id, offline=offline, revision=revision)
+    vision = vision_config_of(load_model_config(folder))
+    if vision is None:
+        raise CheckpointError(f"{folder} is a text-only checkpoint: its config.json has no vision tower")
+    with torch.device("meta"):
+        model = VisionModel(vision).to(parse_dtype(dtype))
+    model = model.to_empty(device=device)
+    model.init_rope()
+    files = weight_files(folder)
+    targets = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.endswith("inv_freq")}
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    for ours in targets:
+        stored = next((n for n in vision_candidate_names(ours) if n in files), None)
+        if stored is None:
+            raise CheckpointError(f"{folder}: vision tensor {vision_candidate_names(ours)[0]} is missing from the "
+                                  "checkpoint (a text-only model with a vision_config?)")
+        plan.setdefault(files[stored], []).append((ours, stored))
+    for path, items in sorted(plan.items()):
+        with _open(path) as f:
+            for ours, stored in items:
+                try:
+                    tensor = f.get_tensor(stored)
+                except Exception as e:
+                    raise CheckpointError(f"{path.name}: cannot read {stored}, is the file truncated? ({e})") from None
+                if tuple(tensor.shape) != tuple(targets[ours].shape):
+                    raise CheckpointError(f"{path.name}: {stored} has shape {list(tensor.shape)}, "
+                                          f"the vision config implies {list(targets[ours].shape)}")
+                targets[ours].data.copy_(tensor)
+    model.requires_grad_(False)
+    return model.eval()

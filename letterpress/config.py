@@ -266,3 +266,77 @@ def load_generation_defaults(folder: str | Path, model: ModelConfig) -> Generati
     if raw.get("pad_token_id") is not None:
         gen.pad_token_id = int(raw["pad_token_id"])
     return gen
+
+
+# ---- vision ----------------------------------------------------------------------------------------------
+
+# The image resolution tiers: the most soft tokens one image may become (Gemma 4's `max_soft_tokens`).
+IMAGE_TIERS = (70, 140, 280, 560, 1120)
+VIDEO_TIER = 70  # every video frame is processed at the lowest tier, as Gemma 4's video processor does
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (`vision_config`, model_type `gemma4_vision`) and `embed_vision`.
+
+    Defaults are transformers' `Gemma4VisionConfig` class defaults, used for keys a config.json omits (the
+    released checkpoint writes every key; its values differ from these: hidden 1152, 27 layers, ...)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    rope_theta: float = 100.0  # axial 2-D RoPE
+    text_hidden_size: int = 2816  # the width `embed_vision` projects to (the text model's hidden size)
+    default_soft_tokens: int = 280  # the tier an image gets when a request names none
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size**2
+
+
+def _vision_rope_theta(raw: dict[str, Any]) -> float:
+    """transformers reads `rope_parameters` (or legacy `rope_scaling`), then a bare `rope_theta`; a type
+    "default" means "axial" for this tower, and every other type is refused."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError("vision_config.rope_parameters must be an object")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "axial"):
+        raise ConfigError(f"vision_config rope_type {rope_type!r} is not supported (the vision tower uses axial RoPE)")
+    return float(params.get("rope_theta", raw.get("rope_theta", 100.0)))
+
+
+def vision_config_of(model: ModelConfig) -> VisionConfig | None:
+    """The vision tower's config, or None for a text-only checkpoint: no `vision_config`, or a tower with no
+    layers (the placeholder letterpress writes so that transformers loads a text-only model)."""
+    raw = model.raw.get("vision_config")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json: vision_config must be an object")
+    if int(raw.get("num_hidden_layers", 16)) == 0:
+        return None
+    known = {f.name for f in fields(VisionConfig)} - {"rope_theta", "text_hidden_size", "default_soft_tokens"}
+    kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
+    default = model.raw.get("vision_soft_tokens_per_image") or raw.get("default_output_length") or 280
+    cfg = VisionConfig(**kwargs, rope_theta=_vision_rope_theta(raw), text_hidden_size=model.text.hidden_size,
+                       default_soft_tokens=int(default))
+    if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"vision_config.hidden_activation {cfg.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ConfigError("vision_config.num_attention_heads must be a multiple of num_key_value_heads")
+    if cfg.head_dim % 4:
+        raise ConfigError(f"vision_config.head_dim {cfg.head_dim} must be a multiple of 4 (2-D RoPE rotates two halves)")
+    if cfg.default_soft_tokens not in IMAGE_TIERS:
+        raise ConfigError(f"vision_soft_tokens_per_image {cfg.default_soft_tokens} is not a tier {IMAGE_TIERS}")
+    return cfg

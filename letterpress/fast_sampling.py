@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from .chunks import position_slices
-from .sampling import Draws, StepOutcome, entropy_bound_accept, free_mean_entropy, pin, token_entropy
+from .sampling import (Draws, StepOutcome, check_finite, entropy_bound_accept, free_mean_entropy, pin,
+                       token_entropy)
 
 
 @dataclass
@@ -69,6 +70,7 @@ def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy
     and `processed_logits` is None); `sc_dtype`: the model's dtype, for `sc_probs`."""
     processed = logits.div_(temperatures.to(logits.device, logits.dtype)[:, None, None])
     entropy = token_entropy(processed, chunk_bytes)
+    check_finite(entropy)  # before any row draws (sampling.denoise_step)
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     argmax = processed.argmax(-1)
     rows, length, vocab = processed.shape

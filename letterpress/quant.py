@@ -1,7 +1,9 @@
 """Weight-only quantization: int8, group-wise int4 and fp8, for every linear layer and the packed experts.
 
-    quantize_model(model, "int8" | "int4" | "fp8")       in place; `LLM(..., quantization=...)`,
-                                                         `--quantization` on every command
+    load_model(path, quantization="int4")                quantize each tensor while loading; `LLM(...,
+                                                         quantization=...)`, `--quantization` on every command
+    quantize_model(model, "int8" | "int4" | "fp8")       in place, on a model already in memory
+    letterpress quantize MODEL OUT --format int4         write a compressed-tensors checkpoint (quant_save.py)
 
 Formats (W is a weight [.., N out, K in]; packed experts are [E, N, K] and quantize per expert):
 
@@ -23,14 +25,20 @@ exists for the device, dtype and shape, otherwise by dequantizing into the activ
 
 Not quantized: the embedding (tied with the LM head and read three ways: lookup, LM head, the
 self-conditioning matmul over the vocabulary; ~3% of the 26B's weights), the router (its top-k choices
-flip easily) and the norms. The model is loaded in float first and quantized layer by layer, so loading
-peaks at the float model's size.
+flip easily) and the norms.
+
+Loading (letterpress.checkpoint.load_model): the model is built on the meta device, its linear layers and
+experts are swapped for empty QuantWeights, and each tensor is quantized as it is read (packed experts one
+expert slice at a time), so the float model never exists: loading peaks at about the quantized model plus
+the largest float tensor. Checkpoints in the compressed-tensors layout (see "compressed-tensors" below;
+`letterpress quantize` writes them) load as stored, without float weights.
 """
 
 from __future__ import annotations
 
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +46,8 @@ from torch import nn
 
 from .errors import NotSupportedError
 
-FORMATS = ("int8", "int4", "fp8")
+FORMATS = ("int8", "int4", "fp8")  # what we quantize float weights to
+LOADABLE_FORMATS = FORMATS + ("nvfp4",)  # what a QuantWeight holds (nvfp4 only from compressed-tensors)
 INT4_GROUP = 64
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _TINY = 1e-12  # keeps an all-zero row/group from dividing by zero
@@ -61,6 +70,11 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """scale [.., N] (per channel) or [.., N, K/group] (group-wise)."""
+    if scale.ndim == q.ndim:
+        *lead, n, k = q.shape
+        w = q.float().reshape(*lead, n, scale.shape[-1], -1) * scale[..., None].float()
+        return w.reshape(*lead, n, k).to(dtype)
     return (q.float() * scale[..., None].float()).to(dtype)
 
 
@@ -107,6 +121,22 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     return (q.float() * scale[..., None].float()).to(dtype)
 
 
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # float4 e2m1 magnitudes by the low 3 bits
+
+
+def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """NVFP4 as compressed-tensors stores it: e2m1 codes [.., N, K/2] (two per byte, low nibble first; bit 3
+    is the sign), one float8 scale per 16 inputs [.., N, K/16], a float32 global scale: W = v * scale / global."""
+    codes = unpack_int4(packed)  # [.., N, K]
+    table = torch.tensor(E2M1_VALUES, device=packed.device)
+    values = table[(codes & 7).long()] * (1 - 2 * (codes >> 3).float())
+    *lead, n, k = values.shape
+    per_group = scale.float() / global_scale.float().reshape(-1)[0]
+    w = values.reshape(*lead, n, scale.shape[-1], -1) * per_group[..., None]
+    return w.reshape(*lead, n, k).to(dtype)
+
+
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (q * scale)^T with x quantized per row to e4m3 (W8A8, as vLLM's FP8 does): one
     `torch._scaled_mm` call (CPU in torch >= 2.9; CUDA SM >= 8.9). Output in x's dtype."""
@@ -121,54 +151,130 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
+def quantize_parts(w: torch.Tensor, fmt: str, group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
+    """One float weight [N, K] -> the tensors `QuantWeight.load_parts` takes (see there)."""
+    if fmt == "int8":
+        q, scale = quantize_int8(w)
+        return {"q": q, "scale": scale}
+    if fmt == "fp8":
+        q, scale = quantize_fp8(w)
+        return {"q": q, "scale": scale}
+    if fmt == "int4":
+        packed, scale, zero = quantize_int4(w, int4_group(w.shape[-1], group))
+        return {"packed": packed, "scale": scale, "zero": zero}
+    raise ValueError(f"quantize_parts: format {fmt!r}")
+
+
+def int4_group(k: int, group: int = INT4_GROUP) -> int:
+    """The largest group dividing the input size (64 -> 32 for an input of 96, say)."""
+    g = math.gcd(k, group)
+    if g % 2:
+        raise ValueError(f"int4: input size {k} has no even group size dividing it")
+    return g
+
+
 class QuantWeight(nn.Module):
     """One weight [N, K] (a linear layer's) or [E, N, K] (packed experts) in one format, with `linear`
-    (x @ W^T, for expert `e` of a packed weight) and `dequantize`."""
+    (x @ W^T, for expert `e` of a packed weight) and `dequantize`.
 
-    def __init__(self, w: torch.Tensor, fmt: str, group: int = INT4_GROUP, compute_dtype: torch.dtype | None = None):
+    Built from a float weight (`QuantWeight(w, fmt)`), or empty (`QuantWeight(None, fmt, shape=...,
+    compute_dtype=...)`, no buffers) and filled later by `load_float` or `load_parts`: the loader fills it
+    tensor by tensor, so the float weight never exists in full (3-D weights are quantized expert by expert).
+
+    Parts (what `load_parts` takes; leading [E] for packed experts):
+    - int8: q int8 [N, K], scale [N] (per channel) or [N, K/group] (group-wise, as compressed-tensors
+      W8A16 stores it); W = q * scale.
+    - int4: packed uint8 [N, K/2] (u in [0, 15], two per byte, low nibble first), scale and zero
+      [N, K/group]; W = (u - 8) * scale + zero.
+    - fp8: q float8_e4m3fn [N, K], scale [N]; W = q * scale.
+    - nvfp4 (load only, from compressed-tensors): packed uint8 [N, K/2] (e2m1 codes, low nibble first),
+      scale float8_e4m3fn [N, K/16], global_scale [1]; W = e2m1(code) * scale / global_scale."""
+
+    def __init__(self, w: torch.Tensor | None, fmt: str | None, group: int = INT4_GROUP,
+                 compute_dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None):
+        """`fmt` may be None for an empty weight that `load_parts` will fill (it names the format then)."""
         super().__init__()
-        self.fmt = check_format(fmt)
-        self.shape = tuple(w.shape)
-        self.compute_dtype = compute_dtype or w.dtype
-        *_, n, k = self.shape
-        cpu = w.device.type == "cpu"
-        low_precision = self.compute_dtype in (torch.bfloat16, torch.float16)
+        if fmt not in LOADABLE_FORMATS and not (fmt is None and w is None):
+            raise ValueError(f"QuantWeight: format {fmt!r}")
+        self.fmt = fmt
+        self.shape = tuple(w.shape if w is not None else shape)
+        self.compute_dtype = compute_dtype or (w.dtype if w is not None else torch.float32)
+        self.group = group
         self.kernel = None
-        if fmt == "int8":
-            q, scale = quantize_int8(w)
-            self.register_buffer("q", q)
+        if w is not None:
+            self.load_float(w)
+
+    # --------------------------------------------------------------------------------------------- filling
+    @torch.no_grad()
+    def load_float(self, w: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Quantize a float weight, or the per-expert slices [N, K] of a packed one (a sequence that may
+        read each slice only when asked, so one expert's float weight is in memory at a time)."""
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            parts = quantize_parts(w, self.fmt, self.group)
+        else:
+            per_expert = [quantize_parts(w[e], self.fmt, self.group) for e in range(len(w))]
+            parts = {name: torch.stack([p[name] for p in per_expert]) for name in per_expert[0]}
+            del per_expert
+        self.load_parts(parts)
+
+    @torch.no_grad()
+    def load_parts(self, parts: dict[str, torch.Tensor], fmt: str | None = None) -> None:
+        """Take already quantized tensors (see the class docstring) in `fmt` (default: the weight's format)
+        and pick the kernel for their device."""
+        if fmt is not None:
+            if fmt not in LOADABLE_FORMATS:
+                raise ValueError(f"QuantWeight: format {fmt!r}")
+            self.fmt = fmt
+        *_, n, k = self.shape
+        first = next(iter(parts.values()))
+        cpu = first.device.type == "cpu"
+        low_precision = self.compute_dtype in (torch.bfloat16, torch.float16)
+        for name in list(self._buffers):
+            del self._buffers[name]
+        self.kernel = None
+        if self.fmt == "int8":
+            scale = parts["scale"].float()
+            self.register_buffer("q", parts["q"].to(torch.int8))
             self.register_buffer("scale", scale)
+            if scale.shape[-1] != n:  # group-wise scales [.., N, G]: dequantize + linear only
+                return
             if cpu and low_precision and k % 16 == 0 and _has_op("_weight_int8pack_mm"):
                 self.kernel = "int8pack"
-        elif fmt == "int4":
-            # the largest group dividing the input size (64 -> 32 for an input of 96, say)
-            self.group = group = math.gcd(k, group)
-            if group % 2:
-                raise ValueError(f"int4: input size {k} has no even group size dividing it")
-            packed, scale, zero = quantize_int4(w, group)
+        elif self.fmt == "int4":
+            packed, scale, zero = parts["packed"], parts["scale"], parts["zero"]
+            self.group = group = k // scale.shape[-1]
             if (cpu and low_precision and n % 16 == 0 and group in (32, 64, 128, 256)
                     and _has_op("_convert_weight_to_int4pack_for_cpu")):
-                # Repack (still two per byte) into the CPU kernel's tile layout; keep only that copy.
+                # Repack (still two per byte) into the CPU kernel's tile layout, one [N, K] matrix at a time
+                # (its int32 unpacking is 8x the packed size); keep only that copy.
                 self.kernel = "int4pack_cpu"
-                q = unpack_int4(packed).to(torch.int32).reshape(-1, n, k)
-                packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m.contiguous(), 1) for m in q])
-                packed = packed.reshape(*self.shape[:-1], -1)
+                flat = packed.reshape(-1, n, k // 2)
+                repacked = None
+                for i in range(flat.shape[0]):
+                    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                        unpack_int4(flat[i]).to(torch.int32).contiguous(), 1)
+                    if repacked is None:
+                        repacked = tiles.new_empty(flat.shape[0], *tiles.shape)
+                    repacked[i] = tiles
+                packed = repacked.reshape(*self.shape[:-2], *repacked.shape[1:])
                 # [.., K/group, N, 2] in the activation dtype, as the kernel wants
                 self.register_buffer("scales_and_zeros",
-                                     torch.stack([scale, zero], -1).transpose(-3, -2).contiguous().to(self.compute_dtype))
+                                     torch.stack([scale.float(), zero.float()], -1).transpose(-3, -2)
+                                     .contiguous().to(self.compute_dtype))
             else:  # scale and zero in the 16-bit compute dtype where there is one (as the kernels keep them)
                 keep = self.compute_dtype if low_precision else torch.float32
                 self.register_buffer("scale", scale.to(keep))
                 self.register_buffer("zero", zero.to(keep))
-            self.register_buffer("packed", packed)
-        elif fmt == "fp8":
-            q, scale = quantize_fp8(w)
-            self.register_buffer("q", q)
-            self.register_buffer("scale", scale)
-            if _has_op("_scaled_mm") and n % 16 == 0 and k % 16 == 0 and self._scaled_mm_device(w.device):
+            self.register_buffer("packed", packed.to(torch.uint8) if packed.dtype != torch.int32 else packed)
+        elif self.fmt == "fp8":
+            self.register_buffer("q", parts["q"].to(torch.float8_e4m3fn))
+            self.register_buffer("scale", parts["scale"].float())
+            if _has_op("_scaled_mm") and n % 16 == 0 and k % 16 == 0 and self._scaled_mm_device(first.device):
                 self.kernel = "scaled_mm"
-        else:
-            raise ValueError(f"QuantWeight: format {fmt!r}")
+        elif self.fmt == "nvfp4":
+            self.register_buffer("packed", parts["packed"].to(torch.uint8))
+            self.register_buffer("scale", parts["scale"])
+            self.register_buffer("global_scale", parts["global_scale"].float().reshape(-1)[:1])
 
     @staticmethod
     def _scaled_mm_device(device: torch.device) -> bool:
@@ -194,6 +300,8 @@ class QuantWeight(nn.Module):
             return dequantize_int8(self._pick("q", expert), self._pick("scale", expert), dtype)
         if self.fmt == "fp8":
             return dequantize_fp8(self._pick("q", expert), self._pick("scale", expert), dtype)
+        if self.fmt == "nvfp4":
+            return dequantize_nvfp4(self._pick("packed", expert), self._pick("scale", expert), self.global_scale, dtype)
         if self.kernel == "int4pack_cpu":
             if expert is None and len(self.shape) == 3:
                 return torch.stack([self.dequantize(dtype, e) for e in range(self.shape[0])])
@@ -226,12 +334,15 @@ class QuantWeight(nn.Module):
 class QuantLinear(nn.Module):
     """Drop-in for a bias-free `nn.Linear` with a quantized weight."""
 
-    def __init__(self, linear: nn.Linear, fmt: str, group: int = INT4_GROUP):
+    def __init__(self, linear: nn.Linear, fmt: str, group: int = INT4_GROUP, empty: bool = False):
+        """`empty`: keep no weight (the linear may live on the meta device); the loader fills `qweight`."""
         super().__init__()
         if linear.bias is not None:
             raise ValueError("QuantLinear: layers with a bias are not supported")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.qweight = QuantWeight(linear.weight.detach(), fmt, group)
+        w = linear.weight.detach()
+        self.qweight = (QuantWeight(None, fmt, group, compute_dtype=w.dtype, shape=tuple(w.shape)) if empty
+                        else QuantWeight(w, fmt, group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qweight.linear(x)
@@ -241,11 +352,18 @@ class QuantExperts(nn.Module):
     """Drop-in for `layers.Experts` with quantized packed weights. Pairs are sorted by expert once (as the
     fast path does); each hit expert then runs its two quantized matmuls on its slice."""
 
-    def __init__(self, experts: nn.Module, fmt: str, group: int = INT4_GROUP):
+    def __init__(self, experts: nn.Module, fmt: str, group: int = INT4_GROUP, empty: bool = False):
+        """`empty`: keep no weights (the experts may live on the meta device); the loader fills them."""
         super().__init__()
         self.num_experts = experts.num_experts
-        self.gate_up = QuantWeight(experts.gate_up_proj.detach(), fmt, group)
-        self.down = QuantWeight(experts.down_proj.detach(), fmt, group)
+
+        def make(w: torch.Tensor) -> QuantWeight:
+            w = w.detach()
+            return (QuantWeight(None, fmt, group, compute_dtype=w.dtype, shape=tuple(w.shape)) if empty
+                    else QuantWeight(w, fmt, group))
+
+        self.gate_up = make(experts.gate_up_proj)
+        self.down = make(experts.down_proj)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         from .model.fast import sort_by_expert
@@ -261,6 +379,210 @@ class QuantExperts(nn.Module):
                 start += n
         ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+# ------------------------------------------------------------------------------------- compressed-tensors
+# The on-disk layout of compressed-tensors (the library vLLM and llm-compressor use), for the formats we
+# read and write. Per quantized module `prefix` (a linear layer's `prefix.weight` in a float checkpoint):
+#   pack-quantized (W4A16, W8A16): prefix.weight_packed int32 [N, ceil(K*bits/32)] (consecutive values of
+#       a row, offset to unsigned, packed little-end first: for 4 bits, byte i holds values 2i and 2i+1 in
+#       its low and high nibble, exactly our `pack_int4`), prefix.weight_scale [N, K/group] (or [N, 1] per
+#       channel), prefix.weight_shape int64 [N, K], and for asymmetric schemes prefix.weight_zero_point
+#       int32 [ceil(N*bits/32), K/group] (packed the same way along the output dimension).
+#       W = (q - zero_point) * scale with q signed (in [-8, 7] for 4 bits).
+#   int-quantized / float-quantized (INT8, FP8): prefix.weight int8 / float8_e4m3fn [N, K],
+#       prefix.weight_scale [N, 1] (channel) or [1] (tensor); W = q * scale.
+#   nvfp4-pack-quantized: prefix.weight_packed uint8 [N, K/2], prefix.weight_scale float8 [N, K/16],
+#       prefix.weight_global_scale [1] (see `dequantize_nvfp4`).
+# Packed experts (3-D parameters, not nn.Linear) are not compressed by compressed-tensors 0.20, which only
+# handles nn.Linear / nn.Embedding; `letterpress quantize` stores them with the same names and packing on
+# the 3-D weight (prefix = ...experts.gate_up_proj, shapes with a leading [E]).
+CT_METHOD = "compressed-tensors"
+CT_FORMATS = {"pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "nvfp4-pack-quantized"}
+CT_INT4_GROUP = 128  # the group size of compressed-tensors' W4A16 preset (and of the community's builds)
+
+
+def ct_pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed integers [.., K] (|q| < 2^(bits-1)) -> int32 words [.., ceil(K*bits/32)], compressed-tensors'
+    packing along the last dimension, for 4 or 8 bits."""
+    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    if bits == 4:
+        if u.shape[-1] % 2:
+            u = F.pad(u, (0, 1))
+        u = pack_int4(u)
+    elif bits != 8:
+        raise NotSupportedError(f"compressed-tensors packing of {bits}-bit values is not supported (4 or 8)")
+    pad = -u.shape[-1] % 4
+    if pad:
+        u = F.pad(u, (0, pad))
+    return u.contiguous().view(torch.int32)
+
+
+def ct_unpack_bytes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 words [.., W] -> unsigned values [.., K] as uint8 (offset by 2^(bits-1) from the signed q)."""
+    u = packed.contiguous().view(torch.uint8)
+    if bits == 4:
+        return unpack_int4(u)[..., :k]
+    if bits == 8:
+        return u[..., :k]
+    raise NotSupportedError(f"compressed-tensors {bits}-bit packed weights are not supported (4 or 8 bits)")
+
+
+def ct_packed_bits(packed: torch.Tensor, k: int) -> int:
+    """The bit width of a pack-quantized weight, from its packed width and input size."""
+    for bits in (4, 8, 2, 3, 5, 6, 7):
+        if packed.shape[-1] == math.ceil(k * bits / 32):
+            return bits
+    raise NotSupportedError(f"pack-quantized weight of width {packed.shape[-1]} for {k} inputs: unknown bit width")
+
+
+def ct_to_parts(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[str, dict[str, torch.Tensor]]:
+    """One module's stored compressed-tensors tensors (local names: weight, weight_packed, weight_scale,
+    weight_zero_point, weight_global_scale, ...) -> (format, parts for `QuantWeight.load_parts`)."""
+    *lead, n, k = shape
+    scale = tensors.get("weight_scale")
+    if scale is None:
+        raise NotSupportedError("compressed-tensors weight without weight_scale")
+    if "weight_global_scale" in tensors:  # nvfp4
+        return "nvfp4", {"packed": tensors["weight_packed"], "scale": scale,
+                         "global_scale": tensors["weight_global_scale"]}
+    if "weight_packed" in tensors:
+        packed = tensors["weight_packed"]
+        bits = ct_packed_bits(packed, k)
+        scale = scale.reshape(*lead, n, -1)
+        if k % scale.shape[-1]:
+            raise NotSupportedError(f"weight_scale of {scale.shape[-1]} groups does not divide {k} inputs")
+        zero_point = tensors.get("weight_zero_point")
+        if zero_point is not None:  # packed along the output dimension: [.., ceil(N*bits/32), G]
+            zp = ct_unpack_bytes(zero_point.transpose(-1, -2), bits, n).transpose(-1, -2).float() - (1 << (bits - 1))
+        else:
+            zp = torch.zeros_like(scale, dtype=torch.float32)
+        if bits == 4:  # our int4: W = (u - 8) * scale + zero, with u = q + 8 the stored nibble
+            packed_u8 = packed.contiguous().view(torch.uint8)[..., :k // 2] if k % 2 == 0 else None
+            if packed_u8 is None:
+                raise NotSupportedError(f"int4 weight with an odd input size {k}")
+            return "int4", {"packed": packed_u8, "scale": scale, "zero": -zp * scale.float()}
+        if bits == 8 and zero_point is None:
+            q = (ct_unpack_bytes(packed, 8, k).to(torch.int16) - 128).to(torch.int8)
+            return "int8", {"q": q, "scale": scale.squeeze(-1) if scale.shape[-1] == 1 else scale}
+        raise NotSupportedError(f"compressed-tensors pack-quantized {bits}-bit weights"
+                                f"{' with zero points' if zero_point is not None else ''} are not supported")
+    weight = tensors["weight"]
+    if weight.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise NotSupportedError(f"compressed-tensors weight of dtype {weight.dtype} is not supported")
+    if scale.numel() == 1:  # tensor strategy: one scale for the whole weight
+        scale = scale.reshape(1).expand(*lead, n)
+    elif scale.shape[-1] == 1 or scale.ndim == len(shape) - 1:
+        scale = scale.reshape(*lead, n)
+    else:
+        raise NotSupportedError(f"compressed-tensors {weight.dtype} weight with a weight_scale of shape "
+                                f"{list(scale.shape)} (block or group scales) is not supported")
+    if tensors.get("weight_zero_point") is not None and bool(tensors["weight_zero_point"].any()):
+        raise NotSupportedError("asymmetric int8 / fp8 compressed-tensors weights are not supported")
+    return ("int8" if weight.dtype == torch.int8 else "fp8"), {"q": weight, "scale": scale.contiguous()}
+
+
+def ct_quantize(w: torch.Tensor | Sequence[torch.Tensor], fmt: str, scale_dtype: torch.dtype,
+                group: int = CT_INT4_GROUP) -> dict[str, torch.Tensor]:
+    """A float weight [N, K], or the per-expert slices of a packed [E, N, K] one (a sequence that may read
+    each slice when asked), -> compressed-tensors tensors (local names) in our scheme for `fmt`: int8 and
+    fp8 as `quantize_int8` / `quantize_fp8` (per channel, float32 scales; the same numbers as quantizing
+    while loading), int4 as compressed-tensors' W4A16 preset (symmetric, groups of `group` inputs (see
+    `ct_int4_group`), scale = max|W| / 7.5 rounded to `scale_dtype`, q = round(W / scale) in [-8, 7])."""
+    if not isinstance(w, torch.Tensor) or w.ndim == 3:
+        per_expert = [ct_quantize(w[e], fmt, scale_dtype, group) for e in range(len(w))]
+        out = {name: torch.stack([p[name] for p in per_expert]) for name in per_expert[0] if name != "weight_shape"}
+        if "weight_shape" in per_expert[0]:
+            out["weight_shape"] = torch.tensor([len(w), *per_expert[0]["weight_shape"].tolist()])
+        return out
+    if fmt == "int8":
+        q, scale = quantize_int8(w)
+        return {"weight": q, "weight_scale": scale[:, None]}
+    if fmt == "fp8":
+        q, scale = quantize_fp8(w)
+        return {"weight": q, "weight_scale": scale[:, None]}
+    if fmt == "int4":
+        n, k = w.shape
+        if k % group:
+            raise ValueError(f"int4: the input size {k} is not a multiple of the group size {group}")
+        groups = w.float().reshape(n, k // group, group)
+        # rounded to the stored dtype first, then used as stored (as compressed-tensors does)
+        scale = (groups.abs().amax(-1) / 7.5).to(scale_dtype).clamp(min=torch.finfo(scale_dtype).tiny)
+        q = torch.round(groups / scale.float()[..., None]).clamp(-8, 7).to(torch.int8).reshape(n, k)
+        return {"weight_packed": ct_pack(q, 4), "weight_scale": scale, "weight_shape": torch.tensor([n, k])}
+    raise ValueError(f"ct_quantize: format {fmt!r}")
+
+
+def ct_int4_group(input_sizes: Sequence[int]) -> int:
+    """One group size for every int4 weight of a checkpoint: 128 (compressed-tensors' W4A16 preset) or the
+    largest divisor of 128 that divides every input size (64 for the 26B-A4B, whose expert down projection
+    has 704 inputs). One size, because transformers 5.23 applies one scheme to all dense layers."""
+    group = CT_INT4_GROUP
+    for k in input_sizes:
+        group = math.gcd(group, k)
+    if group % 2:
+        raise ValueError(f"int4: input sizes {sorted(set(input_sizes))} have no common even group size")
+    return group
+
+
+def quantized_tensor_names(model: nn.Module) -> list[str]:
+    """The tensors `quantize_model` (and quantizing while loading) quantizes: every linear weight of the
+    layers and the self-conditioning block except the routers', and the packed expert weights."""
+    from .model.layers import Experts
+
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not path.endswith("router.proj") and (
+                path.startswith("layers.") or path.startswith("self_conditioning.")):
+            names.append(f"{path}.weight")
+        elif isinstance(module, Experts):
+            names += [f"{path}.gate_up_proj", f"{path}.down_proj"]
+    return names
+
+
+def ct_scheme(fmt: str, group: int | None) -> dict:
+    """The compressed-tensors config group (without targets) for one of our formats."""
+    if fmt == "int4":
+        weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group, "symmetric": True,
+                   "dynamic": False}
+        return {"format": "pack-quantized", "weights": weights, "input_activations": None, "output_activations": None}
+    if fmt == "int8":  # weight-only int8 per channel (W8A16)
+        weights = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
+        return {"format": "int-quantized", "weights": weights, "input_activations": None, "output_activations": None}
+    if fmt == "fp8":  # FP8_DYNAMIC: per-channel weights, per-token dynamic activations (what our kernel does)
+        weights = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+        acts = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+        return {"format": "float-quantized", "weights": weights, "input_activations": acts, "output_activations": None}
+    raise ValueError(f"ct_scheme: format {fmt!r}")
+
+
+def ct_quantization_config(fmt: str, group: int | None, ignore: list[str], version: str = "0.20.1") -> dict:
+    """config.json's `quantization_config` for a checkpoint written by `letterpress quantize`: one config
+    group targeting every Linear (and, for us, the packed experts), the routers and the LM head in `ignore`."""
+    groups = {"group_0": {**ct_scheme(fmt, group), "targets": ["Linear"]}}
+    return {"quant_method": CT_METHOD, "format": ct_scheme(fmt, None)["format"],
+            "config_groups": groups, "ignore": ignore, "quantization_status": "compressed",
+            "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+            "version": version}
+
+
+def ct_check_config(qc: dict, where: str) -> None:
+    """Refuse what we cannot load, naming it."""
+    method = qc.get("quant_method")
+    if method != CT_METHOD:
+        raise NotSupportedError(f"{where}: quantization_config.quant_method {method!r} is not supported; "
+                                f"letterpress loads {CT_METHOD} checkpoints (and quantizes float ones itself)")
+    for name, group in (qc.get("config_groups") or {}).items():
+        fmt = group.get("format") or qc.get("format")
+        if fmt not in CT_FORMATS:
+            raise NotSupportedError(f"{where}: compressed-tensors format {fmt!r} (config group {name}) is not "
+                                    f"supported; letterpress loads {', '.join(sorted(CT_FORMATS))}")
+        weights = group.get("weights") or {}
+        if weights.get("strategy") == "block":
+            raise NotSupportedError(f"{where}: block-wise weight scales (config group {name}) are not supported")
+        if weights.get("actorder") not in (None, "static", "weight") and weights.get("actorder") is not False:
+            raise NotSupportedError(f"{where}: activation-ordered (g_idx) weights (config group {name}) "
+                                    "are not supported")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -341,6 +663,7 @@ def drift(reference_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, flo
             "argmax_agreement": float((reference_logits.argmax(-1) == logits.argmax(-1)).float().mean())}
 
 
-__all__ = ["FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
+__all__ = ["LOADABLE_FORMATS", "CT_METHOD", "ct_pack", "ct_unpack_bytes", "ct_to_parts", "ct_quantize",
+           "ct_quantization_config", "ct_check_config", "ct_int4_group", "quantized_tensor_names", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
            "projected_bytes", "drift", "check_format", "quantize_int8", "dequantize_int8", "quantize_int4",
            "dequantize_int4", "pack_int4", "unpack_int4", "quantize_fp8", "dequantize_fp8", "fp8_linear"]

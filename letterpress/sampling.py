@@ -35,6 +35,28 @@ class Draws(Protocol):
 
     def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor: ...
 
+    # Optional: `get_state()` / `set_state(state)`. A stateful source (one that draws in order) has them, so
+    # that the engine can undo the draws of a step it retries without a failed row (runner, "faults").
+
+
+class NonFiniteRows(RuntimeError):
+    """Some rows' logits (after the temperature) hold nan or inf, so they cannot be sampled. Raised before
+    any row draws proposals or noise; `rows` are indices into the batch."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__("the model's logits for this request are not finite (nan or inf), so there is "
+                         "nothing to sample from")
+        self.rows = rows
+
+
+def check_finite(entropy: torch.Tensor) -> None:
+    """entropy [R, C]: a nan or inf logit anywhere in a row makes its entropy nan, so this check covers the
+    [R, C, V] logits without another pass over them. (Entropies are >= 0 and small: their row sum is finite
+    exactly when all of them are.)"""
+    finite = torch.isfinite(entropy.sum(-1))
+    if not bool(finite.all()):
+        raise NonFiniteRows((~finite).nonzero().flatten().tolist())
+
 
 class GeneratorDraws:
     """Draws from a private torch.Generator: a row's output depends on its seed only, not on its neighbours."""
@@ -63,6 +85,12 @@ class GeneratorDraws:
 
     def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor:
         return torch.randint(0, vocab_size, (length,), generator=self.generator, device=self.device)
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
@@ -184,6 +212,7 @@ def denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bound
     torch.multinomial's [C, V] noise; the entropy runs in chunks (benchmarks/memory.py)."""
     processed = logits / temperatures.to(logits.device, logits.dtype)[:, None, None]
     entropy = token_entropy(processed)
+    check_finite(entropy)  # before any row draws, so a retry without the bad rows draws the same numbers
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     rows, length, vocab = processed.shape
     argmax = processed.argmax(-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -95,14 +97,35 @@ def test_generator_draws_are_reproducible():
 @pytest.mark.parametrize("params, message", [
     (SamplingParams(max_new_tokens=0), "max_new_tokens"),
     (SamplingParams(max_denoising_steps=-1), "max_denoising_steps"),
-    (SamplingParams(t_min=0.9, t_max=0.5), "t_min < t_max"),
+    (SamplingParams(t_min=0.9, t_max=0.5), "t_min <= t_max"),
     (SamplingParams(entropy_bound=0), "entropy_bound"),
     (SamplingParams(seed="x"), "seed"),
     (SamplingParams(max_new_tokens=10_000), "exceeds max_model_len"),
+    # what made a whole batch fail (issue 12): an underflowing schedule, an int32 overflow
+    (SamplingParams(t_min=0, t_max=1e-50), "t_max must lie in"),
+    (SamplingParams(max_denoising_steps=3_000_000_000), r"max_denoising_steps must be a positive integer \(at most 16777216\)"),
+    (SamplingParams(t_min=float("nan")), "t_min must be a finite number"),
+    (SamplingParams(t_max=float("inf")), "t_max must be a finite number"),
+    (SamplingParams(t_max=1e6), "t_max must lie in"),
+    (SamplingParams(entropy_bound=float("inf")), "entropy_bound must be a finite number"),
+    (SamplingParams(confidence_threshold=float("nan")), "confidence_threshold"),
+    (SamplingParams(stability_threshold=2**40), "stability_threshold"),
+    (SamplingParams(max_new_tokens=True), "max_new_tokens"),
+    (SamplingParams(seed=2**64), "seed"),
+    (SamplingParams(seed=-(2**63) - 1), "seed"),
+    (SamplingParams(eos_token_ids=[1, "x"]), "eos_token_ids"),
 ])
 def test_bad_requests(llm, params, message):
     with pytest.raises(RequestError, match=message):
         llm.generate([5, 6, 7], params)
+
+
+def test_edge_values_that_the_engine_honours(llm):
+    """The ends of the accepted ranges run: a constant schedule at the lowest temperature, extreme seeds."""
+    for params in (SamplingParams(t_min=1e-6, t_max=1e-6), SamplingParams(t_min=0, t_max=100.0),
+                   SamplingParams(seed=2**64 - 1), SamplingParams(seed=-(2**63))):
+        out = llm.generate([5, 6, 7], replace(params, max_new_tokens=16, **FAST))[0]
+        assert out.finish_reason in ("stop", "length") and out.error is None
 
 
 def test_bad_prompts(llm):
@@ -110,8 +133,16 @@ def test_bad_prompts(llm):
         llm.generate([[]], SamplingParams())
     with pytest.raises(RequestError, match=r"\[0, 512\)"):
         llm.generate([5, 600], SamplingParams(max_new_tokens=16))
-    with pytest.raises(RequestError, match="exceeds max_model_len"):
+    with pytest.raises(RequestError, match="exceeds max_model_len") as error:
         llm.generate([5] * 150, SamplingParams(max_new_tokens=16))
+    # one canvas alone does not fit beside this prompt: fewer tokens cannot help, a shorter prompt can
+    assert "lower max_new_tokens" not in str(error.value)
+    assert "shorten the prompt to at most 144 tokens" in str(error.value)
+    assert "raise max_model_len (--max-model-len) to at least 166" in str(error.value)
+    with pytest.raises(RequestError, match="exceeds max_model_len") as error:
+        llm.generate([5] * 10, SamplingParams(max_new_tokens=200))
+    # 13 canvases fill the context even without a prompt: only fewer tokens (or more room) help
+    assert "lower max_new_tokens to at most 144" in str(error.value) and "shorten" not in str(error.value)
     with pytest.raises(RequestError, match="no tokenizer"):
         llm.generate("text needs a tokenizer", SamplingParams(max_new_tokens=16))
 

@@ -34,10 +34,12 @@ CHAT = [{"role": "user", "content": "Write a haiku about tests."}]
 
 @pytest.fixture(scope="module")
 def server():
-    # 3 denoising steps per canvas by default keeps the whole file fast on 2 CPU cores.
+    # 3 denoising steps per canvas by default keeps the whole file fast on 2 CPU cores; requests may ask for
+    # up to 48 (the server's ceiling)
     llm = LLM(None, max_num_seqs=32, max_model_len=1024, prefill_chunk=64)
+    llm.defaults.max_denoising_steps = 3
     live = LiveServer(llm, ServerConfig(served_model_names=[MODEL, "tiny"], api_key=KEY, max_queue=64,
-                                        max_denoising_steps=3))
+                                        max_denoising_steps=48))
     yield live
     live.stop()
 

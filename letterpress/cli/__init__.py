@@ -7,6 +7,7 @@
     letterpress serve [MODEL]                 OpenAI-compatible HTTP server                 (cli/serve.py)
     letterpress train --model CKPT --data F   fine-tune, full or LoRA                       (cli/train.py)
     letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint  (cli/merge_lora.py)
+    letterpress quantize MODEL OUT --format F write an int8/int4/fp8 compressed-tensors checkpoint (cli/quantize.py)
     letterpress sudoku "<81 cells>"           solve a Sudoku with the embedded Sudoku model (cli/sudoku.py)
 
 With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
@@ -25,7 +26,7 @@ from ..errors import LetterpressError
 
 # verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code
 VERBS = {"generate": "generate", "chat": "chat", "infill": "infill", "edit": "edit", "serve": "serve",
-         "train": "train", "merge-lora": "merge_lora", "sudoku": "sudoku"}
+         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed (README, 'Performance' and 'Quantization')")
     g.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
-                   help="weight-only quantization of the linear layers and experts (default: none)")
+                   help="weight-only quantization of the linear layers and experts, applied while loading "
+                        "(default: none; a compressed-tensors checkpoint loads quantized without it)")
     g.add_argument("--impl", choices=["plain", "fast"], default="plain",
                    help="plain: the reference path (default); fast: grouped MoE, sliced attention, fused sampler")
     g.add_argument("--compile", action="store_true", help="torch.compile the layers (slow first steps)")

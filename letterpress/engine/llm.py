@@ -3,6 +3,7 @@ completion and detokenizes."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,13 +46,17 @@ class LLM:
             model = default_model_dir()
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
-        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=parse_dtype(dtype), device=device)
+        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=parse_dtype(dtype), device=device,
+                                                    quantization=quantization)  # quantized while loading
         prepare(self.model, impl=impl, quantization=quantization, compile=compile)
         self.tokenizer = Tokenizer.from_dir(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         self.defaults = load_generation_defaults(self.folder, self.model.config)
         text = self.model.text_config
         if max_model_len is None:
             max_model_len = min(text.max_position_embeddings, 4096)
+        if max_model_len <= self.model.config.canvas_length:
+            raise RequestError(f"max_model_len {max_model_len} cannot hold one canvas ({self.model.config.canvas_length} "
+                               f"tokens) and a prompt: use at least {self.model.config.canvas_length + 1}")
         self.max_model_len = max_model_len
         self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id,
                              impl=impl)
@@ -71,12 +76,18 @@ class LLM:
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, draws: Draws | None = None,
                      listener: Callable[[CanvasEvent], None] | None = None, want_drafts: bool = False,
-                     request_id: str | None = None, clamps: list[Clamp | None] | None = None) -> Request:
-        """`clamps[k]`: known tokens pinned in canvas k (infill, edit; see letterpress.infill)."""
+                     request_id: str | None = None, clamps: list[Clamp | None] | None = None,
+                     timeout: float | None = None) -> Request:
+        """`clamps[k]`: known tokens pinned in canvas k (infill, edit; see letterpress.infill). `timeout`:
+        seconds from now after which the request is stopped (finish_reason "timeout")."""
         resolved = (params or SamplingParams()).resolve(self.defaults)
         draws = draws or GeneratorDraws(resolved.seed, self.model.device)
         request = Request(prompt_ids, resolved, draws, listener=listener, want_drafts=want_drafts,
                           clamps=list(clamps or []))
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+                raise RequestError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+            request.deadline = request.arrival + timeout
         request.check_clamps(self.runner.canvas_length, self.runner.vocab_size)
         if request_id is not None:
             request.request_id = request_id
@@ -89,9 +100,13 @@ class LLM:
 
     # ------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
-                 draws: list[Draws] | None = None,
-                 listener: Callable[[CanvasEvent], None] | None = None) -> list[RequestOutput]:
-        """Generate for one prompt or a batch; all rows run together through the scheduler."""
+                 draws: list[Draws] | None = None, listener: Callable[[CanvasEvent], None] | None = None,
+                 timeout: float | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a batch; all rows run together through the scheduler.
+
+        A row that fails in an engine step comes back with finish_reason "error" and the exception in
+        `error`; the other rows are unaffected (if every row failed, the first error is raised). `timeout`: seconds per request, after which it comes back
+        with finish_reason "timeout" and the canvases it had committed."""
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         if not batch:
@@ -99,19 +114,19 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(batch)
         if len(param_list) != len(batch):
             raise RequestError("pass one SamplingParams, or one per prompt")
-        requests = [self.make_request(self.tokenize(p), sp, draws[i] if draws else None, listener)
+        requests = [self.make_request(self.tokenize(p), sp, draws[i] if draws else None, listener, timeout=timeout)
                     for i, (p, sp) in enumerate(zip(batch, param_list))]
         for request in requests:
             self.scheduler.check(request)
         return self.run(requests)
 
     def chat(self, conversations: Messages | list[Messages], params: SamplingParams | list[SamplingParams] | None = None,
-             listener: Callable[[CanvasEvent], None] | None = None) -> list[RequestOutput]:
+             listener: Callable[[CanvasEvent], None] | None = None, timeout: float | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a batch of them; renders the chat template."""
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template")
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
-        return self.generate([self.tokenizer.encode_chat(c) for c in batch], params, listener=listener)
+        return self.generate([self.tokenizer.encode_chat(c) for c in batch], params, listener=listener, timeout=timeout)
 
     # ------------------------------------------------------------------------------------ infill and edit
     def infill(self, prefix: str, suffix: str, max_middle_tokens: int | None = None,
@@ -144,10 +159,16 @@ class LLM:
         return run_edit(self, list(texts), list(spans), instructions, params, slack_tokens)
 
     def run(self, requests: list[Request]) -> list[RequestOutput]:
+        """Run requests to completion. A request that failed in an engine step comes back with finish_reason
+        "error" (its batch-mates are unaffected); when every request failed there is nothing to return, so
+        the first one's exception is raised, as a single request's failure always was."""
         for request in requests:
             self.scheduler.add(request)
         results: dict[str, RequestOutput] = {}
         while self.scheduler.has_work():
             for out in self.scheduler.step():
                 results[out.request_id] = self.detokenize(out)
-        return [results[r.request_id] for r in requests]
+        outputs = [results[r.request_id] for r in requests]
+        if outputs and all(out.finish_reason == "error" for out in outputs):
+            raise outputs[0].error
+        return outputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -14,6 +15,16 @@ from ..errors import RequestError
 from ..sampling import Clamp, Draws
 
 _ids = itertools.count()
+
+# What the engine can honour (SamplingParams.validate). Steps: the schedule divides step counts in float32,
+# exact up to 2**24. Temperatures: the schedule's lowest temperature is above t_max / max_denoising_steps
+# (>= 6e-14), so dividing softcapped logits by it stays finite; above 100 every proposal is uniform noise
+# anyway. Seeds: what torch.Generator.manual_seed accepts.
+MAX_DENOISING_STEPS = 2**24
+MAX_TOKENS = 2**31 - 1
+MIN_TEMPERATURE = 1e-6
+MAX_TEMPERATURE = 100.0
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -45,27 +56,39 @@ class SamplingParams:
         return filled
 
     def validate(self) -> None:
-        def positive_int(name: str) -> None:
+        """Every field finite and in a range the engine can honour, so that no request can make a batched
+        step fail (a nan schedule, an int32 overflow, a step count that never ends)."""
+        def integer(name: str, low: int, high: int) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise RequestError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+                raise RequestError(f"{name} must be {kind} (at most {high}), got {value!r}")
 
-        positive_int("max_new_tokens")
-        positive_int("max_denoising_steps")
-        if not (isinstance(self.stability_threshold, int) and self.stability_threshold >= 0):
-            raise RequestError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        for name in ("entropy_bound", "confidence_threshold"):
+        def number(name: str, low: float, high: float, low_open: bool = False) -> float:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise RequestError(f"{name} must be a number > 0, got {value!r}")
-        if not (isinstance(self.t_min, (int, float)) and isinstance(self.t_max, (int, float))):
-            raise RequestError("t_min and t_max must be numbers")
-        if self.t_min < 0 or self.t_max <= self.t_min:
-            raise RequestError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.greedy, bool):
-            raise RequestError(f"greedy must be true or false, got {self.greedy!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+            if value < low or (low_open and value == low) or value > high:
+                raise RequestError(f"{name} must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+            return float(value)
+
+        integer("max_new_tokens", 1, MAX_TOKENS)
+        integer("max_denoising_steps", 1, MAX_DENOISING_STEPS)
+        integer("stability_threshold", 0, MAX_DENOISING_STEPS)
+        number("entropy_bound", 0.0, math.inf, low_open=True)
+        number("confidence_threshold", 0.0, math.inf, low_open=True)
+        t_min = number("t_min", 0.0, MAX_TEMPERATURE)
+        t_max = number("t_max", MIN_TEMPERATURE, MAX_TEMPERATURE)
+        if t_min > t_max:
+            raise RequestError(f"need t_min <= t_max, got t_min={t_min:g}, t_max={t_max:g}")
+        if self.seed is not None:
+            integer("seed", MIN_SEED, MAX_SEED)
+        if not isinstance(self.eos_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_ids):
+            raise RequestError(f"eos_token_ids must be a list of integers, got {self.eos_token_ids!r}")
+        for name in ("greedy", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -90,6 +113,8 @@ class Request:
     listener: Callable[[CanvasEvent], None] | None = None
     want_drafts: bool = False
     arrival: float = field(default_factory=time.perf_counter)
+    # time.perf_counter() after which the scheduler stops the row (finish_reason "timeout"); None: no deadline
+    deadline: float | None = None
     # infill / edit: clamps[k] pins known tokens in canvas k (None or past the end: a free canvas)
     clamps: list[Clamp | None] = field(default_factory=list)
 
@@ -114,7 +139,9 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens, excluding the stop token
-    finish_reason: str  # "stop" (an EOS id), "length" (max_new_tokens), "abort"
+    # "stop" (an EOS id), "length" (max_new_tokens), "abort", "timeout" (its deadline passed; token_ids holds
+    # the canvases committed before), "error" (this row failed in an engine step; see `error`)
+    finish_reason: str
     canvases: int
     steps_per_canvas: list[int]
     decoder_passes: int
@@ -123,3 +150,4 @@ class RequestOutput:
     text: str | None = None
     # per canvas: mean entropy over its free positions at its last step (lower = the model is surer)
     final_entropy: list[float] = field(default_factory=list)
+    error: Exception | None = None  # why the row failed (finish_reason "error"); its batch-mates went on

@@ -7,20 +7,34 @@
 Rows are independent: each has its own cache slot, step counter and random draws, so a row's output does
 not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
 edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
+
+Faults stay in their row. The batched part of each phase (the model call, and for denoise the sampler) is
+run by `_isolated`: when it raises, the row state it touched (random generators, cache lengths) is put
+back and the two halves of the batch are run again separately, down to single rows; a row that fails alone
+gets finish_reason "error" and the exception, and every other row's step is exactly what it would be in a
+smaller batch, with the same draws. Rows whose logits are not finite are picked out without bisecting
+(`sampling.NonFiniteRows`). The per-row bookkeeping after the batched part (commit, listener events) runs
+row by row, so an exception there (a listener that raises) also fails only its row.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from ..model import DiffusionGemma
 from ..fast_sampling import fused_denoise_step
-from ..sampling import Clamp, denoise_step, stack_clamps, temperature
+from ..sampling import Clamp, NonFiniteRows, StepOutcome, denoise_step, stack_clamps, temperature
 from .request import CanvasEvent, Request, RequestOutput
+
+log = logging.getLogger("letterpress.engine")
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +55,7 @@ class Row:
     steps_per_canvas: list[int] = field(default_factory=list)
     valid_tokens: int = 0  # for tokens/forward: non-pad tokens through the stop token
     finish_reason: str | None = None
+    error: Exception | None = None  # finish_reason "error": what failed
 
     @property
     def denoising(self) -> bool:
@@ -59,6 +74,7 @@ class Row:
             tokens_per_forward=self.valid_tokens / passes if passes else 0.0,
             seconds=time.perf_counter() - self.request.arrival,
             final_entropy=self.final_entropy,
+            error=self.error,
         )
 
 
@@ -88,6 +104,15 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ encode
     def _encode(self, rows: list[Row]) -> None:
+        for part, chunks in self._isolated(self._encode_batch, rows):
+            for row, chunk in zip(part, chunks):
+                with self._row_guard(row):
+                    row.pending = row.pending[len(chunk):]
+                    if not row.pending:
+                        self._start_canvas(row)
+
+    def _encode_batch(self, rows: list[Row]) -> list[list[int]]:
+        """Write the next prompt chunk of each row to the cache; returns the chunks."""
         chunks = [r.pending[: self.prefill_chunk] for r in rows]
         device = self.model.device
         width = max(len(c) for c in chunks)
@@ -97,10 +122,7 @@ class Runner:
         lengths = torch.tensor([len(c) for c in chunks], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
         self.model.encode(ids.to(device), self.cache, slots, lengths)
-        for row, chunk in zip(rows, chunks):
-            row.pending = row.pending[len(chunk):]
-            if not row.pending:
-                self._start_canvas(row)
+        return chunks
 
     def _start_canvas(self, row: Row) -> None:
         row.canvas = row.request.draws.initial_canvas(self.canvas_length, self.vocab_size, row.canvas_index)
@@ -116,6 +138,13 @@ class Runner:
 
     # ----------------------------------------------------------------------------------------------- denoise
     def _denoise(self, rows: list[Row]) -> None:
+        for part, outcome in self._isolated(self._denoise_batch, rows):
+            for i, row in enumerate(part):
+                with self._row_guard(row):
+                    self._advance(row, outcome, i)
+
+    def _denoise_batch(self, rows: list[Row]) -> StepOutcome:
+        """One decoder pass and one sampler step for these rows; changes nothing but their draws."""
         device = self.model.device
         canvases = torch.stack([r.canvas for r in rows])
         slots = torch.tensor([r.slot for r in rows], device=device)
@@ -125,10 +154,8 @@ class Runner:
         else:
             logits = self.model.denoise(canvases, self.cache, slots, sc_logits, sc_mask)
         self.decoder_passes += 1
-        # the previous step's self-conditioning state is spent: free it before the sampler makes the next one
+        # the rows keep the previous state until the step succeeds (a retry in `_isolated` reads it again)
         del sc_logits
-        for row in rows:
-            row.sc_logits = None
 
         params = [r.request.params for r in rows]
         temps = torch.tensor([temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max) for r, p in zip(rows, params)],
@@ -140,24 +167,67 @@ class Runner:
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
                        clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
-        # one [R, C, V] tensor whose rows are the rows' state: next step reads it back without a copy
-        sc_state = outcome.sc_probs if self.fast else outcome.processed_logits.to(self.model.dtype)
-        for i, (row, p) in enumerate(zip(rows, params)):
-            argmax = outcome.argmax[i]
-            k = p.stability_threshold
-            # Stable: the argmax canvas equals each of the previous k ones (so never at the first step).
-            stable = k == 0 or (len(row.history) == k and all(torch.equal(h, argmax) for h in row.history))
-            row.history = (row.history + [argmax])[-k:] if k else []
-            row.mean_entropy = float(outcome.mean_entropy[i])  # free positions only (clamps are certain)
-            confident = bool(outcome.mean_entropy[i] < p.confidence_threshold)  # float32 compare, as before
-            row.argmax, row.canvas = argmax, outcome.next_canvas[i]
-            row.sc_logits = sc_state[i]
-            row.step += 1
-            if row.request.want_drafts and row.request.listener:
-                row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
-                                                 argmax.tolist(), final=False, accepted=int(outcome.accept_mask[i].sum())))
-            if (stable and confident) or row.step >= p.max_denoising_steps:
-                self._finish_canvas(row)
+        if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
+            outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
+        return outcome
+
+    def _advance(self, row: Row, outcome: StepOutcome, i: int) -> None:
+        """Row i of a sampler step: take its next canvas, report the draft, finish the canvas when it is done."""
+        p = row.request.params
+        argmax = outcome.argmax[i]
+        k = p.stability_threshold
+        # Stable: the argmax canvas equals each of the previous k ones (so never at the first step).
+        stable = k == 0 or (len(row.history) == k and all(torch.equal(h, argmax) for h in row.history))
+        row.history = (row.history + [argmax])[-k:] if k else []
+        row.mean_entropy = float(outcome.mean_entropy[i])  # free positions only (clamps are certain)
+        confident = bool(outcome.mean_entropy[i] < p.confidence_threshold)  # float32 compare, as before
+        row.argmax, row.canvas = argmax, outcome.next_canvas[i]
+        row.sc_logits = outcome.sc_probs[i] if self.fast else outcome.processed_logits[i].to(self.model.dtype)
+        row.step += 1
+        if row.request.want_drafts and row.request.listener:
+            row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
+                                             argmax.tolist(), final=False, accepted=int(outcome.accept_mask[i].sum())))
+        if (stable and confident) or row.step >= p.max_denoising_steps:
+            self._finish_canvas(row)
+
+    # ------------------------------------------------------------------------------------------------ faults
+    def _isolated(self, run: Callable[[list[Row]], T], rows: list[Row]) -> list[tuple[list[Row], T]]:
+        """`run(rows)`, or, when it raises, `run` on parts of `rows` without the rows that fail alone (which
+        get finish_reason "error"). Returns (part, result) for every part that ran; their rows, in order, are
+        `rows` less the failed ones. Before each retry the draws and cache lengths of the rows are restored,
+        so a retried row draws the same numbers and writes the same cache positions as in the first try."""
+        states = [_draw_state(r) for r in rows]
+        lengths = self.cache.lengths.clone()
+        try:
+            return [(rows, run(rows))]
+        except Exception as e:
+            for row, state in zip(rows, states):
+                _restore_draws(row, state)
+            self.cache.lengths.copy_(lengths)
+            if len(rows) == 1:
+                self._fail(rows[0], e)
+                return []
+            if isinstance(e, NonFiniteRows):  # the sampler named the rows: no need to bisect
+                for i in e.rows:
+                    self._fail(rows[i], e)
+                rest = [r for i, r in enumerate(rows) if i not in e.rows]
+                return self._isolated(run, rest) if rest else []
+            half = len(rows) // 2
+            return self._isolated(run, rows[:half]) + self._isolated(run, rows[half:])
+
+    @contextmanager
+    def _row_guard(self, row: Row) -> Iterator[None]:
+        """An exception inside fails `row` only."""
+        try:
+            yield
+        except Exception as e:
+            self._fail(row, e)
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        log.error("request %s failed in an engine step (its batch-mates go on): %s: %s", row.request.request_id,
+                  type(error).__name__, error, exc_info=error)
+        row.finish_reason, row.error = "error", error
+        row.canvas, row.sc_logits, row.history, row.pending = None, None, [], []
 
     def _self_conditioning(self, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Stack the previous step's logits; rows at their first step get a zero signal through the mask."""
@@ -196,6 +266,16 @@ class Runner:
             row.pending = tokens  # the canvas joins the context before the next one starts
         else:
             row.finish_reason = reason
+
+
+def _draw_state(row: Row):
+    get_state = getattr(row.request.draws, "get_state", None)
+    return get_state() if get_state is not None else None
+
+
+def _restore_draws(row: Row, state) -> None:
+    if state is not None:
+        row.request.draws.set_state(state)
 
 
 def _rows_of_one_tensor(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -1,9 +1,14 @@
 """The scheduler: admits waiting requests into free cache slots between steps, runs the runner, and hands
-back finished rows. `LLM.generate` feeds it everything at once; the server feeds it from a queue."""
+back finished rows. `LLM.generate` feeds it everything at once; the server feeds it from a queue.
+
+Between steps it also stops the requests whose deadline (`Request.deadline`) has passed, waiting or
+running: they finish with reason "timeout" and free their slots. A row that failed in a step (the runner
+isolates faults to their rows) comes back with reason "error"."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 
 from ..errors import RequestError
@@ -26,16 +31,30 @@ class Scheduler:
         if not request.prompt_token_ids:
             raise RequestError("the prompt is empty")
         canvas = self.runner.canvas_length
+        prompt = len(request.prompt_token_ids)
         canvases = math.ceil(request.params.max_new_tokens / canvas)
-        need = len(request.prompt_token_ids) + canvases * canvas
+        need = prompt + canvases * canvas
         if need > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(request.prompt_token_ids)} tokens) + {canvases} canvas(es) of {canvas} = {need} "
-                f"tokens exceeds max_model_len {self.max_model_len}; shorten the prompt or lower max_new_tokens")
+            raise RequestError(f"prompt ({prompt} tokens) + {canvases} canvas(es) of {canvas} = {need} tokens exceeds "
+                               f"max_model_len {self.max_model_len}: {self.fit_hint(prompt, canvases)}")
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
         request.check_clamps(canvas, vocab)  # requests built without LLM.make_request get the same checks
+
+    def fit_hint(self, prompt: int, canvases: int) -> str:
+        """What would make a request of `prompt` tokens and `canvases` canvases fit: only what can work."""
+        canvas, room = self.runner.canvas_length, self.max_model_len
+        options = []
+        if prompt + canvas <= room:
+            tokens = (room - prompt) // canvas * canvas
+            options.append(f"lower max_new_tokens to at most {tokens}")
+        if canvases * canvas < room:
+            options.append(f"shorten the prompt to at most {room - canvases * canvas} tokens")
+        elif canvas < room and prompt + canvas > room:  # both must shrink
+            options.append(f"shorten the prompt to at most {room - canvas} tokens with max_new_tokens at most {canvas}")
+        options.append(f"raise max_model_len (--max-model-len) to at least {prompt + canvases * canvas}")
+        return ", ".join(options[:-1]) + (", or " if len(options) > 1 else "") + options[-1]
 
     def add(self, request: Request) -> None:
         self.check(request)
@@ -61,7 +80,7 @@ class Scheduler:
 
     def step(self) -> list[RequestOutput]:
         """Admit, run one step, and return the outputs of the rows that finished (or were aborted)."""
-        finished = self._drop_aborted()
+        finished = self._drop_aborted() + self._expire(time.perf_counter())
         self._admit()
         if self.running:
             self.runner.step(self.running)
@@ -89,6 +108,18 @@ class Scheduler:
         self._release(rows)
         self.aborted.clear()
         return out + [r.output() for r in rows]
+
+    def _expire(self, now: float) -> list[RequestOutput]:
+        """Stop the requests whose deadline has passed; a running one keeps the canvases it committed."""
+        expired = [q for q in self.waiting if q.deadline is not None and now >= q.deadline]
+        for request in expired:
+            self.waiting.remove(request)
+        rows = [r for r in self.running if r.request.deadline is not None and now >= r.request.deadline]
+        for row in rows:
+            row.finish_reason = "timeout"
+        self._release(rows)
+        waited = [Row(request=q, slot=-1, pending=[], finish_reason="timeout").output() for q in expired]
+        return waited + [r.output() for r in rows]
 
     def _release(self, rows: list[Row]) -> None:
         for row in rows:

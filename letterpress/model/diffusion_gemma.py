@@ -140,10 +140,13 @@ class DiffusionGemma(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
                         device: torch.device | str = "cpu", offline: bool | None = None,
-                        revision: str | None = None) -> "DiffusionGemma":
+                        revision: str | None = None, quantization: str | None = None) -> "DiffusionGemma":
+        """`quantization` ("int8", "int4", "fp8"): quantize each weight while loading (letterpress.quant);
+        a compressed-tensors checkpoint loads quantized as stored either way."""
         from ..checkpoint import load_model
 
-        return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision)
+        return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision,
+                          quantization=quantization)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DiffusionGemma":

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine.llm import LLM
-from ..engine.request import CanvasEvent, Request, RequestOutput, SamplingParams
+from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
@@ -50,6 +50,11 @@ log = logging.getLogger("letterpress.server")
 DISCONNECTED = object()  # pushed into a job's stream by the disconnect watcher
 
 
+DEFAULT_STEP_CEILING = 1024  # --max-denoising-steps when not given (or the checkpoint's default, if larger)
+DEFAULT_REQUEST_TIMEOUT_S = 600.0  # --request-timeout: the openai client's own default timeout
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy, as in vLLM (its _SAMPLING_EPS)
+
+
 @dataclass
 class ServerConfig:
     served_model_names: list[str]
@@ -57,9 +62,13 @@ class ServerConfig:
     max_queue: int = 128
     # sampler defaults for requests that do not set them (None = the checkpoint's generation_config.json)
     entropy_bound: float | None = None
-    max_denoising_steps: int | None = None
     t_min: float | None = None
     t_max: float | None = None
+    # the most denoising steps per canvas a request may ask for (more is a 400); requests that do not set
+    # it get the checkpoint's default, capped at this. None: DEFAULT_STEP_CEILING
+    max_denoising_steps: int | None = None
+    # seconds a request may take from submission; then its rows are stopped and it gets a 504. None: no limit
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
     disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
 
 
@@ -168,10 +177,13 @@ class OpenAIServer:
         self.llm = llm
         self.config = config
         self.metrics = Metrics()
-        self.engine = EngineLoop(llm, config.max_queue, self.metrics)
+        self.engine = EngineLoop(llm, config.max_queue, self.metrics, config.request_timeout)
         self.created = int(time.time())
         self.t_min = config.t_min if config.t_min is not None else llm.defaults.t_min
         self.t_max = config.t_max if config.t_max is not None else llm.defaults.t_max
+        checkpoint_steps = llm.defaults.max_denoising_steps
+        self.step_ceiling = config.max_denoising_steps or max(DEFAULT_STEP_CEILING, checkpoint_steps)
+        self.default_steps = min(checkpoint_steps, self.step_ceiling)
 
     # ------------------------------------------------------------------------------------------ requests
     def check_model(self, model: str | None) -> str:
@@ -193,17 +205,22 @@ class OpenAIServer:
         return [self.llm.tokenize(p) for p in prompts]
 
     def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams:
-        """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 is greedy (argmax
-        proposals, unscaled schedule) with seed 0 unless one is given, so it is deterministic. An explicit
-        t_min / t_max wins over the scaling. Row `index` of a request with a seed uses seed + index."""
+        """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 (below 1e-5, as
+        in vLLM) is greedy (argmax proposals, unscaled schedule) with seed 0 unless one is given, so it is
+        deterministic. An explicit t_min / t_max wins over the scaling. Row `index` of a request with a seed
+        uses seed + index. max_denoising_steps may not exceed the server's ceiling."""
         temperature = 1.0 if body.temperature is None else body.temperature
-        greedy = temperature == 0
+        greedy = temperature < GREEDY_BELOW or self.t_max * temperature < MIN_TEMPERATURE
         scale = 1.0 if greedy else temperature
         seed = body.seed if body.seed is not None else (0 if greedy else None)
         cfg = self.config
+        steps = body.max_denoising_steps
+        if steps is not None and steps > self.step_ceiling:
+            raise ApiError(400, f"max_denoising_steps {steps} exceeds this server's limit of {self.step_ceiling} "
+                                "(--max-denoising-steps)", param="max_denoising_steps")
         return SamplingParams(
             max_new_tokens=max_tokens,
-            max_denoising_steps=body.max_denoising_steps or cfg.max_denoising_steps,
+            max_denoising_steps=steps or self.default_steps,
             entropy_bound=body.entropy_bound or cfg.entropy_bound,
             t_min=body.t_min if body.t_min is not None else self.t_min * scale,
             t_max=body.t_max if body.t_max is not None else self.t_max * scale,
@@ -307,9 +324,15 @@ class OpenAIServer:
             self.log_done(job)
             yield "data: [DONE]\n\n"
         except Exception as e:  # the 200 and some chunks are already out: report the error in-band
-            if not isinstance(e, EngineError):  # those were logged by the engine thread
-                log.exception("%s failed while streaming", job.id)
-            yield sse_data(error_body(str(e) if isinstance(e, EngineError) else f"internal error: {e}", "server_error"))
+            if isinstance(e, ApiError):  # e.g. the request timed out
+                yield sse_data(error_body(e.message, e.type, e.param, e.code))
+            elif isinstance(e, RequestError):
+                yield sse_data(error_body(str(e), "invalid_request_error"))
+            else:
+                if not isinstance(e, EngineError):  # those were logged by the engine thread
+                    log.exception("%s failed while streaming", job.id)
+                yield sse_data(error_body(str(e) if isinstance(e, EngineError) else f"internal error: {e}",
+                                          "server_error"))
             yield "data: [DONE]\n\n"
         finally:  # also runs when starlette cancels us because the client disconnected
             watcher.cancel()

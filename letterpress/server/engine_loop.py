@@ -12,6 +12,12 @@ inbox is a thread-safe FIFO, so an abort is always processed after the add it re
 thread sleep while there is no work. Requests are admitted between steps (the scheduler does this in
 `step()`), and a prompt is encoded `prefill_chunk` tokens per step, so a long prompt does not stall the
 rows that are denoising.
+
+Faults: the runner keeps a failure in its row (engine/runner.py), so a row that fails reaches its stream
+as an exception (a 500, or a 400 for a RequestError) and its batch-mates go on. A row whose deadline
+(`--request-timeout`, set at submission) passes is stopped by the scheduler and its stream gets a
+`RequestTimeout` (a 504). Only an exception outside the rows' steps (a bug in the scheduler itself) still
+fails every request in flight.
 """
 
 from __future__ import annotations
@@ -20,17 +26,29 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from ..engine.llm import LLM
 from ..engine.request import CanvasEvent, Request, RequestOutput, SamplingParams
+from ..errors import RequestError
 from .metrics import Metrics
+from .schemas import ApiError
 
 log = logging.getLogger("letterpress.server")
 
 
 class EngineError(Exception):
-    """An engine step failed; every request that had rows in it gets this (a 500)."""
+    """An engine step failed for a request's row (or, for a bug outside the rows, for every row): a 500."""
+
+
+class RequestTimeout(ApiError):
+    """The request's deadline (--request-timeout) passed before its rows finished; they were stopped."""
+
+    def __init__(self, seconds: float):
+        super().__init__(504, f"the request did not finish within the server's --request-timeout of {seconds:g} s; "
+                              "its rows were stopped (ask for fewer tokens or denoising steps)",
+                         type_="server_error", code="request_timeout")
 
 
 class QueueFull(Exception):
@@ -61,8 +79,9 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, llm: LLM, max_queue: int, metrics: Metrics):
+    def __init__(self, llm: LLM, max_queue: int, metrics: Metrics, request_timeout: float | None = None):
         self.llm = llm
+        self.request_timeout = request_timeout  # seconds from submission; None: no deadline
         self.scheduler = llm.scheduler
         self.metrics = metrics
         self.capacity = self.scheduler.max_num_seqs + max_queue  # rows running + rows waiting
@@ -98,6 +117,10 @@ class EngineLoop:
             if self._rows_in_flight + len(requests) > self.capacity:
                 raise QueueFull
             self._rows_in_flight += len(requests)
+        if self.request_timeout is not None:
+            deadline = time.perf_counter() + self.request_timeout
+            for request in requests:
+                request.deadline = deadline if request.deadline is None else min(request.deadline, deadline)
         for index, request in enumerate(requests):
             self._inbox.put(("add", request, stream, index))
         self._wake.set()
@@ -178,7 +201,7 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.scheduler.step()
-        except Exception as e:  # we cannot tell which row broke the batch: fail them all, keep serving
+        except Exception as e:  # not a row's fault (the runner isolates those): a bug; fail all, keep serving
             log.exception("an engine step failed; failing the %d row(s) in flight", len(self._streams))
             outputs = self._fail_everything(EngineError(f"the engine step failed: {type(e).__name__}: {e}"))
         for output in outputs:
@@ -197,7 +220,18 @@ class EngineLoop:
         self._release_rows(1)
         self.metrics.count_row(output.finish_reason, output.tokens_per_forward)
         if stream is not None:
-            stream.push(index, output)
+            stream.push(index, self._answer(output))
+
+    def _answer(self, output: RequestOutput) -> Any:
+        """What a row's stream gets: its output, or the exception its handler raises."""
+        if output.finish_reason == "timeout":
+            return RequestTimeout(self.request_timeout or 0)
+        if output.finish_reason == "error":
+            e = output.error
+            if isinstance(e, RequestError):
+                return e  # the request's own fault: a 400
+            return EngineError(f"the engine failed on this request (others were not affected): {type(e).__name__}: {e}")
+        return output
 
     def _release_rows(self, n: int) -> None:
         with self._lock:

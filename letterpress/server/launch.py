@@ -26,12 +26,18 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows that may wait for a slot; beyond that requests get 429 (default 128)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens encoded per row per step, so long prompts do not stall others (default 512)")
+    p.add_argument("--max-denoising-steps", type=int, default=None,
+                   help="the most denoising steps per canvas a request may ask for (400 above); requests that do not "
+                        "set it get the checkpoint's default capped at this (default: 1024, or the checkpoint's "
+                        "default if larger)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop a request's rows this long after it was queued and answer 504 (streams: a final "
+                        "error event); 0 = no limit (default 600, the openai client's own timeout)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(p)
     g = p.add_argument_group("sampler defaults for requests that do not set them "
                              "(default: the checkpoint's generation_config.json)")
     g.add_argument("--entropy-bound", type=float, default=None)
-    g.add_argument("--max-denoising-steps", type=int, default=None)
     g.add_argument("--t-min", type=float, default=None)
     g.add_argument("--t-max", type=float, default=None)
 
@@ -41,6 +47,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < (0 if name in ("port", "max_queue") else 1):
             args.parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.request_timeout < float("inf"):
+        args.parser.error(f"--request-timeout must be a number of seconds >= 0 (0: no limit), got {args.request_timeout}")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -63,7 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
                           max_queue=args.max_queue, entropy_bound=args.entropy_bound,
-                          max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max)
+                          max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max,
+                          request_timeout=args.request_timeout or None)
     app = build_app(llm, config)
     log.info("model %s (from %s), dtype %s, device %s, max_num_seqs %d, max_model_len %d, canvas %d",
              names[0], llm.folder, llm.model.dtype, llm.model.device, args.max_num_seqs, llm.max_model_len,

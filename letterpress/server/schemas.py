@@ -23,9 +23,11 @@ class StreamOptions(BaseModel):
 
 
 class _Sampler(BaseModel):
-    """Sampler fields shared by every generating endpoint (completions, chat, edits)."""
+    """Sampler fields shared by every generating endpoint (completions, chat, edits). Numbers must be finite
+    (`NaN` / `Infinity`, which Python's JSON parser accepts, are refused); the engine checks the ranges it
+    can honour (SamplingParams.validate) and the server its `--max-denoising-steps` ceiling."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str | None = None  # None = the served model
     temperature: float | None = Field(None, ge=0, le=2)
