@@ -53,11 +53,16 @@ def _softmax_into(out: torch.Tensor, logits: torch.Tensor, slices: list[slice]) 
 
 
 def _draw(draws: Draws, probs: torch.Tensor, scratch: torch.Tensor | None, canvas: int, step: int) -> torch.Tensor:
-    """One row's proposals; into `scratch` where the draws can (same bits either way)."""
-    into = getattr(draws, "proposals_into", None)
-    if scratch is not None and into is not None:
-        return into(probs, scratch, canvas, step)
+    """One row's proposals; into `scratch` where the draws can (same bits either way). `proposals_into` is
+    used only when the class that defines `proposals` also defines it: a subclass that overrides
+    `proposals` alone (a test's replay, a fault injector) gets its own `proposals` called."""
+    if scratch is not None and _defined_by(draws, "proposals_into") is _defined_by(draws, "proposals") is not None:
+        return draws.proposals_into(probs, scratch, canvas, step)
     return draws.proposals(probs, canvas, step)
+
+
+def _defined_by(obj: object, name: str) -> type | None:
+    return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
 def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor,

@@ -69,6 +69,24 @@ def test_chunked_fused_sampler_drawing_into_its_logits_is_the_plain_sampler(sc_d
     assert torch.equal(fused.sc_probs, torch.softmax(stored, -1, dtype=torch.float32).to(sc_dtype))
 
 
+def test_a_draws_subclass_that_overrides_proposals_is_called():
+    """The fused step draws into its logits only through the class that defines `proposals` itself."""
+    calls = []
+
+    class Recording(GeneratorDraws):
+        def proposals(self, probs, canvas, step):
+            calls.append(step)
+            return super().proposals(probs, canvas, step)
+
+    logits = _logits(rows=2)
+    draws = [GeneratorDraws(1), Recording(2)]
+    out = fused_denoise_step(logits.clone(), torch.tensor([0.8, 0.5]), torch.tensor([1.0, 1.0]), draws, [0, 0], [4, 5],
+                             keep_processed=False)
+    plain = denoise_step(logits.clone(), torch.tensor([0.8, 0.5]), torch.tensor([1.0, 1.0]),
+                         [GeneratorDraws(1), GeneratorDraws(2)], [0, 0], [4, 5])
+    assert calls == [5] and torch.equal(out.next_canvas, plain.next_canvas)
+
+
 @torch.no_grad()
 def test_chunked_lm_head_and_self_conditioning_match_unchunked(monkeypatch):
     """The softmax and soft-capping are per position, so chunking changes no bit there; the matmuls may pick
