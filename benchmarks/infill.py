@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--json", default=None, help="also write per-example results here")
+    parser.add_argument("--plot", default=None, help="also draw tokens per forward and exact match by method (PNG)")
     args = parser.parse_args()
 
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_model_len=2048)
@@ -173,6 +174,14 @@ def main() -> None:
     print(f"| (line deleted: the parse floor) | - | {floor:.1%} | - | - | - |")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
+    if args.plot:
+        from letterpress.plots import bar_chart
+
+        methods = [row[0] for row in rows]
+        print("chart:", bar_chart(methods, {"tokens per forward": [row[3] for row in rows]}, args.plot,
+                                  title=f"Infilling: tokens per forward by method ({len(batch)} held-out lines, "
+                                        f"{Path(llm.model_name).name})",
+                                  xlabel="method", ylabel="middle tokens per decoder row pass"))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ for the same work) until the time is up; requests already sent are awaited. Per 
 requests/s, completion tokens/s, p50/p99 latency and lost requests (errors, non-200, wrong token counts),
 which must be 0. With no --url it starts `letterpress serve` itself on a free loopback port.
 
-    python benchmarks/serve_load.py [--url http://127.0.0.1:8000] [--concurrency 1 8 32] [--duration 40]
+    python benchmarks/serve_load.py [--url http://127.0.0.1:8000] [--concurrency 1 8 32] [--duration 40] \
+        [--json serve.json] [--plot throughput.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import socket
@@ -19,8 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/serve_load.py` from a checkout without installing
+    sys.path.insert(0, str(ROOT))
 
 
 def machine() -> str:
@@ -96,6 +103,14 @@ async def level(url: str, concurrency: int, args: argparse.Namespace) -> dict:
             "p50": statistics.median(latencies) if latencies else float("nan"), "p99": p99, "lost": lost}
 
 
+def plot_throughput(rows: list[dict], out: str, max_tokens: int) -> Path:
+    from letterpress.plots import line_chart
+
+    return line_chart([r["concurrency"] for r in rows], {"tokens/s": [r["tok_s"] for r in rows]}, out,
+                      title=f"letterpress serve: throughput ({max_tokens}-token requests)",
+                      xlabel="concurrent clients", ylabel="completion tokens per second", log_x=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="a running server (default: start `letterpress serve`)")
@@ -106,6 +121,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-denoising-steps", type=int, default=None,
                         help="sampler cap for the server we start (default: the checkpoint's)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--plot", default=None, help="also draw throughput against concurrency as a PNG here")
     args = parser.parse_args()
 
     proc, url = (None, args.url) if args.url else start_server(args)
@@ -123,6 +140,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | "
               f"{r['p99']:.2f} | {len(r['lost'])} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "max_tokens": args.max_tokens,
+                                               "duration": args.duration, "levels": rows}, indent=2) + "\n")
+    if args.plot:
+        print("chart:", plot_throughput(rows, args.plot, args.max_tokens))
     for r in rows:
         for reason in r["lost"][:3]:
             print(f"lost at concurrency {r['concurrency']}: {reason}", file=sys.stderr)

@@ -7,7 +7,8 @@ Train the two models first (CPU; settings and costs in BENCHMARKS.md, "Sudoku"):
 
 then
 
-    python benchmarks/sudoku.py [--model letterpress/assets/sudoku] [--ar-model runs/sudoku-ar/model] [--n 1000]
+    python benchmarks/sudoku.py [--model letterpress/assets/sudoku] [--ar-model runs/sudoku-ar/model] [--n 1000] \
+        [--json sudoku.json] [--plot solve_by_givens.png]
 
 The held-out puzzles are `letterpress.train.recipes_builtin.held_out_puzzles()`: their own seed, checked here not
 to occur in the training stream (puzzle or solution grid). A puzzle counts as solved when the output is
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--validation", action="store_true",
                     help="use the validation puzzles (their own seed) instead of the held-out ones: for tuning")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--plot", default=None, help="draw the solve rate by number of givens as a PNG here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,9 +79,32 @@ def main() -> None:
         results["autoregressive"] = a
         print(f"autoregress.: solved {a['solved']}/{a['n']} ({100 * a['solve_rate']:.1f}%), 81 forwards/puzzle, "
               f"1.00 tokens/forward, {a['seconds']:.0f} s", flush=True)
+    by_givens = {name: solve_rate_by_givens(puzzles, r["outputs"]) for name, r in results.items()}
+    for name, rates in by_givens.items():
+        print(f"{name} by givens: " + ", ".join(f"{g}: {100 * rate:.0f}% of {n}" for g, (rate, n) in rates.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "outputs"}
+        Path(args.json).write_text(json.dumps({k: {**{kk: vv for kk, vv in v.items() if kk != "outputs"},
+                                                   "by_givens": by_givens[k]}
                                                for k, v in results.items()}, indent=2) + "\n")
+    if args.plot:
+        from letterpress.plots import bar_chart
+
+        buckets = sorted({g for rates in by_givens.values() for g in rates}, key=int)
+        series = {f"{name} ({100 * results[name]['solve_rate']:.1f}% overall)":
+                  [rates.get(g, (0.0, 0))[0] for g in buckets] for name, rates in by_givens.items()}
+        print("chart:", bar_chart(buckets, series, args.plot, percent=True, xlabel="givens (filled cells)",
+                                  ylabel="puzzles solved", title=f"Sudoku: solve rate by givens ({len(puzzles)} "
+                                  f"{'validation' if args.validation else 'held-out'} puzzles)"))
+
+
+def solve_rate_by_givens(puzzles: list[str], outputs: list[str]) -> dict[str, tuple[float, int]]:
+    """{"50": (solve rate, puzzles), ...} per number of givens, hardest (fewest givens) first."""
+    from letterpress.apps.sudoku import is_solution
+
+    buckets: dict[int, list[bool]] = {}
+    for puzzle, output in zip(puzzles, outputs):
+        buckets.setdefault(81 - puzzle.count("0"), []).append(is_solution(output, puzzle))
+    return {str(givens): (sum(ok) / len(ok), len(ok)) for givens, ok in sorted(buckets.items())}
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--t-max", type=float, default=None, help="sampler override")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="draw tokens per forward and the parse rate per model as a PNG here")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -112,6 +113,13 @@ def main() -> None:
             print("  ---\n  " + s.replace("\n", "\n  "))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        from letterpress.plots import bar_chart
+
+        names = [f"{name}: {Path(r['path']).name or r['path']}" for name, r in results.items()]
+        print("chart:", bar_chart(names, {"tokens per forward": [r["tokens_per_forward"] for r in results.values()]},
+                                  args.plot, xlabel="checkpoint", ylabel="tokens per forward (mean per completion)",
+                                  title=f"Code completion: tokens per forward ({len(prompts)} held-out signatures)"))
 
 
 if __name__ == "__main__":

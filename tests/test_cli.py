@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 
@@ -51,3 +53,273 @@ def test_errors_are_one_line(args, message):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [f"error: {run.stderr.strip()[7:]}"]
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------------------- light import, usage, flags
+def python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_import_and_parser_import_no_torch():
+    """`--help`, argument errors and shell completion need only the parser: building it must not load torch."""
+    run = python("import sys, letterpress, letterpress.cli\n"
+                 "letterpress.cli.build_parser()\n"
+                 "print(sorted(m for m in ('torch', 'numpy', 'fastapi', 'uvicorn', 'tokenizers', 'safetensors')"
+                 " if m in sys.modules))")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+from letterpress.cli import VERBS  # noqa: E402  (light: no torch)
+
+HELP_RUN = """
+import sys
+from letterpress.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print("exit", e.code, "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], *([verb, "--help"] for verb in VERBS)])
+def test_help_exits_zero_without_importing_torch(args):
+    run = python(HELP_RUN, *args)
+    assert run.stderr.strip().splitlines()[-1] == "exit 0 False", run.stderr
+    assert run.stdout.startswith(("usage: letterpress", "letterpress "))
+
+
+def test_argument_errors_show_the_verbs_usage_without_importing_torch():
+    run = python(HELP_RUN, "generate", "x", "--no-such-flag")
+    lines = run.stderr.strip().splitlines()
+    assert lines[0].startswith("usage: letterpress generate ")  # the verb's usage, not the top-level one
+    assert "letterpress generate: error: unrecognized arguments: --no-such-flag" in run.stderr
+    assert lines[-1] == "exit 2 False"
+    run = python(HELP_RUN, "serve", "--port", "x")
+    assert "usage: letterpress serve " in run.stderr and run.stderr.strip().endswith("exit 2 False")
+
+
+def test_every_verb_takes_verbosity_and_threads():
+    import argparse
+
+    from letterpress.cli import VERBS, build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(verbs) == set(VERBS)
+    for name, sub in verbs.items():
+        flags = {s for action in sub._actions for s in action.option_strings}
+        assert {"-v", "--verbose", "-q", "--quiet", "--threads"} <= flags, name
+    args = parser.parse_args(["generate", "x", "-vv", "-q", "--threads", "3"])
+    assert (args.verbose, args.quiet, args.threads) == (2, 1, 3)
+
+
+def test_infill_strategies_match_the_library():
+    from letterpress import infill
+    from letterpress.cli import infill as infill_verb
+
+    assert infill_verb.STRATEGIES == infill.STRATEGIES and infill_verb.DEFAULT_STRATEGY == infill.DEFAULT_STRATEGY
+
+
+def test_log_levels(monkeypatch):
+    import logging
+
+    from letterpress.cli import configure_logging
+
+    for (verbose, quiet), level in {(0, 0): logging.INFO, (1, 0): logging.DEBUG, (2, 0): logging.DEBUG,
+                                    (0, 1): logging.WARNING, (0, 2): logging.ERROR, (0, 9): logging.CRITICAL}.items():
+        assert configure_logging(verbose, quiet) == level
+        assert logging.getLogger("letterpress.train.trainer").getEffectiveLevel() == level
+    logging.getLogger("letterpress").setLevel(logging.NOTSET)
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    from letterpress.cli import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for load, threads in ((0.0, 8), (0.4, 8), (2.6, 5), (7.6, 1), (30.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert default_threads() == threads, load
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+
+
+def test_threads_flag_and_debug_log():
+    run = letterpress("generate", "def f(x):", "--max-new-tokens", "4", "--max-denoising-steps", "2", "--seed", "0",
+                      "--threads", "1", "-v")
+    assert run.returncode == 0, run.stderr
+    assert " DEBUG letterpress.cli: 1 torch thread(s)" in run.stderr
+    run = letterpress("generate", "x", "--threads", "0")
+    assert run.returncode == 2 and "--threads must be at least 1" in run.stderr
+
+
+def test_training_resume_is_logged_by_default_and_quiet_hides_it(tmp_path):
+    from tests.train_fixtures import addition_lines, make_checkpoint, make_tokenizer, write_jsonl
+
+    base = make_checkpoint(tmp_path / "base", make_tokenizer(tmp_path / "tok"))
+    data = write_jsonl(tmp_path / "train.jsonl", addition_lines(8))
+    train = ("train", "--model", str(base), "--data", str(data), "--output", str(tmp_path / "out"), "--steps", "2",
+             "--batch-size", "2", "--save-every", "1", "--no-progress", "--device", "cpu", "--eval-every", "0")
+    first = letterpress(*train, "--stop-after-steps", "1")
+    assert first.returncode == 0, first.stderr
+    resumed = letterpress(*train)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO letterpress\.train\.trainer: resumed from .* at step 1$",
+                     resumed.stderr, re.M), resumed.stderr
+    again = letterpress(*train, "-q")  # finished: resumes at step 2, says nothing at -q
+    assert again.returncode == 0 and "resumed" not in again.stderr, again.stderr
+
+
+# ------------------------------------------------------------------------------- devices and ports
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: "), ("cuda:1", "--device cuda:1: "), ("mps", "--device mps: "),
+    ("xpu", "--device xpu: "), ("warp-drive", "unknown device 'warp-drive'"),
+])
+def test_unavailable_device_is_one_line_before_loading(device, message):
+    import torch
+
+    backend = device.split(":")[0]
+    if backend in ("cuda", "xpu", "mps") and {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                                             "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}[backend]:
+        pytest.skip(f"this machine has {backend}")
+    run = letterpress("generate", "/no/such/folder", "x", "--device", device)  # the device is checked first
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith("error: " + message)
+    assert "Traceback" not in run.stderr and "no such checkpoint" not in run.stderr
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = letterpress("serve", "/no/such/folder", "--port", str(port))  # loading would say "no such folder"
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                  "(another server on that port? choose another --port)")
+
+
+# ------------------------------------------------------------------------------- chat
+def test_chat_from_a_pipe_is_a_transcript():
+    run = letterpress("chat", "--max-new-tokens", "6", "--max-denoising-steps", "3", "--seed", "0",
+                      stdin="hello there\nsecond question\n")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    first, second = out.index("you> hello there\nmodel> "), out.index("\n\nyou> second question\nmodel> ")
+    assert first == 0 and second > first and out.endswith("\n\n")
+
+
+def test_chat_prints_each_canvas_as_it_is_committed(tmp_path, monkeypatch, capsys):
+    """A random tiny model with 8-token canvases writes several canvases: each one's text is on stdout before
+    the next canvas is denoised. (Its random bytes rarely decode to whole characters, which the printer holds
+    back, so the test decodes ids as numbers.)"""
+    import io
+
+    from letterpress.cli import main
+    from letterpress.engine.scheduler import Scheduler
+    from letterpress.tokenizer import Tokenizer
+    from tests.train_fixtures import make_checkpoint, make_tokenizer
+
+    model = make_checkpoint(tmp_path / "ckpt", make_tokenizer(tmp_path / "tok"))
+    printed_by_step = []
+    step = Scheduler.step
+
+    def spy(self):
+        outputs = step(self)
+        printed_by_step.append(capsys.readouterr().out)
+        return outputs
+
+    monkeypatch.setattr(Scheduler, "step", spy)
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids, **kw: "".join(f"{i} " for i in ids))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1 + 2 =\n"))
+    assert main(["chat", str(model), "--max-new-tokens", "24", "--max-denoising-steps", "2", "--seed", "0"]) == 0
+    stats = capsys.readouterr().err
+    assert "[24 tokens, 3 canvas(es), steps 2+2+2" in stats, stats
+    pieces = [out for out in printed_by_step if out]
+    assert pieces[0].startswith("you> 1 + 2 =\nmodel> ")
+    assert len([p for p in pieces if p.strip() and not p.startswith("you> ")]) >= 2  # canvas by canvas
+    assert len("".join(pieces).split("model> ")[1].split()) == 24
+
+
+def test_chat_enables_line_editing_on_a_terminal():
+    run = python("import sys\nfrom letterpress.cli.chat import enable_line_editing\nenable_line_editing()\n"
+                 "print('readline' in sys.modules)")
+    assert run.stdout.strip() == "True"
+
+
+# ------------------------------------------------------------------------------- sudoku
+PUZZLE = "530070000600195000098000060800060003400800001700000002060000280000419005000080079"
+
+
+@pytest.mark.parametrize("puzzle, message", [
+    ("12345", "error: a Sudoku needs 81 cells (digits, 0 or . for blanks), got 5"),
+    (PUZZLE[:40] + "x" + PUZZLE[41:], "error: unexpected character 'x' at position 41: "),
+    ("55" + PUZZLE[2:], "error: the givens contradict each other: 5 appears twice in row 1 (cells r1c1 and r1c2)"),
+    (PUZZLE[:72] + "5" + PUZZLE[73:], "error: the givens contradict each other: 5 appears twice in column 1"),
+])
+def test_sudoku_refuses_bad_puzzles_before_loading(puzzle, message):
+    run = letterpress("sudoku", puzzle)
+    assert run.returncode == 2
+    assert run.stderr.startswith(message) and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_sudoku_never_prints_an_answer_that_breaks_the_rules():
+    """One denoising step does not solve this puzzle: the command says so (exit 1) and prints only the givens."""
+    from letterpress.apps.sudoku import format_grid
+
+    run = letterpress("sudoku", PUZZLE, "--max-denoising-steps", "1")
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.startswith(format_grid(PUZZLE) + "\n")
+    assert run.stdout.splitlines()[-1].startswith("no valid solution found")
+    assert not any(len(line) == 81 and line.isdigit() for line in run.stdout.splitlines())
+
+
+# ------------------------------------------------------------------------------- the Python API's edges
+def test_from_pretrained_none_is_the_embedded_model_and_encode_checks_its_input():
+    import torch
+
+    from letterpress import DiffusionGemma
+    from letterpress.embedded import default_model_dir
+
+    model = DiffusionGemma.from_pretrained()
+    reference = DiffusionGemma.from_pretrained(default_model_dir())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    cache = model.new_cache(1, 16)
+    for bad, message in (([2, 5, 6], "not list"), (torch.tensor([2, 5, 6]), "of shape \\[3\\]"),
+                         (torch.ones(1, 3), "got torch.float32")):
+        with pytest.raises(TypeError, match=message):
+            model.encode(bad, cache)
+    with pytest.raises(TypeError, match="canvas_ids must be"):
+        model.denoise([[1, 2]], cache)
+
+
+# ------------------------------------------------------------------------------- the README's own commands
+def test_readme_curls_work_against_the_readme_server():
+    """Every `curl` block of README.md, run as written against a server with the README's `--api-key sk-local`
+    (only the address differs)."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    from letterpress import LLM
+    from letterpress.server.app import ServerConfig
+    from tests.live_server import LiveServer
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "--api-key sk-local" in readme
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if b.startswith("curl ")]
+    assert any("/v1/edits" in b for b in blocks) and any("/v1/chat/completions" in b for b in blocks)
+    server = LiveServer(LLM(max_num_seqs=2), ServerConfig(served_model_names=["letterpress-default"],
+                                                          api_key="sk-local"))
+    try:
+        for block in blocks:
+            command = block.replace("http://127.0.0.1:8000", server.url).replace("curl ", "curl -sS -f ", 1)
+            run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, (block, run.stdout, run.stderr)  # -f: an HTTP error (401, 400) fails
+            assert '"error"' not in run.stdout, run.stdout
+    finally:
+        server.stop()

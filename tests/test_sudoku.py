@@ -42,6 +42,30 @@ def test_parse_and_format():
     assert parse_grid(format_grid(puzzle)) == puzzle
     with pytest.raises(ValueError, match="81 cells"):
         parse_grid("123")
+    rows = [puzzle[r * 9:(r + 1) * 9] for r in range(9)]
+    assert parse_grid("\n".join(",".join(row) for row in rows)) == puzzle  # commas and newlines separate
+    assert parse_grid(puzzle.replace("0", ".")) == puzzle
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: "a" + p[1:], "unexpected character 'a' at position 1"),  # a letter is not a separator
+    (lambda p: p[:80] + "/", "unexpected character '/' at position 81"),
+    (lambda p: p[:40] + "\u0663" + p[41:], "unexpected character"),  # an Arabic-Indic 3 is not a Sudoku digit
+])
+def test_parse_refuses_stray_characters(edit, message):
+    puzzle, _ = generate(1, givens=(40, 40), seed=4)[0]
+    with pytest.raises(ValueError, match=message):
+        parse_grid(edit(puzzle))
+
+
+def test_parse_refuses_contradictory_givens():
+    empty = "0" * 81
+    with pytest.raises(ValueError, match=r"7 appears twice in row 3 \(cells r3c2 and r3c9\)"):
+        parse_grid(empty[:19] + "7" + empty[20:26] + "7" + empty[27:])
+    with pytest.raises(ValueError, match=r"4 appears twice in column 5 \(cells r1c5 and r9c5\)"):
+        parse_grid(empty[:4] + "4" + empty[5:76] + "4" + empty[77:])
+    with pytest.raises(ValueError, match=r"9 appears twice in box 5 \(cells r4c4 and r6c6\)"):
+        parse_grid(empty[:30] + "9" + empty[31:50] + "9" + empty[51:])
 
 
 def test_training_stream_givens_and_recipes():

@@ -52,14 +52,12 @@ def test_sudoku_command_end_to_end():
 
     puzzle, solution = held_out_puzzles(1)[0]
     run = letterpress("sudoku", stdin=S.format_grid(puzzle) + "\n")  # the board as `format_grid` prints it
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, run.stderr  # the shipped model solves this one (an unsolved one exits 1)
     lines = run.stdout.splitlines()
     assert "\x1b[" not in run.stdout  # not a terminal: only the final board, no animation
     answer, verdict = lines[-2], lines[-1]
-    assert len(answer) == 81 and answer.isdigit(), run.stdout
-    assert all(g == "0" or g == a for g, a in zip(puzzle, answer))  # the givens are kept
-    assert verdict.startswith(("valid: yes | steps ", "valid: no | steps ")) and "tokens/forward" in verdict
-    assert verdict.startswith("valid: yes") == (answer == solution)
+    assert answer == solution, run.stdout
+    assert verdict.startswith("valid: yes | steps ") and "tokens/forward" in verdict
     assert S.format_grid(answer) in run.stdout
 
 

@@ -171,12 +171,40 @@ def prompt_text(puzzle: str) -> str:
     return " ".join(f"{CELL_LETTERS[i // 9]}{CELL_LETTERS[i % 9]}{ch}" for i, ch in enumerate(puzzle))
 
 
+BLANKS = "0."  # an empty cell
+SEPARATORS = " \t\r\n|-+,"  # what `format_grid` draws between cells and boxes, whitespace and commas
+
+
 def parse_grid(text: str) -> str:
-    """Accept 81 cells written with digits and '0' or '.' for blanks, ignoring whitespace and separators."""
-    cells = [ch for ch in text if ch.isdigit() or ch == "."]
+    """A puzzle from 81 cells written row by row: digits 1-9 for givens, 0 or . for blanks, optionally separated
+    by whitespace, commas or the `|`, `-`, `+` of `format_grid`'s boxes. Raises ValueError naming the problem for
+    any other character (a letter is a typo, not a separator), a wrong number of cells, or givens that break a
+    rule (the same digit twice in a row, column or box)."""
+    cells = []
+    for pos, ch in enumerate(text):
+        if ch.isascii() and (ch.isdigit() or ch == "."):
+            cells.append("0" if ch == "." else ch)
+        elif ch not in SEPARATORS:
+            raise ValueError(f"unexpected character {ch!r} at position {pos + 1}: a Sudoku is written with digits, "
+                             "0 or . for blanks, and optionally spaces, commas, |, - or + between cells")
     if len(cells) != 81:
         raise ValueError(f"a Sudoku needs 81 cells (digits, 0 or . for blanks), got {len(cells)}")
-    return "".join("0" if ch == "." else ch for ch in cells)
+    puzzle = "".join(cells)
+    check_givens(puzzle)
+    return puzzle
+
+
+def check_givens(puzzle: str) -> None:
+    """Raise ValueError naming the first unit (row, column or box, counted from 1) that holds a digit twice."""
+    for kind, units in (("row", ROWS), ("column", COLS), ("box", BOXES)):
+        for k, unit in enumerate(units):
+            seen: dict[str, int] = {}
+            for i in unit:
+                d = puzzle[i]
+                if d != "0" and d in seen:
+                    raise ValueError(f"the givens contradict each other: {d} appears twice in {kind} {k + 1} "
+                                     f"(cells r{seen[d] // 9 + 1}c{seen[d] % 9 + 1} and r{i // 9 + 1}c{i % 9 + 1})")
+                seen[d] = i
 
 
 def format_grid(grid: str, blank: str = ".") -> str:

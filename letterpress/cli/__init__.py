@@ -9,6 +9,7 @@
     letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint  (cli/merge_lora.py)
     letterpress quantize MODEL OUT --format F write an int8/int4/fp8 compressed-tensors checkpoint (cli/quantize.py)
     letterpress sudoku "<81 cells>"           solve a Sudoku with the embedded Sudoku model (cli/sudoku.py)
+    letterpress plot-metrics METRICS.jsonl    draw a training run's loss curve as a PNG     (cli/plot_metrics.py)
 
 With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
 
@@ -20,13 +21,67 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from ..errors import LetterpressError
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code
 VERBS = {"generate": "generate", "chat": "chat", "infill": "infill", "edit": "edit", "serve": "serve",
-         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku"}
+         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku",
+         "plot-metrics": "plot_metrics"}
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags every verb takes (after the verb: `letterpress generate -v ...`)."""
+    g = p.add_argument_group("output and threads (every command)")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log messages: -v adds letterpress's debug messages, -vv every library's")
+    g.add_argument("-q", "--quiet", action="count", default=0,
+                   help="fewer log messages: -q warnings and errors only, -qq errors only")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch uses (default: $OMP_NUM_THREADS if set, else the cores the load average "
+                        "shows idle, at least 1)")
+
+
+def configure_logging(verbose: int, quiet: int) -> int:
+    """letterpress's loggers at INFO by default (a training resume, the server's requests), one more level per
+    -v / fewer per -q; other libraries' loggers at WARNING unless -vv. Returns letterpress's level."""
+    level = min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.CRITICAL)
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else max(level, logging.WARNING), format=LOG_FORMAT,
+                        stream=sys.stderr)
+    logging.getLogger("letterpress").setLevel(level)
+    return level
+
+
+def default_threads() -> int:
+    """Threads for a machine others may be using: $OMP_NUM_THREADS when set, else the usable cores minus the
+    1-minute load average (rounded), at least 1. torch's own default, one thread per physical core, made a
+    `generate` 3.8x slower (median) on a 2-core machine busy with other work (BENCHMARKS.md, "Threads")."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = threads if threads is not None else default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        args.parser.error(f"--threads must be at least 1, got {args.threads}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
         verb = importlib.import_module(f".{module_name}", __name__)
         p = sub.add_parser(name, help=verb.HELP, description=verb.HELP)
         verb.add_arguments(p)
+        add_common_arguments(p)
         p.set_defaults(run=verb.run, parser=p)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # name the verb's own usage, not the top-level one
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    check_common_arguments(args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
+        configure_logging(args.verbose, args.quiet)
+        if getattr(args, "device", None):  # before any weight loads: a one-line error, not a traceback
+            from ..engine.args import check_device
+
+            check_device(args.device)
+        logging.getLogger("letterpress.cli").debug("%d torch thread(s)", set_threads(args.threads))
         return args.run(args)
     except LetterpressError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""`letterpress chat [MODEL]`: interactive multi-turn chat (/reset clears the conversation, /exit quits)."""
+"""`letterpress chat [MODEL]`: interactive multi-turn chat (/reset clears the conversation, /exit quits).
+
+On a terminal, input has readline's line editing and history; from a pipe, each line is one user turn and the
+output is a transcript ("you> ..." then "model> ...", a blank line after each reply). Either way each canvas of
+a reply is printed as soon as it is committed, and a stats line per reply goes to stderr.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import time
 
 from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
 from ..errors import LetterpressError
-from .printing import stats_line
+from .printing import CanvasPrinter, stats_line
 
 HELP = "interactive multi-turn chat"
 
@@ -26,11 +31,14 @@ def run(args: argparse.Namespace) -> int:
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
+        enable_line_editing()
         print(f"letterpress chat with {llm.model_name}: /reset clears the conversation, /exit or Ctrl-D quits")
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
+            if interactive:
+                print()
             return 0
         text = line.strip()
         if not text:
@@ -41,13 +49,26 @@ def run(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": text})
+        if not interactive:
+            print(f"you> {text}")  # a pipe's input is not echoed: show which question a reply answers
+        print("model> ", end="", flush=True)
         start = time.perf_counter()
         try:
-            out = llm.chat(history, params)[0]
+            out = llm.chat(history, params, listener=CanvasPrinter(llm.tokenizer))[0]
         except LetterpressError as e:
             history.pop()
+            print(flush=True)
             print(f"error: {e}", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": out.text})
-        print(("model> " if interactive else "") + out.text)
+        print("\n" if interactive else "\n\n", end="", flush=True)
         print(stats_line(out, time.perf_counter() - start), file=sys.stderr)
+
+
+def enable_line_editing() -> None:
+    """Arrow keys, history and Ctrl-A/E for `input()` on a terminal (importing readline is what turns them on;
+    it is missing on Windows, where the console edits lines itself)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass

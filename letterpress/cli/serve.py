@@ -4,6 +4,7 @@ server (letterpress/server/launch.py); fastapi and uvicorn load only when it run
 from __future__ import annotations
 
 import argparse
+import logging
 
 HELP = "OpenAI-compatible HTTP server"
 
@@ -12,9 +13,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..server.launch import serve_arguments
 
     serve_arguments(p)
+    p.set_defaults(log_level=None)  # --log-level when given, else what -v / -q chose
 
 
 def run(args: argparse.Namespace) -> int:
     from ..server.launch import run_serve
 
+    if args.log_level is None:
+        args.log_level = logging.getLevelName(logging.getLogger("letterpress").getEffectiveLevel()).lower()
+    else:
+        logging.getLogger("letterpress").setLevel(args.log_level.upper())
     return run_serve(args)

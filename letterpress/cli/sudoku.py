@@ -4,7 +4,10 @@
     echo "53..7....6..195..." | letterpress sudoku
 
 Every denoising step's argmax draft is drawn over the board (redrawn in place with ANSI escapes when stdout is a
-terminal; otherwise only the final board is printed), then the solution, whether it is valid and the stats.
+terminal; otherwise only the final board is printed), then the solution and the stats. The model's answer is
+checked against the rules and the givens: an answer that breaks either is never printed; the command says "no
+valid solution found" and exits with 1. Puzzles whose givens contradict each other, or with characters other
+than digits, blanks (0 or .) and separators (whitespace , | - +), are refused before the model loads (exit 2).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ HELP = "solve a Sudoku with the embedded Sudoku model, step by step"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("puzzle", nargs="?", default=None,
-                   help="81 cells, row by row: digits, 0 or . for blanks (separators ignored); default: stdin")
+                   help="81 cells, row by row: digits, 0 or . for blanks, optionally separated by whitespace, commas "
+                        "or | - + (as the printed board); default: stdin")
     p.add_argument("--model", default=None, help="a Sudoku checkpoint folder (default: the embedded one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", action="store_true", help="sample the proposals instead of taking the argmax")
@@ -79,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
     valid = is_solution(answer, puzzle)
     if drawn:
         sys.stdout.write(f"\x1b[{height + 1}F\x1b[J")  # replace the animation with the final board
+    steps = "+".join(str(s) for s in out.steps_per_canvas)
+    stats = f"steps {steps} | {out.tokens_per_forward:.2f} tokens/forward | {seconds:.2f} s"
+    if not valid:  # never show an answer that breaks a rule or overwrites a given
+        print(format_grid(puzzle))
+        print(f"no valid solution found (the model's answer breaks a rule or a given) | {stats}")
+        return 1
     print(format_grid(answer))
     print(answer)
-    steps = "+".join(str(s) for s in out.steps_per_canvas)
-    print(f"valid: {'yes' if valid else 'no'} | steps {steps} | {out.tokens_per_forward:.2f} tokens/forward | "
-          f"{seconds:.2f} s")
+    print(f"valid: yes | {stats}")
     return 0

@@ -75,3 +75,34 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(max_new_tokens=getattr(args, "max_new_tokens", None),
                           max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound,
                           t_min=args.t_min, t_max=args.t_max, seed=args.seed)
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this torch cannot use, before any weight loads (one line instead of a traceback from
+    deep inside the loader). cuda, mps and xpu are checked for a build and a visible device; a device index
+    must exist."""
+    import torch
+
+    from ..errors import NotSupportedError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise NotSupportedError(f"unknown device {name!r}: use cpu, cuda, cuda:N, mps or xpu") from None
+    backends = {
+        "cuda": (torch.backends.cuda.is_built(), torch.cuda.is_available, torch.cuda.device_count),
+        "mps": (torch.backends.mps.is_built(), torch.backends.mps.is_available, lambda: 1),
+        "xpu": (hasattr(torch, "xpu"), lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+                lambda: torch.xpu.device_count()),
+    }
+    if device.type not in backends:
+        return
+    built, available, count = backends[device.type]
+    if not built:
+        raise NotSupportedError(f"--device {name}: this torch ({torch.__version__}) was built without "
+                                f"{device.type.upper()}; use --device cpu, or install a torch built with {device.type.upper()}")
+    if not available():
+        raise NotSupportedError(f"--device {name}: no {device.type.upper()} device is available to this torch "
+                                f"({torch.__version__}); use --device cpu")
+    if device.index is not None and device.index >= count():
+        raise NotSupportedError(f"--device {name}: there are only {count()} {device.type} device(s)")

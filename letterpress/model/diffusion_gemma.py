@@ -22,6 +22,16 @@ from ..chunks import position_slices
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
 from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
+
+def check_token_ids(ids, name: str) -> None:
+    """`encode` / `denoise` take an integer tensor [batch, tokens]; say so instead of failing deep inside."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape [batch, tokens], not "
+                        f"{type(ids).__name__}: e.g. torch.tensor([ids]) for one sequence")
+    if ids.ndim != 2 or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must be an integer tensor of shape [batch, tokens], got {ids.dtype} of shape "
+                        f"{list(ids.shape)}")
+
 # (layer index, new keys [B, T, kvh, d], new values) -> all keys/values to attend to, [B, kvh, S, d] each
 KVSource = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -138,13 +148,18 @@ class DiffusionGemma(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
+    def from_pretrained(cls, path_or_id: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
                         device: torch.device | str = "cpu", offline: bool | None = None,
                         revision: str | None = None, quantization: str | None = None) -> "DiffusionGemma":
-        """`quantization` ("int8", "int4", "fp8"): quantize each weight while loading (letterpress.quant);
+        """A checkpoint folder or Hub id; None is the embedded default model, as for `LLM(None)`.
+        `quantization` ("int8", "int4", "fp8"): quantize each weight while loading (letterpress.quant);
         a compressed-tensors checkpoint loads quantized as stored either way."""
         from ..checkpoint import load_model
 
+        if path_or_id is None:
+            from ..embedded import default_model_dir
+
+            path_or_id = default_model_dir()
         return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision,
                           quantization=quantization)
 
@@ -234,6 +249,7 @@ class DiffusionGemma(nn.Module):
                input_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Append `input_ids` [B, T] (right-padded; row b has `input_lengths[b]` real tokens) to the cache
         slots `slots` [B], continuing each slot's positions. Returns final hidden states [B, T, hidden]."""
+        check_token_ids(input_ids, "input_ids")
         b, t = input_ids.shape
         device = input_ids.device
         slots = torch.arange(b, device=device) if slots is None else slots.to(device)
@@ -282,6 +298,7 @@ class DiffusionGemma(nn.Module):
         soft-capped logits [B, C, vocab]. `self_conditioning_logits` [B, C, vocab] are the previous step's
         processed logits (or pass their softmax as `self_conditioning_probs`); rows where
         `self_conditioning_mask` [B] is False get a zero signal."""
+        check_token_ids(canvas_ids, "canvas_ids")
         b, c = canvas_ids.shape
         device = canvas_ids.device
         slots = torch.arange(b, device=device) if slots is None else slots.to(device)

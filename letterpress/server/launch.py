@@ -33,7 +33,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop a request's rows this long after it was queued and answer 504 (streams: a final "
                         "error event); 0 = no limit (default 600, the openai client's own timeout)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's and uvicorn's log level (default: info, or as -v / -q say)")
     add_model_arguments(p)
     g = p.add_argument_group("sampler defaults for requests that do not set them "
                              "(default: the checkpoint's generation_config.json)")
@@ -51,6 +52,25 @@ def check_arguments(args: argparse.Namespace) -> None:
         args.parser.error(f"--request-timeout must be a number of seconds >= 0 (0: no limit), got {args.request_timeout}")
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind the address once and let it go, so that a port in use fails in a second, before the model loads
+    (uvicorn would only find out after loading and announcing that it serves)."""
+    import socket
+
+    from ..errors import LetterpressError
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise LetterpressError(f"cannot listen on {host}:{port}: {e.strerror or e} "
+                                   "(another server on that port? choose another --port)") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -60,6 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import ServerConfig, build_app
 
     check_arguments(args)
+    check_port(args.host, args.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, offline=True if args.offline else None,

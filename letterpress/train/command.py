@@ -70,13 +70,15 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from the latest checkpoint in the output folder (default: yes)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw loss.png beside metrics.jsonl (default: yes; needs matplotlib)")
 
 
 TRAIN_FIELDS = ("model", "tokenizer", "canvas_length", "data", "eval_data", "eval_fraction", "chat_template", "max_length",
                 "output_dir", "merge", "train_router", "steps", "batch_size", "micro_batch_size", "lr", "min_lr",
                 "warmup_steps", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "seed", "device", "dtype",
                 "autocast", "log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints",
-                "stop_after_steps", "resume", "progress")
+                "stop_after_steps", "resume", "progress", "plot")
 LOSS_FIELDS = ("objective", "reweight_max", "t_eps", "self_conditioning_prob", "encoder_loss_weight", "score_eos_fill",
                "diffusion_loss_weight")
 

@@ -9,6 +9,8 @@ Output folder:
     checkpoints/step-0000100/   resume state (model + optimizer via torch.distributed.checkpoint, scheduler,
                                 RNG states, step); written to a temporary folder and renamed
     metrics.jsonl               one line per logged step and per evaluation
+    loss.png                    training and held-out loss and the learning rate against the step (letterpress/
+                                plots.py), redrawn at most every PLOT_EVERY_SECONDS, at each evaluation and at the end
     model/                      the trained model in the released format (config.json, model.safetensors,
                                 generation_config.json, tokenizer files): full fine-tuning, or LoRA with merge
     adapter/                    LoRA only: adapter_config.json + adapter_model.safetensors (PEFT format)
@@ -46,6 +48,7 @@ from .loss import LossConfig, LossModule, LossSums, make_batch, total_loss
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+PLOT_EVERY_SECONDS = 30.0  # loss.png redraws (~0.2 s each) stay a negligible share of a run
 
 
 @dataclass
@@ -94,6 +97,7 @@ class TrainConfig:
     resume: bool = True  # continue from the latest checkpoint in output_dir/checkpoints
     merge: bool = False  # LoRA: also write the merged model to output_dir/model
     progress: bool = True
+    plot: bool = True  # draw loss.png beside metrics.jsonl (matplotlib is imported only when this is on)
     stop_after_steps: int | None = None  # leave (with a checkpoint) after this many steps of this invocation
 
 
@@ -149,6 +153,8 @@ class Trainer:
         # runs repeat, per rank so that ranks differ; checkpoints save and restore it.
         torch.manual_seed(cfg.seed + self.env.rank)
         self.out = Path(cfg.output_dir)
+        # loss.png: time of the last draw, metrics.jsonl's size then, whether a failure was reported
+        self._last_plot, self._plotted_size, self._plot_warned = -math.inf, -1, False
         self.dtype = parse_dtype(cfg.dtype)
         self._load_sources()
         self.train_data, self.eval_data = self._load_data(train_data, eval_data)
@@ -374,12 +380,15 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+            if self.step < cfg.steps:
+                self._draw_loss_curve(force=True)  # stopped early (time box, error, Ctrl-C): show where it stood
         finished = self.step >= cfg.steps
         model_dir = adapter_dir = None
         if not finished and stats is not None:
             self.save_checkpoint()  # a time-boxed run leaves a checkpoint where the next one resumes
         if finished:
             evals = self._eval_and_log(None)
+            self._draw_loss_curve(force=True)  # the last lines (the eval line has drawn already: then a no-op)
             model_dir, adapter_dir = self.save_final()
         return TrainResult(step=self.step, finished=finished, last=stats, eval=evals, model_dir=model_dir,
                            adapter_dir=adapter_dir)
@@ -400,6 +409,27 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self._draw_loss_curve(force="eval_loss" in record)
+
+    def _draw_loss_curve(self, force: bool = False) -> None:
+        """Redraw loss.png from metrics.jsonl (main rank; throttled unless `force`). A chart is never worth a
+        training run: any failure (matplotlib missing, a full disk) is one warning and training goes on."""
+        metrics = self.out / "metrics.jsonl"
+        if not (self.cfg.plot and self.env.is_main) or not metrics.exists():
+            return
+        now, size = time.monotonic(), metrics.stat().st_size
+        if size == self._plotted_size or (not force and now - self._last_plot < PLOT_EVERY_SECONDS):
+            return  # nothing new since the last draw, or drawn recently
+        self._last_plot, self._plotted_size = now, size
+        try:
+            from ..plots import plot_metrics_file
+
+            plot_metrics_file(metrics, self.out / "loss.png", title=f"Training loss: {self.out.name}")
+        except Exception as e:  # noqa: BLE001  (see the docstring)
+            if not self._plot_warned:
+                self._plot_warned = True
+                log.warning("could not draw %s (training continues; --no-plot turns this off): %s",
+                            self.out / "loss.png", e)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _state_dict_options(self):
