@@ -8,6 +8,10 @@ position starts as its token, is never re-noised, never takes a proposal, report
 canvas, and is left out of the entropy-bound ranking and of the mean entropy the stopping rule reads. The
 model was trained with uniform-state corruption (each position kept with probability 1 - t), so a canvas
 whose known positions never change is in its training distribution, as in image inpainting.
+
+Memory: at the released vocabulary (262,144) one [C, V] float32 tensor is 268 MB per row at C = 256, so the
+entropy runs a chunk of positions at a time (letterpress/chunks.py) and the sampling softmax one row at a
+time; chunking changes no bit. benchmarks/memory.py measures the step's peak.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from .chunks import position_slices
 
 
 class Draws(Protocol):
@@ -69,6 +75,14 @@ class GeneratorDraws:
     def proposals(self, probs: torch.Tensor, canvas: int, step: int) -> torch.Tensor:
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(-1)
 
+    def proposals_into(self, probs: torch.Tensor, scratch: torch.Tensor, canvas: int, step: int) -> torch.Tensor:
+        """`proposals`, bit for bit and with the same generator state after, but the [C, V] noise goes into
+        `scratch` (float32 [C, V], overwritten) instead of a fresh buffer. torch.multinomial draws one
+        sample as argmax(probs / q) with q ~ Exp(1) over the whole [C, V] (its one-sample path), which is
+        what this does; tests/test_step_memory.py checks the equality."""
+        noise = scratch.exponential_(1.0, generator=self.generator)
+        return torch.div(probs, noise, out=noise).argmax(-1)
+
     def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor:
         return torch.randint(0, vocab_size, (length,), generator=self.generator, device=self.device)
 
@@ -87,10 +101,17 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
     return float(t_min + (t_max - t_min) * remaining)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, float32: [.., V] -> [..]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def token_entropy(logits: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, float32: [.., V] -> [..]. A chunk of positions at a time, so
+    the temporaries (log-probabilities, p * log p) are [chunk, V], not [.., V]."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for s in position_slices(flat.shape[0], vocab, chunk_bytes):
+        logp = torch.log_softmax(flat[s].float(), dim=-1)
+        out[s] = -logp.exp().mul_(logp).sum(-1)  # p * log p, in place: the same bits, one temporary less
+        del logp  # before the next chunk's
+    return out.reshape(logits.shape[:-1])
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor | float,
@@ -174,7 +195,7 @@ class StepOutcome:
     argmax: torch.Tensor  # [R, C] the canvas a row ends with if it stops now
     accept_mask: torch.Tensor  # [R, C]
     mean_entropy: torch.Tensor  # [R]
-    processed_logits: torch.Tensor  # [R, C, V] temperature-scaled, for self-conditioning
+    processed_logits: torch.Tensor | None  # [R, C, V] temperature-scaled, for self-conditioning
 
 
 def denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor,
@@ -185,16 +206,20 @@ def denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bound
     proposes the argmax instead of sampling (and draws no proposals); its schedule, acceptance and
     re-noising are unchanged. `clamp_tokens` / `clamp_mask` [R, C] (from `stack_clamps`): see the module
     docstring; every row still draws proposals and noise for all C positions, so a row's random stream
-    does not depend on its clamp."""
+    does not depend on its clamp.
+
+    Memory beyond `logits`: the processed logits (returned) and, while a row draws, that row's softmax and
+    torch.multinomial's [C, V] noise; the entropy runs in chunks (benchmarks/memory.py)."""
     processed = logits / temperatures.to(logits.device, logits.dtype)[:, None, None]
-    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     entropy = token_entropy(processed)
     check_finite(entropy)  # before any row draws, so a retry without the bad rows draws the same numbers
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     rows, length, vocab = processed.shape
     argmax = processed.argmax(-1)
+    # the softmax is taken a row at a time (the same bits as all rows at once: each position on its own)
     proposals = torch.stack([argmax[r] if greedy and greedy[r] else
-                             d.proposals(probs[r], canvas_index[r], step_index[r]).to(logits.device)
+                             d.proposals(torch.softmax(processed[r], dim=-1, dtype=torch.float32),
+                                         canvas_index[r], step_index[r]).to(logits.device)
                              for r, d in enumerate(draws)])
     noise = torch.stack([d.noise(length, vocab, canvas_index[r], step_index[r]) for r, d in enumerate(draws)])
     next_canvas = torch.where(accept, proposals.to(logits.device), noise.to(logits.device))

@@ -161,16 +161,22 @@ class Runner:
         else:
             logits = self.model.denoise(canvases, self.cache, slots, sc_logits, sc_mask)
         self.decoder_passes += 1
+        # the rows keep the previous state until the step succeeds (a retry in `_isolated` reads it again)
+        del sc_logits
 
         params = [r.request.params for r in rows]
         temps = torch.tensor([temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max) for r, p in zip(rows, params)],
                              dtype=torch.float32)
         bounds = torch.tensor([p.entropy_bound for p in params], dtype=torch.float32)
-        step = partial(fused_denoise_step, sc_dtype=self.model.dtype) if self.fast else denoise_step
+        # keep_processed=False: the fused step may reuse the logits as its sampling scratch
+        step = partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast else denoise_step
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
-        return step(logits, temps, bounds, [r.request.draws for r in rows],
-                    [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
-                    clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
+        outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
+                       [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
+                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
+        if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
+            outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
+        return outcome
 
     def _advance(self, row: Row, outcome: StepOutcome, i: int) -> None:
         """Row i of a sampler step: take its next canvas, report the draft, finish the canvas when it is done."""
@@ -236,7 +242,9 @@ class Runner:
         if not any(present):
             return None, None
         template = next(r.sc_logits for r in rows if r.sc_logits is not None)
-        stacked = torch.stack([r.sc_logits if r.sc_logits is not None else torch.zeros_like(template) for r in rows])
+        stacked = _rows_of_one_tensor([r.sc_logits for r in rows])  # the last step's batch: no [R, C, V] copy
+        if stacked is None:
+            stacked = torch.stack([r.sc_logits if r.sc_logits is not None else torch.zeros_like(template) for r in rows])
         return stacked, torch.tensor(present, device=stacked.device)
 
     def _finish_canvas(self, row: Row) -> None:
@@ -267,7 +275,6 @@ class Runner:
             row.finish_reason = reason
 
 
-
 def _draw_state(row: Row):
     get_state = getattr(row.request.draws, "get_state", None)
     return get_state() if get_state is not None else None
@@ -276,3 +283,18 @@ def _draw_state(row: Row):
 def _restore_draws(row: Row, state) -> None:
     if state is not None:
         row.request.draws.set_state(state)
+
+
+def _rows_of_one_tensor(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """A [R, ...] view of the storage whose consecutive rows are exactly `tensors` (the previous step's
+    batch, same rows in the same order), else None. (Storage offsets, not `_base`: inference-mode views
+    have no `_base`.)"""
+    first = tensors[0]
+    if first is None or not first.is_contiguous():
+        return None
+    storage, n = first.untyped_storage().data_ptr(), first.numel()
+    for i, t in enumerate(tensors):
+        if (t is None or t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != first.storage_offset() + i * n):
+            return None
+    return first.as_strided((len(tensors), *first.shape), (n, *first.stride()), first.storage_offset())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, PagedKVCache, layer_kinds, plan_pool, visible_from
+from ..chunks import position_slices
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
 from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
@@ -207,19 +208,41 @@ class DiffusionGemma(nn.Module):
         return self.embed_tokens(ids) * scale
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied output head and soft-capping, in float32: [.., hidden] -> [.., vocab]."""
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        """Tied output head and soft-capping, in float32: [.., hidden] -> [.., vocab]. Without autograd it
+        runs a chunk of positions at a time into the float32 output, so the only other [.., vocab] tensors
+        are a chunk's (at the released vocabulary the whole canvas is 268 MB per row per tensor)."""
         cap = self.text_config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
+        weight = self.embed_tokens.weight
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            logits = F.linear(hidden, weight).float()  # training: autograd needs out-of-place ops
+            return torch.tanh(logits / cap) * cap if cap else logits
+        vocab = weight.shape[0]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        out = torch.empty(flat.shape[0], vocab, dtype=torch.float32, device=hidden.device)
+        for s in position_slices(flat.shape[0], vocab):
+            chunk = F.linear(flat[s], weight).float()
+            if cap:
+                torch.tanh(chunk.div_(cap), out=out[s]).mul_(cap)  # the same ops as tanh(x / cap) * cap
+            else:
+                out[s] = chunk
+            del chunk  # before the next chunk's
+        return out.reshape(*hidden.shape[:-1], vocab)
 
     def soft_embeddings(self, logits: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
         """Self-conditioning input: softmax (float32) of the previous step's logits times the embedding.
-        A caller that already has that softmax (the fused sampler) passes it as `probs` instead."""
-        if probs is None:
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        probs = probs.to(self.dtype)
+        A caller that already has that softmax (the fused sampler) passes it as `probs` instead. A chunk of
+        positions at a time: no [.., vocab] temporary beyond a chunk's."""
+        source = probs if probs is not None else logits
+        weight = self.embed_tokens.weight
+        vocab = source.shape[-1]
+        flat = source.reshape(-1, vocab)
         scale = torch.tensor(self.text_config.hidden_size**0.5).to(self.dtype)
-        return (probs @ self.embed_tokens.weight) * scale
+        out = torch.empty(flat.shape[0], weight.shape[1], dtype=self.dtype, device=source.device)
+        for s in position_slices(flat.shape[0], vocab):
+            chunk = flat[s] if probs is not None else torch.softmax(flat[s], dim=-1, dtype=torch.float32)
+            out[s] = (chunk.to(self.dtype) @ weight) * scale
+            del chunk
+        return out.reshape(*source.shape[:-1], weight.shape[1])
 
     def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {t: rope_cos_sin(positions, getattr(self, f"inv_freq_{t}"), self.dtype) for t in self.text_config.rope}
