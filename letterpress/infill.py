@@ -187,8 +187,12 @@ def finish_infill(codec: Codec, plan: InfillPlan, outputs: list[RequestOutput]) 
     shorter length)."""
     middles = [read_run(out.token_ids, row.runs[0], codec.end_ids)[:plan.max_middle]
                for row, out in zip(plan.rows, outputs)]
-    entropies = [out.final_entropy[0] for out in outputs]
+    # a row that failed or timed out before finishing its canvas has no entropy: it can never be chosen
+    entropies = [out.final_entropy[0] if out.final_entropy else math.inf for out in outputs]
     best = min(range(len(outputs)), key=lambda i: (entropies[i], plan.lengths[i]))
+    if math.isinf(entropies[best]):
+        failed = next((out.error for out in outputs if out.error is not None), None)
+        raise failed if failed is not None else RequestError("no infill candidate finished its canvas")
     passes = sum(out.decoder_passes for out in outputs)
     middle = codec.tokenizer.decode(middles[best])
     return InfillResult(

@@ -455,3 +455,29 @@ def test_cli_edit_in_place_and_errors(tmp_path, capsys):
     assert main(["edit", str(source), "--span", "4:7", "--seed", "0", "--max-denoising-steps", "2", "--in-place"]) == 0
     assert "1 span(s)" in capsys.readouterr().err
     assert source.read_text().endswith("(a, b):\n    # fill\n    return total\n")
+
+
+def test_a_failed_candidate_row_is_never_chosen(llm, monkeypatch):
+    """A candidate row that failed in the engine (no finished canvas) drops out of the search; when every
+    candidate failed, the engine's error is raised rather than an IndexError."""
+    real_run = LLM.run
+
+    def fail_rows(which):
+        def run(self, requests):
+            outputs = real_run(self, requests)
+            for i in which(len(outputs)):
+                outputs[i] = replace(outputs[i], finish_reason="error", final_entropy=[],
+                                     error=RuntimeError(f"row {i} broke"))
+            return outputs
+        return run
+
+    params = SamplingParams(seed=3, max_denoising_steps=3)
+    whole = llm.infill(PREFIX, SUFFIX, 12, params)
+    monkeypatch.setattr(LLM, "run", fail_rows(lambda n: [0]))
+    survivor = llm.infill(PREFIX, SUFFIX, 12, params)
+    assert len(survivor.candidates) == len(whole.candidates)
+    assert survivor.length != survivor.candidates[0].length  # row 0 failed: another length won
+    assert survivor.candidates[0].entropy == float("inf")
+    monkeypatch.setattr(LLM, "run", fail_rows(range))
+    with pytest.raises(RuntimeError, match="row 0 broke"):
+        llm.infill(PREFIX, SUFFIX, 12, params)
