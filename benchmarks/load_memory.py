@@ -28,26 +28,17 @@ import torch
 from letterpress.checkpoint import load_model
 from letterpress.config import load_model_config
 from letterpress.model import DiffusionGemma
+from letterpress.profiling import peak_anon_rss
 from letterpress.quant import model_bytes
 
 with torch.device("meta"):  # one-time torch imports, paid before measuring
     DiffusionGemma(load_model_config(sys.argv[1]))
 
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
-
-peak, done = [anon()], threading.Event()
-def sample():
-    while not done.is_set():
-        peak.append(anon()); time.sleep(0.002)
-before = anon()
-thread = threading.Thread(target=sample); thread.start()
 start = time.perf_counter()
-model = load_model(sys.argv[1], dtype=sys.argv[2], quantization=None if sys.argv[3] == "none" else sys.argv[3])
+model, peak = peak_anon_rss(lambda: load_model(sys.argv[1], dtype=sys.argv[2],
+                                               quantization=None if sys.argv[3] == "none" else sys.argv[3]))
 seconds = time.perf_counter() - start
-done.set(); thread.join()
-print(json.dumps({"peak": max(peak) - before, "model": model_bytes(model), "seconds": seconds}))
+print(json.dumps({"peak": peak, "model": model_bytes(model), "seconds": seconds}))
 """
 
 

@@ -12,10 +12,41 @@ import atexit
 import functools
 import os
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+
+def anon_rss_bytes() -> int:
+    """This process's anonymous resident memory (Linux RssAnon): heap and anonymous maps, not the page cache
+    of mmapped files such as safetensors shards."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
+
+
+def peak_anon_rss(fn: Callable[[], Any], interval_s: float = 0.002) -> tuple[Any, int]:
+    """Run `fn` while a thread samples RssAnon every `interval_s`; return (fn's result, peak bytes above the
+    level before the call). Used by the loading-memory tests and benchmarks/load_memory.py."""
+    peak, done = [anon_rss_bytes()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(anon_rss_bytes())
+            time.sleep(interval_s)
+
+    before = anon_rss_bytes()
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return result, max(peak) - before
 
 
 class StepProfiler:

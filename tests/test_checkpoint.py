@@ -167,21 +167,11 @@ LOAD_MEMORY_SCRIPT = r"""
 import sys, threading, time
 import torch
 from letterpress.checkpoint import load_model
+from letterpress.profiling import peak_anon_rss
 
-def anon_kb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
-
-peak, done = [anon_kb()], threading.Event()
-def sample():
-    while not done.is_set():
-        peak.append(anon_kb()); time.sleep(0.002)
-before = anon_kb()
-thread = threading.Thread(target=sample); thread.start()
-model = load_model(sys.argv[1])
-done.set(); thread.join()
+model, peak = peak_anon_rss(lambda: load_model(sys.argv[1]))
 size_kb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
-print((max(peak) - before) / size_kb)
+print(peak / 1024 / size_kb)
 """
 
 

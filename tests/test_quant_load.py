@@ -224,6 +224,7 @@ import torch
 from letterpress.checkpoint import load_model
 from letterpress.config import load_model_config
 from letterpress.model import DiffusionGemma
+from letterpress.profiling import peak_anon_rss
 from letterpress.quant import model_bytes
 
 # The first model built on the meta device costs ~70 MB of one-time torch imports (meta kernels), whatever
@@ -231,21 +232,10 @@ from letterpress.quant import model_bytes
 with torch.device("meta"):
     DiffusionGemma(load_model_config(sys.argv[1]))
 
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
-
 for folder, fmt in zip(sys.argv[1::2], sys.argv[2::2]):  # one load after another, each from its own baseline
     gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-    peak, done = [anon()], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak.append(anon()); time.sleep(0.002)
-    before = anon()
-    thread = threading.Thread(target=sample); thread.start()
-    model = load_model(folder, quantization=None if fmt == "none" else fmt)
-    done.set(); thread.join()
-    print(max(peak) - before, model_bytes(model))
+    model, peak = peak_anon_rss(lambda: load_model(folder, quantization=None if fmt == "none" else fmt))
+    print(peak, model_bytes(model))
     del model
 """
 
