@@ -23,7 +23,7 @@ from pathlib import Path
 from common import ROOT, machine
 
 CHILD = r"""
-import sys, threading, time, json
+import sys, time, json
 import torch
 from letterpress.checkpoint import load_model
 from letterpress.config import load_model_config

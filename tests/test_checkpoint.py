@@ -164,7 +164,7 @@ def test_saved_by_us_loads_in_both(saved, tmp_path):
 
 
 LOAD_MEMORY_SCRIPT = r"""
-import sys, threading, time
+import sys
 import torch
 from letterpress.checkpoint import load_model
 from letterpress.profiling import peak_anon_rss

@@ -219,7 +219,7 @@ def test_unsupported_quantization_configs_are_clear_errors(library_base, tmp_pat
 
 # ---------------------------------------------------------------------------------------- loading memory
 LOAD_MEMORY_SCRIPT = r"""
-import ctypes, gc, sys, threading, time
+import ctypes, gc, sys
 import torch
 from letterpress.checkpoint import load_model
 from letterpress.config import load_model_config
