@@ -440,6 +440,11 @@ class _ExpertSlices:
         return self.shape[0]
 
     def __getitem__(self, e: int) -> torch.Tensor:
+        # The previous slice's float temporaries are free by now: give their pages back before reading the
+        # next. Otherwise the next slice's temporaries land in other free holes of the heap (which ones
+        # depends on the address-space layout) and touch fresh pages, growing the process by up to tens
+        # of MB per tensor, more in some runs than others.
+        _trim_heap()
         piece = read_tensor(self.f, self.path, self.stored, expert=e).to(self.device, self.dtype)
         self.non_finite += count_non_finite(piece) if self.check_finite else 0
         return piece

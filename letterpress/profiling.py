@@ -9,7 +9,9 @@ profiler starts at the first step and the trace is written after the N-th, or at
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
+import gc
 import os
 import sys
 import threading
@@ -28,9 +30,23 @@ def anon_rss_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
 
 
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; a no-op with another libc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_anon_rss(fn: Callable[[], Any], interval_s: float = 0.002) -> tuple[Any, int]:
     """Run `fn` while a thread samples RssAnon every `interval_s`; return (fn's result, peak bytes above the
-    level before the call). Used by the loading-memory tests and benchmarks/load_memory.py."""
+    level before the call). Used by the loading-memory tests and benchmarks/load_memory.py.
+
+    The level before is taken after a garbage collection and a malloc_trim, so heap pages that earlier work
+    freed but glibc still held are not in the baseline (they would make room for `fn` and hide part of its
+    peak, by an amount that varies from run to run)."""
+    gc.collect()
+    trim_heap()
     peak, done = [anon_rss_bytes()], threading.Event()
 
     def sample() -> None:

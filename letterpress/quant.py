@@ -212,9 +212,16 @@ class QuantWeight(nn.Module):
         if isinstance(w, torch.Tensor) and w.ndim == 2:
             parts = quantize_parts(w, self.fmt, self.group)
         else:
-            per_expert = [quantize_parts(w[e], self.fmt, self.group) for e in range(len(w))]
-            parts = {name: torch.stack([p[name] for p in per_expert]) for name in per_expert[0]}
-            del per_expert
+            # Each expert's parts go straight into [E, ...] tensors allocated once: nothing long-lived is
+            # allocated between one slice's float temporaries and the next, so the heap reuses them (keeping
+            # small per-expert results until a final stack left holes that glibc grew around, by up to two
+            # float tensors depending on the address-space layout) and there is no stacked copy.
+            parts = {}
+            for e in range(len(w)):
+                for name, part in quantize_parts(w[e], self.fmt, self.group).items():
+                    if e == 0:
+                        parts[name] = part.new_empty((len(w), *part.shape))
+                    parts[name][e].copy_(part)
         self.load_parts(parts)
 
     @torch.no_grad()
