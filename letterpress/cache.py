@@ -227,7 +227,10 @@ class BlockPool:
         self.hash_of: dict[int, bytes] = {}
         self.cached: dict[bytes, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
-        self.reserved = 0  # blocks promised to admitted rows (see PagedKVCache.admit)
+        # blocks promised to admitted rows (see PagedKVCache.admit): on a sliding pool every row's worst case;
+        # on a full pool what the rows may still allocate (their worst case less the blocks they hold)
+        self.reserved = 0
+        self.promised = 0
 
     @property
     def num_held(self) -> int:
@@ -239,7 +242,7 @@ class BlockPool:
         elif self.evictable:
             block, _ = self.evictable.popitem(last=False)
             del self.cached[self.hash_of.pop(block)]
-        else:  # admission reserves every row's worst case, so this means a caller skipped `admit`
+        else:  # admission promises every row's worst case, so this means a caller skipped `admit`
             raise RequestError("the KV cache pool is exhausted")
         self.refs[block] = 1
         return block
@@ -319,6 +322,11 @@ class PagedKVCache:
         """Bytes of the blocks rows hold now (cached blocks nobody holds are not counted)."""
         return sum(self.block_bytes(k) * self.pools[k.name].num_held for k in self.kinds)
 
+    def usage(self) -> float:
+        """The fraction of the pools' bytes that rows hold (vLLM's kv_cache_usage_perc: cached blocks nobody
+        holds count as free, as they are evicted on demand)."""
+        return self.used_bytes() / max(self.pool_bytes(), 1)
+
     def blocks_needed(self, tokens: int) -> dict[str, int]:
         return {k.name: blocks_for_row(k, tokens, self.block_size, self.prefill_chunk) for k in self.kinds}
 
@@ -327,17 +335,27 @@ class PagedKVCache:
 
     # -------------------------------------------------------------------------------------- admission
     def admit(self, slot: int, prompt_ids: list[int], max_tokens: int) -> int | None:
-        """Reserve the blocks a row of at most `max_tokens` tokens can hold at once and reuse the cached blocks
+        """Promise the blocks a row of at most `max_tokens` tokens can hold at once and reuse the cached blocks
         of the longest cached prefix of `prompt_ids`. Returns the number of prompt tokens already cached (the
-        row's length; encode the rest), or None when the pool cannot promise the blocks yet (wait)."""
+        row's length; encode the rest), or None when the pool cannot promise the blocks yet (wait).
+
+        A full pool is asked only for the blocks the row will allocate: its worst case less the cached prefix
+        blocks it shares (a 2,000-token system prompt held once, not once per row). Promise kept: the blocks
+        held plus every row's worst case less what it holds stays within the pool, as a full row holds each
+        block until it ends. A sliding pool promises every row its worst case: a row gives its window's
+        blocks back as it moves on, but a block it shared stays held by the others, so sharing saves nothing
+        there that could be promised (and the window is small)."""
         need = self.blocks_needed(max_tokens)
-        if any(self.pools[name].reserved + n > self.pools[name].num_blocks for name, n in need.items()):
-            return None
         hit = self._longest_hit(prompt_ids) if self.enable_prefix_caching else 0
         hashes = self.hashes_of(prompt_ids, hit)
+        if not all(self._can_promise(kind, need[kind.name], hashes) for kind in self.kinds):
+            return None
         for kind in self.kinds:
             pool = self.pools[kind.name]
-            pool.reserved += need[kind.name]
+            if kind.window is None:
+                pool.promised += need[kind.name] - len(hashes)  # a full row takes every block of the hit
+            else:
+                pool.reserved += need[kind.name]
             self.reserved[kind.name][slot] = need[kind.name]
             first = first_visible(hit, kind.window) // self.block_size
             row = [0] * len(hashes)
@@ -354,6 +372,14 @@ class PagedKVCache:
         self.hashable[slot] = True
         self.lengths[slot] = hit
         return hit
+
+    def _can_promise(self, kind: LayerKind, need: int, hashes: list[bytes]) -> bool:
+        pool = self.pools[kind.name]
+        if kind.window is not None:
+            return pool.reserved + need <= pool.num_blocks
+        # cached blocks nobody holds count as free until this row takes them
+        revived = sum(1 for h in hashes if pool.refs[pool.cached[h]] == 0)
+        return pool.num_held + revived + pool.promised + need - len(hashes) <= pool.num_blocks
 
     def hashes_of(self, token_ids: list[int], tokens: int) -> list[bytes]:
         hashes, parent = [], ROOT_HASH
@@ -384,10 +410,15 @@ class PagedKVCache:
         """Give back every block the row holds and its reservation (cached blocks stay findable)."""
         for kind in self.kinds:
             pool = self.pools[kind.name]
+            held = 0
             for block in self.blocks[kind.name][slot]:
                 if block:
                     pool.release(block)
-            pool.reserved -= self.reserved[kind.name][slot]
+                    held += 1
+            if kind.window is None:
+                pool.promised -= self.reserved[kind.name][slot] - held
+            else:
+                pool.reserved -= self.reserved[kind.name][slot]
             self.reserved[kind.name][slot] = 0
             self.blocks[kind.name][slot] = []
             self.trimmed[kind.name][slot] = 0
@@ -408,9 +439,11 @@ class PagedKVCache:
             if length + n > self.max_model_len:
                 raise RequestError(f"context too long: {length + n} tokens exceed max_model_len {self.max_model_len}")
             for kind in self.kinds:
-                row = self.blocks[kind.name][slot]
+                row, pool = self.blocks[kind.name][slot], self.pools[kind.name]
                 for j in range(len(row), math.ceil((length + n) / self.block_size)):
-                    row.append(self.pools[kind.name].allocate())
+                    row.append(pool.allocate())
+                    if kind.window is None:
+                        pool.promised -= 1  # one promised block taken
                     updates[kind.name].append((slot, j, row[j]))
         for name, entries in updates.items():
             if entries:

@@ -5,6 +5,7 @@ pressure, and sizing. Parity against transformers for paged rows longer than the
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_pool_pressure_rows_wait_and_outputs_equal_running_alone(calm):
     assert most == 2  # the two short prompts (9 + 48 and 4 + 48 tokens: 15 and 13 blocks) fit together
     assert any(o.num_cached_tokens for o in outs)  # the prompts share prefixes: later rows reuse blocks
     for pool in llm.runner.cache.pools.values():  # everything given back
-        assert pool.reserved == 0 and pool.num_held == 0
+        assert pool.reserved == pool.promised == pool.num_held == 0
 
 
 def test_request_that_cannot_fit_is_refused(calm):
@@ -245,6 +246,47 @@ def test_prefix_hit_needs_the_sliding_window_blocks():
     assert cache.admit(1, prompt + [5], 64) == 28
 
 
+@torch.no_grad()
+def test_admission_counts_shared_prefix_blocks_once():
+    """A full pool of 20 blocks, one worst-case row (41 + 16 tokens: 15 blocks) and a few more: a second row
+    sharing the first's 10-block prompt is admitted by the 5 blocks it will allocate, not its whole 15 (15 +
+    15 > 20 waited before); both rows then fill their worst case, the pool exactly full, and neither row's
+    logits change. A third row that cannot be promised its blocks waits until they are given back."""
+    model = random_model(qk_scale=0.3)
+    kinds = layer_kinds(model.text_config)
+    full = next(k.name for k in kinds if k.window is None)
+    sliding = next(k.name for k in kinds if k.window is not None)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 384, (40,), generator=g).tolist()
+    a, b, c = prompt + [7], prompt + [9], torch.randint(3, 384, (41,), generator=g).tolist()
+    canvas = torch.randint(0, 384, (1, 16), generator=g)
+    committed = torch.randint(3, 384, (1, 16), generator=g)
+    cache = model.new_paged_cache(3, 128, block_size=BLOCK, prefill_chunk=16, num_blocks={full: 20, sliding: 21})
+    assert cache.blocks_needed(len(a) + 16) == {full: 15, sliding: 7}
+
+    assert _denoise_after(model, cache, 0, a, 16, canvas)[0] == 0
+    cached = _denoise_after(model, cache, 1, b, 16, canvas)[0]
+    assert cached == 40 and cache.pools[full].num_held == 12  # 11 blocks of row a, 1 more for row b
+    assert cache.admit(2, c, len(c) + 16) is None  # 12 held + 8 promised + 15 > 20: waits
+    for slot in (0, 1):  # each row commits a canvas: its worst case, the pool full, nothing refused
+        model.encode(committed, cache, torch.tensor([slot]))
+    assert cache.pools[full].num_held == 20 and cache.pools[full].promised == 0
+
+    alone = {}
+    for slot, tokens in ((0, a), (1, b)):
+        own = model.new_paged_cache(1, 128, block_size=BLOCK, prefill_chunk=16, enable_prefix_caching=False)
+        _denoise_after(model, own, 0, tokens, 16, canvas)
+        model.encode(committed, own, torch.tensor([0]))
+        alone[slot] = model.denoise(canvas, own, torch.tensor([0]))
+    for slot in (0, 1):  # after both rows filled the pool: as alone (float32 parity tolerance, see above)
+        torch.testing.assert_close(model.denoise(canvas, cache, torch.tensor([slot])), alone[slot], atol=1e-4, rtol=0)
+    cache.free(0)
+    cache.free(1)
+    for pool in cache.pools.values():
+        assert pool.num_held == pool.promised == pool.reserved == 0
+    assert cache.admit(2, c, len(c) + 16) == 0
+
+
 def test_engine_reports_cached_prompt_tokens_and_same_outputs(calm):
     """Through the engine: a follow-up prompt that extends the first conversation gets its shared blocks from
     the cache (RequestOutput.num_cached_tokens) and the same tokens as with prefix caching off."""
@@ -287,3 +329,36 @@ def test_server_usage_reports_cached_tokens(client):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == 32
     assert again.choices[0].text == first.choices[0].text
+
+
+def test_metrics_report_kv_cache_usage_and_prefix_cache_hits(client, http):
+    """/metrics carries vLLM's KV-cache figures under our prefix: prefix-cache queries and hits in prompt
+    tokens, and the usage gauge (the fraction of the pools' bytes rows hold): above 0 while a row runs, 0
+    once every row has left (its blocks stay cached, and count as free)."""
+    from .live_server import MODEL
+
+    def read() -> dict[str, float]:
+        names = ("letterpress_kv_cache_usage_perc", "letterpress_prefix_cache_queries_total",
+                 "letterpress_prefix_cache_hits_total")
+        lines = http.get("/metrics").text.splitlines()
+        return {n: float(next(line.split()[-1] for line in lines if line.startswith(n + " "))) for n in names}
+
+    before = read()
+    prompt = list(range(200, 250))  # 50 tokens: 3 blocks of 16 reusable the second time
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=0)
+    after = read()
+    assert after["letterpress_prefix_cache_queries_total"] - before["letterpress_prefix_cache_queries_total"] == 100
+    assert after["letterpress_prefix_cache_hits_total"] - before["letterpress_prefix_cache_hits_total"] == 48
+
+    # three canvases of 64: the row still holds its blocks when the first one has been streamed
+    stream = client.completions.create(model=MODEL, prompt=list(range(300, 350)), max_tokens=192, seed=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    running = read()["letterpress_kv_cache_usage_perc"]
+    stream.close()
+    assert 0 < running <= 1
+    deadline = time.monotonic() + 60
+    while read()["letterpress_kv_cache_usage_perc"] != 0:
+        assert time.monotonic() < deadline, "the KV cache was not given back"
+        time.sleep(0.1)

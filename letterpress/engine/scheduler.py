@@ -1,6 +1,6 @@
 """The scheduler: admits waiting requests between steps, first come first served, when a row (at most
-`max_num_seqs`) and the KV blocks of the request's worst case are free (`PagedKVCache.admit`; the head of
-the queue waits otherwise), runs the runner, and hands back finished rows. `LLM.generate` feeds it
+`max_num_seqs`) and the KV blocks of the request's worst case are free, less the cached prefix blocks it
+shares (`PagedKVCache.admit`; the head of the queue waits otherwise), runs the runner, and hands back finished rows. `LLM.generate` feeds it
 everything at once; the server feeds it from a queue.
 
 Between steps it also stops the requests whose deadline (`Request.deadline`) has passed, waiting or
@@ -27,6 +27,9 @@ class Scheduler:
         self.running: list[Row] = []
         self.free_slots = list(range(max_num_seqs))
         self.aborted: set[str] = set()
+        # prompt tokens looked up in the prefix cache and found there, over admitted requests (for /metrics)
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     def check(self, request: Request) -> None:
         """Reject what can never fit: the context is budgeted as prompt + canvases x canvas_length."""
@@ -107,6 +110,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.free_slots.pop(0)
+            if self.runner.cache.enable_prefix_caching:
+                self.prefix_cache_queries += len(request.prompt_token_ids)
+                self.prefix_cache_hits += cached
             self.running.append(Row(request=request, slot=slot, pending=list(request.prompt_token_ids[cached:]),
                                     num_cached_tokens=cached))
 

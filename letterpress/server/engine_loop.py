@@ -94,6 +94,7 @@ class EngineLoop:
         self._streams: dict[str, tuple[RequestStream, int]] = {}  # request_id -> (stream, row index); engine thread
         self._stopping = False
         self._passes_at_start = 0
+        self._prefix_at_start = (0, 0)  # prefix-cache (queries, hits) before serving
         self._thread = threading.Thread(target=self._main, name="letterpress-engine", daemon=True)
 
     # ------------------------------------------------------------------------------ called from asyncio
@@ -170,6 +171,7 @@ class EngineLoop:
         token = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else 0
         self.llm.generate([token], SamplingParams(max_new_tokens=1, max_denoising_steps=1, seed=0))
         self._passes_at_start = self.llm.runner.decoder_passes
+        self._prefix_at_start = (self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits)
 
     def _drain_inbox(self) -> None:
         for message in self._take_inbox():
@@ -207,7 +209,10 @@ class EngineLoop:
         for output in outputs:
             self._deliver(output)
         self.metrics.after_step(self.llm.runner.decoder_passes - self._passes_at_start,
-                                self.scheduler.num_waiting, self.scheduler.num_running)
+                                self.scheduler.num_waiting, self.scheduler.num_running,
+                                self.llm.runner.cache.usage(),
+                                self.scheduler.prefix_cache_queries - self._prefix_at_start[0],
+                                self.scheduler.prefix_cache_hits - self._prefix_at_start[1])
 
     def _fail_everything(self, error: EngineError) -> list[RequestOutput]:
         for request_id, (stream, index) in self._streams.items():

@@ -55,6 +55,9 @@ class Metrics:
         self.samples: deque[tuple[float, int, int]] = deque()  # (time, decoder_steps, tokens) for the rates
         self.queue_length = 0  # set by the engine thread after each step
         self.running_rows = 0
+        self.kv_cache_usage = 0.0  # fraction of the KV block pools' bytes rows hold
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, found there
 
     # ------------------------------------------------------------------------------------------- updates
     def count_response(self, status: int) -> None:
@@ -72,10 +75,13 @@ class Metrics:
             if finish_reason != "abort":
                 self.tokens_per_forward.observe(tokens_per_forward)
 
-    def after_step(self, decoder_steps: int, queue_length: int, running_rows: int) -> None:
+    def after_step(self, decoder_steps: int, queue_length: int, running_rows: int, kv_cache_usage: float = 0.0,
+                   prefix_cache_queries: int = 0, prefix_cache_hits: int = 0) -> None:
         with self.lock:
             self.decoder_steps = decoder_steps
             self.queue_length, self.running_rows = queue_length, running_rows
+            self.kv_cache_usage = kv_cache_usage
+            self.prefix_cache_queries, self.prefix_cache_hits = prefix_cache_queries, prefix_cache_hits
             now = time.monotonic()
             self.samples.append((now, self.decoder_steps, self.tokens))
             while self.samples and self.samples[0][0] < now - RATE_WINDOW_S:
@@ -110,6 +116,15 @@ class Metrics:
                    [f"letterpress_queue_length {self.queue_length}"])
             metric("letterpress_running_rows", "gauge", "Rows holding a slot (encoding or denoising).",
                    [f"letterpress_running_rows {self.running_rows}"])
+            metric("letterpress_kv_cache_usage_perc", "gauge", "KV-cache usage, 0 to 1: the fraction of the block "
+                   "pools' bytes that rows hold; cached blocks nobody holds count as free (vllm:kv_cache_usage_perc).",
+                   [f"letterpress_kv_cache_usage_perc {self.kv_cache_usage:.6f}"])
+            metric("letterpress_prefix_cache_queries_total", "counter", "Prompt tokens of admitted requests looked up "
+                   "in the prefix cache (vllm:prefix_cache_queries; not counted with prefix caching off).",
+                   [f"letterpress_prefix_cache_queries_total {self.prefix_cache_queries}"])
+            metric("letterpress_prefix_cache_hits_total", "counter", "Of those, tokens found in the prefix cache: "
+                   "not encoded again (vllm:prefix_cache_hits).",
+                   [f"letterpress_prefix_cache_hits_total {self.prefix_cache_hits}"])
             metric("letterpress_decoder_steps_total", "counter", "Batched denoise calls.",
                    [f"letterpress_decoder_steps_total {self.decoder_steps}"])
             metric("letterpress_generation_tokens_total", "counter", "Completion tokens committed.",
