@@ -10,7 +10,7 @@ model was trained with uniform-state corruption (each position kept with probabi
 whose known positions never change is in its training distribution, as in image inpainting.
 
 Memory: at the released vocabulary (262,144) one [C, V] float32 tensor is 268 MB per row at C = 256, so the
-entropy runs a chunk of positions at a time (letterpress/chunks.py) and the sampling softmax one row at a
+entropy and the sampling softmax run a chunk of positions at a time (letterpress/chunks.py), one row at a
 time; chunking changes no bit. benchmarks/memory.py measures the step's peak.
 """
 
@@ -83,6 +83,17 @@ class GeneratorDraws:
         noise = scratch.exponential_(1.0, generator=self.generator)
         return torch.div(probs, noise, out=noise).argmax(-1)
 
+    def proposals_from_logits(self, logits: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+        """`proposals(softmax(logits))` for logits [C, V], bit for bit and with the same generator state
+        after, holding one [C, V] float32 buffer (the noise) instead of two: the softmax is taken a chunk of
+        positions at a time and divided straight into the noise (per position, so chunking changes no bit;
+        see `proposals_into` for why this is torch.multinomial's draw)."""
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        noise.exponential_(1.0, generator=self.generator)
+        for s in position_slices(logits.shape[0], logits.shape[-1], chunk_bytes):
+            torch.div(torch.softmax(logits[s], dim=-1, dtype=torch.float32), noise[s], out=noise[s])
+        return noise.argmax(-1)
+
     def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor:
         return torch.randint(0, vocab_size, (length,), generator=self.generator, device=self.device)
 
@@ -99,6 +110,21 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
     the scaled logits agree to the bit."""
     remaining = torch.tensor(max_steps - step, dtype=torch.int32) / max_steps
     return float(t_min + (t_max - t_min) * remaining)
+
+
+def row_proposals(draws: Draws, logits: torch.Tensor, canvas: int, step: int,
+                  chunk_bytes: int | None = None) -> torch.Tensor:
+    """One row's proposals from its processed logits [C, V]: `draws.proposals(softmax(logits))`, through
+    `proposals_from_logits` (the same bits, one [C, V] buffer less) when the class that defines `proposals`
+    also defines that. A subclass that overrides `proposals` alone (a test's replay, a fault injector) gets
+    its own `proposals` called."""
+    if _defined_by(draws, "proposals_from_logits") is _defined_by(draws, "proposals") is not None:
+        return draws.proposals_from_logits(logits, chunk_bytes)
+    return draws.proposals(torch.softmax(logits, dim=-1, dtype=torch.float32), canvas, step)
+
+
+def _defined_by(obj: object, name: str) -> type | None:
+    return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
 def token_entropy(logits: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
@@ -201,25 +227,29 @@ class StepOutcome:
 def denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor,
                  draws: list[Draws], canvas_index: list[int], step_index: list[int],
                  greedy: list[bool] | None = None, clamp_tokens: torch.Tensor | None = None,
-                 clamp_mask: torch.Tensor | None = None) -> StepOutcome:
+                 clamp_mask: torch.Tensor | None = None, in_place: bool = False,
+                 chunk_bytes: int | None = None) -> StepOutcome:
     """logits: [R, C, V] float32; temperatures, entropy_bounds: [R]; one `Draws` per row. A `greedy` row
     proposes the argmax instead of sampling (and draws no proposals); its schedule, acceptance and
     re-noising are unchanged. `clamp_tokens` / `clamp_mask` [R, C] (from `stack_clamps`): see the module
     docstring; every row still draws proposals and noise for all C positions, so a row's random stream
-    does not depend on its clamp.
+    does not depend on its clamp. `in_place`: the caller hands `logits` over; they are divided by the
+    temperatures in place and returned as the processed logits (the same bits, no second [R, C, V] copy).
 
-    Memory beyond `logits`: the processed logits (returned) and, while a row draws, that row's softmax and
-    torch.multinomial's [C, V] noise; the entropy runs in chunks (benchmarks/memory.py)."""
-    processed = logits / temperatures.to(logits.device, logits.dtype)[:, None, None]
-    entropy = token_entropy(processed)
+    Memory beyond `logits`: the processed logits (returned; none with `in_place`) and, while a row draws,
+    one [C, V] float32 noise buffer (`GeneratorDraws.proposals_from_logits`); the entropy and the
+    sampling softmax run a chunk of positions at a time (benchmarks/memory.py)."""
+    scale = temperatures.to(logits.device, logits.dtype)[:, None, None]
+    processed = logits.div_(scale) if in_place else logits / scale
+    entropy = token_entropy(processed, chunk_bytes)
     check_finite(entropy)  # before any row draws, so a retry without the bad rows draws the same numbers
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     rows, length, vocab = processed.shape
     argmax = processed.argmax(-1)
     # the softmax is taken a row at a time (the same bits as all rows at once: each position on its own)
     proposals = torch.stack([argmax[r] if greedy and greedy[r] else
-                             d.proposals(torch.softmax(processed[r], dim=-1, dtype=torch.float32),
-                                         canvas_index[r], step_index[r]).to(logits.device)
+                             row_proposals(d, processed[r], canvas_index[r], step_index[r],
+                                           chunk_bytes).to(logits.device)
                              for r, d in enumerate(draws)])
     noise = torch.stack([d.noise(length, vocab, canvas_index[r], step_index[r]) for r, d in enumerate(draws)])
     next_canvas = torch.where(accept, proposals.to(logits.device), noise.to(logits.device))

@@ -53,6 +53,30 @@ def test_proposals_into_is_torch_multinomial():
     assert torch.equal(a.noise(24, 500, 0, 0), b.noise(24, 500, 0, 0))
 
 
+@pytest.mark.parametrize("positions", [1, 5, 24, 1000])
+def test_proposals_from_logits_is_torch_multinomial_of_the_softmax(positions):
+    logits = _logits(1)[0]
+    a, b = GeneratorDraws(7), GeneratorDraws(7)
+    chunked = a.proposals_from_logits(logits, chunk_bytes=positions * 4 * 500)
+    assert torch.equal(chunked, b.proposals(torch.softmax(logits, -1, dtype=torch.float32), 0, 0))
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
+def test_plain_step_in_place_is_the_plain_step():
+    """The runner hands its logits over (divided in place, the sampling softmax a chunk at a time): the
+    same outcome, bit for bit, as the step on a copy."""
+    logits = _logits()
+    temps, bounds = torch.tensor([0.8, 0.55, 0.41]), torch.tensor([0.1, 1.0, 5.0])
+    args = dict(canvas_index=[0, 2, 1], step_index=[0, 7, 3], greedy=[False, True, False])
+    copy = denoise_step(logits.clone(), temps, bounds, [GeneratorDraws(s) for s in (1, 2, 3)], **args)
+    handed = logits.clone()
+    in_place = denoise_step(handed, temps, bounds, [GeneratorDraws(s) for s in (1, 2, 3)], in_place=True,
+                            chunk_bytes=3 * 4 * 500, **args)
+    for name in ("next_canvas", "argmax", "accept_mask", "mean_entropy", "processed_logits"):
+        assert torch.equal(getattr(in_place, name), getattr(copy, name)), name
+    assert in_place.processed_logits.data_ptr() == handed.data_ptr()
+
+
 @pytest.mark.parametrize("sc_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("positions", [1, 7, 1000])
 def test_chunked_fused_sampler_drawing_into_its_logits_is_the_plain_sampler(sc_dtype, positions):
@@ -160,9 +184,10 @@ CHUNK = 1 / 8  # chunk temporaries: 4 positions of 32 here, as 32 positions of 2
     ("fast", torch.float32, 2, 2 + CHUNK / 2),
     # bf16 model: the softmax state is bf16, plus a float32 softmax for the row being drawn
     ("fast", torch.bfloat16, 1, 1.5 + 1 + CHUNK),
-    # plain: the logits, the processed logits it returns, one row's softmax and multinomial noise
-    ("plain", torch.float32, 1, 2 + 2),
-    ("plain", torch.float32, 2, 2 + 2 / 2),
+    # plain: the logits (divided in place: the processed logits it returns), one row's multinomial noise
+    # (the sampling softmax divided into it a chunk at a time), one chunk
+    ("plain", torch.float32, 1, 1 + 1 + CHUNK),
+    ("plain", torch.float32, 8, 1 + (1 + CHUNK) / 8),
 ])
 def test_step_peak_per_row_is_bounded_at_the_released_vocabulary(real_vocab_model, monkeypatch, impl, dtype, batch,
                                                                   bound):

@@ -168,8 +168,10 @@ class Runner:
         temps = torch.tensor([temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max) for r, p in zip(rows, params)],
                              dtype=torch.float32)
         bounds = torch.tensor([p.entropy_bound for p in params], dtype=torch.float32)
-        # keep_processed=False: the fused step may reuse the logits as its sampling scratch
-        step = partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast else denoise_step
+        # the logits are handed over: divided in place; keep_processed=False: the fused step may also reuse
+        # them as its sampling scratch
+        step = (partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast
+                else partial(denoise_step, in_place=True))
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
