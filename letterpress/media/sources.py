@@ -144,14 +144,14 @@ def check_file(path: Path, kind: str, limits: MediaLimits, where: str) -> Path:
 
 def open_source(source: Any, kind: str, limits: MediaLimits | None, where: str) -> Any:
     """What the image or video processor can open: PIL images and arrays pass through; a URL string is read
-    (`read_url`); a plain path string or Path is read when `limits` is None (Python API, CLI) and goes
-    through `local_path` otherwise (a server request)."""
+    (`read_url`); a plain path is read when `limits` is None (Python API, CLI) and refused otherwise (a server
+    request names local files as file:// URLs)."""
     if isinstance(source, (str, Path)):
         text = str(source)
+        if limits is not None:  # a server request: URLs only, local files as file:// (vLLM's rule)
+            return read_url(text, kind, limits, where)
         if isinstance(source, str) and _URL.match(text):  # a scheme of 2+ letters: not a Windows drive
-            return read_url(text, kind, limits or MediaLimits(allowed_local_media_path=Path("/")), where)
-        if limits is not None:
-            return local_path(text, kind, limits, where)
+            return read_url(text, kind, MediaLimits(allowed_local_media_path=Path("/")), where)
         return check_file(Path(text).expanduser(), kind, MediaLimits(max_image_bytes=2**62, max_video_bytes=2**62), where)
     return source
 
