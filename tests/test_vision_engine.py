@@ -158,3 +158,14 @@ def test_resolution_tier_per_request(llm):
 def test_text_only_model_refuses_images():
     with pytest.raises(NotSupportedError, match="no vision tower"):
         LLM().chat(ask(image(1)), PARAMS)
+
+
+def test_block_hashes_include_image_content(llm):
+    """Same ids, different image digests: the blocks before the image hash alike, every block from the
+    image's first on differs (the chain carries the difference past the image)."""
+    cache = llm.runner.cache
+    ids = list(range(40))
+    a = cache.hashes_of(ids, 40, [(9, 20, b"image-a")])
+    b = cache.hashes_of(ids, 40, [(9, 20, b"image-b")])
+    assert cache.block_size == 4 and a[:2] == b[:2] and all(x != y for x, y in zip(a[2:], b[2:]))
+    assert cache.hashes_of(ids, 40, [(9, 20, b"image-a")]) == a

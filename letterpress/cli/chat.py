@@ -13,7 +13,7 @@ import time
 
 from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
 from ..errors import LetterpressError
-from .generate import add_media_arguments, media_parts
+from .generate import add_media_arguments, check_media, media_parts
 from .printing import CanvasPrinter, stats_line
 
 HELP = "interactive multi-turn chat"
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     llm = llm_from_args(args.model, args, max_num_seqs=1)
+    check_media(llm, args)
     params = sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

@@ -23,6 +23,16 @@ def media_parts(args: argparse.Namespace) -> list[dict]:
     return [{"type": "image", "image": path} for path in args.image] + [{"type": "video", "video": path} for path in args.video]
 
 
+def check_media(llm, args: argparse.Namespace) -> None:
+    """Read and decode --image / --video now: a bad file is a one-line error (exit 2) before any turn."""
+    from ..media.messages import MediaPart
+
+    parts = [MediaPart("image", p, f"--image {p}") for p in args.image] + \
+        [MediaPart("video", p, f"--video {p}") for p in args.video]
+    if parts:
+        llm.process_media(parts)
+
+
 def media_prompt(prompt: str, args: argparse.Namespace) -> str | dict:
     """A plain prompt with --image / --video: vLLM's dict prompt; the text gets one placeholder per item in
     front unless it already places them itself."""
@@ -56,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, prompt = split_model_and_text(args.words, args.parser)
     llm = llm_from_args(model, args, max_num_seqs=1)
+    check_media(llm, args)
     params = sampling_params(args)
     printer = CanvasPrinter(llm.tokenizer)
     start = time.perf_counter()

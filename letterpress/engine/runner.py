@@ -128,6 +128,8 @@ class Runner:
                 with self._row_guard(row):
                     row.media_embeds = self._media_features(row)
         rows = [r for r in rows if r.finish_reason is None]
+        if not rows:
+            return
         for part, chunks in self._isolated(self._encode_batch, rows):
             for row, chunk in zip(part, chunks):
                 with self._row_guard(row):
