@@ -16,7 +16,7 @@ from letterpress.errors import NotSupportedError, RequestError  # noqa: E402
 
 from .vision_fixtures import build_vision_checkpoint, png_bytes  # noqa: E402
 
-PARAMS = SamplingParams(max_new_tokens=8, seed=0)
+PARAMS = SamplingParams(max_new_tokens=8, seed=0, max_denoising_steps=4)
 
 
 @pytest.fixture(scope="module")

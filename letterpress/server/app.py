@@ -269,7 +269,10 @@ class OpenAIServer:
             elif len(p) > self.llm.max_model_len:
                 raise ApiError(400, f"the prompt is {len(p):,} tokens: more than max_model_len "
                                     f"{self.llm.max_model_len}", param="prompt", code="context_length_exceeded")
-        return [self.llm.tokenize(p) for p in prompts]
+        ids = [self.llm.tokenize(p) for p in prompts]
+        for prompt_ids in ids:  # media go through chat messages; a bare placeholder would have nothing to fill it
+            self.llm.check_placeholders(prompt_ids)
+        return ids
 
     def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams:
         """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 (below 1e-5, as
