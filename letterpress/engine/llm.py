@@ -3,6 +3,7 @@ completion and detokenizes."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,7 +13,7 @@ import torch
 from ..cache import kv_cache_budget
 from ..checkpoint import load_vision_model, resolve
 from ..config import load_generation_defaults, vision_config_of
-from ..errors import ConfigError, NotSupportedError, RequestError
+from ..errors import CheckpointError, ConfigError, NotSupportedError, RequestError
 from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
 from ..media.messages import PLACEHOLDER, MediaPart, split_media
 from ..media.prompt import MediaRun, MediaTokens, expand_prompt
@@ -25,6 +26,7 @@ from .request import CanvasEvent, Request, RequestOutput, SamplingParams
 from .runner import Runner
 from .scheduler import Scheduler
 
+log = logging.getLogger("letterpress.engine")
 Prompt = str | Sequence[int] | dict  # dict: vLLM's {"prompt" | "prompt_token_ids", "multi_modal_data", ...}
 Messages = list[dict]
 
@@ -88,8 +90,16 @@ class LLM:
         from ..media.video import VideoProcessor
 
         config = vision_config_of(self.model.config)
-        self.vision = None if config is None else load_vision_model(self.folder, dtype=self.model.dtype, device=device)
         self.limit_mm_per_prompt = check_mm_limits(limit_mm_per_prompt)
+        self.vision, self.vision_error = None, None
+        if config is not None and not all(self.limit_mm_per_prompt.get(k) == 0 for k in (IMAGE, VIDEO)):
+            try:  # (vLLM: limits of 0 for every kind skip the tower)
+                self.vision = load_vision_model(self.folder, dtype=self.model.dtype, device=device)
+            except CheckpointError as e:
+                # a checkpoint saved without its tower (a text-only fine-tune, say) still serves text
+                self.vision_error = str(e)
+                log.warning("images are disabled: the vision tower does not load: %s", e)
+                config = None
         self.default_soft_tokens = soft_tokens_of(mm_processor_kwargs, "mm_processor_kwargs")
         self.media_tokens = None
         if self.vision is not None:
@@ -107,7 +117,8 @@ class LLM:
         if not any(counts.values()):
             return
         if self.vision is None:
-            raise NotSupportedError("this model has no vision tower: it takes text only, not images or video")
+            why = f" (its vision tower did not load: {self.vision_error})" if self.vision_error else ""
+            raise NotSupportedError(f"this model has no vision tower: it takes text only, not images or video{why}")
         if counts.get(VIDEO) and self.media_tokens.video is None:
             raise NotSupportedError("this model's tokenizer has no <|video|> token: it does not take video")
         for kind, n in counts.items():
