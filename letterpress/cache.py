@@ -9,7 +9,7 @@ Two caches with one interface (`begin_append`, `write`, `read`, `advance`; `leng
   block table per kind. Full layers keep every block of a row; sliding layers keep only the blocks a future
   read can reach (`visible_from`: the last `window - 1` positions, plus the chunk being encoded) and give
   older blocks back. With prefix caching on, every block that is full gets a chained hash of the tokens up
-  to its end; rows whose prompt starts with the same tokens share those blocks (reference counts), and
+  to its end (and of the content of every image whose soft tokens it holds, `MediaSpan`); rows whose prompt starts with the same tokens share those blocks (reference counts), and
   blocks no row holds stay cached until the pool needs them (least recently freed first), which is how
   vLLM's allocator (and its hybrid one, for sliding layers) does it.
 

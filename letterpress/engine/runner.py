@@ -29,6 +29,7 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from ..config import IMAGE_TIERS
 from ..errors import RequestError
 from ..model import DiffusionGemma
 from ..fast_sampling import fused_denoise_step
@@ -36,7 +37,7 @@ from ..sampling import Clamp, NonFiniteRows, StepOutcome, denoise_step, stack_cl
 from .request import CanvasEvent, Request, RequestOutput
 
 log = logging.getLogger("letterpress.engine")
-MAX_MEDIA_RUN = 1120  # soft tokens of one image at the largest tier (IMAGE_TIERS)
+MAX_MEDIA_RUN = max(IMAGE_TIERS)  # the most soft tokens one image takes
 T = TypeVar("T")
 
 
