@@ -1,37 +1,28 @@
-"""The playground page at `/`: served from the package by a real `letterpress serve` (the shipped default model),
-driven in a real headless Chromium (the system's `chromium` and `chromedriver`, through selenium)."""
+"""The playground page at `/`: served from the package by the server `letterpress serve` runs (uvicorn on loopback,
+the shipped default model), driven in a real headless Chromium (the system's `chromium` and `chromedriver`,
+through selenium)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.live_server import DEADLINE_S, wait_healthy
+from letterpress import LLM
+from letterpress.server.app import ServerConfig
+from tests.browser import NO_BROWSER, browser_paths, headless_chrome
+from tests.live_server import DEADLINE_S, MODEL, LiveServer
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """`letterpress serve` with its default model on a free loopback port; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "letterpress.cli", "serve", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+def served():
+    """The app `letterpress serve` runs (build_app), with the shipped default model, on a loopback port."""
+    llm = LLM(None, max_model_len=1024)
+    llm.defaults.max_denoising_steps = 8  # enough frames to watch, few enough to keep the file fast
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL]))
+    yield live.url
+    live.stop()
 
 
 def test_page_and_assets_are_served_from_the_package(served):
@@ -48,7 +39,7 @@ def test_page_and_assets_are_served_from_the_package(served):
 
 def test_preview_events_carry_each_positions_token_and_acceptance(served):
     """What the page's canvas view draws: `tokens` and `accepted_mask` line up with `token_ids`."""
-    body = {"model": "letterpress-default", "prompt": "def add(a, b):", "max_tokens": 24, "seed": 0, "stream": True,
+    body = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 24, "seed": 0, "stream": True,
             "stream_options": {"denoising_preview": True}}
     previews = []
     with httpx.stream("POST", served + "/v1/completions", json=body, timeout=DEADLINE_S) as response:
@@ -67,31 +58,16 @@ def test_preview_events_carry_each_positions_token_and_acceptance(served):
     assert any(any(p["accepted_mask"]) for p in previews)
 
 
-def browser_paths() -> tuple[str, str] | None:
-    browser = next((p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))), None)
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.mark.skipif(browser_paths() is None, reason="no Chromium with chromedriver on PATH (apt-get install chromium "
-                                                    "chromium-driver; .ci/run installs them)")
+@pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)
 def test_chat_in_a_real_browser(served, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = browser_paths()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1500"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver = headless_chrome()
     try:
         wait = WebDriverWait(driver, DEADLINE_S)
         driver.get(served + "/")
-        wait.until(lambda d: d.find_element(By.ID, "model-name").text == "letterpress-default")
+        wait.until(lambda d: d.find_element(By.ID, "model-name").text == MODEL)
         tokens = driver.find_element(By.ID, "chat-max-tokens")
         tokens.clear()
         tokens.send_keys("48")
@@ -108,6 +84,18 @@ def test_chat_in_a_real_browser(served, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#canvas .tok.accepted")
         figures = driver.find_element(By.ID, "chat-figures").text
         assert "denoising steps" in figures and "tokens/forward" in figures and "tokens/s" in figures
+
+        # the other panels answer too: an infill of the selected `...`, and the Sudoku board, whose answer from a
+        # model that is not the Sudoku model is checked and refused rather than shown
+        driver.execute_script("const t = arguments[0], i = t.value.indexOf('...'); t.setSelectionRange(i, i + 3);",
+                              driver.find_element(By.ID, "infill-text"))
+        driver.find_element(By.ID, "infill-run").click()
+        wait.until(lambda d: d.find_element(By.ID, "infill-figures").text)
+        assert driver.find_elements(By.CSS_SELECTOR, "#infill-result mark")
+        assert driver.find_element(By.ID, "sudoku-notice").is_displayed()
+        driver.find_element(By.ID, "sudoku-solve").click()
+        wait.until(lambda d: d.find_element(By.ID, "sudoku-figures").text)
+        assert driver.find_element(By.ID, "sudoku-status").text.startswith("No valid solution found")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

@@ -90,7 +90,9 @@ async function loadModel() {
     page.model = card.id;
     page.root = card.root || "";
     $("model-name").textContent = card.id;
-    $("model-root").textContent = page.root && page.root !== card.id ? `(${page.root})` : "";
+    const folder = page.root.split(/[\\/]/).filter(Boolean).pop() || ""; // a local path's last folder
+    $("model-root").textContent = folder && folder !== card.id ? `(${folder})` : "";
+    $("model-root").title = page.root;
     notice.hidden = true;
     const sudoku = /sudoku/i.test(card.id + " " + page.root);
     $("sudoku-notice").hidden = sudoku;
