@@ -169,3 +169,12 @@ def test_block_hashes_include_image_content(llm):
     b = cache.hashes_of(ids, 40, [(9, 20, b"image-b")])
     assert cache.block_size == 4 and a[:2] == b[:2] and all(x != y for x, y in zip(a[2:], b[2:]))
     assert cache.hashes_of(ids, 40, [(9, 20, b"image-a")]) == a
+
+
+def test_batched_conversations_equal_their_solo_runs(folder):
+    """Rows with different images (and prompt lengths) in one batch: each gets exactly its solo output."""
+    llm = LLM(folder, max_num_seqs=3, enable_prefix_caching=False)
+    conversations = [ask(image(1)), ask(image(2, 40, 80), image(3), text="compare"), ask(text="no image")]
+    batched = llm.chat(conversations, PARAMS)
+    solo = [llm.chat(c, PARAMS)[0] for c in conversations]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in solo]
