@@ -10,9 +10,10 @@ KV cache, released shapes (30 layers: 25 sliding with 8 KV heads x 256, 5 full w
 window 1024), cache in bf16 whatever the weight format (letterpress quantizes weights, not the cache):
 
 - before: today's `KVCache`: every position on every layer, `max_model_len` positions preallocated per slot;
-- after: a paged cache (issue 13): full layers keep every position, sliding layers only the blocks the
-  window and the chunk being encoded can see, rounded up to blocks. Computed from the layout here; the
-  paged cache itself is another branch's work.
+- after: the paged cache (`letterpress/cache.py`): full layers keep every position, sliding layers only the
+  blocks the window and the chunk being encoded can see, rounded up to blocks. Computed from the layout
+  here; `tests/test_paged_cache.py` checks the paged cache's own bytes against it and measures its pool
+  on a scaled model with a row 60 windows long.
 
 Fit on a card: vLLM's default `--gpu-memory-utilization 0.9` of the card, minus the weights
 (`letterpress.quant.projected_bytes`), minus the step's working set at batch 1 (two [256, vocab] float32
@@ -150,7 +151,7 @@ def print_layout(report: dict, block: int, chunk: int) -> None:
 # ------------------------------------------------------------------------------------------- scaled check
 def check_scaled_cache(slots: int = 2, capacity: int = 512) -> dict:
     """Today's KVCache on a scaled model with the released layout: measured bytes per token per row against
-    `row_bytes(..., 'before')` (the paged cache, another branch, is checked against 'after' there)."""
+    `row_bytes(..., 'before')` (the paged cache is checked against 'after' in tests/test_paged_cache.py)."""
     from letterpress.cache import KVCache
 
     shape = dict(REAL_26B, hidden_size=64, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
