@@ -30,7 +30,9 @@ from starlette.requests import ClientDisconnect
 from ..engine.llm import LLM
 from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
+from ..structured import StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
+from .structured import from_body as structured_from_body
 from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
@@ -229,13 +231,14 @@ class OpenAIServer:
                                 "at most); shorten it", param=param, code="context_length_exceeded")
 
     def completion_job(self, body: CompletionRequest) -> Job:
-        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens)
+        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens,
+                             structured=structured_from_body(body))
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
         text, chat = render_chat(self.llm.tokenizer, body)
         self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
         return self.make_job("chat", body, [self.llm.tokenizer.encode(text)],
-                             body.max_completion_tokens or body.max_tokens, chat)
+                             body.max_completion_tokens or body.max_tokens, chat, structured=chat.structured)
 
     def check_model(self, model: str | None) -> str:
         names = self.config.served_model_names
@@ -287,7 +290,7 @@ class OpenAIServer:
         )
 
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
-                 chat: ChatOptions | None = None) -> Job:
+                 chat: ChatOptions | None = None, structured: StructuredOutputsParams | None = None) -> Job:
         model = self.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
@@ -301,9 +304,10 @@ class OpenAIServer:
         for p, prompt in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
-                request = self.llm.make_request(prompt, self.sampling_params(body, max_tokens, j),
-                                                listener=stream.listener(index), want_drafts=body.wants_preview(),
-                                                request_id=f"{job_id}-{index}")
+                params = self.sampling_params(body, max_tokens, j)
+                params.structured_outputs = structured  # letterpress.structured: compiled once, cached
+                request = self.llm.make_request(prompt, params, listener=stream.listener(index),
+                                                want_drafts=body.wants_preview(), request_id=f"{job_id}-{index}")
                 # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)

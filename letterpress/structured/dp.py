@@ -24,6 +24,7 @@ import torch
 from .automaton import TokenAutomaton
 
 NEG = float("-inf")
+_GATHER_ELEMENTS = 2**24  # at most this many [positions, E] edge scores at a time (64 MB of float32)
 
 
 @dataclass
@@ -53,13 +54,18 @@ def best_path(logp: torch.Tensor, automaton: TokenAutomaton, start: int, eos_tok
     back = torch.empty((length, states + 1), dtype=torch.long, device=device)  # edge index, or -1/-2 (see below)
     edge_ids = torch.arange(a.src.numel(), device=device)
     accepting = torch.cat([a.accepting, torch.zeros(1, dtype=torch.bool, device=device)])
+    edges = a.src.numel()
+    none = torch.full((edges,), edges, dtype=torch.long, device=device)
+    chunk = max(1, _GATHER_ELEMENTS // max(edges, 1))  # positions whose [chunk, E] edge scores are gathered at once
     for i in range(length):
-        cand = score[a.src] + logp[i, a.token]  # [E]
+        if i % chunk == 0:
+            edge_logp = logp[i: i + chunk].index_select(1, a.token)  # [chunk, E]
+        cand = score.index_select(0, a.src) + edge_logp[i % chunk]  # [E]
         new = torch.full((states + 1,), NEG, device=device).scatter_reduce(0, a.dst, cand, "amax")
         # the lowest edge index reaching each state's best (deterministic on every device)
-        hit = (cand == new[a.dst]) & (cand > NEG)
-        edge = torch.full((states + 1,), a.src.numel(), dtype=torch.long, device=device)
-        edge = edge.scatter_reduce(0, a.dst[hit], edge_ids[hit], "amin")
+        hit = (cand == new.index_select(0, a.dst)) & (cand > NEG)
+        edge = torch.full((states + 1,), edges, dtype=torch.long, device=device)
+        edge = edge.scatter_reduce(0, a.dst, torch.where(hit, edge_ids, none), "amin")
         # into "done": stay (any token: -1) or write an EOS after an accepted text (-2 - from_state)
         stay = score[done] + row_max[i]
         finals = torch.where(accepting, score, torch.full_like(score, NEG))

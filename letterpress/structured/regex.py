@@ -11,7 +11,7 @@ false or, for an object without properties, a schema for every value; items with
 const; anyOf / oneOf (as alternatives); allOf with one member; local $ref (#/$defs, #/definitions);
 strings with minLength / maxLength, pattern (matched against the written string, escapes not decoded),
 format date / time / date-time / uuid; integers with minimum / maximum (exclusive ones too); numbers with
-integer bounds >= 0; booleans, null, and `{}` / `true` (any value, nested at most two levels).
+integer bounds >= 0 (numbers are written with at most 16 digits before and after the point); booleans, null, and `{}` / `true` (any value, nested at most two levels).
 
 The Gemma syntax (`letterpress.chat_output` parses it): `{key:value,...}` with bare keys, strings in `<|"|>`,
 bare numbers, true/false/null, lists `[...]`; no whitespace, as the chat template writes it.
@@ -33,9 +33,13 @@ class SchemaError(RequestError):
 
 
 ANY_DEPTH = 2  # how deeply `{}` (any value) and json_object may nest objects and lists
-MAX_REPEAT = 64  # bounds above this are written as unbounded (a DFA with a 1000-way counter is huge)
-_INT = r"-?(?:0|[1-9][0-9]*)"
-_FRACTION, _EXPONENT = r"(?:\.[0-9]+)?", r"(?:[eE][+-]?[0-9]+)?"
+# the largest minItems / maxItems / minLength / maxLength: a DFA holds one copy of a bounded repeat's body
+# per count, and nested bounded repeats multiply (unbounded ones, as in "any value", cost nothing extra)
+MAX_REPEAT = 128
+# Numbers have at most 16 integer digits, 16 fraction digits and a 3-digit exponent: beyond that a float64
+# (what JSON readers parse into) holds no more, and a short bound keeps a weak model from writing digits forever
+_INT = r"-?(?:0|[1-9][0-9]{0,15})"
+_FRACTION, _EXPONENT = r"(?:\.[0-9]{1,16})?", r"(?:[eE][+-]?[0-9]{1,3})?"
 _FORMATS = {
     "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
     "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?",
@@ -229,7 +233,7 @@ class _Builder:
             if missing:
                 raise SchemaError(f"{where}: required keys without properties are not supported")
             pair = f"{s.string(s.string_char + '*') if s.name == 'json' else _GEMMA_KEY}{s.colon}(?:{value})"
-            return rf"\{{(?:{pair}(?:{s.comma}{pair}){{0,{MAX_REPEAT}}})?\}}"
+            return rf"\{{(?:{pair}(?:{s.comma}{pair})*)?\}}"
         if missing:  # a required key the schema says nothing about: any value
             properties = {**properties, **{r: {} for r in missing}}
         names = sorted(properties) if s.sort_keys else list(properties)
@@ -296,7 +300,7 @@ class _Builder:
         if depth <= 0:
             return _alternatives(scalars)
         inner = self.any_value(depth - 1)
-        array = rf"\[(?:(?:{inner})(?:{s.comma}(?:{inner})){{0,{MAX_REPEAT}}})?\]"
+        array = rf"\[(?:(?:{inner})(?:{s.comma}(?:{inner}))*)?\]"
         return _alternatives(scalars + [self.any_object(depth), array])
 
     def any_object(self, depth: int) -> str:
@@ -304,7 +308,7 @@ class _Builder:
         inner = self.any_value(depth - 1)
         key = s.string(s.string_char + "*") if s.name == "json" else _GEMMA_KEY
         pair = f"{key}{s.colon}(?:{inner})"
-        return rf"\{{(?:{pair}(?:{s.comma}{pair}){{0,{MAX_REPEAT}}})?\}}"
+        return rf"\{{(?:{pair}(?:{s.comma}{pair})*)?\}}"
 
 
 _GEMMA_KEY = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -327,10 +331,6 @@ def _alternatives(parts: list[str]) -> str:
 
 
 def _repeat(unit: str, low: int, high: int | None) -> str:
-    if high is not None and high > MAX_REPEAT:
-        if low > MAX_REPEAT:
-            raise SchemaError(f"a bound of {low} repetitions is too large for structured output (at most {MAX_REPEAT})")
-        high = None if low == 0 else high
     if high is None:
         return f"(?:{unit})*" if low == 0 else f"(?:{unit}){{{low},}}"
     return f"(?:{unit}){{{low},{high}}}"
@@ -343,8 +343,10 @@ def _bounds(schema: dict, low_key: str, high_key: str, where: str) -> tuple[int,
             raise SchemaError(f"{where}: {key} must be a non-negative integer")
     if high is not None and low > high:
         raise SchemaError(f"{where}: {low_key} {low} > {high_key} {high}")
-    if low > MAX_REPEAT:
-        raise SchemaError(f"{where}: {low_key} {low} is too large for structured output (at most {MAX_REPEAT})")
+    for key, value in ((low_key, low), (high_key, high)):
+        if value is not None and value > MAX_REPEAT:
+            raise SchemaError(f"{where}: {key} {value} is too large for structured output (at most {MAX_REPEAT}: the "
+                              "automaton holds one copy of the item per count)")
     return low, high
 
 
@@ -418,7 +420,9 @@ def _nat_range(low: int, high: int | None) -> str:
     if high is None:
         digits = len(str(low))
         top = 10 ** digits - 1
-        return _alternatives([_nat_range(low, top), f"[1-9][0-9]{{{digits},}}"])
+        if digits >= 16:
+            return _nat_range(low, top)
+        return _alternatives([_nat_range(low, top), f"[1-9][0-9]{{{digits},15}}"])
     parts = []
     for width in range(len(str(low)), len(str(high)) + 1):
         lo, hi = max(low, 10 ** (width - 1) if width > 1 else 0), min(high, 10 ** width - 1)
