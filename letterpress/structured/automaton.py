@@ -27,6 +27,13 @@ from .regex import SchemaError
 
 INFINITE = 2**30
 _CACHE_SIZE = 64
+# outlines-core's Index also determinizes the *unanchored* search DFA of the regex (".*regex"), which blows
+# up exponentially for a literal followed by a bounded repeat that can contain it (`1[1-9]{20}`: 13 s, one
+# state per subset of the last 20 positions). We compile SENTINEL + regex instead, with SENTINEL removed
+# from every class that could match it, so a new match can only start at a SENTINEL and each subset holds
+# one state of one match: linear size. The automaton then starts after a fake token spelling SENTINEL.
+SENTINEL = "\U0010fffd"  # a private-use character no tokenizer we know of writes
+_SENTINEL_ID = 2**31 - 2  # a token id no vocabulary uses
 
 
 @dataclass
@@ -89,7 +96,7 @@ def token_bytes(tokenizer: Tokenizer, allowed_special: frozenset[str] = frozense
             spelled = backend.decode([i], skip_special_tokens=False).encode()
         if i in special and token not in allowed_special:
             continue
-        if spelled:
+        if spelled and SENTINEL.encode() not in spelled:
             out.setdefault(spelled, []).append(i)
     return out
 
@@ -135,7 +142,9 @@ def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str])
     key = (id(tokenizer), eos, allowed_special)
     with _lock:
         if key not in _vocabularies:
-            _vocabularies[key] = Vocabulary(eos, token_bytes(tokenizer, allowed_special))
+            spelled = token_bytes(tokenizer, allowed_special)
+            spelled[SENTINEL.encode()] = [_SENTINEL_ID]
+            _vocabularies[key] = Vocabulary(eos, spelled)
         return _vocabularies[key]
 
 
@@ -145,30 +154,80 @@ def _compile(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
 
     eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted here
     try:
-        index = Index(regex, _vocabulary(tokenizer, eos, allowed_special))
+        index = Index(SENTINEL + f"(?:{_without_sentinel(regex)})", _vocabulary(tokenizer, eos, allowed_special))
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
     raw = index.get_transitions()
-    start = index.get_initial_state()
     final = set(index.get_final_states())
-    order = [start] + sorted(s for s in set(raw) | final if s != start)
+    start = raw.get(index.get_initial_state(), {}).get(_SENTINEL_ID)
+    if start is None:
+        raise SchemaError("no text this model's tokenizer can write matches the constraint")
+    order = _reachable(raw, start)
     number = {s: n for n, s in enumerate(order)}
     skip = set(eos_token_ids)
     transitions: list[dict[int, int]] = [dict() for _ in order]
-    for s, moves in raw.items():
-        for token, d in moves.items():
-            if token not in skip and d in number:
+    skip.add(_SENTINEL_ID)
+    for s in order:
+        for token, d in raw.get(s, {}).items():
+            if token not in skip:
                 transitions[number[s]][token] = number[d]
     edges = [(s, t, d) for s, moves in enumerate(transitions) for t, d in moves.items()]
     accepting = torch.zeros(len(order), dtype=torch.bool)
-    accepting[[number[s] for s in final]] = True
+    accepting[[number[s] for s in final if s in number]] = True
     distance = _distance_to_accept(transitions, accepting)
     if distance[0] >= INFINITE:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
     e = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)
     return TokenAutomaton(regex, len(order), e[:, 0].contiguous(), e[:, 1].contiguous(), e[:, 2].contiguous(),
                           accepting, distance, transitions)
+
+
+def _reachable(raw: dict[int, dict[int, int]], start: int) -> list[int]:
+    """The states reachable from `start`, `start` first."""
+    order, seen = [start], {start}
+    for s in order:
+        for d in raw.get(s, {}).values():
+            if d not in seen:
+                seen.add(d)
+                order.append(d)
+    return order
+
+
+def _without_sentinel(regex: str) -> str:
+    """`regex` with SENTINEL taken out of what could match it: negated classes, `.`, and the negated
+    shorthands \\D \\W \\S outside classes. Only ever removes SENTINEL from the matched language."""
+    out, i, depth = [], 0, 0  # depth: inside [...] (nested classes count)
+    negated: list[bool] = []
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            pair = regex[i:i + 2]
+            if depth == 0 and pair[1] in "DWS":
+                out.append(f"[^\\{pair[1].lower()}{SENTINEL}]")
+            else:
+                out.append(pair)
+            i += 2
+            continue
+        if c == "[":
+            neg = regex.startswith("^", i + 1)
+            negated.append(neg)
+            depth += 1
+            out.append("[^" if neg else "[")
+            i += 2 if neg else 1
+            if regex.startswith("]", i):  # a leading ] is a literal
+                out.append("]")
+                i += 1
+            continue
+        if c == "]" and depth:
+            depth -= 1
+            out.append(SENTINEL + "]" if negated.pop() else "]")
+        elif c == "." and depth == 0:
+            out.append(f"[^\\n{SENTINEL}]")
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _distance_to_accept(transitions: list[dict[int, int]], accepting: torch.Tensor) -> torch.Tensor:
