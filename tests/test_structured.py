@@ -124,6 +124,23 @@ def test_schemas_refused_with_reason(schema, message):
         schema_regex(schema)
 
 
+def test_literal_then_bounded_repeat_compiles():
+    """outlines-core alone determinizes ".*1[1-9]{24}" (2**24 subsets: minutes); with the sentinel it is
+    linear (automaton.py). Also checks the sudoku tokenizer (word tokens) and the accepted language."""
+    sudoku = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "sudoku")
+    automaton = compile_regex("1[1-9]{24}", sudoku, EOS)
+    ids = sudoku.encode(" ".join("1" + "5" * 24))
+    assert automaton.accepting[automaton.walk(0, ids)] and automaton.walk(0, sudoku.encode("2")) is None
+    assert int(automaton.distance[0]) == 25
+
+
+def test_sentinel_only_narrows_classes():
+    from letterpress.structured.automaton import SENTINEL, _without_sentinel
+
+    rewritten = _without_sentinel(r"a.b[^x\]]\D[^]a]\\.[a-c]")
+    assert rewritten == rf"a[^\n{SENTINEL}]b[^x\]{SENTINEL}][^\d{SENTINEL}][^]a{SENTINEL}]\\[^\n{SENTINEL}][a-c]"
+
+
 def test_grammar_and_bad_regex_refused(tokenizer):
     with pytest.raises(SchemaError, match="grammar"):
         StructuredOutputsParams(grammar="root ::= 'a'").to_regex()

@@ -8,6 +8,9 @@ Rows are independent: each has its own row of block tables in the paged KV cache
 prefix caching are never written again), step counter and random draws, so a row's output does
 not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
 edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
+A row may carry a structured-output constraint (`letterpress.structured`): after the sampler step its
+committed canvas and kept proposals are replaced by the automaton's DP paths (`_constrain`); rows without
+one take exactly the unconstrained path.
 
 Faults stay in their row. The batched part of each phase (the model call, and for denoise the sampler) is
 run by `_isolated`: when it raises, the row state it touched (random generators, cache lengths) is put

@@ -71,10 +71,9 @@ def best_path(logp: torch.Tensor, automaton: TokenAutomaton, start: int, eos_tok
         finals = torch.where(accepting, score, torch.full_like(score, NEG))
         best_final, best_from = finals.max(0)
         enter = best_final + eos_score[i]
-        if bool(stay >= enter):
-            new[done], edge[done] = stay, -1
-        else:
-            new[done], edge[done] = enter, -2 - best_from
+        take_stay = stay >= enter  # a tensor, not a bool: no device sync per position
+        new[done] = torch.where(take_stay, stay, enter)
+        edge[done] = torch.where(take_stay, torch.full_like(best_from, -1), -2 - best_from)
         back[i] = edge
         score = new
 
