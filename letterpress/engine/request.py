@@ -12,6 +12,7 @@ import torch
 
 from ..config import GenerationDefaults
 from ..errors import RequestError
+from ..media.prompt import MediaRun
 from ..sampling import Clamp, Draws
 from ..structured import Constraint, StructuredOutputsParams
 
@@ -117,6 +118,8 @@ class CanvasEvent:
     token_ids: list[int]
     final: bool
     accepted: int = 0
+    # drafts: which positions this step accepted (kept their proposal; the others were re-noised)
+    accepted_mask: list[bool] | None = None
 
 
 @dataclass
@@ -132,6 +135,8 @@ class Request:
     deadline: float | None = None
     # infill / edit: clamps[k] pins known tokens in canvas k (None or past the end: a free canvas)
     clamps: list[Clamp | None] = field(default_factory=list)
+    # images and video frames in the prompt, in prompt order (letterpress.media.prompt.expand_prompt)
+    media: list[MediaRun] = field(default_factory=list)
     # structured output: the automaton every committed canvas must follow (LLM.make_request builds it)
     constraint: Constraint | None = None
 
