@@ -142,19 +142,23 @@ def _others(name: str, tokenizer: Tokenizer, kind: str, value, repeats: int) -> 
 
 
 # ------------------------------------------------------------------------------------------------ engine
-def engine(seeds: int, puzzles: int) -> None:
-    import jsonschema
-
-    from letterpress import LLM
-    from letterpress.apps import sudoku as S
-    from letterpress.apps.sudoku_solve import prompt_ids
-    from letterpress.engine.request import SamplingParams
-    from letterpress.structured import StructuredOutputsParams
-    from letterpress.train import recipes_builtin as RB
-
+def engine(seeds: int, puzzles: int, models: list[str]) -> None:
     print(f"machine: {machine()}")
     print("| model | run | rows | valid | solved | steps/canvas | canvases/row | tokens/forward | s/step |")
     print("|---|---|---|---|---|---|---|---|---|")
+    if "tiny_code" in models:
+        _tiny_code(seeds)
+    if "sudoku" in models:
+        _sudoku(puzzles)
+
+
+def _tiny_code(seeds: int) -> None:
+    import jsonschema
+
+    from letterpress import LLM
+    from letterpress.engine.request import SamplingParams
+    from letterpress.structured import StructuredOutputsParams
+
     llm = LLM(ASSETS / "tiny_code", max_num_seqs=len(SUITE) * seeds, max_model_len=512)
     names = [n for n in SUITE for _ in range(seeds)]
     prompt = "# a JSON value:\n"
@@ -172,8 +176,17 @@ def engine(seeds: int, puzzles: int) -> None:
         _report("tiny_code", run, llm, [prompt] * len(names), params,
                 lambda outs: (sum(valid(o.text, SUITE[n]) for o, n in zip(outs, names)), "-"))
 
+
+def _sudoku(puzzles: int) -> None:
+    from letterpress import LLM
+    from letterpress.apps import sudoku as S
+    from letterpress.apps.sudoku_solve import prompt_ids
+    from letterpress.engine.request import SamplingParams
+    from letterpress.structured import StructuredOutputsParams
+    from letterpress.train import recipes_builtin as RB
+
     llm = LLM(ASSETS / "sudoku", max_num_seqs=puzzles, max_model_len=256)
-    held = RB.held_out_puzzles()[:puzzles]
+    held = [puzzle for puzzle, _ in RB.held_out_puzzles(1000)[:puzzles]]  # benchmarks/sudoku.py's set
     prompts = [prompt_ids(llm.tokenizer, p) for p in held]
     for run in ("unconstrained", "constrained"):
         params = [SamplingParams(seed=i, greedy=True, structured_outputs=None if run == "unconstrained" else
@@ -207,12 +220,13 @@ def main() -> None:
     eng = sub.add_parser("engine")
     eng.add_argument("--seeds", type=int, default=3)
     eng.add_argument("--puzzles", type=int, default=50)
+    eng.add_argument("--models", default="tiny_code,sudoku", help="comma-separated: tiny_code, sudoku")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "libraries":
         libraries(args.repeats)
     else:
-        engine(args.seeds, args.puzzles)
+        engine(args.seeds, args.puzzles, args.models.split(","))
 
 
 if __name__ == "__main__":
