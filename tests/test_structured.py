@@ -44,8 +44,9 @@ SUITE = {
     "numbers": {"type": "object", "required": ["price", "count", "ratio"], "properties": {
         "price": {"type": "number", "minimum": 0, "maximum": 100}, "count": {"type": "integer", "exclusiveMinimum": 0},
         "ratio": {"type": "number"}}},
-    "patterns": {"type": "object", "required": ["code", "day"], "properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "day": {"type": "string", "format": "date"}}},
+    "patterns": {"type": "object", "required": ["code", "day", "free"], "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "day": {"type": "string", "format": "date"},
+        "free": {"type": "string", "pattern": "^x.{0,5}[^a-z]$"}}},  # `.` / [^...] never write a quote or \\
     "optional": {"type": "object", "required": ["b"], "properties": {
         "a": {"type": "boolean"}, "b": {"type": "string", "maxLength": 4}, "c": {"type": "null"},
         "d": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2}}},
@@ -115,6 +116,7 @@ def test_gemma_keys_are_sorted_like_the_template():
      "recursive"),
     ({"type": "strng"}, "invalid JSON schema"),
     ({"type": "string", "format": "email"}, "email"),
+    ({"type": "string", "pattern": 'a"b'}, "cannot hold unescaped"),
     ({"type": "number", "minimum": -1.5}, "bounds on a number"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "no number"),
     ([1, 2], "must be an object"),
@@ -135,9 +137,10 @@ def test_literal_then_bounded_repeat_compiles():
 
 
 def test_sentinel_only_narrows_classes():
-    from letterpress.structured.automaton import SENTINEL, _without_sentinel
+    from letterpress.structured.automaton import SENTINEL
+    from letterpress.structured.regex import narrow
 
-    rewritten = _without_sentinel(r"a.b[^x\]]\D[^]a]\\.[a-c]")
+    rewritten = narrow(r"a.b[^x\]]\D[^]a]\\.[a-c]", SENTINEL)
     assert rewritten == rf"a[^\n{SENTINEL}]b[^x\]{SENTINEL}][^\d{SENTINEL}][^]a{SENTINEL}]\\[^\n{SENTINEL}][a-c]"
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..tokenizer import Tokenizer
-from .regex import SchemaError
+from .regex import SchemaError, narrow
 
 INFINITE = 2**30
 _CACHE_SIZE = 64
@@ -154,7 +154,7 @@ def _compile(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
 
     eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted here
     try:
-        index = Index(SENTINEL + f"(?:{_without_sentinel(regex)})", _vocabulary(tokenizer, eos, allowed_special))
+        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", _vocabulary(tokenizer, eos, allowed_special))
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
@@ -192,42 +192,6 @@ def _reachable(raw: dict[int, dict[int, int]], start: int) -> list[int]:
                 seen.add(d)
                 order.append(d)
     return order
-
-
-def _without_sentinel(regex: str) -> str:
-    """`regex` with SENTINEL taken out of what could match it: negated classes, `.`, and the negated
-    shorthands \\D \\W \\S outside classes. Only ever removes SENTINEL from the matched language."""
-    out, i, depth = [], 0, 0  # depth: inside [...] (nested classes count)
-    negated: list[bool] = []
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\" and i + 1 < len(regex):
-            pair = regex[i:i + 2]
-            if depth == 0 and pair[1] in "DWS":
-                out.append(f"[^\\{pair[1].lower()}{SENTINEL}]")
-            else:
-                out.append(pair)
-            i += 2
-            continue
-        if c == "[":
-            neg = regex.startswith("^", i + 1)
-            negated.append(neg)
-            depth += 1
-            out.append("[^" if neg else "[")
-            i += 2 if neg else 1
-            if regex.startswith("]", i):  # a leading ] is a literal
-                out.append("]")
-                i += 1
-            continue
-        if c == "]" and depth:
-            depth -= 1
-            out.append(SENTINEL + "]" if negated.pop() else "]")
-        elif c == "." and depth == 0:
-            out.append(f"[^\\n{SENTINEL}]")
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out)
 
 
 def _distance_to_accept(transitions: list[dict[int, int]], accepting: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ Supported: type (and lists of types), properties / required (keys written in `pr
 sorted for Gemma as its chat template writes them; optional keys may be left out), additionalProperties as
 false or, for an object without properties, a schema for every value; items with minItems / maxItems; enum,
 const; anyOf / oneOf (as alternatives); allOf with one member; local $ref (#/$defs, #/definitions);
-strings with minLength / maxLength, pattern (matched against the written string, escapes not decoded),
+strings with minLength / maxLength, pattern (its `.` and negated classes narrowed so that the string needs
+no escapes: `narrow`),
 format date / time / date-time / uuid; integers with minimum / maximum (exclusive ones too); numbers with
 integer bounds >= 0 (numbers are written with at most 16 digits before and after the point); booleans, null, and `{}` / `true` (any value, nested at most two levels).
 
@@ -65,6 +66,8 @@ class Syntax:
     colon: str
     comma: str
     sort_keys: bool
+    forbidden_class: str  # class text of what a string pattern's `.` / negated classes may not match
+    forbidden_literals: str  # characters a pattern may not write literally
 
     def string(self, body: str) -> str:
         return f"{self.quote}{body}{self.quote}"
@@ -93,9 +96,10 @@ class Syntax:
         raise SchemaError(f"cannot write the constant {value!r}")
 
 
-JSON = Syntax("json", r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])', '"', "[ ]?:[ ]?", "[ ]?,[ ]?", sort_keys=False)
+JSON = Syntax("json", r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])', '"', "[ ]?:[ ]?", "[ ]?,[ ]?", sort_keys=False,
+              forbidden_class=r'"\\\x00-\x1f', forbidden_literals='"\\')
 # A Gemma string may hold anything but its own delimiter; "no '<' at all" is the simple regular subset
-GEMMA = Syntax("gemma", r"[^<]", r'<\|"\|>', ":", ",", sort_keys=True)
+GEMMA = Syntax("gemma", r"[^<]", r'<\|"\|>', ":", ",", sort_keys=True, forbidden_class="<", forbidden_literals="<")
 
 
 def schema_regex(schema: Any, syntax: Syntax = JSON) -> str:
@@ -265,7 +269,10 @@ class _Builder:
                 raise SchemaError(f"{where}: pattern must be a string")
             if "minLength" in schema or "maxLength" in schema:
                 raise SchemaError(f"{where}: pattern together with minLength/maxLength is not supported")
-            return s.string(f"(?:{_anchored(pattern, s.string_char)})")
+            if any(c in _unescaped_literals(pattern) for c in s.forbidden_literals):
+                raise SchemaError(f"{where}: the pattern {pattern!r} writes a character a {s.name} string cannot "
+                                  "hold unescaped")
+            return s.string(f"(?:{_anchored(narrow(pattern, s.forbidden_class), s.string_char)})")
         if "format" in schema:
             fmt = schema["format"]
             if fmt not in _FORMATS:
@@ -362,6 +369,59 @@ def _optional_sequence(pairs: list[str], needed: list[bool], comma: str) -> str:
         start = pairs[i] + after[i + 1]
         first = start if needed[i] else (f"(?:{start}|{first})" if first else f"(?:{start})?")
     return first
+
+
+def narrow(regex: str, excluded: str) -> str:
+    """`regex` with the characters of the class text `excluded` taken out of what could match them loosely:
+    `.`, negated classes, and the negated shorthands \\D \\W \\S outside classes. Only ever narrows the
+    matched language. (Literals and positive classes are left alone.)"""
+    out, i, depth = [], 0, 0  # depth: inside [...] (nested classes count)
+    negated: list[bool] = []
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            pair = regex[i:i + 2]
+            out.append(f"[^\\{pair[1].lower()}{excluded}]" if depth == 0 and pair[1] in "DWS" else pair)
+            i += 2
+            continue
+        if c == "[":
+            neg = regex.startswith("^", i + 1)
+            negated.append(neg)
+            depth += 1
+            out.append("[^" if neg else "[")
+            i += 2 if neg else 1
+            if regex.startswith("]", i):  # a leading ] is a literal
+                out.append("]")
+                i += 1
+            continue
+        if c == "]" and depth:
+            depth -= 1
+            out.append(excluded + "]" if negated.pop() else "]")
+        elif c == "." and depth == 0:
+            out.append(f"[^\\n{excluded}]")
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _unescaped_literals(pattern: str) -> str:
+    """The characters a pattern writes as bare literals outside classes (a rough scan: enough to find a
+    bare `"` or backslash escape of a quote)."""
+    out, i, depth = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            if pattern[i + 1] in "\"\\" and depth == 0:
+                out.append(pattern[i + 1])
+            i += 2
+            continue
+        depth += c == "["
+        depth -= c == "]" and depth > 0
+        if depth == 0 and c not in "[]":
+            out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _anchored(pattern: str, char: str) -> str:
