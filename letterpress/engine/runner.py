@@ -250,7 +250,7 @@ class Runner:
         step = (partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast
                 else partial(denoise_step, in_place=True))
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
-        # structured rows: their log-probabilities, taken before the fused step consumes the logits
+        # structured rows: their log-probabilities, taken before the step consumes (divides) the logits
         logps = {i: torch.log_softmax(logits[i].float() / temps[i], dim=-1)
                  for i, r in enumerate(rows) if r.request.constraint is not None}
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
