@@ -90,8 +90,10 @@ def _slice_quant(qw, axis: str, ranges: list[tuple[int, int]]):
         pieces = []
         for start, end in ranges:
             if start % per or end % per:
-                raise NotSupportedError(f"cannot split a {qw.fmt} weight of shape {list(qw.shape)} at [{start}, "
-                                        f"{end}) on its {axis} axis: its groups are {per} wide")
+                raise NotSupportedError(
+                    f"cannot split this checkpoint's {qw.fmt} weight of shape {list(qw.shape)} at [{start}, {end}) of "
+                    f"its {axis} axis: its groups are {per} wide; load a float checkpoint with --quantization "
+                    f"{qw.fmt} (each rank then quantizes its own slice) or use another --tensor-parallel-size")
             pieces.append(t.narrow(dim, start // per, (end - start) // per))
         return torch.cat(pieces, dim).contiguous()
 
