@@ -16,6 +16,7 @@ dies, instead of leaving rank 0 blocked in a collective forever.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -201,7 +202,8 @@ class Driver:
         # the call; a context that does not fit raises here, before any worker hears of it.
         cache.begin_append(slots, input_lengths)
         self._send("encode", cache, slots, ids=input_ids.cpu(), lengths=input_lengths.cpu())
-        return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths)
+        with self._fatal("encode"):
+            return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths)
 
     def denoise(self, canvas_ids: torch.Tensor, cache, slots: torch.Tensor | None = None,
                 self_conditioning_logits: torch.Tensor | None = None,
@@ -212,8 +214,26 @@ class Driver:
         signal = self_conditioning_logits is not None or self_conditioning_probs is not None
         mask = None if self_conditioning_mask is None else self_conditioning_mask.cpu()
         self._send("denoise", cache, slots, ids=canvas_ids.cpu(), signal=signal, mask=mask)
-        return DiffusionGemma.denoise(self.model, canvas_ids, cache, slots, self_conditioning_logits,
-                                      self_conditioning_mask, self_conditioning_probs)
+        with self._fatal("denoise"):
+            return DiffusionGemma.denoise(self.model, canvas_ids, cache, slots, self_conditioning_logits,
+                                          self_conditioning_mask, self_conditioning_probs)
+
+    @contextlib.contextmanager
+    def _fatal(self, call: str):
+        """An exception inside rank 0's part of a call the workers already run would leave them waiting in a
+        collective that never completes (and the runner's retry would send them a call they cannot take): a
+        single process isolates such a fault to its rows, a tensor-parallel engine stops, with the cause."""
+        try:
+            yield
+        except BaseException as e:
+            print(f"letterpress: rank 0 failed inside a tensor-parallel {call} ({type(e).__name__}: {e}); the "
+                  "other ranks cannot be brought back in step, stopping", file=sys.stderr, flush=True)
+            log.error("tensor-parallel %s failed on rank 0", call, exc_info=e)
+            self.closed = True
+            for p in self.workers:
+                if p.is_alive():
+                    p.kill()
+            os._exit(1)
 
     def close(self) -> None:
         """Stop the workers (they leave their loop) and wait for them."""
