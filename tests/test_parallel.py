@@ -65,7 +65,10 @@ def sharded_worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank of the 2-process run: every case, on the contiguous and the paged cache."""
     import torch.distributed as dist
 
+    from letterpress import chunks
+
     torch.set_num_threads(1)
+    chunks.CHUNK_BYTES = 4 * 384 * 5  # the LM head gathers 5 positions at a time: 7 gathers for 32 positions
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for name, ep, fast, quant in CASES:

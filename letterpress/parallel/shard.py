@@ -294,8 +294,8 @@ def install_vocab_parallel(model, shard: Shard) -> None:
     matmul read all of it.
 
     - `lm_logits`: each rank computes the logits of its vocabulary slice (a view of the embedding) and rank
-      0 gathers them: rank 0 gets the full float32 [.., vocab] logits for the sampler, which runs there
-      (as vLLM's driver worker does); other ranks get their own slice back.
+      0 gathers them, a chunk of positions at a time: rank 0 gets the full float32 [.., vocab] logits for
+      the sampler, which runs there (as vLLM's driver worker does); other ranks get an empty [.., 0].
     - `soft_embeddings`: rank 0 holds the previous step's logits (it sampled them) and computes the soft
       embeddings [.., hidden]; the others receive them (a broadcast of hidden-size rows instead of
       vocabulary-size ones)."""
@@ -305,21 +305,28 @@ def install_vocab_parallel(model, shard: Shard) -> None:
     chunk = math.ceil(vocab / shard.world)
 
     def lm_logits(hidden: torch.Tensor) -> torch.Tensor:
+        """A chunk of positions at a time: each rank's [positions, vocab / N] logits, gathered into rank 0's
+        float32 output, so rank 0 holds no [.., vocab] temporary beyond a chunk's (as the plain path)."""
         cap = model.text_config.final_logit_softcapping
         weight = model.embed_tokens.weight[v0:v1]
         flat = hidden.reshape(-1, hidden.shape[-1])
-        local = torch.zeros(flat.shape[0], chunk, dtype=torch.float32, device=hidden.device)
-        for s in position_slices(flat.shape[0], chunk):
+        out = torch.empty(flat.shape[0], vocab, dtype=torch.float32, device=hidden.device) if shard.rank == 0 else None
+        for s in position_slices(flat.shape[0], vocab):
+            local = torch.zeros(s.stop - s.start, chunk, dtype=torch.float32, device=hidden.device)  # padded
             part = F.linear(flat[s], weight).float()
-            local[s, : v1 - v0] = torch.tanh(part / cap) * cap if cap else part
+            local[:, : v1 - v0] = torch.tanh(part / cap) * cap if cap else part
             del part
-        if shard.rank != 0:
-            dist.gather(local, None, dst=0, group=shard.group)
-            return local[:, : v1 - v0].reshape(*hidden.shape[:-1], v1 - v0)
-        parts = [local] + [torch.empty_like(local) for _ in range(shard.world - 1)]
-        dist.gather(local, parts, dst=0, group=shard.group)
-        out = torch.cat(parts, dim=1)[:, :vocab]
-        del parts
+            if shard.rank != 0:
+                dist.gather(local, None, dst=0, group=shard.group)
+                continue
+            parts = [local] + [torch.empty_like(local) for _ in range(shard.world - 1)]
+            dist.gather(local, parts, dst=0, group=shard.group)
+            for r, received in enumerate(parts):
+                start, end = min(r * chunk, vocab), min((r + 1) * chunk, vocab)
+                out[s, start:end] = received[:, : end - start]
+            del parts
+        if out is None:  # the logits live on rank 0 only
+            return hidden.new_empty(*hidden.shape[:-1], 0, dtype=torch.float32)
         return out.reshape(*hidden.shape[:-1], vocab)
 
     def soft_embeddings(logits: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
