@@ -232,3 +232,25 @@ def test_a_dead_worker_takes_the_server_down():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_each_rank_reads_only_its_slices_of_the_checkpoint(checkpoint, ep):
+    """`read_slices` (meta model cut first, then only the kept ranges read from safetensors) gives exactly the
+    tensors of loading the whole model and cutting it; `--quantization` then quantizes those slices."""
+    from letterpress.model import DiffusionGemma
+    from letterpress.parallel.runtime import LoadSpec, load_shard, read_slices
+
+    for rank in (0, 1):
+        got = read_slices(checkpoint, "float32", Shard(rank, 2, ep))
+        want = shard_model(DiffusionGemma.from_pretrained(checkpoint), Shard(rank, 2, ep))
+        assert got.text_config == want.text_config
+        want_tensors = dict(want.state_dict())
+        for name, tensor in got.state_dict().items():
+            assert torch.equal(tensor, want_tensors.pop(name)), name
+        assert not want_tensors
+    quantized = load_shard(LoadSpec(str(checkpoint), quantization="int8"), Shard(1, 2, ep))
+    want = quantize_model(shard_model(DiffusionGemma.from_pretrained(checkpoint), Shard(1, 2, ep)), "int8")
+    assert quantized.quantization == "int8"
+    for (name, a), (_, b) in zip(quantized.state_dict().items(), want.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -93,18 +93,94 @@ def rank_device(device: str, rank: int) -> torch.device:
 
 
 def load_shard(spec: LoadSpec, shard: Shard) -> DiffusionGemma:
-    """Load the checkpoint on the CPU, keep this rank's slice, move it to the rank's device, quantize the
-    slice (when asked) and switch the fast path. The whole float model passes through host memory once per
-    rank (a checkpoint quantized on disk stays quantized)."""
+    """This rank's slice of the checkpoint on its device, quantized (when asked) and switched to the fast
+    path. A float checkpoint is cut on the meta device and only the rank's ranges of each tensor are read
+    (`read_slices`); one stored quantized (compressed-tensors) is loaded whole on the CPU and cut as stored.
+    With `--quantization`, the float slice is quantized on the device a layer at a time, so the device
+    never holds more than one float layer beside the quantized ones."""
+    from ..checkpoint import resolve, stored_quantization
     from ..quant import quantize_model
 
-    model = DiffusionGemma.from_pretrained(spec.folder, dtype=spec.dtype, device="cpu")
-    shard_model(model, shard)
-    model.to(rank_device(spec.device, shard.rank))
-    quantize_model(model, spec.quantization)
+    device = rank_device(spec.device, shard.rank)
+    folder = resolve(spec.folder, offline=True)
+    if stored_quantization(folder) is None:
+        model = read_slices(folder, spec.dtype, shard)
+    else:
+        model = shard_model(DiffusionGemma.from_pretrained(folder, dtype=spec.dtype, device="cpu"), shard)
+    if spec.quantization is None:
+        model.to(device)
+    else:
+        for name, child in model.named_children():
+            if name != "layers":
+                child.to(device)
+        model.init_rope()  # its buffers move with the model's own `to`, which this loop skips
+        for layer in model.layers:
+            layer.to(device)
+            quantize_model(_LayerView(layer), spec.quantization)
+        quantize_model(_LayerView(None, model.self_conditioning), spec.quantization)
+        model.quantization = spec.quantization
     if spec.impl == "fast":
         switch_fast_experts(model)
     return model.eval()
+
+
+class _LayerView:
+    """What `quantize_model` walks (`layers`, `self_conditioning`), for one part of a model at a time."""
+
+    def __init__(self, layer, self_conditioning=None):
+        self.layers = [] if layer is None else [layer]
+        self.self_conditioning = self_conditioning if self_conditioning is not None else torch.nn.Identity()
+
+
+@torch.no_grad()
+def read_slices(folder, dtype, shard: Shard) -> DiffusionGemma:
+    """Build the model on the meta device, cut it (`shard_model`), allocate the slice on the CPU and read from
+    the safetensors files only the ranges each parameter keeps (`shard.slice_plan`): host memory holds this
+    rank's slice, not the whole model. The same header checks as `load_model`; NaN/inf refused."""
+    from contextlib import ExitStack
+
+    from ..checkpoint import (_open, allocate, check_headers, checkpoint_dtype, count_non_finite, load_model_config,
+                              parse_dtype, plan_weights, weight_files)
+    from ..errors import CheckpointError
+    from .shard import slice_plan
+
+    config = load_model_config(folder)
+    dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
+    with torch.device("meta"):
+        model = DiffusionGemma(config).to(dtype)
+    files = weight_files(folder)
+    stored = plan_weights(model, folder, files)
+    check_headers(model, stored, files)
+    with torch.device("meta"):
+        shard_model(model, shard)
+    cuts = slice_plan(model)
+    model = allocate(model, "cpu", folder)
+    model.init_rope()
+    targets = dict(model.named_parameters())
+    targets.update({n: b for n, b in model.named_buffers() if not n.startswith("inv_freq")})
+    with ExitStack() as stack:
+        handles: dict = {}
+        for local, target in targets.items():
+            full, dim, ranges = cuts.get(local, (local, None, None))
+            if full not in stored:  # a layer scalar the checkpoint omits (plan_weights warned)
+                target.fill_(1.0)
+                continue
+            name = stored[full].names["float"]
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path))
+            view = handles[path].get_slice(name)
+            if dim is None:
+                data = view[:]
+            else:
+                lead = (slice(None),) * dim
+                data = torch.cat([view[lead + (slice(a, b),)] for a, b in ranges], dim)
+            target.copy_(data.reshape(target.shape))
+            if count_non_finite(target):
+                raise CheckpointError(f"{path.name}: {name} holds NaN or infinite values (in this rank's slice, "
+                                      f"as {target.dtype})")
+    model.checkpoint_dir = folder
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- caches

@@ -123,7 +123,22 @@ def _slice_quant(qw, axis: str, ranges: list[tuple[int, int]]):
 
 
 def _slice_weight(w: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> nn.Parameter:
-    return nn.Parameter(torch.cat([w.narrow(dim, s, e - s) for s, e in ranges], dim).contiguous(), requires_grad=False)
+    """The parameter holding `ranges` of `w` along `dim`; it remembers them (`source_slice`), so that a model
+    cut on the meta device can read just those ranges from the checkpoint (`slice_plan`)."""
+    p = nn.Parameter(torch.cat([w.narrow(dim, s, e - s) for s, e in ranges], dim).contiguous(), requires_grad=False)
+    p.source_slice = (dim, list(ranges))
+    return p
+
+
+def slice_plan(model) -> dict[str, tuple[str, int | None, list[tuple[int, int]] | None]]:
+    """For every parameter of a sharded model: (its name in the unsharded model, the dim it was cut along
+    or None when it is whole, the ranges kept). The wrappers add `.linear` / `.inner` to the names."""
+    plan = {}
+    for name, p in model.named_parameters():
+        full = name.replace(".linear.", ".").replace(".inner.", ".")
+        dim, ranges = getattr(p, "source_slice", (None, None))
+        plan[name] = (full, dim, ranges)
+    return plan
 
 
 def column_parallel(linear: nn.Module, ranges: list[tuple[int, int]]) -> nn.Module:
