@@ -83,10 +83,10 @@ def check_shardable(text_config, config: ParallelConfig) -> None:
 
 
 def rank_device(device: str, rank: int) -> torch.device:
-    """cuda -> cuda:rank (one GPU per rank); cpu stays cpu."""
+    """cuda -> cuda:rank (one GPU per rank; torchrun's LOCAL_RANK where set); cpu stays cpu."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        return torch.device("cuda", rank)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if dev.type != "cpu":
         raise NotSupportedError(f"--tensor-parallel-size runs on cpu (gloo) or cuda (NCCL), not {dev.type}")
     return dev
@@ -419,6 +419,8 @@ def launch(config: ParallelConfig, spec: LoadSpec) -> Driver:
     backend = "nccl" if device.type == "cuda" else "gloo"
     workers: list = []
     driver_box: list = []
+    if dist.is_initialized():
+        raise ConfigError("a tensor-parallel engine is already running in this process: close() its LLM first")
     if env_world > 1:  # torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT are set
         if env_world != world:
             raise ConfigError(f"torchrun started {env_world} processes but --tensor-parallel-size is {world}")
