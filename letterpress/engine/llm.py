@@ -74,7 +74,7 @@ class LLM:
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
         self.parallel = None
-        if tensor_parallel_size != 1 or enable_expert_parallel:
+        if tensor_parallel_size != 1:  # expert parallel splits over the TP ranks: nothing to split with one
             self.parallel = start_parallel(self.folder, tensor_parallel_size, enable_expert_parallel, dtype, device,
                                            quantization, impl, compile)
             self.model = self.parallel.model
