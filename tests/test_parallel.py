@@ -78,9 +78,40 @@ def sharded_worker(rank: int, world: int, port: int, out: str) -> None:
             switch(model)
         for paged in (False, True):
             results[(name, paged)] = run_model(model, paged)
+    results["collectives"] = count_collectives(rank, world)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+def count_collectives(rank: int, world: int) -> dict[str, list[int]]:
+    """Elements moved by each kind of collective in one self-conditioned denoise step (what
+    benchmarks/parallel.py counts at the released shapes)."""
+    import torch.distributed as dist
+
+    model = shard_model(random_model(0, qk_scale=QK), Shard(rank, world))
+    ids, lengths, canvas = inputs()
+    seen: dict[str, list[int]] = {"all_reduce": [], "broadcast": [], "gather": []}
+    originals = {name: getattr(dist, name) for name in seen}
+
+    def counting(name):
+        def call(tensor, *args, **kwargs):
+            seen[name].append(tensor.numel())
+            return originals[name](tensor, *args, **kwargs)
+        return call
+
+    with torch.inference_mode():
+        cache = model.new_cache(2, 64)
+        model.encode(ids, cache, None, lengths)
+        first = model.denoise(canvas, cache)
+        for name in seen:
+            setattr(dist, name, counting(name))
+        try:
+            model.denoise(canvas, cache, self_conditioning_logits=first)
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+    return seen
 
 
 def test_two_ranks_give_the_logits_of_one(tmp_path):
@@ -91,6 +122,12 @@ def test_two_ranks_give_the_logits_of_one(tmp_path):
     out = tmp_path / "logits.pt"
     mp.spawn(sharded_worker, args=(2, free_port(), str(out)), nprocs=2)
     got = torch.load(out)
+    # one step: 3 all-reduces of [tokens, hidden] per layer + the self-conditioning MLP's, one broadcast of
+    # the soft embeddings, the logits gathered a chunk of positions at a time (7 chunks of 4-5 positions)
+    tokens, hidden, layers = 2 * 16, 64, 4
+    assert got["collectives"]["all_reduce"] == [tokens * hidden] * (3 * layers + 1)
+    assert got["collectives"]["broadcast"] == [tokens * hidden]
+    assert sum(got["collectives"]["gather"]) == tokens * 384 // 2 and len(got["collectives"]["gather"]) == 7
     for name, ep, fast, quant in CASES:
         model, _ = build(fast, quant)
         if fast:
