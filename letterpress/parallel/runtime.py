@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -231,6 +232,9 @@ class Driver:
         self.model, self.channel, self.workers = model, channel, workers
         self.cache_ids: dict[int, int] = {}
         self.closed = False
+        # one call at a time on the control group: the engine thread's steps and `close` (at exit, from the
+        # main thread) must not interleave their messages
+        self.lock = threading.RLock()
         model.encode = self.encode
         model.denoise = self.denoise
         model.new_paged_cache = self.new_paged_cache
@@ -261,6 +265,8 @@ class Driver:
         return self._register(cache, "contiguous", dict(num_slots=num_slots, capacity=capacity))
 
     def _send(self, command: str, cache, slots: torch.Tensor, **message) -> None:
+        if self.closed:
+            raise RuntimeError("the tensor-parallel workers have been stopped")
         if id(cache) not in self.cache_ids:
             raise NotSupportedError("under tensor parallelism, build caches with the model's new_paged_cache / "
                                     "new_cache (the workers build theirs alongside)")
@@ -277,9 +283,10 @@ class Driver:
         # Allocate the chunk's blocks now (encode's own call then finds them), so that their ids go out with
         # the call; a context that does not fit raises here, before any worker hears of it.
         cache.begin_append(slots, input_lengths)
-        self._send("encode", cache, slots, ids=input_ids.cpu(), lengths=input_lengths.cpu())
-        with self._fatal("encode"):
-            return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths)
+        with self.lock:
+            self._send("encode", cache, slots, ids=input_ids.cpu(), lengths=input_lengths.cpu())
+            with self._fatal("encode"):
+                return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths)
 
     def denoise(self, canvas_ids: torch.Tensor, cache, slots: torch.Tensor | None = None,
                 self_conditioning_logits: torch.Tensor | None = None,
@@ -289,10 +296,11 @@ class Driver:
         slots = torch.arange(canvas_ids.shape[0], device=canvas_ids.device) if slots is None else slots.to(canvas_ids.device)
         signal = self_conditioning_logits is not None or self_conditioning_probs is not None
         mask = None if self_conditioning_mask is None else self_conditioning_mask.cpu()
-        self._send("denoise", cache, slots, ids=canvas_ids.cpu(), signal=signal, mask=mask)
-        with self._fatal("denoise"):
-            return DiffusionGemma.denoise(self.model, canvas_ids, cache, slots, self_conditioning_logits,
-                                          self_conditioning_mask, self_conditioning_probs)
+        with self.lock:
+            self._send("denoise", cache, slots, ids=canvas_ids.cpu(), signal=signal, mask=mask)
+            with self._fatal("denoise"):
+                return DiffusionGemma.denoise(self.model, canvas_ids, cache, slots, self_conditioning_logits,
+                                              self_conditioning_mask, self_conditioning_probs)
 
     @contextlib.contextmanager
     def _fatal(self, call: str):
@@ -301,25 +309,32 @@ class Driver:
         single process isolates such a fault to its rows, a tensor-parallel engine stops, with the cause."""
         try:
             yield
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C: the workers (which ignore SIGINT) go with us
+            self._kill_workers()
+            raise
         except BaseException as e:
             print(f"letterpress: rank 0 failed inside a tensor-parallel {call} ({type(e).__name__}: {e}); the "
                   "other ranks cannot be brought back in step, stopping", file=sys.stderr, flush=True)
             log.error("tensor-parallel %s failed on rank 0", call, exc_info=e)
-            self.closed = True
-            for p in self.workers:
-                if p.is_alive():
-                    p.kill()
+            self._kill_workers()
             os._exit(1)
+
+    def _kill_workers(self) -> None:
+        self.closed = True
+        for p in self.workers:
+            if p.is_alive():
+                p.kill()
 
     def close(self) -> None:
         """Stop the workers (they leave their loop) and wait for them."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.channel.send("stop", {})
-        except Exception:  # a worker already gone: nothing to tell
-            pass
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.channel.send("stop", {})
+            except Exception:  # a worker already gone: nothing to tell
+                pass
         for p in self.workers:
             p.join(timeout=10)
             if p.is_alive():
@@ -370,6 +385,7 @@ def _init_group(backend: str, rank: int, world: int, init_method: str | None) ->
 
 def _worker_main(rank: int, world: int, init_method: str | None, config: ParallelConfig, spec: LoadSpec) -> None:
     """A spawned (or torchrun) rank > 0: join the group, load its shard, follow rank 0."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of a terminal: rank 0 decides
     try:
         device = rank_device(spec.device, rank)
         if device.type == "cuda":
