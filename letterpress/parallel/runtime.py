@@ -274,7 +274,10 @@ class Driver:
                                     "state": cache_state(cache, slots), **message})
 
     def encode(self, input_ids: torch.Tensor, cache, slots: torch.Tensor | None = None,
-               input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+               input_lengths: torch.Tensor | None = None, soft_tokens: torch.Tensor | None = None,
+               soft_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`DiffusionGemma.encode` on every rank. Image features (`soft_tokens`, from the vision tower, which
+        runs on rank 0 only) travel with the call."""
         check_token_ids(input_ids, "input_ids")
         b, t = input_ids.shape
         device = input_ids.device
@@ -284,9 +287,12 @@ class Driver:
         # the call; a context that does not fit raises here, before any worker hears of it.
         cache.begin_append(slots, input_lengths)
         with self.lock:
-            self._send("encode", cache, slots, ids=input_ids.cpu(), lengths=input_lengths.cpu())
+            media = {} if soft_token_mask is None else {"soft_tokens": soft_tokens.cpu(),
+                                                         "soft_token_mask": soft_token_mask.cpu()}
+            self._send("encode", cache, slots, ids=input_ids.cpu(), lengths=input_lengths.cpu(), **media)
             with self._fatal("encode"):
-                return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths)
+                return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths, soft_tokens,
+                                             soft_token_mask)
 
     def denoise(self, canvas_ids: torch.Tensor, cache, slots: torch.Tensor | None = None,
                 self_conditioning_logits: torch.Tensor | None = None,
@@ -365,7 +371,10 @@ def worker_loop(model: DiffusionGemma, channel: Channel) -> None:
             load_state(cache, slots, msg["state"])
             ids = msg["ids"].to(device)
             if command == "encode":
-                DiffusionGemma.encode(model, ids, cache, slots, msg["lengths"].to(device))
+                media = msg.get("soft_token_mask")
+                DiffusionGemma.encode(model, ids, cache, slots, msg["lengths"].to(device),
+                                      None if media is None else msg["soft_tokens"].to(device, model.dtype),
+                                      None if media is None else media.to(device))
             elif command == "denoise":
                 # the signal itself is computed on rank 0 and broadcast inside (shard.install_vocab_parallel);
                 # an empty [B, C, 0] tensor stands in for its [B, C, vocab] input
