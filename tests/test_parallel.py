@@ -4,6 +4,7 @@ weights and KV cache, and a dead worker takes the server down."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -203,20 +204,33 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("tp") / "model", seed=0, canvas=16, qk_scale=QK)
 
 
-def test_seeded_requests_give_the_same_tokens_with_two_processes(checkpoint):
+def test_seeded_requests_give_the_same_tokens_with_two_processes(tmp_path):
     """The engine end to end (paged cache with sliding blocks given back, prefix cache, self-conditioning,
-    3 canvases per row): rank 0 spawns rank 1, experts split by id; the seeded tokens equal one process's."""
+    3 canvases per row, an image whose features rank 0's vision tower computes): rank 0 spawns rank 1,
+    experts split by id; the seeded tokens equal one process's."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+
     from letterpress import LLM
     from letterpress.engine.request import SamplingParams
 
+    from .vision_fixtures import build_vision_checkpoint, png_bytes
+
+    folder = build_vision_checkpoint(tmp_path / "vision")
     prompts = [[2] + list(range(5, 22)), [2, 30, 31, 32]]
-    params = SamplingParams(max_new_tokens=40, seed=3)
-    kwargs = dict(max_model_len=128, block_size=4)
-    want = [o.token_ids for o in LLM(str(checkpoint), **kwargs).generate(prompts, params)]
-    llm = LLM(str(checkpoint), tensor_parallel_size=2, enable_expert_parallel=True, **kwargs)
+    picture = Image.open(io.BytesIO(png_bytes(60, 40, 1)))
+    chat = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "what?"}]}]
+    params = SamplingParams(max_new_tokens=20, seed=3, max_denoising_steps=8)
+
+    def run(llm):
+        return [o.token_ids for o in llm.generate(prompts, params)] + [llm.chat(chat, params)[0].token_ids]
+
+    kwargs = dict(max_num_seqs=2, max_model_len=256, block_size=4)
+    want = run(LLM(folder, **kwargs))
+    llm = LLM(folder, tensor_parallel_size=2, enable_expert_parallel=True, **kwargs)
     try:
         assert [s.num_kv_heads for s in llm.model.text_config.layers] == [1, 1, 1, 1]
-        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert run(llm) == want
         assert llm.generate([prompts[0]], params)[0].token_ids == want[0]  # again, its prefix now cached
     finally:
         llm.close()
