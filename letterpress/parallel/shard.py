@@ -190,7 +190,8 @@ class ParallelExperts(nn.Module):
     parallel, so the activations are replicated after each all-reduce) and the router runs everywhere, so
     there is nothing to dispatch: each rank picks its pairs locally and one all-reduce of [tokens, hidden]
     combines them, the same volume the dense MLP's all-reduce moves. An all-to-all pays off when ranks hold
-    different tokens (data-parallel attention, vLLM's DP + EP), which this engine does not do."""
+    different tokens (data-parallel attention): vLLM too uses its all-to-all kernels only with data
+    parallelism (`use_all2all_kernels`: dp_size > 1) and all-reduces for TP + EP, as here."""
 
     def __init__(self, inner: nn.Module, shard: Shard, first: int, count: int):
         super().__init__()
