@@ -151,6 +151,34 @@ def test_grammar_and_bad_regex_refused(tokenizer):
         compile_regex("(unclosed", tokenizer, EOS)
 
 
+# Nested bounded repeats multiply the automaton: ~3 * 10**8 edges here, minutes and tens of GB if compiled
+HUGE_REGEX = r"(?:(?:[a-z]{0,100},){0,100};){0,30}"
+HUGE_SCHEMA = {"type": "array", "maxItems": 100, "items": {"type": "array", "maxItems": 100, "items": {
+    "type": "string", "maxLength": 100}}}
+# a chain of $defs each used twice: a regex of 2**25 copies of the leaf if written out
+DOUBLING = {"$defs": {"d0": {"type": "integer"}, **{f"d{i}": {"type": "array", "items": {"anyOf": [
+    {"$ref": f"#/$defs/d{i - 1}"}, {"$ref": f"#/$defs/d{i - 1}"}]}} for i in range(1, 26)}}, "$ref": "#/$defs/d25"}
+
+
+def test_oversized_constraints_refused_before_compiling(tokenizer):
+    from letterpress.structured.automaton import _cache
+
+    for regex in (HUGE_REGEX, schema_regex(HUGE_SCHEMA)):
+        with pytest.raises(SchemaError, match="too large to compile"):
+            compile_regex(regex, tokenizer, EOS)
+    with pytest.raises(SchemaError, match="too large"):
+        schema_regex(DOUBLING)
+    # the estimate is close to what compiling gives, and a repeated constraint is compiled once
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import estimate_edges
+
+    regex = r'"[^"\\]{0,40}"'
+    automaton = compile_regex(regex, tokenizer, EOS)
+    estimate = estimate_edges(regex, _vocabulary(tokenizer, EOS[0], frozenset())[1])
+    assert 0.5 < estimate / automaton.src.numel() < 2
+    assert compile_regex(regex, tokenizer, EOS) is automaton and len(_cache) <= 64
+
+
 # ------------------------------------------------------------------------------------------ the engine
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory) -> Path:
@@ -283,6 +311,38 @@ def test_http_streamed_named_tool_call(client):
     assert calls and calls[0].function.name == "clock"
     assert json.loads(calls[0].function.arguments)["zone"] in ("UTC", "CET")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_http_oversized_constraints_are_400_and_health_answers(client):
+    """Refused from the size estimate, before outlines-core starts; the server keeps answering meanwhile."""
+    import concurrent.futures
+    import time
+
+    import httpx
+
+    base = str(client.base_url).removesuffix("/v1/")
+    bodies = [{"structured_outputs": {"regex": HUGE_REGEX}},
+              {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": HUGE_SCHEMA}}},
+              {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": DOUBLING}}}]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        start = time.monotonic()
+        futures = [pool.submit(chat_raw, client, body) for body in bodies]
+        assert httpx.get(base + "/health", timeout=30).status_code == 200
+        for future in futures:
+            status, error = future.result(timeout=60)
+            assert status == 400 and "too large" in error["message"], error
+        assert time.monotonic() - start < 30  # compiling them would take minutes (generous, non-flaky)
+    resp = chat(client, messages=ASK, extra_body={"structured_outputs": {"regex": "[a-z]{0,20}"}})  # still fine
+    assert re.fullmatch("[a-z]{0,20}", resp.choices[0].message.content)
+
+
+def chat_raw(client, extra: dict) -> tuple[int, dict]:
+    import httpx
+
+    body = {"model": "letterpress-default", "messages": ASK, "max_tokens": 80, "max_denoising_steps": 3, **extra}
+    r = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=60,
+                   headers={"Authorization": f"Bearer {client.api_key}"})
+    return r.status_code, r.json().get("error", {})
 
 
 @pytest.mark.parametrize("kwargs,match", [

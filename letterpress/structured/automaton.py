@@ -24,9 +24,11 @@ import torch
 
 from ..tokenizer import Tokenizer
 from .regex import SchemaError, narrow
+from .size import MAX_EDGES, FirstChars, check_size
 
 INFINITE = 2**30
-_CACHE_SIZE = 64
+_CACHE_SIZE = 64  # compiled automata kept (least recently used out first), and at most this many edges in all:
+_CACHE_EDGES = 2 * MAX_EDGES
 # outlines-core's Index also determinizes the *unanchored* search DFA of the regex (".*regex"), which blows
 # up exponentially for a literal followed by a bounded repeat that can contain it (`1[1-9]{20}`: 13 s, one
 # state per subset of the last 20 positions). We compile SENTINEL + regex instead, with SENTINEL removed
@@ -116,17 +118,23 @@ def _byte_level_map() -> dict[str, int]:
 
 def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
                   allowed_special: frozenset[str] = frozenset()) -> TokenAutomaton:
-    """The token automaton of `regex` (cached per tokenizer, regex and allowed specials)."""
+    """The token automaton of `regex` (cached per tokenizer, regex and allowed specials). SchemaError when
+    the regex is invalid, matches nothing, or would compile to more than MAX_EDGES edges (size.py): that is
+    checked before outlines-core, which has no limit of its own, starts."""
     key = (id(tokenizer), regex, tuple(sorted(eos_token_ids)), allowed_special)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    automaton = _compile(regex, tokenizer, eos_token_ids, allowed_special)
+    eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted here
+    vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
+    check_size(regex, first)
+    automaton = _compile(regex, vocabulary, eos_token_ids)
     with _lock:
         _cache[key] = automaton
-        while len(_cache) > _CACHE_SIZE:
+        while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or
+                                   sum(a.src.numel() for a in _cache.values()) > _CACHE_EDGES):
             _cache.popitem(last=False)
     return automaton
 
@@ -136,25 +144,25 @@ _lock = threading.Lock()
 _vocabularies: dict = {}
 
 
-def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]):
+def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]) -> tuple[object, FirstChars]:
+    """outlines-core's Vocabulary, and how many tokens start with each character (for size.py)."""
     from outlines_core import Vocabulary
 
     key = (id(tokenizer), eos, allowed_special)
     with _lock:
         if key not in _vocabularies:
             spelled = token_bytes(tokenizer, allowed_special)
+            first = FirstChars(spelled)
             spelled[SENTINEL.encode()] = [_SENTINEL_ID]
-            _vocabularies[key] = Vocabulary(eos, spelled)
+            _vocabularies[key] = Vocabulary(eos, spelled), first
         return _vocabularies[key]
 
 
-def _compile(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
-             allowed_special: frozenset[str]) -> TokenAutomaton:
+def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton:
     from outlines_core import Index
 
-    eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted here
     try:
-        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", _vocabulary(tokenizer, eos, allowed_special))
+        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", vocabulary)
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
