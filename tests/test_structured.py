@@ -196,7 +196,8 @@ def llm(random_dir) -> LLM:
 
 
 def params(spec: StructuredOutputsParams | None, seed: int, tokens: int = 96, **kw) -> SamplingParams:
-    return SamplingParams(max_new_tokens=tokens, max_denoising_steps=3, seed=seed, structured_outputs=spec, **kw)
+    return SamplingParams(**{"max_new_tokens": tokens, "max_denoising_steps": 3, "seed": seed,
+                             "structured_outputs": spec, **kw})
 
 
 def test_engine_schema_suite_with_a_random_model(llm):
@@ -216,6 +217,28 @@ def test_regex_longer_than_a_canvas_and_choice(llm):
     long, picked = llm.generate(["x", "y"], [params(words, 1, tokens=120), params(choice, 2)])
     assert long.canvases >= 2 and re.fullmatch(r"(?:[a-z]+ ){24,}end\.", long.text), long.text
     assert picked.text in ("alpha", "beta", "gamma delta") and picked.finish_reason == "stop"
+
+
+def test_constrained_row_stops_on_the_constrained_distribution(llm, tokenizer):
+    """The stopping rule reads the entropy over the tokens the automaton allows: a forced answer ("Q", then
+    EOS: one allowed token at each position) stops as soon as its canvas is stable (step 2 with the default
+    stability of 1), although the random model's own entropy stays high (its unconstrained row runs to the
+    step limit)."""
+    from letterpress.structured import Constraint
+
+    forced = StructuredOutputsParams(regex="Q")
+    plain, constrained = llm.generate(["x", "x"], [params(None, 4, tokens=16, max_denoising_steps=10),
+                                                   params(forced, 4, tokens=16, max_denoising_steps=10)])
+    assert plain.steps_per_canvas == [10] and constrained.steps_per_canvas == [2] and constrained.text == "Q"
+    # the constrained entropy: over the allowed set along the path, 0 after its EOS
+    automaton = compile_regex("[0-9]", tokenizer, EOS)
+    constraint = Constraint(automaton, EOS, seed=0)
+    logp = torch.log_softmax(torch.randn(4, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0)), -1)
+    best, _, entropy = constraint.paths(logp, 4, 0, 0, greedy=True)
+    digits = automaton.allowed(0)
+    expected = torch.distributions.Categorical(logits=logp[0, digits]).entropy()
+    assert torch.allclose(entropy[0], expected) and entropy[1] == 0 and entropy[2:].eq(0).all()
+    assert best[1] == EOS[0] and best[2:].eq(EOS[0]).all()
 
 
 def test_unconstrained_row_unchanged_beside_a_constrained_one(llm):

@@ -49,6 +49,14 @@ class TokenAutomaton:
     distance: torch.Tensor  # [S] long: fewest tokens to an accepting state (INFINITE: never)
     transitions: list[dict[int, int]]  # per state, for walking committed tokens
     _copies: dict = field(default_factory=dict, repr=False)  # device -> this automaton's tensors there
+    _offsets: list[int] | None = field(default=None, repr=False)  # state s's edges: [offsets[s], offsets[s + 1])
+
+    def allowed(self, state: int) -> torch.Tensor:
+        """The tokens state `state` may write next ([n] long, where the tensors live; edges are sorted by src)."""
+        if self._offsets is None:
+            counts = torch.bincount(self.src, minlength=self.num_states).cumsum(0)
+            self._offsets = [0] + counts.tolist()
+        return self.token[self._offsets[state]: self._offsets[state + 1]]
 
     def walk(self, state: int, tokens: list[int]) -> int | None:
         """The state after `tokens` from `state`; None when a token is not allowed."""
