@@ -381,3 +381,17 @@ def chat_raw(client, extra: dict) -> tuple[int, dict]:
 def test_http_invalid_constraints_are_400(client, kwargs, match):
     with pytest.raises(openai.BadRequestError, match=match):
         chat(client, messages=ASK, **kwargs)
+
+
+def test_concurrent_requests_for_one_constraint_compile_it_once(tokenizer, monkeypatch):
+    import concurrent.futures
+
+    from letterpress.structured import automaton as module
+
+    calls = []
+    real = module._compile
+    monkeypatch.setattr(module, "_compile", lambda *a: calls.append(1) or real(*a))
+    regex = "[A-Z]{2}-[0-9]{1,7}"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        automata = list(pool.map(lambda _: compile_regex(regex, tokenizer, EOS), range(8)))
+    assert len(calls) == 1 and all(a is automata[0] for a in automata)

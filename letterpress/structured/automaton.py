@@ -130,24 +130,36 @@ def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
     the regex is invalid, matches nothing, or would compile to more than MAX_EDGES edges (size.py): that is
     checked before outlines-core, which has no limit of its own, starts."""
     key = (id(tokenizer), regex, tuple(sorted(eos_token_ids)), allowed_special)
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted here
-    vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
-    check_size(regex, first)
-    automaton = _compile(regex, vocabulary, eos_token_ids)
-    with _lock:
-        _cache[key] = automaton
-        while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or
-                                   sum(a.src.numel() for a in _cache.values()) > _CACHE_EDGES):
-            _cache.popitem(last=False)
-    return automaton
+    while True:
+        with _lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit
+            running = _compiling.get(key)
+            if running is None:  # ours to compile; the same constraint arriving meanwhile waits for it
+                running = _compiling[key] = threading.Event()
+                break
+        running.wait()  # then look again (a failed compile leaves no entry: that caller raises its own error)
+    try:
+        eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted
+        vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
+        check_size(regex, first)
+        automaton = _compile(regex, vocabulary, eos_token_ids)
+        with _lock:
+            _cache[key] = automaton
+            while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or
+                                       sum(a.src.numel() for a in _cache.values()) > _CACHE_EDGES):
+                _cache.popitem(last=False)
+        return automaton
+    finally:
+        with _lock:
+            del _compiling[key]
+        running.set()
 
 
 _cache: OrderedDict = OrderedDict()
+_compiling: dict = {}  # key -> Event set when its compile ends (agents send the same schema in bursts)
 _lock = threading.Lock()
 _vocabularies: dict = {}
 
