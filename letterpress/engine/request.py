@@ -42,6 +42,7 @@ class SamplingParams:
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
     greedy: bool = False  # propose the argmax instead of sampling (the server's temperature 0)
+    top_k: int = 0  # keep the k most likely tokens per position (sampling.apply_top_k_); 0: all
 
     def resolve(self, defaults: GenerationDefaults) -> "SamplingParams":
         """Fill unset fields from the checkpoint's defaults and validate the result."""
@@ -86,6 +87,7 @@ class SamplingParams:
         if not isinstance(self.eos_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be a list of integers, got {self.eos_token_ids!r}")
+        integer("top_k", 0, MAX_TOKENS)
         for name in ("greedy", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
