@@ -49,8 +49,8 @@ from .schemas import (
     refuse_unsupported,
     usage,
 )
-from .text import ChoiceText
 from . import vllm_compat
+from .text import ChoiceText
 
 log = logging.getLogger("letterpress.server")
 
@@ -527,9 +527,10 @@ class OpenAIServer:
 
 class JobStream(StreamingResponse):
     """A StreamingResponse that releases its job however the response ends. The body generator's own
-    `finally` is not enough: when the client has gone before the first byte, starlette cancels the response
-    before it starts the generator, and a generator that never started runs no `finally` (the job stayed
-    among the open jobs, its rows denoising for nobody, and a graceful shutdown waited for it)."""
+    `finally` is not enough: when the client has gone before the first byte, the response can end before the
+    generator ever started (an ASGI 2.4 server raises OSError from the first `send`, which starlette turns
+    into ClientDisconnect), and a generator that never started runs no `finally`: the job stayed among the
+    open jobs, its rows denoising for nobody, and a graceful shutdown waited for it."""
 
     def __init__(self, content, release: Callable[[], None], **kwargs):
         super().__init__(content, **kwargs)
@@ -617,7 +618,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class Edge:
-    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1, refuses
+    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1 and on
+    /tokenize and /detokenize (never on a CORS preflight, which carries no credentials), refuses
     new work while shutting down, and turns any exception that escaped the handlers into a logged 500 JSON
     error (the server never dies).
 
