@@ -175,7 +175,9 @@ def test_stop_token_ids_end_the_choice_like_eos(client, server):
     tok = server.server_state.llm.tokenizer
     assert cut.choices[0].text == tok.decode(tokens[:first])
     for extra, text in (({"stop_token_ids": [10**7]}, "not in the vocabulary"),
-                        ({"stop_token_ids": [stop], "ignore_eos": True}, "ignore_eos")):
+                        ({"stop_token_ids": [stop], "ignore_eos": True}, "ignore_eos"),
+                        ({"stop_token_ids": [stop], "suffix": "\n    return x\n"}, "apply to infilling"),
+                        ({"skip_special_tokens": False, "suffix": "\n    return x\n"}, "apply to infilling")):
         with pytest.raises(openai.BadRequestError, match=text):
             client.completions.create(**kwargs, extra_body=extra)
 
