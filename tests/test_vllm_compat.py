@@ -269,6 +269,23 @@ def test_load_chat_template(tmp_path):
         tok.set_chat_template("{% for %}")
 
 
+def test_chat_cli_takes_a_chat_template(tmp_path, monkeypatch, capsys):
+    import io
+
+    from letterpress.cli import main
+
+    template = tmp_path / "qa.jinja"
+    template.write_text("{{ bos_token }}Q: {{ messages[-1]['content'] }}\nA:")
+    rendered = []
+    real = Tokenizer.apply_chat_template
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", lambda self, *a, **k: rendered.append(real(self, *a, **k))
+                        or rendered[-1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--chat-template", str(template), "--max-new-tokens", "4", "--max-denoising-steps", "1",
+                 "--seed", "0"]) == 0
+    assert len(rendered) == 1 and rendered[0].endswith("Q: hello\nA:")
+
+
 def test_serve_refuses_a_mistyped_chat_template_path_before_loading():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
