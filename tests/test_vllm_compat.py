@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
 import sys
 import time
 
@@ -32,6 +31,7 @@ from .live_server import DEADLINE_S, KEY, MODEL, LiveServer  # noqa: E402
 PROMPT = "def add(a, b):"
 ORIGIN = "http://localhost:3000"
 STEPS = 4  # denoising steps per canvas in these requests: fast, and the baselines below use the same
+CEILING = 8  # --max-denoising-steps
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add two numbers."}]
 
 
@@ -44,7 +44,7 @@ def server():
     params = dict(max_new_tokens=64, seed=0, max_denoising_steps=STEPS)
     baseline = llm.generate([llm.tokenize(PROMPT)], SamplingParams(**params))[0]
     with_eos = llm.generate([llm.tokenize(PROMPT)], SamplingParams(**params, ignore_eos=True))[0]
-    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY, max_denoising_steps=48,
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY, max_denoising_steps=CEILING,
                                         allowed_origins=[ORIGIN], enable_request_id_headers=True))
     live.baseline, live.with_eos = baseline, with_eos
     yield live
@@ -213,9 +213,11 @@ def test_vllm_xargs_diffusion_options(client):
     assert one.model_dump()["usage"]["letterpress"]["steps_per_canvas"] == [[1]]
     ours = client.completions.create(**kwargs, extra_body={"max_denoising_steps": 1})
     assert ours.choices[0].text == one.choices[0].text
-    # vLLM caps diffusion_max_steps at the served maximum; we cap at --max-denoising-steps (48 here)
+    # vLLM caps diffusion_max_steps at the served maximum; we cap at --max-denoising-steps
     capped = client.completions.create(**kwargs, extra_body={"vllm_xargs": {"diffusion_max_steps": 10**6}})
-    assert max(capped.model_dump()["usage"]["letterpress"]["steps_per_canvas"][0]) <= 48
+    assert max(capped.model_dump()["usage"]["letterpress"]["steps_per_canvas"][0]) <= CEILING
+    with pytest.raises(openai.BadRequestError, match="exceeds this server's limit"):  # our own field: refused
+        client.completions.create(**kwargs, extra_body={"max_denoising_steps": CEILING + 1})
     for xargs, text in (({"diffusion_max_steps": 0}, "positive integer"),
                         ({"diffusion_seed_canvas": [1, 2]}, "seeded canvas is not supported"),
                         ({"diffusion_canvas_length": 8}, "whole canvases"),
@@ -286,13 +288,15 @@ def test_chat_cli_takes_a_chat_template(tmp_path, monkeypatch, capsys):
     assert len(rendered) == 1 and rendered[0].endswith("Q: hello\nA:")
 
 
-def test_serve_refuses_a_mistyped_chat_template_path_before_loading():
+def test_serve_refuses_a_mistyped_chat_template_path_before_loading(capsys):
+    from letterpress.cli import main
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "letterpress.cli", "serve", "--port", str(port), "--chat-template",
-                           "templates/nope.jinja"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "looks like a file path" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert main(["serve", "--port", str(port), "--chat-template", "templates/nope.jinja"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "looks like a file path" in err and len(err.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------- a client that leaves early
@@ -302,7 +306,7 @@ def test_client_gone_before_the_stream_starts_frees_its_job(server, http):
     job. Driven here through the app itself, on the server's event loop, with such a `send`."""
     state = server.server_state
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True,
-                       "max_denoising_steps": 48, "seed": 1}).encode()
+                       "max_denoising_steps": CEILING, "seed": 1}).encode()
     sent: list[dict] = []
 
     async def call():
