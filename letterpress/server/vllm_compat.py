@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 
 from .body import parse_json
-from .chat import RESERVED_TEMPLATE_KWARGS, _messages_for_template
-from .schemas import ApiError
+from .chat import RESERVED_TEMPLATE_KWARGS, _messages_for_template, render_chat
+from .schemas import ApiError, ChatCompletionRequest
 
 if TYPE_CHECKING:
     from .app import OpenAIServer
@@ -86,10 +86,14 @@ def tokenize(server: OpenAIServer, body: TokenizeCompletionRequest | TokenizeCha
         if reserved:
             raise ApiError(400, f"chat_template_kwargs may not set {reserved[0]!r}; use the request field",
                            param="chat_template_kwargs")
-        if body.tools:  # vLLM's /tokenize takes an empty list as no tools
-            kwargs["tools"] = body.tools
-        text = tokenizer.apply_chat_template(_messages_for_template(body.messages),
-                                             add_generation_prompt=body.add_generation_prompt, **kwargs)
+        tools = body.tools or None  # vLLM's /tokenize takes an empty list as no tools
+        if body.add_generation_prompt:  # the very prompt /v1/chat/completions renders
+            chat = ChatCompletionRequest.model_validate({"messages": body.messages, "tools": tools,
+                                                         "chat_template_kwargs": body.chat_template_kwargs})
+            text, _ = render_chat(tokenizer, chat)
+        else:
+            text = tokenizer.apply_chat_template(_messages_for_template(body.messages), add_generation_prompt=False,
+                                                 **kwargs, **({"tools": tools} if tools else {}))
         server.check_chars(text, "the conversation (rendered by the chat template)", "messages")
         ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
     else:
