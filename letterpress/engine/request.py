@@ -104,6 +104,8 @@ class CanvasEvent:
     token_ids: list[int]
     final: bool
     accepted: int = 0
+    # drafts: which positions this step accepted (kept their proposal; the others were re-noised)
+    accepted_mask: list[bool] | None = None
 
 
 @dataclass

@@ -193,8 +193,9 @@ class Runner:
         row.sc_logits = outcome.sc_probs[i] if self.fast else outcome.processed_logits[i].to(self.model.dtype)
         row.step += 1
         if row.request.want_drafts and row.request.listener:
-            row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
-                                             argmax.tolist(), final=False, accepted=int(outcome.accept_mask[i].sum())))
+            accepted = outcome.accept_mask[i]
+            row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step, argmax.tolist(),
+                                             final=False, accepted=int(accepted.sum()), accepted_mask=accepted.tolist()))
         if (stable and confident) or row.step >= p.max_denoising_steps:
             self._finish_canvas(row)
 

@@ -37,6 +37,7 @@ from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
+from .page import install_playground
 from .schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -493,9 +494,13 @@ class OpenAIServer:
         eos = None if params.ignore_eos else next((i for i, t in enumerate(draft) if t in params.eos_token_ids), None)
         draft = draft if eos is None else draft[:eos]
         data = self.chunk(job, index, {} if job.kind == "chat" else "", None, False)
+        decode = self.llm.tokenizer.decode
         data["denoising_preview"] = {"index": index, "canvas": event.canvas, "step": event.step,
-                                     "accepted": event.accepted, "token_ids": draft,
-                                     "text": self.llm.tokenizer.decode(draft)}
+                                     "accepted": event.accepted, "token_ids": draft, "text": decode(draft),
+                                     # per position, for a live view (the playground page): each token's text and
+                                     # whether this step accepted it
+                                     "tokens": [decode([t]) for t in draft],
+                                     "accepted_mask": (event.accepted_mask or [])[:len(draft)]}
         return "event: denoising_preview\n" + sse_data(data)
 
     # ------------------------------------------------------------------------------------ disconnects
@@ -777,4 +782,5 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
         return {"version": __version__}
 
+    install_playground(app)  # GET /: the playground page (server/page.py, server/static/)
     return app
