@@ -350,7 +350,7 @@ ERRORS = [
     ("chat", {"messages": CHAT, "logit_bias": {"5": 10}}, 400, "logit_bias", "logit_bias"),
     ("chat", {"messages": CHAT, "top_p": 0.5}, 400, "top_p", "top_p"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     400, "images are not supported", None),
+     400, "no vision tower", None),
     ("completion", {"prompt": PROMPT, "echo": True}, 400, "echo", "echo"),
     ("completion", {"prompt": PROMPT, "best_of": 2}, 400, "best_of", "best_of"),
     ("completion", {"prompt": PROMPT, "logprobs": 1}, 400, "not supported", "logprobs"),

@@ -13,6 +13,7 @@ import time
 
 from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
 from ..errors import LetterpressError
+from .generate import add_media_arguments, check_media, media_parts
 from .printing import CanvasPrinter, stats_line
 
 HELP = "interactive multi-turn chat"
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--chat-template", default=None,
                    help="a chat template file, or the template itself, used instead of the checkpoint's (as serve)")
+    add_media_arguments(p)
     add_model_arguments(p)
     add_sampling_arguments(p)
 
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     llm = llm_from_args(args.model, args, max_num_seqs=1)
     if template is not None and llm.tokenizer is not None:  # no tokenizer: llm.chat says so
         llm.tokenizer.set_chat_template(template)
+    check_media(llm, args)
     params = sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -57,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         if text == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": text})
+        first = not any(m["role"] == "user" for m in history)
+        media = media_parts(args) if first else []  # --image / --video go with the first question
+        history.append({"role": "user", "content": [*media, {"type": "text", "text": text}] if media else text})
         if not interactive:
             print(f"you> {text}")  # a pipe's input is not echoed: show which question a reply answers
         print("model> ", end="", flush=True)

@@ -12,6 +12,7 @@ import torch
 
 from ..config import GenerationDefaults
 from ..errors import RequestError
+from ..media.prompt import MediaRun
 from ..sampling import Clamp, Draws
 
 _ids = itertools.count()
@@ -121,6 +122,8 @@ class Request:
     deadline: float | None = None
     # infill / edit: clamps[k] pins known tokens in canvas k (None or past the end: a free canvas)
     clamps: list[Clamp | None] = field(default_factory=list)
+    # images and video frames in the prompt, in prompt order (letterpress.media.prompt.expand_prompt)
+    media: list[MediaRun] = field(default_factory=list)
 
     def clamp_for(self, canvas: int) -> Clamp | None:
         return self.clamps[canvas] if canvas < len(self.clamps) else None

@@ -29,12 +29,15 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from ..config import IMAGE_TIERS
+from ..errors import RequestError
 from ..model import DiffusionGemma
 from ..fast_sampling import fused_denoise_step
 from ..sampling import Clamp, NonFiniteRows, StepOutcome, denoise_step, stack_clamps, temperature
 from .request import CanvasEvent, Request, RequestOutput
 
 log = logging.getLogger("letterpress.engine")
+MAX_MEDIA_RUN = max(IMAGE_TIERS)  # the most soft tokens one image takes
 T = TypeVar("T")
 
 
@@ -58,6 +61,13 @@ class Row:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not encoded)
     error: Exception | None = None  # finish_reason "error": what failed
+    # soft tokens of the prompt's media runs still to encode ([length, hidden] each), computed once
+    media_embeds: dict[int, torch.Tensor] | None = None
+
+    @property
+    def prompt_offset(self) -> int | None:
+        """Prompt position of `pending[0]` while the prompt is being encoded, else None."""
+        return len(self.request.prompt_token_ids) - len(self.pending) if self.canvas_index == 0 else None
 
     @property
     def denoising(self) -> bool:
@@ -84,16 +94,19 @@ class Row:
 class Runner:
     def __init__(self, model: DiffusionGemma, num_slots: int, max_model_len: int, prefill_chunk: int = 2048,
                  pad_token_id: int = 0, impl: str = "plain", block_size: int = 16, kv_cache_bytes: int | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, vision=None):
         self.model = model
+        self.vision = vision  # letterpress.model.vision.VisionModel, or None for a text-only model
         # "fast": the fused sampler pass, whose softmax also feeds the next step's self-conditioning
         # (rows then keep probabilities, not logits, in `sc_logits`); the model's own fast paths are switched
         # on the model (`letterpress.model.fast.apply_fast_path`)
         self.fast = impl == "fast"
         # paged: rows are admitted by free blocks (Scheduler), `kv_cache_bytes` None sizes the pool for
         # num_slots rows of max_model_len tokens (letterpress.cache.plan_pool)
+        # an image is encoded in one chunk, even one longer than `prefill_chunk` (up to the largest tier)
+        self.max_chunk = max(prefill_chunk, MAX_MEDIA_RUN) if vision is not None else prefill_chunk
         self.cache = model.new_paged_cache(num_slots, max_model_len, block_size, budget_bytes=kv_cache_bytes,
-                                           prefill_chunk=prefill_chunk, enable_prefix_caching=enable_prefix_caching)
+                                           prefill_chunk=self.max_chunk, enable_prefix_caching=enable_prefix_caching)
         self.canvas_length = model.config.canvas_length
         self.vocab_size = model.text_config.vocab_size
         self.prefill_chunk = prefill_chunk
@@ -111,16 +124,56 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ encode
     def _encode(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row.request.media and row.media_embeds is None:
+                with self._row_guard(row):
+                    row.media_embeds = self._media_features(row)
+        rows = [r for r in rows if r.finish_reason is None]
+        if not rows:
+            return
         for part, chunks in self._isolated(self._encode_batch, rows):
             for row, chunk in zip(part, chunks):
                 with self._row_guard(row):
                     row.pending = row.pending[len(chunk):]
                     if not row.pending:
+                        row.media_embeds = None  # the prompt is in the cache: the features are not needed again
                         self._start_canvas(row)
+
+    def _media_features(self, row: Row) -> dict[int, torch.Tensor]:
+        """Soft tokens of every media run of the row's prompt not already in the prefix cache, one image at a
+        time (unpadded: a row's features do not depend on its batch-mates). Runs once per request."""
+        out = {}
+        for i, run in enumerate(row.request.media):
+            if run.end <= row.num_cached_tokens:
+                continue
+            if run.embeds is not None:
+                out[i] = run.embeds.to(self.model.device, self.model.dtype)
+                continue
+            if self.vision is None:
+                raise RequestError("this model has no vision tower: it cannot take images")
+            device = self.vision.vision_tower.inv_freq.device
+            (embeds,) = self.vision.embed_images([(run.pixel_values.to(device), run.positions.to(device))])
+            if embeds.shape[0] != run.length:
+                raise RequestError(f"an image gives {embeds.shape[0]} soft tokens but its prompt holds {run.length}")
+            out[i] = embeds.to(self.model.device, self.model.dtype)
+        return out
+
+    def _chunk(self, row: Row) -> list[int]:
+        """The row's next chunk: `prefill_chunk` tokens, cut before an image run it would split (or, for a run
+        that starts the chunk and is longer, extended to its end: a run is encoded in one piece)."""
+        n = min(len(row.pending), self.prefill_chunk)
+        offset = row.prompt_offset
+        if row.request.media and offset is not None:
+            end = offset + n
+            for run in row.request.media:
+                if run.start < end < run.end:
+                    end = run.start if run.start > offset else run.end
+            n = end - offset
+        return row.pending[:n]
 
     def _encode_batch(self, rows: list[Row]) -> list[list[int]]:
         """Write the next prompt chunk of each row to the cache; returns the chunks."""
-        chunks = [r.pending[: self.prefill_chunk] for r in rows]
+        chunks = [self._chunk(r) for r in rows]
         device = self.model.device
         width = max(len(c) for c in chunks)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -128,8 +181,29 @@ class Runner:
             ids[i, : len(chunk)] = torch.tensor(chunk)
         lengths = torch.tensor([len(c) for c in chunks], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
-        self.model.encode(ids.to(device), self.cache, slots, lengths)
+        soft_tokens, soft_mask = self._chunk_media(rows, chunks, width)
+        self.model.encode(ids.to(device), self.cache, slots, lengths, soft_tokens=soft_tokens,
+                          soft_token_mask=soft_mask)
         return chunks
+
+    def _chunk_media(self, rows: list[Row], chunks: list[list[int]], width: int):
+        """(soft tokens [M, hidden] in row-major order, mask [R, width]) of the media runs inside the chunks, or
+        (None, None) when they hold none."""
+        if not any(r.request.media for r in rows):
+            return None, None
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        embeds = []
+        for i, (row, chunk) in enumerate(zip(rows, chunks)):
+            offset = row.prompt_offset
+            if offset is None or not row.request.media:
+                continue
+            for j, run in enumerate(row.request.media):
+                if offset <= run.start and run.end <= offset + len(chunk):
+                    mask[i, run.start - offset:run.end - offset] = True
+                    embeds.append(row.media_embeds[j])
+        if not embeds:
+            return None, None
+        return torch.cat(embeds), mask.to(self.model.device)
 
     def _start_canvas(self, row: Row) -> None:
         row.canvas = row.request.draws.initial_canvas(self.canvas_length, self.vocab_size, row.canvas_index)

@@ -32,6 +32,9 @@ from starlette.requests import ClientDisconnect
 from ..engine.llm import LLM
 from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
+from ..engine.llm import soft_tokens_of
+from ..media.prompt import MediaRun
+from ..media.sources import MediaLimits
 from .chat import ChatChoice, ChatOptions, render_chat
 from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
@@ -90,6 +93,8 @@ class ServerConfig:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     enable_request_id_headers: bool = False
+    # image / video URLs: fetch size and time limits, the folder file:// URLs may read (--allowed-local-media-path)
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
 
 
 # ------------------------------------------------------------------------------------------------- a job
@@ -242,10 +247,15 @@ class OpenAIServer:
         return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens)
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
-        text, chat = render_chat(self.llm.tokenizer, body)
-        self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
-        return self.make_job("chat", body, [self.llm.tokenizer.encode(text)],
-                             body.max_completion_tokens or body.max_tokens, chat)
+        """Render, fetch and decode the media parts, tokenize: all on a preparation thread."""
+        def render(messages: list[Any]) -> tuple[str, ChatOptions]:
+            text, chat = render_chat(self.llm.tokenizer, body.model_copy(update={"messages": messages}))
+            self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
+            return text, chat
+
+        tier = soft_tokens_of(body.mm_processor_kwargs)
+        ids, media, chat = self.llm.chat_prompt(body.messages, render, self.config.media_limits, tier)
+        return self.make_job("chat", body, [ids], body.max_completion_tokens or body.max_tokens, chat, [media])
 
     def check_model(self, model: str | None) -> str:
         names = self.config.served_model_names
@@ -269,7 +279,10 @@ class OpenAIServer:
             elif len(p) > self.llm.max_model_len:
                 raise ApiError(400, f"the prompt is {len(p):,} tokens: more than max_model_len "
                                     f"{self.llm.max_model_len}", param="prompt", code="context_length_exceeded")
-        return [self.llm.tokenize(p) for p in prompts]
+        ids = [self.llm.tokenize(p) for p in prompts]
+        for prompt_ids in ids:  # media go through chat messages; a bare placeholder would have nothing to fill it
+            self.llm.check_placeholders(prompt_ids)
+        return ids
 
     def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams:
         """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 (below 1e-5, as
@@ -308,7 +321,7 @@ class OpenAIServer:
         )
 
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
-                 chat: ChatOptions | None = None) -> Job:
+                 chat: ChatOptions | None = None, media: list[list[MediaRun]] | None = None) -> Job:
         model = self.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
@@ -324,7 +337,7 @@ class OpenAIServer:
                 index = p * body.n + j
                 request = self.llm.make_request(prompt, self.sampling_params(body, max_tokens, j),
                                                 listener=stream.listener(index), want_drafts=body.wants_preview(),
-                                                request_id=f"{job_id}-{index}")
+                                                request_id=f"{job_id}-{index}", media=media[p] if media else None)
                 # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)

@@ -93,7 +93,7 @@ class EditRequest(_Sampler):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[Any]  # checked message by message by the tokenizer (roles, text parts, no images)
+    messages: list[Any]  # checked message by message by the tokenizer; media parts by letterpress.media
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -105,6 +105,7 @@ class ChatCompletionRequest(_Common):
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM's: {"max_soft_tokens": 70|140|280|560|1120}
 
 
 # field -> (values that mean "off", why we refuse anything else)

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 
+from ..engine.llm import soft_tokens_of
 from .body import parse_json
 from .chat import RESERVED_TEMPLATE_KWARGS, _messages_for_template, render_chat
 from .schemas import ApiError, ChatCompletionRequest
@@ -50,6 +51,7 @@ class TokenizeChatRequest(BaseModel):
     chat_template: str | None = None  # refused: as vLLM without --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # {"max_soft_tokens": T}: the image tier, as in chat
 
 
 class DetokenizeRequest(BaseModel):
@@ -87,15 +89,25 @@ def tokenize(server: OpenAIServer, body: TokenizeCompletionRequest | TokenizeCha
             raise ApiError(400, f"chat_template_kwargs may not set {reserved[0]!r}; use the request field",
                            param="chat_template_kwargs")
         tools = body.tools or None  # vLLM's /tokenize takes an empty list as no tools
-        if body.add_generation_prompt:  # the very prompt /v1/chat/completions renders
-            chat = ChatCompletionRequest.model_validate({"messages": body.messages, "tools": tools,
-                                                         "chat_template_kwargs": body.chat_template_kwargs})
-            text, _ = render_chat(tokenizer, chat)
-        else:
-            text = tokenizer.apply_chat_template(_messages_for_template(body.messages), add_generation_prompt=False,
-                                                 **kwargs, **({"tools": tools} if tools else {}))
-        server.check_chars(text, "the conversation (rendered by the chat template)", "messages")
-        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        chat = ChatCompletionRequest.model_validate({"messages": body.messages, "tools": tools,
+                                                     "chat_template_kwargs": body.chat_template_kwargs,
+                                                     "mm_processor_kwargs": body.mm_processor_kwargs})
+
+        def render(messages: list[Any]) -> tuple[str, None]:
+            if body.add_generation_prompt:  # the very prompt /v1/chat/completions renders
+                text, _ = render_chat(tokenizer, chat.model_copy(update={"messages": messages}))
+            else:
+                text = tokenizer.apply_chat_template(_messages_for_template(messages), add_generation_prompt=False,
+                                                     **kwargs, **({"tools": tools} if tools else {}))
+            server.check_chars(text, "the conversation (rendered by the chat template)", "messages")
+            return text, None
+
+        # as the chat route: image and video parts fetched, decoded and counted as their soft tokens
+        ids, _, _ = server.llm.chat_prompt(body.messages, render, server.config.media_limits,
+                                           soft_tokens_of(body.mm_processor_kwargs))
+        bos = tokenizer.bos_id
+        if body.add_special_tokens and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
     else:
         server.check_chars(body.prompt, "the prompt", "prompt")
         ids = server.llm.tokenize(body.prompt) if body.add_special_tokens else tokenizer.encode(body.prompt)
