@@ -205,6 +205,12 @@ def test_top_k_is_accepted_and_checked(client):
     assert client.completions.create(**kwargs, temperature=0, extra_body={"top_k": 2}).choices[0].text == greedy
     with pytest.raises(openai.BadRequestError, match="top_k must be 0"):
         client.completions.create(**kwargs, extra_body={"top_k": -2})
+    # the constraint of structured output chooses among every allowed token: no top_k, no extra stop ids
+    choice = {"structured_outputs": {"choice": ["yes", "no"]}}
+    with pytest.raises(openai.BadRequestError, match="cannot be combined with top_k"):
+        client.completions.create(**kwargs, extra_body={**choice, "top_k": 5})
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids cannot be combined"):
+        client.completions.create(**kwargs, extra_body={**choice, "stop_token_ids": [7]})
 
 
 def test_vllm_xargs_diffusion_options(client):

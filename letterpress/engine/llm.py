@@ -21,6 +21,7 @@ from ..media.sources import IMAGE, VIDEO, MediaLimits, as_file, open_source
 from ..model import DiffusionGemma
 from ..model.fast import prepare
 from ..sampling import Clamp, Draws, GeneratorDraws
+from ..structured import Constraint, compile_regex
 from ..tokenizer import Tokenizer
 from .request import CanvasEvent, Request, RequestOutput, SamplingParams
 from .runner import Runner
@@ -205,9 +206,27 @@ class LLM:
                 raise RequestError(f"timeout must be a number of seconds > 0, got {timeout!r}")
             request.deadline = request.arrival + timeout
         request.check_clamps(self.runner.canvas_length, self.runner.vocab_size)
+        if resolved.structured_outputs is not None:
+            request.constraint = self.constraint(resolved)
+            if request.clamps:
+                raise RequestError("structured output cannot be combined with clamps (infill, edit)")
         if request_id is not None:
             request.request_id = request_id
         return request
+
+    def constraint(self, params: SamplingParams) -> Constraint:
+        """The automaton of `params.structured_outputs` over this model's vocabulary (compiled once per
+        constraint and cached), checked against the token budget."""
+        if self.tokenizer is None:
+            raise RequestError("structured output needs a checkpoint with a tokenizer.json")
+        spec = params.structured_outputs
+        automaton = compile_regex(spec.to_regex(), self.tokenizer, params.eos_token_ids,
+                                  frozenset(spec.special_tokens))
+        constraint = Constraint(automaton, params.eos_token_ids, params.seed)
+        if constraint.shortest() > params.max_new_tokens:
+            raise RequestError(f"max_tokens {params.max_new_tokens} is too few for this structured output: its "
+                               f"shortest valid answer takes {constraint.shortest()} tokens")
+        return constraint
 
     def detokenize(self, output: RequestOutput) -> RequestOutput:
         if self.tokenizer is not None:

@@ -14,6 +14,7 @@ from ..config import GenerationDefaults
 from ..errors import RequestError
 from ..media.prompt import MediaRun
 from ..sampling import Clamp, Draws
+from ..structured import Constraint, StructuredOutputsParams
 
 _ids = itertools.count()
 
@@ -44,6 +45,9 @@ class SamplingParams:
     ignore_eos: bool = False
     greedy: bool = False  # propose the argmax instead of sampling (the server's temperature 0)
     top_k: int = 0  # keep the k most likely tokens per position (sampling.apply_top_k_); 0: all
+    # vLLM's field: constrain the output to a JSON schema, regex or choice (letterpress.structured); a dict
+    # with the same keys is taken too
+    structured_outputs: StructuredOutputsParams | None = None
 
     def resolve(self, defaults: GenerationDefaults) -> "SamplingParams":
         """Fill unset fields from the checkpoint's defaults and validate the result."""
@@ -54,6 +58,11 @@ class SamplingParams:
                 setattr(filled, name, getattr(defaults, name))
         if filled.eos_token_ids is None:
             filled.eos_token_ids = list(defaults.eos_token_ids)
+        if isinstance(filled.structured_outputs, dict):
+            try:
+                filled.structured_outputs = StructuredOutputsParams(**filled.structured_outputs)
+            except TypeError as e:
+                raise RequestError(f"structured_outputs: {e}") from None
         filled.validate()
         return filled
 
@@ -89,6 +98,15 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be a list of integers, got {self.eos_token_ids!r}")
         integer("top_k", 0, MAX_TOKENS)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise RequestError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
+            if self.ignore_eos:
+                raise RequestError("structured output cannot be combined with ignore_eos: the answer ends with EOS "
+                                   "once it is complete")
+            if self.top_k:
+                raise RequestError("structured output (or tool_choice required / named) cannot be combined with "
+                                   "top_k: the constraint chooses among every token the automaton allows")
         for name in ("greedy", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -124,6 +142,8 @@ class Request:
     clamps: list[Clamp | None] = field(default_factory=list)
     # images and video frames in the prompt, in prompt order (letterpress.media.prompt.expand_prompt)
     media: list[MediaRun] = field(default_factory=list)
+    # structured output: the automaton every committed canvas must follow (LLM.make_request builds it)
+    constraint: Constraint | None = None
 
     def clamp_for(self, canvas: int) -> Clamp | None:
         return self.clamps[canvas] if canvas < len(self.clamps) else None

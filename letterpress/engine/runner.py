@@ -8,6 +8,9 @@ Rows are independent: each has its own row of block tables in the paged KV cache
 prefix caching are never written again), step counter and random draws, so a row's output does
 not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
 edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
+A row may carry a structured-output constraint (`letterpress.structured`): after the sampler step its
+committed canvas and kept proposals are replaced by the automaton's DP paths (`_constrain`); rows without
+one take exactly the unconstrained path.
 
 Faults stay in their row. The batched part of each phase (the model call, and for denoise the sampler) is
 run by `_isolated`: when it raises, the row state it touched (random generators, cache lengths) is put
@@ -245,13 +248,27 @@ class Runner:
         # keep_processed=False: the fused step may reuse the logits as its sampling scratch
         step = partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast else denoise_step
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
+        # structured rows: their log-probabilities, taken before the fused step consumes the logits
+        logps = {i: torch.log_softmax(logits[i].float() / temps[i], dim=-1)
+                 for i, r in enumerate(rows) if r.request.constraint is not None}
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
                        clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
                        top_k=[p.top_k for p in params] if any(p.top_k for p in params) else None)
         if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
             outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
+        for i, logp in logps.items():
+            self._constrain(rows[i], outcome, i, logp)
         return outcome
+
+    def _constrain(self, row: Row, outcome: StepOutcome, i: int, logp: torch.Tensor) -> None:
+        """Row i's committed canvas and kept proposals from the automaton's DP (letterpress.structured):
+        the canvas it commits is always a valid prefix that can still complete."""
+        p = row.request.params
+        best, proposals = row.request.constraint.paths(logp, p.max_new_tokens - len(row.token_ids), row.canvas_index,
+                                                       row.step, p.greedy)
+        outcome.argmax[i] = best
+        outcome.next_canvas[i] = torch.where(outcome.accept_mask[i], proposals, outcome.next_canvas[i])
 
     def _advance(self, row: Row, outcome: StepOutcome, i: int) -> None:
         """Row i of a sampler step: take its next canvas, report the draft, finish the canvas when it is done."""
@@ -335,6 +352,8 @@ class Runner:
             committed, counted, reason = tokens[:budget], tokens[:budget], "length"
         else:
             committed, counted, reason = tokens, tokens, None
+        if row.request.constraint is not None and reason is None:
+            row.request.constraint.commit(committed)  # the next canvas continues from here
         row.token_ids.extend(committed)
         # tokens/forward counts what the model wrote: clamped positions were given, not generated
         free = [True] * len(counted) if row.clamp is None else (~row.clamp.mask).tolist()

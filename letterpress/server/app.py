@@ -35,7 +35,9 @@ from ..errors import CheckpointError, LetterpressError, NotSupportedError, Reque
 from ..engine.llm import soft_tokens_of
 from ..media.prompt import MediaRun
 from ..media.sources import MediaLimits
+from ..structured import StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
+from .structured import from_body as structured_from_body
 from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
@@ -244,7 +246,8 @@ class OpenAIServer:
                                 "at most); shorten it", param=param, code="context_length_exceeded")
 
     def completion_job(self, body: CompletionRequest) -> Job:
-        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens)
+        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens,
+                             structured=structured_from_body(body))
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
         """Render, fetch and decode the media parts, tokenize: all on a preparation thread."""
@@ -255,7 +258,8 @@ class OpenAIServer:
 
         tier = soft_tokens_of(body.mm_processor_kwargs)
         ids, media, chat = self.llm.chat_prompt(body.messages, render, self.config.media_limits, tier)
-        return self.make_job("chat", body, [ids], body.max_completion_tokens or body.max_tokens, chat, [media])
+        return self.make_job("chat", body, [ids], body.max_completion_tokens or body.max_tokens, chat, [media],
+                             structured=chat.structured)
 
     def check_model(self, model: str | None) -> str:
         names = self.config.served_model_names
@@ -321,7 +325,8 @@ class OpenAIServer:
         )
 
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
-                 chat: ChatOptions | None = None, media: list[list[MediaRun]] | None = None) -> Job:
+                 chat: ChatOptions | None = None, media: list[list[MediaRun]] | None = None,
+                 structured: StructuredOutputsParams | None = None) -> Job:
         model = self.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
@@ -329,15 +334,21 @@ class OpenAIServer:
         if rows_wanted > self.engine.capacity:
             raise ApiError(400, f"{rows_wanted} rows (prompts x n) can never fit: this server holds "
                                 f"{self.engine.capacity} (--max-num-seqs + --max-queue)", param="n")
+        if structured is not None and getattr(body, "stop_token_ids", None):
+            raise ApiError(400, "stop_token_ids cannot be combined with structured output (or tool_choice required / "
+                                "named): a stop id inside the constrained answer would cut it", param="stop_token_ids",
+                           code="unsupported")
         job_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         stream = RequestStream(self.loop)
         rows = []
         for p, prompt in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
-                request = self.llm.make_request(prompt, self.sampling_params(body, max_tokens, j),
-                                                listener=stream.listener(index), want_drafts=body.wants_preview(),
-                                                request_id=f"{job_id}-{index}", media=media[p] if media else None)
+                params = self.sampling_params(body, max_tokens, j)
+                params.structured_outputs = structured  # letterpress.structured: compiled once, cached
+                request = self.llm.make_request(prompt, params, listener=stream.listener(index),
+                                                want_drafts=body.wants_preview(), request_id=f"{job_id}-{index}",
+                                                media=media[p] if media else None)
                 # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)

@@ -51,6 +51,10 @@ def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
     if body.skip_special_tokens is False:
         raise ApiError(400, "skip_special_tokens false does not apply to infilling (suffix): the middle is "
                             "read without special tokens", param="skip_special_tokens", code="unsupported")
+    for name in ("response_format", "structured_outputs"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} does not apply to infilling (suffix): the clamped suffix is fixed text",
+                           param=name, code="unsupported")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if body.wants_preview():

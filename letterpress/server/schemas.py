@@ -56,6 +56,10 @@ class _Common(_Sampler):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's: more EOS ids (server/vllm_compat.py)
     skip_special_tokens: bool | None = None  # vLLM's: false keeps special tokens in the text (default true)
+    # structured output (server/structured.py): vLLM's {json | regex | choice | json_object} and OpenAI's
+    # response_format {"type": "json_object" | "json_schema" | "text"}
+    structured_outputs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     # OpenAI fields that we refuse unless they hold their no-op value (see UNSUPPORTED)
     top_p: float | None = None
@@ -104,7 +108,6 @@ class ChatCompletionRequest(_Common):
     include_reasoning: bool = True  # vLLM's: false leaves the thoughts out of the answer
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None  # vLLM's: {"max_soft_tokens": 70|140|280|560|1120}
 
 
@@ -138,9 +141,6 @@ def refuse_unsupported(body: _Common) -> None:
     for name, (off, why) in UNSUPPORTED.items():
         if hasattr(body, name) and getattr(body, name) not in off:
             raise ApiError(400, f"'{name}' is not supported by letterpress: {why}", param=name, code="unsupported")
-    if getattr(body, "response_format", None) not in (None, {"type": "text"}):
-        raise ApiError(400, "'response_format' is not supported by letterpress: only {\"type\": \"text\"}",
-                       param="response_format", code="unsupported")
 
 
 # ----------------------------------------------------------------------------------------------- responses
