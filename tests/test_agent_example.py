@@ -142,3 +142,36 @@ def test_tool_loop_reuses_the_encoded_history(server):
         previous = prompt
     assert finish == ["tool_calls", "tool_calls", "length"] and messages[-1]["content"] == "It is 395."
     http.close()
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """The shipped tiny model and the tool template, nothing scripted."""
+    llm = LLM(None, max_num_seqs=2, max_model_len=1024, prefill_chunk=64)
+    llm.defaults.max_denoising_steps = 4
+    llm.tokenizer.set_chat_template(load_chat_template(str(TEMPLATE)))
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY))
+    yield live
+    live.stop()
+
+
+def test_the_tiny_model_calls_when_tool_choice_names_the_tool(real_server):
+    """The model's own words: it never calls on its own, but with tool_choice naming the tool the canvas is
+    constrained to a call of `calculate` whose arguments match its schema (letterpress.structured); the loop
+    then sends the result back, and the next turn reuses the first prompt from the prefix cache."""
+    client = openai.OpenAI(base_url=real_server.url + "/v1", api_key=KEY, max_retries=0)
+    tools = [{"type": "function", "function": {"name": "calculate", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string", "maxLength": 20}}, "required": ["expression"]}}}]
+    messages = [{"role": "user", "content": "What is 17 * 23 + 4?"}]
+    kwargs = dict(model=MODEL, tools=tools, max_tokens=64, seed=0, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    first = client.chat.completions.create(messages=messages, tool_choice={"type": "function", "function": {"name": "calculate"}},
+                                           **kwargs)
+    [call] = first.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "calculate"
+    assert set(arguments) == {"expression"} and isinstance(arguments["expression"], str)
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "395"}]
+    second = client.chat.completions.create(messages=messages, tool_choice="none", **kwargs)
+    assert second.choices[0].message.tool_calls is None
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens // BLOCK * BLOCK
