@@ -32,6 +32,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="DIR", default=None,
                    help="write a torch profiler trace (chrome trace JSON) of the first --profile-steps steps to DIR")
     g.add_argument("--profile-steps", type=int, default=8, metavar="N", help="steps to profile (default 8)")
+    t = p.add_argument_group("multiple GPUs (README, 'Multiple GPUs')")
+    t.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model and the KV cache over N processes (one GPU each with --device cuda; gloo "
+                        "on CPU); rank 0 runs the engine, the others are started by this command (default 1)")
+    t.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split the experts by id over the tensor-parallel ranks instead of by width")
     c = p.add_argument_group("KV cache (README, 'KV cache and prefix caching')")
     c.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
                    help="size of the paged KV cache, e.g. 4GiB (default: room for --max-num-seqs rows of --max-model-len)")
@@ -70,6 +76,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
                 block_size=getattr(args, "block_size", 16),
                 enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                enable_expert_parallel=getattr(args, "enable_expert_parallel", False),
                 limit_mm_per_prompt=getattr(args, "limit_mm_per_prompt", None),
                 mm_processor_kwargs=getattr(args, "mm_processor_kwargs", None))
 

@@ -29,6 +29,25 @@ from .scheduler import Scheduler
 
 log = logging.getLogger("letterpress.engine")
 Prompt = str | Sequence[int] | dict  # dict: vLLM's {"prompt" | "prompt_token_ids", "multi_modal_data", ...}
+
+
+def start_parallel(folder: Path, size: int, expert_parallel: bool, dtype, device, quantization: str | None,
+                   impl: str, compile: bool | str):
+    """The ranks of a tensor-parallel engine (letterpress.parallel); returns rank 0's driver."""
+    from ..config import load_model_config
+    from ..model.fast import IMPLS
+    from ..parallel import LoadSpec, ParallelConfig, check_shardable, launch
+    from ..quant import check_format
+
+    config = ParallelConfig(size, expert_parallel)
+    if compile:
+        raise ConfigError("--compile is not supported with --tensor-parallel-size > 1 yet (the layers' collectives "
+                          "would have to be traced); drop one of them")
+    if impl not in IMPLS:
+        raise RequestError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    check_shardable(load_model_config(folder).text, config)  # before any process starts
+    return launch(config, LoadSpec(str(folder), dtype, str(device), check_format(quantization), impl))
+
 Messages = list[dict]
 
 
@@ -46,7 +65,8 @@ class LLM:
                  impl: str = "plain", compile: bool | str = False, kv_cache_memory: str | int | None = None,
                  gpu_memory_utilization: float | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, limit_mm_per_prompt: dict[str, int] | None = None,
-                 mm_processor_kwargs: dict | None = None):
+                 mm_processor_kwargs: dict | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False):
         """`quantization`: None, "int8", "int4" or "fp8" (letterpress.quant). `impl`: "plain" (the reference
         path) or "fast" (grouped MoE, sliced attention, fused sampler; letterpress.model.fast). `compile`:
         torch.compile each layer (True, or a torch.compile mode). The paged KV cache (letterpress.cache) is
@@ -54,16 +74,24 @@ class LLM:
         fraction of device memory), else for `max_num_seqs` rows of `max_model_len` tokens; `block_size`
         positions per block; `enable_prefix_caching` shares the blocks of equal prompt prefixes.
         Images (a checkpoint with a vision tower): `limit_mm_per_prompt` ({"image": 2, "video": 1}, vLLM's) caps
-        the media of one prompt; `mm_processor_kwargs` ({"max_soft_tokens": 560}) sets the default tier."""
+        the media of one prompt; `mm_processor_kwargs` ({"max_soft_tokens": 560}) sets the default tier.
+        `tensor_parallel_size` N > 1: N processes (this one is rank 0) each hold a slice of the model and of
+        the KV cache; `enable_expert_parallel` splits the experts by id (letterpress.parallel)."""
         if model is None:
             from ..embedded import default_model_dir
 
             model = default_model_dir()
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
-        self.model = DiffusionGemma.from_pretrained(self.folder, dtype=dtype, device=device,
-                                                    quantization=quantization)  # quantized while loading
-        prepare(self.model, impl=impl, quantization=quantization, compile=compile)
+        self.parallel = None
+        if tensor_parallel_size != 1:  # expert parallel splits over the TP ranks: nothing to split with one
+            self.parallel = start_parallel(self.folder, tensor_parallel_size, enable_expert_parallel, dtype, device,
+                                           quantization, impl, compile)
+            self.model = self.parallel.model
+        else:
+            self.model = DiffusionGemma.from_pretrained(self.folder, dtype=dtype, device=device,
+                                                        quantization=quantization)  # quantized while loading
+            prepare(self.model, impl=impl, quantization=quantization, compile=compile)
         self.tokenizer = Tokenizer.from_dir(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         self.defaults = load_generation_defaults(self.folder, self.model.config)
         text = self.model.text_config
@@ -82,6 +110,11 @@ class LLM:
                              enable_prefix_caching=enable_prefix_caching and self.model.text_config.encoder_is_causal,
                              vision=self.vision)
         self.scheduler = Scheduler(self.runner, max_num_seqs, max_model_len)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers now (they also stop when this process exits)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     # ------------------------------------------------------------------------------------------- media
     def _init_media(self, dtype, device, limit_mm_per_prompt: dict[str, int] | None,
