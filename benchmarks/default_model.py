@@ -49,13 +49,13 @@ def judge(task: T.Task, raw: str) -> bool:
     return not out.tool_calls and out.content == task.answer
 
 
-def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False) -> dict:
+def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **sampler) -> dict:
     from letterpress import SamplingParams
 
     outs = []
     for start in range(0, len(tasks), batch):
         chunk = tasks[start:start + batch]
-        params = [SamplingParams(seed=start + i) for i in range(len(chunk))]
+        params = [SamplingParams(seed=start + i, **sampler) for i in range(len(chunk))]
         if plain:
             outs += llm.generate([t.messages[0]["content"] for t in chunk], params)
         else:
@@ -67,22 +67,22 @@ def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False) -> dic
                     outs += llm.chat(t.messages, p, tools=t.tools)
     raws = [llm.tokenizer.decode(o.token_ids, skip_special_tokens=False) for o in outs]
     right = [judge(t, r) for t, r in zip(tasks, raws)]
-    wrong = [(t.messages[-1]["content"], t.answer, r) for t, r, ok in zip(tasks, raws, right) if not ok]
+    wrong = [(t.messages[0]["content"], t.answer, r) for t, r, ok in zip(tasks, raws, right) if not ok]
     return {"exact": sum(right) / len(right), "n": len(right),
             "tokens_per_forward": statistics.mean(o.tokens_per_forward for o in outs),
             "steps": statistics.mean(sum(o.steps_per_canvas) for o in outs),
             "answer_tokens": statistics.mean(len(o.token_ids) for o in outs), "wrong_samples": wrong[:3]}
 
 
-def latency(llm, families: list[str], n: int) -> dict:
+def latency(llm, families: list[str], n: int, **sampler) -> dict:
     from letterpress import SamplingParams
 
     tasks = [T.held_out_tasks(families[i % len(families)], i // len(families) + 1)[-1] for i in range(n)]
-    llm.chat(tasks[0].messages, SamplingParams(seed=0), tools=tasks[0].tools)  # warm-up
+    llm.chat(tasks[0].messages, SamplingParams(seed=0, **sampler), tools=tasks[0].tools)  # warm-up
     seconds = []
     for i, task in enumerate(tasks):
         t0 = time.perf_counter()
-        out = llm.chat(task.messages, SamplingParams(seed=i), tools=task.tools)[0]
+        out = llm.chat(task.messages, SamplingParams(seed=i, **sampler), tools=task.tools)[0]
         llm.tokenizer.decode(out.token_ids, skip_special_tokens=False)
         seconds.append(time.perf_counter() - t0)
     seconds.sort()
@@ -99,6 +99,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--latency", type=int, default=22, help="single requests timed (0: none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--entropy-bound", type=float, default=None, help="sampler setting (default: the checkpoint's)")
+    ap.add_argument("--max-denoising-steps", type=int, default=None)
+    ap.add_argument("--validation", action="store_true",
+                    help="examples of the validation seed (for choosing sampler settings), not the held-out ones")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="folder for the charts (exact match, tokens per forward by family)")
     args = ap.parse_args()
@@ -106,14 +110,18 @@ def main() -> None:
     from letterpress import LLM
 
     families = args.families.split(",")
+    sampler = {k: v for k, v in (("entropy_bound", args.entropy_bound),
+                                 ("max_denoising_steps", args.max_denoising_steps)) if v is not None}
+    seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     llm = LLM(args.model, max_num_seqs=args.batch)
     seen = {t.prompt_key for t in training_tasks(0)}
     phrasings = ("train", "held_out") if args.phrasing == "both" else (args.phrasing,)
-    result = {"model": args.model, "machine": machine(), "n": args.n, "families": {}}
+    result = {"model": args.model, "machine": machine(), "n": args.n, "sampler": sampler,
+              "examples": "validation" if args.validation else "held-out", "families": {}}
     for phrasing in phrasings:
         for family in families:
-            tasks = T.held_out_tasks(family, args.n, phrasing, exclude=seen)
-            r = run_family(llm, tasks, args.batch)
+            tasks = T.held_out_tasks(family, args.n, phrasing, exclude=seen, seed=seed)
+            r = run_family(llm, tasks, args.batch, **sampler)
             result["families"].setdefault(family, {})[phrasing] = r
             print(f"{family:12s} {phrasing:8s} exact {100 * r['exact']:5.1f}%  tokens/forward "
                   f"{r['tokens_per_forward']:5.2f}  steps {r['steps']:4.2f}  answer tokens {r['answer_tokens']:5.1f}",
@@ -122,9 +130,9 @@ def main() -> None:
                 print(f"    e.g. {prompt!r}: want {want!r}, got {got!r}", flush=True)
     if args.plain:
         for family in families:
-            tasks = T.held_out_tasks(family, args.n, exclude=seen)
+            tasks = T.held_out_tasks(family, args.n, exclude=seen, seed=seed)
             if tasks[0].tools is None and len(tasks[0].messages) == 1:
-                r = run_family(llm, tasks, args.batch, plain=True)
+                r = run_family(llm, tasks, args.batch, plain=True, **sampler)
                 result["families"][family]["plain"] = r
                 print(f"{family:12s} plain    exact {100 * r['exact']:5.1f}%  tokens/forward "
                       f"{r['tokens_per_forward']:5.2f}", flush=True)
@@ -135,7 +143,7 @@ def main() -> None:
     print(f"mean exact {100 * result['mean_exact']:.1f}%, worst family {100 * result['min_exact']:.1f}%, "
           f"tokens per forward {result['tokens_per_forward']:.2f} (mean over families)")
     if args.latency:
-        result["latency"] = latency(llm, families, args.latency)
+        result["latency"] = latency(llm, families, args.latency, **sampler)
         print(f"reply latency (batch 1, {args.threads} thread): median {result['latency']['median_s']:.3f} s, "
               f"p90 {result['latency']['p90_s']:.3f} s over {args.latency} requests")
     print(result["machine"])

@@ -350,6 +350,7 @@ FAMILIES: dict[str, Callable[[random.Random, str], Task]] = {
 }
 TRAIN_SEED = 10_000  # training stream: TRAIN_SEED + recipe seed
 HELD_OUT_SEED = 424_242  # held-out examples (benchmarks/default_model.py, tests)
+VALIDATION_SEED = 535_353  # examples for choosing sampler settings, so the held-out ones stay untouched
 
 
 def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, ...] = tuple(FAMILIES)) -> list[Task]:
@@ -358,10 +359,11 @@ def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, 
     return [FAMILIES[rng.choice(families)](rng, phrasing) for _ in range(n)]
 
 
-def held_out_tasks(family: str, n: int, phrasing: str = "train", exclude: set[str] | None = None) -> list[Task]:
-    """`n` tasks of one family from the held-out seed, none of whose prompts is in `exclude` (the training
-    prompts), nor repeated."""
-    rng = random.Random(HELD_OUT_SEED + sorted(FAMILIES).index(family) + (1000 if phrasing == "held_out" else 0))
+def held_out_tasks(family: str, n: int, phrasing: str = "train", exclude: set[str] | None = None,
+                   seed: int = HELD_OUT_SEED) -> list[Task]:
+    """`n` tasks of one family from the held-out seed (or VALIDATION_SEED), none of whose prompts is in
+    `exclude` (the training prompts), nor repeated."""
+    rng = random.Random(seed + sorted(FAMILIES).index(family) + (1000 if phrasing == "held_out" else 0))
     out, seen = [], set(exclude or ())
     while len(out) < n:
         task = FAMILIES[family](rng, phrasing)
