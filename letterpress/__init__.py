@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 # public name -> the module (relative to this package) that defines it
 _EXPORTS = {"LLM": ".engine.llm", "SamplingParams": ".engine.request", "RequestOutput": ".engine.request",
-            "DiffusionGemma": ".model", "LetterpressError": ".errors"}
+            "DiffusionGemma": ".model", "LetterpressError": ".errors",
+            "StructuredOutputsParams": ".structured"}
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .engine.request import RequestOutput, SamplingParams
     from .errors import LetterpressError
     from .model import DiffusionGemma
+    from .structured import StructuredOutputsParams
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ Two caches with one interface (`begin_append`, `write`, `read`, `advance`; `leng
   block table per kind. Full layers keep every block of a row; sliding layers keep only the blocks a future
   read can reach (`visible_from`: the last `window - 1` positions, plus the chunk being encoded) and give
   older blocks back. With prefix caching on, every block that is full gets a chained hash of the tokens up
-  to its end; rows whose prompt starts with the same tokens share those blocks (reference counts), and
+  to its end (and of the content of every image whose soft tokens it holds, `MediaSpan`); rows whose prompt starts with the same tokens share those blocks (reference counts), and
   blocks no row holds stay cached until the pool needs them (least recently freed first), which is how
   vLLM's allocator (and its hybrid one, for sliding layers) does it.
 
@@ -264,9 +264,14 @@ class BlockPool:
             self.hash_of[block] = block_hash
 
 
-def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
-    """Hash of a block given the hash of the block before it: equal hashes mean equal token prefixes."""
-    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+def chain_hash(parent: bytes, tokens: list[int], media: bytes = b"") -> bytes:
+    """Hash of a block given the hash of the block before it: equal hashes mean equal token prefixes. `media`:
+    the content digests of the images whose soft tokens the block holds (their placeholder ids are all
+    equal, so the ids alone would let two different images share blocks)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes() + media, digest_size=16).digest()
+
+
+MediaSpan = tuple[int, int, bytes]  # an image's soft tokens: [start, end) prompt positions, content digest
 
 
 ROOT_HASH = b"letterpress-kv"
@@ -301,6 +306,7 @@ class PagedKVCache:
         self.tokens: list[list[int]] = [[] for _ in range(num_slots)]  # what each row has encoded
         self.hashes: list[list[bytes]] = [[] for _ in range(num_slots)]  # one per full block of `tokens`
         self.hashable = [True] * num_slots  # False once a chunk came without its token ids
+        self.media: list[list[MediaSpan]] = [[] for _ in range(num_slots)]  # each row's images
         self.trimmed = {k.name: [0] * num_slots for k in self.kinds}  # sliding: blocks before this are given back
 
     @property
@@ -326,15 +332,18 @@ class PagedKVCache:
         return all(n <= self.pools[name].num_blocks for name, n in self.blocks_needed(tokens).items())
 
     # -------------------------------------------------------------------------------------- admission
-    def admit(self, slot: int, prompt_ids: list[int], max_tokens: int) -> int | None:
+    def admit(self, slot: int, prompt_ids: list[int], max_tokens: int, media: list[MediaSpan] | None = None) -> int | None:
         """Reserve the blocks a row of at most `max_tokens` tokens can hold at once and reuse the cached blocks
         of the longest cached prefix of `prompt_ids`. Returns the number of prompt tokens already cached (the
-        row's length; encode the rest), or None when the pool cannot promise the blocks yet (wait)."""
+        row's length; encode the rest), or None when the pool cannot promise the blocks yet (wait).
+        `media`: the prompt's image runs; their digests enter the hashes of the blocks holding them, and a
+        cached prefix never ends inside one (an image is encoded in one piece)."""
         need = self.blocks_needed(max_tokens)
         if any(self.pools[name].reserved + n > self.pools[name].num_blocks for name, n in need.items()):
             return None
-        hit = self._longest_hit(prompt_ids) if self.enable_prefix_caching else 0
-        hashes = self.hashes_of(prompt_ids, hit)
+        media = sorted(media or [])
+        hit = self._longest_hit(prompt_ids, media) if self.enable_prefix_caching else 0
+        hashes = self.hashes_of(prompt_ids, hit, media)
         for kind in self.kinds:
             pool = self.pools[kind.name]
             pool.reserved += need[kind.name]
@@ -351,22 +360,29 @@ class PagedKVCache:
                 self.tables[kind.name][slot, : len(row)] = torch.tensor(row)
         self.tokens[slot] = list(prompt_ids[:hit])
         self.hashes[slot] = hashes
+        self.media[slot] = media
         self.hashable[slot] = True
         self.lengths[slot] = hit
         return hit
 
-    def hashes_of(self, token_ids: list[int], tokens: int) -> list[bytes]:
+    def hashes_of(self, token_ids: list[int], tokens: int, media: list[MediaSpan] | None = None) -> list[bytes]:
         hashes, parent = [], ROOT_HASH
         for start in range(0, tokens - tokens % self.block_size, self.block_size):
-            parent = chain_hash(parent, token_ids[start:start + self.block_size])
+            parent = chain_hash(parent, token_ids[start:start + self.block_size],
+                                self._media_in(media, start, start + self.block_size))
             hashes.append(parent)
         return hashes
 
-    def _longest_hit(self, prompt_ids: list[int]) -> int:
+    @staticmethod
+    def _media_in(media: list[MediaSpan] | None, start: int, end: int) -> bytes:
+        """The digests of the image runs overlapping positions [start, end), in order."""
+        return b"".join(digest for s, e, digest in media or () if s < end and e > start)
+
+    def _longest_hit(self, prompt_ids: list[int], media: list[MediaSpan] | None = None) -> int:
         """Tokens of the longest block-aligned prefix whose blocks are cached on every layer kind for every
         position a later read needs: all of them on full layers, the window's on sliding ones. At least one
         prompt token is always left to encode (as in vLLM)."""
-        hashes = self.hashes_of(prompt_ids, len(prompt_ids) - 1)
+        hashes = self.hashes_of(prompt_ids, len(prompt_ids) - 1, media)
         count = len(hashes)
         for kind in self.kinds:
             if kind.window is None:
@@ -374,6 +390,8 @@ class PagedKVCache:
                 count = min(count, next((j for j, h in enumerate(hashes) if h not in cached), len(hashes)))
         for n in range(count, 0, -1):
             tokens = n * self.block_size
+            if any(start < tokens < end for start, end, _ in media or ()):
+                continue  # the rest of an image cannot be encoded without its start
             if all(h in self.pools[k.name].cached
                    for k in self.kinds if k.window is not None
                    for h in hashes[first_visible(tokens, k.window) // self.block_size:n]):
@@ -392,7 +410,7 @@ class PagedKVCache:
             self.blocks[kind.name][slot] = []
             self.trimmed[kind.name][slot] = 0
             self.tables[kind.name][slot] = 0
-        self.tokens[slot], self.hashes[slot] = [], []
+        self.tokens[slot], self.hashes[slot], self.media[slot] = [], [], []
         self.lengths[slot] = 0
 
     def reset(self, slots: torch.Tensor | list[int]) -> None:
@@ -457,8 +475,9 @@ class PagedKVCache:
             hashes = self.hashes[slot]
             while (len(hashes) + 1) * self.block_size <= len(tokens):
                 j = len(hashes)
-                hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH,
-                                         tokens[j * self.block_size:(j + 1) * self.block_size]))
+                start, end = j * self.block_size, (j + 1) * self.block_size
+                hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH, tokens[start:end],
+                                         self._media_in(self.media[slot], start, end)))
                 if self.enable_prefix_caching and self.hashable[slot]:
                     for kind in self.kinds:
                         block = self.blocks[kind.name][slot][j]

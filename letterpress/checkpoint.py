@@ -661,6 +661,9 @@ def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, ge
 
 # ---- the vision tower (optional: loaded on its own, text-only use never touches it) ----------------------
 
+CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
 def vision_candidate_names(ours: str) -> list[str]:
     """Our `VisionModel` name (`vision_tower.*`, `embed_vision.*`) -> the names a checkpoint may store it under."""
     return ["model.encoder." + ours, "encoder." + ours]
@@ -702,7 +705,8 @@ def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.f
                                           f"the vision config implies {list(targets[ours].shape)}")
                 check_stored_dtype(path, stored, f.get_slice(stored).get_dtype(), targets[ours])
                 targets[ours].data.copy_(tensor)
-                if count_non_finite(targets[ours].data):
+                # clip bounds are ±inf where a linear is not clipped (transformers' init): only weights must be finite
+                if not ours.endswith(CLIP_BOUNDS) and count_non_finite(targets[ours].data):
                     raise non_finite_error(folder, [(path.name, stored, count_non_finite(targets[ours].data),
                                                      tensor.numel(), None)])
     model.requires_grad_(False)

@@ -78,7 +78,8 @@ class TextConfig:
     @property
     def encoder_is_causal(self) -> bool:
         """The encoder is causal unless the config asks for bidirectional attention over all tokens.
-        ("vision" makes only image tokens bidirectional; we support text only, so it is causal here.)"""
+        ("vision" keeps text causal and makes each image's run of soft tokens bidirectional within itself:
+        `DiffusionGemma.encode`'s `soft_token_mask`.)"""
         return self.use_bidirectional_attention != "all"
 
 

@@ -384,8 +384,11 @@ def _validate_content(content: Any, where: str) -> None:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         kind = kind if isinstance(kind, str) else None
-        if kind in _IMAGE_PART_TYPES:
-            raise NotSupportedError("images are not supported yet")
+        if kind in ("image", "video") and set(part) == {"type"}:
+            continue  # a placeholder the template writes as <|image|> / <|video|> (letterpress.media.messages)
+        if kind in _IMAGE_PART_TYPES or kind in ("video", "video_url"):
+            raise NotSupportedError(f"{where}[{j}]: media parts are read by LLM.chat and the server, not by the "
+                                    "tokenizer (which renders only bare {\"type\": \"image\"} placeholders)")
         if kind is not None and kind != "text":
             raise NotSupportedError(f"{where}[{j}] has type {kind!r}; only text parts are supported")
         if kind is None or not isinstance(part.get("text"), str):

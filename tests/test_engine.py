@@ -147,8 +147,8 @@ def test_bad_prompts(llm):
         llm.generate("text needs a tokenizer", SamplingParams(max_new_tokens=16))
 
 
-def test_images_are_not_supported_yet():
-    llm = LLM()  # the embedded default has a tokenizer and chat template
+def test_text_only_model_refuses_images():
+    llm = LLM()  # the embedded default has a tokenizer and chat template, and no vision tower
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}
-    with pytest.raises(NotSupportedError, match="images are not supported yet"):
+    with pytest.raises(NotSupportedError, match="no vision tower"):
         llm.chat([image], SamplingParams(max_new_tokens=4))

@@ -13,6 +13,7 @@ import time
 
 from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
 from ..errors import LetterpressError
+from .generate import add_media_arguments, check_media, media_parts
 from .printing import CanvasPrinter, stats_line
 
 HELP = "interactive multi-turn chat"
@@ -21,12 +22,14 @@ HELP = "interactive multi-turn chat"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: embedded model)")
     p.add_argument("--system", default=None, help="a system prompt")
+    add_media_arguments(p)
     add_model_arguments(p)
     add_sampling_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     llm = llm_from_args(args.model, args, max_num_seqs=1)
+    check_media(llm, args)
     params = sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -48,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         if text == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": text})
+        first = not any(m["role"] == "user" for m in history)
+        media = media_parts(args) if first else []  # --image / --video go with the first question
+        history.append({"role": "user", "content": [*media, {"type": "text", "text": text}] if media else text})
         if not interactive:
             print(f"you> {text}")  # a pipe's input is not echoed: show which question a reply answers
         print("model> ", end="", flush=True)

@@ -9,6 +9,39 @@ import time
 from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
 from .printing import CanvasPrinter, stats_line
 
+PLACEHOLDERS = {"image": "<|image|>", "video": "<|video|>"}
+
+
+def add_media_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file (or URL) for the prompt; repeat for several (README, 'Images and video')")
+    p.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file for the prompt")
+
+
+def media_parts(args: argparse.Namespace) -> list[dict]:
+    """Chat content parts for --image / --video, media first (Google's advice for Gemma)."""
+    return [{"type": "image", "image": path} for path in args.image] + [{"type": "video", "video": path} for path in args.video]
+
+
+def check_media(llm, args: argparse.Namespace) -> None:
+    """Read and decode --image / --video now: a bad file is a one-line error (exit 2) before any turn."""
+    from ..media.messages import MediaPart
+
+    parts = [MediaPart("image", p, f"--image {p}") for p in args.image] + \
+        [MediaPart("video", p, f"--video {p}") for p in args.video]
+    if parts:
+        llm.process_media(parts)
+
+
+def media_prompt(prompt: str, args: argparse.Namespace) -> str | dict:
+    """A plain prompt with --image / --video: vLLM's dict prompt; the text gets one placeholder per item in
+    front unless it already places them itself."""
+    if not args.image and not args.video:
+        return prompt
+    data = {"image": list(args.image), "video": list(args.video)}
+    missing = "".join(PLACEHOLDERS[k] * len(v) for k, v in data.items() if prompt.count(PLACEHOLDERS[k]) == 0)
+    return {"prompt": missing + prompt, "multi_modal_data": {k: v for k, v in data.items() if v}}
+
 HELP = "complete one prompt"
 
 
@@ -25,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="+", metavar='[MODEL] "prompt"',
                    help="checkpoint folder or Hub id (optional), then the prompt")
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    add_media_arguments(p)
     add_model_arguments(p)
     add_sampling_arguments(p)
 
@@ -32,13 +66,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, prompt = split_model_and_text(args.words, args.parser)
     llm = llm_from_args(model, args, max_num_seqs=1)
+    check_media(llm, args)
     params = sampling_params(args)
     printer = CanvasPrinter(llm.tokenizer)
     start = time.perf_counter()
     if args.chat_template:
-        out = llm.chat([{"role": "user", "content": prompt}], params, listener=printer)[0]
+        content = [*media_parts(args), {"type": "text", "text": prompt}] if args.image or args.video else prompt
+        out = llm.chat([{"role": "user", "content": content}], params, listener=printer)[0]
     else:
-        out = llm.generate(prompt, params, listener=printer)[0]
+        out = llm.generate(media_prompt(prompt, args), params, listener=printer)[0]
     seconds = time.perf_counter() - start
     print()
     print(stats_line(out, seconds), file=sys.stderr)

@@ -40,6 +40,26 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default 16)")
     c.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of equal prompt prefixes between requests (default: on)")
+    m = p.add_argument_group("images and video (README, 'Images and video')")
+    m.add_argument("--limit-mm-per-prompt", type=json_object, default=None, metavar="JSON",
+                   help='the most media items of each kind one prompt may hold, e.g. \'{"image":2,"video":1}\' '
+                        "(default: no limit beyond max_model_len)")
+    m.add_argument("--mm-processor-kwargs", type=json_object, default=None, metavar="JSON",
+                   help='the default image resolution tier, e.g. \'{"max_soft_tokens":560}\' '
+                        "(70, 140, 280, 560 or 1120; default: the checkpoint's)")
+
+
+def json_object(text: str) -> dict:
+    """A JSON object flag value (vLLM's syntax for --limit-mm-per-prompt / --mm-processor-kwargs)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"image\": 2}}', got {text!r}")
+    return value
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -49,7 +69,9 @@ def engine_options(args: argparse.Namespace) -> dict:
                 compile=compile_, kv_cache_memory=getattr(args, "kv_cache_memory", None),
                 gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
                 block_size=getattr(args, "block_size", 16),
-                enable_prefix_caching=getattr(args, "enable_prefix_caching", True))
+                enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
+                limit_mm_per_prompt=getattr(args, "limit_mm_per_prompt", None),
+                mm_processor_kwargs=getattr(args, "mm_processor_kwargs", None))
 
 
 def attach_profiler(llm, args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ completion and detokenizes."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -10,19 +11,24 @@ from typing import Callable, Sequence
 import torch
 
 from ..cache import kv_cache_budget
-from ..checkpoint import resolve
-from ..config import load_generation_defaults
-from ..errors import ConfigError, RequestError
+from ..checkpoint import load_vision_model, resolve
+from ..config import load_generation_defaults, vision_config_of
+from ..errors import CheckpointError, ConfigError, NotSupportedError, RequestError
 from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
+from ..media.messages import PLACEHOLDER, MediaPart, split_media
+from ..media.prompt import MediaRun, MediaTokens, expand_prompt
+from ..media.sources import IMAGE, VIDEO, MediaLimits, as_file, open_source
 from ..model import DiffusionGemma
 from ..model.fast import prepare
 from ..sampling import Clamp, Draws, GeneratorDraws
+from ..structured import Constraint, compile_regex
 from ..tokenizer import Tokenizer
 from .request import CanvasEvent, Request, RequestOutput, SamplingParams
 from .runner import Runner
 from .scheduler import Scheduler
 
-Prompt = str | Sequence[int]
+log = logging.getLogger("letterpress.engine")
+Prompt = str | Sequence[int] | dict  # dict: vLLM's {"prompt" | "prompt_token_ids", "multi_modal_data", ...}
 Messages = list[dict]
 
 
@@ -39,13 +45,16 @@ class LLM:
                  offline: bool | None = None, prefill_chunk: int = 2048, quantization: str | None = None,
                  impl: str = "plain", compile: bool | str = False, kv_cache_memory: str | int | None = None,
                  gpu_memory_utilization: float | None = None, block_size: int = 16,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, limit_mm_per_prompt: dict[str, int] | None = None,
+                 mm_processor_kwargs: dict | None = None):
         """`quantization`: None, "int8", "int4" or "fp8" (letterpress.quant). `impl`: "plain" (the reference
         path) or "fast" (grouped MoE, sliced attention, fused sampler; letterpress.model.fast). `compile`:
         torch.compile each layer (True, or a torch.compile mode). The paged KV cache (letterpress.cache) is
         sized by `kv_cache_memory` (bytes or "4GiB"), else on CUDA by `gpu_memory_utilization` (vLLM's
         fraction of device memory), else for `max_num_seqs` rows of `max_model_len` tokens; `block_size`
-        positions per block; `enable_prefix_caching` shares the blocks of equal prompt prefixes."""
+        positions per block; `enable_prefix_caching` shares the blocks of equal prompt prefixes.
+        Images (a checkpoint with a vision tower): `limit_mm_per_prompt` ({"image": 2, "video": 1}, vLLM's) caps
+        the media of one prompt; `mm_processor_kwargs` ({"max_soft_tokens": 560}) sets the default tier."""
         if model is None:
             from ..embedded import default_model_dir
 
@@ -67,10 +76,108 @@ class LLM:
         if not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
         budget = kv_cache_budget(self.model.device, kv_cache_memory, gpu_memory_utilization)
+        self._init_media(dtype, device, limit_mm_per_prompt, mm_processor_kwargs)
         self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id,
                              impl=impl, block_size=block_size, kv_cache_bytes=budget,
-                             enable_prefix_caching=enable_prefix_caching and self.model.text_config.encoder_is_causal)
+                             enable_prefix_caching=enable_prefix_caching and self.model.text_config.encoder_is_causal,
+                             vision=self.vision)
         self.scheduler = Scheduler(self.runner, max_num_seqs, max_model_len)
+
+    # ------------------------------------------------------------------------------------------- media
+    def _init_media(self, dtype, device, limit_mm_per_prompt: dict[str, int] | None,
+                    mm_processor_kwargs: dict | None) -> None:
+        """The vision tower and processors, when the checkpoint has a tower (else `self.vision` is None)."""
+        from ..media.image import ImageProcessor
+        from ..media.video import VideoProcessor
+
+        config = vision_config_of(self.model.config)
+        self.limit_mm_per_prompt = check_mm_limits(limit_mm_per_prompt)
+        self.vision, self.vision_error = None, None
+        if config is not None and not all(self.limit_mm_per_prompt.get(k) == 0 for k in (IMAGE, VIDEO)):
+            try:  # (vLLM: limits of 0 for every kind skip the tower)
+                self.vision = load_vision_model(self.folder, dtype=self.model.dtype, device=device)
+            except CheckpointError as e:
+                # a checkpoint saved without its tower (a text-only fine-tune, say) still serves text
+                self.vision_error = str(e)
+                log.warning("images are disabled: the vision tower does not load: %s", e)
+                config = None
+        self.default_soft_tokens = soft_tokens_of(mm_processor_kwargs, "mm_processor_kwargs")
+        self.media_tokens = None
+        if self.vision is not None:
+            self.image_processor = ImageProcessor.from_config(config)
+            self.video_processor = VideoProcessor(self.image_processor)
+            cfg = self.model.config
+            video = self.tokenizer.token_to_id(PLACEHOLDER[VIDEO]) if self.tokenizer is not None else None
+            if None in (cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id):
+                raise ConfigError(f"{self.folder}: a vision tower needs image_token_id, boi_token_id and eoi_token_id "
+                                  "in config.json")
+            self.media_tokens = MediaTokens(cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, video)
+
+    def check_media_counts(self, counts: dict[str, int]) -> None:
+        """A text-only model refuses media; `limit_mm_per_prompt` caps each kind (vLLM's message)."""
+        if not any(counts.values()):
+            return
+        if self.vision is None:
+            why = f" (its vision tower did not load: {self.vision_error})" if self.vision_error else ""
+            raise NotSupportedError(f"this model has no vision tower: it takes text only, not images or video{why}")
+        if counts.get(VIDEO) and self.media_tokens.video is None:
+            raise NotSupportedError("this model's tokenizer has no <|video|> token: it does not take video")
+        for kind, n in counts.items():
+            limit = self.limit_mm_per_prompt.get(kind)
+            if limit is not None and n > limit:
+                raise RequestError(f"At most {limit} {kind}(s) may be provided in one prompt, got {n} "
+                                   "(--limit-mm-per-prompt)")
+
+    def process_media(self, parts: list[MediaPart], limits: MediaLimits | None = None,
+                      soft_tokens: int | None = None) -> tuple[list, list]:
+        """Open, decode and process media parts: (images, videos) for `expand_prompt`. `limits`: a server
+        request's (URLs fetched with size and time limits, local files only under the allowed folder); None:
+        the caller's own files. Errors name the part."""
+        self.check_media_counts({k: sum(p.kind == k for p in parts) for k in (IMAGE, VIDEO)})
+        tier = soft_tokens or self.default_soft_tokens
+        images, videos = [], []
+        for part in parts:
+            try:
+                if part.kind == IMAGE and isinstance(part.source, torch.Tensor):
+                    images.append(part.source)  # precomputed soft tokens [N, hidden]
+                    continue
+                source = open_source(part.source, part.kind, limits, part.where)
+                if part.kind == IMAGE:
+                    images.append(self.image_processor(source, soft_tokens=tier))
+                else:
+                    videos.append(self.video_processor(as_file(source)))
+            except RequestError as e:
+                message = str(e)
+                raise RequestError(message if message.startswith(part.where) else f"{part.where}: {message}") from None
+        return images, videos
+
+    def media_prompt(self, ids: list[int], parts: list[MediaPart], limits: MediaLimits | None = None,
+                     soft_tokens: int | None = None) -> tuple[list[int], list[MediaRun]]:
+        """`ids` with each image / video placeholder expanded, and the media runs for `make_request`."""
+        if not parts:
+            self.check_placeholders(ids)
+            return ids, []
+        images, videos = self.process_media(parts, limits, soft_tokens)
+        return expand_prompt(ids, images, videos, self.media_tokens, self.tokenizer)
+
+    def check_placeholders(self, ids: list[int]) -> None:
+        """A prompt without media may not hold image placeholders (there would be nothing to fill them)."""
+        tokens = self.media_tokens
+        if tokens is not None and any(t in tokens.soft for t in ids):
+            raise RequestError("the prompt holds an image or video placeholder token but no media were given")
+
+    def chat_prompt(self, messages: Messages, render, limits: MediaLimits | None = None,
+                    soft_tokens: int | None = None):
+        """Render a conversation whose messages may hold media parts: `render(messages)` -> (text, extra) with
+        the media parts as placeholders the template writes; a template that drops them gets the placeholders
+        as text instead. Returns (prompt ids, media runs, extra)."""
+        split = split_media(messages)
+        self.check_media_counts(split.counts())
+        text, extra = render(split.messages)
+        if split.parts and any(text.count(PLACEHOLDER[k]) < n for k, n in split.counts().items()):
+            text, extra = render(split.flat)  # the template ignores media parts
+        ids, runs = self.media_prompt(self.tokenizer.encode(text), split.parts, limits, soft_tokens)
+        return ids, runs, extra
 
     # ------------------------------------------------------------------------------------------- requests
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -87,21 +194,39 @@ class LLM:
     def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, draws: Draws | None = None,
                      listener: Callable[[CanvasEvent], None] | None = None, want_drafts: bool = False,
                      request_id: str | None = None, clamps: list[Clamp | None] | None = None,
-                     timeout: float | None = None) -> Request:
+                     timeout: float | None = None, media: list[MediaRun] | None = None) -> Request:
         """`clamps[k]`: known tokens pinned in canvas k (infill, edit; see letterpress.infill). `timeout`:
         seconds from now after which the request is stopped (finish_reason "timeout")."""
         resolved = (params or SamplingParams()).resolve(self.defaults)
         draws = draws or GeneratorDraws(resolved.seed, self.model.device)
         request = Request(prompt_ids, resolved, draws, listener=listener, want_drafts=want_drafts,
-                          clamps=list(clamps or []))
+                          clamps=list(clamps or []), media=list(media or []))
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
                 raise RequestError(f"timeout must be a number of seconds > 0, got {timeout!r}")
             request.deadline = request.arrival + timeout
         request.check_clamps(self.runner.canvas_length, self.runner.vocab_size)
+        if resolved.structured_outputs is not None:
+            request.constraint = self.constraint(resolved)
+            if request.clamps:
+                raise RequestError("structured output cannot be combined with clamps (infill, edit)")
         if request_id is not None:
             request.request_id = request_id
         return request
+
+    def constraint(self, params: SamplingParams) -> Constraint:
+        """The automaton of `params.structured_outputs` over this model's vocabulary (compiled once per
+        constraint and cached), checked against the token budget."""
+        if self.tokenizer is None:
+            raise RequestError("structured output needs a checkpoint with a tokenizer.json")
+        spec = params.structured_outputs
+        automaton = compile_regex(spec.to_regex(), self.tokenizer, params.eos_token_ids,
+                                  frozenset(spec.special_tokens))
+        constraint = Constraint(automaton, params.eos_token_ids, params.seed)
+        if constraint.shortest() > params.max_new_tokens:
+            raise RequestError(f"max_tokens {params.max_new_tokens} is too few for this structured output: its "
+                               f"shortest valid answer takes {constraint.shortest()} tokens")
+        return constraint
 
     def detokenize(self, output: RequestOutput) -> RequestOutput:
         if self.tokenizer is not None:
@@ -117,32 +242,74 @@ class LLM:
         A row that fails in an engine step comes back with finish_reason "error" and the exception in
         `error`; the other rows are unaffected (if every row failed, the first error is raised). `timeout`: seconds per request, after which it comes back
         with finish_reason "timeout" and the canvases it had committed."""
-        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise RequestError("no prompts given")
         param_list = params if isinstance(params, list) else [params] * len(batch)
         if len(param_list) != len(batch):
             raise RequestError("pass one SamplingParams, or one per prompt")
-        requests = [self.make_request(self.tokenize(p), sp, draws[i] if draws else None, listener, timeout=timeout)
-                    for i, (p, sp) in enumerate(zip(batch, param_list))]
+        requests = []
+        for i, (p, sp) in enumerate(zip(batch, param_list)):
+            ids, media = self.prompt_with_media(p)
+            requests.append(self.make_request(ids, sp, draws[i] if draws else None, listener, timeout=timeout,
+                                              media=media))
         for request in requests:
             self.scheduler.check(request)
         return self.run(requests)
 
+    def prompt_with_media(self, prompt: Prompt) -> tuple[list[int], list[MediaRun]]:
+        """Token ids and media runs of a prompt: a string or ids, or vLLM's dict {"prompt" (text with one
+        <|image|> / <|video|> per item) or "prompt_token_ids", "multi_modal_data": {"image": x or [x, ...],
+        "video": ...}, "mm_processor_kwargs": {"max_soft_tokens": T}}; items are PIL images, paths, URLs, bytes,
+        or (images) precomputed soft tokens [N, hidden]."""
+        if not isinstance(prompt, dict):
+            ids = self.tokenize(prompt)
+            self.check_placeholders(ids)
+            return ids, []
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+        if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise RequestError('a dict prompt is {"prompt": text} or {"prompt_token_ids": ids}, with optional '
+                               f'"multi_modal_data" and "mm_processor_kwargs"{f"; unknown {sorted(unknown)}" if unknown else ""}')
+        ids = self.tokenize(prompt.get("prompt", prompt.get("prompt_token_ids")))
+        data = prompt.get("multi_modal_data") or {}
+        if not isinstance(data, dict) or set(data) - {IMAGE, VIDEO}:
+            raise RequestError('multi_modal_data must be {"image": ..., "video": ...}')
+        parts = []
+        for kind in (IMAGE, VIDEO):
+            items = data.get(kind, [])
+            items = items if isinstance(items, list) else [items]
+            parts += [MediaPart(kind, item, f"multi_modal_data[{kind!r}][{i}]") for i, item in enumerate(items)]
+        return self.media_prompt(ids, parts, None, soft_tokens_of(prompt.get("mm_processor_kwargs")))
+
     def chat(self, conversations: Messages | list[Messages], params: SamplingParams | list[SamplingParams] | None = None,
              listener: Callable[[CanvasEvent], None] | None = None, timeout: float | None = None,
-             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a batch of them; renders the chat template with
         `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": True}), as vLLM's LLM.chat. To split the
         answer into reasoning, content and tool calls, decode `token_ids` with skip_special_tokens=False and
-        pass the text to letterpress.chat_output.parse_output."""
+        pass the text to letterpress.chat_output.parse_output.
+
+        Content parts may be images and videos (README, "Images and video"): {"type": "image", "image": PIL
+        image or path}, {"type": "image_url", "image_url": {"url": ...}}, {"type": "video", "video": path}, ...;
+        `mm_processor_kwargs` {"max_soft_tokens": T} picks the image tier."""
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template")
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
         kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
-        prompts = [self.tokenizer.encode_chat(c, **kwargs) for c in batch]
-        return self.generate(prompts, params, listener=listener, timeout=timeout)
+        tier = soft_tokens_of(mm_processor_kwargs)
+        requests = []
+        param_list = params if isinstance(params, list) else [params] * len(batch)
+        if len(param_list) != len(batch):
+            raise RequestError("pass one SamplingParams, or one per conversation")
+        for conversation, sp in zip(batch, param_list):
+            ids, media, _ = self.chat_prompt(
+                conversation, lambda m: (self.tokenizer.apply_chat_template(m, **kwargs), None), soft_tokens=tier)
+            requests.append(self.make_request(ids, sp, None, listener, timeout=timeout, media=media))
+        for request in requests:
+            self.scheduler.check(request)
+        return self.run(requests)
 
     # ------------------------------------------------------------------------------------ infill and edit
     def infill(self, prefix: str, suffix: str, max_middle_tokens: int | None = None,
@@ -188,3 +355,27 @@ class LLM:
         if outputs and all(out.finish_reason == "error" for out in outputs):
             raise outputs[0].error
         return outputs
+
+
+def check_mm_limits(limits: dict[str, int] | None) -> dict[str, int]:
+    """vLLM's `limit_mm_per_prompt`: {"image": N, "video": M}, non-negative integers."""
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict) or any(k not in (IMAGE, VIDEO) for k in limits) or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in limits.values()):
+        raise ConfigError(f'limit_mm_per_prompt must map "image" / "video" to counts >= 0, got {limits!r}')
+    return dict(limits)
+
+
+def soft_tokens_of(kwargs: dict | None, name: str = "mm_processor_kwargs") -> int | None:
+    """The image tier from vLLM-style processor kwargs {"max_soft_tokens": T} (None: the config's default)."""
+    from ..config import IMAGE_TIERS
+
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict) or set(kwargs) - {"max_soft_tokens"}:
+        raise RequestError(f'{name} takes only {{"max_soft_tokens": T}} with T one of {list(IMAGE_TIERS)}, got {kwargs!r}')
+    tier = kwargs.get("max_soft_tokens")
+    if tier is not None and (isinstance(tier, bool) or tier not in IMAGE_TIERS):
+        raise RequestError(f"{name}.max_soft_tokens must be one of {list(IMAGE_TIERS)}, got {tier!r}")
+    return tier

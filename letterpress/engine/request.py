@@ -12,7 +12,9 @@ import torch
 
 from ..config import GenerationDefaults
 from ..errors import RequestError
+from ..media.prompt import MediaRun
 from ..sampling import Clamp, Draws
+from ..structured import Constraint, StructuredOutputsParams
 
 _ids = itertools.count()
 
@@ -42,6 +44,9 @@ class SamplingParams:
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
     greedy: bool = False  # propose the argmax instead of sampling (the server's temperature 0)
+    # vLLM's field: constrain the output to a JSON schema, regex or choice (letterpress.structured); a dict
+    # with the same keys is taken too
+    structured_outputs: StructuredOutputsParams | None = None
 
     def resolve(self, defaults: GenerationDefaults) -> "SamplingParams":
         """Fill unset fields from the checkpoint's defaults and validate the result."""
@@ -52,6 +57,11 @@ class SamplingParams:
                 setattr(filled, name, getattr(defaults, name))
         if filled.eos_token_ids is None:
             filled.eos_token_ids = list(defaults.eos_token_ids)
+        if isinstance(filled.structured_outputs, dict):
+            try:
+                filled.structured_outputs = StructuredOutputsParams(**filled.structured_outputs)
+            except TypeError as e:
+                raise RequestError(f"structured_outputs: {e}") from None
         filled.validate()
         return filled
 
@@ -86,6 +96,12 @@ class SamplingParams:
         if not isinstance(self.eos_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be a list of integers, got {self.eos_token_ids!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise RequestError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
+            if self.ignore_eos:
+                raise RequestError("structured output cannot be combined with ignore_eos: the answer ends with EOS "
+                                   "once it is complete")
         for name in ("greedy", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -102,6 +118,8 @@ class CanvasEvent:
     token_ids: list[int]
     final: bool
     accepted: int = 0
+    # drafts: which positions this step accepted (kept their proposal; the others were re-noised)
+    accepted_mask: list[bool] | None = None
 
 
 @dataclass
@@ -117,6 +135,10 @@ class Request:
     deadline: float | None = None
     # infill / edit: clamps[k] pins known tokens in canvas k (None or past the end: a free canvas)
     clamps: list[Clamp | None] = field(default_factory=list)
+    # images and video frames in the prompt, in prompt order (letterpress.media.prompt.expand_prompt)
+    media: list[MediaRun] = field(default_factory=list)
+    # structured output: the automaton every committed canvas must follow (LLM.make_request builds it)
+    constraint: Constraint | None = None
 
     def clamp_for(self, canvas: int) -> Clamp | None:
         return self.clamps[canvas] if canvas < len(self.clamps) else None

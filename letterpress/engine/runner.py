@@ -8,6 +8,9 @@ Rows are independent: each has its own row of block tables in the paged KV cache
 prefix caching are never written again), step counter and random draws, so a row's output does
 not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
 edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
+A row may carry a structured-output constraint (`letterpress.structured`): after the sampler step its
+committed canvas and kept proposals are replaced by the automaton's DP paths (`_constrain`); rows without
+one take exactly the unconstrained path.
 
 Faults stay in their row. The batched part of each phase (the model call, and for denoise the sampler) is
 run by `_isolated`: when it raises, the row state it touched (random generators, cache lengths) is put
@@ -29,12 +32,15 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from ..config import IMAGE_TIERS
+from ..errors import RequestError
 from ..model import DiffusionGemma
 from ..fast_sampling import fused_denoise_step
 from ..sampling import Clamp, NonFiniteRows, StepOutcome, denoise_step, stack_clamps, temperature
 from .request import CanvasEvent, Request, RequestOutput
 
 log = logging.getLogger("letterpress.engine")
+MAX_MEDIA_RUN = max(IMAGE_TIERS)  # the most soft tokens one image takes
 T = TypeVar("T")
 
 
@@ -58,6 +64,13 @@ class Row:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not encoded)
     error: Exception | None = None  # finish_reason "error": what failed
+    # soft tokens of the prompt's media runs still to encode ([length, hidden] each), computed once
+    media_embeds: dict[int, torch.Tensor] | None = None
+
+    @property
+    def prompt_offset(self) -> int | None:
+        """Prompt position of `pending[0]` while the prompt is being encoded, else None."""
+        return len(self.request.prompt_token_ids) - len(self.pending) if self.canvas_index == 0 else None
 
     @property
     def denoising(self) -> bool:
@@ -84,16 +97,19 @@ class Row:
 class Runner:
     def __init__(self, model: DiffusionGemma, num_slots: int, max_model_len: int, prefill_chunk: int = 2048,
                  pad_token_id: int = 0, impl: str = "plain", block_size: int = 16, kv_cache_bytes: int | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, vision=None):
         self.model = model
+        self.vision = vision  # letterpress.model.vision.VisionModel, or None for a text-only model
         # "fast": the fused sampler pass, whose softmax also feeds the next step's self-conditioning
         # (rows then keep probabilities, not logits, in `sc_logits`); the model's own fast paths are switched
         # on the model (`letterpress.model.fast.apply_fast_path`)
         self.fast = impl == "fast"
         # paged: rows are admitted by free blocks (Scheduler), `kv_cache_bytes` None sizes the pool for
         # num_slots rows of max_model_len tokens (letterpress.cache.plan_pool)
+        # an image is encoded in one chunk, even one longer than `prefill_chunk` (up to the largest tier)
+        self.max_chunk = max(prefill_chunk, MAX_MEDIA_RUN) if vision is not None else prefill_chunk
         self.cache = model.new_paged_cache(num_slots, max_model_len, block_size, budget_bytes=kv_cache_bytes,
-                                           prefill_chunk=prefill_chunk, enable_prefix_caching=enable_prefix_caching)
+                                           prefill_chunk=self.max_chunk, enable_prefix_caching=enable_prefix_caching)
         self.canvas_length = model.config.canvas_length
         self.vocab_size = model.text_config.vocab_size
         self.prefill_chunk = prefill_chunk
@@ -111,16 +127,56 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ encode
     def _encode(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row.request.media and row.media_embeds is None:
+                with self._row_guard(row):
+                    row.media_embeds = self._media_features(row)
+        rows = [r for r in rows if r.finish_reason is None]
+        if not rows:
+            return
         for part, chunks in self._isolated(self._encode_batch, rows):
             for row, chunk in zip(part, chunks):
                 with self._row_guard(row):
                     row.pending = row.pending[len(chunk):]
                     if not row.pending:
+                        row.media_embeds = None  # the prompt is in the cache: the features are not needed again
                         self._start_canvas(row)
+
+    def _media_features(self, row: Row) -> dict[int, torch.Tensor]:
+        """Soft tokens of every media run of the row's prompt not already in the prefix cache, one image at a
+        time (unpadded: a row's features do not depend on its batch-mates). Runs once per request."""
+        out = {}
+        for i, run in enumerate(row.request.media):
+            if run.end <= row.num_cached_tokens:
+                continue
+            if run.embeds is not None:
+                out[i] = run.embeds.to(self.model.device, self.model.dtype)
+                continue
+            if self.vision is None:
+                raise RequestError("this model has no vision tower: it cannot take images")
+            device = self.vision.vision_tower.inv_freq.device
+            (embeds,) = self.vision.embed_images([(run.pixel_values.to(device), run.positions.to(device))])
+            if embeds.shape[0] != run.length:
+                raise RequestError(f"an image gives {embeds.shape[0]} soft tokens but its prompt holds {run.length}")
+            out[i] = embeds.to(self.model.device, self.model.dtype)
+        return out
+
+    def _chunk(self, row: Row) -> list[int]:
+        """The row's next chunk: `prefill_chunk` tokens, cut before an image run it would split (or, for a run
+        that starts the chunk and is longer, extended to its end: a run is encoded in one piece)."""
+        n = min(len(row.pending), self.prefill_chunk)
+        offset = row.prompt_offset
+        if row.request.media and offset is not None:
+            end = offset + n
+            for run in row.request.media:
+                if run.start < end < run.end:
+                    end = run.start if run.start > offset else run.end
+            n = end - offset
+        return row.pending[:n]
 
     def _encode_batch(self, rows: list[Row]) -> list[list[int]]:
         """Write the next prompt chunk of each row to the cache; returns the chunks."""
-        chunks = [r.pending[: self.prefill_chunk] for r in rows]
+        chunks = [self._chunk(r) for r in rows]
         device = self.model.device
         width = max(len(c) for c in chunks)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -128,8 +184,29 @@ class Runner:
             ids[i, : len(chunk)] = torch.tensor(chunk)
         lengths = torch.tensor([len(c) for c in chunks], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
-        self.model.encode(ids.to(device), self.cache, slots, lengths)
+        soft_tokens, soft_mask = self._chunk_media(rows, chunks, width)
+        self.model.encode(ids.to(device), self.cache, slots, lengths, soft_tokens=soft_tokens,
+                          soft_token_mask=soft_mask)
         return chunks
+
+    def _chunk_media(self, rows: list[Row], chunks: list[list[int]], width: int):
+        """(soft tokens [M, hidden] in row-major order, mask [R, width]) of the media runs inside the chunks, or
+        (None, None) when they hold none."""
+        if not any(r.request.media for r in rows):
+            return None, None
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        embeds = []
+        for i, (row, chunk) in enumerate(zip(rows, chunks)):
+            offset = row.prompt_offset
+            if offset is None or not row.request.media:
+                continue
+            for j, run in enumerate(row.request.media):
+                if offset <= run.start and run.end <= offset + len(chunk):
+                    mask[i, run.start - offset:run.end - offset] = True
+                    embeds.append(row.media_embeds[j])
+        if not embeds:
+            return None, None
+        return torch.cat(embeds), mask.to(self.model.device)
 
     def _start_canvas(self, row: Row) -> None:
         row.canvas = row.request.draws.initial_canvas(self.canvas_length, self.vocab_size, row.canvas_index)
@@ -171,12 +248,26 @@ class Runner:
         # keep_processed=False: the fused step may reuse the logits as its sampling scratch
         step = partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast else denoise_step
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
+        # structured rows: their log-probabilities, taken before the fused step consumes the logits
+        logps = {i: torch.log_softmax(logits[i].float() / temps[i], dim=-1)
+                 for i, r in enumerate(rows) if r.request.constraint is not None}
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
                        clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
         if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
             outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
+        for i, logp in logps.items():
+            self._constrain(rows[i], outcome, i, logp)
         return outcome
+
+    def _constrain(self, row: Row, outcome: StepOutcome, i: int, logp: torch.Tensor) -> None:
+        """Row i's committed canvas and kept proposals from the automaton's DP (letterpress.structured):
+        the canvas it commits is always a valid prefix that can still complete."""
+        p = row.request.params
+        best, proposals = row.request.constraint.paths(logp, p.max_new_tokens - len(row.token_ids), row.canvas_index,
+                                                       row.step, p.greedy)
+        outcome.argmax[i] = best
+        outcome.next_canvas[i] = torch.where(outcome.accept_mask[i], proposals, outcome.next_canvas[i])
 
     def _advance(self, row: Row, outcome: StepOutcome, i: int) -> None:
         """Row i of a sampler step: take its next canvas, report the draft, finish the canvas when it is done."""
@@ -192,8 +283,9 @@ class Runner:
         row.sc_logits = outcome.sc_probs[i] if self.fast else outcome.processed_logits[i].to(self.model.dtype)
         row.step += 1
         if row.request.want_drafts and row.request.listener:
-            row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step,
-                                             argmax.tolist(), final=False, accepted=int(outcome.accept_mask[i].sum())))
+            accepted = outcome.accept_mask[i]
+            row.request.listener(CanvasEvent(row.request.request_id, row.canvas_index, row.step, argmax.tolist(),
+                                             final=False, accepted=int(accepted.sum()), accepted_mask=accepted.tolist()))
         if (stable and confident) or row.step >= p.max_denoising_steps:
             self._finish_canvas(row)
 
@@ -259,6 +351,8 @@ class Runner:
             committed, counted, reason = tokens[:budget], tokens[:budget], "length"
         else:
             committed, counted, reason = tokens, tokens, None
+        if row.request.constraint is not None and reason is None:
+            row.request.constraint.commit(committed)  # the next canvas continues from here
         row.token_ids.extend(committed)
         # tokens/forward counts what the model wrote: clamped positions were given, not generated
         free = [True] * len(counted) if row.clamp is None else (~row.clamp.mask).tolist()

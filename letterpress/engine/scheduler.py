@@ -47,6 +47,26 @@ class Scheduler:
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
         request.check_clamps(canvas, vocab)  # requests built without LLM.make_request get the same checks
+        self.check_media(request)
+
+    def check_media(self, request: Request) -> None:
+        """Media runs in order, inside the prompt, each at most one encoder chunk, with something to fill them."""
+        end = 0
+        for i, run in enumerate(request.media):
+            if run.start < end or run.end > len(request.prompt_token_ids) or run.length < 1:
+                raise RequestError(f"media run {i} ([{run.start}, {run.end})) overlaps another or lies outside the prompt")
+            if run.length > self.runner.max_chunk:
+                raise RequestError(f"image {i} has {run.length} soft tokens, more than one encoder chunk "
+                                   f"({self.runner.max_chunk}) holds")
+            if run.embeds is None:
+                if self.runner.vision is None:
+                    raise RequestError("this model has no vision tower: it cannot take images")
+                if run.pixel_values is None or run.positions is None:
+                    raise RequestError(f"media run {i} has neither pixels nor soft tokens")
+            elif tuple(run.embeds.shape) != (run.length, self.runner.model.text_config.hidden_size):
+                raise RequestError(f"media run {i}: soft tokens must be [{run.length}, "
+                                   f"{self.runner.model.text_config.hidden_size}], got {list(run.embeds.shape)}")
+            end = run.end
 
     def max_tokens(self, request: Request) -> int:
         """The most context a request can reach: its prompt plus every canvas it may write."""
@@ -102,7 +122,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             request, slot = self.waiting[0], self.free_slots[0]
-            cached = self.runner.cache.admit(slot, request.prompt_token_ids, self.max_tokens(request))
+            media = [(run.start, run.end, run.digest) for run in request.media]
+            cached = self.runner.cache.admit(slot, request.prompt_token_ids, self.max_tokens(request), media)
             if cached is None:  # not enough free blocks yet: wait for running rows to finish
                 break
             self.waiting.popleft()

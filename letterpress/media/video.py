@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ..config import VIDEO_TIER
 from ..errors import NotSupportedError, RequestError
@@ -76,11 +76,11 @@ def _av():
     return av
 
 
-def read_video(source: str | Path, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -> VideoFrames:
+def read_video(source: str | Path | BinaryIO, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -> VideoFrames:
     """Decode the first video stream of a file and keep the sampled frames."""
     av = _av()
     try:
-        container = av.open(str(source))
+        container = av.open(source if hasattr(source, "read") else str(source))  # a path or a file object
     except FileNotFoundError:
         raise RequestError(f"video file {source} not found") from None
     except Exception as e:  # av raises its own error types (InvalidDataError, ...)
@@ -142,7 +142,7 @@ class VideoProcessor:
         self.image_processor = image_processor or ImageProcessor()
         self.fps, self.max_frames, self.soft_tokens = fps, max_frames, check_tier(soft_tokens)
 
-    def __call__(self, source: str | Path | VideoFrames) -> ProcessedVideo:
+    def __call__(self, source: str | Path | BinaryIO | VideoFrames) -> ProcessedVideo:
         video = source if isinstance(source, VideoFrames) else read_video(source, self.fps, self.max_frames)
         frames = [self.image_processor(frame, soft_tokens=self.soft_tokens) for frame in video.frames]
         return ProcessedVideo(frames, video.timestamps)

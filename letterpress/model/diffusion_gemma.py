@@ -34,6 +34,32 @@ def check_token_ids(ids, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor of shape [batch, tokens], got {ids.dtype} of shape "
                         f"{list(ids.shape)}")
 
+def scatter_soft_tokens(embeds: torch.Tensor, soft_tokens: torch.Tensor | None,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write `soft_tokens` [M, H] into `embeds` [B, T, H] where `mask` [B, T] is set (row-major), and number
+    each maximal run of set positions per row: (embeds, blocks [B, T], -1 outside runs)."""
+    count = int(mask.sum())
+    got = 0 if soft_tokens is None else soft_tokens.shape[0]
+    if got != count:
+        raise ValueError(f"{count} image placeholder positions but {got} soft tokens")
+    if count:
+        embeds = embeds.masked_scatter(mask[..., None], soft_tokens.to(embeds.device, embeds.dtype))
+    previous = F.pad(mask[:, :-1], (1, 0), value=False)
+    run = (mask & ~previous).long().cumsum(dim=1) - 1
+    return embeds, torch.where(mask, run, -1)
+
+
+def same_block(blocks: torch.Tensor, key_index: torch.Tensor, valid: torch.Tensor, keys: int) -> torch.Tensor:
+    """[B, T, keys]: query t and key k are tokens of the same image run. `key_index` [B, T] is each chunk
+    token's column among the keys; runs never cross a chunk, so earlier keys are never in a run."""
+    b, t = blocks.shape
+    key_blocks = torch.full((b, keys + 1), -1, dtype=blocks.dtype, device=blocks.device)  # last column: discard
+    column = torch.where(valid, key_index, keys)
+    key_blocks.scatter_(1, column, torch.where(valid, blocks, -1))
+    key_blocks = key_blocks[:, :keys]
+    return (blocks[:, :, None] == key_blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+
+
 # (layer index, new keys [B, T, kvh, d], new values) -> all keys/values to attend to, [B, kvh, S, d] each
 KVSource = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -270,9 +296,17 @@ class DiffusionGemma(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- encode
     def encode(self, input_ids: torch.Tensor, cache: Cache, slots: torch.Tensor | None = None,
-               input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+               input_lengths: torch.Tensor | None = None, soft_tokens: torch.Tensor | None = None,
+               soft_token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Append `input_ids` [B, T] (right-padded; row b has `input_lengths[b]` real tokens) to the cache
-        slots `slots` [B], continuing each slot's positions. Returns final hidden states [B, T, hidden]."""
+        slots `slots` [B], continuing each slot's positions. Returns final hidden states [B, T, hidden].
+
+        Images: `soft_token_mask` [B, T] marks the positions whose embeddings are replaced by the rows of
+        `soft_tokens` [M, hidden] (image features from `VisionModel`, in row-major order over (row, position),
+        as transformers' `masked_scatter`). Each maximal run of marked positions is one image (or video
+        frame) and attends bidirectionally within itself on every layer, sliding or full; everything else
+        stays causal (the checkpoint's `use_bidirectional_attention: "vision"`). A run must lie in one call:
+        its later tokens are not in the cache yet when an earlier chunk is encoded."""
         check_token_ids(input_ids, "input_ids")
         b, t = input_ids.shape
         device = input_ids.device
@@ -285,7 +319,11 @@ class DiffusionGemma(nn.Module):
         query_valid = offsets[None, :] < input_lengths[:, None]
         key_len = int((base + input_lengths).max())
         starts = self._read_starts(cache, base)
-        masks = {lt: self._encoder_mask(lt, positions, base, base + input_lengths, query_valid, start, key_len)
+        x = self.embed(input_ids)
+        blocks = None
+        if soft_token_mask is not None:
+            x, blocks = scatter_soft_tokens(x, soft_tokens, soft_token_mask.to(device) & query_valid)
+        masks = {lt: self._encoder_mask(lt, positions, base, base + input_lengths, query_valid, start, key_len, blocks)
                  for lt, start in starts.items()}
         layer_types = self.text_config.layer_types
 
@@ -293,14 +331,15 @@ class DiffusionGemma(nn.Module):
             cache.write(layer_idx, slots, positions, query_valid, k, v)
             return cache.read(layer_idx, slots, starts[layer_types[layer_idx]], key_len)
 
-        hidden = self._run_layers(self.embed(input_ids), positions, masks, kv_source, "encoder_scalar")
+        hidden = self._run_layers(x, positions, masks, kv_source, "encoder_scalar")
         cache.advance(slots, input_lengths, input_ids)
         return hidden
 
     def _encoder_mask(self, layer_type: str, positions: torch.Tensor, base: torch.Tensor, total: torch.Tensor,
-                      query_valid: torch.Tensor, start: int, key_len: int) -> torch.Tensor:
+                      query_valid: torch.Tensor, start: int, key_len: int,
+                      blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean mask [B, 1, T, key_len - start] over cache positions [start, key_len) (the chunk is
-        already written there)."""
+        already written there). `blocks` [B, T]: image run ids (-1: text) whose tokens see each other."""
         qp = positions[:, :, None]
         kp = torch.arange(start, key_len, device=positions.device)[None, None, :]
         allowed = kp < total[:, None, None]
@@ -312,6 +351,9 @@ class DiffusionGemma(nn.Module):
         elif window is not None:
             # Bidirectional sliding window over the chunk, reading only what the sliding cache retained.
             allowed = allowed & ((qp - kp).abs() <= window) & (kp >= visible_from(base, window)[:, None, None])
+        if blocks is not None:
+            # transformers' `block_sequence_ids` term, not clamped by the sliding window
+            allowed = allowed | same_block(blocks, positions - start, query_valid, key_len - start)
         # Padding queries attend to everything: their outputs are discarded, this only keeps them finite.
         allowed = allowed | ~query_valid[:, :, None]
         return allowed[:, None]

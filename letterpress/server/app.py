@@ -30,11 +30,17 @@ from starlette.requests import ClientDisconnect
 from ..engine.llm import LLM
 from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
+from ..engine.llm import soft_tokens_of
+from ..media.prompt import MediaRun
+from ..media.sources import MediaLimits
+from ..structured import StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
+from .structured import from_body as structured_from_body
 from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
+from .page import install_playground
 from .schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -80,6 +86,8 @@ class ServerConfig:
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
     disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
+    # image / video URLs: fetch size and time limits, the folder file:// URLs may read (--allowed-local-media-path)
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
 
 
 # ------------------------------------------------------------------------------------------------- a job
@@ -229,13 +237,20 @@ class OpenAIServer:
                                 "at most); shorten it", param=param, code="context_length_exceeded")
 
     def completion_job(self, body: CompletionRequest) -> Job:
-        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens)
+        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens,
+                             structured=structured_from_body(body))
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
-        text, chat = render_chat(self.llm.tokenizer, body)
-        self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
-        return self.make_job("chat", body, [self.llm.tokenizer.encode(text)],
-                             body.max_completion_tokens or body.max_tokens, chat)
+        """Render, fetch and decode the media parts, tokenize: all on a preparation thread."""
+        def render(messages: list[Any]) -> tuple[str, ChatOptions]:
+            text, chat = render_chat(self.llm.tokenizer, body.model_copy(update={"messages": messages}))
+            self.check_chars(text, "the conversation (rendered by the chat template)", "messages")
+            return text, chat
+
+        tier = soft_tokens_of(body.mm_processor_kwargs)
+        ids, media, chat = self.llm.chat_prompt(body.messages, render, self.config.media_limits, tier)
+        return self.make_job("chat", body, [ids], body.max_completion_tokens or body.max_tokens, chat, [media],
+                             structured=chat.structured)
 
     def check_model(self, model: str | None) -> str:
         names = self.config.served_model_names
@@ -259,7 +274,10 @@ class OpenAIServer:
             elif len(p) > self.llm.max_model_len:
                 raise ApiError(400, f"the prompt is {len(p):,} tokens: more than max_model_len "
                                     f"{self.llm.max_model_len}", param="prompt", code="context_length_exceeded")
-        return [self.llm.tokenize(p) for p in prompts]
+        ids = [self.llm.tokenize(p) for p in prompts]
+        for prompt_ids in ids:  # media go through chat messages; a bare placeholder would have nothing to fill it
+            self.llm.check_placeholders(prompt_ids)
+        return ids
 
     def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams:
         """temperature T scales the checkpoint's t_min/t_max schedule (T=1: unchanged); T=0 (below 1e-5, as
@@ -287,7 +305,8 @@ class OpenAIServer:
         )
 
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
-                 chat: ChatOptions | None = None) -> Job:
+                 chat: ChatOptions | None = None, media: list[list[MediaRun]] | None = None,
+                 structured: StructuredOutputsParams | None = None) -> Job:
         model = self.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
@@ -301,9 +320,11 @@ class OpenAIServer:
         for p, prompt in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
-                request = self.llm.make_request(prompt, self.sampling_params(body, max_tokens, j),
-                                                listener=stream.listener(index), want_drafts=body.wants_preview(),
-                                                request_id=f"{job_id}-{index}")
+                params = self.sampling_params(body, max_tokens, j)
+                params.structured_outputs = structured  # letterpress.structured: compiled once, cached
+                request = self.llm.make_request(prompt, params, listener=stream.listener(index),
+                                                want_drafts=body.wants_preview(), request_id=f"{job_id}-{index}",
+                                                media=media[p] if media else None)
                 # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)
@@ -456,9 +477,13 @@ class OpenAIServer:
         eos = None if params.ignore_eos else next((i for i, t in enumerate(draft) if t in params.eos_token_ids), None)
         draft = draft if eos is None else draft[:eos]
         data = self.chunk(job, index, {} if job.kind == "chat" else "", None, False)
+        decode = self.llm.tokenizer.decode
         data["denoising_preview"] = {"index": index, "canvas": event.canvas, "step": event.step,
-                                     "accepted": event.accepted, "token_ids": draft,
-                                     "text": self.llm.tokenizer.decode(draft)}
+                                     "accepted": event.accepted, "token_ids": draft, "text": decode(draft),
+                                     # per position, for a live view (the playground page): each token's text and
+                                     # whether this step accepted it
+                                     "tokens": [decode([t]) for t in draft],
+                                     "accepted_mask": (event.accepted_mask or [])[:len(draft)]}
         return "event: denoising_preview\n" + sse_data(data)
 
     # ------------------------------------------------------------------------------------ disconnects
@@ -696,4 +721,5 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
         refuse_unsupported(body)
         return await server.serve(raw, await server.off_loop(server.chat_job, body), body)
 
+    install_playground(app)  # GET /: the playground page (server/page.py, server/static/)
     return app

@@ -4,7 +4,9 @@ In: `tools` and `chat_template_kwargs` (e.g. `{"enable_thinking": true}`) go to 
 transformers' `apply_chat_template(messages, tools=..., **kwargs)` takes them; assistant `tool_calls` whose
 arguments are a JSON string (as OpenAI clients send them) are handed to the template as objects, as vLLM does,
 so the template writes them in the model's own call syntax. `tool_choice` "auto" and "none" are honoured
-("none": calls are not parsed); "required" and a named function need constrained decoding and are refused.
+("none": calls are not parsed); "required" and a named function are enforced: the canvas is constrained
+(letterpress.structured) to the Gemma call syntax for (that) tool, with arguments valid against its JSON schema.
+`response_format` / `structured_outputs` constrain the answer after any thought (server/structured.py).
 
 Out: each choice's text is decoded with special tokens kept and split by `letterpress.chat_output` into
 `content`, `reasoning` (vLLM's field; also `reasoning_content` for older clients) and OpenAI `tool_calls`;
@@ -19,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chat_output import ChatDelta, ChatOutput, StreamParser, prompt_opens_reasoning
+from ..structured import StructuredOutputsParams
 from ..tokenizer import Tokenizer
+from . import structured
 from .schemas import ApiError, ChatCompletionRequest
 
 # Template variables a request may not set through chat_template_kwargs (they have their own fields).
@@ -39,11 +43,13 @@ class ChatOptions:
     parallel_tool_calls: bool
     include_reasoning: bool
     hidden: tuple[str, ...]  # special tokens to drop from the output
+    structured: StructuredOutputsParams | None = None  # the constraint on every row (tool_choice, formats)
 
 
 def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str, ChatOptions]:
     """The rendered prompt and the parsing options of a chat request (400s for what we cannot do)."""
-    choice = _tool_choice(body)
+    choice, name = _tool_choice(body)
+    spec = structured.from_body(body)
     kwargs = dict(body.chat_template_kwargs or {})
     reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
     if reserved:
@@ -56,28 +62,39 @@ def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str,
     names = frozenset(t["function"]["name"] for t in tools or ()
                       if isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str))
     special = (tokenizer.id_to_token(i) for i in tokenizer.special_ids())
+    parallel = body.parallel_tool_calls is not False
+    tool_regex = structured.tool_choice_spec(tools, name, parallel) if choice in ("required", "named") else None
+    opens = prompt_opens_reasoning(prompt)
     options = ChatOptions(
         tool_calls=tools is not None and choice != "none",
         tool_names=names,
-        start_in_reasoning=prompt_opens_reasoning(prompt),
-        parallel_tool_calls=body.parallel_tool_calls is not False,
+        start_in_reasoning=opens,
+        parallel_tool_calls=parallel,
         include_reasoning=body.include_reasoning,
         hidden=tuple(sorted(t for t in special if t and t not in _FORMAT_TOKENS)),
+        structured=structured.for_chat(spec, tool_regex, opens, bool(kwargs.get("enable_thinking"))),
     )
     return prompt, options
 
 
-def _tool_choice(body: ChatCompletionRequest) -> str:
+def _tool_choice(body: ChatCompletionRequest) -> tuple[str, str | None]:
+    """("auto" | "none" | "required" | "named", the named function's name)."""
     choice = body.tool_choice
     if choice is None:
-        return "auto" if body.tools else "none"
-    if choice in ("auto", "none"):
-        if choice == "auto" and not body.tools:
-            raise ApiError(400, "tool_choice 'auto' needs tools", param="tool_choice")
-        return choice
-    if choice == "required" or isinstance(choice, dict):
-        raise ApiError(400, "tool_choice 'required' and a named function are not supported yet (they need the "
-                            "canvas constrained to a call); use 'auto'", param="tool_choice", code="unsupported")
+        return ("auto" if body.tools else "none"), None
+    if choice in ("auto", "none", "required"):
+        if choice != "none" and not body.tools:
+            raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        return choice, None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(function, dict) or \
+                not isinstance(function.get("name"), str):
+            raise ApiError(400, "a named tool_choice is {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice")
+        if not body.tools:
+            raise ApiError(400, "tool_choice names a function but the request has no tools", param="tool_choice")
+        return "named", function["name"]
     raise ApiError(400, f"tool_choice must be 'auto', 'none', 'required' or a named function, not {choice!r}",
                    param="tool_choice")
 

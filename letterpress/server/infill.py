@@ -45,6 +45,10 @@ def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
     prefixes = text_prompts(body.prompt)
     if body.ignore_eos:
         raise ApiError(400, "ignore_eos does not apply to infilling (suffix)", param="ignore_eos")
+    for name in ("response_format", "structured_outputs"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} does not apply to infilling (suffix): the clamped suffix is fixed text",
+                           param=name, code="unsupported")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if body.wants_preview():

@@ -40,6 +40,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=0.0,
                    help="on SIGTERM/SIGINT, refuse new requests (503) and let open ones run this many seconds "
                         "before ending them with an error; a second signal exits at once (default 0, as vLLM)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let requests read image/video files under DIR through file:// URLs (default: none, as vLLM)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the server's and uvicorn's log level (default: info, or as -v / -q say)")
     add_model_arguments(p)
@@ -61,6 +63,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         args.parser.error(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     if not 0 <= args.shutdown_timeout < float("inf"):
         args.parser.error(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+
+
+def media_limits(args: argparse.Namespace):
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..media.sources import MediaLimits
+
+    folder = args.allowed_local_media_path
+    if folder is not None and not Path(folder).is_dir():
+        raise ConfigError(f"--allowed-local-media-path {folder} is not a folder")
+    return MediaLimits(allowed_local_media_path=None if folder is None else Path(folder).resolve())
 
 
 def check_port(host: str, port: int) -> None:
@@ -104,7 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
                           max_queue=args.max_queue, entropy_bound=args.entropy_bound,
                           max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max,
-                          request_timeout=args.request_timeout or None,
+                          request_timeout=args.request_timeout or None, media_limits=media_limits(args),
                           **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}))
     app = build_app(llm, config)
     # Everything loaded so far lives as long as the process: keep it out of the garbage collector's full passes,

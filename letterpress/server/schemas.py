@@ -50,6 +50,10 @@ class _Common(_Sampler):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    # structured output (server/structured.py): vLLM's {json | regex | choice | json_object} and OpenAI's
+    # response_format {"type": "json_object" | "json_schema" | "text"}
+    structured_outputs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     # OpenAI fields that we refuse unless they hold their no-op value (see UNSUPPORTED)
     top_p: float | None = None
@@ -87,7 +91,7 @@ class EditRequest(_Sampler):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[Any]  # checked message by message by the tokenizer (roles, text parts, no images)
+    messages: list[Any]  # checked message by message by the tokenizer; media parts by letterpress.media
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -98,7 +102,7 @@ class ChatCompletionRequest(_Common):
     include_reasoning: bool = True  # vLLM's: false leaves the thoughts out of the answer
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM's: {"max_soft_tokens": 70|140|280|560|1120}
 
 
 # field -> (values that mean "off", why we refuse anything else)
@@ -131,9 +135,6 @@ def refuse_unsupported(body: _Common) -> None:
     for name, (off, why) in UNSUPPORTED.items():
         if hasattr(body, name) and getattr(body, name) not in off:
             raise ApiError(400, f"'{name}' is not supported by letterpress: {why}", param=name, code="unsupported")
-    if getattr(body, "response_format", None) not in (None, {"type": "text"}):
-        raise ApiError(400, "'response_format' is not supported by letterpress: only {\"type\": \"text\"}",
-                       param="response_format", code="unsupported")
 
 
 # ----------------------------------------------------------------------------------------------- responses

@@ -1,0 +1,233 @@
+"""Structured output: which grammar library, and what constraining the canvas costs.
+
+    python benchmarks/structured.py libraries [--repeats 5]        # compile + per-step cost per library
+    python benchmarks/structured.py engine [--seeds 3] [--puzzles 50]
+
+`libraries`: on the shipped tokenizers (letterpress/assets/tiny_code: byte-level BPE, 4,096 tokens;
+letterpress/assets/sudoku: 827 word tokens), for a suite of JSON schemas (tiny_code) and regexes (both):
+- outlines-core (what letterpress uses): regex -> token-level DFA, whole (`compile_regex`: our schema->regex,
+  outlines-core's Index, the edge tensors and distances); per step: our DP over one canvas (dp.best_path);
+- xgrammar and llguidance: grammar compile and one next-token mask. They give masks, not a state graph: a DP
+  over their states would first have to explore every (state, token) pair through the matcher, which neither
+  exposes as state ids. They are timed only if installed (`pip install --no-deps xgrammar apache-tvm-ffi
+  llguidance`; xgrammar's own requirements pull triton).
+
+`engine`: the shipped models, unconstrained vs constrained, same seeds and sampler settings:
+- tiny_code: the schema suite (a JSON prompt), sampled; validity = parses and validates (jsonschema);
+- sudoku: held-out puzzles, greedy; the constraint is a regex of 81 digits 1-9 with the givens fixed
+  (a pinned scaffold as an automaton); validity = a complete grid consistent with the givens, and the solve rate.
+Reports denoising steps per canvas, tokens per forward and seconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.common import machine  # noqa: E402
+from letterpress.structured import best_path, compile_regex, schema_regex  # noqa: E402
+from letterpress.structured import automaton as automaton_module  # noqa: E402
+from letterpress.tokenizer import Tokenizer  # noqa: E402
+
+ASSETS = ROOT / "letterpress" / "assets"
+SUITE = {
+    "nested": {"type": "object", "required": ["user", "ok"], "properties": {
+        "user": {"type": "object", "required": ["name", "id"], "properties": {
+            "name": {"type": "string", "maxLength": 12}, "id": {"type": "integer"}}},
+        "ok": {"type": "boolean"}}},
+    "array_bounds": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 12},
+                     "minItems": 2, "maxItems": 6},
+    "enums": {"type": "object", "required": ["color", "size"], "properties": {
+        "color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2.5, None, "XL"]}}},
+    "numbers": {"type": "object", "required": ["price", "count", "ratio"], "properties": {
+        "price": {"type": "number", "minimum": 0, "maximum": 100}, "count": {"type": "integer", "exclusiveMinimum": 0},
+        "ratio": {"type": "number"}}},
+    "patterns": {"type": "object", "required": ["code", "day"], "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "day": {"type": "string", "format": "date"}}},
+    "optional": {"type": "object", "required": ["b"], "properties": {
+        "a": {"type": "boolean"}, "b": {"type": "string", "maxLength": 8}, "c": {"type": "null"},
+        "d": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3}}},
+    "refs_anyof": {"$defs": {"pt": {"type": "object", "required": ["x", "y"], "properties": {
+        "x": {"type": "integer"}, "y": {"type": "integer"}}}},
+        "type": "object", "required": ["pts"], "properties": {
+            "pts": {"type": "array", "items": {"$ref": "#/$defs/pt"}, "maxItems": 3},
+            "label": {"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]}}},
+}
+REGEXES = {"tiny_code": {"identifier_list": r"[a-z_]+(?:, [a-z_]+){2,5}", "date": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"},
+           "sudoku": {"grid": "[1-9]{81}", "first_row_given": "123456789[1-9]{72}"}}
+
+
+def _timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def libraries(repeats: int) -> None:
+    print(f"machine: {machine()}")
+    print("| tokenizer | constraint | library | compile (ms) | per-step (ms) | what per-step is |")
+    print("|---|---|---|---|---|---|")
+    for name in ("tiny_code", "sudoku"):
+        tokenizer = Tokenizer.from_dir(ASSETS / name)
+        canvas = json.loads((ASSETS / name / "config.json").read_text())["canvas_length"]
+        eos = [1]
+        jobs = {f"schema:{k}": ("json", v) for k, v in SUITE.items()} if name == "tiny_code" else {}
+        jobs.update({f"regex:{k}": ("regex", v) for k, v in REGEXES[name].items()})
+        for label, (kind, value) in jobs.items():
+            regex = schema_regex(value) if kind == "json" else value
+
+            def ours():
+                automaton_module._cache.clear()  # time a cold compile (the vocabulary stays cached)
+                return compile_regex(regex, tokenizer, eos)
+
+            ms, automaton = _timed(ours, repeats)
+            logp = torch.log_softmax(3 * torch.randn(canvas, tokenizer.vocab_size), -1)
+            step, _ = _timed(lambda: best_path(logp, automaton, 0, eos, None), repeats)
+            print(f"| {name} | {label} | outlines-core + DP | {1e3 * ms:.1f} | {1e3 * step:.1f} | DP over a "
+                  f"{canvas}-token canvas ({automaton.num_states} states, {automaton.src.numel():,} edges) |")
+            for row in _others(name, tokenizer, kind, value, repeats):
+                print(f"| {name} | {label} | {row[0]} | {row[1]} | {row[2]} | one next-token mask |")
+
+
+def _others(name: str, tokenizer: Tokenizer, kind: str, value, repeats: int) -> list[tuple[str, str, str]]:
+    rows = []
+    text = json.dumps(value) if kind == "json" else value
+    try:
+        import xgrammar as xgr
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(ASSETS / name / "tokenizer.json"))
+        info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=tokenizer.vocab_size)
+        compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        ms, grammar = _timed(lambda: compiler.compile_json_schema(text) if kind == "json" else
+                             compiler.compile_regex(text), repeats)
+        matcher = xgr.GrammarMatcher(grammar)
+        mask = xgr.allocate_token_bitmask(1, info.vocab_size)
+        step, _ = _timed(lambda: matcher.fill_next_token_bitmask(mask), repeats)
+        rows.append(("xgrammar", f"{1e3 * ms:.1f}", f"{1e3 * step:.3f}"))
+    except ImportError:
+        pass
+    except Exception as e:  # a grammar xgrammar cannot take
+        rows.append(("xgrammar", f"error: {type(e).__name__}", "-"))
+    try:
+        import llguidance
+        import llguidance.hf
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(ASSETS / name / "tokenizer.json"))
+        ll_tok = llguidance.hf.from_tokenizer(hf)
+        grammar = (llguidance.LLMatcher.grammar_from_json_schema(text) if kind == "json" else
+                   llguidance.LLMatcher.grammar_from_regex(text))
+        ms, matcher = _timed(lambda: llguidance.LLMatcher(ll_tok, grammar), repeats)
+        step, _ = _timed(matcher.compute_bitmask, repeats)
+        rows.append(("llguidance", f"{1e3 * ms:.1f}", f"{1e3 * step:.3f}"))
+    except ImportError:
+        pass
+    except Exception as e:
+        rows.append(("llguidance", f"error: {type(e).__name__}", "-"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def engine(seeds: int, puzzles: int, models: list[str]) -> None:
+    print(f"machine: {machine()}")
+    print("| model | run | rows | valid | solved | steps/canvas | canvases/row | tokens/forward | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    if "tiny_code" in models:
+        _tiny_code(seeds)
+    if "sudoku" in models:
+        _sudoku(puzzles)
+
+
+def _tiny_code(seeds: int) -> None:
+    import jsonschema
+
+    from letterpress import LLM
+    from letterpress.engine.request import SamplingParams
+    from letterpress.structured import StructuredOutputsParams
+
+    llm = LLM(ASSETS / "tiny_code", max_num_seqs=len(SUITE) * seeds, max_model_len=512)
+    names = [n for n in SUITE for _ in range(seeds)]
+    prompt = "# a JSON value:\n"
+
+    def valid(text: str, schema: dict) -> bool:
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            return True
+        except (ValueError, jsonschema.ValidationError):
+            return False
+
+    for run in ("unconstrained", "constrained"):
+        params = [SamplingParams(max_new_tokens=128, seed=i, structured_outputs=None if run == "unconstrained" else
+                                 StructuredOutputsParams(json=SUITE[n])) for i, n in enumerate(names)]
+        _report("tiny_code", run, llm, [prompt] * len(names), params,
+                lambda outs: (sum(valid(o.text, SUITE[n]) for o, n in zip(outs, names)), "-"))
+
+
+def _sudoku(puzzles: int) -> None:
+    from letterpress import LLM
+    from letterpress.apps import sudoku as S
+    from letterpress.apps.sudoku_solve import prompt_ids
+    from letterpress.engine.request import SamplingParams
+    from letterpress.structured import StructuredOutputsParams
+    from letterpress.train import recipes_builtin as RB
+
+    llm = LLM(ASSETS / "sudoku", max_num_seqs=puzzles, max_model_len=256)
+    held = [puzzle for puzzle, _ in RB.held_out_puzzles(1000)[:puzzles]]  # benchmarks/sudoku.py's set
+    prompts = [prompt_ids(llm.tokenizer, p) for p in held]
+    for run in ("unconstrained", "constrained"):
+        params = [SamplingParams(seed=i, greedy=True, structured_outputs=None if run == "unconstrained" else
+                                 StructuredOutputsParams(regex="".join("[1-9]" if c == "0" else c for c in p)))
+                  for i, p in enumerate(held)]
+        _report("sudoku", run, llm, prompts, params, lambda outs: (
+            sum(len(o.text) == 81 and all(c in "123456789" for c in o.text)
+                and all(g in ("0", c) for g, c in zip(p, o.text)) for o, p in zip(outs, held)),
+            sum(S.is_solution(o.text, p) for o, p in zip(outs, held))))
+
+
+def _report(model: str, run: str, llm, prompts, params, score) -> None:
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    valid, solved = score(outs)
+    steps = [s for o in outs for s in o.steps_per_canvas]
+    passes = sum(o.decoder_passes for o in outs)
+    tpf = sum(o.tokens_per_forward * o.decoder_passes for o in outs) / max(passes, 1)
+    batched_steps = max(sum(o.steps_per_canvas) for o in outs)  # the batch steps together
+    print(f"| {model} | {run} | {len(outs)} | {valid}/{len(outs)} ({100 * valid / len(outs):.0f}%) | {solved} | "
+          f"{statistics.mean(steps):.1f} | {statistics.mean(o.canvases for o in outs):.2f} | {tpf:.2f} | "
+          f"{seconds / max(batched_steps, 1):.3f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    lib = sub.add_parser("libraries")
+    lib.add_argument("--repeats", type=int, default=5)
+    eng = sub.add_parser("engine")
+    eng.add_argument("--seeds", type=int, default=3)
+    eng.add_argument("--puzzles", type=int, default=50)
+    eng.add_argument("--models", default="tiny_code,sudoku", help="comma-separated: tiny_code, sudoku")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.what == "libraries":
+        libraries(args.repeats)
+    else:
+        engine(args.seeds, args.puzzles, args.models.split(","))
+
+
+if __name__ == "__main__":
+    main()

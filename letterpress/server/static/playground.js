@@ -1,0 +1,405 @@
+// letterpress playground: a client of the server's public API, nothing else.
+// Chat streams /v1/chat/completions with `denoising_preview` events and draws each draft on the canvas view;
+// infill and edit call /v1/completions (with `suffix`) and /v1/edits; the Sudoku board streams
+// /v1/completions with the Sudoku model's prompt (one word per cell) and fills in from the drafts.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const page = { model: null, root: "", messages: [], frames: new Set() };
+
+// ---------------------------------------------------------------------------------------------- HTTP
+class ApiError extends Error {}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+async function failure(response) {
+  const body = await response.json().catch(() => ({}));
+  const message = body.error ? body.error.message : response.statusText;
+  return new ApiError(`${response.status}: ${message}`);
+}
+
+async function postJson(path, body) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!response.ok) throw await failure(response);
+  return response.json();
+}
+
+// A streaming POST: calls onEvent(eventName, data) for each server-sent event until `data: [DONE]`.
+async function stream(path, body, onEvent) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!response.ok) throw await failure(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let name = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trimStart();
+      }
+      if (data === "[DONE]") return;
+      if (!data) continue;
+      const event = JSON.parse(data);
+      if (event.error) throw new ApiError(event.error.message); // an error after the stream started
+      onEvent(name, event);
+    }
+  }
+}
+
+// "12 tokens · 1 canvas · 9 denoising steps · 1.33 tokens/forward · 25.1 tokens/s" from a reply's usage
+function figures(usage, seconds) {
+  if (!usage) return "";
+  const stats = usage.letterpress || {};
+  const parts = [`${usage.completion_tokens} tokens`];
+  if (stats.canvases !== undefined) parts.push(`${stats.canvases} canvas${stats.canvases === 1 ? "" : "es"}`);
+  if (stats.denoising_steps !== undefined) parts.push(`${stats.denoising_steps} denoising steps`);
+  if (stats.tokens_per_forward !== undefined) parts.push(`${stats.tokens_per_forward.toFixed(2)} tokens/forward`);
+  parts.push(`${(usage.completion_tokens / Math.max(seconds, 1e-3)).toFixed(1)} tokens/s (${seconds.toFixed(2)} s)`);
+  return parts.join(" · ");
+}
+
+function setBusy(buttons, busy) {
+  for (const id of buttons) $(id).disabled = busy;
+}
+
+// ------------------------------------------------------------------------------------------ the model
+async function loadModel() {
+  const notice = $("server-notice");
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      notice.textContent = "This server needs an API key: enter it under \u201cAPI key\u201d.";
+      notice.hidden = false;
+      $("key-box").closest("details").open = true;
+      return;
+    }
+    if (!response.ok) throw await failure(response);
+    const card = (await response.json()).data[0];
+    page.model = card.id;
+    page.root = card.root || "";
+    $("model-name").textContent = card.id;
+    const folder = page.root.split(/[\\/]/).filter(Boolean).pop() || ""; // a local path's last folder
+    $("model-root").textContent = folder && folder !== card.id ? `(${folder})` : "";
+    $("model-root").title = page.root;
+    notice.hidden = true;
+    const sudoku = /sudoku/i.test(card.id + " " + page.root);
+    $("sudoku-notice").hidden = sudoku;
+    $("sudoku-notice").textContent = sudoku ? "" : "The served model does not look like a Sudoku model: the board " +
+      "needs one (letterpress serve letterpress/assets/sudoku). Any answer is checked against the rules first.";
+  } catch (e) {
+    notice.textContent = `Cannot reach the server: ${e.message}`;
+    notice.hidden = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------- canvas view
+// Each position of the newest draft is one cell. accepted: this step kept the token (accepted_mask);
+// proposed: not accepted, but the same argmax as the step before; noise: the guess is still changing.
+let lastDraft = null; // {canvas, ids} of the previous preview
+
+function cellState(preview, previousIds, i) {
+  if (preview.accepted_mask && preview.accepted_mask[i]) return "accepted";
+  return previousIds && previousIds[i] === preview.token_ids[i] ? "proposed" : "noise";
+}
+
+function visible(text) {
+  return text === "" ? "\u25e6" : text.replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+}
+
+function countFrame(preview) {
+  page.frames.add(`${preview.index}/${preview.canvas}/${preview.token_ids}/${preview.accepted_mask}`);
+  const out = $("canvas-frames");
+  out.value = String(page.frames.size);
+  out.dataset.count = String(page.frames.size);
+}
+
+function showPreview(preview) {
+  const previous = lastDraft && lastDraft.canvas === preview.canvas ? lastDraft.ids : null;
+  const view = $("canvas");
+  view.classList.remove("committed");
+  view.replaceChildren(...preview.tokens.map((text, i) => {
+    const cell = document.createElement("span");
+    cell.className = "tok " + cellState(preview, previous, i);
+    cell.textContent = visible(text);
+    return cell;
+  }));
+  $("canvas-status").textContent =
+    `(canvas ${preview.canvas}, step ${preview.step}, ${preview.accepted} accepted, ${preview.tokens.length} positions)`;
+  lastDraft = { canvas: preview.canvas, ids: preview.token_ids };
+  countFrame(preview);
+}
+
+// --------------------------------------------------------------------------------------------- chat
+function addMessage(role, text) {
+  const el = document.createElement("div");
+  el.className = "msg " + role;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "you" : "model";
+  const reasoning = document.createElement("span");
+  reasoning.className = "reasoning";
+  const body = document.createElement("span");
+  body.className = "body";
+  body.textContent = text;
+  const draft = document.createElement("span");
+  draft.className = "draft";
+  draft.setAttribute("aria-hidden", "true"); // provisional: screen readers get the committed text only
+  el.append(who, reasoning, body, draft);
+  $("chat-log").append(el);
+  el.scrollIntoView({ block: "nearest" });
+  return { el, reasoning, body, draft };
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const text = $("chat-input").value.trim();
+  if (!text || !page.model) return;
+  $("chat-input").value = "";
+  page.messages.push({ role: "user", content: text });
+  addMessage("user", text);
+  const reply = addMessage("assistant", "");
+  reply.el.dataset.state = "streaming";
+  setBusy(["chat-send"], true);
+  $("chat-figures").textContent = "";
+  lastDraft = null;
+  const started = performance.now();
+  let content = "", usage = null;
+  const calls = [];
+  try {
+    await stream("/v1/chat/completions", {
+      model: page.model, messages: page.messages, stream: true,
+      max_tokens: Number($("chat-max-tokens").value), temperature: Number($("chat-temperature").value),
+      stream_options: { include_usage: true, denoising_preview: true },
+    }, (name, chunk) => {
+      if (name === "denoising_preview") {
+        showPreview(chunk.denoising_preview);
+        reply.draft.textContent = chunk.denoising_preview.text;
+        return;
+      }
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices || []) {
+        const delta = choice.delta || {};
+        const thought = delta.reasoning ?? delta.reasoning_content;
+        if (thought) reply.reasoning.textContent += thought;
+        if (delta.content) content += delta.content;
+        for (const call of delta.tool_calls || []) {
+          const c = (calls[call.index] ??= { name: "", arguments: "" });
+          if (call.function?.name) c.name += call.function.name;
+          if (call.function?.arguments) c.arguments += call.function.arguments;
+        }
+        if (thought || delta.content || delta.tool_calls) { // a canvas was committed: its draft is replaced
+          reply.draft.textContent = "";
+          $("canvas").classList.add("committed");
+        }
+      }
+      reply.body.textContent = content + calls.map((c) => `\n\u2192 ${c.name}(${c.arguments})`).join("");
+    });
+    reply.draft.textContent = "";
+    $("canvas").classList.add("committed");
+    $("canvas-status").textContent = "(committed)";
+    page.messages.push({ role: "assistant", content });
+    $("chat-figures").textContent = figures(usage, (performance.now() - started) / 1000);
+    reply.el.dataset.state = "done";
+  } catch (e) {
+    page.messages.pop(); // the turn that failed is not part of the conversation
+    reply.el.classList.add("error");
+    reply.draft.textContent = "";
+    reply.body.textContent = e.message;
+    reply.el.dataset.state = "error";
+  } finally {
+    setBusy(["chat-send"], false);
+  }
+}
+
+function resetChat() {
+  page.messages = [];
+  $("chat-log").replaceChildren();
+  $("chat-figures").textContent = "";
+}
+
+// ------------------------------------------------------------------------------------ infill and edit
+const codePoints = (s) => Array.from(s).length; // the server counts characters as Python does
+
+function showResult(parts) { // parts: [text, highlighted?] pairs
+  $("infill-result").replaceChildren(...parts.map(([text, marked]) => {
+    if (!marked) return document.createTextNode(text);
+    const mark = document.createElement("mark");
+    mark.textContent = text;
+    return mark;
+  }));
+}
+
+async function runInfillOrEdit(kind) {
+  const area = $("infill-text");
+  const text = area.value, start = area.selectionStart, end = area.selectionEnd;
+  $("infill-figures").textContent = "";
+  if (kind === "edit" && start === end) {
+    showResult([["Select the text to rewrite first.", false]]);
+    return;
+  }
+  setBusy(["infill-run", "edit-run"], true);
+  const started = performance.now();
+  try {
+    let data;
+    if (kind === "infill") {
+      const prefix = text.slice(0, start), suffix = text.slice(end);
+      data = await postJson("/v1/completions", { model: page.model, prompt: prefix, suffix, seed: 0,
+        temperature: 0, max_tokens: Number($("infill-max-tokens").value) });
+      showResult([[prefix, false], [data.choices[0].text, true], [suffix, false]]);
+    } else {
+      const span = [codePoints(text.slice(0, start)), codePoints(text.slice(0, end))];
+      const instruction = $("edit-instruction").value;
+      data = await postJson("/v1/edits", { model: page.model, input: text, spans: [span], seed: 0,
+        temperature: 0, ...(instruction ? { instruction } : {}) });
+      const chars = Array.from(text), parts = [];
+      let at = 0;
+      for (const r of data.choices[0].replacements) {
+        parts.push([chars.slice(at, r.start).join(""), false], [r.new, true]);
+        at = r.end;
+      }
+      parts.push([chars.slice(at).join(""), false]);
+      showResult(parts);
+    }
+    $("infill-figures").textContent = figures(data.usage, (performance.now() - started) / 1000);
+  } catch (e) {
+    showResult([[e.message, false]]);
+  } finally {
+    setBusy(["infill-run", "edit-run"], false);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- Sudoku
+const CELL_LETTERS = "abcdefghi"; // as letterpress.apps.sudoku: "ae0" = row a, column e, blank
+const EXAMPLE = "794003800000040359560900017009021673307695048410007090648059731901008520200174086";
+const FRAME_MS = 250; // the board's pace when the steps come faster than that
+const cells = [];
+
+function buildBoard() {
+  for (let i = 0; i < 81; i++) {
+    const input = document.createElement("input");
+    const row = Math.floor(i / 9), col = i % 9;
+    input.className = `c${col} r${row}`;
+    input.maxLength = 1;
+    input.inputMode = "numeric";
+    input.setAttribute("aria-label", `row ${row + 1}, column ${col + 1}`);
+    input.addEventListener("input", () => {
+      input.value = input.value.replace(/[^1-9]/g, "");
+      input.className = `c${col} r${row}` + (input.value ? " given" : "");
+    });
+    cells.push(input);
+  }
+  $("sudoku-board").append(...cells);
+}
+
+function setBoard(puzzle, answer = null) {
+  cells.forEach((input, i) => {
+    const given = puzzle[i] !== "0";
+    input.value = given ? puzzle[i] : answer ? answer[i] : "";
+    input.className = `c${i % 9} r${Math.floor(i / 9)}` + (given ? " given" : answer ? " accepted" : "");
+  });
+}
+
+const readPuzzle = () => cells.map((c) => (/^[1-9]$/.test(c.value) ? c.value : "0")).join("");
+const peers = (i, j) => i !== j && (Math.floor(i / 9) === Math.floor(j / 9) || i % 9 === j % 9 ||
+  (Math.floor(i / 27) === Math.floor(j / 27) && Math.floor((i % 9) / 3) === Math.floor((j % 9) / 3)));
+
+function conflicts(grid) { // cells whose digit repeats in a row, column or box
+  const bad = [];
+  for (let i = 0; i < 81; i++) {
+    if (grid[i] === "0") continue;
+    for (let j = 0; j < 81; j++) if (grid[j] === grid[i] && peers(i, j)) { bad.push(i); break; }
+  }
+  return bad;
+}
+
+const isSolution = (answer, puzzle) => /^[1-9]{81}$/.test(answer) && conflicts(answer).length === 0 &&
+  [...puzzle].every((ch, i) => ch === "0" || ch === answer[i]);
+
+async function solveSudoku() {
+  const puzzle = readPuzzle();
+  const bad = conflicts(puzzle);
+  if (bad.length) {
+    bad.forEach((i) => cells[i].classList.add("wrong"));
+    $("sudoku-status").textContent = "These givens break a rule (the same digit twice in a row, column or box).";
+    return;
+  }
+  setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], true);
+  $("sudoku-figures").textContent = "";
+  const givens = [...puzzle].filter((ch) => ch !== "0").length;
+  $("sudoku-status").textContent = `Solving (${givens} givens)\u2026`;
+  const prompt = [...puzzle].map((ch, i) => CELL_LETTERS[Math.floor(i / 9)] + CELL_LETTERS[i % 9] + ch).join(" ");
+  const started = performance.now();
+  let text = "", usage = null, previous = null, seconds = 0;
+  // The model solves a puzzle in a few steps, faster than the eye: frames are drawn at most one per FRAME_MS
+  let player = Promise.resolve();
+  const draw = (p) => {
+    cells.forEach((input, i) => {
+      if (puzzle[i] !== "0") return;
+      input.value = /^[1-9]$/.test(p.tokens[i] || "") ? p.tokens[i] : "";
+      input.className = `c${i % 9} r${Math.floor(i / 9)} ` + cellState(p, previous, i);
+    });
+    previous = p.token_ids;
+    const blanks = [...puzzle].filter((ch) => ch === "0").length;
+    const accepted = [...puzzle].filter((ch, i) => ch === "0" && p.accepted_mask[i]).length;
+    $("sudoku-status").textContent = `Step ${p.step}: ${accepted} of ${blanks} blank cells accepted`;
+  };
+  try {
+    await stream("/v1/completions", { model: page.model, prompt, stream: true, temperature: 0, max_tokens: 81,
+      stream_options: { include_usage: true, denoising_preview: true } }, (name, chunk) => {
+      if (name === "denoising_preview") {
+        const p = chunk.denoising_preview;
+        player = player.then(() => draw(p)).then(() => new Promise((done) => setTimeout(done, FRAME_MS)));
+        return;
+      }
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices || []) text += choice.text || "";
+    });
+    seconds = (performance.now() - started) / 1000;
+    await player;
+    const answer = text.slice(0, 81);
+    if (isSolution(answer, puzzle)) {
+      setBoard(puzzle, answer);
+      $("sudoku-status").textContent = `Solved (${givens} givens).`;
+    } else { // never show an answer that breaks a rule or a given
+      setBoard(puzzle);
+      $("sudoku-status").textContent = "No valid solution found (the model's answer breaks a rule or a given).";
+    }
+    $("sudoku-figures").textContent = figures(usage, seconds);
+  } catch (e) {
+    await player;
+    setBoard(puzzle);
+    $("sudoku-status").textContent = e.message;
+  } finally {
+    setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], false);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- start
+document.addEventListener("DOMContentLoaded", () => {
+  buildBoard();
+  setBoard(EXAMPLE);
+  $("chat-form").addEventListener("submit", sendChat);
+  $("chat-input").addEventListener("keydown", (e) => { // Enter sends, Shift+Enter is a new line
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
+  });
+  $("chat-reset").addEventListener("click", resetChat);
+  $("infill-run").addEventListener("click", () => runInfillOrEdit("infill"));
+  $("edit-run").addEventListener("click", () => runInfillOrEdit("edit"));
+  $("sudoku-example").addEventListener("click", () => { setBoard(EXAMPLE); $("sudoku-status").textContent = ""; });
+  $("sudoku-clear").addEventListener("click", () => { setBoard("0".repeat(81)); $("sudoku-status").textContent = ""; });
+  $("sudoku-solve").addEventListener("click", solveSudoku);
+  $("key-box").addEventListener("submit", (e) => { e.preventDefault(); loadModel(); });
+  loadModel();
+});

@@ -1,0 +1,102 @@
+"""The playground page at `/`: served from the package by the server `letterpress serve` runs (uvicorn on loopback,
+the shipped default model), driven in a real headless Chromium (the system's `chromium` and `chromedriver`,
+through selenium)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from letterpress import LLM
+from letterpress.server.app import ServerConfig
+from tests.browser import NO_BROWSER, browser_paths, headless_chrome
+from tests.live_server import DEADLINE_S, MODEL, LiveServer
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The app `letterpress serve` runs (build_app), with the shipped default model, on a loopback port."""
+    llm = LLM(None, max_model_len=1024)
+    llm.defaults.max_denoising_steps = 8  # enough frames to watch, few enough to keep the file fast
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL]))
+    yield live.url
+    live.stop()
+
+
+def test_page_and_assets_are_served_from_the_package(served):
+    page = httpx.get(served + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/playground/playground.js" in page.text and "/playground/playground.css" in page.text
+    assert "://" not in page.text  # no CDN: everything comes from this server
+    script = httpx.get(served + "/playground/playground.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "denoising_preview" in script.text
+    assert httpx.get(served + "/playground/playground.css").headers["content-type"].startswith("text/css")
+    assert httpx.get(served + "/playground/nothing.js").status_code == 404
+
+
+def test_preview_events_carry_each_positions_token_and_acceptance(served):
+    """What the page's canvas view draws: `tokens` and `accepted_mask` line up with `token_ids`."""
+    body = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 24, "seed": 0, "stream": True,
+            "stream_options": {"denoising_preview": True}}
+    previews = []
+    with httpx.stream("POST", served + "/v1/completions", json=body, timeout=DEADLINE_S) as response:
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "denoising_preview":
+                previews.append(json.loads(line[5:])["denoising_preview"])
+                event = None
+    assert previews
+    for p in previews:
+        assert len(p["tokens"]) == len(p["accepted_mask"]) == len(p["token_ids"])
+        assert "".join(p["tokens"]) == p["text"] or not p["text"].isascii()  # bytes of one character may split
+        assert sum(p["accepted_mask"]) <= p["accepted"]  # the mask is cut with the draft (EOS, max_tokens)
+    assert any(any(p["accepted_mask"]) for p in previews)
+
+
+@pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)
+def test_chat_in_a_real_browser(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = headless_chrome()
+    try:
+        wait = WebDriverWait(driver, DEADLINE_S)
+        driver.get(served + "/")
+        wait.until(lambda d: d.find_element(By.ID, "model-name").text == MODEL)
+        tokens = driver.find_element(By.ID, "chat-max-tokens")
+        tokens.clear()
+        tokens.send_keys("48")
+        driver.find_element(By.ID, "chat-input").send_keys("Hello! Who are you?")
+        driver.find_element(By.ID, "chat-send").click()
+        reply = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done], "
+                                                                      ".msg.assistant[data-state=error]"))[0]
+        screenshot = tmp_path / "playground.png"
+        driver.save_screenshot(str(screenshot))
+        print(f"playground screenshot: {screenshot}")
+        assert reply.get_attribute("data-state") == "done", reply.text
+        frames = int(driver.find_element(By.ID, "canvas-frames").get_attribute("data-count"))
+        assert frames >= 2, "the preview frames never changed the canvas view"
+        assert driver.find_elements(By.CSS_SELECTOR, "#canvas .tok.accepted")
+        figures = driver.find_element(By.ID, "chat-figures").text
+        assert "denoising steps" in figures and "tokens/forward" in figures and "tokens/s" in figures
+
+        # the other panels answer too: an infill of the selected `...`, and the Sudoku board, whose answer from a
+        # model that is not the Sudoku model is checked and refused rather than shown
+        driver.execute_script("const t = arguments[0], i = t.value.indexOf('...'); t.setSelectionRange(i, i + 3);",
+                              driver.find_element(By.ID, "infill-text"))
+        driver.find_element(By.ID, "infill-run").click()
+        wait.until(lambda d: d.find_element(By.ID, "infill-figures").text)
+        assert driver.find_elements(By.CSS_SELECTOR, "#infill-result mark")
+        assert driver.find_element(By.ID, "sudoku-notice").is_displayed()
+        driver.find_element(By.ID, "sudoku-solve").click()
+        wait.until(lambda d: d.find_element(By.ID, "sudoku-figures").text)
+        assert driver.find_element(By.ID, "sudoku-status").text.startswith("No valid solution found")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()

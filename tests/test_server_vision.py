@@ -1,0 +1,175 @@
+"""Images and video through the OpenAI API: a real openai client against a real server on loopback, serving a
+tiny random checkpoint with a vision tower. The answers are random; the plumbing is what is tested: media parts
+read from data, http(s) and file URLs, features computed once per image, soft tokens counted in usage, and
+every unusable medium a 400 that says which part and why, with the event loop free meanwhile."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("transformers")
+openai = pytest.importorskip("openai")
+av = pytest.importorskip("av")
+
+from letterpress import LLM  # noqa: E402
+from letterpress.media.sources import MediaLimits  # noqa: E402
+from letterpress.server.app import ServerConfig  # noqa: E402
+
+from .live_server import KEY, MODEL, LiveServer  # noqa: E402
+from .test_video import write_video  # noqa: E402
+from .test_vision_engine import CountingTower  # noqa: E402
+from .vision_fixtures import build_vision_checkpoint, png_bytes  # noqa: E402
+
+PNG = png_bytes(60, 40, 1)
+SLOW_S = 3.0
+
+
+class MediaHost:
+    """An http server on loopback: /ok.png, /big.png (over the limit), /slow.png (answers after SLOW_S)."""
+
+    def __init__(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/slow.png":
+                    time.sleep(SLOW_S)
+                body = b"\0" * (3 * 2**20) if self.path == "/big.png" else PNG
+                if self.path == "/missing.png":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "a.png").write_bytes(PNG)
+    write_video(folder / "clip.mp4", frames=25, rate=10)  # 2.5 s -> 2 frames at 1 fps
+    (folder / "broken.mp4").write_bytes(b"\0" * 1000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, media_dir):
+    folder = build_vision_checkpoint(tmp_path_factory.mktemp("vision_server"))
+    llm = LLM(folder, max_num_seqs=4, limit_mm_per_prompt={"image": 2, "video": 1})
+    llm.defaults.max_denoising_steps = 2
+    limits = MediaLimits(max_image_bytes=2**20, image_timeout=1.0, allowed_local_media_path=media_dir)
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY, media_limits=limits))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def host():
+    return MediaHost()
+
+
+def data_url(data: bytes = PNG, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def chat(client, *parts, **kw):
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What is this?"}]}]
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=0, **kw)
+
+
+def test_image_url_features_and_usage(client, server):
+    llm = server.app.state.server.llm
+    n = llm.image_processor.num_soft_tokens(40, 60)
+    text_only = chat(client).usage.prompt_tokens
+    with CountingTower(llm) as tower:
+        reply = chat(client, image_part(data_url()))
+    assert tower.calls == 1 and reply.choices[0].message.content is not None
+    assert reply.usage.prompt_tokens == text_only + n + 2  # <|image> + N soft tokens + <image|>, for <|image|>
+    # the tier as vLLM's per-request mm_processor_kwargs
+    big = chat(client, image_part(data_url()), extra_body={"mm_processor_kwargs": {"max_soft_tokens": 140}})
+    assert big.usage.prompt_tokens == text_only + llm.image_processor.num_soft_tokens(40, 60, 140) + 2
+
+
+def test_http_file_and_video_urls(client, server, host, media_dir):
+    llm = server.app.state.server.llm
+    base = chat(client, image_part(data_url()))
+    for url in (f"{host.url}/ok.png", f"file://{media_dir / 'a.png'}"):
+        reply = chat(client, image_part(url))
+        assert reply.usage.prompt_tokens == base.usage.prompt_tokens
+        assert reply.choices[0].message.content == base.choices[0].message.content
+    with CountingTower(llm) as tower:
+        video = chat(client, {"type": "video_url", "video_url": {"url": f"file://{media_dir / 'clip.mp4'}"}})
+    assert tower.calls == 2  # two frames, each embedded once
+    assert video.usage.prompt_tokens > chat(client).usage.prompt_tokens + 2 * 48
+
+
+@pytest.mark.parametrize("part,message", [
+    (image_part(data_url(b"not an image")), "messages[0].content[0]: cannot read the image"),
+    (image_part("data:image/png;base64,@@@"), "not valid base64"),
+    (image_part(data_url(mime="text/plain")), "is not an image"),
+    (image_part(data_url(b"\0" * (2**20 + 10))), "larger than the limit of 1 MiB"),
+    (image_part("ftp://example.com/a.png"), "unsupported URL"),
+    (image_part("file:///etc/passwd"), "not under the allowed local media path"),
+    (image_part("/etc/passwd"), "unsupported URL"),
+    ({"type": "image_url", "image_url": {}}, "without a URL"),
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "does not take audio"),
+    ({"type": "video_url", "video_url": {"url": "file://MEDIA/broken.mp4"}}, "cannot read the video"),
+])
+def test_unusable_media_are_400s(client, media_dir, part, message):
+    if part.get("type") == "video_url":
+        part = {"type": "video_url", "video_url": {"url": part["video_url"]["url"].replace("MEDIA", str(media_dir))}}
+    with pytest.raises(openai.BadRequestError) as error:
+        chat(client, part)
+    assert message in str(error.value)
+
+
+def test_fetch_limits_and_counts(client, host, server):
+    for path, message in (("/big.png", "larger than the limit"), ("/missing.png", "HTTP 404")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            chat(client, image_part(host.url + path))
+    with pytest.raises(openai.BadRequestError, match=r"At most 2 image\(s\) may be provided in one prompt, got 3"):
+        chat(client, *[image_part(data_url())] * 3)
+    with pytest.raises(openai.BadRequestError, match="max_soft_tokens must be one of"):
+        chat(client, image_part(data_url()), extra_body={"mm_processor_kwargs": {"max_soft_tokens": 99}})
+
+
+def test_slow_fetch_times_out_without_stalling_the_event_loop(server, host):
+    """The fetch runs on a worker thread: /health answers while it waits, then the request gets its 400."""
+    result = {}
+
+    def slow():
+        result["r"] = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                 json={"model": MODEL, "max_tokens": 8, "messages": [
+                                     {"role": "user", "content": [image_part(host.url + "/slow.png")]}]}, timeout=60)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)
+    health = httpx.get(server.url + "/health", timeout=5)
+    assert health.status_code == 200 and thread.is_alive()  # answered while the fetch was still waiting
+    thread.join(60)
+    assert result["r"].status_code == 400 and "/slow.png" in result["r"].json()["error"]["message"]

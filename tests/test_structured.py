@@ -1,0 +1,300 @@
+"""Structured output by constrained denoising: every output parses and validates, even from a random model.
+
+The DP is checked alone on random log-probabilities (no model: any scores must give a valid text), then
+through the engine with a random checkpoint whose canvas (16 tokens) is shorter than most answers, so the
+constraint has to carry across canvases, and over HTTP with the real `openai` client (response_format,
+structured_outputs, tool_choice required / named)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from letterpress import LLM
+from letterpress.chat_output import parse_output
+from letterpress.embedded import default_model_dir
+from letterpress.engine.request import SamplingParams
+from letterpress.errors import RequestError
+from letterpress.structured import (GEMMA, SchemaError, StructuredOutputsParams, best_path, compile_regex,
+                                    schema_regex, tool_call_regex)
+from letterpress.tokenizer import Tokenizer
+
+from .fast_fixtures import save_checkpoint
+
+jsonschema = pytest.importorskip("jsonschema")
+
+ROOT = Path(__file__).resolve().parent.parent
+EOS = [1]
+CANVAS = 16
+
+SUITE = {
+    "nested": {"type": "object", "required": ["user", "ok"], "properties": {
+        "user": {"type": "object", "required": ["name", "id"], "properties": {
+            "name": {"type": "string", "maxLength": 6}, "id": {"type": "integer"}}},
+        "ok": {"type": "boolean"}}},
+    "array_bounds": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 12},
+                     "minItems": 2, "maxItems": 4},
+    "enums": {"type": "object", "required": ["color", "size"], "properties": {
+        "color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2.5, None, "XL"]}}},
+    "numbers": {"type": "object", "required": ["price", "count", "ratio"], "properties": {
+        "price": {"type": "number", "minimum": 0, "maximum": 100}, "count": {"type": "integer", "exclusiveMinimum": 0},
+        "ratio": {"type": "number"}}},
+    "patterns": {"type": "object", "required": ["code", "day", "free"], "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "day": {"type": "string", "format": "date"},
+        "free": {"type": "string", "pattern": "^x.{0,5}[^a-z]$"}}},  # `.` / [^...] never write a quote or \\
+    "optional": {"type": "object", "required": ["b"], "properties": {
+        "a": {"type": "boolean"}, "b": {"type": "string", "maxLength": 4}, "c": {"type": "null"},
+        "d": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2}}},
+    "refs_anyof": {"$defs": {"pt": {"type": "object", "required": ["x", "y"], "properties": {
+        "x": {"type": "integer"}, "y": {"type": "integer"}}}},
+        "type": "object", "required": ["pts"], "properties": {
+            "pts": {"type": "array", "items": {"$ref": "#/$defs/pt"}, "maxItems": 2},
+            "label": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "null"}]}}},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(default_model_dir())
+
+
+def _canvases(automaton, tokenizer, budget: int, seed: int, canvas: int = CANVAS) -> str:
+    """Run the DP canvas after canvas on random scores, as the runner does, and return the text."""
+    g = torch.Generator().manual_seed(seed)
+    state, tokens = 0, []
+    while True:
+        left = budget - len(tokens)
+        logp = torch.log_softmax(3 * torch.randn(canvas, tokenizer.vocab_size, generator=g), -1)
+        path = best_path(logp[:min(canvas, left)], automaton, state, EOS, None if left <= canvas else left - canvas)
+        out = path.tokens.tolist()
+        if EOS[0] in out:
+            return tokenizer.decode(tokens + out[:out.index(EOS[0])])
+        tokens += out
+        if left <= canvas:
+            return tokenizer.decode(tokens)
+        state = automaton.walk(state, out)
+        assert state is not None
+
+
+@pytest.mark.parametrize("name", sorted(SUITE))
+def test_dp_on_random_scores_always_validates(tokenizer, name):
+    schema = SUITE[name]
+    automaton = compile_regex(schema_regex(schema), tokenizer, EOS)
+    for seed in range(4):
+        text = _canvases(automaton, tokenizer, budget=120, seed=seed)
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("name", ["nested", "enums", "optional", "refs_anyof"])
+def test_tool_call_syntax_validates(tokenizer, name):
+    """Gemma's call syntax: what the DP writes is parsed by the chat parser into arguments that validate."""
+    schema = SUITE[name] if SUITE[name]["type"] == "object" else None
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    automaton = compile_regex(tool_call_regex([tool], "f", parallel=False), tokenizer, EOS)
+    for seed in range(3):
+        out = parse_output(_canvases(automaton, tokenizer, budget=150, seed=seed), tool_calls=True)
+        [call] = out.tool_calls
+        assert call.name == "f" and out.content == ""
+        jsonschema.validate(json.loads(call.arguments), schema)
+
+
+def test_gemma_keys_are_sorted_like_the_template():
+    regex = schema_regex({"type": "object", "properties": {"b": {"type": "integer"}, "a": {"const": "x"}},
+                          "required": ["a", "b"]}, GEMMA)
+    assert re.fullmatch(regex, 'a:<|"|>x<|"|>,b:3'.join("{}"))
+    assert not re.fullmatch(regex, '{b:3,a:<|"|>x<|"|>}')
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"},
+     "recursive"),
+    ({"type": "strng"}, "invalid JSON schema"),
+    ({"type": "string", "format": "email"}, "email"),
+    ({"type": "string", "pattern": 'a"b'}, "cannot hold unescaped"),
+    ({"type": "number", "minimum": -1.5}, "bounds on a number"),
+    ({"type": "integer", "minimum": 5, "maximum": 2}, "no number"),
+    ([1, 2], "must be an object"),
+])
+def test_schemas_refused_with_reason(schema, message):
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        schema_regex(schema)
+
+
+def test_literal_then_bounded_repeat_compiles():
+    """outlines-core alone determinizes ".*1[1-9]{24}" (2**24 subsets: minutes); with the sentinel it is
+    linear (automaton.py). Also checks the sudoku tokenizer (word tokens) and the accepted language."""
+    sudoku = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "sudoku")
+    automaton = compile_regex("1[1-9]{24}", sudoku, EOS)
+    ids = sudoku.encode(" ".join("1" + "5" * 24))
+    assert automaton.accepting[automaton.walk(0, ids)] and automaton.walk(0, sudoku.encode("2")) is None
+    assert int(automaton.distance[0]) == 25
+
+
+def test_sentinel_only_narrows_classes():
+    from letterpress.structured.automaton import SENTINEL
+    from letterpress.structured.regex import narrow
+
+    rewritten = narrow(r"a.b[^x\]]\D[^]a]\\.[a-c]", SENTINEL)
+    assert rewritten == rf"a[^\n{SENTINEL}]b[^x\]{SENTINEL}][^\d{SENTINEL}][^]a{SENTINEL}]\\[^\n{SENTINEL}][a-c]"
+
+
+def test_grammar_and_bad_regex_refused(tokenizer):
+    with pytest.raises(SchemaError, match="grammar"):
+        StructuredOutputsParams(grammar="root ::= 'a'").to_regex()
+    with pytest.raises(SchemaError, match="cannot be compiled"):
+        compile_regex("(unclosed", tokenizer, EOS)
+
+
+# ------------------------------------------------------------------------------------------ the engine
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory) -> Path:
+    folder = save_checkpoint(tmp_path_factory.mktemp("random_structured"), seed=3, canvas=CANVAS, vocab_size=4096,
+                             max_position_embeddings=2048)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, folder / name)
+    shutil.copy(ROOT / "letterpress" / "chat_templates" / "gemma4_tools.jinja", folder / "chat_template.jinja")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(random_dir) -> LLM:
+    return LLM(random_dir, max_num_seqs=8, max_model_len=1024)
+
+
+def params(spec: StructuredOutputsParams | None, seed: int, tokens: int = 96, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=tokens, max_denoising_steps=3, seed=seed, structured_outputs=spec, **kw)
+
+
+def test_engine_schema_suite_with_a_random_model(llm):
+    names = sorted(SUITE)
+    outs = llm.generate(["Answer in JSON:"] * len(names),
+                        [params(StructuredOutputsParams(json=SUITE[n]), seed=i, greedy=i % 2 == 1)
+                         for i, n in enumerate(names)])
+    for name, out in zip(names, outs):
+        assert out.finish_reason in ("stop", "length"), (name, out.text)  # "length": complete at the budget
+        jsonschema.validate(json.loads(out.text), SUITE[name])
+    assert max(o.canvases for o in outs) >= 2  # some answers span canvases: the constraint carried over
+
+
+def test_regex_longer_than_a_canvas_and_choice(llm):
+    words = StructuredOutputsParams(regex=r"(?:[a-z]+ ){24,}end\.")
+    choice = StructuredOutputsParams(choice=["alpha", "beta", "gamma delta"])
+    long, picked = llm.generate(["x", "y"], [params(words, 1, tokens=120), params(choice, 2)])
+    assert long.canvases >= 2 and re.fullmatch(r"(?:[a-z]+ ){24,}end\.", long.text), long.text
+    assert picked.text in ("alpha", "beta", "gamma delta") and picked.finish_reason == "stop"
+
+
+def test_unconstrained_row_unchanged_beside_a_constrained_one(llm):
+    plain = params(None, 7, tokens=32)
+    alone = llm.generate("hello", plain)[0]
+    mixed = llm.generate(["hello", "hello"], [plain, params(StructuredOutputsParams(json_object=True), 8)])
+    assert mixed[0].token_ids == alone.token_ids
+    assert isinstance(json.loads(mixed[1].text), dict)
+
+
+def test_same_seed_same_structured_output(llm):
+    spec = StructuredOutputsParams(json=SUITE["nested"])
+    a, b = (llm.generate("x", params(spec, 5))[0] for _ in range(2))
+    assert a.token_ids == b.token_ids
+
+
+def test_engine_refusals(llm):
+    spec = StructuredOutputsParams(json=SUITE["nested"])
+    with pytest.raises(RequestError, match="too few"):
+        llm.generate("x", params(spec, 0, tokens=4))
+    with pytest.raises(RequestError, match="ignore_eos"):
+        llm.generate("x", params(spec, 0, ignore_eos=True))
+    with pytest.raises(RequestError, match="structured_outputs"):
+        llm.generate("x", params({"jsn": {}}, 0))
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+openai = pytest.importorskip("openai")
+
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "Weather", "parameters": {
+    "type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+TIME = {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "required": ["zone"], "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(llm):
+    from letterpress.server.app import ServerConfig
+
+    from .live_server import KEY, MODEL, LiveServer
+
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY))
+    yield openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+    live.stop()
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(model="letterpress-default", max_tokens=80, seed=0,
+                                          extra_body={"max_denoising_steps": 3, **kwargs.pop("extra_body", {})},
+                                          **kwargs)
+
+
+def test_http_response_format_json_schema(client):
+    schema = SUITE["nested"]
+    resp = chat(client, messages=ASK, response_format={
+        "type": "json_schema", "json_schema": {"name": "user", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
+    resp = chat(client, messages=ASK, response_format={"type": "json_object"})
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+
+
+def test_http_completions_structured_outputs(client):
+    resp = client.completions.create(model="letterpress-default", prompt="Pick:", max_tokens=16, seed=1,
+                                     extra_body={"structured_outputs": {"choice": ["red", "green"]}})
+    assert resp.choices[0].text in ("red", "green")
+    resp = client.completions.create(model="letterpress-default", prompt="Code:", max_tokens=16, seed=1,
+                                     extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{3}", resp.choices[0].text)
+
+
+def test_http_tool_choice_required_and_named(client):
+    schemas = {"weather": WEATHER["function"]["parameters"], "clock": TIME["function"]["parameters"]}
+    required = chat(client, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0].function
+    jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+    for name in ("weather", "clock"):
+        named = chat(client, messages=ASK, tools=[WEATHER, TIME],
+                     tool_choice={"type": "function", "function": {"name": name}})
+        calls = named.choices[0].message.tool_calls
+        assert named.choices[0].finish_reason == "tool_calls" and calls and all(c.function.name == name for c in calls)
+        for c in calls:
+            jsonschema.validate(json.loads(c.function.arguments), schemas[name])
+
+
+def test_http_streamed_named_tool_call(client):
+    chunks = list(chat(client, messages=ASK, tools=[WEATHER, TIME], stream=True,
+                       tool_choice={"type": "function", "function": {"name": "clock"}}))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "clock"
+    assert json.loads(calls[0].function.arguments)["zone"] in ("UTC", "CET")
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array",
+                                                                                         "uniqueItems": True}}}},
+     "uniqueItems"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "invalid JSON schema"),
+    ({"extra_body": {"structured_outputs": {"grammar": "root ::= 'a'"}}}, "grammar"),
+    ({"extra_body": {"structured_outputs": {"regex": "(a"}}}, "cannot be compiled"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+])
+def test_http_invalid_constraints_are_400(client, kwargs, match):
+    with pytest.raises(openai.BadRequestError, match=match):
+        chat(client, messages=ASK, **kwargs)
