@@ -255,7 +255,8 @@ class Runner:
                  for i, r in enumerate(rows) if r.request.constraint is not None}
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
-                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
+                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
+                       top_k=[p.top_k for p in params] if any(p.top_k for p in params) else None)
         if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
             outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
         for i, logp in logps.items():
