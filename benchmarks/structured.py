@@ -2,6 +2,7 @@
 
     python benchmarks/structured.py libraries [--repeats 5]        # compile + per-step cost per library
     python benchmarks/structured.py engine [--seeds 3] [--puzzles 50]
+    python benchmarks/structured.py size                           # size estimate vs compiled automata
 
 `libraries`: on the shipped tokenizers (letterpress/assets/tiny_code: byte-level BPE, 4,096 tokens;
 letterpress/assets/sudoku: 827 word tokens), for a suite of JSON schemas (tiny_code) and regexes (both):
@@ -17,6 +18,11 @@ letterpress/assets/sudoku: 827 word tokens), for a suite of JSON schemas (tiny_c
 - sudoku: held-out puzzles, greedy; the constraint is a regex of 81 digits 1-9 with the givens fixed
   (a pinned scaffold as an automaton); validity = a complete grid consistent with the givens, and the solve rate.
 Reports denoising steps per canvas, tokens per forward and seconds per step.
+
+`size`: on tiny_code's tokenizer, regexes of growing size: the edge estimate that refuses oversized
+constraints before compiling (structured/size.py), the compiled automaton's edges, compile seconds and the
+process's peak memory after it (growing order, so each peak is that compile's), compiled with the
+limit off to show what it prevents.
 """
 
 from __future__ import annotations
@@ -212,6 +218,37 @@ def _report(model: str, run: str, llm, prompts, params, score) -> None:
           f"{seconds / max(batched_steps, 1):.3f} |", flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ size
+SIZES = [r"[a-z]{0,128}", r'"[^"\\]{0,128}"', r'(?:"[^"\\]{0,64}",){0,6}', r'(?:"[^"\\]{0,64}",){0,12}',
+         r'(?:"[^"\\]{0,64}",){0,32}', r"(?:(?:[a-z]{0,100},){0,100};){0,30}"]
+
+
+def size() -> None:
+    """Compiled here with the limit off (up to 10 M estimated edges), to show what the limit prevents."""
+    import resource
+
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import MAX_EDGES, estimate_edges
+
+    print(f"machine: {machine()}")
+    tokenizer = Tokenizer.from_dir(ASSETS / "tiny_code")
+    first = _vocabulary(tokenizer, 1, frozenset())[1]
+    automaton_module.check_size = lambda *a, **k: None  # measure what compiling would cost
+    print(f"| regex | estimated edges | served (limit {MAX_EDGES:,}) | compiled edges | compile s | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for regex in SIZES:
+        estimate = estimate_edges(regex, first)
+        served = "yes" if estimate <= MAX_EDGES else "400"
+        if estimate > 10_000_000:
+            print(f"| `{regex}` | {estimate:,} | {served} | - | - | - |")
+            continue
+        start = time.perf_counter()
+        automaton = compile_regex(regex, tokenizer, [1])
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        print(f"| `{regex}` | {estimate:,} | {served} | {automaton.src.numel():,} | {seconds:.2f} | {peak} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -221,10 +258,13 @@ def main() -> None:
     eng.add_argument("--seeds", type=int, default=3)
     eng.add_argument("--puzzles", type=int, default=50)
     eng.add_argument("--models", default="tiny_code,sudoku", help="comma-separated: tiny_code, sudoku")
+    sub.add_parser("size")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "libraries":
         libraries(args.repeats)
+    elif args.what == "size":
+        size()
     else:
         engine(args.seeds, args.puzzles, args.models.split(","))
 

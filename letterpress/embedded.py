@@ -1,8 +1,10 @@
 """The embedded default model, so that every command runs with no download.
 
-The default is `assets/tiny_code`, a small code model trained by `letterpress train --recipe tiny-code` and
-shipped in the package. If its weights are missing (e.g. a trimmed install), the fallback is a
-*placeholder*: a tiny DiffusionGemma with random weights and the same BPE tokenizer, built deterministically
+The default is the first shipped of DEFAULT_MODELS (a folder under assets/ with weights), or the shipped model
+$LETTERPRESS_DEFAULT_MODEL names: `assets/tiny_tasks` (short reformatting jobs and tool calls in the Gemma 4 chat
+format, `letterpress train --recipe tiny-tasks`) once its weights ship, else `assets/tiny_code` (a small code
+model, `--recipe tiny-code`). If no weights are present (e.g. a trimmed install), the fallback is a
+*placeholder*: a tiny DiffusionGemma with random weights and tiny-code's BPE tokenizer, built deterministically
 on first use into the user's cache folder. It exercises every code path but its text is noise.
 """
 
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
+
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PLACEHOLDER_VERSION = 1
+DEFAULT_MODELS = ("tiny_tasks", "tiny_code")  # the first shipped one is the default
 
 
 def placeholder_config(vocab_size: int) -> dict:
@@ -62,9 +67,18 @@ def shipped_models() -> dict[str, Path]:
 
 
 def default_model_dir() -> Path:
+    """The model a command runs when none is named: `$LETTERPRESS_DEFAULT_MODEL` (a shipped model's folder name,
+    e.g. tiny_code) if set, else the first shipped of DEFAULT_MODELS, else the placeholder."""
     shipped = shipped_models()
-    if "tiny_code" in shipped:
-        return shipped["tiny_code"]
+    chosen = os.environ.get("LETTERPRESS_DEFAULT_MODEL")
+    if chosen:
+        if chosen not in shipped:
+            raise CheckpointError(f"LETTERPRESS_DEFAULT_MODEL={chosen}: not a shipped model; shipped: "
+                                  f"{', '.join(shipped) or 'none'}")
+        return shipped[chosen]
+    for name in DEFAULT_MODELS:
+        if name in shipped:
+            return shipped[name]
     return build_placeholder(cache_root() / f"placeholder-v{PLACEHOLDER_VERSION}")
 
 

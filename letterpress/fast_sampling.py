@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from .chunks import position_slices
-from .sampling import (Draws, StepOutcome, check_finite, entropy_bound_accept, free_mean_entropy, pin,
-                       token_entropy)
+from .sampling import (Draws, StepOutcome, apply_top_k_, check_finite, entropy_bound_accept, free_mean_entropy,
+                       pin, token_entropy)
 
 
 @dataclass
@@ -69,12 +69,13 @@ def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy
                        draws: list[Draws], canvas_index: list[int], step_index: list[int],
                        greedy: list[bool] | None = None, clamp_tokens: torch.Tensor | None = None,
                        clamp_mask: torch.Tensor | None = None, sc_dtype: torch.dtype | None = None,
-                       keep_processed: bool = True, chunk_bytes: int | None = None) -> FusedStepOutcome:
+                       keep_processed: bool = True, chunk_bytes: int | None = None,
+                       top_k: list[int] | None = None) -> FusedStepOutcome:
     """`sampling.denoise_step` (same arguments, same results) plus `sc_probs`. logits: [R, C, V] float32,
     *consumed* (divided in place by the temperatures; with `keep_processed=False` also reused as scratch,
     and `processed_logits` is None); `sc_dtype`: the model's dtype, for `sc_probs`."""
     processed = logits.div_(temperatures.to(logits.device, logits.dtype)[:, None, None])
-    entropy = token_entropy(processed, chunk_bytes)
+    entropy = token_entropy(processed, chunk_bytes, masked=apply_top_k_(processed, top_k))
     check_finite(entropy)  # before any row draws (sampling.denoise_step)
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     argmax = processed.argmax(-1)

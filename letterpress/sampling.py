@@ -127,17 +127,38 @@ def _defined_by(obj: object, name: str) -> type | None:
     return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
-def token_entropy(logits: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, chunk_bytes: int | None = None, masked: bool = False) -> torch.Tensor:
     """Entropy of softmax(logits) per position, float32: [.., V] -> [..]. A chunk of positions at a time, so
-    the temporaries (log-probabilities, p * log p) are [chunk, V], not [.., V]."""
+    the temporaries (log-probabilities, p * log p) are [chunk, V], not [.., V]. `masked`: some logits are
+    -inf on purpose (top_k), whose p * log p is 0 * -inf; log p is then clamped to the lowest finite float
+    first, which changes no finite value (a nan from a bad logit stays nan, so check_finite still sees it)."""
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    lowest = torch.finfo(torch.float32).min
     for s in position_slices(flat.shape[0], vocab, chunk_bytes):
         logp = torch.log_softmax(flat[s].float(), dim=-1)
-        out[s] = -logp.exp().mul_(logp).sum(-1)  # p * log p, in place: the same bits, one temporary less
+        if masked:
+            out[s] = -logp.exp().mul_(logp.clamp_(min=lowest)).sum(-1)
+        else:
+            out[s] = -logp.exp().mul_(logp).sum(-1)  # p * log p, in place: the same bits, one temporary less
         del logp  # before the next chunk's
     return out.reshape(logits.shape[:-1])
+
+
+def apply_top_k_(logits: torch.Tensor, top_k: list[int] | None) -> bool:
+    """In place on logits [R, C, V]: in each row r with top_k[r] > 0, every logit below its position's k-th
+    largest becomes -inf (logits tied with the k-th stay, as in vLLM's threshold). As in vLLM's DiffusionGemma
+    sampler, the proposals, the entropy (so which positions are accepted and when a canvas stops) and the
+    self-conditioning input all see the filtered distribution; the argmax, the top-1 token, is unchanged.
+    Returns whether any row was filtered (0, or k >= V, is no filter)."""
+    vocab = logits.shape[-1]
+    rows = [(r, k) for r, k in enumerate(top_k or ()) if 0 < k < vocab]
+    for r, k in rows:
+        row = logits[r]  # [C, V]
+        kth = torch.topk(row, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [C, 1]
+        row.masked_fill_(row < kth, float("-inf"))
+    return bool(rows)
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor | float,
@@ -227,21 +248,22 @@ class StepOutcome:
 def denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor,
                  draws: list[Draws], canvas_index: list[int], step_index: list[int],
                  greedy: list[bool] | None = None, clamp_tokens: torch.Tensor | None = None,
-                 clamp_mask: torch.Tensor | None = None, in_place: bool = False,
+                 clamp_mask: torch.Tensor | None = None, top_k: list[int] | None = None, in_place: bool = False,
                  chunk_bytes: int | None = None) -> StepOutcome:
     """logits: [R, C, V] float32; temperatures, entropy_bounds: [R]; one `Draws` per row. A `greedy` row
     proposes the argmax instead of sampling (and draws no proposals); its schedule, acceptance and
     re-noising are unchanged. `clamp_tokens` / `clamp_mask` [R, C] (from `stack_clamps`): see the module
     docstring; every row still draws proposals and noise for all C positions, so a row's random stream
-    does not depend on its clamp. `in_place`: the caller hands `logits` over; they are divided by the
-    temperatures in place and returned as the processed logits (the same bits, no second [R, C, V] copy).
+    does not depend on its clamp. `top_k` [R] (0: off) filters each row's distribution (`apply_top_k_`).
+    `in_place`: the caller hands `logits` over; they are divided by the temperatures (and filtered) in
+    place and returned as the processed logits (the same bits, no second [R, C, V] copy).
 
     Memory beyond `logits`: the processed logits (returned; none with `in_place`) and, while a row draws,
     one [C, V] float32 noise buffer (`GeneratorDraws.proposals_from_logits`); the entropy and the
     sampling softmax run a chunk of positions at a time (benchmarks/memory.py)."""
     scale = temperatures.to(logits.device, logits.dtype)[:, None, None]
     processed = logits.div_(scale) if in_place else logits / scale
-    entropy = token_entropy(processed, chunk_bytes)
+    entropy = token_entropy(processed, chunk_bytes, masked=apply_top_k_(processed, top_k))
     check_finite(entropy)  # before any row draws, so a retry without the bad rows draws the same numbers
     accept = entropy_bound_accept(entropy, entropy_bounds.to(entropy.device), clamp_mask)
     rows, length, vocab = processed.shape

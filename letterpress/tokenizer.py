@@ -192,6 +192,16 @@ class Tokenizer:
         """Token ids of the rendered chat; the template supplies BOS, so none is added."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra))
 
+    def set_chat_template(self, source: str) -> None:
+        """Use `source` for every conversation (with or without tools) instead of the checkpoint's template(s),
+        as vLLM's `--chat-template` does. A template that is not valid Jinja is a CheckpointError now, not at the
+        first request."""
+        try:
+            _compile_template(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise CheckpointError(f"the chat template given is not valid Jinja: {e}") from e
+        self._chat_templates = {"default": source}
+
     def _pick_template(self, tools: Any) -> str:
         # Same choice as transformers: a "tool_use" template when tools are given and one exists.
         if tools is not None and "tool_use" in self._chat_templates:
@@ -240,6 +250,22 @@ def _read_chat_templates(folder: Path, config: dict) -> dict[str, str]:
     if json_file.is_file():
         return _parse_templates(_read_json(json_file).get("chat_template"), json_file)
     return _parse_templates(config.get("chat_template"), folder / "tokenizer_config.json")
+
+
+def load_chat_template(value: str) -> str:
+    """vLLM's `--chat-template` value: the path of a template file, or else the template itself. A value that
+    cannot be opened and has none of `{`, `}` or a newline is taken for a mistyped path (an error), not for a
+    template that writes that text."""
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"--chat-template {value}: the file is not UTF-8 text ({e.reason})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL character, which no path holds
+        if not any(c in value for c in "{}\n"):
+            raise CheckpointError(f"--chat-template {value!r} looks like a file path, but it cannot be read "
+                                  f"({getattr(e, 'strerror', None) or e}); pass a template file or the template "
+                                  "itself") from None
+    return value
 
 
 def _parse_templates(value: Any, source: Path) -> dict[str, str]:

@@ -3,7 +3,17 @@ fixture (a tests.live_server.LiveServer)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+# The engine, CLI and server tests were written against tiny-code, which writes a whole canvas for any prompt
+# (they count exact numbers of tokens); the default model, tiny-tasks, stops after a short answer. They keep
+# running tiny-code as "the default" (child processes inherit this); tests/test_default_model.py checks the
+# real default with the variable removed.
+if (Path(__file__).resolve().parent.parent / "letterpress" / "assets" / "tiny_code" / "model.safetensors").is_file():
+    os.environ.setdefault("LETTERPRESS_DEFAULT_MODEL", "tiny_code")
 
 
 @pytest.fixture(scope="module")

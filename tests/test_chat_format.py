@@ -198,3 +198,62 @@ def test_malformed_tool_messages(tok: Tokenizer, message: dict, match: str) -> N
 def test_malformed_tools(tok: Tokenizer) -> None:
     with pytest.raises(RequestError, match="tools must be a list"):
         tok.apply_chat_template(CONVERSATIONS["plain"], tools=[json.dumps(WEATHER)])
+
+
+# The template of the models letterpress trains (tiny-code's): Gemma 3 turns with the same features.
+TURNS_TEMPLATE = ROOT / "letterpress" / "chat_templates" / "gemma3_turns_tools.jinja"
+
+
+@pytest.fixture(scope="module")
+def turns_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("turns_chat")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSETS / name, out / name)
+    shutil.copy(TURNS_TEMPLATE, out / "chat_template.jinja")
+    return out
+
+
+def test_shipped_tiny_code_template_is_the_turns_template() -> None:
+    assert (ASSETS / "chat_template.jinja").read_text() == TURNS_TEMPLATE.read_text()
+
+
+def test_turns_template_renders_plain_conversations_as_trained() -> None:
+    tok = Tokenizer.from_dir(ASSETS)
+    messages = [{"role": "system", "content": "Be terse.\n"}, {"role": "user", "content": "  x = 1 "},
+                {"role": "assistant", "content": "ok "}, {"role": "user", "content": "again"}]
+    assert tok.apply_chat_template(messages) == (
+        "<bos><start_of_turn>user\nBe terse.\n\n\n  x = 1 <end_of_turn>\n<start_of_turn>model\nok <end_of_turn>\n"
+        "<start_of_turn>user\nagain<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_turns_template_carries_tools_calls_responses_and_thinking() -> None:
+    tok = Tokenizer.from_dir(ASSETS)
+    text = tok.apply_chat_template(LITERAL_MESSAGES, tools=[WEATHER], enable_thinking=True)
+    assert text == (
+        "<bos><start_of_turn>user\n<|think|>\n"
+        '<|tool>declaration:weather{description:<|"|>Weather<|"|>,parameters:{properties:{city:{description:<|"|>City'
+        '<|"|>,type:<|"|>STRING<|"|>}},required:[<|"|>city<|"|>],type:<|"|>OBJECT<|"|>}}<tool|>\n\n'
+        "Plan<end_of_turn>\n<start_of_turn>model\n"
+        '<|tool_call>call:weather{city:<|"|>Paris<|"|>}<tool_call|><end_of_turn>\n'
+        '<start_of_turn>tool\n<|tool_response>response:weather{value:<|"|>sunny<|"|>}<tool_response|><end_of_turn>\n'
+        "<start_of_turn>model\n")
+    off = tok.apply_chat_template(CONVERSATIONS["plain"], enable_thinking=False)
+    assert off.endswith("<start_of_turn>model\n<|channel>thought\n<channel|>")
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("thinking", [None, False, True])
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_turns_template_matches_transformers(turns_folder: Path, name: str, thinking: bool | None,
+                                             with_tools: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(turns_folder))
+    tok = Tokenizer.from_dir(turns_folder)
+    messages = CONVERSATIONS[name]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    if with_tools:
+        kwargs["tools"] = [WEATHER, SEARCH]
+    for generation_prompt in (True, False):
+        ours = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs)
+        theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+        assert ours == theirs

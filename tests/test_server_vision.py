@@ -173,3 +173,14 @@ def test_slow_fetch_times_out_without_stalling_the_event_loop(server, host):
     assert health.status_code == 200 and thread.is_alive()  # answered while the fetch was still waiting
     thread.join(60)
     assert result["r"].status_code == 400 and "/slow.png" in result["r"].json()["error"]["message"]
+
+
+def test_tokenize_counts_image_soft_tokens_as_chat_does(client, server):
+    # vLLM's /tokenize (server/vllm_compat.py) runs the chat route's media path: the same ids, soft tokens included
+    import httpx
+
+    messages = [{"role": "user", "content": [image_part(data_url()), {"type": "text", "text": "What is this?"}]}]
+    r = httpx.post(server.url + "/tokenize", json={"messages": messages, "mm_processor_kwargs": {"max_soft_tokens": 140}},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    reply = chat(client, image_part(data_url()), extra_body={"mm_processor_kwargs": {"max_soft_tokens": 140}})
+    assert r.status_code == 200 and r.json()["count"] == reply.usage.prompt_tokens

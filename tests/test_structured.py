@@ -151,6 +151,34 @@ def test_grammar_and_bad_regex_refused(tokenizer):
         compile_regex("(unclosed", tokenizer, EOS)
 
 
+# Nested bounded repeats multiply the automaton: ~3 * 10**8 edges here, minutes and tens of GB if compiled
+HUGE_REGEX = r"(?:(?:[a-z]{0,100},){0,100};){0,30}"
+HUGE_SCHEMA = {"type": "array", "maxItems": 100, "items": {"type": "array", "maxItems": 100, "items": {
+    "type": "string", "maxLength": 100}}}
+# a chain of $defs each used twice: a regex of 2**25 copies of the leaf if written out
+DOUBLING = {"$defs": {"d0": {"type": "integer"}, **{f"d{i}": {"type": "array", "items": {"anyOf": [
+    {"$ref": f"#/$defs/d{i - 1}"}, {"$ref": f"#/$defs/d{i - 1}"}]}} for i in range(1, 26)}}, "$ref": "#/$defs/d25"}
+
+
+def test_oversized_constraints_refused_before_compiling(tokenizer):
+    from letterpress.structured.automaton import _cache
+
+    for regex in (HUGE_REGEX, schema_regex(HUGE_SCHEMA)):
+        with pytest.raises(SchemaError, match="too large to compile"):
+            compile_regex(regex, tokenizer, EOS)
+    with pytest.raises(SchemaError, match="too large"):
+        schema_regex(DOUBLING)
+    # the estimate is close to what compiling gives, and a repeated constraint is compiled once
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import estimate_edges
+
+    regex = r'"[^"\\]{0,40}"'
+    automaton = compile_regex(regex, tokenizer, EOS)
+    estimate = estimate_edges(regex, _vocabulary(tokenizer, EOS[0], frozenset())[1])
+    assert 0.5 < estimate / automaton.src.numel() < 2
+    assert compile_regex(regex, tokenizer, EOS) is automaton and len(_cache) <= 64
+
+
 # ------------------------------------------------------------------------------------------ the engine
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory) -> Path:
@@ -168,7 +196,8 @@ def llm(random_dir) -> LLM:
 
 
 def params(spec: StructuredOutputsParams | None, seed: int, tokens: int = 96, **kw) -> SamplingParams:
-    return SamplingParams(max_new_tokens=tokens, max_denoising_steps=3, seed=seed, structured_outputs=spec, **kw)
+    return SamplingParams(**{"max_new_tokens": tokens, "max_denoising_steps": 3, "seed": seed,
+                             "structured_outputs": spec, **kw})
 
 
 def test_engine_schema_suite_with_a_random_model(llm):
@@ -188,6 +217,28 @@ def test_regex_longer_than_a_canvas_and_choice(llm):
     long, picked = llm.generate(["x", "y"], [params(words, 1, tokens=120), params(choice, 2)])
     assert long.canvases >= 2 and re.fullmatch(r"(?:[a-z]+ ){24,}end\.", long.text), long.text
     assert picked.text in ("alpha", "beta", "gamma delta") and picked.finish_reason == "stop"
+
+
+def test_constrained_row_stops_on_the_constrained_distribution(llm, tokenizer):
+    """The stopping rule reads the entropy over the tokens the automaton allows: a forced answer ("Q", then
+    EOS: one allowed token at each position) stops as soon as its canvas is stable (step 2 with the default
+    stability of 1), although the random model's own entropy stays high (its unconstrained row runs to the
+    step limit)."""
+    from letterpress.structured import Constraint
+
+    forced = StructuredOutputsParams(regex="Q")
+    plain, constrained = llm.generate(["x", "x"], [params(None, 4, tokens=16, max_denoising_steps=10),
+                                                   params(forced, 4, tokens=16, max_denoising_steps=10)])
+    assert plain.steps_per_canvas == [10] and constrained.steps_per_canvas == [2] and constrained.text == "Q"
+    # the constrained entropy: over the allowed set along the path, 0 after its EOS
+    automaton = compile_regex("[0-9]", tokenizer, EOS)
+    constraint = Constraint(automaton, EOS, seed=0)
+    logp = torch.log_softmax(torch.randn(4, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0)), -1)
+    best, _, entropy = constraint.paths(logp, 4, 0, 0, greedy=True)
+    digits = automaton.allowed(0)
+    expected = torch.distributions.Categorical(logits=logp[0, digits]).entropy()
+    assert torch.allclose(entropy[0], expected) and entropy[1] == 0 and entropy[2:].eq(0).all()
+    assert best[1] == EOS[0] and best[2:].eq(EOS[0]).all()
 
 
 def test_unconstrained_row_unchanged_beside_a_constrained_one(llm):
@@ -285,6 +336,38 @@ def test_http_streamed_named_tool_call(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_http_oversized_constraints_are_400_and_health_answers(client):
+    """Refused from the size estimate, before outlines-core starts; the server keeps answering meanwhile."""
+    import concurrent.futures
+    import time
+
+    import httpx
+
+    base = str(client.base_url).removesuffix("/v1/")
+    bodies = [{"structured_outputs": {"regex": HUGE_REGEX}},
+              {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": HUGE_SCHEMA}}},
+              {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": DOUBLING}}}]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        start = time.monotonic()
+        futures = [pool.submit(chat_raw, client, body) for body in bodies]
+        assert httpx.get(base + "/health", timeout=30).status_code == 200
+        for future in futures:
+            status, error = future.result(timeout=60)
+            assert status == 400 and "too large" in error["message"], error
+        assert time.monotonic() - start < 30  # compiling them would take minutes (generous, non-flaky)
+    resp = chat(client, messages=ASK, extra_body={"structured_outputs": {"regex": "[a-z]{0,20}"}})  # still fine
+    assert re.fullmatch("[a-z]{0,20}", resp.choices[0].message.content)
+
+
+def chat_raw(client, extra: dict) -> tuple[int, dict]:
+    import httpx
+
+    body = {"model": "letterpress-default", "messages": ASK, "max_tokens": 80, "max_denoising_steps": 3, **extra}
+    r = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=60,
+                   headers={"Authorization": f"Bearer {client.api_key}"})
+    return r.status_code, r.json().get("error", {})
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array",
                                                                                          "uniqueItems": True}}}},
@@ -298,3 +381,17 @@ def test_http_streamed_named_tool_call(client):
 def test_http_invalid_constraints_are_400(client, kwargs, match):
     with pytest.raises(openai.BadRequestError, match=match):
         chat(client, messages=ASK, **kwargs)
+
+
+def test_concurrent_requests_for_one_constraint_compile_it_once(tokenizer, monkeypatch):
+    import concurrent.futures
+
+    from letterpress.structured import automaton as module
+
+    calls = []
+    real = module._compile
+    monkeypatch.setattr(module, "_compile", lambda *a: calls.append(1) or real(*a))
+    regex = "[A-Z]{2}-[0-9]{1,7}"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        automata = list(pool.map(lambda _: compile_regex(regex, tokenizer, EOS), range(8)))
+    assert len(calls) == 1 and all(a is automata[0] for a in automata)

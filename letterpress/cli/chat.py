@@ -22,13 +22,22 @@ HELP = "interactive multi-turn chat"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: embedded model)")
     p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--chat-template", default=None,
+                   help="a chat template file, or the template itself, used instead of the checkpoint's (as serve)")
     add_media_arguments(p)
     add_model_arguments(p)
     add_sampling_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    template = None
+    if args.chat_template is not None:
+        from ..tokenizer import load_chat_template
+
+        template = load_chat_template(args.chat_template)
     llm = llm_from_args(args.model, args, max_num_seqs=1)
+    if template is not None and llm.tokenizer is not None:  # no tokenizer: llm.chat says so
+        llm.tokenizer.set_chat_template(template)
     check_media(llm, args)
     params = sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

@@ -44,6 +44,7 @@ class SamplingParams:
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
     greedy: bool = False  # propose the argmax instead of sampling (the server's temperature 0)
+    top_k: int = 0  # keep the k most likely tokens per position (sampling.apply_top_k_); 0: all
     # vLLM's field: constrain the output to a JSON schema, regex or choice (letterpress.structured); a dict
     # with the same keys is taken too
     structured_outputs: StructuredOutputsParams | None = None
@@ -96,12 +97,16 @@ class SamplingParams:
         if not isinstance(self.eos_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be a list of integers, got {self.eos_token_ids!r}")
+        integer("top_k", 0, MAX_TOKENS)
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise RequestError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
             if self.ignore_eos:
                 raise RequestError("structured output cannot be combined with ignore_eos: the answer ends with EOS "
                                    "once it is complete")
+            if self.top_k:
+                raise RequestError("structured output (or tool_choice required / named) cannot be combined with "
+                                   "top_k: the constraint chooses among every token the automaton allows")
         for name in ("greedy", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")

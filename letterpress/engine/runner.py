@@ -9,8 +9,9 @@ prefix caching are never written again), step counter and random draws, so a row
 not depend on which other rows share its batch. A row may carry a clamp for its current canvas (infill,
 edit): the sampler pins those positions (`sampling.Clamp`); clamped and free rows share one denoise call.
 A row may carry a structured-output constraint (`letterpress.structured`): after the sampler step its
-committed canvas and kept proposals are replaced by the automaton's DP paths (`_constrain`); rows without
-one take exactly the unconstrained path.
+committed canvas and kept proposals are replaced by the automaton's DP paths, and its acceptance and
+stopping read the entropy over the allowed tokens (`_constrain`); rows without one take exactly the
+unconstrained path.
 
 Faults stay in their row. The batched part of each phase (the model call, and for denoise the sampler) is
 run by `_isolated`: when it raises, the row state it touched (random generators, cache lengths) is put
@@ -36,7 +37,8 @@ from ..config import IMAGE_TIERS
 from ..errors import RequestError
 from ..model import DiffusionGemma
 from ..fast_sampling import fused_denoise_step
-from ..sampling import Clamp, NonFiniteRows, StepOutcome, denoise_step, stack_clamps, temperature
+from ..sampling import (Clamp, NonFiniteRows, StepOutcome, denoise_step, entropy_bound_accept, stack_clamps,
+                        temperature)
 from .request import CanvasEvent, Request, RequestOutput
 
 log = logging.getLogger("letterpress.engine")
@@ -255,7 +257,8 @@ class Runner:
                  for i, r in enumerate(rows) if r.request.constraint is not None}
         outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
                        [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
-                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask)
+                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
+                       top_k=[p.top_k for p in params] if any(p.top_k for p in params) else None)
         if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
             outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
         for i, logp in logps.items():
@@ -266,10 +269,21 @@ class Runner:
         """Row i's committed canvas and kept proposals from the automaton's DP (letterpress.structured):
         the canvas it commits is always a valid prefix that can still complete."""
         p = row.request.params
-        best, proposals = row.request.constraint.paths(logp, p.max_new_tokens - len(row.token_ids), row.canvas_index,
-                                                       row.step, p.greedy)
+        constraint = row.request.constraint
+        best, proposals, entropy = constraint.paths(logp, p.max_new_tokens - len(row.token_ids), row.canvas_index,
+                                                    row.step, p.greedy)
+        # acceptance and stopping read the constrained distribution (entropy over the allowed tokens along
+        # the committed path): the model's own entropy counts tokens the automaton forbids
+        accept = entropy_bound_accept(entropy[None], p.entropy_bound)[0]
+        rejected = outcome.accept_mask[i] & ~accept  # kept by the unconstrained bound: needs noise now
+        next_canvas = outcome.next_canvas[i]
+        if bool(rejected.any()):
+            noise = constraint.noise(self.canvas_length, self.vocab_size, row.canvas_index, row.step)
+            next_canvas = torch.where(rejected, noise.to(next_canvas.device), next_canvas)
         outcome.argmax[i] = best
-        outcome.next_canvas[i] = torch.where(outcome.accept_mask[i], proposals, outcome.next_canvas[i])
+        outcome.next_canvas[i] = torch.where(accept, proposals, next_canvas)
+        outcome.accept_mask[i] = accept
+        outcome.mean_entropy[i] = entropy.mean()
 
     def _advance(self, row: Row, outcome: StepOutcome, i: int) -> None:
         """Row i of a sampler step: take its next canvas, report the draft, finish the canvas when it is done."""

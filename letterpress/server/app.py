@@ -10,6 +10,7 @@ too. Both are planned in `server/infill.py`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -25,6 +26,7 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..engine.llm import LLM
@@ -53,6 +55,7 @@ from .schemas import (
     refuse_unsupported,
     usage,
 )
+from . import vllm_compat
 from .text import ChoiceText
 
 log = logging.getLogger("letterpress.server")
@@ -86,6 +89,12 @@ class ServerConfig:
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
     disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
+    # vLLM's CORS flags (no origins: no CORS headers) and --enable-request-id-headers (server/vllm_compat.py)
+    allowed_origins: list[str] = field(default_factory=list)
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    enable_request_id_headers: bool = False
     # image / video URLs: fetch size and time limits, the folder file:// URLs may read (--allowed-local-media-path)
     media_limits: MediaLimits = field(default_factory=MediaLimits)
 
@@ -293,6 +302,15 @@ class OpenAIServer:
         if steps is not None and steps > self.step_ceiling:
             raise ApiError(400, f"max_denoising_steps {steps} exceeds this server's limit of {self.step_ceiling} "
                                 "(--max-denoising-steps)", param="max_denoising_steps")
+        vllm_steps = vllm_compat.diffusion_xargs(body.vllm_xargs)  # vLLM's name; capped at the ceiling, as vLLM caps
+        if vllm_steps is not None:
+            if steps is not None and steps != vllm_steps:
+                raise ApiError(400, "max_denoising_steps and vllm_xargs.diffusion_max_steps disagree; give one",
+                               param="vllm_xargs")
+            steps = min(vllm_steps, self.step_ceiling)
+        ignore_eos = getattr(body, "ignore_eos", False)
+        eos = vllm_compat.stop_token_ids(getattr(body, "stop_token_ids", None), self.llm.defaults.eos_token_ids,
+                                         self.llm.runner.vocab_size, ignore_eos)
         return SamplingParams(
             max_new_tokens=max_tokens,
             max_denoising_steps=steps or self.default_steps,
@@ -301,7 +319,9 @@ class OpenAIServer:
             t_max=body.t_max if body.t_max is not None else self.t_max * scale,
             seed=None if seed is None else seed + index,
             greedy=greedy,
-            ignore_eos=getattr(body, "ignore_eos", False),
+            ignore_eos=ignore_eos,
+            eos_token_ids=eos,
+            top_k=vllm_compat.top_k(body.top_k, greedy),
         )
 
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
@@ -314,6 +334,10 @@ class OpenAIServer:
         if rows_wanted > self.engine.capacity:
             raise ApiError(400, f"{rows_wanted} rows (prompts x n) can never fit: this server holds "
                                 f"{self.engine.capacity} (--max-num-seqs + --max-queue)", param="n")
+        if structured is not None and getattr(body, "stop_token_ids", None):
+            raise ApiError(400, "stop_token_ids cannot be combined with structured output (or tool_choice required / "
+                                "named): a stop id inside the constrained answer would cut it", param="stop_token_ids",
+                           code="unsupported")
         job_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         stream = RequestStream(self.loop)
         rows = []
@@ -330,8 +354,12 @@ class OpenAIServer:
                 self.llm.scheduler.check(request)
                 rows.append(request)
         tokenizer = self.llm.tokenizer
-        # chat output keeps its special tokens: the parser finds thoughts and tool calls by them
-        decode = tokenizer.decode if chat is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        # chat output keeps its special tokens: the parser finds thoughts and tool calls by them (and with vLLM's
+        # skip_special_tokens false leaves the others in the content too)
+        skip = chat is None and body.skip_special_tokens is not False
+        if chat is not None and body.skip_special_tokens is False:
+            chat = dataclasses.replace(chat, hidden=())
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=skip)
         texts = [ChoiceText(decode, body.stop_strings()) for _ in rows]
         log.info("%s: %d row(s), %s prompt tokens, user=%s", job_id, len(rows), "+".join(str(len(p)) for p in prompts),
                  body.user)
@@ -371,11 +399,25 @@ class OpenAIServer:
 
     async def serve(self, raw: HttpRequest, job: Job, body: _Common):
         """Submit a job's rows and answer: one JSON body, or an SSE stream."""
+        self.name_job(raw, job)
         self.submit(job)
         if body.stream:
-            return StreamingResponse(self.sse(raw, job, body), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JobStream(self.sse(raw, job, body), functools.partial(self.release, job),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(await self.collect(raw, job))
+
+    def name_job(self, raw: HttpRequest, job: Job) -> None:
+        """As vLLM: a client's X-Request-Id names the response (`chatcmpl-<id>`). The rows keep their own
+        unique ids, so two requests that send the same header do not collide in the engine."""
+        given = vllm_compat.request_id(raw.headers)
+        if given is not None:
+            job.id = job.id.split("-", 1)[0] + "-" + given
+
+    def release(self, job: Job) -> None:
+        """Free what is left of a job (its unfinished rows, its place among the open jobs); idempotent."""
+        self.abort_unfinished(job)
+        self.open_jobs.discard(job)
 
     # ------------------------------------------------------------------------------------------ responses
     async def drain(self, raw: HttpRequest, job: Job) -> bool:
@@ -452,8 +494,7 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
         finally:  # also runs when starlette cancels us because the client disconnected
             watcher.cancel()
-            self.abort_unfinished(job)
-            self.open_jobs.discard(job)
+            self.release(job)
 
     def chunk(self, job: Job, index: int, delta: Any, finish_reason: str | None, with_usage: bool) -> dict:
         if job.kind == "chat":
@@ -511,6 +552,24 @@ class OpenAIServer:
         log.info("%s: done, %d completion tokens, %d canvas(es), %d denoising steps, finish %s", job.id,
                  u["completion_tokens"], u["letterpress"]["canvases"], u["letterpress"]["denoising_steps"],
                  ",".join(str(r) for r in job.finish_reasons))
+
+
+class JobStream(StreamingResponse):
+    """A StreamingResponse that releases its job however the response ends. The body generator's own
+    `finally` is not enough: when the client has gone before the first byte, the response can end before the
+    generator ever started (an ASGI 2.4 server raises OSError from the first `send`, which starlette turns
+    into ClientDisconnect), and a generator that never started runs no `finally`: the job stayed among the
+    open jobs, its rows denoising for nobody, and a graceful shutdown waited for it."""
+
+    def __init__(self, content, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def sse_data(obj: dict) -> str:
@@ -588,7 +647,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class Edge:
-    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1, refuses
+    """Pure ASGI middleware around everything: counts responses by status, checks the API key on /v1 and on
+    /tokenize and /detokenize (never on a CORS preflight, which carries no credentials), refuses
     new work while shutting down, and turns any exception that escaped the handlers into a logged 500 JSON
     error (the server never dies).
 
@@ -626,7 +686,8 @@ class Edge:
 
     async def handle(self, scope, receive, send, state) -> None:
         v1 = scope["path"].startswith("/v1")
-        if self.api_key and v1 and not self.authorized(scope):
+        guarded = v1 or scope["path"] in ("/tokenize", "/detokenize")  # vLLM leaves these two open
+        if self.api_key and guarded and scope["method"] != "OPTIONS" and not self.authorized(scope):
             response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                       code="invalid_api_key")
             return await response(scope, receive, send)
@@ -669,6 +730,11 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(Edge, server=server)
+    # outside Edge: a 401 or 500 carries the CORS and X-Request-Id headers too, and preflights need no key
+    app.add_middleware(vllm_compat.RequestIdHeader, always=config.enable_request_id_headers)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, **vllm_compat.cors_options(
+            config.allowed_origins, config.allowed_methods, config.allowed_headers, config.allow_credentials))
 
     # HEAD answers like GET without a body (uvicorn drops the body of a HEAD response)
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -710,6 +776,7 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def edits(raw: HttpRequest):
         body = await server.read(raw, EditRequest)
         job, plans = await server.off_loop(edit_job, server, body)
+        server.name_job(raw, job)
         server.submit(job)
         if not await server.drain(raw, job):
             return JSONResponse({})  # the client went away; nobody reads this
@@ -720,6 +787,24 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
         body = await server.read(raw, ChatCompletionRequest)
         refuse_unsupported(body)
         return await server.serve(raw, await server.off_loop(server.chat_job, body), body)
+
+    # vLLM's tokenizer routes and version (server/vllm_compat.py)
+    @app.post("/tokenize")
+    async def tokenize(raw: HttpRequest):
+        data = await read_body(raw, config.max_request_bytes)
+        body = await server.off_loop(vllm_compat.tokenize_body, data)
+        return await server.off_loop(vllm_compat.tokenize, server, body)
+
+    @app.post("/detokenize")
+    async def detokenize(raw: HttpRequest):
+        body = await server.read(raw, vllm_compat.DetokenizeRequest)
+        return await server.off_loop(vllm_compat.detokenize, server, body)
+
+    @app.api_route("/version", methods=["GET", "HEAD"])
+    async def version():
+        from .. import __version__
+
+        return {"version": __version__}
 
     install_playground(app)  # GET /: the playground page (server/page.py, server/static/)
     return app

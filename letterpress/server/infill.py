@@ -45,6 +45,12 @@ def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
     prefixes = text_prompts(body.prompt)
     if body.ignore_eos:
         raise ApiError(400, "ignore_eos does not apply to infilling (suffix)", param="ignore_eos")
+    if body.stop_token_ids:  # vLLM's; the middle's end is where its free positions meet the suffix
+        raise ApiError(400, "stop_token_ids do not apply to infilling (suffix): the middle ends where it meets "
+                            "the suffix", param="stop_token_ids", code="unsupported")
+    if body.skip_special_tokens is False:
+        raise ApiError(400, "skip_special_tokens false does not apply to infilling (suffix): the middle is "
+                            "read without special tokens", param="skip_special_tokens", code="unsupported")
     for name in ("response_format", "structured_outputs"):
         if getattr(body, name) is not None:
             raise ApiError(400, f"{name} does not apply to infilling (suffix): the clamped suffix is fixed text",

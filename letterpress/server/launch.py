@@ -44,12 +44,38 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="let requests read image/video files under DIR through file:// URLs (default: none, as vLLM)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the server's and uvicorn's log level (default: info, or as -v / -q say)")
+    v = p.add_argument_group("vLLM's front-end options (README, \"vLLM compatibility\")")
+    v.add_argument("--chat-template", default=None,
+                   help="a chat template file, or the template itself, used instead of the checkpoint's")
+    v.add_argument("--allowed-origins", type=json_list, default=[], metavar="JSON",
+                   help='CORS: origins browsers may call from, a JSON list such as \'["http://localhost:3000"]\' '
+                        "or '[\"*\"]' (default: none, no CORS headers)")
+    v.add_argument("--allowed-methods", type=json_list, default=["*"], metavar="JSON",
+                   help='CORS: allowed methods, a JSON list (default ["*"])')
+    v.add_argument("--allowed-headers", type=json_list, default=["*"], metavar="JSON",
+                   help='CORS: allowed request headers, a JSON list (default ["*"])')
+    v.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
+    v.add_argument("--enable-request-id-headers", action="store_true",
+                   help="give every response an X-Request-Id (a client's own is always echoed)")
     add_model_arguments(p)
     g = p.add_argument_group("sampler defaults for requests that do not set them "
                              "(default: the checkpoint's generation_config.json)")
     g.add_argument("--entropy-bound", type=float, default=None)
     g.add_argument("--t-min", type=float, default=None)
     g.add_argument("--t-max", type=float, default=None)
+
+
+def json_list(value: str) -> list[str]:
+    """vLLM's CORS flags take a JSON list of strings."""
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings such as '[\"*\"]', got {value!r}")
+    return parsed
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -106,11 +132,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     check_port(args.host, args.port)
+    template = None
+    if args.chat_template is not None:  # read before the model loads, so that a wrong path fails in a second
+        from ..tokenizer import load_chat_template
+
+        template = load_chat_template(args.chat_template)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, offline=True if args.offline else None,
               prefill_chunk=args.prefill_chunk, **engine_options(args))
     attach_profiler(llm, args)
+    if template is not None and llm.tokenizer is not None:  # no tokenizer: OpenAIServer says so
+        llm.tokenizer.set_chat_template(template)
     # Bad sampler defaults would turn every request into a 400: refuse them now (RequestError -> exit 2).
     SamplingParams(max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
                    t_max=args.t_max).resolve(llm.defaults)
@@ -119,6 +152,9 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, entropy_bound=args.entropy_bound,
                           max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max,
                           request_timeout=args.request_timeout or None, media_limits=media_limits(args),
+                          allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                          allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+                          enable_request_id_headers=args.enable_request_id_headers,
                           **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}))
     app = build_app(llm, config)
     # Everything loaded so far lives as long as the process: keep it out of the garbage collector's full passes,

@@ -41,6 +41,10 @@ class _Sampler(BaseModel):
     t_min: float | None = Field(None, ge=0)
     t_max: float | None = Field(None, gt=0)
 
+    # vLLM's (server/vllm_compat.py): top_k per position (None / 0 / -1: off); its DiffusionGemma options
+    top_k: int | None = None
+    vllm_xargs: dict[str, Any] | None = None
+
 
 class _Common(_Sampler):
     """Fields shared by /v1/completions and /v1/chat/completions."""
@@ -50,6 +54,8 @@ class _Common(_Sampler):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's: more EOS ids (server/vllm_compat.py)
+    skip_special_tokens: bool | None = None  # vLLM's: false keeps special tokens in the text (default true)
     # structured output (server/structured.py): vLLM's {json | regex | choice | json_object} and OpenAI's
     # response_format {"type": "json_object" | "json_schema" | "text"}
     structured_outputs: dict[str, Any] | None = None

@@ -24,9 +24,11 @@ import torch
 
 from ..tokenizer import Tokenizer
 from .regex import SchemaError, narrow
+from .size import MAX_EDGES, FirstChars, check_size
 
 INFINITE = 2**30
-_CACHE_SIZE = 64
+_CACHE_SIZE = 64  # compiled automata kept (least recently used out first), and at most this many edges in all:
+_CACHE_EDGES = 2 * MAX_EDGES
 # outlines-core's Index also determinizes the *unanchored* search DFA of the regex (".*regex"), which blows
 # up exponentially for a literal followed by a bounded repeat that can contain it (`1[1-9]{20}`: 13 s, one
 # state per subset of the last 20 positions). We compile SENTINEL + regex instead, with SENTINEL removed
@@ -47,6 +49,14 @@ class TokenAutomaton:
     distance: torch.Tensor  # [S] long: fewest tokens to an accepting state (INFINITE: never)
     transitions: list[dict[int, int]]  # per state, for walking committed tokens
     _copies: dict = field(default_factory=dict, repr=False)  # device -> this automaton's tensors there
+    _offsets: list[int] | None = field(default=None, repr=False)  # state s's edges: [offsets[s], offsets[s + 1])
+
+    def allowed(self, state: int) -> torch.Tensor:
+        """The tokens state `state` may write next ([n] long, where the tensors live; edges are sorted by src)."""
+        if self._offsets is None:
+            counts = torch.bincount(self.src, minlength=self.num_states).cumsum(0)
+            self._offsets = [0] + counts.tolist()
+        return self.token[self._offsets[state]: self._offsets[state + 1]]
 
     def walk(self, state: int, tokens: list[int]) -> int | None:
         """The state after `tokens` from `state`; None when a token is not allowed."""
@@ -116,45 +126,63 @@ def _byte_level_map() -> dict[str, int]:
 
 def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
                   allowed_special: frozenset[str] = frozenset()) -> TokenAutomaton:
-    """The token automaton of `regex` (cached per tokenizer, regex and allowed specials)."""
+    """The token automaton of `regex` (cached per tokenizer, regex and allowed specials). SchemaError when
+    the regex is invalid, matches nothing, or would compile to more than MAX_EDGES edges (size.py): that is
+    checked before outlines-core, which has no limit of its own, starts."""
     key = (id(tokenizer), regex, tuple(sorted(eos_token_ids)), allowed_special)
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    automaton = _compile(regex, tokenizer, eos_token_ids, allowed_special)
-    with _lock:
-        _cache[key] = automaton
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return automaton
+    while True:
+        with _lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit
+            running = _compiling.get(key)
+            if running is None:  # ours to compile; the same constraint arriving meanwhile waits for it
+                running = _compiling[key] = threading.Event()
+                break
+        running.wait()  # then look again (a failed compile leaves no entry: that caller raises its own error)
+    try:
+        eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted
+        vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
+        check_size(regex, first)
+        automaton = _compile(regex, vocabulary, eos_token_ids)
+        with _lock:
+            _cache[key] = automaton
+            while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or
+                                       sum(a.src.numel() for a in _cache.values()) > _CACHE_EDGES):
+                _cache.popitem(last=False)
+        return automaton
+    finally:
+        with _lock:
+            del _compiling[key]
+        running.set()
 
 
 _cache: OrderedDict = OrderedDict()
+_compiling: dict = {}  # key -> Event set when its compile ends (agents send the same schema in bursts)
 _lock = threading.Lock()
 _vocabularies: dict = {}
 
 
-def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]):
+def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]) -> tuple[object, FirstChars]:
+    """outlines-core's Vocabulary, and how many tokens start with each character (for size.py)."""
     from outlines_core import Vocabulary
 
     key = (id(tokenizer), eos, allowed_special)
     with _lock:
         if key not in _vocabularies:
             spelled = token_bytes(tokenizer, allowed_special)
+            first = FirstChars(spelled)
             spelled[SENTINEL.encode()] = [_SENTINEL_ID]
-            _vocabularies[key] = Vocabulary(eos, spelled)
+            _vocabularies[key] = Vocabulary(eos, spelled), first
         return _vocabularies[key]
 
 
-def _compile(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
-             allowed_special: frozenset[str]) -> TokenAutomaton:
+def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton:
     from outlines_core import Index
 
-    eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted here
     try:
-        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", _vocabulary(tokenizer, eos, allowed_special))
+        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", vocabulary)
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None

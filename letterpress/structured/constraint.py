@@ -9,6 +9,11 @@ How a constrained row is denoised (runner.py calls `Constraint.paths` after ever
   log-probabilities plus Gumbel noise (a perturb-and-MAP sample; the argmax path for greedy rows), so the
   next step's input is also valid text where it is not noise. Re-noised positions stay noise: the
   uniform-state model is trained to read them as gaps.
+- which positions keep their proposals (the entropy bound) and when the canvas stops (stable and confident)
+  read the constrained distribution: at each position of the committed path, the entropy of the step's
+  distribution renormalised over the tokens the automaton allows there (`entropy`; 0 after the path's EOS).
+  The model's own entropy counts forbidden tokens too, so a constrained canvas rarely passed the threshold
+  and ran to the step limit (47.8 of 48 steps on tiny_code; BENCHMARKS.md);
 - the automaton state carries over from one canvas to the next (`commit`), so the constraint holds across
   canvases; the last canvas the budget allows must end in an accepted text.
 
@@ -84,21 +89,67 @@ class Constraint:
         return int(self.automaton.distance[self.state])
 
     def paths(self, logp: torch.Tensor, budget: int, canvas: int, step: int,
-              greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """logp [C, V] (log-softmax of the step's temperature-scaled logits); `budget`: tokens the request may
-        still write. Returns (the canvas to commit, the proposals), both [C] long on logp's device."""
+        still write. Returns (the canvas to commit, the proposals, the constrained entropy), all [C] on
+        logp's device. The canvas to commit holds EOS at every position after its first EOS (those are never
+        committed; a fixed token there lets the stopping rule see the canvas as unchanged)."""
         length = logp.shape[0]
         writable = min(length, budget)
         room = None if budget <= length else budget - length
         best = self._fill(best_path(logp[:writable], self.automaton, self.state, self.eos_token_ids, room).tokens,
                           logp)
+        best, entropy = self._after_eos(best), self.entropy(logp, best, writable)
         if greedy:
-            return best, best
-        generator = torch.Generator(device="cpu").manual_seed(hash((self.seed, canvas, step)) & (2**63 - 1))
-        gumbel = -torch.empty(logp.shape, dtype=torch.float32).exponential_(generator=generator).log_()
-        noisy = logp + gumbel.to(logp.device)
+            return best, best, entropy
+        noisy = logp + self._gumbel(logp.shape, canvas, step).to(logp.device)
         sample = best_path(noisy[:writable], self.automaton, self.state, self.eos_token_ids, room).tokens
-        return best, self._fill(sample, noisy)
+        return best, self._fill(sample, noisy), entropy
+
+    def entropy(self, logp: torch.Tensor, tokens: torch.Tensor, writable: int) -> torch.Tensor:
+        """[C] float32: at each position the path `tokens` reaches, the entropy of the step's distribution
+        renormalised over the tokens the automaton allows there (and EOS where the text may end). Positions
+        after the path's EOS or past the budget are never committed: 0, as certain as a clamp. This is what
+        the stopping rule and the entropy bound read for a constrained row: the model's own entropy counts
+        tokens the automaton forbids, so a constrained row would otherwise rarely pass the threshold."""
+        out = torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device)
+        a = self.automaton.to(logp.device)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=logp.device)
+        state: int | None = self.state
+        for i, token in enumerate(tokens[:writable].tolist()):
+            if state is None:
+                break
+            allowed = a.allowed(state)
+            if bool(self.automaton.accepting[state]) and eos.numel():
+                allowed = torch.cat([allowed, eos])
+            if allowed.numel() > 1:
+                scores = logp[i].index_select(0, allowed).float()
+                scores = scores - torch.logsumexp(scores, 0)
+                out[i] = -(scores.exp() * scores).sum()
+            state = self.automaton.transitions[state].get(token)  # None after EOS
+        return out
+
+    def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor:
+        """Fresh noise [C] for positions the unconstrained step kept but the constrained bound re-noises
+        (from the constraint's own generator: the row's draws stay as they were)."""
+        generator = torch.Generator(device="cpu").manual_seed(hash((self.seed, canvas, step, "noise")) & (2**63 - 1))
+        return torch.randint(0, vocab_size, (length,), generator=generator)
+
+    def _gumbel(self, shape: torch.Size, canvas: int, step: int) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(hash((self.seed, canvas, step)) & (2**63 - 1))
+        return -torch.empty(shape, dtype=torch.float32).exponential_(generator=generator).log_()
+
+    def _after_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` with every position after the first EOS set to that EOS."""
+        if not self.eos_token_ids:
+            return tokens
+        is_eos = torch.isin(tokens, torch.tensor(self.eos_token_ids, device=tokens.device))
+        if not bool(is_eos.any()):
+            return tokens
+        first = int(is_eos.int().argmax())
+        tokens = tokens.clone()
+        tokens[first + 1:] = tokens[first]
+        return tokens
 
     @staticmethod
     def _fill(tokens: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

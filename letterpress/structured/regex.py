@@ -37,6 +37,9 @@ ANY_DEPTH = 2  # how deeply `{}` (any value) and json_object may nest objects an
 # the largest minItems / maxItems / minLength / maxLength: a DFA holds one copy of a bounded repeat's body
 # per count, and nested bounded repeats multiply (unbounded ones, as in "any value", cost nothing extra)
 MAX_REPEAT = 128
+# the longest regex a schema may become (a chain of $refs each used twice doubles it per link); the compiled
+# automaton's size is checked separately (size.py)
+MAX_REGEX_CHARS = 200_000
 # Numbers have at most 16 integer digits, 16 fraction digits and a 3-digit exponent: beyond that a float64
 # (what JSON readers parse into) holds no more, and a short bound keeps a weak model from writing digits forever
 _INT = r"-?(?:0|[1-9][0-9]{0,15})"
@@ -163,6 +166,13 @@ class _Builder:
         self.root, self.syntax = root, syntax
 
     def value(self, schema: Any, where: str, refs: tuple[str, ...]) -> str:
+        regex = self._value(schema, where, refs)
+        if len(regex) > MAX_REGEX_CHARS:
+            raise SchemaError(f"{where}: the schema is too large: its regex passes {MAX_REGEX_CHARS:,} characters "
+                              "(shared $defs are written out at every use); simplify it")
+        return regex
+
+    def _value(self, schema: Any, where: str, refs: tuple[str, ...]) -> str:
         if schema is True or schema == {}:
             return self.any_value(ANY_DEPTH)
         if schema is False:

@@ -18,31 +18,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<mask>")
 MODEL_MAX_LENGTH = 8192
 
-# Gemma's turn format. Unlike Gemma's template we do not trim content: leading indentation is meaningful in code.
-CHAT_TEMPLATE = """\
-{%- macro render_content(content) -%}
-{%- if content is string -%}{{ content }}{%- else -%}{{ content | map(attribute='text') | join }}{%- endif -%}
-{%- endmacro -%}
-{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-{%- if messages | length == 1 -%}
-{{ raise_exception('a system message must be followed by a user message') }}
-{%- endif -%}
-{%- set first_user_prefix = render_content(messages[0]['content']) + '\\n\\n' -%}
-{%- set loop_messages = messages[1:] -%}
-{%- else -%}
-{%- set first_user_prefix = '' -%}
-{%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}
-{{- render_content(message['content']) + '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{ '<start_of_turn>model\\n' }}
-{%- endif -%}
-"""
+# Gemma 3's turn format with the DiffusionGemma chat features (tools, calls, responses, thinking switch).
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "chat_templates" / "gemma3_turns_tools.jinja").read_text(
+    encoding="utf-8")
 
 # Packages that are not representative library code (tests, the IDLE GUI, the removed 2to3 tool).
 _SKIPPED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})

@@ -111,3 +111,4 @@ register(Recipe(
 
 
 from . import recipes_builtin  # noqa: E402,F401  (registers sudoku, sudoku-ar, tiny-code)
+from . import recipes_tasks  # noqa: E402,F401  (registers tiny-tasks, the default model)

@@ -1,0 +1,168 @@
+"""Is the embedded default model right, and how parallel is its decoding? Exact match per task family on
+held-out examples, tokens per forward, and the latency of one reply.
+
+    python benchmarks/default_model.py [--model letterpress/assets/tiny_tasks] [--n 100] [--threads 1]
+        [--phrasing train|held_out|both] [--plain] [--json out.json] [--plot DIR]
+
+Examples: `letterpress.train.tasks.held_out_tasks`, a seed no training stream uses, and none whose prompt occurs
+in the recipe's training stream (seed 0). `--phrasing held_out` asks in a wording of each family that training
+never used (how far the model generalises beyond its templates). Each example is one chat request with the
+checkpoint's sampler, seed = index, batches of `--batch`.
+
+Exact match: a text answer must equal the expected text exactly (the content `chat_output.parse_output` gives);
+a tool call must come out as exactly one call of the expected name whose JSON arguments equal the expected ones
+(what the agent API returns). `--plain` also scores the single-turn families without the chat template
+(`letterpress generate "..."`, which the README's first command uses).
+
+Latency: `--latency N` single requests (batch 1) in turn, one per family in rotation, wall time from the call to
+the decoded reply; median and 90th percentile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, set_threads  # noqa: E402
+from letterpress.train import tasks as T  # noqa: E402
+from letterpress.train.recipes_tasks import TASKS_DIR, training_tasks  # noqa: E402
+
+
+def judge(task: T.Task, raw: str) -> bool:
+    """Whether a decoded output (special tokens kept, stop token excluded) is exactly the task's answer."""
+    from letterpress.chat_output import parse_output
+
+    out = parse_output(raw, tool_calls=task.tools is not None)
+    if task.kind == "tool_call":
+        if len(out.tool_calls) != 1 or out.content.strip():
+            return False
+        call = out.tool_calls[0]
+        return call.name == task.call["name"] and json.loads(call.arguments) == task.call["arguments"]
+    return not out.tool_calls and out.content == task.answer
+
+
+def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **sampler) -> dict:
+    from letterpress import SamplingParams
+
+    outs = []
+    for start in range(0, len(tasks), batch):
+        chunk = tasks[start:start + batch]
+        params = [SamplingParams(seed=start + i, **sampler) for i in range(len(chunk))]
+        if plain:
+            outs += llm.generate([t.messages[0]["content"] for t in chunk], params)
+        else:
+            # tasks of a family share whether they declare tools, but not which: one request each if they do
+            if chunk[0].tools is None:
+                outs += llm.chat([t.messages for t in chunk], params)
+            else:
+                for t, p in zip(chunk, params):
+                    outs += llm.chat(t.messages, p, tools=t.tools)
+    raws = [llm.tokenizer.decode(o.token_ids, skip_special_tokens=False) for o in outs]
+    right = [judge(t, r) for t, r in zip(tasks, raws)]
+    wrong = [(t.messages[0]["content"], t.answer, r) for t, r, ok in zip(tasks, raws, right) if not ok]
+    return {"exact": sum(right) / len(right), "n": len(right),
+            "tokens_per_forward": statistics.mean(o.tokens_per_forward for o in outs),
+            "steps": statistics.mean(sum(o.steps_per_canvas) for o in outs),
+            "answer_tokens": statistics.mean(len(o.token_ids) for o in outs), "wrong_samples": wrong[:3]}
+
+
+def latency(llm, families: list[str], n: int, **sampler) -> dict:
+    from letterpress import SamplingParams
+
+    tasks = [T.held_out_tasks(families[i % len(families)], i // len(families) + 1)[-1] for i in range(n)]
+    llm.chat(tasks[0].messages, SamplingParams(seed=0, **sampler), tools=tasks[0].tools)  # warm-up
+    seconds = []
+    for i, task in enumerate(tasks):
+        t0 = time.perf_counter()
+        out = llm.chat(task.messages, SamplingParams(seed=i, **sampler), tools=task.tools)[0]
+        llm.tokenizer.decode(out.token_ids, skip_special_tokens=False)
+        seconds.append(time.perf_counter() - t0)
+    seconds.sort()
+    return {"median_s": statistics.median(seconds), "p90_s": seconds[int(0.9 * (len(seconds) - 1))], "n": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(TASKS_DIR))
+    ap.add_argument("--n", type=int, default=100, help="held-out examples per family")
+    ap.add_argument("--families", default=",".join(T.FAMILIES))
+    ap.add_argument("--phrasing", choices=("train", "held_out", "both"), default="train")
+    ap.add_argument("--plain", action="store_true", help="also score single-turn families without the template")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--latency", type=int, default=22, help="single requests timed (0: none)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--entropy-bound", type=float, default=None, help="sampler setting (default: the checkpoint's)")
+    ap.add_argument("--max-denoising-steps", type=int, default=None)
+    ap.add_argument("--validation", action="store_true",
+                    help="examples of the validation seed (for choosing sampler settings), not the held-out ones")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="folder for the charts (exact match, tokens per forward by family)")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    from letterpress import LLM
+
+    families = args.families.split(",")
+    sampler = {k: v for k, v in (("entropy_bound", args.entropy_bound),
+                                 ("max_denoising_steps", args.max_denoising_steps)) if v is not None}
+    seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
+    llm = LLM(args.model, max_num_seqs=args.batch)
+    seen = {t.prompt_key for t in training_tasks(0)}
+    phrasings = ("train", "held_out") if args.phrasing == "both" else (args.phrasing,)
+    result = {"model": args.model, "machine": machine(), "n": args.n, "sampler": sampler,
+              "examples": "validation" if args.validation else "held-out", "families": {}}
+    for phrasing in phrasings:
+        for family in families:
+            tasks = T.held_out_tasks(family, args.n, phrasing, exclude=seen, seed=seed)
+            r = run_family(llm, tasks, args.batch, **sampler)
+            result["families"].setdefault(family, {})[phrasing] = r
+            print(f"{family:12s} {phrasing:8s} exact {100 * r['exact']:5.1f}%  tokens/forward "
+                  f"{r['tokens_per_forward']:5.2f}  steps {r['steps']:4.2f}  answer tokens {r['answer_tokens']:5.1f}",
+                  flush=True)
+            for prompt, want, got in r["wrong_samples"][:1]:
+                print(f"    e.g. {prompt!r}: want {want!r}, got {got!r}", flush=True)
+    if args.plain:
+        for family in families:
+            tasks = T.held_out_tasks(family, args.n, exclude=seen, seed=seed)
+            if tasks[0].tools is None and len(tasks[0].messages) == 1:
+                r = run_family(llm, tasks, args.batch, plain=True, **sampler)
+                result["families"][family]["plain"] = r
+                print(f"{family:12s} plain    exact {100 * r['exact']:5.1f}%  tokens/forward "
+                      f"{r['tokens_per_forward']:5.2f}", flush=True)
+    main_runs = [result["families"][f][phrasings[0]] for f in families]
+    result["mean_exact"] = statistics.mean(r["exact"] for r in main_runs)
+    result["min_exact"] = min(r["exact"] for r in main_runs)
+    result["tokens_per_forward"] = statistics.mean(r["tokens_per_forward"] for r in main_runs)
+    print(f"mean exact {100 * result['mean_exact']:.1f}%, worst family {100 * result['min_exact']:.1f}%, "
+          f"tokens per forward {result['tokens_per_forward']:.2f} (mean over families)")
+    if args.latency:
+        result["latency"] = latency(llm, families, args.latency, **sampler)
+        print(f"reply latency (batch 1, {args.threads} thread): median {result['latency']['median_s']:.3f} s, "
+              f"p90 {result['latency']['p90_s']:.3f} s over {args.latency} requests")
+    print(result["machine"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if args.plot:
+        from letterpress.plots import bar_chart
+
+        out = Path(args.plot)
+        labels = [f.replace("_", "\n") for f in families]  # eleven long names side by side
+        series = {p: [result["families"][f][p]["exact"] for f in families] for p in phrasings}
+        print("chart:", bar_chart(labels, series, out / "default_model_exact.png", percent=True,
+                                  title=f"Exact match by task family ({Path(args.model).name}, held-out)",
+                                  xlabel="task family", ylabel="exact match"))
+        tpf = {p: [result["families"][f][p]["tokens_per_forward"] for f in families] for p in phrasings}
+        print("chart:", bar_chart(labels, tpf, out / "default_model_tokens_per_forward.png",
+                                  title="Tokens per forward by task family", xlabel="task family",
+                                  ylabel="tokens per decoder pass"))
+
+
+if __name__ == "__main__":
+    main()

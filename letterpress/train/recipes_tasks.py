@@ -1,0 +1,133 @@
+"""The recipe of the embedded default model, `tiny-tasks`: short reformatting jobs, tool calls and tool answers
+(letterpress.train.tasks) in the Gemma 4 chat format, trained from scratch.
+
+    letterpress train --recipe tiny-tasks --output runs/tiny-tasks    # -> letterpress/assets/tiny_tasks
+
+The tokenizer (`build_tasks_tokenizer`) is a byte-level BPE trained on the generated conversations, with the
+Gemma 4 control tokens (<|turn>, <turn|>, <|tool_call>, ...) as single special ids and digits split one per
+token (arithmetic and unit shifts work digit by digit). Registered from recipes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..embedded import ASSETS
+from ..tokenizer import Tokenizer
+from . import tasks as T
+from .data import TokenizedDataset
+from .loss import Example, LossConfig
+from .recipes import Recipe, register, small_config
+
+TASKS_DIR = ASSETS / "tiny_tasks"
+TEMPLATE = Path(__file__).resolve().parent.parent / "chat_templates" / "gemma4_tools.jinja"
+CONTROL_TOKENS = ("<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
+                  "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>')
+TASKS_CANVAS = 40  # every answer (at most 36 tokens with its end marker) fits one canvas
+TASKS_VOCAB = 1024
+PLAIN_SHARE = 0.15  # share of single-turn examples given as a plain prompt (`letterpress generate` without a template)
+TASKS_STREAM = 80_000
+
+
+def _renderer() -> Tokenizer:
+    """A tokenizer object that only renders the chat template (its backend is never used for that)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    return Tokenizer(HFTokenizer(models.BPE()), {"bos_token": "<bos>"}, {"default": TEMPLATE.read_text("utf-8")})
+
+
+def render(task: T.Task, renderer: Tokenizer) -> tuple[str, str]:
+    """(prompt text through the generation prompt, target text including its end marker)."""
+    prompt = renderer.apply_chat_template(task.messages, add_generation_prompt=True, tools=task.tools)
+    return prompt, task.answer if task.kind == "tool_call" else task.answer + "<turn|>"
+
+
+def build_tasks_tokenizer(out_dir: Path = TASKS_DIR, vocab_size: int = TASKS_VOCAB, n: int = 20_000) -> Path:
+    """Train the BPE on `n` rendered training conversations (seed TRAIN_SEED - 1, not a training stream's) and
+    write tokenizer.json, tokenizer_config.json and the Gemma-4-style chat_template.jinja to `out_dir`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    from .bpe import SPECIAL_TOKENS, _tokenizer_config
+
+    renderer = _renderer()
+    texts = []
+    for task in T.make_tasks(n, T.TRAIN_SEED - 1):
+        prompt, target = render(task, renderer)
+        texts.append(prompt + target)
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS) + list(CONTROL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", SPECIAL_TOKENS.index("<bos>"))])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {**_tokenizer_config(), "model_max_length": 1024}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(TEMPLATE, out_dir / "chat_template.jinja")
+    return out_dir
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """EOS, end of turn, and the tool-response marker a call stops at (the released model's stop ids)."""
+    return [tokenizer.eos_id, tokenizer.token_to_id("<turn|>"), tokenizer.token_to_id("<|tool_response>")]
+
+
+def task_examples(tasks: list[T.Task], tokenizer: Tokenizer, plain_share: float = 0.0) -> list[Example]:
+    """Chat examples (prompt = rendered conversation, target = answer + end marker); every 1/plain_share-th
+    single-turn text task instead as a plain prompt (<bos> + the request) -> answer (+ EOS from the loss)."""
+    renderer = tokenizer
+    prompts, targets = [], []
+    every = round(1 / plain_share) if plain_share else 0
+    for i, task in enumerate(tasks):
+        if every and i % every == 0 and task.tools is None and len(task.messages) == 1:
+            prompts.append("<bos>" + task.messages[0]["content"])
+            targets.append(task.answer)
+        else:
+            p, t = render(task, renderer)
+            prompts.append(p)
+            targets.append(t)
+    backend = tokenizer._backend
+    p_ids = backend.encode_batch(prompts, add_special_tokens=False)
+    t_ids = backend.encode_batch(targets, add_special_tokens=False)
+    return [Example(prompt=p.ids, target=t.ids) for p, t in zip(p_ids, t_ids)]
+
+
+def training_tasks(seed: int, n: int = TASKS_STREAM) -> list[T.Task]:
+    return T.make_tasks(n, T.TRAIN_SEED + seed)
+
+
+def tasks_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
+    train = training_tasks(seed)
+    seen = {t.prompt_key for t in train}
+    held = [t for f in T.FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen)]
+    examples = [e for e in task_examples(train, tokenizer, PLAIN_SHARE) if len(e.target) < TASKS_CANVAS]
+    return TokenizedDataset(examples), TokenizedDataset(task_examples(held, tokenizer))
+
+
+def tasks_config(vocab_size: int = TASKS_VOCAB, eos: tuple[int, ...] = (1, 8, 16)) -> dict:
+    """hidden 128, 6 layers (sliding, sliding, full) x 2, 4 experts top-2, canvas 40."""
+    return small_config(vocab_size=vocab_size, canvas_length=TASKS_CANVAS, hidden_size=128, head_dim=32,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                        sliding_window=256, max_position_embeddings=1024, eos_token_id=eos)
+
+
+register(Recipe(
+    name="tiny-tasks",
+    description="the embedded default model: a 6-layer DiffusionGemma (hidden 128, canvas 40) trained from scratch "
+                "on generated reformatting tasks, tool calls and tool answers in the Gemma 4 chat format",
+    build_data=tasks_data,
+    model_config=tasks_config(),
+    tokenizer=str(TASKS_DIR),
+    hyperparameters=dict(steps=4000, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
+                         weight_decay=0.01, eval_every=500, log_every=50, eval_examples=264, save_every=250,
+                         device="cpu", loss=LossConfig(encoder_loss_weight=0.0)),
+))

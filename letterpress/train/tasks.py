@@ -1,0 +1,373 @@
+"""Generated tasks for the embedded default model: short reformatting and transformation jobs, tool calls and
+tool answers in the Gemma 4 chat format, each exactly checkable.
+
+One family per function: `family(rng, phrasing)` returns a `Task` (chat messages, optional tools, the answer).
+`phrasing` picks the instruction's wording: families have several; the last one is never trained on
+(`HELD_OUT_PHRASING`), so a benchmark can ask in words the model has not seen. Everything is a pure function
+of a seeded `random.Random`: the training stream and the held-out examples come from different seeds, and
+`held_out_tasks` drops any example whose prompt occurs in the training stream.
+
+    tasks = make_tasks(1000, seed=3)                 # mixed families, training phrasings
+    held = held_out_tasks("case", 200)               # one family, unseen seed
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from decimal import Decimal
+
+# ------------------------------------------------------------------------------------------------- word pools
+NAMES = ("Ann", "Bob", "Maria", "Omar", "Li", "Sara", "Tom", "Eva", "Ravi", "Nina", "Paul", "Yuki", "Ines", "Karl",
+         "Lena", "Amir", "Zoe", "Ivan", "Mia", "Leo", "Emma", "Noah", "Aisha", "Hugo", "Chen", "Rosa", "Sam", "Ida",
+         "Jon", "Kate", "Marco", "Olga", "Pablo", "Grace", "Felix", "Hana", "Ali", "June", "Max", "Lucy")
+CITIES = ("Oslo", "Paris", "Lisbon", "Tokyo", "Cairo", "Lima", "Rome", "Berlin", "Madrid", "Dublin", "Vienna",
+          "Prague", "Seoul", "Delhi", "Austin", "Boston", "Denver", "Quito", "Nairobi", "Athens", "Warsaw", "Milan",
+          "Zurich", "Sydney", "Toronto", "Havana", "Bogota", "Dakar", "Manila", "Hanoi", "Riga", "Porto", "Kyoto",
+          "Lyon", "Bergen", "Munich", "Geneva", "Chicago", "Miami", "Perth")
+ITEMS = ("apple", "pear", "fig", "plum", "kiwi", "lime", "mango", "grape", "lemon", "peach", "melon", "cherry",
+         "banana", "orange", "olive", "date", "guava", "papaya", "apricot", "berry", "lamp", "chair", "table", "desk",
+         "pen", "book", "cup", "plate", "sofa", "clock", "phone", "camera", "bottle", "bag", "shoe", "hat", "coat",
+         "bike", "kite", "drum")
+WORDS = ("user", "account", "id", "name", "first", "last", "order", "total", "price", "item", "count", "max",
+         "min", "page", "size", "file", "path", "data", "list", "index", "value", "key", "type", "time", "date",
+         "start", "end", "is", "valid", "get", "set", "load", "save", "http", "request", "response", "error", "code",
+         "text", "line", "number", "email", "address", "city", "zip", "phone", "status", "active", "created", "at",
+         "updated", "by", "parent", "child", "node", "tree", "cache", "hit", "rate", "retry", "limit", "queue",
+         "token", "batch", "model", "layer", "input", "output", "buffer", "stream", "event", "handler", "config",
+         "default", "new", "old", "temp", "user", "group", "role", "level")
+ROLES = ("admin", "editor", "viewer", "guest", "owner", "staff")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
+
+
+@dataclass
+class Task:
+    family: str
+    messages: list[dict]  # the conversation up to (not including) the answer
+    answer: str  # the assistant's text, or the tool call's rendered text for tool_call
+    tools: list[dict] | None = None
+    kind: str = "text"  # "text": answer + <turn|>; "tool_call": <|tool_call>...<tool_call|><|tool_response>
+    call: dict | None = field(default=None)  # tool_call: {"name": ..., "arguments": {...}}
+
+    @property
+    def prompt_key(self) -> str:
+        return json.dumps([self.messages, self.tools], sort_keys=True)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str) -> str:
+    """A training wording (all but the last), or the held-out one (the last)."""
+    return templates[-1] if phrasing == "held_out" else rng.choice(templates[:-1])
+
+
+# ---------------------------------------------------------------------------------------------- JSON families
+def _value(rng: random.Random, key: str):
+    return {"name": lambda: rng.choice(NAMES), "city": lambda: rng.choice(CITIES), "age": lambda: rng.randint(18, 90),
+            "id": lambda: rng.randint(1, 999), "active": lambda: rng.random() < 0.5, "role": lambda: rng.choice(ROLES),
+            "item": lambda: rng.choice(ITEMS), "qty": lambda: rng.randint(1, 20), "score": lambda: rng.randint(0, 100),
+            "year": lambda: rng.randint(1990, 2030)}[key]()
+
+
+KEYS = ("name", "city", "age", "id", "active", "role", "item", "qty", "score", "year")
+
+
+def _scalar_text(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def kv_to_json(rng: random.Random, phrasing: str = "train") -> Task:
+    keys = rng.sample(KEYS, rng.randint(2, 4))
+    obj = {k: _value(rng, k) for k in keys}
+    sep = rng.choice((", ", "; ", " ", "\n"))
+    pairs = sep.join(f"{k}={_scalar_text(v)}" for k, v in obj.items())
+    text = _phrase(rng, ("Convert to JSON: {p}", "Turn these key=value pairs into a JSON object:\n{p}",
+                         "key=value to JSON: {p}", "Write {p} as a JSON object."), phrasing).format(p=pairs)
+    return Task("kv_to_json", _user(text), json.dumps(obj))
+
+
+def csv_to_json(rng: random.Random, phrasing: str = "train") -> Task:
+    n_cols = rng.randint(2, 3)
+    keys = rng.sample(KEYS, n_cols)
+    rows = [{k: _value(rng, k) for k in keys} for _ in range(rng.randint(1, 2) if n_cols == 2 else 1)]
+    csv = "\n".join([",".join(keys)] + [",".join(_scalar_text(r[k]) for k in keys) for r in rows])
+    text = _phrase(rng, ("Convert this CSV to JSON:\n{c}", "CSV to JSON:\n{c}", "Turn the CSV into a JSON list:\n{c}",
+                         "Here is a CSV table:\n{c}\nGive it as JSON."), phrasing).format(c=csv)
+    return Task("csv_to_json", _user(text), json.dumps(rows))
+
+
+def json_to_yaml(rng: random.Random, phrasing: str = "train") -> Task:
+    keys = rng.sample(KEYS, rng.randint(2, 3))
+    obj = {k: _value(rng, k) for k in keys}
+    if rng.random() < 0.3:
+        obj["tags"] = rng.sample(ITEMS, 2)
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, list):
+            lines += [f"{k}:"] + [f"  - {x}" for x in v]
+        else:
+            lines.append(f"{k}: {_scalar_text(v)}")
+    text = _phrase(rng, ("Convert to YAML: {j}", "JSON to YAML:\n{j}", "Rewrite this JSON as YAML: {j}",
+                         "Give me the YAML for {j}"), phrasing).format(j=json.dumps(obj))
+    return Task("json_to_yaml", _user(text), "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ text families
+CASES = {
+    "snake_case": lambda w: "_".join(w),
+    "camelCase": lambda w: w[0] + "".join(x.capitalize() for x in w[1:]),
+    "kebab-case": lambda w: "-".join(w),
+    "PascalCase": lambda w: "".join(x.capitalize() for x in w),
+    "Title Case": lambda w: " ".join(x.capitalize() for x in w),
+    "SCREAMING_SNAKE_CASE": lambda w: "_".join(w).upper(),
+}
+
+
+def case_conversion(rng: random.Random, phrasing: str = "train") -> Task:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 3))]
+    source, target = rng.sample(list(CASES), 2)
+    text = _phrase(rng, ("Convert {s} to {t}.", "{s} in {t}:", "Rename {s} to {t}", "What is {s} written in {t}?"),
+                   phrasing).format(s=CASES[source](words), t=target)
+    return Task("case", _user(text), CASES[target](words))
+
+
+def sort_dedup(rng: random.Random, phrasing: str = "train") -> Task:
+    if rng.random() < 0.6:
+        pool = rng.sample(ITEMS, rng.randint(3, 5))
+        key = str
+    else:
+        pool = [str(x) for x in rng.sample(range(1, 100), rng.randint(3, 5))]
+        key = int
+    items = pool + [rng.choice(pool) for _ in range(rng.randint(1, 2))]
+    rng.shuffle(items)
+    reverse = rng.random() < 0.25
+    answer = ", ".join(sorted(set(items), key=key, reverse=reverse))
+    order = "descending" if reverse else "ascending"
+    text = _phrase(rng, ("Sort in {o} order and remove duplicates: {l}", "Deduplicate and sort ({o}): {l}",
+                         "Unique values of {l}, sorted {o}", "Remove repeats from {l} and sort them, {o}."),
+                   phrasing).format(o=order, l=", ".join(items))
+    return Task("sort_dedup", _user(text), answer)
+
+
+DATE_FORMATS = {
+    "YYYY-MM-DD": lambda d: d.isoformat(),
+    "DD/MM/YYYY": lambda d: f"{d.day:02d}/{d.month:02d}/{d.year}",
+    "MM/DD/YYYY": lambda d: f"{d.month:02d}/{d.day:02d}/{d.year}",
+    "Month D, YYYY": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
+    "D Month YYYY": lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
+}
+
+
+def date_format(rng: random.Random, phrasing: str = "train") -> Task:
+    d = date(1990, 1, 1) + timedelta(days=rng.randrange(365 * 45))
+    # the source is never an ambiguous numeric form: ISO or a month name
+    source = rng.choice(("YYYY-MM-DD", "Month D, YYYY", "D Month YYYY"))
+    target = rng.choice([f for f in DATE_FORMATS if f != source])
+    text = _phrase(rng, ("Write {d} as {f}.", "Format the date {d} as {f}", "Date {d} -> {f}",
+                         "Reformat {d} in the {f} format."), phrasing).format(d=DATE_FORMATS[source](d), f=target)
+    return Task("date", _user(text), DATE_FORMATS[target](d))
+
+
+UNITS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("l", "ml", 1000), ("m", "mm", 1000),
+         ("cm", "mm", 10), ("MB", "KB", 1000), ("GB", "MB", 1000))
+
+
+def _number(x: Decimal) -> str:
+    s = format(x.normalize(), "f")
+    return s
+
+
+def unit_conversion(rng: random.Random, phrasing: str = "train") -> Task:
+    big, small, factor = rng.choice(UNITS)
+    amount = Decimal(rng.randint(1, 999)) / Decimal(rng.choice((1, 10, 100)))
+    if rng.random() < 0.5:
+        src, dst, value, result = big, small, amount, amount * factor
+    else:
+        src, dst, value, result = small, big, amount, amount / factor
+    text = _phrase(rng, ("Convert {v} {s} to {d}.", "{v} {s} in {d}?", "How many {d} is {v} {s}?",
+                         "Express {v} {s} in {d}."), phrasing).format(v=_number(value), s=src, d=dst)
+    return Task("units", _user(text), f"{_number(result)} {dst}")
+
+
+def arithmetic(rng: random.Random, phrasing: str = "train") -> Task:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 9)
+    else:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        if op == "-" and b > a:
+            a, b = b, a
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    text = _phrase(rng, ("What is {a} {o} {b}?", "Compute {a} {o} {b}.", "{a} {o} {b} =", "Calculate {a} {o} {b}"),
+                   phrasing).format(a=a, o=op, b=b)
+    return Task("arithmetic", _user(text), str(result))
+
+
+EXTRACT_SENTENCES = (
+    ("{name} is {age} years old and lives in {city}.", ("name", "age", "city")),
+    ("{name}, {age}, moved to {city} last year.", ("name", "age", "city")),
+    ("Order {id}: {qty} x {item}, shipped to {city}.", ("id", "qty", "item", "city")),
+    ("{name} bought {qty} {item} in {city}.", ("name", "qty", "item", "city")),
+    ("In {year}, {name} scored {score} points in {city}.", ("year", "name", "score", "city")),
+    ("{name} ({role}) joined in {year}.", ("name", "role", "year")),
+)
+
+
+def extract_fields(rng: random.Random, phrasing: str = "train") -> Task:
+    sentence, keys = rng.choice(EXTRACT_SENTENCES)
+    values = {k: _value(rng, k) for k in keys}
+    if "qty" in values and values["qty"] == 1:
+        values["qty"] = 2
+    wanted = [k for k in keys if rng.random() < 0.75] or [keys[0]]
+    text = _phrase(rng, ("Extract {f} as JSON: {s}", "{s}\nGive {f} as a JSON object.", "From \"{s}\" get {f} in JSON.",
+                         "Pull out {f} from this sentence as JSON: {s}"),
+                   phrasing).format(f=", ".join(wanted), s=sentence.format(**values))
+    return Task("extract", _user(text), json.dumps({k: values[k] for k in wanted}))
+
+
+# ---------------------------------------------------------------------------------------------- tool families
+def _tool(name: str, description: str, params: dict[str, tuple[str, str]], required: list[str]) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "required": required,
+                       "properties": {p: {"type": t, "description": d} for p, (t, d) in params.items()}}}}
+
+
+TOOLS = {
+    "get_weather": _tool("get_weather", "Current weather in a city", {"city": ("string", "City name")}, ["city"]),
+    "convert_currency": _tool("convert_currency", "Convert money", {
+        "amount": ("number", "Amount"), "from": ("string", "ISO code"), "to": ("string", "ISO code")},
+        ["amount", "from", "to"]),
+    "set_timer": _tool("set_timer", "Start a timer", {"minutes": ("integer", "Length")}, ["minutes"]),
+    "send_email": _tool("send_email", "Send an email", {"to": ("string", "Recipient"),
+                                                        "subject": ("string", "Subject")}, ["to", "subject"]),
+    "search": _tool("search", "Search the web", {"query": ("string", "Query")}, ["query"]),
+    "get_time": _tool("get_time", "Current time in a city", {"city": ("string", "City name")}, ["city"]),
+}
+CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "NOK", "INR", "BRL")
+TOPICS = ("cheap flights", "pasta recipes", "python tutorials", "hiking trails", "jazz concerts", "used bikes",
+          "museum hours", "train tickets", "yoga classes", "coffee shops")
+SUBJECTS = ("Lunch", "Meeting", "Invoice", "Trip", "Report", "Party", "Hello", "Update")
+
+
+def _request(rng: random.Random, phrasing: str) -> tuple[str, dict, str]:
+    """(tool name, arguments, the user's request)."""
+    name = rng.choice(list(TOOLS))
+    if name == "get_weather":
+        args = {"city": rng.choice(CITIES)}
+        t = ("What's the weather in {city}?", "Is it raining in {city}?", "Weather for {city} please.",
+             "How warm is it in {city} right now?")
+    elif name == "get_time":
+        args = {"city": rng.choice(CITIES)}
+        t = ("What time is it in {city}?", "Current time in {city}?", "Tell me the time in {city}.",
+             "Do you know the local time in {city}?")
+    elif name == "convert_currency":
+        src, dst = rng.sample(CURRENCIES, 2)
+        args = {"amount": rng.randint(1, 500), "from": src, "to": dst}
+        t = ("Convert {amount} {from} to {to}.", "How much is {amount} {from} in {to}?", "{amount} {from} in {to}?",
+             "What do {amount} {from} make in {to}?")
+    elif name == "set_timer":
+        args = {"minutes": rng.randint(1, 90)}
+        t = ("Set a timer for {minutes} minutes.", "Timer: {minutes} minutes.", "Start a {minutes} minute timer.",
+             "Remind me in {minutes} minutes.")
+    elif name == "send_email":
+        args = {"to": rng.choice(NAMES).lower() + "@example.com", "subject": rng.choice(SUBJECTS)}
+        t = ("Email {to} with the subject {subject}.", "Send {to} an email titled {subject}.",
+             "Write to {to}, subject: {subject}.", "Mail {to} about \"{subject}\".")
+    else:
+        args = {"query": rng.choice(TOPICS) + " in " + rng.choice(CITIES)}
+        t = ("Search for {query}.", "Look up {query}.", "Find {query} online.", "Can you google {query}?")
+    return name, args, _phrase(rng, t, phrasing).format(**args)
+
+
+def _declared(rng: random.Random, name: str) -> list[dict]:
+    others = rng.sample([n for n in TOOLS if n != name], rng.randint(0, 1))
+    names = [name] + others
+    rng.shuffle(names)
+    return [TOOLS[n] for n in names]
+
+
+def _call_text(value) -> str:
+    """A tool call's arguments as the Gemma 4 template writes them (keys sorted, strings in <|"|>)."""
+    if isinstance(value, str):
+        return '<|"|>' + value + '<|"|>'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_call_text(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_call_text(v) for v in value) + "]"
+    return str(value)
+
+
+def tool_call(rng: random.Random, phrasing: str = "train") -> Task:
+    name, args, request = _request(rng, phrasing)
+    answer = f"<|tool_call>call:{name}{_call_text(args)}<tool_call|><|tool_response>"
+    return Task("tool_call", _user(request), answer, tools=_declared(rng, name), kind="tool_call",
+                call={"name": name, "arguments": args})
+
+
+CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
+
+
+def _response(rng: random.Random, name: str, args: dict) -> tuple[dict, tuple[str, ...]]:
+    """(the tool's response, answer templates using args and the response)."""
+    if name == "get_weather":
+        return ({"condition": rng.choice(CONDITIONS), "temperature": rng.randint(-10, 35)},
+                ("It is {condition} and {temperature} degrees in {city}.",))
+    if name == "get_time":
+        return {"time": f"{rng.randint(0, 23):02d}:{rng.choice(range(0, 60, 5)):02d}"}, ("It is {time} in {city}.",)
+    if name == "convert_currency":
+        return {"result": round(args["amount"] * rng.uniform(0.5, 2.0), 2)}, ("{amount} {from} is {result} {to}.",)
+    if name == "set_timer":
+        return {"status": "started"}, ("Your {minutes} minute timer is running.",)
+    if name == "send_email":
+        return {"status": "sent"}, ("The email to {to} was sent.",)
+    return {"top": rng.choice(NAMES) + "'s guide to " + args["query"]}, ("The top result is {top}.",)
+
+
+def tool_answer(rng: random.Random, phrasing: str = "train") -> Task:
+    """After a tool call and its response, the model's answer in words (the second half of an agent turn)."""
+    name, args, request = _request(rng, phrasing)
+    response, templates = _response(rng, name, args)
+    messages = _user(request) + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(response)}]
+    return Task("tool_answer", messages, templates[0].format(**args, **response), tools=_declared(rng, name))
+
+
+FAMILIES: dict[str, Callable[[random.Random, str], Task]] = {
+    "kv_to_json": kv_to_json, "csv_to_json": csv_to_json, "json_to_yaml": json_to_yaml, "case": case_conversion,
+    "sort_dedup": sort_dedup, "date": date_format, "units": unit_conversion, "arithmetic": arithmetic,
+    "extract": extract_fields, "tool_call": tool_call, "tool_answer": tool_answer,
+}
+TRAIN_SEED = 10_000  # training stream: TRAIN_SEED + recipe seed
+HELD_OUT_SEED = 424_242  # held-out examples (benchmarks/default_model.py, tests)
+VALIDATION_SEED = 535_353  # examples for choosing sampler settings, so the held-out ones stay untouched
+
+
+def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, ...] = tuple(FAMILIES)) -> list[Task]:
+    """`n` tasks, the families in turn (a seeded choice each), from one seeded stream."""
+    rng = random.Random(seed)
+    return [FAMILIES[rng.choice(families)](rng, phrasing) for _ in range(n)]
+
+
+def held_out_tasks(family: str, n: int, phrasing: str = "train", exclude: set[str] | None = None,
+                   seed: int = HELD_OUT_SEED) -> list[Task]:
+    """`n` tasks of one family from the held-out seed (or VALIDATION_SEED), none of whose prompts is in
+    `exclude` (the training prompts), nor repeated."""
+    rng = random.Random(seed + sorted(FAMILIES).index(family) + (1000 if phrasing == "held_out" else 0))
+    out, seen = [], set(exclude or ())
+    while len(out) < n:
+        task = FAMILIES[family](rng, phrasing)
+        if task.prompt_key not in seen:
+            seen.add(task.prompt_key)
+            out.append(task)
+    return out

@@ -1,0 +1,92 @@
+"""The generated tasks of the default model's recipe: deterministic, exact, in the Gemma 4 chat format, and
+held-out examples that never occur in training."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from letterpress.chat_output import parse_output
+from letterpress.tokenizer import Tokenizer
+from letterpress.train import tasks as T
+from letterpress.train.recipes_tasks import (TASKS_CANVAS, TASKS_DIR, render, stop_ids, task_examples,
+                                             training_tasks)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_dir(TASKS_DIR)
+
+
+def test_families_are_seeded_and_every_family_is_drawn():
+    a, b = T.make_tasks(300, 5), T.make_tasks(300, 5)
+    assert [(t.prompt_key, t.answer) for t in a] == [(t.prompt_key, t.answer) for t in b]
+    assert {t.family for t in a} == set(T.FAMILIES)
+    assert [t.answer for t in T.make_tasks(50, 6)] != [t.answer for t in a[:50]]
+
+
+@pytest.mark.parametrize("family", sorted(T.FAMILIES))
+def test_answers_are_right(family):
+    """Spot checks that the expected answers are what the instruction asks for."""
+    rng = random.Random(1)
+    for _ in range(50):
+        task = T.FAMILIES[family](rng, "train")
+        text = task.messages[0]["content"]
+        if family == "arithmetic":
+            a, op, b = text.rstrip("?.=").split()[-3:]
+            assert int(task.answer) == eval(f"{int(a)} {op} {int(b)}")
+        elif family == "kv_to_json":
+            for k, v in json.loads(task.answer).items():
+                assert f"{k}={json.dumps(v) if isinstance(v, bool) else v}" in text
+        elif family == "sort_dedup":
+            items = task.answer.split(", ")
+            assert len(set(items)) == len(items) and all(i in text for i in items)
+        elif family == "tool_call":
+            assert task.call["name"] in {t["function"]["name"] for t in task.tools}
+        elif family == "case":
+            assert task.answer and task.answer.replace("_", "").replace("-", "").replace(" ", "").lower() in \
+                text.replace("_", "").replace("-", "").replace(" ", "").lower()
+
+
+def test_held_out_examples_are_not_in_training_and_phrasings_differ():
+    seen = {t.prompt_key for t in training_tasks(0, n=5000)}
+    held = T.held_out_tasks("case", 50, exclude=seen)
+    assert len({t.prompt_key for t in held}) == 50 and not seen & {t.prompt_key for t in held}
+    # the held-out wording is the family's last template, never drawn for training
+    unseen = T.held_out_tasks("case", 20, "held_out")
+    assert all(t.messages[0]["content"].startswith("What is ") for t in unseen)
+    assert not any(t.messages[0]["content"].startswith("What is ") for t in T.make_tasks(500, 3, families=("case",)))
+
+
+def test_tool_call_target_is_what_the_template_writes_and_the_parser_reads(tok):
+    rng = random.Random(2)
+    for _ in range(20):
+        task = T.tool_call(rng)
+        call = {"id": "c1", "type": "function", "function": task.call}
+        full = tok.apply_chat_template(task.messages + [{"role": "assistant", "content": "", "tool_calls": [call]}],
+                                       add_generation_prompt=False, tools=task.tools)
+        assert full.endswith("<|turn>model\n" + task.answer)
+        out = parse_output(task.answer.removesuffix("<|tool_response>"))
+        assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [(task.call["name"], task.call["arguments"])]
+
+
+def test_tool_answer_prompt_ends_at_the_tool_response(tok):
+    task = T.tool_answer(random.Random(3))
+    prompt, target = render(task, tok)
+    assert prompt.endswith("<tool_response|>") and "<|tool>declaration:" in prompt
+    assert target == task.answer + "<turn|>"
+
+
+def test_examples_fit_one_canvas_and_end_with_a_stop_token(tok):
+    tasks = T.make_tasks(400, 9)
+    examples = task_examples(tasks, tok, plain_share=0.15)
+    stops = set(stop_ids(tok))
+    assert all(len(e.target) < TASKS_CANVAS for e in examples)
+    chat = [e for t, e in zip(tasks, examples) if e.prompt[1] == tok.token_to_id("<|turn>") or t.tools]
+    assert chat and all(e.target[-1] in stops for e in chat)
+    # the Gemma 4 control tokens are single ids
+    for marker in ("<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", '<|"|>'):
+        assert len(tok.encode(marker)) == 1
+    assert sum(e.prompt[1] != tok.token_to_id("<|turn>") for e in examples) >= 30  # plain prompts too
