@@ -19,7 +19,7 @@ from letterpress import LLM
 from letterpress.chat_output import parse_output
 from letterpress.embedded import default_model_dir
 from letterpress.engine.request import SamplingParams
-from letterpress.errors import RequestError
+from letterpress.errors import ConfigError, RequestError
 from letterpress.structured import (GEMMA, SchemaError, StructuredOutputsParams, best_path, compile_regex,
                                     schema_regex, tool_call_regex)
 from letterpress.tokenizer import Tokenizer
@@ -198,6 +198,25 @@ def llm(random_dir) -> LLM:
 def params(spec: StructuredOutputsParams | None, seed: int, tokens: int = 96, **kw) -> SamplingParams:
     return SamplingParams(**{"max_new_tokens": tokens, "max_denoising_steps": 3, "seed": seed,
                              "structured_outputs": spec, **kw})
+
+
+def test_max_constraint_edges_is_a_per_engine_limit(random_dir, llm):
+    """--max-constraint-edges / LLM(max_constraint_edges=): a lower limit refuses what the default compiles."""
+    import argparse
+
+    from letterpress.engine.args import add_engine_arguments, engine_options
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_options(parser.parse_args(["--max-constraint-edges", "1000"]))["max_constraint_edges"] == 1000
+    spec = StructuredOutputsParams(regex=r"[a-z]{1,30}")
+    eos = list(llm.defaults.eos_token_ids)
+    assert llm.constraint(params(spec, seed=0, eos_token_ids=eos)) is not None
+    small = LLM(random_dir, max_num_seqs=1, max_model_len=256, max_constraint_edges=1000)
+    with pytest.raises(SchemaError, match="at most 1,000.*--max-constraint-edges"):
+        small.constraint(params(spec, seed=0, eos_token_ids=eos))
+    with pytest.raises(ConfigError, match="max_constraint_edges"):
+        LLM(random_dir, max_constraint_edges=0)
 
 
 def test_engine_schema_suite_with_a_random_model(llm):

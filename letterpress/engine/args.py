@@ -46,6 +46,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default 16)")
     c.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of equal prompt prefixes between requests (default: on)")
+    s = p.add_argument_group("structured output (README, 'Structured output')")
+    s.add_argument("--max-constraint-edges", type=int, default=None, metavar="N",
+                   help="the largest automaton (transitions over the vocabulary) one request's response_format, "
+                        "structured_outputs or tool_choice may compile; larger ones get a 400 (default 4000000: "
+                        "about 1.2 GB and 15 s of CPU)")
     m = p.add_argument_group("images and video (README, 'Images and video')")
     m.add_argument("--limit-mm-per-prompt", type=json_object, default=None, metavar="JSON",
                    help='the most media items of each kind one prompt may hold, e.g. \'{"image":2,"video":1}\' '
@@ -79,7 +84,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                 enable_expert_parallel=getattr(args, "enable_expert_parallel", False),
                 limit_mm_per_prompt=getattr(args, "limit_mm_per_prompt", None),
-                mm_processor_kwargs=getattr(args, "mm_processor_kwargs", None))
+                mm_processor_kwargs=getattr(args, "mm_processor_kwargs", None),
+                max_constraint_edges=getattr(args, "max_constraint_edges", None))
 
 
 def attach_profiler(llm, args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from ..model import DiffusionGemma
 from ..model.fast import prepare
 from ..sampling import Clamp, Draws, GeneratorDraws
 from ..structured import Constraint, compile_regex
+from ..structured.size import MAX_EDGES
 from ..tokenizer import Tokenizer
 from .request import CanvasEvent, Request, RequestOutput, SamplingParams
 from .runner import Runner
@@ -66,7 +67,7 @@ class LLM:
                  gpu_memory_utilization: float | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, limit_mm_per_prompt: dict[str, int] | None = None,
                  mm_processor_kwargs: dict | None = None, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False):
+                 enable_expert_parallel: bool = False, max_constraint_edges: int | None = None):
         """`quantization`: None, "int8", "int4" or "fp8" (letterpress.quant). `impl`: "plain" (the reference
         path) or "fast" (grouped MoE, sliced attention, fused sampler; letterpress.model.fast). `compile`:
         torch.compile each layer (True, or a torch.compile mode). The paged KV cache (letterpress.cache) is
@@ -76,7 +77,15 @@ class LLM:
         Images (a checkpoint with a vision tower): `limit_mm_per_prompt` ({"image": 2, "video": 1}, vLLM's) caps
         the media of one prompt; `mm_processor_kwargs` ({"max_soft_tokens": 560}) sets the default tier.
         `tensor_parallel_size` N > 1: N processes (this one is rank 0) each hold a slice of the model and of
-        the KV cache; `enable_expert_parallel` splits the experts by id (letterpress.parallel)."""
+        the KV cache; `enable_expert_parallel` splits the experts by id (letterpress.parallel).
+        `max_constraint_edges`: the largest structured-output automaton a request may compile (default
+        letterpress.structured.size.MAX_EDGES; about 300 bytes and a few microseconds of CPU per edge)."""
+        if max_constraint_edges is None:
+            max_constraint_edges = MAX_EDGES
+        if isinstance(max_constraint_edges, bool) or not isinstance(max_constraint_edges, int) \
+                or max_constraint_edges < 1:
+            raise ConfigError(f"max_constraint_edges must be a positive integer, got {max_constraint_edges!r}")
+        self.max_constraint_edges = max_constraint_edges
         if model is None:
             from ..embedded import default_model_dir
 
@@ -254,7 +263,7 @@ class LLM:
             raise RequestError("structured output needs a checkpoint with a tokenizer.json")
         spec = params.structured_outputs
         automaton = compile_regex(spec.to_regex(), self.tokenizer, params.eos_token_ids,
-                                  frozenset(spec.special_tokens))
+                                  frozenset(spec.special_tokens), limit=self.max_constraint_edges)
         constraint = Constraint(automaton, params.eos_token_ids, params.seed)
         if constraint.shortest() > params.max_new_tokens:
             raise RequestError(f"max_tokens {params.max_new_tokens} is too few for this structured output: its "

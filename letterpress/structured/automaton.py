@@ -125,9 +125,9 @@ def _byte_level_map() -> dict[str, int]:
 
 
 def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
-                  allowed_special: frozenset[str] = frozenset()) -> TokenAutomaton:
+                  allowed_special: frozenset[str] = frozenset(), limit: int = MAX_EDGES) -> TokenAutomaton:
     """The token automaton of `regex` (cached per tokenizer, regex and allowed specials). SchemaError when
-    the regex is invalid, matches nothing, or would compile to more than MAX_EDGES edges (size.py): that is
+    the regex is invalid, matches nothing, or would compile to more than `limit` edges (size.py): that is
     checked before outlines-core, which has no limit of its own, starts."""
     key = (id(tokenizer), regex, tuple(sorted(eos_token_ids)), allowed_special)
     while True:
@@ -144,7 +144,7 @@ def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
     try:
         eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted
         vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
-        check_size(regex, first)
+        check_size(regex, first, limit)
         automaton = _compile(regex, vocabulary, eos_token_ids)
         with _lock:
             _cache[key] = automaton

@@ -87,7 +87,7 @@ def check_size(regex: str, first: FirstChars, limit: int = MAX_EDGES) -> int:
         raise SchemaError(f"the constraint is too large to compile: about {edges:,} automaton transitions over "
                           f"this model's vocabulary (at most {limit:,}); nested bounded repeats multiply (a "
                           "maxItems of objects with maxLength strings, {m,n} inside {m,n}): lower the bounds "
-                          "or leave the inner ones unbounded")
+                          "or leave the inner ones unbounded (a server may raise the limit: --max-constraint-edges)")
     return edges
 
 
