@@ -132,10 +132,10 @@ def test_generation_prompt_and_thinking_switch(tok: Tokenizer) -> None:
     assert ids[1] == tok.token_to_id("<|turn>") and tok.token_to_id("<|think|>") in ids
 
 
-@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("thinking", [None, False, True])
-@pytest.mark.parametrize("with_tools", [False, True])
-def test_matches_transformers(tok: Tokenizer, hf, name: str, thinking: bool | None, with_tools: bool) -> None:
+def _renders_like_transformers(tok: Tokenizer, hf, name: str, thinking: bool | None,
+                               with_tools: bool) -> tuple[list[dict], dict]:
+    """Assert our rendering of CONVERSATIONS[name] equals transformers' (with and without the generation
+    prompt); returns the messages and keyword arguments used."""
     messages = CONVERSATIONS[name]
     kwargs = {} if thinking is None else {"enable_thinking": thinking}
     if with_tools:
@@ -144,6 +144,14 @@ def test_matches_transformers(tok: Tokenizer, hf, name: str, thinking: bool | No
         ours = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs)
         theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
         assert ours == theirs
+    return messages, kwargs
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("thinking", [None, False, True])
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_matches_transformers(tok: Tokenizer, hf, name: str, thinking: bool | None, with_tools: bool) -> None:
+    messages, kwargs = _renders_like_transformers(tok, hf, name, thinking, with_tools)
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False, **kwargs)
     assert tok.encode_chat(messages, **kwargs) == list(ids)
 
@@ -213,6 +221,12 @@ def turns_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def turns_hf(turns_folder: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(turns_folder))
+
+
 def test_shipped_tiny_code_template_is_the_turns_template() -> None:
     assert (ASSETS / "chat_template.jinja").read_text() == TURNS_TEMPLATE.read_text()
 
@@ -244,16 +258,6 @@ def test_turns_template_carries_tools_calls_responses_and_thinking() -> None:
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("thinking", [None, False, True])
 @pytest.mark.parametrize("with_tools", [False, True])
-def test_turns_template_matches_transformers(turns_folder: Path, name: str, thinking: bool | None,
+def test_turns_template_matches_transformers(turns_hf, turns_folder: Path, name: str, thinking: bool | None,
                                              with_tools: bool) -> None:
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(turns_folder))
-    tok = Tokenizer.from_dir(turns_folder)
-    messages = CONVERSATIONS[name]
-    kwargs = {} if thinking is None else {"enable_thinking": thinking}
-    if with_tools:
-        kwargs["tools"] = [WEATHER, SEARCH]
-    for generation_prompt in (True, False):
-        ours = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs)
-        theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
-        assert ours == theirs
+    _renders_like_transformers(Tokenizer.from_dir(turns_folder), turns_hf, name, thinking, with_tools)
