@@ -34,6 +34,19 @@ def check_token_ids(ids, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor of shape [batch, tokens], got {ids.dtype} of shape "
                         f"{list(ids.shape)}")
 
+
+def encode_rows(input_ids, slots: torch.Tensor | None,
+                input_lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode`'s checked rows: (cache slots [B], valid tokens per row [B]) on the ids' device; every row
+    in slot order and every token valid where not given."""
+    check_token_ids(input_ids, "input_ids")
+    b, t = input_ids.shape
+    device = input_ids.device
+    slots = torch.arange(b, device=device) if slots is None else slots.to(device)
+    input_lengths = torch.full((b,), t, device=device) if input_lengths is None else input_lengths.to(device)
+    return slots, input_lengths
+
+
 def scatter_soft_tokens(embeds: torch.Tensor, soft_tokens: torch.Tensor | None,
                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Write `soft_tokens` [M, H] into `embeds` [B, T, H] where `mask` [B, T] is set (row-major), and number
@@ -307,11 +320,9 @@ class DiffusionGemma(nn.Module):
         frame) and attends bidirectionally within itself on every layer, sliding or full; everything else
         stays causal (the checkpoint's `use_bidirectional_attention: "vision"`). A run must lie in one call:
         its later tokens are not in the cache yet when an earlier chunk is encoded."""
-        check_token_ids(input_ids, "input_ids")
+        slots, input_lengths = encode_rows(input_ids, slots, input_lengths)
         b, t = input_ids.shape
         device = input_ids.device
-        slots = torch.arange(b, device=device) if slots is None else slots.to(device)
-        input_lengths = torch.full((b,), t, device=device) if input_lengths is None else input_lengths.to(device)
         cache.begin_append(slots, input_lengths)
         base = cache.lengths[slots]  # [B] tokens already cached per row
         offsets = torch.arange(t, device=device)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..cache import KVCache, PagedKVCache, layer_kinds, plan_pool
 from ..errors import ConfigError, NotSupportedError
-from ..model.diffusion_gemma import DiffusionGemma, check_token_ids
+from ..model.diffusion_gemma import DiffusionGemma, check_token_ids, encode_rows
 from .shard import Shard, shard_model, switch_fast_experts
 
 log = logging.getLogger("letterpress.parallel")
@@ -278,11 +278,7 @@ class Driver:
                soft_token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`DiffusionGemma.encode` on every rank. Image features (`soft_tokens`, from the vision tower, which
         runs on rank 0 only) travel with the call."""
-        check_token_ids(input_ids, "input_ids")
-        b, t = input_ids.shape
-        device = input_ids.device
-        slots = torch.arange(b, device=device) if slots is None else slots.to(device)
-        input_lengths = torch.full((b,), t, device=device) if input_lengths is None else input_lengths.to(device)
+        slots, input_lengths = encode_rows(input_ids, slots, input_lengths)
         # Allocate the chunk's blocks now (encode's own call then finds them), so that their ids go out with
         # the call; a context that does not fit raises here, before any worker hears of it.
         cache.begin_append(slots, input_lengths)
