@@ -33,20 +33,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import machine, set_threads  # noqa: E402
 from letterpress.train import tasks as T  # noqa: E402
-from letterpress.train.recipes_tasks import TASKS_DIR, training_tasks  # noqa: E402
-
-
-def judge(task: T.Task, raw: str) -> bool:
-    """Whether a decoded output (special tokens kept, stop token excluded) is exactly the task's answer."""
-    from letterpress.chat_output import parse_output
-
-    out = parse_output(raw, tool_calls=task.tools is not None)
-    if task.kind == "tool_call":
-        if len(out.tool_calls) != 1 or out.content.strip():
-            return False
-        call = out.tool_calls[0]
-        return call.name == task.call["name"] and json.loads(call.arguments) == task.call["arguments"]
-    return not out.tool_calls and out.content == task.answer
+from letterpress.train.recipes_tasks import TASKS_DIR, judge, training_tasks  # noqa: E402
 
 
 def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **sampler) -> dict:

@@ -11,7 +11,7 @@ import pytest
 from letterpress.chat_output import parse_output
 from letterpress.tokenizer import Tokenizer
 from letterpress.train import tasks as T
-from letterpress.train.recipes_tasks import (TASKS_CANVAS, TASKS_DIR, render, stop_ids, task_examples,
+from letterpress.train.recipes_tasks import (TASKS_CANVAS, TASKS_DIR, judge, render, stop_ids, task_examples,
                                              training_tasks)
 
 
@@ -90,3 +90,21 @@ def test_examples_fit_one_canvas_and_end_with_a_stop_token(tok):
     for marker in ("<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", '<|"|>'):
         assert len(tok.encode(marker)) == 1
     assert sum(e.prompt[1] != tok.token_to_id("<|turn>") for e in examples) >= 30  # plain prompts too
+
+
+def test_a_value_is_one_token_wherever_it_stands(tok):
+    """Copy-friendly tokenization: a word of the task pools has the same single id after a space, '=', a quote
+    or a newline, so copying it from the prompt is finding that id."""
+    for word in ("Madrid", "Riga", "owner", "banana", "Emma", "account"):
+        ids = {tuple(tok.encode(text, add_special_tokens=False)[-1:]) for text in
+               (f" {word}", f"city={word}", f'"{word}', f"\n{word}")}
+        assert len(ids) == 1 and len(tok.encode(word, add_special_tokens=False)) == 1, word
+
+
+def test_judge_accepts_exactly_the_expected_answer():
+    rng = random.Random(4)
+    call = T.tool_call(rng)
+    assert judge(call, call.answer.removesuffix("<|tool_response>"))
+    assert not judge(call, call.answer.replace("call:", "call:x"))
+    text = T.date_format(rng)
+    assert judge(text, text.answer) and not judge(text, text.answer + ".")

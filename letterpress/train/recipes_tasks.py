@@ -4,8 +4,11 @@
     letterpress train --recipe tiny-tasks --output runs/tiny-tasks    # -> letterpress/assets/tiny_tasks
 
 The tokenizer (`build_tasks_tokenizer`) is a byte-level BPE trained on the generated conversations, with the
-Gemma 4 control tokens (<|turn>, <turn|>, <|tool_call>, ...) as single special ids and digits split one per
-token (arithmetic and unit shifts work digit by digit). Registered from recipes.py.
+Gemma 4 control tokens (<|turn>, <turn|>, <|tool_call>, ...) as single special ids, digits split one per
+token (arithmetic and unit shifts work digit by digit), and every space its own token: a word is the same
+id wherever it stands (`city=Oslo`, `in Oslo`, `"Oslo"`), so an answer copies a value from the prompt by
+finding that id, not by mapping `ĠOslo` to `Oslo`. At 2,048 ids every word of the task pools is one token.
+Registered from recipes.py.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "chat_templates" / "gemma4_t
 CONTROL_TOKENS = ("<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
                   "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>')
 TASKS_CANVAS = 40  # every answer (at most 36 tokens with its end marker) fits one canvas
-TASKS_VOCAB = 1024
+TASKS_VOCAB = 2048
 PLAIN_SHARE = 0.15  # share of single-turn examples given as a plain prompt (`letterpress generate` without a template)
 TASKS_STREAM = 80_000
 
@@ -49,7 +52,7 @@ def build_tasks_tokenizer(out_dir: Path = TASKS_DIR, vocab_size: int = TASKS_VOC
     """Train the BPE on `n` rendered training conversations (seed TRAIN_SEED - 1, not a training stream's) and
     write tokenizer.json, tokenizer_config.json and the Gemma-4-style chat_template.jinja to `out_dir`."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
     from .bpe import SPECIAL_TOKENS, _tokenizer_config
 
@@ -59,8 +62,12 @@ def build_tasks_tokenizer(out_dir: Path = TASKS_DIR, vocab_size: int = TASKS_VOC
         prompt, target = render(task, renderer)
         texts.append(prompt + target)
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    # digits one per token; then words, runs of punctuation and single whitespace characters apart (no
+    # space-prefixed word tokens); ByteLevel only maps bytes to its alphabet
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(r"\s|[A-Za-z]+|[^\sA-Za-z0-9]+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS) + list(CONTROL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -113,6 +120,57 @@ def tasks_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, Token
     return TokenizedDataset(examples), TokenizedDataset(task_examples(held, tokenizer))
 
 
+def judge(task: T.Task, raw: str) -> bool:
+    """Whether a decoded output (special tokens kept, stop token excluded) is exactly the task's answer: a text
+    answer equal to the expected text (the content `chat_output.parse_output` gives); a tool call as exactly one
+    call of the expected name whose JSON arguments equal the expected ones (what the agent API returns)."""
+    from ..chat_output import parse_output
+
+    out = parse_output(raw, tool_calls=task.tools is not None)
+    if task.kind == "tool_call":
+        if len(out.tool_calls) != 1 or out.content.strip():
+            return False
+        call = out.tool_calls[0]
+        return call.name == task.call["name"] and json.loads(call.arguments) == task.call["arguments"]
+    return not out.tool_calls and out.content == task.answer
+
+
+def exact_match(folder: str | Path, tasks: list[T.Task]) -> tuple[list[bool], list]:
+    """Greedy chat replies of the checkpoint in `folder` to `tasks` (seed = index): (right per task, outputs)."""
+    from ..engine.llm import LLM
+    from ..engine.request import SamplingParams
+
+    llm = LLM(str(folder), max_num_seqs=32)
+    outs: list = [None] * len(tasks)
+    plain = [i for i, t in enumerate(tasks) if t.tools is None]  # one batch; requests with tools one at a time
+    for i, out in zip(plain, llm.chat([tasks[i].messages for i in plain], [SamplingParams(seed=i) for i in plain])):
+        outs[i] = out
+    for i, t in enumerate(tasks):
+        if t.tools is not None:
+            outs[i] = llm.chat(t.messages, SamplingParams(seed=i), tools=t.tools)[0]
+    raws = [llm.tokenizer.decode(o.token_ids, skip_special_tokens=False) for o in outs]
+    return [judge(t, r) for t, r in zip(tasks, raws)], outs
+
+
+def exact_match_hook(n: int = 4):
+    """An eval hook: exact match per family on `n` validation examples each (not the held-out ones)."""
+    def evaluate(trainer) -> dict[str, float]:
+        import statistics
+        import tempfile
+
+        state = trainer.full_state()  # collective: every rank takes part
+        if not trainer.env.is_main:
+            return {}
+        tasks = [t for f in T.FAMILIES for t in T.held_out_tasks(f, n, seed=T.VALIDATION_SEED)]
+        with tempfile.TemporaryDirectory() as tmp:
+            right, outs = exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks)
+        by_family = {f: statistics.mean(r for r, t in zip(right, tasks) if t.family == f) for f in T.FAMILIES}
+        return {"exact_mean": statistics.mean(right), "exact_min": min(by_family.values()),
+                "tokens_per_forward": statistics.mean(o.tokens_per_forward for o in outs),
+                **{f"exact_{f}": v for f, v in by_family.items()}}
+    return evaluate
+
+
 def tasks_config(vocab_size: int = TASKS_VOCAB, eos: tuple[int, ...] = (1, 8, 16)) -> dict:
     """hidden 128, 6 layers (sliding, sliding, full) x 2, 4 experts top-2, canvas 40."""
     return small_config(vocab_size=vocab_size, canvas_length=TASKS_CANVAS, hidden_size=128, head_dim=32,
@@ -126,8 +184,9 @@ register(Recipe(
                 "on generated reformatting tasks, tool calls and tool answers in the Gemma 4 chat format",
     build_data=tasks_data,
     model_config=tasks_config(),
+    evaluate=exact_match_hook(),
     tokenizer=str(TASKS_DIR),
-    hyperparameters=dict(steps=4000, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
+    hyperparameters=dict(steps=2000, batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
                          weight_decay=0.01, eval_every=500, log_every=50, eval_examples=264, save_every=250,
                          device="cpu", loss=LossConfig(encoder_loss_weight=0.0)),
 ))
