@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from letterpress.checkpoint import load_model, save_model
+from letterpress.checkpoint import save_model
 from letterpress.config import load_model_config
 from letterpress.errors import CheckpointError, ConfigError
-from letterpress.model import DiffusionGemma
+from letterpress.model import DiffusionGemma, load_model
 
 from .reference import build_reference
 
@@ -166,7 +166,7 @@ def test_saved_by_us_loads_in_both(saved, tmp_path):
 LOAD_MEMORY_SCRIPT = r"""
 import sys
 import torch
-from letterpress.checkpoint import load_model
+from letterpress.model import load_model
 from letterpress.profiling import peak_anon_rss
 
 model, peak = peak_anon_rss(lambda: load_model(sys.argv[1]))

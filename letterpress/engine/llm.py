@@ -13,6 +13,7 @@ import torch
 from ..cache import kv_cache_budget
 from ..checkpoint import load_vision_model, resolve
 from ..config import load_generation_defaults, vision_config_of
+from ..embedded import default_model_dir
 from ..errors import CheckpointError, ConfigError, NotSupportedError, RequestError
 from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
 from ..media.messages import PLACEHOLDER, MediaPart, split_media
@@ -87,9 +88,7 @@ class LLM:
             raise ConfigError(f"max_constraint_edges must be a positive integer, got {max_constraint_edges!r}")
         self.max_constraint_edges = max_constraint_edges
         if model is None:
-            from ..embedded import default_model_dir
-
-            model = default_model_dir()
+            model = default_model_dir(DiffusionGemma)
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
         self.parallel = None
