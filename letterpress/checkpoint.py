@@ -25,7 +25,7 @@ from .config import ModelConfig, load_model_config, vision_config_of
 from .errors import CheckpointError, NotSupportedError
 from .model.layers import Experts, Router
 from .model.vision import VisionModel
-from .quant import CT_METHOD, QuantExperts, QuantLinear, QuantWeight, check_format, ct_check_config, ct_to_parts
+from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts
 
 log = logging.getLogger(__name__)
 
