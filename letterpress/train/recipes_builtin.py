@@ -4,7 +4,7 @@
     letterpress train --recipe sudoku-ar --output runs/sudoku-ar    # same backbone, next-token loss only
     letterpress train --recipe tiny-code --output runs/tiny-code    # -> letterpress/assets/tiny_code
 
-Registered from recipes.py. The defaults are the settings the shipped models were trained with (BENCHMARKS.md).
+Imported (so registered) by recipes.py. The defaults are the settings the shipped models were trained with (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from .data import TokenizedDataset
 from .loss import Example, LossConfig
-from .recipes import Recipe, register, small_config
+from .recipe import Recipe, register, small_config
 
 # ---------------------------------------------------------------------------------------------------- Sudoku
 SUDOKU_DIR = ASSETS / "sudoku"

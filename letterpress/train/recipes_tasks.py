@@ -5,7 +5,7 @@
 
 The tokenizer (`build_tasks_tokenizer`) is a byte-level BPE trained on the generated conversations, with the
 Gemma 4 control tokens (<|turn>, <turn|>, <|tool_call>, ...) as single special ids and digits split one per
-token (arithmetic and unit shifts work digit by digit). Registered from recipes.py.
+token (arithmetic and unit shifts work digit by digit). Imported (so registered) by recipes.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..tokenizer import Tokenizer
 from . import tasks as T
 from .data import TokenizedDataset
 from .loss import Example, LossConfig
-from .recipes import Recipe, register, small_config
+from .recipe import Recipe, register, small_config
 
 TASKS_DIR = ASSETS / "tiny_tasks"
 TEMPLATE = Path(__file__).resolve().parent.parent / "chat_templates" / "gemma4_tools.jinja"
