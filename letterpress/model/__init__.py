@@ -7,8 +7,9 @@ both (it loads checkpoints). Importing `letterpress.model.layers` must therefore
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {"DiffusionGemma": ".diffusion_gemma", "load_model": ".diffusion_gemma"}
 __all__ = list(_EXPORTS)
@@ -16,14 +17,4 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .diffusion_gemma import DiffusionGemma, load_model
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
