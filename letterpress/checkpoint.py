@@ -530,12 +530,30 @@ def _new_file_mode(folder: Path) -> int:
         probe.unlink()
 
 
+REPLACEABLE_MARKERS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's
+
+
+def check_replaceable(folder: Path) -> None:
+    """An output folder that exists is replaced whole, so it must be one that can go: empty, or a checkpoint or
+    adapter (it holds config.json or adapter_config.json). A file, a link or a folder of anything else (a
+    mistyped path, the home folder) is refused, never deleted."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder: choose another output path")
+    if any(folder.iterdir()) and not any((folder / name).is_file() for name in REPLACEABLE_MARKERS):
+        raise CheckpointError(f"{folder} is not empty and is not a checkpoint (no {' or '.join(REPLACEABLE_MARKERS)}): "
+                              "not replacing it; choose a new or empty folder")
+
+
 @contextmanager
 def atomic_folder(folder: Path):
     """Yield a temporary sibling folder to write into; on success it replaces `folder`, on any error (or an
     interruption) it is removed, so nothing half-written is ever left at `folder`. The folder and its files
     get the umask's permissions (`mkdir`, not `mkdtemp`; safetensors writes its files 0600, so they are
-    widened to what any new file would get)."""
+    widened to what any new file would get). Only a folder that is new, empty or a checkpoint / adapter written
+    before is replaced (`check_replaceable`)."""
+    check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
