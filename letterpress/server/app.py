@@ -1,7 +1,7 @@
 """Routes, streaming, errors, auth and metrics of the OpenAI-compatible server.
 
-One HTTP request becomes a `Job` (server/core.py): n engine rows (one per choice; several prompts on /v1/completions give
-n rows each) that share one `RequestStream`. `Job.events()` turns the rows' canvases into text deltas and
+One HTTP request becomes a `Job` (server/core.py): n engine rows (one per choice; several prompts on
+/v1/completions give n rows each) that share one `RequestStream`. `Job.events()` turns the rows' canvases into text deltas and
 finish reasons; the non-streaming path collects them, the streaming path sends each as an SSE chunk.
 Infilling (`suffix`) may give a choice several competing rows (`Job.groups`); edits (`/v1/edits`) are rows
 too. Both are planned in `server/infill.py`.

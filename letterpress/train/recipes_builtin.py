@@ -4,7 +4,7 @@
     letterpress train --recipe sudoku-ar --output runs/sudoku-ar    # same backbone, next-token loss only
     letterpress train --recipe tiny-code --output runs/tiny-code    # -> letterpress/assets/tiny_code
 
-Imported (so registered) by recipes.py. The defaults are the settings the shipped models were trained with (BENCHMARKS.md).
+Registered from recipes.py. The defaults are the settings the shipped models were trained with (BENCHMARKS.md).
 """
 
 from __future__ import annotations

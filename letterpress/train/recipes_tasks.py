@@ -5,7 +5,7 @@
 
 The tokenizer (`build_tasks_tokenizer`) is a byte-level BPE trained on the generated conversations, with the
 Gemma 4 control tokens (<|turn>, <turn|>, <|tool_call>, ...) as single special ids and digits split one per
-token (arithmetic and unit shifts work digit by digit). Imported (so registered) by recipes.py.
+token (arithmetic and unit shifts work digit by digit). Registered from recipes.py.
 """
 
 from __future__ import annotations
