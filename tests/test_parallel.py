@@ -84,9 +84,20 @@ def sharded_worker(rank: int, world: int, port: int, out: str) -> None:
             # each rank's logits are its vocabulary slice (the self-conditioned step reads them as they are)
             results[(name, paged)] = {k: whole(v, world) for k, v in run_model(model, paged).items()}
     results["collectives"] = count_collectives(rank, world)
+    results["sampler"] = run_sampler(rank, world)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """One 2-process gloo run (sharded_worker) for the logits and the sampler tests: rank 0's results."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("two_ranks") / "results.pt"
+    mp.spawn(sharded_worker, args=(2, free_port(), str(out)), nprocs=2)
+    return torch.load(out, weights_only=False)
 
 
 def whole(local: torch.Tensor, world: int, vocab: int = 384) -> torch.Tensor:
@@ -132,14 +143,11 @@ def count_collectives(rank: int, world: int) -> dict[str, list[int]]:
     return seen
 
 
-def test_two_ranks_give_the_logits_of_one(tmp_path):
+def test_two_ranks_give_the_logits_of_one(two_ranks):
     """TP 2 (experts split by width), EP 2 (experts split by id), the fast path, and int8 weights sliced as
-    stored: rank 0's logits equal the unsharded model's within float32 rounding, on both caches."""
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "logits.pt"
-    mp.spawn(sharded_worker, args=(2, free_port(), str(out)), nprocs=2)
-    got = torch.load(out)
+    stored: the ranks' logits side by side equal the unsharded model's within float32 rounding, on both
+    caches (the second step self-conditioned on the first's slices)."""
+    got = two_ranks
     # one self-conditioned step: the soft embeddings (the previous logits' max and sum of exponentials over
     # the whole vocabulary, [tokens] each, then the partial products [tokens, hidden]), the embedding lookup,
     # the self-conditioning MLP and 3 per layer; nothing of vocabulary size moves
@@ -249,7 +257,7 @@ def memory_draws():  # the engine's usual rows: nothing gathered to rank 0
     return [GeneratorDraws(1), GeneratorDraws(2), GeneratorDraws(3), GeneratorDraws(4)]
 
 
-def sampler_worker(rank: int, world: int, port: int, out: str) -> None:
+def run_sampler(rank: int, world: int) -> dict:
     """Each rank runs the sampler step on its slice of the same logits (plain and fused), rank 0 finishes it."""
     import torch.distributed as dist
 
@@ -257,8 +265,6 @@ def sampler_worker(rank: int, world: int, port: int, out: str) -> None:
     from letterpress.parallel.vocab import vocab_range
     from letterpress.profiling import AllocationPeak
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     v0, v1 = vocab_range(VOCAB, rank, world)
     results = {}
     for keep_probs, gathers in [(False, True), (True, True), (False, False), (True, False)]:
@@ -280,12 +286,10 @@ def sampler_worker(rank: int, world: int, port: int, out: str) -> None:
         results[keep_probs, gathers] = {"outcome": outcome.__dict__, "state": state, "log_probs": local.log_probs.get(0),
                                "generators": [d.generator.get_state() for d in draws],
                                "bytes": peak.peak + x.numel() * 4}
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+    return results
 
 
-def test_the_sampler_over_two_slices_is_the_sampler_over_the_vocabulary(tmp_path):
+def test_the_sampler_over_two_slices_is_the_sampler_over_the_vocabulary(two_ranks):
     """The vocabulary-parallel sampler step (letterpress.parallel.sampler) on 2 ranks whose slices differ in
     size, against one process's `denoise_step` / `fused_denoise_step` on the whole logits: a sampled row, a
     greedy one, a top_k row with clamps, a row whose Draws override `proposals` (probabilities gathered), a
@@ -293,15 +297,11 @@ def test_the_sampler_over_two_slices_is_the_sampler_over_the_vocabulary(tmp_path
     canvas are equal; each row's generator ends in the same state (the same noise was drawn); entropies and
     probabilities agree within float32 rounding; each rank's sampler pass (its logits slice and what the
     pass allocates) holds at most about half of one process's."""
-    import torch.multiprocessing as mp
-
     from letterpress.fast_sampling import fused_denoise_step
     from letterpress.profiling import AllocationPeak
     from letterpress.sampling import denoise_step
 
-    out = tmp_path / "sampler.pt"
-    mp.spawn(sampler_worker, args=(2, free_port(), str(out)), nprocs=2)
-    got = torch.load(out, weights_only=False)
+    got = two_ranks["sampler"]
     for (keep_probs, gathers), result in got.items():
         inp = sampler_inputs()
         draws = sampler_draws() if gathers else memory_draws()
@@ -390,6 +390,37 @@ def test_seeded_requests_give_the_same_tokens_with_two_processes(tmp_path):
     finally:
         llm.close()
     assert not torch.distributed.is_initialized()
+
+
+def test_fast_path_top_k_and_structured_rows_give_the_same_tokens_with_two_processes(tmp_path):
+    """`--impl fast` (each rank keeps its slice of the rows' softmax as the self-conditioning state), a
+    seeded row, a top_k row, a greedy row and a structured-output row (its log-probabilities gathered to rank
+    0 for the automaton) in one batch, over an odd vocabulary split unevenly (2 x 2049 - 1): the tokens of
+    one process. Tensor parallel by width."""
+    import shutil
+
+    from letterpress import LLM
+    from letterpress.embedded import default_model_dir
+    from letterpress.engine.request import SamplingParams
+    from letterpress.structured import StructuredOutputsParams
+
+    folder = save_checkpoint(tmp_path / "model", seed=0, canvas=16, qk_scale=QK, vocab_size=4097)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, folder / name)
+    base = dict(max_new_tokens=24, max_denoising_steps=6)
+    params = [SamplingParams(seed=5, **base), SamplingParams(seed=6, top_k=4, **base),
+              SamplingParams(seed=7, greedy=True, **base),
+              SamplingParams(seed=8, structured_outputs=StructuredOutputsParams(regex=r"[a-z]{3,12} [0-9]{2}"), **base)]
+    prompts = [[2, 40, 41], [2] + list(range(50, 70)), [2, 7], [2, 99, 100]]
+    kwargs = dict(max_num_seqs=4, max_model_len=256, impl="fast")
+    want = [o.token_ids for o in LLM(folder, **kwargs).generate(prompts, params)]
+    llm = LLM(folder, tensor_parallel_size=2, **kwargs)
+    try:
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        assert outs[3].finish_reason == "stop"
+    finally:
+        llm.close()
 
 
 def test_compile_and_tensor_parallel_are_refused_before_starting(checkpoint):
