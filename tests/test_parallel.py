@@ -1,6 +1,7 @@
 """Tensor and expert parallel serving (letterpress.parallel) on CPU with gloo and 2 processes: the sharded
-model's logits equal one process's, a seeded request gives the same tokens, each rank holds about half the
-weights and KV cache, and a dead worker takes the server down."""
+model's logits equal one process's, the sampler over vocabulary slices gives one process's draws at about
+half the memory per rank, a seeded request gives the same tokens, each rank holds about half the weights and
+KV cache, and a dead worker takes the server down."""
 
 from __future__ import annotations
 

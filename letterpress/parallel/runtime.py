@@ -1,11 +1,14 @@
 """Running one engine over several processes: rank 0 drives, the other ranks follow.
 
-Rank 0 is the whole engine (LLM, scheduler, runner, sampler, HTTP server). Its model's `encode`,
-`denoise`, `new_paged_cache` and `new_cache` are replaced by a `Driver`'s: before each model call it sends
-the call (token ids, slots, the rows' block tables and lengths; a few KB) to the workers over a gloo group,
-then runs its own shard. Every worker (`worker_loop`) receives the same call and runs its shard, so all
-ranks meet in the same collectives inside the layers. The block allocator, prefix cache and sampler exist
-on rank 0 only: a worker's cache (`FollowerCache`) takes the block tables it is sent.
+Rank 0 is the whole engine (LLM, scheduler, runner, HTTP server). Its model's `encode`, `denoise`,
+`new_paged_cache` and `new_cache` are replaced by a `Driver`'s: before each model call it sends the call
+(token ids, slots, the rows' block tables and lengths; a few KB) to the workers over a gloo group, then
+runs its own shard. Every worker (`worker_loop`) receives the same call and runs its shard, so all ranks
+meet in the same collectives inside the layers. The runner's sampler step goes through `Driver.sample`:
+the rows' settings and generator states go out, and every rank runs the vocabulary passes on its slice of
+the logits (sampler.py); each rank keeps its slice of the rows' self-conditioning state (`RowStates` on a
+worker, the rows themselves on rank 0). The block allocator, prefix cache and per-row bookkeeping exist on
+rank 0 only: a worker's cache (`FollowerCache`) takes the block tables it is sent.
 
 Launch: `LLM(..., tensor_parallel_size=N)` spawns ranks 1..N-1 itself (torch.multiprocessing, TCP store on
 127.0.0.1, gloo on CPU, NCCL on CUDA) or, under `torchrun`, joins the group torchrun set up (ranks > 0 run

@@ -39,6 +39,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from .. import chunks
 from ..chunks import position_slices
 from ..sampling import check_finite
 from .vocab import all_reduce, key_index, key_value, order_key
@@ -144,7 +145,7 @@ def sample_slice(x: torch.Tensor, plan: SamplePlan, vocab_slice: tuple[int, int,
     argmax, m = key_index(keys), key_value(keys)  # the whole vocabulary's argmax and max
     stats = torch.zeros(3, rows, length, dtype=torch.float32, device=x.device)
     for r in range(rows):
-        for s in position_slices(length, n, chunk_bytes):
+        for s in position_slices(length, vocab, chunk_bytes):
             shifted = x[r, s] - m[r, s, None]  # [chunk, n]
             bad = torch.isnan(shifted).sum(-1)
             if masked:  # top_k's -inf on purpose: p log p = 0 there (sampling.token_entropy's clamp)
@@ -163,14 +164,17 @@ def sample_slice(x: torch.Tensor, plan: SamplePlan, vocab_slice: tuple[int, int,
     entropy = torch.where(stats[2] > 0, float("nan"), entropy)
     check_finite(entropy)  # every rank alike, before any row draws
 
+    # the noise a chunk of positions at a time, each [chunk, V] within 1 / N of the chunk budget, so that a
+    # rank's temporaries shrink with N like its logits (any chunking draws the same numbers on the CPU)
+    noise_budget = max(4 * vocab, (chunks.CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // dist.get_world_size(group))
     state = torch.empty(x.shape, dtype=plan.state_dtype, device=x.device) if plan.keep_probs else None
     draw_keys = torch.zeros(rows, length, dtype=torch.int64, device=x.device)
     probs_rows, logp_rows = {}, {}
     for r in range(rows):
         generator = None if r in plan.gather_probs else generators[r]
-        chunks = (noise_columns(generator, length, vocab, v0, v1, x.device, chunk_bytes) if generator is not None
-                  else ((s, None) for s in position_slices(length, vocab, chunk_bytes)))
-        for s, q in chunks:  # the softmax over the whole vocabulary, on this rank's columns
+        parts = (noise_columns(generator, length, vocab, v0, v1, x.device, noise_budget) if generator is not None
+                 else ((s, None) for s in position_slices(length, vocab, noise_budget)))
+        for s, q in parts:  # the softmax over the whole vocabulary, on this rank's columns
             p = torch.exp(x[r, s] - m[r, s, None]).div_(total[r, s, None])  # [chunk, n] float32
             if state is not None:
                 state[r, s] = p
