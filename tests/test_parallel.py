@@ -355,6 +355,28 @@ def test_each_rank_draws_the_single_process_noise_in_chunks():
     assert torch.equal(got, whole_noise[:, 251:]) and torch.equal(a.get_state(), b.get_state())
 
 
+def test_a_worker_keeps_each_rows_state_until_the_runner_moves_on():
+    """`RowStates` (a worker's slices of the rows' self-conditioning state): a denoise reads the state made at
+    step - 1 (a view when the rows are the last step's batch, else stacked, zeros for a row without one); a
+    sample files the new one beside it, so that a retried step reads the old one again; a row that starts a
+    new canvas (no key) drops its slot's states."""
+    from letterpress.parallel.runtime import RowStates
+
+    states = RowStates()
+    first = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    states.file([(5, 0, 0), (6, 0, 0)], first)  # slots 5 and 6, canvas 0, made at step 0
+    view = states.take([5, 6], [(0, 0), (0, 0)])
+    assert torch.equal(view, first) and view.data_ptr() == first.data_ptr()
+    second = -first
+    states.file([(5, 0, 1), (6, 0, 1)], second)
+    retried = states.take([6], [(0, 0)])  # the runner retried slot 6's step 1: the step-0 state again
+    assert torch.equal(retried, first[1:])
+    assert torch.equal(states.take([5], [(0, 1)]), second[:1])
+    mixed = states.take([6, 5], [(0, 0), None])  # slot 5 starts a new canvas
+    assert torch.equal(mixed, torch.stack([first[1], torch.zeros(3, 4)]))
+    assert 5 not in states.by_slot and list(states.by_slot[6]) == [(0, 0)]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("tp") / "model", seed=0, canvas=16, qk_scale=QK)

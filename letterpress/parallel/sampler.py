@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .. import chunks
 from ..chunks import position_slices
 from ..sampling import check_finite
-from .vocab import all_reduce, key_index, key_value, order_key
+from .vocab import all_reduce, key_index, key_value, max_key
 
 FLOAT32_LOWEST = torch.finfo(torch.float32).min
 
@@ -192,11 +192,6 @@ def sample_slice(x: torch.Tensor, plan: SamplePlan, vocab_slice: tuple[int, int,
     if state is None:  # the plain path keeps the processed logits, in the model's dtype (as the runner does)
         state = x.to(plan.state_dtype)
     return SliceOutcome(argmax, entropy, key_index(draw_keys), state, probs, log_probs, vocab)
-
-
-def max_key(x: torch.Tensor, v0: int) -> torch.Tensor:
-    values, index = x.max(dim=-1)
-    return order_key(values, index + v0)
 
 
 def max_key_rows(x: torch.Tensor, v0: int) -> torch.Tensor:
