@@ -133,9 +133,9 @@ def _gather_rows(rows: list[int], slices: dict[int, torch.Tensor], vocab_slice: 
 def sample_slice(x: torch.Tensor, plan: SamplePlan, vocab_slice: tuple[int, int, int], group,
                  generators: list[torch.Generator | None], chunk_bytes: int | None = None) -> SliceOutcome:
     """One sampler step on this rank's logits x [R, C, v1 - v0] float32 (consumed: divided in place by the
-    temperatures, filtered by top_k). Every rank calls it with the same
-    plan; `generators[r]` draws row r's noise (rank 0: the row's own generator; the others: a copy at
-    `plan.draw_states[r]`). Raises NonFiniteRows on every rank alike, before any draw."""
+    temperatures, filtered by top_k). Every rank calls it with the same plan; `generators[r]` draws row r's
+    noise (rank 0: the row's own generator; the others: a copy at `plan.draw_states[r]`). Raises
+    NonFiniteRows on every rank alike, before any draw."""
     v0, v1, vocab = vocab_slice
     rows, length, n = x.shape
     x.div_(plan.temperatures.to(x.device, x.dtype)[:, None, None])
