@@ -33,6 +33,7 @@ class Recipe:
     tokenizer: str | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> value
     evaluate: EvalHook | None = None  # extra metrics at each evaluation (e.g. exact-solve rate by generation)
+    runner: Callable[[TrainConfig], int] | None = None  # its own training loop instead of Trainer (tiny-vlm)
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The recipe's TrainConfig, then `overrides` (e.g. from the command line) on top."""
@@ -112,3 +113,6 @@ register(Recipe(
 
 from . import recipes_builtin  # noqa: E402,F401  (registers sudoku, sudoku-ar, tiny-code)
 from . import recipes_tasks  # noqa: E402,F401  (registers tiny-tasks, the default model)
+from .vlm import register_recipe as _register_vlm  # noqa: E402
+
+_register_vlm()  # tiny-vlm, the shipped vision-language model
