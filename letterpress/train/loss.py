@@ -229,11 +229,14 @@ def diffusion_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig, soft
     return loss + 0.0 * context_hidden.sum()
 
 
-def encoder_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig) -> torch.Tensor:
+def encoder_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig, soft_tokens: torch.Tensor | None = None,
+                soft_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`soft_tokens` / `soft_token_mask` [B, Ts]: image embeddings for the sequence's placeholder positions."""
     if not cfg.encoder_loss_weight:
         return torch.zeros((), device=batch.clean.device)
     cache = model.new_cache(batch.size, batch.sequence_ids.shape[1])
-    hidden = model.encode(batch.sequence_ids, cache, input_lengths=batch.sequence_lengths)  # [B, Ts, H]
+    hidden = model.encode(batch.sequence_ids, cache, input_lengths=batch.sequence_lengths,
+                          soft_tokens=soft_tokens, soft_token_mask=soft_token_mask)  # [B, Ts, H]
     rows, pos = batch.next_token_scored.nonzero(as_tuple=True)
     # Only the scored positions go through the LM head: [N, V] instead of [B, Ts, V].
     logits = model.lm_logits(hidden[rows, pos])

@@ -4,10 +4,11 @@ code renders (letterpress.train.vlm_data: numbers, words, shapes, colours, dots,
     letterpress train --recipe tiny-vlm --output runs/tiny-vlm      # -> letterpress/assets/tiny_vlm
     letterpress generate letterpress/assets/tiny_vlm --image x.png "What shape is this?"
 
-The model: text decoder hidden 128, 4 layers (3 sliding, 1 full), canvas 8; vision tower hidden 96, 3 layers,
-patch 8, pooling 2x2, default tier 70 soft tokens (a 128x128 image = 16x16 patches = 64 soft tokens). Both are
-trained together by the diffusion loss on the answer (letterpress.train.loss with the image's soft tokens
-scattered into the prompt, bidirectional within the image as at inference).
+The model (`vlm_config`): text decoder hidden 128, 2 layers (sliding, full), 4 experts top-2, canvas 8; vision
+tower hidden 128, 2 layers, patch 16, no pooling, default tier 70 soft tokens (any image is resized to at most 70
+patches: a square one to 128x128 pixels = 8x8 patches = 64 soft tokens). Both are trained together from scratch
+by letterpress.train.loss with the image's soft tokens scattered into the prompt, bidirectional within the
+image as at inference.
 
 Half of the examples are plain prompts (`<bos><|image|>What shape is this?` -> answer + EOS, what
 `letterpress generate --image` sends), half are one chat turn of CHAT_TEMPLATE (answer + `<turn|>`).
@@ -38,7 +39,7 @@ from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from . import vlm_data as V
 from .data import example_generator
-from .loss import Example, LossConfig, diffusion_sum, make_batch
+from .loss import Example, LossConfig, diffusion_sum, encoder_sum, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,31 @@ def build_models(config: dict, seed: int, std: float = 0.02):
                 p.normal_(0.0, std, generator=g)
             else:
                 p.fill_(1.0)
+        init_patch_features(vision)
     return text, vision
+
+
+@torch.no_grad()
+def init_patch_features(vision, grid: int = 4, residual_scale: float = 0.1) -> None:
+    """A head start for a tower trained from scratch on little data: the first 3·grid² rows of the patch
+    projection start as the mean colour of each of grid x grid sub-blocks of the patch (a downsampled image,
+    readable by attention from the first step), and each layer's output norms start at `residual_scale`, so the
+    randomly initialised layers add little to those features until they have learned something."""
+    cfg = vision.config
+    p, d = cfg.patch_size, cfg.hidden_size
+    if 3 * grid * grid > d or p % grid:
+        return
+    weight = vision.vision_tower.patch_embedder.input_proj.weight  # [D, p*p*3], input (py, px, c), c fastest
+    cell = p // grid
+    for gy in range(grid):
+        for gx in range(grid):
+            for c in range(3):
+                row = torch.zeros(p, p, 3)
+                row[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell, c] = 1.0 / (cell * cell)
+                weight[(gy * grid + gx) * 3 + c] = row.flatten()
+    for layer in vision.vision_tower.encoder.layers:
+        layer.post_attention_layernorm.weight.fill_(residual_scale)
+        layer.post_feedforward_layernorm.weight.fill_(residual_scale)
 
 
 def save_vlm(text, vision, folder: Path, config: dict, tokenizer_dir: Path) -> Path:
@@ -171,6 +196,22 @@ def save_vlm(text, vision, folder: Path, config: dict, tokenizer_dir: Path) -> P
     return folder
 
 
+def ship(model_dir: str | Path, out_dir: Path = VLM_DIR, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a trained model into `out_dir` (assets/tiny_vlm) with its weights stored as `dtype` (the engine
+    casts them back to its own dtype on load); the tokenizer files there are kept."""
+    from safetensors.torch import load_file, save_file
+
+    from ..checkpoint import SINGLE_FILE
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(model_dir / SINGLE_FILE)).items()}
+    save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        shutil.copyfile(model_dir / name, out_dir / name)
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------------- examples
 def prompt_text(question: str, chat: bool) -> str:
     if chat:
@@ -189,14 +230,19 @@ def encode_example(sample: V.Sample, tokenizer: Tokenizer, processor, chat: bool
 
 
 def vlm_loss(text, vision, batch, images, cfg: LossConfig) -> torch.Tensor:
-    """The mean diffusion loss of `batch` whose prompts hold one image each (`images`, in row order)."""
+    """The loss of `batch` whose prompts hold one image each (`images`, in row order): the mean diffusion loss,
+    plus the encoder's next-token loss on the answer when `cfg.encoder_loss_weight` is set."""
     from ..media.image import pad_batch
 
     pixels, positions = pad_batch(images)
     soft = vision(pixels, positions)  # [sum of soft tokens, text hidden]
-    mask = batch.context_ids == MEDIA_IDS["image"]
-    total = diffusion_sum(text, batch, cfg, soft_tokens=soft, soft_token_mask=mask)
-    return total / max(batch.num_scored, 1)
+    image = MEDIA_IDS["image"]
+    loss = diffusion_sum(text, batch, cfg, soft_tokens=soft, soft_token_mask=batch.context_ids == image)
+    loss = cfg.diffusion_loss_weight * loss / max(batch.num_scored, 1)
+    if cfg.encoder_loss_weight:  # next-token loss of the answer on the clean prompt, image included
+        encoder = encoder_sum(text, batch, cfg, soft_tokens=soft, soft_token_mask=batch.sequence_ids == image)
+        loss = loss + cfg.encoder_loss_weight * encoder / max(batch.num_next_token_scored, 1)
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -334,9 +380,9 @@ def register_recipe() -> None:
 
     register(Recipe(
         name="tiny-vlm",
-        description="the shipped tiny vision-language model: a 4-layer DiffusionGemma (hidden 128, canvas 8) with a "
-                    "3-layer Gemma 4 vision tower (patch 8, 2x2 pooling, 70 soft tokens), from scratch on rendered "
-                    "numbers, words, shapes, colours, dots and bar charts",
+        description="the tiny vision-language model: a 2-layer DiffusionGemma (hidden 128, canvas 8) with a 2-layer "
+                    "Gemma 4 vision tower (patch 16, 70 soft tokens), from scratch on rendered numbers, words, "
+                    "shapes, colours, dots and bar charts",
         model_config=vlm_config(),
         tokenizer=str(VLM_DIR),
         hyperparameters=dict(steps=3000, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
