@@ -40,6 +40,7 @@ from ..tokenizer import Tokenizer
 from . import vlm_data as V
 from .data import example_generator
 from .loss import Example, LossConfig, diffusion_sum, encoder_sum, make_batch
+from .recipe import Recipe, register, small_config
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ def vlm_config(vocab_size: int = VLM_VOCAB, text_layers: int = 2, vision_layers:
     """config.json: the small text model of our recipes (hidden 128; `text_layers - 1` sliding layers then one
     full-attention layer) plus a Gemma 4 vision tower (hidden 128, patch 16, no pooling: at the default tier of
     70 soft tokens a 128x128 image is 8x8 patches = 64 soft tokens), in the released layout."""
-    from .recipes import small_config
-
     config = small_config(vocab_size=vocab_size, canvas_length=VLM_CANVAS, hidden_size=128, head_dim=32,
                           layer_types=["sliding_attention"] * (text_layers - 1) + ["full_attention"],
                           sliding_window=128, max_position_embeddings=512, eos_token_id=(1, MEDIA_IDS["end_turn"]))
@@ -391,20 +390,17 @@ def train_vlm(cfg) -> int:
     return 0
 
 
-def register_recipe() -> None:
-    from .recipes import Recipe, register
-
-    register(Recipe(
-        name="tiny-vlm",
-        description="the tiny vision-language model: a 2-layer DiffusionGemma (hidden 128, canvas 8) with a 2-layer "
-                    "Gemma 4 vision tower (patch 16, 70 soft tokens), from scratch on rendered numbers, words, "
-                    "shapes, colours, dots and bar charts",
-        model_config=vlm_config(),
-        tokenizer=str(VLM_DIR),
-        # A plan, not a tested schedule: the runs in BENCHMARKS.md ("Tiny vision-language model") stopped at
-        # 340-700 steps of 16 on a shared CPU, far from the goal.
-        hyperparameters=dict(steps=3000, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
-                             beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=60,
-                             save_every=100, device="cpu", loss=LossConfig(encoder_loss_weight=1.0)),
-        runner=train_vlm,
-    ))
+register(Recipe(
+    name="tiny-vlm",
+    description="the tiny vision-language model: a 2-layer DiffusionGemma (hidden 128, canvas 8) with a 2-layer "
+                "Gemma 4 vision tower (patch 16, 70 soft tokens), from scratch on rendered numbers, words, "
+                "shapes, colours, dots and bar charts",
+    model_config=vlm_config(),
+    tokenizer=str(VLM_DIR),
+    # A plan, not a tested schedule: the runs in BENCHMARKS.md ("Tiny vision-language model") stopped at
+    # 340-700 steps of 16 on a shared CPU, far from the goal.
+    hyperparameters=dict(steps=3000, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
+                         beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=60,
+                         save_every=100, device="cpu", loss=LossConfig(encoder_loss_weight=1.0)),
+    runner=train_vlm,
+))
