@@ -17,8 +17,10 @@ state in tokens (`distance`, for "can this prefix still complete within the toke
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -40,41 +42,61 @@ _SENTINEL_ID = 2**31 - 2  # a token id no vocabulary uses
 
 @dataclass
 class TokenAutomaton:
+    """Edges sorted by (src, token): state s's edges are [offsets[s], offsets[s + 1]), its tokens ascending, so
+    a committed token is found by binary search in its state's slice. No Python object per edge or per
+    (state, token): 12 bytes per edge on the CPU (int32 src, token, dst; BENCHMARKS.md, "Structured output")."""
+
     regex: str
     num_states: int
-    src: torch.Tensor  # [E] long
-    token: torch.Tensor  # [E] long
-    dst: torch.Tensor  # [E] long
+    src: torch.Tensor  # [E] int32
+    token: torch.Tensor  # [E] int32
+    dst: torch.Tensor  # [E] int32
+    offsets: torch.Tensor  # [S + 1] long
     accepting: torch.Tensor  # [S] bool
     distance: torch.Tensor  # [S] long: fewest tokens to an accepting state (INFINITE: never)
-    transitions: list[dict[int, int]]  # per state, for walking committed tokens
     _copies: dict = field(default_factory=dict, repr=False)  # device -> this automaton's tensors there
-    _offsets: list[int] | None = field(default=None, repr=False)  # state s's edges: [offsets[s], offsets[s + 1])
+    _bounds: list[int] | None = field(default=None, repr=False)  # offsets as Python ints (S + 1 of them)
+
+    def _slice(self, state: int) -> tuple[int, int]:
+        if self._bounds is None:
+            self._bounds = self.offsets.tolist()
+        return self._bounds[state], self._bounds[state + 1]
 
     def allowed(self, state: int) -> torch.Tensor:
-        """The tokens state `state` may write next ([n] long, where the tensors live; edges are sorted by src)."""
-        if self._offsets is None:
-            counts = torch.bincount(self.src, minlength=self.num_states).cumsum(0)
-            self._offsets = [0] + counts.tolist()
-        return self.token[self._offsets[state]: self._offsets[state + 1]]
+        """The tokens state `state` may write next ([n], ascending, where the tensors live)."""
+        lo, hi = self._slice(state)
+        return self.token[lo:hi]
+
+    def next_state(self, state: int, token: int) -> int | None:
+        """The state after writing `token` in `state`; None when the token is not allowed there."""
+        lo, hi = self._slice(state)
+        if lo == hi:
+            return None
+        tokens = self.token[lo:hi]
+        i = int(torch.searchsorted(tokens, torch.tensor(token, dtype=tokens.dtype)))
+        if i == hi - lo or int(tokens[i]) != token:
+            return None
+        return int(self.dst[lo + i])
 
     def walk(self, state: int, tokens: list[int]) -> int | None:
         """The state after `tokens` from `state`; None when a token is not allowed."""
         for t in tokens:
-            state = self.transitions[state].get(t)
+            state = self.next_state(state, t)
             if state is None:
                 return None
         return state
 
     def to(self, device: torch.device | str) -> "TokenAutomaton":
-        """The tensors on `device` (copied once per device; this object itself stays on the CPU)."""
+        """The tensors on `device` (copied once per device; this object itself stays on the CPU). Off the CPU
+        the edge indices become long: int32 scatter/gather indices are a CPU-only certainty."""
         device = torch.device(device)
         if self.src.device == device:
             return self
         if device not in self._copies:
             self._copies[device] = TokenAutomaton(
-                self.regex, self.num_states, self.src.to(device), self.token.to(device), self.dst.to(device),
-                self.accepting.to(device), self.distance.to(device), self.transitions)
+                self.regex, self.num_states, self.src.to(device, torch.long), self.token.to(device, torch.long),
+                self.dst.to(device, torch.long), self.offsets.to(device), self.accepting.to(device),
+                self.distance.to(device))
         return self._copies[device]
 
 
@@ -186,50 +208,79 @@ def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
-    raw = index.get_transitions()
-    final = set(index.get_final_states())
-    start = raw.get(index.get_initial_state(), {}).get(_SENTINEL_ID)
+    start = index.get_next_state(index.get_initial_state(), _SENTINEL_ID)
     if start is None:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
-    order = _reachable(raw, start)
+    order, tokens, targets = _explore(index, start, vocabulary.get_eos_token_id())
     number = {s: n for n, s in enumerate(order)}
-    skip = set(eos_token_ids)
-    transitions: list[dict[int, int]] = [dict() for _ in order]
-    skip.add(_SENTINEL_ID)
-    for s in order:
-        for token, d in raw.get(s, {}).items():
-            if token not in skip:
-                transitions[number[s]][token] = number[d]
-    edges = [(s, t, d) for s, moves in enumerate(transitions) for t, d in moves.items()]
-    accepting = torch.zeros(len(order), dtype=torch.bool)
-    accepting[[number[s] for s in final if s in number]] = True
-    distance = _distance_to_accept(transitions, accepting)
+    # outlines' state ids -> ours, as a sorted lookup table: [S]
+    known, ours = torch.tensor(sorted(number), dtype=torch.long), torch.tensor(
+        [number[s] for s in sorted(number)], dtype=torch.long)
+    skip = torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.long)
+    token_rows, dst_rows, counts = [], [], []
+    for t, d in zip(tokens, targets):  # per state: its edges, sorted by token, without EOS and the sentinel
+        t, sort = torch.sort(t)
+        keep = ~torch.isin(t, skip)
+        t, d = t[keep], ours[torch.searchsorted(known, d[sort][keep])]
+        token_rows.append(t.to(torch.int32))
+        dst_rows.append(d.to(torch.int32))
+        counts.append(t.numel())
+    del tokens, targets
+    num_states = len(order)
+    counts_t = torch.tensor(counts, dtype=torch.long)
+    offsets = torch.zeros(num_states + 1, dtype=torch.long)
+    offsets[1:] = counts_t.cumsum(0)
+    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), counts_t)
+    token, dst = torch.cat(token_rows), torch.cat(dst_rows)
+    accepting = torch.zeros(num_states, dtype=torch.bool)
+    accepting[[number[s] for s in index.get_final_states() if s in number]] = True
+    distance = _distance_to_accept(src, dst, num_states, accepting)
     if distance[0] >= INFINITE:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
-    e = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)
-    return TokenAutomaton(regex, len(order), e[:, 0].contiguous(), e[:, 1].contiguous(), e[:, 2].contiguous(),
-                          accepting, distance, transitions)
+    return TokenAutomaton(regex, num_states, src, token, dst, offsets, accepting, distance)
 
 
-def _reachable(raw: dict[int, dict[int, int]], start: int) -> list[int]:
-    """The states reachable from `start`, `start` first."""
+def _explore(index, start: int, eos: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+    """The states reachable from `start` (breadth first, `start` first, successors in outlines' order) and
+    each one's tokens and next states (outlines' ids, [n] long each), read one state at a time: outlines'
+    get_transitions() would build a Python dict entry per edge (~100 bytes each) all at once."""
     order, seen = [start], {start}
+    tokens, targets = [], []
     for s in order:
-        for d in raw.get(s, {}).values():
+        allowed = index.get_allowed_tokens(s)
+        if index.is_final_state(s):
+            allowed = [t for t in allowed if t != eos] if len(allowed) < 64 else _without(allowed, eos)
+        moves = array("q", map(partial(index.get_next_state, s), allowed))
+        for d in dict.fromkeys(moves):  # first occurrences, in order: one Python step per distinct successor
             if d not in seen:
                 seen.add(d)
                 order.append(d)
-    return order
+        tokens.append(torch.frombuffer(array("q", allowed), dtype=torch.long) if allowed else
+                      torch.zeros(0, dtype=torch.long))
+        targets.append(torch.frombuffer(moves, dtype=torch.long) if moves else torch.zeros(0, dtype=torch.long))
+    return order, tokens, targets
 
 
-def _distance_to_accept(transitions: list[dict[int, int]], accepting: torch.Tensor) -> torch.Tensor:
-    """Breadth-first search backwards from the accepting states."""
-    incoming: list[set[int]] = [set() for _ in transitions]
-    for s, moves in enumerate(transitions):
-        for d in moves.values():
-            incoming[d].add(s)
-    distance = [INFINITE] * len(transitions)
-    frontier = [s for s in range(len(transitions)) if accepting[s]]
+def _without(values: list[int], value: int) -> list[int]:
+    """`values` less every `value` (C-speed for the long lists of states inside strings)."""
+    values = list(values)
+    while True:
+        try:
+            values.remove(value)
+        except ValueError:
+            return values
+
+
+def _distance_to_accept(src: torch.Tensor, dst: torch.Tensor, num_states: int,
+                        accepting: torch.Tensor) -> torch.Tensor:
+    """Breadth-first search backwards from the accepting states, over the distinct (src, dst) state pairs
+    (a few per state, however many tokens each pair has)."""
+    pairs = torch.unique(src.long() * num_states + dst.long())
+    incoming: list[list[int]] = [[] for _ in range(num_states)]
+    for s, d in zip((pairs // num_states).tolist(), (pairs % num_states).tolist()):
+        incoming[d].append(s)
+    distance = [INFINITE] * num_states
+    frontier = [s for s in range(num_states) if accepting[s]]
     for s in frontier:
         distance[s] = 0
     while frontier:
