@@ -211,76 +211,55 @@ def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton
     start = index.get_next_state(index.get_initial_state(), _SENTINEL_ID)
     if start is None:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
-    order, tokens, targets = _explore(index, start, vocabulary.get_eos_token_id())
-    number = {s: n for n, s in enumerate(order)}
-    # outlines' state ids -> ours, as a sorted lookup table: [S]
-    known, ours = torch.tensor(sorted(number), dtype=torch.long), torch.tensor(
-        [number[s] for s in sorted(number)], dtype=torch.long)
-    skip = torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.long)
-    token_rows, dst_rows, counts = [], [], []
-    for t, d in zip(tokens, targets):  # per state: its edges, sorted by token, without EOS and the sentinel
-        t, sort = torch.sort(t)
-        keep = ~torch.isin(t, skip)
-        t, d = t[keep], ours[torch.searchsorted(known, d[sort][keep])]
-        token_rows.append(t.to(torch.int32))
-        dst_rows.append(d.to(torch.int32))
-        counts.append(t.numel())
-    del tokens, targets
+    eos = vocabulary.get_eos_token_id()
+    skip = torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.int32)
+    # Breadth first from `start`, successors in outlines' order (our state numbers are the visit order), one
+    # state at a time: outlines' get_transitions() would build a Python dict entry per edge (~100 bytes) at once.
+    number = {start: 0}
+    order = [start]
+    token_rows, dst_rows, successors = [], [], []
+    for s in order:
+        allowed = index.get_allowed_tokens(s)
+        if index.is_final_state(s) and eos in allowed:  # outlines lets an accepting state write its EOS
+            allowed.remove(eos)
+        moves = list(map(partial(index.get_next_state, s), allowed))
+        for d in dict.fromkeys(moves):  # first occurrences, in order: a Python step per distinct successor only
+            if d not in number:
+                number[d] = len(order)
+                order.append(d)
+        tokens = torch.frombuffer(array("i", allowed), dtype=torch.int32) if allowed else _EMPTY
+        dsts = torch.frombuffer(array("i", map(number.__getitem__, moves)), dtype=torch.int32) if moves else _EMPTY
+        tokens, by_token = torch.sort(tokens)
+        keep = ~torch.isin(tokens, skip)  # EOS ids and the sentinel are not edges
+        token_rows.append(tokens[keep])
+        dst_rows.append(dsts[by_token][keep])
+        successors.append(torch.unique(dst_rows[-1]).tolist())
     num_states = len(order)
-    counts_t = torch.tensor(counts, dtype=torch.long)
+    counts = torch.tensor([t.numel() for t in token_rows], dtype=torch.long)
     offsets = torch.zeros(num_states + 1, dtype=torch.long)
-    offsets[1:] = counts_t.cumsum(0)
-    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), counts_t)
+    offsets[1:] = counts.cumsum(0)
+    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), counts)
     token, dst = torch.cat(token_rows), torch.cat(dst_rows)
+    del token_rows, dst_rows
     accepting = torch.zeros(num_states, dtype=torch.bool)
     accepting[[number[s] for s in index.get_final_states() if s in number]] = True
-    distance = _distance_to_accept(src, dst, num_states, accepting)
+    distance = _distance_to_accept(successors, accepting)
     if distance[0] >= INFINITE:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
     return TokenAutomaton(regex, num_states, src, token, dst, offsets, accepting, distance)
 
 
-def _explore(index, start: int, eos: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
-    """The states reachable from `start` (breadth first, `start` first, successors in outlines' order) and
-    each one's tokens and next states (outlines' ids, [n] long each), read one state at a time: outlines'
-    get_transitions() would build a Python dict entry per edge (~100 bytes each) all at once."""
-    order, seen = [start], {start}
-    tokens, targets = [], []
-    for s in order:
-        allowed = index.get_allowed_tokens(s)
-        if index.is_final_state(s):
-            allowed = [t for t in allowed if t != eos] if len(allowed) < 64 else _without(allowed, eos)
-        moves = array("q", map(partial(index.get_next_state, s), allowed))
-        for d in dict.fromkeys(moves):  # first occurrences, in order: one Python step per distinct successor
-            if d not in seen:
-                seen.add(d)
-                order.append(d)
-        tokens.append(torch.frombuffer(array("q", allowed), dtype=torch.long) if allowed else
-                      torch.zeros(0, dtype=torch.long))
-        targets.append(torch.frombuffer(moves, dtype=torch.long) if moves else torch.zeros(0, dtype=torch.long))
-    return order, tokens, targets
+_EMPTY = torch.zeros(0, dtype=torch.int32)
 
 
-def _without(values: list[int], value: int) -> list[int]:
-    """`values` less every `value` (C-speed for the long lists of states inside strings)."""
-    values = list(values)
-    while True:
-        try:
-            values.remove(value)
-        except ValueError:
-            return values
-
-
-def _distance_to_accept(src: torch.Tensor, dst: torch.Tensor, num_states: int,
-                        accepting: torch.Tensor) -> torch.Tensor:
-    """Breadth-first search backwards from the accepting states, over the distinct (src, dst) state pairs
-    (a few per state, however many tokens each pair has)."""
-    pairs = torch.unique(src.long() * num_states + dst.long())
-    incoming: list[list[int]] = [[] for _ in range(num_states)]
-    for s, d in zip((pairs // num_states).tolist(), (pairs % num_states).tolist()):
-        incoming[d].append(s)
-    distance = [INFINITE] * num_states
-    frontier = [s for s in range(num_states) if accepting[s]]
+def _distance_to_accept(successors: list[list[int]], accepting: torch.Tensor) -> torch.Tensor:
+    """Breadth-first search backwards from the accepting states, over each state's distinct successors."""
+    incoming: list[list[int]] = [[] for _ in successors]
+    for s, targets in enumerate(successors):
+        for d in targets:
+            incoming[d].append(s)
+    distance = [INFINITE] * len(successors)
+    frontier = [s for s in range(len(successors)) if accepting[s]]
     for s in frontier:
         distance[s] = 0
     while frontier:
