@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,81 @@ def test_literal_then_bounded_repeat_compiles():
     ids = sudoku.encode(" ".join("1" + "5" * 24))
     assert automaton.accepting[automaton.walk(0, ids)] and automaton.walk(0, sudoku.encode("2")) is None
     assert int(automaton.distance[0]) == 25
+
+
+def _dict_automaton(regex: str, tokenizer: Tokenizer) -> tuple[list[dict[int, int]], list[int]]:
+    """The automaton as first shipped: outlines-core's get_transitions() renumbered breadth first into one
+    dict per state (EOS and the sentinel left out), and its accepting states."""
+    from outlines_core import Index
+
+    from letterpress.structured.automaton import _SENTINEL_ID, SENTINEL, _vocabulary
+    from letterpress.structured.regex import narrow
+
+    index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", _vocabulary(tokenizer, EOS[0], frozenset())[0])
+    raw = index.get_transitions()
+    order = [raw[index.get_initial_state()][_SENTINEL_ID]]
+    number = {order[0]: 0}
+    for s in order:
+        for d in raw.get(s, {}).values():
+            if d not in number:
+                number[d] = len(order)
+                order.append(d)
+    moves = [{t: number[d] for t, d in raw.get(s, {}).items() if t not in (EOS[0], _SENTINEL_ID)} for s in order]
+    return moves, sorted(number[s] for s in index.get_final_states() if s in number)
+
+
+@pytest.mark.parametrize("which", ["optional", "tool_call", "sudoku"])
+def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
+    """The sorted edge tensors + offsets allow, walk and refuse exactly what the per-state dicts did: every
+    state's allowed tokens, every edge's next state, tokens next to and between the allowed ones (refused),
+    and random walks along the dicts."""
+    if which == "sudoku":
+        tokenizer = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "sudoku")
+        regex = "1[1-9]{24}"
+    elif which == "tool_call":
+        regex = tool_call_regex([{"type": "function", "function": {"name": "f", "parameters": SUITE["nested"]}}])
+    else:
+        regex = schema_regex(SUITE["optional"])
+    moves, accepting = _dict_automaton(regex, tokenizer)
+    automaton = compile_regex(regex, tokenizer, EOS)
+    assert automaton.num_states == len(moves) and automaton.src.numel() == sum(map(len, moves))
+    assert automaton.accepting.nonzero().flatten().tolist() == accepting
+    g = torch.Generator().manual_seed(0)
+    for s, row in enumerate(moves):
+        assert automaton.allowed(s).tolist() == sorted(row)
+        assert all(automaton.next_state(s, t) == d for t, d in row.items())
+        refused = {t + 1 for t in row} | {t - 1 for t in row} | set(torch.randint(0, tokenizer.vocab_size, (8,),
+                                                                                  generator=g).tolist())
+        assert all(automaton.next_state(s, t) is None for t in refused - set(row))
+    for _ in range(20):  # random walks along the dicts, then one token the last state refuses
+        state, path = 0, []
+        while moves[state] and len(path) < 30:
+            tokens = sorted(moves[state])
+            path.append(tokens[int(torch.randint(len(tokens), (1,), generator=g))])
+            state = moves[state][path[-1]]
+        assert automaton.walk(0, path) == state
+        assert automaton.walk(0, path + [tokenizer.vocab_size + 5]) is None
+
+
+def test_json_object_compiles_within_the_limit_at_a_larger_vocabulary():
+    """A 20,000-token synthetic byte-level vocabulary (benchmarks/structured.py vocab measures 262,144):
+    json_object compiles under the default limit, and one canvas of random scores gives a JSON object."""
+    from letterpress.structured import json_object_regex
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import MAX_EDGES, estimate_edges
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.structured import synthetic_tokenizer
+
+    big = synthetic_tokenizer(20_000)
+    assert big.vocab_size == 20_000 and big.eos_id == EOS[0]
+    regex = json_object_regex()
+    automaton = compile_regex(regex, big, EOS)  # the default limit
+    assert estimate_edges(regex, _vocabulary(big, EOS[0], frozenset())[1]) <= MAX_EDGES
+    assert 100_000 < automaton.src.numel() <= MAX_EDGES
+    logp = torch.log_softmax(3 * torch.randn(12, big.vocab_size, generator=torch.Generator().manual_seed(0)), -1)
+    tokens = best_path(logp, automaton, 0, EOS, None).tokens.tolist()
+    assert isinstance(json.loads(big.decode(tokens[:tokens.index(EOS[0])] if EOS[0] in tokens else tokens)), dict)
 
 
 def test_sentinel_only_narrows_classes():
