@@ -138,34 +138,42 @@ def test_literal_then_bounded_repeat_compiles():
 
 
 def _dict_automaton(regex: str, tokenizer: Tokenizer) -> tuple[list[dict[int, int]], list[int]]:
-    """The automaton as first shipped: outlines-core's get_transitions() renumbered breadth first into one
-    dict per state (EOS and the sentinel left out), and its accepting states."""
-    from outlines_core import Index
+    """The automaton as first shipped: outlines-core's get_transitions() over the whole vocabulary (one
+    spelling per token, no byte classes) as one dict per state (EOS and the sentinel left out), numbered
+    breadth first along ascending tokens, and its accepting states."""
+    from outlines_core import Index, Vocabulary
 
     from letterpress.structured.automaton import _SENTINEL_ID, SENTINEL, _vocabulary
     from letterpress.structured.regex import narrow
 
-    index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", _vocabulary(tokenizer, EOS[0], frozenset())[0])
+    spelled = dict(_vocabulary(tokenizer, EOS[0], frozenset())[0])
+    spelled[SENTINEL.encode()] = [_SENTINEL_ID]
+    index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", Vocabulary(EOS[0], spelled))
     raw = index.get_transitions()
     order = [raw[index.get_initial_state()][_SENTINEL_ID]]
     number = {order[0]: 0}
     for s in order:
-        for d in raw.get(s, {}).values():
-            if d not in number:
+        for t in sorted(raw.get(s, {})):
+            d = raw[s][t]
+            if t not in (EOS[0], _SENTINEL_ID) and d not in number:
                 number[d] = len(order)
                 order.append(d)
     moves = [{t: number[d] for t, d in raw.get(s, {}).items() if t not in (EOS[0], _SENTINEL_ID)} for s in order]
     return moves, sorted(number[s] for s in index.get_final_states() if s in number)
 
 
-@pytest.mark.parametrize("which", ["optional", "tool_call", "sudoku"])
+@pytest.mark.parametrize("which", ["optional", "json_object", "tool_call", "sudoku"])
 def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
-    """The sorted edge tensors + offsets allow, walk and refuse exactly what the per-state dicts did: every
-    state's allowed tokens, every edge's next state, tokens next to and between the allowed ones (refused),
-    and random walks along the dicts."""
+    """The sorted edge tensors + offsets, compiled over byte classes, allow, walk and refuse exactly what the
+    per-state dicts over the whole vocabulary did: every state's allowed tokens, every edge's next state,
+    tokens next to and between the allowed ones (refused), and random walks along the dicts."""
     if which == "sudoku":
         tokenizer = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "sudoku")
         regex = "1[1-9]{24}"
+    elif which == "json_object":
+        from letterpress.structured import json_object_regex
+
+        regex = json_object_regex()
     elif which == "tool_call":
         regex = tool_call_regex([{"type": "function", "function": {"name": "f", "parameters": SUITE["nested"]}}])
     else:
@@ -177,9 +185,12 @@ def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
     g = torch.Generator().manual_seed(0)
     for s, row in enumerate(moves):
         assert automaton.allowed(s).tolist() == sorted(row)
-        assert all(automaton.next_state(s, t) == d for t, d in row.items())
-        refused = {t + 1 for t in row} | {t - 1 for t in row} | set(torch.randint(0, tokenizer.vocab_size, (8,),
-                                                                                  generator=g).tolist())
+        lo, hi = automaton.offsets[s: s + 2].tolist()
+        assert automaton.dst[lo:hi].tolist() == [row[t] for t in sorted(row)] and automaton.src[lo:hi].eq(s).all()
+        some = sorted(row)[:: max(1, len(row) // 50)]  # the binary search, on up to ~50 tokens of the state
+        assert all(automaton.next_state(s, t) == row[t] for t in some)
+        refused = {t + 1 for t in some} | {t - 1 for t in some} | set(torch.randint(0, tokenizer.vocab_size, (8,),
+                                                                                    generator=g).tolist())
         assert all(automaton.next_state(s, t) is None for t in refused - set(row))
     for _ in range(20):  # random walks along the dicts, then one token the last state refuses
         state, path = 0, []
@@ -189,6 +200,19 @@ def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
             state = moves[state][path[-1]]
         assert automaton.walk(0, path) == state
         assert automaton.walk(0, path + [tokenizer.vocab_size + 5]) is None
+
+
+def test_determinizing_regex_refused_by_its_state_count(tokenizer):
+    """`[ab]*a[ab]{10}` has few positions (the edge estimate passes) but 2**11 DFA states, each walking every
+    token in outlines-core's Index: refused after a one-byte Index counts them, before the full one."""
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import estimate_edges
+
+    regex = "[ab]*a[ab]{10}"
+    assert estimate_edges(regex, _vocabulary(tokenizer, EOS[0], frozenset())[1]) < 100_000
+    with pytest.raises(SchemaError, match=r"has 4,\d\d\d states.*--max-constraint-edges"):
+        compile_regex(regex, tokenizer, EOS, limit=100_000)
+    assert compile_regex("[ab]*a[ab]{3}", tokenizer, EOS, limit=100_000).num_states > 8
 
 
 def test_json_object_compiles_within_the_limit_at_a_larger_vocabulary():

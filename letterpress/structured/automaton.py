@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,6 +60,7 @@ class TokenAutomaton:
     distance: torch.Tensor  # [S] long: fewest tokens to an accepting state (INFINITE: never)
     _copies: dict = field(default_factory=dict, repr=False)  # device -> this automaton's tensors there
     _bounds: list[int] | None = field(default=None, repr=False)  # offsets as Python ints (S + 1 of them)
+    _views: tuple | None = field(default=None, repr=False)  # memoryviews of token and dst, for bisect
 
     def _slice(self, state: int) -> tuple[int, int]:
         if self._bounds is None:
@@ -71,15 +73,14 @@ class TokenAutomaton:
         return self.token[lo:hi]
 
     def next_state(self, state: int, token: int) -> int | None:
-        """The state after writing `token` in `state`; None when the token is not allowed there."""
+        """The state after writing `token` in `state`; None when the token is not allowed there (a binary
+        search in the state's slice of `token`; CPU automata, as compile_regex returns them)."""
         lo, hi = self._slice(state)
-        if lo == hi:
-            return None
-        tokens = self.token[lo:hi]
-        i = int(torch.searchsorted(tokens, torch.tensor(token, dtype=tokens.dtype)))
-        if i == hi - lo or int(tokens[i]) != token:
-            return None
-        return int(self.dst[lo + i])
+        if self._views is None:
+            self._views = memoryview(self.token.numpy()), memoryview(self.dst.numpy())
+        tokens, dst = self._views
+        i = bisect_left(tokens, token, lo, hi)
+        return dst[i] if i < hi and tokens[i] == token else None
 
     def walk(self, state: int, tokens: list[int]) -> int | None:
         """The state after `tokens` from `state`; None when a token is not allowed."""
@@ -168,9 +169,11 @@ def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
         running.wait()  # then look again (a failed compile leaves no entry: that caller raises its own error)
     try:
         eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted
-        vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
+        spelled, first = _vocabulary(tokenizer, eos, allowed_special)
         check_size(regex, first, limit)
-        automaton = _compile(regex, vocabulary, eos_token_ids)
+        anchored = SENTINEL + f"(?:{narrow(regex, SENTINEL)})"
+        table = _byte_classes(anchored, first.total, limit)
+        automaton = _compile(regex, anchored, _grouped(spelled, table, eos), eos_token_ids)
         with _lock:
             _cache[key] = automaton
             while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or
@@ -189,25 +192,88 @@ _lock = threading.Lock()
 _vocabularies: dict = {}
 
 
-def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]) -> tuple[object, FirstChars]:
-    """outlines-core's Vocabulary, and how many tokens start with each character (for size.py)."""
-    from outlines_core import Vocabulary
-
+def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]) -> tuple[dict, FirstChars]:
+    """The tokens' spellings (bytes -> ids, see token_bytes), and how many tokens start with each character
+    (for size.py). `eos` is part of the key only (outlines' Vocabulary is built per constraint: _grouped)."""
     key = (id(tokenizer), eos, allowed_special)
     with _lock:
         if key not in _vocabularies:
             spelled = token_bytes(tokenizer, allowed_special)
-            first = FirstChars(spelled)
-            spelled[SENTINEL.encode()] = [_SENTINEL_ID]
-            _vocabularies[key] = Vocabulary(eos, spelled), first
+            _vocabularies[key] = spelled, FirstChars(spelled)
         return _vocabularies[key]
 
 
-def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton:
+# Scans: outlines-core's Index walks every token of the vocabulary from every state of the regex's DFA, so it
+# costs states x tokens whatever the edges. A regex that determinizes into many states (`[ab]*a[ab]{20}`:
+# 2**21) passes the edge estimate; it is refused when states x tokens passes SCANS_PER_EDGE x the edge limit
+# (2 x 10**9 at the default: json_object at 262,144 tokens is 711 x 262,144 = 1.9 x 10**8).
+SCANS_PER_EDGE = 64
+
+
+def _byte_classes(anchored: str, tokens: int, limit: int) -> bytes:
+    """A translation table sending every byte to the first byte of its class: bytes that outlines-core's
+    Index of `anchored` over the 256 one-byte tokens moves alike from every state it reaches. Every DFA
+    state a token's walk passes through (that can still lead anywhere) is one of those states, so a token
+    behaves exactly like any other token whose bytes are in the same classes: the full Index need walk one
+    token of each spelling-by-classes (a 262,144-token vocabulary has about half as many; 2-3x faster).
+    Also refuses the constraint when the DFA has too many states for the vocabulary (see SCANS_PER_EDGE);
+    this one-byte Index costs states x 256, against the full one's states x tokens."""
     from outlines_core import Index
 
     try:
-        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", vocabulary)
+        index = Index(anchored, _byte_vocabulary())
+    except (ValueError, RuntimeError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
+    moves = index.get_transitions()  # {state: {byte: state}}: at most 256 entries per state
+    states = len(moves.keys() | set(index.get_final_states()))
+    if states * tokens > SCANS_PER_EDGE * limit:
+        raise SchemaError(f"the constraint is too large to compile: its automaton has {states:,} states, and "
+                          f"{states:,} x {tokens:,} tokens is more than this server walks (at most {SCANS_PER_EDGE} "
+                          f"x {limit:,}); a bounded repeat after an unbounded one that can match the same "
+                          "characters ([ab]*a[ab]{20}) multiplies states: bound the first or shorten the second "
+                          "(a server may raise the limit: --max-constraint-edges)")
+    classes = [0] * 256  # partition refinement: split the bytes by where each state sends them
+    for row in moves.values():
+        split: dict[tuple, int] = {}
+        classes = [split.setdefault((c, row.get(b)), b) for b, c in enumerate(classes)]  # a class's first byte
+    return bytes(classes)
+
+
+def _byte_vocabulary():
+    from outlines_core import Vocabulary
+
+    global _BYTES
+    if _BYTES is None:
+        _BYTES = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
+    return _BYTES
+
+
+_BYTES = None
+
+
+def _grouped(spelled: dict[bytes, list[int]], table: bytes, eos: int):
+    """outlines-core's Vocabulary of one spelling per class sequence (see _byte_classes), each with the ids
+    of all the tokens spelled so, and the sentinel."""
+    from outlines_core import Vocabulary
+
+    grouped: dict[bytes, list[int]] = {}
+    for spelling, ids in spelled.items():
+        key = spelling.translate(table)
+        same = grouped.get(key)
+        if same is None:
+            grouped[key] = list(ids)
+        else:
+            same.extend(ids)
+    grouped.setdefault(SENTINEL.encode(), []).append(_SENTINEL_ID)
+    return Vocabulary(eos, grouped)
+
+
+def _compile(regex: str, anchored: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton:
+    from outlines_core import Index
+
+    try:
+        index = Index(anchored, vocabulary)
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
@@ -216,8 +282,9 @@ def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
     eos = vocabulary.get_eos_token_id()
     skip = torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.int32)
-    # Breadth first from `start`, successors in outlines' order (our state numbers are the visit order), one
-    # state at a time: outlines' get_transitions() would build a Python dict entry per edge (~100 bytes) at once.
+    # Breadth first from `start` along the edges, each state's successors in token order (our state numbers
+    # are the visit order, whatever outlines' hash order), one state at a time: outlines' get_transitions()
+    # would build a Python dict entry per edge (~100 bytes) at once.
     number = {start: 0}
     order = [start]
     token_rows, dst_rows, successors = [], [], []
@@ -225,18 +292,21 @@ def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton
         allowed = index.get_allowed_tokens(s)
         if index.is_final_state(s) and eos in allowed:  # outlines lets an accepting state write its EOS
             allowed.remove(eos)
-        moves = list(map(partial(index.get_next_state, s), allowed))
-        for d in dict.fromkeys(moves):  # first occurrences, in order: a Python step per distinct successor only
+        moves = array("q", map(partial(index.get_next_state, s), allowed))  # outlines' state ids
+        tokens = torch.frombuffer(array("i", allowed), dtype=torch.int32) if allowed else _EMPTY
+        targets = torch.frombuffer(moves, dtype=torch.long) if moves else _EMPTY.long()
+        tokens, by_token = torch.sort(tokens)
+        keep = ~torch.isin(tokens, skip)  # EOS ids and the sentinel are not edges
+        tokens, targets = tokens[keep], targets[by_token][keep].tolist()
+        for d in dict.fromkeys(targets):  # first occurrences, in order: a Python step per distinct successor
             if d not in number:
                 number[d] = len(order)
                 order.append(d)
-        tokens = torch.frombuffer(array("i", allowed), dtype=torch.int32) if allowed else _EMPTY
-        dsts = torch.frombuffer(array("i", map(number.__getitem__, moves)), dtype=torch.int32) if moves else _EMPTY
-        tokens, by_token = torch.sort(tokens)
-        keep = ~torch.isin(tokens, skip)  # EOS ids and the sentinel are not edges
-        token_rows.append(tokens[keep])
-        dst_rows.append(dsts[by_token][keep])
-        successors.append(torch.unique(dst_rows[-1]).tolist())
+        dsts = torch.frombuffer(array("i", map(number.__getitem__, targets)), dtype=torch.int32) if targets \
+            else _EMPTY
+        token_rows.append(tokens)
+        dst_rows.append(dsts)
+        successors.append(torch.unique(dsts).tolist())
     num_states = len(order)
     counts = torch.tensor([t.numel() for t in token_rows], dtype=torch.long)
     offsets = torch.zeros(num_states + 1, dtype=torch.long)
