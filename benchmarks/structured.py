@@ -29,8 +29,9 @@ limit off to show what it prevents.
 byte-level BPE-like vocabulary (`synthetic_tokenizer`: all 256 bytes, whitespace runs, punctuation pairs,
 numbers, Latin word pieces with and without a leading space, words in seven other scripts, code fragments,
 cut UTF-8), deterministic for a size. For json_object and the schema suite: the size estimate, states,
-edges, compile seconds (of which outlines-core's Index), the compile's peak memory increase, the automaton's
-resident bytes (per edge), and the DP's time per canvas position (CPU, 1 thread). Each constraint is compiled
+edges, the distinct token spellings and how many of them outlines-core's Index walks (one per sequence of
+byte classes: automaton.py), compile seconds (of which outlines-core's two Indexes), the compile's peak memory increase,
+the automaton's resident bytes (per edge), and the DP's time per canvas position (CPU, 1 thread). Each constraint is compiled
 in a fresh child process so each peak is its own.
 """
 
@@ -332,9 +333,9 @@ def vocab(size: int, positions: int) -> None:
 
     print(f"machine: {machine()}")
     print(f"synthetic byte-level vocabulary of {size:,} tokens; DP over {positions} positions")
-    print("| constraint | estimated edges | states | edges | compile s | of which Index s | peak +MB | "
-          "automaton MB | bytes/edge | DP ms/position |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| constraint | estimated edges | states | edges | spellings -> walked | compile s | of which Index s (one-byte + full) | "
+          "peak +MB | automaton MB | bytes/edge | DP ms/position |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in vocab_constraints():
         out = subprocess.run([sys.executable, __file__, "_vocab_one", name, str(size), str(positions)],
                              capture_output=True, text=True)
@@ -369,15 +370,23 @@ def _vocab_one(name: str, size: int, positions: int) -> None:
     automaton = compile_regex(regex, tokenizer, [1])
     seconds = time.perf_counter() - start
     peak = (_status_kb("VmHWM") - before) / 1024
+    one_byte, full = index_seconds  # the compile's two outlines-core Indexes
     edges = automaton.src.numel()
     resident = sum(t.numel() * t.element_size() for t in (automaton.src, automaton.token, automaton.dst,
                                                          automaton.offsets, automaton.accepting, automaton.distance))
+    from letterpress.structured.regex import narrow
+
+    spelled = _vocabulary(tokenizer, 1, frozenset())[0]
+    table = automaton_module._byte_classes(automaton_module.SENTINEL + f"(?:{narrow(regex, automaton_module.SENTINEL)})",
+                                           1, 10**15)
+    walked = len({spelling.translate(table) for spelling in spelled})  # what the full Index walks per state
     logp = torch.log_softmax(torch.randn(positions, tokenizer.vocab_size), -1)
     best_path(logp[:1], automaton, 0, [1], None if positions == 1 else 10**6)  # warm up
     start = time.perf_counter()
     best_path(logp, automaton, 0, [1], 10**6)
     step = (time.perf_counter() - start) / positions
-    print(f"| {name} | {estimate:,} | {automaton.num_states:,} | {edges:,} | {seconds:.1f} | {index_seconds[0]:.1f} | "
+    print(f"| {name} | {estimate:,} | {automaton.num_states:,} | {edges:,} | {len(spelled):,} -> {walked:,} | "
+          f"{seconds:.1f} | {one_byte:.2f} + {full:.1f} | "
           f"{peak:.0f} | {resident / 2**20:.1f} | {resident / max(edges, 1):.1f} | {1e3 * step:.1f} |")
 
 

@@ -233,11 +233,19 @@ def _byte_classes(anchored: str, tokens: int, limit: int) -> bytes:
                           f"x {limit:,}); a bounded repeat after an unbounded one that can match the same "
                           "characters ([ab]*a[ab]{20}) multiplies states: bound the first or shorten the second "
                           "(a server may raise the limit: --max-constraint-edges)")
-    classes = [0] * 256  # partition refinement: split the bytes by where each state sends them
-    for row in moves.values():
-        split: dict[tuple, int] = {}
-        classes = [split.setdefault((c, row.get(b)), b) for b, c in enumerate(classes)]  # a class's first byte
-    return bytes(classes)
+    rows = list(moves.values())
+    classes = torch.zeros(256, dtype=torch.long)  # refined chunk by chunk: bytes split by where states send them
+    for i in range(0, len(rows), 1024):
+        chunk = rows[i: i + 1024]
+        targets = torch.full((len(chunk) + 1, 257), -1, dtype=torch.long)  # [1 + states, byte, EOS]: -1 = dead
+        targets[0, :256] = classes
+        lengths = torch.tensor([len(row) for row in chunk], dtype=torch.long)
+        which = torch.repeat_interleave(torch.arange(1, len(chunk) + 1), lengths)
+        targets[which, torch.tensor([b for row in chunk for b in row], dtype=torch.long)] = torch.tensor(
+            [d for row in chunk for d in row.values()], dtype=torch.long)
+        classes = torch.unique(targets[:, :256], dim=1, return_inverse=True)[1]
+    first = torch.full((256,), 256, dtype=torch.long).scatter_reduce(0, classes, torch.arange(256), "amin")
+    return bytes(first[classes].tolist())  # each byte -> the first byte of its class
 
 
 def _byte_vocabulary():
