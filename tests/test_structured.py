@@ -137,10 +137,10 @@ def test_literal_then_bounded_repeat_compiles():
     assert int(automaton.distance[0]) == 25
 
 
-def _dict_automaton(regex: str, tokenizer: Tokenizer) -> tuple[list[dict[int, int]], list[int]]:
+def _dict_automaton(regex: str, tokenizer: Tokenizer) -> tuple[list[dict[int, int]], set[int], list[int]]:
     """The automaton as first shipped: outlines-core's get_transitions() over the whole vocabulary (one
     spelling per token, no byte classes) as one dict per state (EOS and the sentinel left out), numbered
-    breadth first along ascending tokens, and its accepting states."""
+    breadth first; its accepting states, and each state's fewest tokens to one."""
     from outlines_core import Index, Vocabulary
 
     from letterpress.structured.automaton import _SENTINEL_ID, SENTINEL, _vocabulary
@@ -149,24 +149,38 @@ def _dict_automaton(regex: str, tokenizer: Tokenizer) -> tuple[list[dict[int, in
     spelled = dict(_vocabulary(tokenizer, EOS[0], frozenset())[0])
     spelled[SENTINEL.encode()] = [_SENTINEL_ID]
     index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", Vocabulary(EOS[0], spelled))
-    raw = index.get_transitions()
-    order = [raw[index.get_initial_state()][_SENTINEL_ID]]
+    raw = {s: {t: d for t, d in row.items() if t not in (EOS[0], _SENTINEL_ID)}
+           for s, row in index.get_transitions().items()}
+    order = [index.get_transitions()[index.get_initial_state()][_SENTINEL_ID]]
     number = {order[0]: 0}
     for s in order:
-        for t in sorted(raw.get(s, {})):
-            d = raw[s][t]
-            if t not in (EOS[0], _SENTINEL_ID) and d not in number:
+        for d in raw.get(s, {}).values():
+            if d not in number:
                 number[d] = len(order)
                 order.append(d)
-    moves = [{t: number[d] for t, d in raw.get(s, {}).items() if t not in (EOS[0], _SENTINEL_ID)} for s in order]
-    return moves, sorted(number[s] for s in index.get_final_states() if s in number)
+    moves = [{t: number[d] for t, d in raw.get(s, {}).items()} for s in order]
+    accepting = {number[s] for s in index.get_final_states() if s in number}
+    incoming: list[set[int]] = [set() for _ in moves]
+    for s, row in enumerate(moves):
+        for d in row.values():
+            incoming[d].add(s)
+    distance, queue = [None] * len(moves), sorted(accepting)
+    for s in queue:
+        distance[s] = 0
+    for d in queue:  # breadth first, backwards (the list grows as it is read)
+        for s in sorted(incoming[d]):
+            if distance[s] is None:
+                distance[s] = distance[d] + 1
+                queue.append(s)
+    return moves, accepting, distance
 
 
 @pytest.mark.parametrize("which", ["optional", "json_object", "tool_call", "sudoku"])
 def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
-    """The sorted edge tensors + offsets, compiled over byte classes, allow, walk and refuse exactly what the
-    per-state dicts over the whole vocabulary did: every state's allowed tokens, every edge's next state,
-    tokens next to and between the allowed ones (refused), and random walks along the dicts."""
+    """The sorted edge tensors + offsets, compiled over byte classes, are the per-state dicts over the whole
+    vocabulary up to state numbering: state by state (matched breadth first from the start) the same allowed
+    tokens, next states, accepting flags and distances; binary-search lookups agree, tokens next to the
+    allowed ones are refused, and random walks along the dicts end in the matching state."""
     if which == "sudoku":
         tokenizer = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "sudoku")
         regex = "1[1-9]{24}"
@@ -178,27 +192,33 @@ def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
         regex = tool_call_regex([{"type": "function", "function": {"name": "f", "parameters": SUITE["nested"]}}])
     else:
         regex = schema_regex(SUITE["optional"])
-    moves, accepting = _dict_automaton(regex, tokenizer)
+    moves, accepting, distance = _dict_automaton(regex, tokenizer)
     automaton = compile_regex(regex, tokenizer, EOS)
-    assert automaton.num_states == len(moves) and automaton.src.numel() == sum(map(len, moves))
-    assert automaton.accepting.nonzero().flatten().tolist() == accepting
+    assert automaton.src.numel() == sum(map(len, moves))
+    ours = {0: 0}  # dict state -> our state
     g = torch.Generator().manual_seed(0)
-    for s, row in enumerate(moves):
-        assert automaton.allowed(s).tolist() == sorted(row)
-        lo, hi = automaton.offsets[s: s + 2].tolist()
-        assert automaton.dst[lo:hi].tolist() == [row[t] for t in sorted(row)] and automaton.src[lo:hi].eq(s).all()
+    for s in range(len(moves)):  # breadth-first order: every state is matched before it is visited
+        row, o = moves[s], ours[s]
+        assert automaton.allowed(o).tolist() == sorted(row)
+        lo, hi = automaton.offsets[o: o + 2].tolist()
+        assert automaton.src[lo:hi].eq(o).all()
+        for t, d in zip(sorted(row), automaton.dst[lo:hi].tolist()):
+            assert ours.setdefault(row[t], d) == d
+        assert bool(automaton.accepting[o]) == (s in accepting)
+        assert int(automaton.distance[o]) == (2**30 if distance[s] is None else distance[s])
         some = sorted(row)[:: max(1, len(row) // 50)]  # the binary search, on up to ~50 tokens of the state
-        assert all(automaton.next_state(s, t) == row[t] for t in some)
+        assert all(automaton.next_state(o, t) == ours[row[t]] for t in some)
         refused = {t + 1 for t in some} | {t - 1 for t in some} | set(torch.randint(0, tokenizer.vocab_size, (8,),
                                                                                     generator=g).tolist())
-        assert all(automaton.next_state(s, t) is None for t in refused - set(row))
+        assert all(automaton.next_state(o, t) is None for t in refused - set(row))
+    assert len(set(ours.values())) == len(moves) == automaton.num_states  # one to one
     for _ in range(20):  # random walks along the dicts, then one token the last state refuses
         state, path = 0, []
         while moves[state] and len(path) < 30:
             tokens = sorted(moves[state])
             path.append(tokens[int(torch.randint(len(tokens), (1,), generator=g))])
             state = moves[state][path[-1]]
-        assert automaton.walk(0, path) == state
+        assert automaton.walk(0, path) == ours[state]
         assert automaton.walk(0, path + [tokenizer.vocab_size + 5]) is None
 
 

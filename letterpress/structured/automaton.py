@@ -289,58 +289,60 @@ def _compile(regex: str, anchored: str, vocabulary, eos_token_ids: list[int]) ->
     if start is None:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
     eos = vocabulary.get_eos_token_id()
-    skip = torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.int32)
-    # Breadth first from `start` along the edges, each state's successors in token order (our state numbers
-    # are the visit order, whatever outlines' hash order), one state at a time: outlines' get_transitions()
-    # would build a Python dict entry per edge (~100 bytes) at once.
+    # Breadth first from `start` (our state numbers are the visit order, successors in outlines' order), one
+    # state at a time and with no Python object kept per edge: outlines' get_transitions() would build a dict
+    # entry per edge (~100 bytes) at once. Per edge only C-level steps here; sorting is one global pass below.
     number = {start: 0}
     order = [start]
-    token_rows, dst_rows, successors = [], [], []
+    tokens, targets, counts = array("i"), array("i"), array("q")
     for s in order:
         allowed = index.get_allowed_tokens(s)
         if index.is_final_state(s) and eos in allowed:  # outlines lets an accepting state write its EOS
             allowed.remove(eos)
-        moves = array("q", map(partial(index.get_next_state, s), allowed))  # outlines' state ids
-        tokens = torch.frombuffer(array("i", allowed), dtype=torch.int32) if allowed else _EMPTY
-        targets = torch.frombuffer(moves, dtype=torch.long) if moves else _EMPTY.long()
-        tokens, by_token = torch.sort(tokens)
-        keep = ~torch.isin(tokens, skip)  # EOS ids and the sentinel are not edges
-        tokens, targets = tokens[keep], targets[by_token][keep].tolist()
-        for d in dict.fromkeys(targets):  # first occurrences, in order: a Python step per distinct successor
+        moves = list(map(partial(index.get_next_state, s), allowed))  # outlines' state ids
+        for d in dict.fromkeys(moves):  # first occurrences, in order: a Python step per distinct successor
             if d not in number:
                 number[d] = len(order)
                 order.append(d)
-        dsts = torch.frombuffer(array("i", map(number.__getitem__, targets)), dtype=torch.int32) if targets \
-            else _EMPTY
-        token_rows.append(tokens)
-        dst_rows.append(dsts)
-        successors.append(torch.unique(dsts).tolist())
+        tokens.extend(allowed)
+        targets.extend(map(number.__getitem__, moves))
+        counts.append(len(allowed))
     num_states = len(order)
-    counts = torch.tensor([t.numel() for t in token_rows], dtype=torch.long)
+    token, dst = _tensor(tokens, torch.int32), _tensor(targets, torch.int32)
+    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), _tensor(counts, torch.long))
+    del tokens, targets
+    keep = ~torch.isin(token, torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.int32))
+    src, token, dst = src[keep], token[keep], dst[keep]
+    by_edge = torch.argsort((src.long() << 31) | token.long())  # token ids < 2**31
+    src, token, dst = src[by_edge], token[by_edge], dst[by_edge]  # sorted by (src, token)
+    del keep, by_edge
     offsets = torch.zeros(num_states + 1, dtype=torch.long)
-    offsets[1:] = counts.cumsum(0)
-    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), counts)
-    token, dst = torch.cat(token_rows), torch.cat(dst_rows)
-    del token_rows, dst_rows
+    offsets[1:] = torch.bincount(src, minlength=num_states).cumsum(0)
     accepting = torch.zeros(num_states, dtype=torch.bool)
     accepting[[number[s] for s in index.get_final_states() if s in number]] = True
-    distance = _distance_to_accept(successors, accepting)
+    distance = _distance_to_accept(src, dst, num_states, accepting)
     if distance[0] >= INFINITE:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
     return TokenAutomaton(regex, num_states, src, token, dst, offsets, accepting, distance)
 
 
-_EMPTY = torch.zeros(0, dtype=torch.int32)
+def _tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over an array's buffer (an empty one for an empty array)."""
+    return torch.frombuffer(values, dtype=dtype) if len(values) else torch.zeros(0, dtype=dtype)
 
 
-def _distance_to_accept(successors: list[list[int]], accepting: torch.Tensor) -> torch.Tensor:
-    """Breadth-first search backwards from the accepting states, over each state's distinct successors."""
-    incoming: list[list[int]] = [[] for _ in successors]
-    for s, targets in enumerate(successors):
-        for d in targets:
-            incoming[d].append(s)
-    distance = [INFINITE] * len(successors)
-    frontier = [s for s in range(len(successors)) if accepting[s]]
+
+
+def _distance_to_accept(src: torch.Tensor, dst: torch.Tensor, num_states: int,
+                        accepting: torch.Tensor) -> torch.Tensor:
+    """Breadth-first search backwards from the accepting states, over the distinct (state, next state) pairs
+    (a few per state, however many tokens each has)."""
+    pairs = torch.unique(src.long() * num_states + dst.long())
+    incoming: list[list[int]] = [[] for _ in range(num_states)]
+    for s, d in zip((pairs // num_states).tolist(), (pairs % num_states).tolist()):
+        incoming[d].append(s)
+    distance = [INFINITE] * num_states
+    frontier = accepting.nonzero().flatten().tolist()
     for s in frontier:
         distance[s] = 0
     while frontier:
