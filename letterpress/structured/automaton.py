@@ -32,9 +32,8 @@ from .regex import SchemaError, narrow
 from .size import MAX_EDGES, FirstChars, check_size
 
 INFINITE = 2**30
-_CACHE_SIZE = 64  # compiled automata kept (least recently used out first), and at most this many edges in all
-# (64 M: ~770 MB)
-_CACHE_EDGES = 2 * MAX_EDGES
+_CACHE_SIZE = 64  # compiled automata kept (least recently used out first), and at most this many edges in all:
+_CACHE_EDGES = 2 * MAX_EDGES  # 64 M at the default: ~770 MB
 # outlines-core's Index also determinizes the *unanchored* search DFA of the regex (".*regex"), which blows
 # up exponentially for a literal followed by a bounded repeat that can contain it (`1[1-9]{20}`: 13 s, one
 # state per subset of the last 20 positions). We compile SENTINEL + regex instead, with SENTINEL removed
@@ -288,17 +287,18 @@ def _compile(regex: str, anchored: str, vocabulary, eos_token_ids: list[int]) ->
     start = index.get_next_state(index.get_initial_state(), _SENTINEL_ID)
     if start is None:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
-    eos = vocabulary.get_eos_token_id()
+    skip = sorted(set(eos_token_ids) | {vocabulary.get_eos_token_id(), _SENTINEL_ID})  # never edges
     # Breadth first from `start` (our state numbers are the visit order, successors in outlines' order), one
     # state at a time and with no Python object kept per edge: outlines' get_transitions() would build a dict
-    # entry per edge (~100 bytes) at once. Per edge only C-level steps here; sorting is one global pass below.
+    # entry per edge (~100 bytes) at once. Per edge only C-level steps here; the sort is in chunks below.
     number = {start: 0}
     order = [start]
     tokens, targets, counts = array("i"), array("i"), array("q")
     for s in order:
         allowed = index.get_allowed_tokens(s)
-        if index.is_final_state(s) and eos in allowed:  # outlines lets an accepting state write its EOS
-            allowed.remove(eos)
+        for t in skip:  # outlines lets an accepting state write its EOS
+            if t in allowed:
+                allowed.remove(t)
         moves = list(map(partial(index.get_next_state, s), allowed))  # outlines' state ids
         for d in dict.fromkeys(moves):  # first occurrences, in order: a Python step per distinct successor
             if d not in number:
@@ -308,22 +308,41 @@ def _compile(regex: str, anchored: str, vocabulary, eos_token_ids: list[int]) ->
         targets.extend(map(number.__getitem__, moves))
         counts.append(len(allowed))
     num_states = len(order)
-    token, dst = _tensor(tokens, torch.int32), _tensor(targets, torch.int32)
-    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), _tensor(counts, torch.long))
+    token, dst, pairs = _sort_edges(_tensor(tokens, torch.int32), _tensor(targets, torch.int32), counts)
     del tokens, targets
-    keep = ~torch.isin(token, torch.tensor(sorted(set(eos_token_ids) | {_SENTINEL_ID}), dtype=torch.int32))
-    src, token, dst = src[keep], token[keep], dst[keep]
-    by_edge = torch.argsort((src.long() << 31) | token.long())  # token ids < 2**31
-    src, token, dst = src[by_edge], token[by_edge], dst[by_edge]  # sorted by (src, token)
-    del keep, by_edge
+    per_state = _tensor(counts, torch.long)
+    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), per_state)
     offsets = torch.zeros(num_states + 1, dtype=torch.long)
-    offsets[1:] = torch.bincount(src, minlength=num_states).cumsum(0)
+    offsets[1:] = per_state.cumsum(0)
     accepting = torch.zeros(num_states, dtype=torch.bool)
     accepting[[number[s] for s in index.get_final_states() if s in number]] = True
-    distance = _distance_to_accept(src, dst, num_states, accepting)
+    distance = _distance_to_accept(pairs, accepting)
     if distance[0] >= INFINITE:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
     return TokenAutomaton(regex, num_states, src, token, dst, offsets, accepting, distance)
+
+
+_SORT_CHUNK = 2**20  # edges sorted at a time (a state's edges are never split): ~40 MB of temporaries
+
+
+def _sort_edges(token: torch.Tensor, dst: torch.Tensor, counts: array) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Each state's edges (consecutive, `counts` of them per state) sorted by token, a chunk of states at a
+    time so that the temporaries do not grow with E; and the distinct (state, next state) pairs."""
+    token_out, dst_out = torch.empty_like(token), torch.empty_like(dst)
+    pairs: list[tuple[int, int]] = []
+    first, lo = 0, 0
+    while first < len(counts):
+        last, hi = first, lo
+        while last < len(counts) and (last == first or hi + counts[last] - lo <= _SORT_CHUNK):
+            hi += counts[last]
+            last += 1
+        local = torch.repeat_interleave(torch.arange(last - first), _tensor(counts[first:last], torch.long))
+        by_token = torch.argsort((local << 31) | token[lo:hi].long())  # token ids < 2**31
+        token_out[lo:hi], dst_out[lo:hi] = token[lo:hi][by_token], dst[lo:hi][by_token]
+        chunk_pairs = torch.unique((local << 32) | dst_out[lo:hi].long())
+        pairs += zip(((chunk_pairs >> 32) + first).tolist(), (chunk_pairs & (2**32 - 1)).tolist())
+        first, lo = last, hi
+    return token_out, dst_out, pairs
 
 
 def _tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
@@ -333,13 +352,12 @@ def _tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
 
 
 
-def _distance_to_accept(src: torch.Tensor, dst: torch.Tensor, num_states: int,
-                        accepting: torch.Tensor) -> torch.Tensor:
+def _distance_to_accept(pairs: list[tuple[int, int]], accepting: torch.Tensor) -> torch.Tensor:
     """Breadth-first search backwards from the accepting states, over the distinct (state, next state) pairs
     (a few per state, however many tokens each has)."""
-    pairs = torch.unique(src.long() * num_states + dst.long())
+    num_states = accepting.numel()
     incoming: list[list[int]] = [[] for _ in range(num_states)]
-    for s, d in zip((pairs // num_states).tolist(), (pairs % num_states).tolist()):
+    for s, d in pairs:
         incoming[d].append(s)
     distance = [INFINITE] * num_states
     frontier = accepting.nonzero().flatten().tolist()
