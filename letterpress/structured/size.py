@@ -9,7 +9,8 @@ The estimate walks Python's parse of the regex: every character position, unroll
 repeats (an unbounded repeat counts its body min+1 times), weighted by how many tokens of the vocabulary
 begin with a character that position matches. That is the number of edges leaving the positions' states,
 which is what the automaton's memory and compile time grow with. It is an estimate, not a bound: a DFA can
-also grow by determinizing (`.*a.{20}`), which the anchored compile (automaton.py) mostly avoids. Regex
+also grow by determinizing (`.*a.{20}`), which the anchored compile (automaton.py) mostly avoids and its
+state count check (automaton._byte_classes) refuses. Regex
 syntax that Python cannot parse (outlines-core takes Rust's) falls back to a cruder, larger estimate.
 """
 
