@@ -3,6 +3,7 @@
     python benchmarks/structured.py libraries [--repeats 5]        # compile + per-step cost per library
     python benchmarks/structured.py engine [--seeds 3] [--puzzles 50]
     python benchmarks/structured.py size                           # size estimate vs compiled automata
+    python benchmarks/structured.py vocab [--vocab-size 262144]    # json_object + schema suite, synthetic vocab
 
 `libraries`: on the shipped tokenizers (letterpress/assets/tiny_code: byte-level BPE, 4,096 tokens;
 letterpress/assets/sudoku: 827 word tokens), for a suite of JSON schemas (tiny_code) and regexes (both):
@@ -23,6 +24,15 @@ Reports denoising steps per canvas, tokens per forward and seconds per step.
 constraints before compiling (structured/size.py), the compiled automaton's edges, compile seconds and the
 process's peak memory after it (growing order, so each peak is that compile's), compiled with the
 limit off to show what it prevents.
+
+`vocab`: the released model's vocabulary size (262,144) without its tokenizer (no Hub here): a synthetic
+byte-level BPE-like vocabulary (`synthetic_tokenizer`: all 256 bytes, whitespace runs, punctuation pairs,
+numbers, Latin word pieces with and without a leading space, words in seven other scripts, code fragments,
+cut UTF-8), deterministic for a size. For json_object and the schema suite: the size estimate, states,
+edges, the distinct token spellings and how many of them outlines-core's Index walks (one per sequence of
+byte classes: automaton.py), compile seconds (of which outlines-core's two Indexes), the compile's peak memory increase,
+the automaton's resident bytes (per edge), and the DP's time per canvas position (CPU, 1 thread). Each constraint is compiled
+in a fresh child process so each peak is its own.
 """
 
 from __future__ import annotations
@@ -249,6 +259,142 @@ def size() -> None:
         print(f"| `{regex}` | {estimate:,} | {served} | {automaton.src.numel():,} | {seconds:.2f} | {peak} |", flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ vocab
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>"]
+_SCRIPTS = [(0x00C0, 0x017F), (0x0400, 0x04FF), (0x0900, 0x097F), (0x4E00, 0x9FFF), (0x3040, 0x30FF),
+            (0xAC00, 0xD7A3), (0x0600, 0x06FF)]  # Latin accents, Cyrillic, Devanagari, CJK, kana, Hangul, Arabic
+
+
+def synthetic_tokenizer(size: int, seed: int = 0) -> Tokenizer:
+    """A byte-level BPE-like tokenizer of `size` ids (specials first, eos = 1), for measuring automata at a
+    vocabulary size whose real tokenizer is not at hand. Only its vocabulary is realistic (no merges)."""
+    import random
+    import string
+
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from letterpress.structured.automaton import _byte_level_map
+
+    to_char = {b: c for c, b in _byte_level_map().items()}
+    rng = random.Random(seed)
+    room = size - len(SPECIALS)
+    spellings: dict[bytes, None] = {}
+
+    def add(b: bytes) -> None:
+        if b and len(spellings) < room:
+            spellings.setdefault(b)
+
+    for b in range(256):
+        add(bytes([b]))
+    for n in range(1, 33):
+        add(b" " * n), add(b"\n" + b" " * n), add(b"\t" * min(n, 8))
+    punctuation = "{}[]()<>:;,.\"'`!?-_=+*/\\|&^%$#@~"
+    for a in punctuation:
+        for b in punctuation + " \n":
+            add((a + b).encode())
+    for n in range(1000):
+        add(str(n).encode()), add(b" " + str(n).encode())
+    consonants, vowels = "bcdfghjklmnpqrstvwxyz", "aeiou"
+    while len(spellings) < room:
+        r = rng.random()
+        if r < 0.6:  # a Latin word piece, a leading space half the time, some capitalised
+            w = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(5))[: rng.randint(2, 10)]
+            w = w.capitalize() if rng.random() < 0.2 else w
+            add(((" " if rng.random() < 0.5 else "") + w).encode())
+        elif r < 0.85:  # 1-4 characters of another script (multi-byte UTF-8)
+            lo, hi = rng.choice(_SCRIPTS)
+            w = "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 4)))
+            add(((" " if rng.random() < 0.3 else "") + w).encode())
+        elif r < 0.95:  # code: punctuation then an identifier
+            add((rng.choice(["_", ".", "(", "::", "->", '"', "='", "</", "${"]) +
+                 "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 6)))).encode())
+        else:  # a CJK character cut after 2 bytes, alone or with a stray continuation byte
+            c = chr(rng.randint(0x4E00, 0x9FFF)).encode()[:2]
+            add(c + bytes([rng.randint(0x80, 0xBF)]) if rng.random() < 0.5 else c)
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for b in spellings:
+        vocab["".join(to_char[x] for x in b)] = len(vocab)
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    return Tokenizer(backend, {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}, {})
+
+
+def vocab_constraints() -> dict[str, str]:
+    from letterpress.structured import json_object_regex
+
+    return {"json_object": json_object_regex(), **{f"schema:{k}": schema_regex(v) for k, v in SUITE.items()}}
+
+
+def vocab(size: int, positions: int) -> None:
+    import subprocess
+
+    print(f"machine: {machine()}")
+    print(f"synthetic byte-level vocabulary of {size:,} tokens; DP over {positions} positions")
+    print("| constraint | estimated edges | states | edges | spellings -> walked | compile s | of which Index s (one-byte + full) | "
+          "peak +MB | automaton MB | bytes/edge | DP ms/position |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in vocab_constraints():
+        out = subprocess.run([sys.executable, __file__, "_vocab_one", name, str(size), str(positions)],
+                             capture_output=True, text=True)
+        print(out.stdout.strip() or f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |", flush=True)
+
+
+def _vocab_one(name: str, size: int, positions: int) -> None:
+    """One constraint in this (fresh) process: the row of `vocab`."""
+    import outlines_core
+
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import estimate_edges
+
+    tokenizer = synthetic_tokenizer(size)
+    regex = vocab_constraints()[name]
+    first = _vocabulary(tokenizer, 1, frozenset())[1]
+    estimate = estimate_edges(regex, first)
+    index_seconds = []
+    real_index = outlines_core.Index
+
+    def timed_index(*args):
+        start = time.perf_counter()
+        index = real_index(*args)
+        index_seconds.append(time.perf_counter() - start)
+        return index
+
+    outlines_core.Index = timed_index
+    automaton_module.check_size = lambda *a, **k: None  # measure whatever it costs
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) restarts from the current RSS
+    before = _status_kb("VmRSS")
+    start = time.perf_counter()
+    automaton = compile_regex(regex, tokenizer, [1])
+    seconds = time.perf_counter() - start
+    peak = (_status_kb("VmHWM") - before) / 1024
+    one_byte, full = index_seconds  # the compile's two outlines-core Indexes
+    edges = automaton.src.numel()
+    resident = sum(t.numel() * t.element_size() for t in (automaton.src, automaton.token, automaton.dst,
+                                                         automaton.offsets, automaton.accepting, automaton.distance))
+    from letterpress.structured.regex import narrow
+
+    spelled = _vocabulary(tokenizer, 1, frozenset())[0]
+    table = automaton_module._byte_classes(automaton_module.SENTINEL + f"(?:{narrow(regex, automaton_module.SENTINEL)})",
+                                           1, 10**15)
+    walked = len({spelling.translate(table) for spelling in spelled})  # what the full Index walks per state
+    logp = torch.log_softmax(torch.randn(positions, tokenizer.vocab_size), -1)
+    best_path(logp[:1], automaton, 0, [1], None if positions == 1 else 10**6)  # warm up
+    start = time.perf_counter()
+    best_path(logp, automaton, 0, [1], 10**6)
+    step = (time.perf_counter() - start) / positions
+    print(f"| {name} | {estimate:,} | {automaton.num_states:,} | {edges:,} | {len(spelled):,} -> {walked:,} | "
+          f"{seconds:.1f} | {one_byte:.2f} + {full:.1f} | "
+          f"{peak:.0f} | {resident / 2**20:.1f} | {resident / max(edges, 1):.1f} | {1e3 * step:.1f} |")
+
+
+def _status_kb(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -259,12 +405,20 @@ def main() -> None:
     eng.add_argument("--puzzles", type=int, default=50)
     eng.add_argument("--models", default="tiny_code,sudoku", help="comma-separated: tiny_code, sudoku")
     sub.add_parser("size")
+    voc = sub.add_parser("vocab")
+    voc.add_argument("--vocab-size", type=int, default=262_144)
+    voc.add_argument("--positions", type=int, default=8, help="canvas positions the timed DP runs over")
+    if len(sys.argv) == 5 and sys.argv[1] == "_vocab_one":  # one row of `vocab`, in a child process
+        torch.manual_seed(0)
+        return _vocab_one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "libraries":
         libraries(args.repeats)
     elif args.what == "size":
         size()
+    elif args.what == "vocab":
+        vocab(args.vocab_size, args.positions)
     else:
         engine(args.seeds, args.puzzles, args.models.split(","))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,125 @@ def test_literal_then_bounded_repeat_compiles():
     ids = sudoku.encode(" ".join("1" + "5" * 24))
     assert automaton.accepting[automaton.walk(0, ids)] and automaton.walk(0, sudoku.encode("2")) is None
     assert int(automaton.distance[0]) == 25
+
+
+def _dict_automaton(regex: str, tokenizer: Tokenizer) -> tuple[list[dict[int, int]], set[int], list[int]]:
+    """The automaton as first shipped: outlines-core's get_transitions() over the whole vocabulary (one
+    spelling per token, no byte classes) as one dict per state (EOS and the sentinel left out), numbered
+    breadth first; its accepting states, and each state's fewest tokens to one."""
+    from outlines_core import Index, Vocabulary
+
+    from letterpress.structured.automaton import _SENTINEL_ID, SENTINEL, _vocabulary
+    from letterpress.structured.regex import narrow
+
+    spelled = dict(_vocabulary(tokenizer, EOS[0], frozenset())[0])
+    spelled[SENTINEL.encode()] = [_SENTINEL_ID]
+    index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", Vocabulary(EOS[0], spelled))
+    raw = {s: {t: d for t, d in row.items() if t not in (EOS[0], _SENTINEL_ID)}
+           for s, row in index.get_transitions().items()}
+    order = [index.get_transitions()[index.get_initial_state()][_SENTINEL_ID]]
+    number = {order[0]: 0}
+    for s in order:
+        for d in raw.get(s, {}).values():
+            if d not in number:
+                number[d] = len(order)
+                order.append(d)
+    moves = [{t: number[d] for t, d in raw.get(s, {}).items()} for s in order]
+    accepting = {number[s] for s in index.get_final_states() if s in number}
+    incoming: list[set[int]] = [set() for _ in moves]
+    for s, row in enumerate(moves):
+        for d in row.values():
+            incoming[d].add(s)
+    distance, queue = [None] * len(moves), sorted(accepting)
+    for s in queue:
+        distance[s] = 0
+    for d in queue:  # breadth first, backwards (the list grows as it is read)
+        for s in sorted(incoming[d]):
+            if distance[s] is None:
+                distance[s] = distance[d] + 1
+                queue.append(s)
+    return moves, accepting, distance
+
+
+@pytest.mark.parametrize("which", ["optional", "json_object", "tool_call", "sudoku"])
+def test_compact_automaton_matches_the_dict_walk(tokenizer, which):
+    """The sorted edge tensors + offsets, compiled over byte classes, are the per-state dicts over the whole
+    vocabulary up to state numbering: state by state (matched breadth first from the start) the same allowed
+    tokens, next states, accepting flags and distances; binary-search lookups agree, tokens next to the
+    allowed ones are refused, and random walks along the dicts end in the matching state."""
+    if which == "sudoku":
+        tokenizer = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "sudoku")
+        regex = "1[1-9]{24}"
+    elif which == "json_object":
+        from letterpress.structured import json_object_regex
+
+        regex = json_object_regex()
+    elif which == "tool_call":
+        regex = tool_call_regex([{"type": "function", "function": {"name": "f", "parameters": SUITE["nested"]}}])
+    else:
+        regex = schema_regex(SUITE["optional"])
+    moves, accepting, distance = _dict_automaton(regex, tokenizer)
+    automaton = compile_regex(regex, tokenizer, EOS)
+    assert automaton.src.numel() == sum(map(len, moves))
+    ours = {0: 0}  # dict state -> our state
+    g = torch.Generator().manual_seed(0)
+    for s in range(len(moves)):  # breadth-first order: every state is matched before it is visited
+        row, o = moves[s], ours[s]
+        assert automaton.allowed(o).tolist() == sorted(row)
+        lo, hi = automaton.offsets[o: o + 2].tolist()
+        assert automaton.src[lo:hi].eq(o).all()
+        for t, d in zip(sorted(row), automaton.dst[lo:hi].tolist()):
+            assert ours.setdefault(row[t], d) == d
+        assert bool(automaton.accepting[o]) == (s in accepting)
+        assert int(automaton.distance[o]) == (2**30 if distance[s] is None else distance[s])
+        some = sorted(row)[:: max(1, len(row) // 50)]  # the binary search, on up to ~50 tokens of the state
+        assert all(automaton.next_state(o, t) == ours[row[t]] for t in some)
+        refused = {t + 1 for t in some} | {t - 1 for t in some} | set(torch.randint(0, tokenizer.vocab_size, (8,),
+                                                                                    generator=g).tolist())
+        assert all(automaton.next_state(o, t) is None for t in refused - set(row))
+    assert len(set(ours.values())) == len(moves) == automaton.num_states  # one to one
+    for _ in range(20):  # random walks along the dicts, then one token the last state refuses
+        state, path = 0, []
+        while moves[state] and len(path) < 30:
+            tokens = sorted(moves[state])
+            path.append(tokens[int(torch.randint(len(tokens), (1,), generator=g))])
+            state = moves[state][path[-1]]
+        assert automaton.walk(0, path) == ours[state]
+        assert automaton.walk(0, path + [tokenizer.vocab_size + 5]) is None
+
+
+def test_determinizing_regex_refused_by_its_state_count(tokenizer):
+    """`[ab]*a[ab]{10}` has few positions (the edge estimate passes) but 2**11 DFA states, each walking every
+    token in outlines-core's Index: refused after a one-byte Index counts them, before the full one."""
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import estimate_edges
+
+    regex = "[ab]*a[ab]{10}"
+    assert estimate_edges(regex, _vocabulary(tokenizer, EOS[0], frozenset())[1]) < 100_000
+    with pytest.raises(SchemaError, match=r"has 4,\d\d\d states.*--max-constraint-edges"):
+        compile_regex(regex, tokenizer, EOS, limit=100_000)
+    assert compile_regex("[ab]*a[ab]{3}", tokenizer, EOS, limit=100_000).num_states > 8
+
+
+def test_json_object_compiles_within_the_limit_at_a_larger_vocabulary():
+    """A 20,000-token synthetic byte-level vocabulary (benchmarks/structured.py vocab measures 262,144):
+    json_object compiles under the default limit, and one canvas of random scores gives a JSON object."""
+    from letterpress.structured import json_object_regex
+    from letterpress.structured.automaton import _vocabulary
+    from letterpress.structured.size import MAX_EDGES, estimate_edges
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.structured import synthetic_tokenizer
+
+    big = synthetic_tokenizer(20_000)
+    assert big.vocab_size == 20_000 and big.eos_id == EOS[0]
+    regex = json_object_regex()
+    automaton = compile_regex(regex, big, EOS)  # the default limit
+    assert estimate_edges(regex, _vocabulary(big, EOS[0], frozenset())[1]) <= MAX_EDGES
+    assert 100_000 < automaton.src.numel() <= MAX_EDGES
+    logp = torch.log_softmax(3 * torch.randn(12, big.vocab_size, generator=torch.Generator().manual_seed(0)), -1)
+    tokens = best_path(logp, automaton, 0, EOS, None).tokens.tolist()
+    assert isinstance(json.loads(big.decode(tokens[:tokens.index(EOS[0])] if EOS[0] in tokens else tokens)), dict)
 
 
 def test_sentinel_only_narrows_classes():

@@ -13,7 +13,7 @@ import time
 
 from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
 from ..errors import LetterpressError
-from .generate import add_media_arguments, check_media, media_parts
+from .generate import add_media_arguments, check_media, media_parts, model_for_media
 from .printing import CanvasPrinter, stats_line
 
 HELP = "interactive multi-turn chat"
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         from ..tokenizer import load_chat_template
 
         template = load_chat_template(args.chat_template)
-    llm = llm_from_args(args.model, args, max_num_seqs=1)
+    llm = llm_from_args(model_for_media(args.model, args), args, max_num_seqs=1)
     if template is not None and llm.tokenizer is not None:  # no tokenizer: llm.chat says so
         llm.tokenizer.set_chat_template(template)
     check_media(llm, args)

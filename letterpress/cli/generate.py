@@ -23,6 +23,19 @@ def media_parts(args: argparse.Namespace) -> list[dict]:
     return [{"type": "image", "image": path} for path in args.image] + [{"type": "video", "video": path} for path in args.video]
 
 
+def model_for_media(model: str | None, args: argparse.Namespace) -> str | None:
+    """No model named but --image / --video given: the shipped vision-language model (assets/tiny_vlm), since
+    the default text model takes no images; LETTERPRESS_DEFAULT_MODEL, when set, still decides."""
+    import os
+
+    if model is not None or not (args.image or args.video) or os.environ.get("LETTERPRESS_DEFAULT_MODEL"):
+        return model
+    from ..embedded import shipped_models
+
+    vlm = shipped_models().get("tiny_vlm")
+    return str(vlm) if vlm is not None else None
+
+
 def check_media(llm, args: argparse.Namespace) -> None:
     """Read and decode --image / --video now: a bad file is a one-line error (exit 2) before any turn."""
     from ..media.messages import MediaPart
@@ -65,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, prompt = split_model_and_text(args.words, args.parser)
-    llm = llm_from_args(model, args, max_num_seqs=1)
+    llm = llm_from_args(model_for_media(model, args), args, max_num_seqs=1)
     check_media(llm, args)
     params = sampling_params(args)
     printer = CanvasPrinter(llm.tokenizer)

@@ -49,8 +49,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("structured output (README, 'Structured output')")
     s.add_argument("--max-constraint-edges", type=int, default=None, metavar="N",
                    help="the largest automaton (transitions over the vocabulary) one request's response_format, "
-                        "structured_outputs or tool_choice may compile; larger ones get a 400 (default 4000000: "
-                        "about 1.2 GB and 15 s of CPU)")
+                        "structured_outputs or tool_choice may compile; larger ones get a 400 (default 32000000: "
+                        "json_object at a 262,144-token vocabulary is ~8 M; 12 bytes per edge)")
     m = p.add_argument_group("images and video (README, 'Images and video')")
     m.add_argument("--limit-mm-per-prompt", type=json_object, default=None, metavar="JSON",
                    help='the most media items of each kind one prompt may hold, e.g. \'{"image":2,"video":1}\' '

@@ -10,15 +10,20 @@ Tokens: each id is spelled by the bytes it decodes to (byte-level BPE: its byte 
 users), except the ones a caller allows by name (the Gemma chat format's markers, for tool calls), which are
 spelled by their text. EOS ids are never in the automaton: the DP ends the answer with one (dp.py).
 
-Shapes: S states (0 = the start), E edges (src, token, dst), each state's shortest distance to an accepting
-state in tokens (`distance`, for "can this prefix still complete within the token budget").
+Shapes: S states (0 = the start), E edges (src, token, dst) sorted by (src, token) with per-state offsets, each
+state's shortest distance to an accepting state in tokens (`distance`, for "can this prefix still complete
+within the token budget"). Nothing is kept per edge but the three int32 tensors (12 bytes an edge): at the
+released 262,144-token vocabulary json_object has ~4.8 M edges, 55 MB (BENCHMARKS.md, "Structured output").
 """
 
 from __future__ import annotations
 
 import threading
+from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -28,7 +33,7 @@ from .size import MAX_EDGES, FirstChars, check_size
 
 INFINITE = 2**30
 _CACHE_SIZE = 64  # compiled automata kept (least recently used out first), and at most this many edges in all:
-_CACHE_EDGES = 2 * MAX_EDGES
+_CACHE_EDGES = 2 * MAX_EDGES  # 64 M at the default: ~770 MB
 # outlines-core's Index also determinizes the *unanchored* search DFA of the regex (".*regex"), which blows
 # up exponentially for a literal followed by a bounded repeat that can contain it (`1[1-9]{20}`: 13 s, one
 # state per subset of the last 20 positions). We compile SENTINEL + regex instead, with SENTINEL removed
@@ -40,41 +45,61 @@ _SENTINEL_ID = 2**31 - 2  # a token id no vocabulary uses
 
 @dataclass
 class TokenAutomaton:
+    """Edges sorted by (src, token): state s's edges are [offsets[s], offsets[s + 1]), its tokens ascending, so
+    a committed token is found by binary search in its state's slice. No Python object per edge or per
+    (state, token): 12 bytes per edge on the CPU (int32 src, token, dst; BENCHMARKS.md, "Structured output")."""
+
     regex: str
     num_states: int
-    src: torch.Tensor  # [E] long
-    token: torch.Tensor  # [E] long
-    dst: torch.Tensor  # [E] long
+    src: torch.Tensor  # [E] int32
+    token: torch.Tensor  # [E] int32
+    dst: torch.Tensor  # [E] int32
+    offsets: torch.Tensor  # [S + 1] long
     accepting: torch.Tensor  # [S] bool
     distance: torch.Tensor  # [S] long: fewest tokens to an accepting state (INFINITE: never)
-    transitions: list[dict[int, int]]  # per state, for walking committed tokens
     _copies: dict = field(default_factory=dict, repr=False)  # device -> this automaton's tensors there
-    _offsets: list[int] | None = field(default=None, repr=False)  # state s's edges: [offsets[s], offsets[s + 1])
+    _bounds: list[int] | None = field(default=None, repr=False)  # offsets as Python ints (S + 1 of them)
+    _views: tuple | None = field(default=None, repr=False)  # memoryviews of token and dst, for bisect
+
+    def _slice(self, state: int) -> tuple[int, int]:
+        if self._bounds is None:
+            self._bounds = self.offsets.tolist()
+        return self._bounds[state], self._bounds[state + 1]
 
     def allowed(self, state: int) -> torch.Tensor:
-        """The tokens state `state` may write next ([n] long, where the tensors live; edges are sorted by src)."""
-        if self._offsets is None:
-            counts = torch.bincount(self.src, minlength=self.num_states).cumsum(0)
-            self._offsets = [0] + counts.tolist()
-        return self.token[self._offsets[state]: self._offsets[state + 1]]
+        """The tokens state `state` may write next ([n], ascending, where the tensors live)."""
+        lo, hi = self._slice(state)
+        return self.token[lo:hi]
+
+    def next_state(self, state: int, token: int) -> int | None:
+        """The state after writing `token` in `state`; None when the token is not allowed there (a binary
+        search in the state's slice of `token`; CPU automata, as compile_regex returns them)."""
+        lo, hi = self._slice(state)
+        if self._views is None:
+            self._views = memoryview(self.token.numpy()), memoryview(self.dst.numpy())
+        tokens, dst = self._views
+        i = bisect_left(tokens, token, lo, hi)
+        return dst[i] if i < hi and tokens[i] == token else None
 
     def walk(self, state: int, tokens: list[int]) -> int | None:
         """The state after `tokens` from `state`; None when a token is not allowed."""
         for t in tokens:
-            state = self.transitions[state].get(t)
+            state = self.next_state(state, t)
             if state is None:
                 return None
         return state
 
     def to(self, device: torch.device | str) -> "TokenAutomaton":
-        """The tensors on `device` (copied once per device; this object itself stays on the CPU)."""
+        """The tensors on `device` (copied once per device; this object itself stays on the CPU). Off the CPU
+        the edge tensors become long: the DP's int32 gather/scatter indices are only checked on the CPU."""
         device = torch.device(device)
         if self.src.device == device:
             return self
         if device not in self._copies:
             self._copies[device] = TokenAutomaton(
-                self.regex, self.num_states, self.src.to(device), self.token.to(device), self.dst.to(device),
-                self.accepting.to(device), self.distance.to(device), self.transitions)
+                self.regex, self.num_states, self.src.to(device, torch.long), self.token.to(device, torch.long),
+                self.dst.to(device, torch.long), self.offsets.to(device), self.accepting.to(device),
+                self.distance.to(device))
         return self._copies[device]
 
 
@@ -143,9 +168,11 @@ def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
         running.wait()  # then look again (a failed compile leaves no entry: that caller raises its own error)
     try:
         eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted
-        vocabulary, first = _vocabulary(tokenizer, eos, allowed_special)
+        spelled, first = _vocabulary(tokenizer, eos, allowed_special)
         check_size(regex, first, limit)
-        automaton = _compile(regex, vocabulary, eos_token_ids)
+        anchored = SENTINEL + f"(?:{narrow(regex, SENTINEL)})"
+        table = _byte_classes(anchored, first.total, limit)
+        automaton = _compile(regex, anchored, _grouped(spelled, table, eos), eos_token_ids)
         with _lock:
             _cache[key] = automaton
             while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or
@@ -164,72 +191,176 @@ _lock = threading.Lock()
 _vocabularies: dict = {}
 
 
-def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]) -> tuple[object, FirstChars]:
-    """outlines-core's Vocabulary, and how many tokens start with each character (for size.py)."""
-    from outlines_core import Vocabulary
-
+def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str]) -> tuple[dict, FirstChars]:
+    """The tokens' spellings (bytes -> ids, see token_bytes), and how many tokens start with each character
+    (for size.py). `eos` is part of the key only (outlines' Vocabulary is built per constraint: _grouped)."""
     key = (id(tokenizer), eos, allowed_special)
     with _lock:
         if key not in _vocabularies:
             spelled = token_bytes(tokenizer, allowed_special)
-            first = FirstChars(spelled)
-            spelled[SENTINEL.encode()] = [_SENTINEL_ID]
-            _vocabularies[key] = Vocabulary(eos, spelled), first
+            _vocabularies[key] = spelled, FirstChars(spelled)
         return _vocabularies[key]
 
 
-def _compile(regex: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton:
+# Scans: outlines-core's Index walks every token of the vocabulary from every state of the regex's DFA, so it
+# costs states x tokens whatever the edges. A regex that determinizes into many states (`[ab]*a[ab]{20}`:
+# 2**21) passes the edge estimate; it is refused when states x tokens passes SCANS_PER_EDGE x the edge limit
+# (2 x 10**9 at the default: json_object at 262,144 tokens is 711 x 262,144 = 1.9 x 10**8).
+SCANS_PER_EDGE = 64
+
+
+def _byte_classes(anchored: str, tokens: int, limit: int) -> bytes:
+    """A translation table sending every byte to the first byte of its class: bytes that outlines-core's
+    Index of `anchored` over the 256 one-byte tokens moves alike from every state it reaches. Every DFA
+    state a token's walk passes through (that can still lead anywhere) is one of those states, so a token
+    behaves exactly like any other token whose bytes are in the same classes: the full Index need walk one
+    token of each spelling-by-classes (a 262,144-token vocabulary has about half as many; 2-3x faster).
+    Also refuses the constraint when the DFA has too many states for the vocabulary (see SCANS_PER_EDGE);
+    this one-byte Index costs states x 256, against the full one's states x tokens."""
     from outlines_core import Index
 
     try:
-        index = Index(SENTINEL + f"(?:{narrow(regex, SENTINEL)})", vocabulary)
+        index = Index(anchored, _byte_vocabulary())
     except (ValueError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
-    raw = index.get_transitions()
-    final = set(index.get_final_states())
-    start = raw.get(index.get_initial_state(), {}).get(_SENTINEL_ID)
+    moves = index.get_transitions()  # {state: {byte: state}}: at most 256 entries per state
+    states = len(moves.keys() | set(index.get_final_states()))
+    if states * tokens > SCANS_PER_EDGE * limit:
+        raise SchemaError(f"the constraint is too large to compile: its automaton has {states:,} states, and "
+                          f"{states:,} x {tokens:,} tokens is more than this server walks (at most {SCANS_PER_EDGE} "
+                          f"x {limit:,}); a bounded repeat after an unbounded one that can match the same "
+                          "characters ([ab]*a[ab]{20}) multiplies states: bound the first or shorten the second "
+                          "(a server may raise the limit: --max-constraint-edges)")
+    rows = list(moves.values())
+    classes = torch.zeros(256, dtype=torch.long)  # refined chunk by chunk: bytes split by where states send them
+    for i in range(0, len(rows), 1024):
+        chunk = rows[i: i + 1024]
+        targets = torch.full((len(chunk) + 1, 257), -1, dtype=torch.long)  # [1 + states, byte, EOS]: -1 = dead
+        targets[0, :256] = classes
+        lengths = torch.tensor([len(row) for row in chunk], dtype=torch.long)
+        which = torch.repeat_interleave(torch.arange(1, len(chunk) + 1), lengths)
+        targets[which, torch.tensor([b for row in chunk for b in row], dtype=torch.long)] = torch.tensor(
+            [d for row in chunk for d in row.values()], dtype=torch.long)
+        classes = torch.unique(targets[:, :256], dim=1, return_inverse=True)[1]
+    first = torch.full((256,), 256, dtype=torch.long).scatter_reduce(0, classes, torch.arange(256), "amin")
+    return bytes(first[classes].tolist())  # each byte -> the first byte of its class
+
+
+def _byte_vocabulary():
+    from outlines_core import Vocabulary
+
+    global _BYTES
+    if _BYTES is None:
+        _BYTES = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
+    return _BYTES
+
+
+_BYTES = None
+
+
+def _grouped(spelled: dict[bytes, list[int]], table: bytes, eos: int):
+    """outlines-core's Vocabulary of one spelling per class sequence (see _byte_classes), each with the ids
+    of all the tokens spelled so, and the sentinel."""
+    from outlines_core import Vocabulary
+
+    grouped: dict[bytes, list[int]] = {}
+    for spelling, ids in spelled.items():
+        key = spelling.translate(table)
+        same = grouped.get(key)
+        if same is None:
+            grouped[key] = list(ids)
+        else:
+            same.extend(ids)
+    grouped.setdefault(SENTINEL.encode(), []).append(_SENTINEL_ID)
+    return Vocabulary(eos, grouped)
+
+
+def _compile(regex: str, anchored: str, vocabulary, eos_token_ids: list[int]) -> TokenAutomaton:
+    from outlines_core import Index
+
+    try:
+        index = Index(anchored, vocabulary)
+    except (ValueError, RuntimeError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
+    start = index.get_next_state(index.get_initial_state(), _SENTINEL_ID)
     if start is None:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
-    order = _reachable(raw, start)
-    number = {s: n for n, s in enumerate(order)}
-    skip = set(eos_token_ids)
-    transitions: list[dict[int, int]] = [dict() for _ in order]
-    skip.add(_SENTINEL_ID)
+    skip = sorted(set(eos_token_ids) | {vocabulary.get_eos_token_id(), _SENTINEL_ID})  # never edges
+    # Breadth first from `start` (our state numbers are the visit order, successors in outlines' order), one
+    # state at a time and with no Python object kept per edge: outlines' get_transitions() would build a dict
+    # entry per edge (~100 bytes) at once. Per edge only C-level steps here; the sort is in chunks below.
+    number = {start: 0}
+    order = [start]
+    tokens, targets, counts = array("i"), array("i"), array("q")
     for s in order:
-        for token, d in raw.get(s, {}).items():
-            if token not in skip:
-                transitions[number[s]][token] = number[d]
-    edges = [(s, t, d) for s, moves in enumerate(transitions) for t, d in moves.items()]
-    accepting = torch.zeros(len(order), dtype=torch.bool)
-    accepting[[number[s] for s in final if s in number]] = True
-    distance = _distance_to_accept(transitions, accepting)
+        allowed = index.get_allowed_tokens(s)
+        for t in skip:  # outlines lets an accepting state write its EOS
+            if t in allowed:
+                allowed.remove(t)
+        moves = list(map(partial(index.get_next_state, s), allowed))  # outlines' state ids
+        for d in dict.fromkeys(moves):  # first occurrences, in order: a Python step per distinct successor
+            if d not in number:
+                number[d] = len(order)
+                order.append(d)
+        tokens.extend(allowed)
+        targets.extend(map(number.__getitem__, moves))
+        counts.append(len(allowed))
+    num_states = len(order)
+    token, dst, pairs = _sort_edges(_tensor(tokens, torch.int32), _tensor(targets, torch.int32), counts)
+    del tokens, targets
+    per_state = _tensor(counts, torch.long)
+    src = torch.repeat_interleave(torch.arange(num_states, dtype=torch.int32), per_state)
+    offsets = torch.zeros(num_states + 1, dtype=torch.long)
+    offsets[1:] = per_state.cumsum(0)
+    accepting = torch.zeros(num_states, dtype=torch.bool)
+    accepting[[number[s] for s in index.get_final_states() if s in number]] = True
+    distance = _distance_to_accept(pairs, accepting)
     if distance[0] >= INFINITE:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
-    e = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)
-    return TokenAutomaton(regex, len(order), e[:, 0].contiguous(), e[:, 1].contiguous(), e[:, 2].contiguous(),
-                          accepting, distance, transitions)
+    return TokenAutomaton(regex, num_states, src, token, dst, offsets, accepting, distance)
 
 
-def _reachable(raw: dict[int, dict[int, int]], start: int) -> list[int]:
-    """The states reachable from `start`, `start` first."""
-    order, seen = [start], {start}
-    for s in order:
-        for d in raw.get(s, {}).values():
-            if d not in seen:
-                seen.add(d)
-                order.append(d)
-    return order
+_SORT_CHUNK = 2**20  # edges sorted at a time (a state's edges are never split): ~40 MB of temporaries
 
 
-def _distance_to_accept(transitions: list[dict[int, int]], accepting: torch.Tensor) -> torch.Tensor:
-    """Breadth-first search backwards from the accepting states."""
-    incoming: list[set[int]] = [set() for _ in transitions]
-    for s, moves in enumerate(transitions):
-        for d in moves.values():
-            incoming[d].add(s)
-    distance = [INFINITE] * len(transitions)
-    frontier = [s for s in range(len(transitions)) if accepting[s]]
+def _sort_edges(token: torch.Tensor, dst: torch.Tensor, counts: array) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Each state's edges (consecutive, `counts` of them per state) sorted by token, a chunk of states at a
+    time so that the temporaries do not grow with E; and the distinct (state, next state) pairs."""
+    token_out, dst_out = torch.empty_like(token), torch.empty_like(dst)
+    pairs: list[tuple[int, int]] = []
+    first, lo = 0, 0
+    while first < len(counts):
+        last, hi = first, lo
+        while last < len(counts) and (last == first or hi + counts[last] - lo <= _SORT_CHUNK):
+            hi += counts[last]
+            last += 1
+        local = torch.repeat_interleave(torch.arange(last - first), _tensor(counts[first:last], torch.long))
+        by_token = torch.argsort((local << 31) | token[lo:hi].long())  # token ids < 2**31
+        token_out[lo:hi], dst_out[lo:hi] = token[lo:hi][by_token], dst[lo:hi][by_token]
+        chunk_pairs = torch.unique((local << 32) | dst_out[lo:hi].long())
+        pairs += zip(((chunk_pairs >> 32) + first).tolist(), (chunk_pairs & (2**32 - 1)).tolist())
+        first, lo = last, hi
+    return token_out, dst_out, pairs
+
+
+def _tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over an array's buffer (an empty one for an empty array)."""
+    return torch.frombuffer(values, dtype=dtype) if len(values) else torch.zeros(0, dtype=dtype)
+
+
+
+
+def _distance_to_accept(pairs: list[tuple[int, int]], accepting: torch.Tensor) -> torch.Tensor:
+    """Breadth-first search backwards from the accepting states, over the distinct (state, next state) pairs
+    (a few per state, however many tokens each has)."""
+    num_states = accepting.numel()
+    incoming: list[list[int]] = [[] for _ in range(num_states)]
+    for s, d in pairs:
+        incoming[d].append(s)
+    distance = [INFINITE] * num_states
+    frontier = accepting.nonzero().flatten().tolist()
     for s in frontier:
         distance[s] = 0
     while frontier:

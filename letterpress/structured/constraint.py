@@ -126,7 +126,7 @@ class Constraint:
                 scores = logp[i].index_select(0, allowed).float()
                 scores = scores - torch.logsumexp(scores, 0)
                 out[i] = -(scores.exp() * scores).sum()
-            state = self.automaton.transitions[state].get(token)  # None after EOS
+            state = self.automaton.next_state(state, token)  # None after EOS
         return out
 
     def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """How large a regex's token automaton would be, estimated before compiling it, so that one request cannot
 take the server's memory: outlines-core has no time or memory limit, and the token-level DFA holds one edge
 per (state, token that can start there). A regex with nested bounded repeats multiplies its states
-(`(?:"[^"]{0,64}",){0,32}` has ~2,000 positions; with a 4,096-token vocabulary that is 8.4 M edges, 11 s and
-2.5 GB), and a larger vocabulary multiplies the edges again.
+(`(?:(?:[a-z]{0,100},){0,100};){0,30}` has ~300,000 positions: 5 x 10**8 edges at a 4,096-token vocabulary),
+and a larger vocabulary multiplies the edges again (a state inside a JSON string has an edge for nearly every
+token).
 
 The estimate walks Python's parse of the regex: every character position, unrolled through its bounded
 repeats (an unbounded repeat counts its body min+1 times), weighted by how many tokens of the vocabulary
 begin with a character that position matches. That is the number of edges leaving the positions' states,
 which is what the automaton's memory and compile time grow with. It is an estimate, not a bound: a DFA can
-also grow by determinizing (`.*a.{20}`), which the anchored compile (automaton.py) mostly avoids. Regex
+also grow by determinizing (`.*a.{20}`), which the anchored compile (automaton.py) mostly avoids and its
+state count check (automaton._byte_classes) refuses. Regex
 syntax that Python cannot parse (outlines-core takes Rust's) falls back to a cruder, larger estimate.
 """
 
@@ -25,8 +27,11 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from .regex import MAX_REGEX_CHARS, SchemaError
 
-# The most automaton edges a request may compile (about 300 bytes and 1.3 us each, measured: BENCHMARKS.md)
-MAX_EDGES = 4_000_000
+# The most (estimated) automaton edges a request may compile. An edge costs 12 bytes resident, ~40 bytes at the
+# compile's peak and ~5 us of compile on the 2-core sandbox (outlines-core's Index most of it); the limit is set
+# so that json_object and the schema suite of benchmarks/structured.py compile at the released vocabulary
+# (262,144 tokens: estimates up to 17.8 M; BENCHMARKS.md, "Structured output"): at most ~380 MB resident.
+MAX_EDGES = 32_000_000
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 

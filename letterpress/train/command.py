@@ -130,6 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{name}: {recipe.description}")
         return 0
     cfg, train_data, eval_data, eval_hook = train_config_from_args(args)
+    if args.recipe and RECIPES[args.recipe].runner is not None and cfg.data is None:
+        return RECIPES[args.recipe].runner(cfg)  # a recipe with its own loop (tiny-vlm: images)
     trainer = Trainer(cfg, train_data, eval_data, eval_hook)
     env, clean = trainer.env, False
     try:

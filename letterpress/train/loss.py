@@ -202,11 +202,15 @@ def loss_sums(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig) -> LossS
                     encoder_count=batch.num_next_token_scored if cfg.encoder_loss_weight else 0)
 
 
-def diffusion_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig) -> torch.Tensor:
+def diffusion_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig, soft_tokens: torch.Tensor | None = None,
+                  soft_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`soft_tokens` / `soft_token_mask`: image embeddings for the context's placeholder positions, as
+    `DiffusionGemma.encode` takes them (the tiny-vlm recipe, letterpress.train.vlm)."""
     b = batch.size
     # A fresh cache per batch: encode writes into it in place and autograd follows those writes.
     cache = model.new_cache(b, int(batch.context_lengths.max()))
-    context_hidden = model.encode(batch.context_ids, cache, input_lengths=batch.context_lengths)
+    context_hidden = model.encode(batch.context_ids, cache, input_lengths=batch.context_lengths,
+                                  soft_tokens=soft_tokens, soft_token_mask=soft_token_mask)
     sc_logits = sc_mask = None
     # Pass 1 runs whenever self-conditioning is on, even if no row of this batch drew it: every rank then
     # runs the same passes, which sharded (FSDP) training needs for its collectives to line up.
@@ -225,11 +229,14 @@ def diffusion_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig) -> t
     return loss + 0.0 * context_hidden.sum()
 
 
-def encoder_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig) -> torch.Tensor:
+def encoder_sum(model: nn.Module, batch: DiffusionBatch, cfg: LossConfig, soft_tokens: torch.Tensor | None = None,
+                soft_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`soft_tokens` / `soft_token_mask` [B, Ts]: image embeddings for the sequence's placeholder positions."""
     if not cfg.encoder_loss_weight:
         return torch.zeros((), device=batch.clean.device)
     cache = model.new_cache(batch.size, batch.sequence_ids.shape[1])
-    hidden = model.encode(batch.sequence_ids, cache, input_lengths=batch.sequence_lengths)  # [B, Ts, H]
+    hidden = model.encode(batch.sequence_ids, cache, input_lengths=batch.sequence_lengths,
+                          soft_tokens=soft_tokens, soft_token_mask=soft_token_mask)  # [B, Ts, H]
     rows, pos = batch.next_token_scored.nonzero(as_tuple=True)
     # Only the scored positions go through the LM head: [N, V] instead of [B, Ts, V].
     logits = model.lm_logits(hidden[rows, pos])

@@ -30,6 +30,7 @@ class Recipe:
     tokenizer: str | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> value
     evaluate: EvalHook | None = None  # extra metrics at each evaluation (e.g. exact-solve rate by generation)
+    runner: Callable[[TrainConfig], int] | None = None  # its own training loop instead of Trainer (tiny-vlm)
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The recipe's TrainConfig, then `overrides` (e.g. from the command line) on top."""

@@ -1,0 +1,406 @@
+"""The recipe `tiny-vlm`: a small DiffusionGemma with a Gemma 4 vision tower, trained from scratch on images our
+code renders (letterpress.train.vlm_data: numbers, words, shapes, colours, dots, a bar chart).
+
+    letterpress train --recipe tiny-vlm --output runs/tiny-vlm      # -> letterpress/assets/tiny_vlm
+    letterpress generate letterpress/assets/tiny_vlm --image x.png "What shape is this?"
+
+The model (`vlm_config`): text decoder hidden 128, 2 layers (sliding, full), 4 experts top-2, canvas 8; vision
+tower hidden 128, 2 layers, patch 16, no pooling, default tier 70 soft tokens (any image is resized to at most 70
+patches: a square one to 128x128 pixels = 8x8 patches = 64 soft tokens). Both are trained together from scratch
+by letterpress.train.loss with the image's soft tokens scattered into the prompt, bidirectional within the
+image as at inference.
+
+Half of the examples are plain prompts (`<bos><|image|>What shape is this?` -> answer + EOS, what
+`letterpress generate --image` sends), half are one chat turn of CHAT_TEMPLATE (answer + `<turn|>`).
+
+The tokenizer is a byte-level BPE (digits one per token) trained on the questions and answers, with the special
+tokens of bpe.SPECIAL_TOKENS, the turn markers and the media placeholders at fixed ids (MEDIA_IDS).
+
+The trainer here is a plain loop (the text `Trainer` has no images): AdamW, warmup + cosine, grad clipping, the
+example stream a function of (seed, step), a resume checkpoint every `save_every` steps, metrics.jsonl with the
+loss and, every `eval_every` steps, exact-match accuracy on held-out images (benchmarks/vlm.py scores more).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..embedded import ASSETS
+from ..tokenizer import Tokenizer
+from . import vlm_data as V
+from .data import example_generator
+from .loss import Example, LossConfig, diffusion_sum, encoder_sum, make_batch
+from .recipe import Recipe, register, small_config
+
+log = logging.getLogger(__name__)
+
+VLM_DIR = ASSETS / "tiny_vlm"
+VLM_CANVAS = 8  # the longest answer (3 digits + <turn|>) and its EOS fit one canvas
+VLM_VOCAB = 512
+CONTROL_TOKENS = ("<|turn>", "<turn|>")
+MEDIA_TOKENS = ("<|image>", "<|image|>", "<image|>", "<|video|>")
+# ids after bpe.SPECIAL_TOKENS (0-6): <|turn> 7, <turn|> 8, <|image> 9, <|image|> 10, <image|> 11, <|video|> 12
+MEDIA_IDS = {"turn": 7, "end_turn": 8, "boi": 9, "image": 10, "eoi": 11, "video": 12}
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|image|>{% elif p['type'] == 'video' %}<|video|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+PLAIN_SHARE = 0.5
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def tokenizer_corpus(n: int = 4000) -> list[str]:
+    """Questions and answers in both prompt forms (text only: the tokenizer never sees pixels)."""
+    texts = []
+    answers = [str(i) for i in range(1000)] + list(V.WORDS) + list(V.SHAPES) + list(V.COLOURS) + list(V.BAR_LABELS)
+    for i in range(n):
+        kind = V.KINDS[i % len(V.KINDS)]
+        answer = answers[(i * 7919) % len(answers)]
+        texts.append(f"<bos><|turn>user\n<|image|>{V.QUESTIONS[kind]}<turn|>\n<|turn>model\n{answer}<turn|>")
+    # every answer word often enough to be one token (it follows "model\n" with no space before it)
+    words = list(V.WORDS) + list(V.SHAPES) + list(V.COLOURS)
+    return texts + ["\n".join(words)] * 200
+
+
+def build_vlm_tokenizer(out_dir: Path = VLM_DIR, vocab_size: int = VLM_VOCAB) -> Path:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja in `out_dir`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    from .bpe import SPECIAL_TOKENS, _tokenizer_config
+
+    specials = list(SPECIAL_TOKENS) + list(CONTROL_TOKENS) + list(MEDIA_TOKENS)
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", SPECIAL_TOKENS.index("<bos>"))])
+    for name, i in (("<|turn>", 7), ("<turn|>", 8), ("<|image>", 9), ("<|image|>", 10), ("<image|>", 11),
+                    ("<|video|>", 12)):
+        assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {**_tokenizer_config(), "model_max_length": 512}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------- model
+def vlm_config(vocab_size: int = VLM_VOCAB, text_layers: int = 2, vision_layers: int = 2) -> dict:
+    """config.json: the small text model of our recipes (hidden 128; `text_layers - 1` sliding layers then one
+    full-attention layer) plus a Gemma 4 vision tower (hidden 128, patch 16, no pooling: at the default tier of
+    70 soft tokens a 128x128 image is 8x8 patches = 64 soft tokens), in the released layout."""
+    config = small_config(vocab_size=vocab_size, canvas_length=VLM_CANVAS, hidden_size=128, head_dim=32,
+                          layer_types=["sliding_attention"] * (text_layers - 1) + ["full_attention"],
+                          sliding_window=128, max_position_embeddings=512, eos_token_id=(1, MEDIA_IDS["end_turn"]))
+    config["text_config"]["use_bidirectional_attention"] = "vision"
+    config.update({
+        "image_token_id": MEDIA_IDS["image"], "boi_token_id": MEDIA_IDS["boi"], "eoi_token_id": MEDIA_IDS["eoi"],
+        "vision_soft_tokens_per_image": 70,
+        "vision_config": {
+            "model_type": "gemma4_vision", "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": vision_layers, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32,
+            "patch_size": 16, "pooling_kernel_size": 1, "position_embedding_size": 80, "standardize": False,
+            "use_clipped_linears": False, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0},
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+        },
+    })
+    return config
+
+
+def generation_config() -> dict:
+    return {"max_new_tokens": VLM_CANVAS, "eos_token_id": [1, MEDIA_IDS["end_turn"]], "pad_token_id": 0,
+            "sampler_config": {"entropy_bound": 0.01}}
+
+
+def build_models(config: dict, seed: int, std: float = 0.02):
+    """(text model, vision model) with fresh weights."""
+    from ..config import model_config_from_dict, vision_config_of
+    from ..model import DiffusionGemma
+    from ..model.vision import VisionModel
+
+    mc = model_config_from_dict(config)
+    text = DiffusionGemma(mc)
+    text.init_weights(std, torch.Generator().manual_seed(seed))
+    vision = VisionModel(vision_config_of(mc))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in vision.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std, generator=g)
+            else:
+                p.fill_(1.0)
+        init_patch_features(vision)
+    return text, vision
+
+
+@torch.no_grad()
+def init_patch_features(vision, grid: int = 4, residual_scale: float = 0.1) -> None:
+    """A head start for a tower trained from scratch on little data: the first 3·grid² rows of the patch
+    projection start as the mean colour of each of grid x grid sub-blocks of the patch (a downsampled image,
+    readable by attention from the first step), and each layer's output norms start at `residual_scale`, so the
+    randomly initialised layers add little to those features until they have learned something."""
+    cfg = vision.config
+    p, d = cfg.patch_size, cfg.hidden_size
+    if 3 * grid * grid > d or p % grid:
+        return
+    weight = vision.vision_tower.patch_embedder.input_proj.weight  # [D, p*p*3], input (py, px, c), c fastest
+    cell = p // grid
+    for gy in range(grid):
+        for gx in range(grid):
+            for c in range(3):
+                row = torch.zeros(p, p, 3)
+                row[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell, c] = 1.0 / (cell * cell)
+                weight[(gy * grid + gx) * 3 + c] = row.flatten()
+    for layer in vision.vision_tower.encoder.layers:
+        layer.post_attention_layernorm.weight.fill_(residual_scale)
+        layer.post_feedforward_layernorm.weight.fill_(residual_scale)
+
+
+def save_vlm(text, vision, folder: Path, config: dict, tokenizer_dir: Path) -> Path:
+    """The released checkpoint layout: the text weights via checkpoint.save_model, then the tower's tensors
+    under `model.encoder.vision_tower.*` / `model.encoder.embed_vision.*` in the same model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from ..checkpoint import SINGLE_FILE, save_model
+    from ..embedded import TOKENIZER_FILES
+
+    extra = {name: Path(tokenizer_dir) / name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).is_file()}
+    folder = save_model(text, folder, config, generation_config(), extra_files=extra)
+    path = folder / SINGLE_FILE
+    state = load_file(str(path))
+    for name, tensor in [*vision.named_parameters(), *vision.named_buffers()]:
+        if not name.endswith("inv_freq"):
+            state["model.encoder." + name] = tensor.detach().to(torch.float32).contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def ship(model_dir: str | Path, out_dir: Path = VLM_DIR, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a trained model into `out_dir` (assets/tiny_vlm) with its weights stored as `dtype` (the engine
+    casts them back to its own dtype on load); the tokenizer files there are kept."""
+    from safetensors.torch import load_file, save_file
+
+    from ..checkpoint import SINGLE_FILE
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(model_dir / SINGLE_FILE)).items()}
+    save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        shutil.copyfile(model_dir / name, out_dir / name)
+    return out_dir
+
+
+def write_test_fixtures(out_dir: Path, per_kind: int = 2) -> Path:
+    """The first `per_kind` held-out images of each kind as PNGs plus answers.json ({file: {kind, answer}}):
+    the fixed images tests/test_tiny_vlm.py asks a shipped model about (files, so that the test does not depend
+    on the fonts of the machine it runs on)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answers = {}
+    for kind in V.KINDS:
+        for i, sample in enumerate(V.held_out_samples(kind, per_kind)):
+            name = f"{kind}{i}.png"
+            sample.image.save(out_dir / name, optimize=True)
+            answers[name] = {"kind": kind, "answer": sample.answer}
+    (out_dir / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------- examples
+def prompt_text(question: str, chat: bool) -> str:
+    if chat:
+        return f"<bos><|turn>user\n<|image|>{question}<turn|>\n<|turn>model\n"
+    return f"<bos><|image|>{question}"
+
+
+def encode_example(sample: V.Sample, tokenizer: Tokenizer, processor, chat: bool):
+    """(Example with the image placeholder expanded, the processed image)."""
+    image = processor(sample.image)
+    ids = tokenizer.encode(prompt_text(sample.question, chat), add_special_tokens=False)
+    at = ids.index(MEDIA_IDS["image"])
+    ids = ids[:at] + [MEDIA_IDS["boi"]] + [MEDIA_IDS["image"]] * image.num_soft_tokens + [MEDIA_IDS["eoi"]] + ids[at + 1:]
+    target = tokenizer.encode(sample.answer + ("<turn|>" if chat else ""), add_special_tokens=False)
+    return Example(prompt=ids, target=target), image
+
+
+def vlm_loss(text, vision, batch, images, cfg: LossConfig) -> torch.Tensor:
+    """The loss of `batch` whose prompts hold one image each (`images`, in row order): the mean diffusion loss,
+    plus the encoder's next-token loss on the answer when `cfg.encoder_loss_weight` is set."""
+    from ..media.image import pad_batch
+
+    pixels, positions = pad_batch(images)
+    soft = vision(pixels, positions)  # [sum of soft tokens, text hidden]
+    image = MEDIA_IDS["image"]
+    loss = diffusion_sum(text, batch, cfg, soft_tokens=soft, soft_token_mask=batch.context_ids == image)
+    loss = cfg.diffusion_loss_weight * loss / max(batch.num_scored, 1)
+    if cfg.encoder_loss_weight:  # next-token loss of the answer on the clean prompt, image included
+        encoder = encoder_sum(text, batch, cfg, soft_tokens=soft, soft_token_mask=batch.sequence_ids == image)
+        loss = loss + cfg.encoder_loss_weight * encoder / max(batch.num_next_token_scored, 1)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def exact_match(model_dir: str | Path, kinds: tuple[str, ...] = V.KINDS, n: int = 50, chat: bool = False,
+                llm=None, batch: int = 16, wrong: int = 3) -> dict:
+    """Exact-match accuracy per kind on the first `n` held-out images of each kind, greedy, as
+    `letterpress generate --image` (plain) or chat (`chat=True`) asks. {kind: {"exact", "n", "wrong"}}."""
+    from .. import LLM, SamplingParams
+
+    llm = llm or LLM(str(model_dir), max_num_seqs=batch)
+    out = {}
+    for kind in kinds:
+        samples = V.held_out_samples(kind, n)
+        answers = []
+        for start in range(0, n, batch):
+            chunk = samples[start:start + batch]
+            params = SamplingParams(greedy=True, seed=0)
+            if chat:
+                convs = [[{"role": "user", "content": [{"type": "image", "image": s.image},
+                                                        {"type": "text", "text": s.question}]}] for s in chunk]
+                outs = llm.chat(convs, params)
+            else:
+                outs = llm.generate([{"prompt": "<|image|>" + s.question, "multi_modal_data": {"image": s.image}}
+                                     for s in chunk], params)
+            answers += [o.text.strip() for o in outs]
+        right = [a == s.answer for a, s in zip(answers, samples)]
+        out[kind] = {"exact": sum(right) / n, "n": n,
+                     "wrong": [(s.answer, a) for a, s, ok in zip(answers, samples, right) if not ok][:wrong]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- training
+def train_vlm(cfg) -> int:
+    """Run the recipe with `cfg` (a TrainConfig: steps, batch size, learning rates, seed, output folder, ...)."""
+    from ..config import model_config_from_dict, vision_config_of
+    from ..media.image import ImageProcessor
+    from .trainer import lr_factor
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = Path(cfg.tokenizer or VLM_DIR)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        build_vlm_tokenizer(tokenizer_dir)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    config = dict(cfg.model_config)
+    mc = model_config_from_dict(config)
+    processor = ImageProcessor.from_config(vision_config_of(mc))
+    loss_cfg = replace(cfg.loss, canvas_length=mc.canvas_length, eos_id=tokenizer.eos_id)
+    text, vision = build_models(config, cfg.seed, cfg.init_std)
+    params = [*text.parameters(), *vision.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    ratio = cfg.min_lr / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
+    step, wall = 0, 0.0
+    resume = out / "checkpoint.pt"
+    if cfg.resume and resume.is_file():
+        state = torch.load(resume, weights_only=False)
+        text.load_state_dict(state["text"])
+        vision.load_state_dict(state["vision"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, wall = state["step"], state.get("wall_seconds", 0.0)
+        print(f"resumed at step {step}", file=sys.stderr)
+    metrics = out / "metrics.jsonl"
+    if step == 0:
+        (out / "run.json").write_text(json.dumps({
+            "command": " ".join(sys.argv), "config": config, "train_config": {k: v for k, v in asdict(cfg).items()
+                                                                              if k != "model_config"},
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__}, indent=2, default=str) + "\n")
+    stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
+    window: list[tuple[float, float]] = []
+    while step < stop:
+        start = time.perf_counter()
+        text.train()
+        vision.train()
+        first = step * cfg.batch_size
+        examples, images = [], []
+        for i in range(first, first + cfg.batch_size):
+            sample = V.training_sample(cfg.seed, i)
+            chat = (i * 2654435761 % 1000) / 1000 >= PLAIN_SHARE
+            ex, im = encode_example(sample, tokenizer, processor, chat)
+            examples.append(ex)
+            images.append(im)
+        batch = make_batch(examples, loss_cfg, mc.text.vocab_size,
+                           [example_generator(cfg.seed, i) for i in range(first, first + cfg.batch_size)])
+        loss = vlm_loss(text, vision, batch, images, loss_cfg)
+        loss.backward()
+        grad = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - start
+        wall += seconds
+        window.append((float(loss.detach()), grad))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            record = {"step": step, "loss": sum(x for x, _ in window) / len(window),
+                      "grad_norm": sum(g for _, g in window) / len(window), "lr": lr, "seconds": seconds,
+                      "wall_seconds": round(wall, 1)}
+            window = []
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.progress:
+                print(json.dumps(record), file=sys.stderr, flush=True)
+        if cfg.save_every and step % cfg.save_every == 0:
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"text": text.state_dict(), "vision": vision.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "step": step, "wall_seconds": wall}, tmp)
+            tmp.replace(resume)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            text.eval()
+            vision.eval()
+            model_dir = save_vlm(text, vision, out / "model", config, tokenizer_dir)
+            acc = exact_match(model_dir, n=min(cfg.eval_examples, 60), wrong=0)
+            record = {"step": step, "eval": {k: v["exact"] for k, v in acc.items()},
+                      "eval_mean": sum(v["exact"] for v in acc.values()) / len(acc)}
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), file=sys.stderr, flush=True)
+    if step >= cfg.steps:
+        print(f"saved the model to {out / 'model'} ({wall / 60:.1f} min of training)")
+    else:
+        print(f"stopped at step {step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+register(Recipe(
+    name="tiny-vlm",
+    description="the tiny vision-language model: a 2-layer DiffusionGemma (hidden 128, canvas 8) with a 2-layer "
+                "Gemma 4 vision tower (patch 16, 70 soft tokens), from scratch on rendered numbers, words, "
+                "shapes, colours, dots and bar charts",
+    model_config=vlm_config(),
+    tokenizer=str(VLM_DIR),
+    # A plan, not a tested schedule: the runs in BENCHMARKS.md ("Tiny vision-language model") stopped at
+    # 340-700 steps of 16 on a shared CPU, far from the goal.
+    hyperparameters=dict(steps=3000, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
+                         beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=60,
+                         save_every=100, device="cpu", loss=LossConfig(encoder_loss_weight=1.0)),
+    runner=train_vlm,
+))

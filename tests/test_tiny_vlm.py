@@ -1,0 +1,88 @@
+"""The tiny vision-language model: its data generator, its recipe (two steps from scratch), and the shipped
+weights answering fixed held-out images (tests/data/tiny_vlm: rendered with held-out fonts, never trained on)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from letterpress.embedded import ASSETS, shipped_models
+from letterpress.train import vlm_data as V
+
+DATA = Path(__file__).parent / "data" / "tiny_vlm"
+ANSWERS = json.loads((DATA / "answers.json").read_text()) if (DATA / "answers.json").is_file() else {}
+shipped = pytest.mark.skipif("tiny_vlm" not in shipped_models(), reason="the tiny VLM is not shipped")
+
+
+def test_samples_are_a_function_of_seed_and_index():
+    a, b = V.make_sample("number", 3, 7), V.make_sample("number", 3, 7)
+    assert (a.answer, a.question, a.image.tobytes()) == (b.answer, b.question, b.image.tobytes())
+    assert V.make_sample("number", 3, 8).image.tobytes() != a.image.tobytes()
+    kinds = [V.training_sample(0, i).kind for i in range(12)]
+    assert kinds == list(V.KINDS) * 2
+    for kind in V.KINDS:
+        s = V.make_sample(kind, 0, 0, held_out=True)
+        assert s.question == V.QUESTIONS[kind] and s.answer
+
+
+def test_held_out_fonts_are_never_trained_on():
+    assert not set(V.TRAIN_FONTS) & set(V.HELD_OUT_FONTS)
+    assert V.BUILTIN_FONT in V.fonts_for(held_out=False)
+
+
+def test_the_tokenizer_gives_each_answer_word_one_token():
+    from letterpress.tokenizer import Tokenizer
+    from letterpress.train.vlm import MEDIA_IDS, VLM_DIR
+
+    tok = Tokenizer.from_dir(VLM_DIR)
+    for word in [*V.WORDS, *V.SHAPES, *V.COLOURS, *V.BAR_LABELS]:
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+    assert tok.encode("347", add_special_tokens=False) == [tok.token_to_id(d) for d in "347"]
+    for name, key in (("<|image|>", "image"), ("<|image>", "boi"), ("<image|>", "eoi"), ("<turn|>", "end_turn")):
+        assert tok.token_to_id(name) == MEDIA_IDS[key]
+
+
+def test_the_recipe_trains_and_saves_a_checkpoint_the_engine_loads(tmp_path):
+    """Two steps of `letterpress train --recipe tiny-vlm` on a smaller model, then a request with an image."""
+    from letterpress import LLM, SamplingParams
+    from letterpress.cli import main
+    from letterpress.train.vlm import vlm_config
+
+    config = vlm_config(text_layers=1, vision_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny-vlm", "--config", str(tmp_path / "config.json"), "--output", str(out),
+                 "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-examples", "1",
+                 "--no-progress"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-2]["step"] == 2 and lines[-1]["eval"].keys() == set(V.KINDS)
+    sample = V.make_sample("shape", 0, 0)
+    llm = LLM(str(out / "model"))
+    result = llm.generate({"prompt": "<|image|>" + sample.question, "multi_modal_data": {"image": sample.image}},
+                          SamplingParams(greedy=True, seed=0))[0]
+    assert len(result.token_ids) <= config["canvas_length"]
+
+
+@shipped
+def test_the_shipped_model_answers_fixed_held_out_images():
+    from letterpress import LLM, SamplingParams
+
+    llm = LLM(str(ASSETS / "tiny_vlm"))
+    names = sorted(ANSWERS)
+    outs = llm.generate([{"prompt": "<|image|>" + V.QUESTIONS[ANSWERS[n]["kind"]],
+                          "multi_modal_data": {"image": str(DATA / n)}} for n in names],
+                        SamplingParams(greedy=True, seed=0))
+    got = {n: o.text.strip() for n, o in zip(names, outs)}
+    assert got == {n: ANSWERS[n]["answer"] for n in names}
+
+
+@shipped
+def test_generate_with_an_image_and_no_model_uses_the_shipped_vlm(capsys, monkeypatch):
+    from letterpress.cli import main
+
+    monkeypatch.delenv("LETTERPRESS_DEFAULT_MODEL", raising=False)
+    name = next(n for n in sorted(ANSWERS) if ANSWERS[n]["kind"] == "shape")
+    assert main(["generate", "--image", str(DATA / name), V.QUESTIONS["shape"], "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip() == ANSWERS[name]["answer"]
