@@ -249,6 +249,23 @@ def check_givens(puzzle: str) -> None:
                 seen[d] = i
 
 
+def trained_givens(model_dir) -> tuple[int, int] | None:
+    """The (fewest, most) givens of the puzzles a Sudoku checkpoint was trained on: `sudoku_trained_givens` in
+    its generation_config.json (written by whoever ships it), or None when it does not say."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        value = json.loads(path.read_text()).get("sudoku_trained_givens")
+    except (OSError, ValueError):
+        return None
+    if (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value)):
+        return value[0], value[1]
+    return None
+
+
 def format_grid(grid: str, blank: str = ".") -> str:
     """A 9x9 board with box separators."""
     lines = []
