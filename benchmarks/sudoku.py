@@ -14,6 +14,15 @@ The held-out puzzles are `letterpress.train.recipes_builtin.held_out_puzzles()`:
 to occur in the training stream (puzzle or solution grid). A puzzle counts as solved when the output is
 complete, valid and consistent with the givens (`letterpress.apps.sudoku.is_solution`).
 
+Per-bucket mode (`--buckets 22-40`, the difficulty people play): `--n` held-out puzzles with exactly g givens for
+each g (`recipes_builtin.bucket_puzzles`: seed 888,000 + g; kept under --cache-dir once made), solved by each of
+`--methods`: the plain samplers, the rule mask with backtracking (`--rule-mask` of `letterpress sudoku`;
+letterpress/apps/sudoku_rules.py) within `--max-forwards` forwards per puzzle, and the mask's search fed uniform
+proposals (no model: the control). Prints a markdown table with forwards used and 95% Wilson intervals:
+
+    python benchmarks/sudoku.py --buckets 22-40 --n 200 --ar-model runs/sudoku-ar/model \
+        --json sudoku_buckets.json --plot solve_by_givens_hard.png
+
 The prompt is the puzzle's 81 cell words (`letterpress.apps.sudoku.prompt_text`). Diffusion: `LLM.run` over batches of puzzles, greedy proposals (argmax; the accept/re-noise schedule of the
 checkpoint's generation_config.json). Autoregressive: greedy decoding, `model.encode` one token at a time and
 `model.lm_logits`, 81 forwards per puzzle (1 token/forward).

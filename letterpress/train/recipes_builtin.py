@@ -36,7 +36,7 @@ SUDOKU_STREAMS = ((0, SUDOKU_GIVENS), (1, SUDOKU_GIVENS), (3, SUDOKU_GIVENS), (5
 # `sudoku-hard`: puzzles at the difficulty people play (22-40 givens; uniqueness stops most removals at 23-26),
 # for continuing the shipped model; fewer base puzzles (they take ~0.2 s each to make), the same stream length
 SUDOKU_HARD_GIVENS = (22, 40)
-SUDOKU_HARD_BASE_PUZZLES = 1_000
+SUDOKU_HARD_BASE_PUZZLES = 500
 SUDOKU_HARD_SEED = 6  # --seed of the sudoku-hard run behind BENCHMARKS.md (training seed SUDOKU_TRAIN_SEED + 6)
 SUDOKU_BUCKET_SEED = 888_000  # held-out puzzles with exactly g givens: seed SUDOKU_BUCKET_SEED + g (per bucket)
 SUDOKU_HELD_OUT_SEED = 777_777  # the 1,000 held-out puzzles (benchmarks/sudoku.py, tests)
@@ -144,7 +144,7 @@ def sudoku_data(tokenizer: Tokenizer, seed: int,
 
 
 def sudoku_hard_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
-    """`sudoku-hard`: 1,000 base puzzles with 22-40 givens, augmented to the usual 80,000-example stream; the
+    """`sudoku-hard`: 500 base puzzles with 22-40 givens, augmented to the usual 80,000-example stream; the
     held-out loss is measured on the first 256 of the 32-givens bucket."""
     train = sudoku_training_pairs(seed, n_base=SUDOKU_HARD_BASE_PUZZLES, givens=SUDOKU_HARD_GIVENS)
     held_out = bucket_puzzles(32, 256)
