@@ -1,6 +1,7 @@
 """Tensor and expert parallel serving (letterpress.parallel) on CPU with gloo and 2 processes: the sharded
-model's logits equal one process's, a seeded request gives the same tokens, each rank holds about half the
-weights and KV cache, and a dead worker takes the server down."""
+model's logits equal one process's, the sampler over vocabulary slices gives one process's draws at about
+half the memory per rank, a seeded request gives the same tokens, each rank holds about half the weights and
+KV cache, and a dead worker takes the server down."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import torch
 from letterpress.errors import ConfigError, NotSupportedError
 from letterpress.model.layers import Experts
 from letterpress.parallel import Shard, shard_model
+from letterpress.parallel.sampler import noise_columns
+from letterpress.parallel.vocab import key_index, key_value, order_key
+from letterpress.sampling import GeneratorDraws
 from letterpress.quant import QuantExperts, QuantLinear, model_bytes, quantize_model
 
 from .fast_fixtures import random_model, save_checkpoint
@@ -69,7 +73,7 @@ def sharded_worker(rank: int, world: int, port: int, out: str) -> None:
     from letterpress import chunks
 
     torch.set_num_threads(1)
-    chunks.CHUNK_BYTES = 4 * 384 * 5  # the LM head gathers 5 positions at a time: 7 gathers for 32 positions
+    chunks.CHUNK_BYTES = 4 * 384 * 5  # the LM head and the soft embeddings: 5 positions at a time
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for name, ep, fast, quant in CASES:
@@ -78,11 +82,36 @@ def sharded_worker(rank: int, world: int, port: int, out: str) -> None:
         if switch:
             switch(model)
         for paged in (False, True):
-            results[(name, paged)] = run_model(model, paged)
+            # each rank's logits are its vocabulary slice (the self-conditioned step reads them as they are)
+            results[(name, paged)] = {k: whole(v, world) for k, v in run_model(model, paged).items()}
     results["collectives"] = count_collectives(rank, world)
+    results["sampler"] = run_sampler(rank, world)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """One 2-process gloo run (sharded_worker) for the logits and the sampler tests: rank 0's results."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("two_ranks") / "results.pt"
+    mp.spawn(sharded_worker, args=(2, free_port(), str(out)), nprocs=2)
+    return torch.load(out, weights_only=False)
+
+
+def whole(local: torch.Tensor, world: int, vocab: int = 384) -> torch.Tensor:
+    """The vocabulary slices of every rank, side by side (the test's own gather; slices padded to
+    ceil(vocab / world))."""
+    import torch.distributed as dist
+
+    size = -(-vocab // world)
+    padded = torch.zeros(*local.shape[:-1], size, dtype=local.dtype)
+    padded[..., : local.shape[-1]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts, dim=-1)[..., :vocab]
 
 
 def count_collectives(rank: int, world: int) -> dict[str, list[int]]:
@@ -92,7 +121,7 @@ def count_collectives(rank: int, world: int) -> dict[str, list[int]]:
 
     model = shard_model(random_model(0, qk_scale=QK), Shard(rank, world))
     ids, lengths, canvas = inputs()
-    seen: dict[str, list[int]] = {"all_reduce": [], "broadcast": [], "gather": []}
+    seen: dict[str, list[int]] = {"all_reduce": [], "broadcast": [], "gather": [], "all_gather": []}
     originals = {name: getattr(dist, name) for name in seen}
 
     def counting(name):
@@ -115,20 +144,17 @@ def count_collectives(rank: int, world: int) -> dict[str, list[int]]:
     return seen
 
 
-def test_two_ranks_give_the_logits_of_one(tmp_path):
+def test_two_ranks_give_the_logits_of_one(two_ranks):
     """TP 2 (experts split by width), EP 2 (experts split by id), the fast path, and int8 weights sliced as
-    stored: rank 0's logits equal the unsharded model's within float32 rounding, on both caches."""
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "logits.pt"
-    mp.spawn(sharded_worker, args=(2, free_port(), str(out)), nprocs=2)
-    got = torch.load(out)
-    # one step: 3 all-reduces of [tokens, hidden] per layer + the self-conditioning MLP's, one broadcast of
-    # the soft embeddings, the logits gathered a chunk of positions at a time (7 chunks of 4-5 positions)
+    stored: the ranks' logits side by side equal the unsharded model's within float32 rounding, on both
+    caches (the second step self-conditioned on the first's slices)."""
+    got = two_ranks
+    # one self-conditioned step: the soft embeddings (the previous logits' max and sum of exponentials over
+    # the whole vocabulary, [tokens] each, then the partial products [tokens, hidden]), the embedding lookup,
+    # the self-conditioning MLP and 3 per layer; nothing of vocabulary size moves
     tokens, hidden, layers = 2 * 16, 64, 4
-    assert got["collectives"]["all_reduce"] == [tokens * hidden] * (3 * layers + 1)
-    assert got["collectives"]["broadcast"] == [tokens * hidden]
-    assert sum(got["collectives"]["gather"]) == tokens * 384 // 2 and len(got["collectives"]["gather"]) == 7
+    assert got["collectives"]["all_reduce"] == [tokens, tokens] + [tokens * hidden] * (3 * layers + 3)
+    assert got["collectives"]["broadcast"] == got["collectives"]["gather"] == got["collectives"]["all_gather"] == []
     for name, ep, fast, quant in CASES:
         model, _ = build(fast, quant)
         if fast:
@@ -143,17 +169,19 @@ def test_two_ranks_give_the_logits_of_one(tmp_path):
 
 
 def test_each_rank_holds_half_the_sharded_weights_and_kv():
-    """Everything but the replicated parts (embedding, norms, router, layer scalars) halves exactly; the
-    KV pools halve where the KV heads divide and are replicated where there are fewer KV heads than ranks."""
+    """Everything but the replicated parts (norms, router, layer scalars) halves exactly, the embedding (and
+    so the tied LM head) included; the KV pools halve where the KV heads divide and are replicated where
+    there are fewer KV heads than ranks."""
     full = random_model(0, num_global_key_value_heads=2)
     replicated = sum(p.numel() * p.element_size() for n, p in full.named_parameters()
-                     if "embed" in n or "norm" in n or "router" in n)
+                     if "norm" in n or "router" in n)
     replicated += sum(b.numel() * b.element_size() for b in full.buffers())  # layer scalars, RoPE frequencies
     kinds = {"sliding_attention": 6, "full_attention": 6}
     pool = full.new_paged_cache(2, 64, block_size=4, num_blocks=kinds).pool_bytes()
     for rank in (0, 1):
         model = shard_model(random_model(0, num_global_key_value_heads=2), Shard(rank, 2))
         assert model_bytes(model) - replicated == (model_bytes(full) - replicated) // 2
+        assert model.embed_tokens.weight.shape == (192, 64)
         assert model.new_paged_cache(2, 64, block_size=4, num_blocks=kinds).pool_bytes() * 2 == pool
     # one KV head on the full layers: each rank keeps it (vLLM's KV head replication), sliding ones halve
     one = random_model(0)
@@ -199,6 +227,156 @@ def test_refuses_what_does_not_split():
         ParallelConfig(0)
 
 
+# ------------------------------------------------------------------------------------- the sampler
+VOCAB, CANVAS, ROWS = 501, 24, 4  # 501: the ranks' slices differ (251 and 250 tokens)
+SAMPLER_CHUNK = 4 * 4 * VOCAB  # 4 positions per chunk, as 32 of 256 at the released vocabulary
+
+
+class Replay(GeneratorDraws):
+    """Overrides `proposals` alone (as a test's replay does): rank 0 gets the row's whole probabilities."""
+
+    def proposals(self, probs, canvas, step):
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def sampler_inputs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(ROWS, CANVAS, VOCAB, generator=g) * torch.linspace(0.5, 25, CANVAS)[None, :, None]
+    clamp_mask = torch.zeros(ROWS, CANVAS, dtype=torch.bool)
+    clamp_mask[2, :5] = True
+    return dict(logits=logits, temperatures=torch.tensor([0.8, 0.55, 0.41, 1.0]),
+                entropy_bounds=torch.tensor([0.1, 1.0, 5.0, 0.5]), canvas_index=[0, 2, 1, 0], step_index=[0, 7, 3, 1],
+                greedy=[False, True, False, False], clamp_tokens=torch.full((ROWS, CANVAS), 9), clamp_mask=clamp_mask,
+                top_k=[0, 0, 7, 0])
+
+
+def sampler_draws():
+    return [GeneratorDraws(1), GeneratorDraws(2), GeneratorDraws(3), Replay(4)]
+
+
+def memory_draws():  # the engine's usual rows: nothing gathered to rank 0
+    return [GeneratorDraws(1), GeneratorDraws(2), GeneratorDraws(3), GeneratorDraws(4)]
+
+
+def run_sampler(rank: int, world: int) -> dict:
+    """Each rank runs the sampler step on its slice of the same logits (plain and fused), rank 0 finishes it."""
+    import torch.distributed as dist
+
+    from letterpress.parallel.sampler import finish_step, plan_step, sample_slice, worker_generators
+    from letterpress.parallel.vocab import vocab_range
+    from letterpress.profiling import AllocationPeak
+
+    v0, v1 = vocab_range(VOCAB, rank, world)
+    results = {}
+    for keep_probs, gathers in [(False, True), (True, True), (False, False), (True, False)]:
+        inp = sampler_inputs()
+        draws = sampler_draws() if gathers else memory_draws()
+        plan, generators = plan_step(inp["temperatures"], draws, inp["greedy"], inp["top_k"], [0] if gathers else [],
+                                     keep_probs, torch.float32)
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)  # what the driver's channel does
+        generators = generators if rank == 0 else worker_generators(box[0], torch.device("cpu"))
+        x = inp["logits"][..., v0:v1].clone()
+        with AllocationPeak() as peak:
+            local = sample_slice(x, box[0], (v0, v1, VOCAB), None, generators, chunk_bytes=SAMPLER_CHUNK)
+        state = whole(local.state, world, VOCAB)
+        if rank:
+            continue
+        outcome = finish_step(local, plan, inp["entropy_bounds"], draws, inp["canvas_index"], inp["step_index"],
+                              inp["greedy"], inp["clamp_tokens"], inp["clamp_mask"])
+        results[keep_probs, gathers] = {"outcome": outcome.__dict__, "state": state, "log_probs": local.log_probs.get(0),
+                               "generators": [d.generator.get_state() for d in draws],
+                               "bytes": peak.peak + x.numel() * 4}
+    return results
+
+
+def test_the_sampler_over_two_slices_is_the_sampler_over_the_vocabulary(two_ranks):
+    """The vocabulary-parallel sampler step (letterpress.parallel.sampler) on 2 ranks whose slices differ in
+    size, against one process's `denoise_step` / `fused_denoise_step` on the whole logits: a sampled row, a
+    greedy one, a top_k row with clamps, a row whose Draws override `proposals` (probabilities gathered), a
+    row's log-probabilities gathered (structured output). Argmax, acceptance, proposals and the re-noised
+    canvas are equal; each row's generator ends in the same state (the same noise was drawn); entropies and
+    probabilities agree within float32 rounding; each rank's sampler pass (its logits slice and what the
+    pass allocates) holds at most about half of one process's."""
+    from letterpress.fast_sampling import fused_denoise_step
+    from letterpress.profiling import AllocationPeak
+    from letterpress.sampling import denoise_step
+
+    got = two_ranks["sampler"]
+    for (keep_probs, gathers), result in got.items():
+        inp = sampler_inputs()
+        draws = sampler_draws() if gathers else memory_draws()
+        logits = inp.pop("logits")
+        log_probs = torch.log_softmax(logits[0] / inp["temperatures"][0], dim=-1)
+        with AllocationPeak() as peak:
+            if keep_probs:
+                want = fused_denoise_step(logits, draws=draws, keep_processed=False, chunk_bytes=SAMPLER_CHUNK, **inp)
+            else:
+                want = denoise_step(logits, draws=draws, in_place=True, chunk_bytes=SAMPLER_CHUNK, **inp)
+        one_process = peak.peak + logits.numel() * 4
+        outcome = result["outcome"]
+        for name in ("next_canvas", "argmax", "accept_mask"):
+            assert torch.equal(outcome[name], getattr(want, name)), (keep_probs, gathers, name)
+        torch.testing.assert_close(outcome["mean_entropy"], want.mean_entropy, rtol=1e-5, atol=1e-6)
+        for a, d in zip(result["generators"], draws):
+            assert torch.equal(a, d.generator.get_state())
+        if keep_probs:
+            torch.testing.assert_close(result["state"], want.sc_probs, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(result["state"], want.processed_logits)  # x / T, top_k's -inf: elementwise
+        if gathers:
+            torch.testing.assert_close(result["log_probs"], log_probs, rtol=1e-5, atol=1e-5)
+        else:  # rows gathered to rank 0 cost what one process holds for them: measured without
+            assert result["bytes"] <= 0.55 * one_process, (keep_probs, result["bytes"], one_process)
+
+
+def test_order_keys_reduce_to_torch_argmax():
+    """`order_key`: the int64 max of the keys is torch.argmax's (the largest value, its first index), for
+    negative values, ties, -0.0 against 0.0, and nan; the value comes back exactly."""
+    values = torch.tensor([[-3.5, -1.0, -1.0, -7.0], [0.0, -0.0, -2.0, 0.0], [1e-30, 2.5, float("nan"), 2.5],
+                           [-0.0, 0.0, -1e-38, -5.0]])
+    index = torch.arange(4).expand(4, 4)
+    keys = order_key(values, index).amax(-1)
+    assert key_index(keys).tolist() == values.argmax(-1).tolist()
+    best = values.gather(1, values.argmax(-1, keepdim=True)).squeeze(1)
+    assert torch.equal(key_value(keys)[[0, 3]], best[[0, 3]]) and key_value(keys)[2].isnan()
+
+
+def test_each_rank_draws_the_single_process_noise_in_chunks():
+    """On the CPU, drawing a row's [C, V] exponential noise a chunk of positions at a time gives the numbers
+    of one call and leaves the generator in the same state, so a rank keeps its columns of the single
+    process's noise without holding [C, V]."""
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    whole_noise = torch.empty(CANVAS, VOCAB).exponential_(1.0, generator=a)
+    got = torch.empty(CANVAS, 250)
+    for s, q in noise_columns(b, CANVAS, VOCAB, 251, 501, "cpu", chunk_bytes=5 * 4 * VOCAB):
+        assert q.shape[0] <= 5
+        got[s] = q
+    assert torch.equal(got, whole_noise[:, 251:]) and torch.equal(a.get_state(), b.get_state())
+
+
+def test_a_worker_keeps_each_rows_state_until_the_runner_moves_on():
+    """`RowStates` (a worker's slices of the rows' self-conditioning state): a denoise reads the state made at
+    step - 1 (a view when the rows are the last step's batch, else stacked, zeros for a row without one); a
+    sample files the new one beside it, so that a retried step reads the old one again; a row that starts a
+    new canvas (no key) drops its slot's states."""
+    from letterpress.parallel.runtime import RowStates
+
+    states = RowStates()
+    first = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    states.file([(5, 0, 0), (6, 0, 0)], first)  # slots 5 and 6, canvas 0, made at step 0
+    view = states.take([5, 6], [(0, 0), (0, 0)])
+    assert torch.equal(view, first) and view.data_ptr() == first.data_ptr()
+    second = -first
+    states.file([(5, 0, 1), (6, 0, 1)], second)
+    retried = states.take([6], [(0, 0)])  # the runner retried slot 6's step 1: the step-0 state again
+    assert torch.equal(retried, first[1:])
+    assert torch.equal(states.take([5], [(0, 1)]), second[:1])
+    mixed = states.take([6, 5], [(0, 0), None])  # slot 5 starts a new canvas
+    assert torch.equal(mixed, torch.stack([first[1], torch.zeros(3, 4)]))
+    assert 5 not in states.by_slot and list(states.by_slot[6]) == [(0, 0)]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("tp") / "model", seed=0, canvas=16, qk_scale=QK)
@@ -235,6 +413,37 @@ def test_seeded_requests_give_the_same_tokens_with_two_processes(tmp_path):
     finally:
         llm.close()
     assert not torch.distributed.is_initialized()
+
+
+def test_fast_path_top_k_and_structured_rows_give_the_same_tokens_with_two_processes(tmp_path):
+    """`--impl fast` (each rank keeps its slice of the rows' softmax as the self-conditioning state), a
+    seeded row, a top_k row, a greedy row and a structured-output row (its log-probabilities gathered to rank
+    0 for the automaton) in one batch, over an odd vocabulary split unevenly (2 x 2049 - 1): the tokens of
+    one process. Tensor parallel by width."""
+    import shutil
+
+    from letterpress import LLM
+    from letterpress.embedded import default_model_dir
+    from letterpress.engine.request import SamplingParams
+    from letterpress.structured import StructuredOutputsParams
+
+    folder = save_checkpoint(tmp_path / "model", seed=0, canvas=16, qk_scale=QK, vocab_size=4097)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, folder / name)
+    base = dict(max_new_tokens=24, max_denoising_steps=6)
+    params = [SamplingParams(seed=5, **base), SamplingParams(seed=6, top_k=4, **base),
+              SamplingParams(seed=7, greedy=True, **base),
+              SamplingParams(seed=8, structured_outputs=StructuredOutputsParams(regex=r"[a-z]{3,12} [0-9]{2}"), **base)]
+    prompts = [[2, 40, 41], [2] + list(range(50, 70)), [2, 7], [2, 99, 100]]
+    kwargs = dict(max_num_seqs=4, max_model_len=256, impl="fast")
+    want = [o.token_ids for o in LLM(folder, **kwargs).generate(prompts, params)]
+    llm = LLM(folder, tensor_parallel_size=2, **kwargs)
+    try:
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        assert outs[3].finish_reason == "stop"
+    finally:
+        llm.close()
 
 
 def test_compile_and_tensor_parallel_are_refused_before_starting(checkpoint):

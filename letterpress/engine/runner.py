@@ -235,6 +235,9 @@ class Runner:
         canvases = torch.stack([r.canvas for r in rows])
         slots = torch.tensor([r.slot for r in rows], device=device)
         sc_logits, sc_mask = self._self_conditioning(rows)
+        parallel = getattr(self.model, "parallel_driver", None)  # tensor parallel: letterpress.parallel
+        if parallel is not None:  # every rank keeps its vocabulary slice of the rows' state, by these keys
+            parallel.prepare([(r.slot, r.canvas_index, r.step) for r in rows])
         if self.fast:
             logits = self.model.denoise(canvases, self.cache, slots, None, sc_mask, self_conditioning_probs=sc_logits)
         else:
@@ -252,13 +255,18 @@ class Runner:
         step = (partial(fused_denoise_step, sc_dtype=self.model.dtype, keep_processed=False) if self.fast
                 else partial(denoise_step, in_place=True))
         clamp_tokens, clamp_mask = stack_clamps([r.clamp for r in rows], self.canvas_length, device)
-        # structured rows: their log-probabilities, taken before the step consumes (divides) the logits
-        logps = {i: torch.log_softmax(logits[i].float() / temps[i], dim=-1)
-                 for i, r in enumerate(rows) if r.request.constraint is not None}
-        outcome = step(logits, temps, bounds, [r.request.draws for r in rows],
-                       [r.canvas_index for r in rows], [r.step for r in rows], [p.greedy for p in params],
-                       clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
-                       top_k=[p.top_k for p in params] if any(p.top_k for p in params) else None)
+        constrained = [i for i, r in enumerate(rows) if r.request.constraint is not None]
+        top_k = [p.top_k for p in params] if any(p.top_k for p in params) else None
+        args = (temps, bounds, [r.request.draws for r in rows], [r.canvas_index for r in rows], [r.step for r in rows],
+                [p.greedy for p in params])
+        if parallel is not None:  # the sampler's vocabulary passes on every rank's slice of the logits
+            outcome = parallel.sample(logits, *args, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask, top_k=top_k,
+                                      keep_probs=self.fast, log_prob_rows=constrained)
+            logps = outcome.log_probs
+        else:
+            # structured rows: their log-probabilities, taken before the step consumes (divides) the logits
+            logps = {i: torch.log_softmax(logits[i].float() / temps[i], dim=-1) for i in constrained}
+            outcome = step(logits, *args, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask, top_k=top_k)
         if not self.fast:  # one [R, C, V] state whose rows the rows keep: next step reads it back without a copy
             outcome.processed_logits = outcome.processed_logits.to(self.model.dtype)
         for i, logp in logps.items():

@@ -1,7 +1,9 @@
 """Tensor and expert parallel serving on torch.distributed (README, "Multiple GPUs").
 
     shard.py     cut a loaded model into one rank's slice, with the collectives it needs
-    runtime.py   start the ranks, rank 0 drives every model call, the others follow
+    vocab.py     the embedding / LM head / self-conditioning input over vocabulary slices, order keys
+    sampler.py   the sampler's vocabulary passes on each rank's slice (per-position statistics reduced)
+    runtime.py   start the ranks, rank 0 drives every model call and sampler step, the others follow
 """
 
 from .runtime import Driver, LoadSpec, ParallelConfig, check_shardable, launch, load_shard

@@ -1,11 +1,14 @@
 """Running one engine over several processes: rank 0 drives, the other ranks follow.
 
-Rank 0 is the whole engine (LLM, scheduler, runner, sampler, HTTP server). Its model's `encode`,
-`denoise`, `new_paged_cache` and `new_cache` are replaced by a `Driver`'s: before each model call it sends
-the call (token ids, slots, the rows' block tables and lengths; a few KB) to the workers over a gloo group,
-then runs its own shard. Every worker (`worker_loop`) receives the same call and runs its shard, so all
-ranks meet in the same collectives inside the layers. The block allocator, prefix cache and sampler exist
-on rank 0 only: a worker's cache (`FollowerCache`) takes the block tables it is sent.
+Rank 0 is the whole engine (LLM, scheduler, runner, HTTP server). Its model's `encode`, `denoise`,
+`new_paged_cache` and `new_cache` are replaced by a `Driver`'s: before each model call it sends the call
+(token ids, slots, the rows' block tables and lengths; a few KB) to the workers over a gloo group, then
+runs its own shard. Every worker (`worker_loop`) receives the same call and runs its shard, so all ranks
+meet in the same collectives inside the layers. The runner's sampler step goes through `Driver.sample`:
+the rows' settings and generator states go out, and every rank runs the vocabulary passes on its slice of
+the logits (sampler.py); each rank keeps its slice of the rows' self-conditioning state (`RowStates` on a
+worker, the rows themselves on rank 0). The block allocator, prefix cache and per-row bookkeeping exist on
+rank 0 only: a worker's cache (`FollowerCache`) takes the block tables it is sent.
 
 Launch: `LLM(..., tensor_parallel_size=N)` spawns ranks 1..N-1 itself (torch.multiprocessing, TCP store on
 127.0.0.1, gloo on CPU, NCCL on CUDA) or, under `torchrun`, joins the group torchrun set up (ranks > 0 run
@@ -32,6 +35,8 @@ import torch.distributed as dist
 from ..cache import KVCache, PagedKVCache, layer_kinds, plan_pool
 from ..errors import ConfigError, NotSupportedError
 from ..model.diffusion_gemma import DiffusionGemma, check_token_ids, encode_rows
+from ..sampling import NonFiniteRows
+from .sampler import finish_step, plan_step, sample_slice, worker_generators
 from .shard import Shard, shard_model, switch_fast_experts
 
 log = logging.getLogger("letterpress.parallel")
@@ -70,8 +75,10 @@ class LoadSpec:
 def check_shardable(text_config, config: ParallelConfig) -> None:
     """Refuse a split the shapes do not allow before any process starts (every rank would fail the same way)."""
     from .shard import kv_heads_of
+    from .vocab import vocab_range
 
     n = config.world
+    vocab_range(text_config.vocab_size, n - 1, n)
     probe = Shard(0, n, config.enable_expert_parallel)
     probe.split(text_config.num_attention_heads, "the attention heads")
     for spec in text_config.layers:
@@ -239,6 +246,8 @@ class Driver:
         model.denoise = self.denoise
         model.new_paged_cache = self.new_paged_cache
         model.new_cache = self.new_cache
+        model.parallel_driver = self  # the runner samples through `sample` (every rank takes part)
+        self.rows: list[tuple[int, int, int]] | None = None
 
     def _register(self, cache, kind: str, args: dict):
         cid = len(self.cache_ids)
@@ -290,27 +299,73 @@ class Driver:
                 return DiffusionGemma.encode(self.model, input_ids, cache, slots, input_lengths, soft_tokens,
                                              soft_token_mask)
 
+    def prepare(self, rows: list[tuple[int, int, int]]) -> None:
+        """The runner, before a batch's denoise and sample: (slot, canvas index, step) of each row. Each
+        rank keeps its vocabulary slice of a row's self-conditioning state under (slot, canvas, step made):
+        the denoise reads the one made at step - 1, the sample files the new one, and a step the runner
+        retries (`Runner._isolated`) reads the old one again."""
+        self.rows = list(rows)
+
     def denoise(self, canvas_ids: torch.Tensor, cache, slots: torch.Tensor | None = None,
                 self_conditioning_logits: torch.Tensor | None = None,
                 self_conditioning_mask: torch.Tensor | None = None,
                 self_conditioning_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """`DiffusionGemma.denoise` on every rank; returns rank 0's vocabulary slice of the logits
+        [B, C, V / N] (letterpress.parallel.vocab). The self-conditioning input is rank 0's slice of the rows'
+        state; the workers read theirs by the keys of `prepare`."""
         check_token_ids(canvas_ids, "canvas_ids")
         slots = torch.arange(canvas_ids.shape[0], device=canvas_ids.device) if slots is None else slots.to(canvas_ids.device)
         signal = self_conditioning_logits is not None or self_conditioning_probs is not None
         mask = None if self_conditioning_mask is None else self_conditioning_mask.cpu()
+        keys = None
+        if signal:
+            if self.rows is None or len(self.rows) != canvas_ids.shape[0]:
+                raise NotSupportedError("under tensor parallelism, self-conditioning goes through the engine's "
+                                        "runner (each rank keeps its slice of the previous step's state)")
+            present = [True] * len(self.rows) if mask is None else mask.tolist()
+            keys = [(c, s - 1) if p else None for (_, c, s), p in zip(self.rows, present)]
         with self.lock:
-            self._send("denoise", cache, slots, ids=canvas_ids.cpu(), signal=signal, mask=mask)
+            self._send("denoise", cache, slots, ids=canvas_ids.cpu(), keys=keys,
+                       probs=self_conditioning_probs is not None, mask=mask)
             with self._fatal("denoise"):
                 return DiffusionGemma.denoise(self.model, canvas_ids, cache, slots, self_conditioning_logits,
                                               self_conditioning_mask, self_conditioning_probs)
 
+    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor, draws: list,
+               canvas_index: list[int], step_index: list[int], greedy: list[bool] | None = None,
+               clamp_tokens: torch.Tensor | None = None, clamp_mask: torch.Tensor | None = None,
+               top_k: list[int] | None = None, keep_probs: bool = False, log_prob_rows: list[int] = ()):
+        """The sampler step of the batch just denoised, on every rank over its vocabulary slice
+        (letterpress.parallel.sampler): `fused_denoise_step`'s outcome with rank 0's slices of the state
+        (`sc_probs` with `keep_probs`, else `processed_logits`), plus `log_probs` {row: [C, V]} of
+        `log_prob_rows` (structured output). `logits` (rank 0's slice) are consumed."""
+        plan, generators = plan_step(temperatures, draws, greedy, top_k, log_prob_rows, keep_probs, self.model.dtype)
+        rows = self.rows
+        if rows is None or len(rows) != logits.shape[0]:
+            raise NotSupportedError("under tensor parallelism the sampler runs through the engine's runner")
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the tensor-parallel workers have been stopped")
+            self.channel.send("sample", {"plan": plan, "rows": rows})
+            with self._fatal("sample", NonFiniteRows):
+                local = sample_slice(logits, plan, self.model.vocab_slice, self.model.shard.group, generators)
+        del logits
+        outcome = finish_step(local, plan, entropy_bounds, draws, canvas_index, step_index, greedy, clamp_tokens,
+                              clamp_mask)
+        outcome.log_probs = local.log_probs
+        return outcome
+
     @contextlib.contextmanager
-    def _fatal(self, call: str):
+    def _fatal(self, call: str, alike: type[BaseException] | tuple = ()):
         """An exception inside rank 0's part of a call the workers already run would leave them waiting in a
         collective that never completes (and the runner's retry would send them a call they cannot take): a
-        single process isolates such a fault to its rows, a tensor-parallel engine stops, with the cause."""
+        single process isolates such a fault to its rows, a tensor-parallel engine stops, with the cause.
+        `alike`: exceptions every rank raises at the same point (the sampler's NonFiniteRows), which the
+        workers survive: they pass."""
         try:
             yield
+        except alike:
+            raise
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C: the workers (which ignore SIGINT) go with us
             self._kill_workers()
             raise
@@ -349,6 +404,8 @@ class Driver:
 def worker_loop(model: DiffusionGemma, channel: Channel) -> None:
     """Run rank 0's calls on this rank's shard until it says stop."""
     caches: dict[int, object] = {}
+    states = RowStates()
+    logits = None  # this rank's slice of the last denoise's logits, for the sample call that follows
     device = model.device
     with torch.inference_mode():
         while True:
@@ -363,6 +420,17 @@ def worker_loop(model: DiffusionGemma, channel: Channel) -> None:
                 else:
                     caches[msg["id"]] = DiffusionGemma.new_cache(model, msg["num_slots"], msg["capacity"])
                 continue
+            if command == "sample":
+                plan = msg["plan"]
+                try:
+                    out = sample_slice(logits, plan, model.vocab_slice, model.shard.group,
+                                       worker_generators(plan, device))
+                except NonFiniteRows:  # rank 0 raised it too, at the same point: its runner retries
+                    continue
+                finally:
+                    logits = None
+                states.file(msg["rows"], out.state)
+                continue
             cache, slots = caches[msg["cache"]], msg["slots"].to(device)
             load_state(cache, slots, msg["state"])
             ids = msg["ids"].to(device)
@@ -372,13 +440,47 @@ def worker_loop(model: DiffusionGemma, channel: Channel) -> None:
                                       None if media is None else msg["soft_tokens"].to(device, model.dtype),
                                       None if media is None else media.to(device))
             elif command == "denoise":
-                # the signal itself is computed on rank 0 and broadcast inside (shard.install_vocab_parallel);
-                # an empty [B, C, 0] tensor stands in for its [B, C, vocab] input
-                placeholder = ids.new_empty(*ids.shape, 0, dtype=model.dtype) if msg["signal"] else None
+                logits = None
+                state = states.take(slots.tolist(), msg["keys"])
                 mask = None if msg["mask"] is None else msg["mask"].to(device)
-                DiffusionGemma.denoise(model, ids, cache, slots, None, mask, self_conditioning_probs=placeholder)
+                logits = DiffusionGemma.denoise(model, ids, cache, slots, None if msg["probs"] else state, mask,
+                                                state if msg["probs"] else None)
             else:
                 raise RuntimeError(f"unknown command {command!r} from rank 0")
+
+
+class RowStates:
+    """A worker's slices of the rows' self-conditioning state, by slot and (canvas, step made): the [R, C,
+    V / N] tensor of the sample call that made them and the row's index in it (rank 0's rows hold views of
+    theirs alike)."""
+
+    def __init__(self):
+        self.by_slot: dict[int, dict[tuple[int, int], tuple[torch.Tensor, int]]] = {}
+
+    def file(self, rows: list[tuple[int, int, int]], state: torch.Tensor) -> None:
+        for i, (slot, canvas, step) in enumerate(rows):
+            self.by_slot.setdefault(slot, {})[(canvas, step)] = (state, i)
+
+    def take(self, slots: list[int], keys: list | None) -> torch.Tensor | None:
+        """The stacked state [R, C, V / N] of these rows (zeros where a key is None), or None without keys;
+        each slot then keeps only the entry it read (the newest a retried step may read again)."""
+        if keys is None:
+            for slot in slots:
+                self.by_slot.pop(slot, None)
+            return None
+        found = [None if k is None else self.by_slot[slot][tuple(k)] for slot, k in zip(slots, keys)]
+        for slot, k in zip(slots, keys):
+            kept = self.by_slot.pop(slot, {})
+            if k is not None:
+                self.by_slot[slot] = {tuple(k): kept[tuple(k)]}
+        first = next((f for f in found if f is not None), None)
+        if first is None:  # rank 0 sends keys only when some row has a state
+            raise RuntimeError("a self-conditioned denoise without any row's state")
+        tensor, start = first
+        if all(f is not None and f[0] is tensor and f[1] == start + i for i, f in enumerate(found)):
+            return tensor[start:start + len(found)]  # the last step's batch, same rows: no copy
+        zeros = torch.zeros_like(tensor[0])
+        return torch.stack([zeros if f is None else f[0][f[1]] for f in found])
 
 
 def _init_group(backend: str, rank: int, world: int, init_method: str | None) -> Channel:

@@ -10,29 +10,29 @@ the collectives (`shard_model`). The cuts are Megatron's, as vLLM makes them:
     experts     tensor parallel (default): every expert's intermediate split, + all-reduce;
                 expert parallel (`expert_parallel`): whole experts per rank, each rank runs the pairs routed
                 to its own experts, then all-reduce of the combined output
-    LM head     vocabulary-parallel over a view of the (replicated) embedding, gathered to rank 0
-    router, norms, embedding: replicated
+    embedding   vocabulary-parallel (tied with the LM head): each rank keeps ceil(V / N) rows; the lookup,
+                the LM head and the self-conditioning input run on the slice (vocab.py)
+    router, norms: replicated
 
 Plain collectives (`torch.distributed.all_reduce`, `gather`, `broadcast`), not DTensor: the forward code
 reshapes by head counts, the experts are packed 3-D weights or quantized `QuantWeight` buffers (int4 packed
 two per byte), replicated KV heads are no DTensor placement, and inference wants no per-op dispatch. Three
-all-reduces per layer, each where Megatron puts one.
+all-reduces per layer, each where Megatron puts one; the sampler's vocabulary passes reduce per-position
+statistics instead of gathering the logits (sampler.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..chunks import position_slices
 from ..config import LayerSpec
 from ..errors import NotSupportedError
 from ..model.layers import Experts, GatedMLP
+from .vocab import install_vocab_parallel, vocab_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +280,9 @@ def shard_model(model, shard: Shard):
         layer.experts = _shard_experts(layer.experts, shard)
     _shard_gated(model.self_conditioning, shard, "the self-conditioning block's intermediate size")
     model.text_config = dataclasses.replace(cfg, layers=local_layer_specs(cfg.layers, cfg.num_attention_heads, shard.world))
+    v0, v1 = vocab_range(cfg.vocab_size, shard.rank, shard.world)
+    model.embed_tokens.weight = _slice_weight(model.embed_tokens.weight.detach(), 0, [(v0, v1)])
+    model.embed_tokens.num_embeddings = v1 - v0
     install_vocab_parallel(model, shard)
     model.shard = shard
     return model
@@ -294,65 +297,3 @@ def switch_fast_experts(model, moe: str = "auto") -> None:
         if isinstance(inner, Experts):
             inner.impl = resolve_moe_method(moe, inner.gate_up_proj.device, inner.gate_up_proj.dtype)
     model.fast_attention = True
-
-
-# ------------------------------------------------------------------------------------------- vocabulary
-def vocab_range(vocab: int, shard: Shard) -> tuple[int, int]:
-    """This rank's slice of the vocabulary for the LM head: equal slices of ceil(vocab / world) (the last
-    one shorter when the vocabulary does not divide)."""
-    size = math.ceil(vocab / shard.world)
-    return min(shard.rank * size, vocab), min((shard.rank + 1) * size, vocab)
-
-
-def install_vocab_parallel(model, shard: Shard) -> None:
-    """Replace the model's `lm_logits` and `soft_embeddings` (instance attributes; the class's stay) by
-    their parallel forms. The embedding stays whole on every rank: the lookup and the self-conditioning
-    matmul read all of it.
-
-    - `lm_logits`: each rank computes the logits of its vocabulary slice (a view of the embedding) and rank
-      0 gathers them, a chunk of positions at a time: rank 0 gets the full float32 [.., vocab] logits for
-      the sampler, which runs there (as vLLM's driver worker does); other ranks get an empty [.., 0].
-    - `soft_embeddings`: rank 0 holds the previous step's logits (it sampled them) and computes the soft
-      embeddings [.., hidden]; the others receive them (a broadcast of hidden-size rows instead of
-      vocabulary-size ones)."""
-    plain_soft = model.soft_embeddings
-    vocab = model.text_config.vocab_size
-    v0, v1 = vocab_range(vocab, shard)
-    chunk = math.ceil(vocab / shard.world)
-
-    def lm_logits(hidden: torch.Tensor) -> torch.Tensor:
-        """A chunk of positions at a time: each rank's [positions, vocab / N] logits, gathered into rank 0's
-        float32 output, so rank 0 holds no [.., vocab] temporary beyond a chunk's (as the plain path)."""
-        cap = model.text_config.final_logit_softcapping
-        weight = model.embed_tokens.weight[v0:v1]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        out = torch.empty(flat.shape[0], vocab, dtype=torch.float32, device=hidden.device) if shard.rank == 0 else None
-        for s in position_slices(flat.shape[0], vocab):
-            local = torch.zeros(s.stop - s.start, chunk, dtype=torch.float32, device=hidden.device)  # padded
-            part = F.linear(flat[s], weight).float()
-            local[:, : v1 - v0] = torch.tanh(part / cap) * cap if cap else part
-            del part
-            if shard.rank != 0:
-                dist.gather(local, None, dst=0, group=shard.group)
-                continue
-            parts = [local] + [torch.empty_like(local) for _ in range(shard.world - 1)]
-            dist.gather(local, parts, dst=0, group=shard.group)
-            for r, received in enumerate(parts):
-                start, end = min(r * chunk, vocab), min((r + 1) * chunk, vocab)
-                out[s, start:end] = received[:, : end - start]
-            del parts
-        if out is None:  # the logits live on rank 0 only
-            return hidden.new_empty(*hidden.shape[:-1], 0, dtype=torch.float32)
-        return out.reshape(*hidden.shape[:-1], vocab)
-
-    def soft_embeddings(logits: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
-        source = probs if probs is not None else logits
-        if shard.rank == 0:
-            out = plain_soft(logits, probs).contiguous()
-        else:  # the caller passes a [.., 0] placeholder of the right leading shape
-            out = torch.empty(*source.shape[:-1], model.text_config.hidden_size, dtype=model.dtype, device=model.device)
-        dist.broadcast(out, src=0, group=shard.group)
-        return out
-
-    model.lm_logits = lm_logits
-    model.soft_embeddings = soft_embeddings
