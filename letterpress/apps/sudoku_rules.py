@@ -10,11 +10,12 @@ step. A cell with one allowed digit has entropy 0, so the mask alone fills the "
 
 Accepted cells stay accepted (they are pinned into the next canvas, as the givens are), so a wrong acceptance
 can lead to a dead end: a blank cell with no allowed digit, or a digit that has no allowed cell left in some
-row, column or box. Then the search backtracks: it re-noises the most recent step's acceptances and bans, in
-the state before that step, the least confident of them (the highest entropy accepted: the one guess of the
-step, the others were near-certain). Bans belong to the state they were made in and go when the search
-backtracks past it. This is depth-first search in the order the model is surest of, with a budget of model
-forwards; the checks cost no forward. A finished board is valid by construction.
+row, column or box. The search then backtracks: it re-noises the latest acceptance and bans that digit in that
+cell in the state before it. Acceptances are kept one by one in the order they were made (a step's surest
+first), and an acceptance that itself makes a dead end is banned at once and ends the step's list. A ban holds
+only in the state it was made in and goes when the search backtracks past it. So this is depth-first search,
+sound (a ban is only ever a proven impossibility) and complete, in the order the model is surest of, within a
+budget of model forwards; the checks cost no forward. A finished board is valid by construction.
 
 Pure Python on bit masks (bit d set = digit d, 1-9): the state of one puzzle is 81 ints. Nothing here knows
 about the model; `apps/sudoku_solve.py` feeds it log-probabilities.
@@ -127,7 +128,7 @@ class RuleSearch:
         if not self.accepted:
             self.failed = True  # nothing left to undo: the puzzle has no solution
             return
-        self.bans[-2 if len(self.bans) > 1 else -1].add(self.accepted[-1])
+        self.bans[-2].add(self.accepted[-1])  # the state before it: bans[k] holds after k acceptances
         self._pop()
 
     def step(self, logp: list[list[float]], entropy_bound: float) -> list[int]:
