@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from common import interleaved, machine, median, ratio, set_threads
 
-from letterpress.checkpoint import count_non_finite, load_model, save_model
+from letterpress.checkpoint import count_non_finite, save_model
 from letterpress.config import model_config_from_dict
 from letterpress.embedded import ASSETS
-from letterpress.model import DiffusionGemma
+from letterpress.model import DiffusionGemma, load_model
 
 
 def random_checkpoint(folder: Path, hidden: int, dtype: torch.dtype) -> Path:

@@ -25,7 +25,7 @@ from common import ROOT, machine
 CHILD = r"""
 import sys, time, json
 import torch
-from letterpress.checkpoint import load_model
+from letterpress.model import load_model
 from letterpress.config import load_model_config
 from letterpress.model import DiffusionGemma
 from letterpress.profiling import peak_anon_rss

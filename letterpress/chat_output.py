@@ -402,24 +402,34 @@ class _ArgumentReader:
             i += 1
         return i
 
+    def _items(self, i: int, close: str, read_item: Callable[[int], int]) -> int:
+        """From the opening bracket at i: `item (, item)* close` or just `close`; `read_item(i)` reads one item
+        and returns where it ends. Returns the index past `close`."""
+        i = self._skip(i + 1)
+        if self.text.startswith(close, i):
+            return i + 1
+        while True:
+            i = self._skip(read_item(self._skip(i)))
+            if self.text.startswith(",", i):
+                i += 1
+            elif self.text.startswith(close, i):
+                return i + 1
+            else:
+                raise _Malformed
+
     def object(self, i: int) -> tuple[dict, int]:
         result: dict = {}
-        i = self._skip(i + 1)  # past "{"
-        if self.text.startswith("}", i):
-            return result, i + 1
-        while True:
-            key, i = self._key(self._skip(i))
+
+        def entry(i: int) -> int:
+            key, i = self._key(i)
             i = self._skip(i)
             if not self.text.startswith(":", i):
                 raise _Malformed
             result[key], i = self.value(self._skip(i + 1))
-            i = self._skip(i)
-            if self.text.startswith(",", i):
-                i += 1
-            elif self.text.startswith("}", i):
-                return result, i + 1
-            else:
-                raise _Malformed
+            return i
+
+        end = self._items(i, "}", entry)
+        return result, end
 
     def _key(self, i: int) -> tuple[str, int]:
         if self.text.startswith(STRING_QUOTE, i) or self.text.startswith('"', i):
@@ -456,19 +466,14 @@ class _ArgumentReader:
 
     def _list(self, i: int) -> tuple[list, int]:
         items: list = []
-        i = self._skip(i + 1)
-        if self.text.startswith("]", i):
-            return items, i + 1
-        while True:
-            item, i = self.value(self._skip(i))
-            items.append(item)
-            i = self._skip(i)
-            if self.text.startswith(",", i):
-                i += 1
-            elif self.text.startswith("]", i):
-                return items, i + 1
-            else:
-                raise _Malformed
+
+        def item(i: int) -> int:
+            value, i = self.value(i)
+            items.append(value)
+            return i
+
+        end = self._items(i, "]", item)
+        return items, end
 
 
 def _scalar(raw: str):

@@ -21,9 +21,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .config import ModelConfig, load_model_config
+from .config import ModelConfig, load_model_config, vision_config_of
 from .errors import CheckpointError, NotSupportedError
-from .quant import CT_METHOD, QuantExperts, QuantLinear, QuantWeight, check_format, ct_check_config, ct_to_parts
+from .model.layers import Experts, Router
+from .model.vision import VisionModel
+from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts
 
 log = logging.getLogger(__name__)
 
@@ -183,38 +185,6 @@ def candidate_names(ours: str) -> list[str]:
     return names
 
 
-def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-               offline: bool | None = None, revision: str | None = None, quantization: str | None = None,
-               check_finite: bool = True):
-    """Build the model on the meta device, swap in quantized modules where the checkpoint stores quantized
-    weights (compressed-tensors) or `quantization` asks for them, allocate on `device`, then read each
-    tensor into its place: float tensors are cast, quantized while loading or taken as stored. Peak memory
-    is about the loaded model plus the largest float tensor (one expert's slice for packed experts).
-
-    `dtype`: a torch dtype, its name, or "auto" (the checkpoint's own, `checkpoint_dtype`). Every stored
-    header is checked (name, shape, float dtype) before anything is allocated. `check_finite`: refuse
-    float weights holding NaN or infinity (one sum per tensor, see README)."""
-    from .model import DiffusionGemma
-
-    folder = resolve(path_or_id, offline=offline, revision=revision)
-    config = load_model_config(folder)
-    dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
-    fmt = check_format(quantization)
-    stored_config = stored_quantization(folder)
-    with torch.device("meta"):
-        model = DiffusionGemma(config).to(dtype)
-    files = weight_files(folder)
-    plan = plan_weights(model, folder, files)
-    check_headers(model, plan, files)  # refuse a mismatched checkpoint before allocating
-    quantized = swap_quantized_modules(model, plan, fmt)
-    model = allocate(model, device, folder)
-    model.init_rope()
-    load_weights(model, folder, plan, quantized, check_finite=check_finite)
-    model.checkpoint_dir = folder
-    model.quantization = fmt or (CT_METHOD if stored_config else None)
-    return model.eval()
-
-
 def allocate(model: torch.nn.Module, device: torch.device | str, folder: Path) -> torch.nn.Module:
     """`to_empty` with an allocation failure as a one-line error."""
     try:
@@ -351,8 +321,6 @@ def swap_quantized_modules(model: torch.nn.Module, plan: dict[str, Stored], fmt:
     """Replace (on the meta device) every linear layer and packed expert pair that the checkpoint stores
     quantized, or that `fmt` asks to quantize, by an empty quantized module. Returns our tensor name ->
     the QuantWeight that tensor fills. Routers, norms and the embedding stay float."""
-    from .model.layers import Experts, Router
-
     quantized: dict[str, QuantWeight] = {}
 
     def visit(module: torch.nn.Module, path: str) -> None:
@@ -562,12 +530,30 @@ def _new_file_mode(folder: Path) -> int:
         probe.unlink()
 
 
+REPLACEABLE_MARKERS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's
+
+
+def check_replaceable(folder: Path) -> None:
+    """An output folder that exists is replaced whole, so it must be one that can go: empty, or a checkpoint or
+    adapter (it holds config.json or adapter_config.json). A file, a link or a folder of anything else (a
+    mistyped path, the home folder) is refused, never deleted."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder: choose another output path")
+    if any(folder.iterdir()) and not any((folder / name).is_file() for name in REPLACEABLE_MARKERS):
+        raise CheckpointError(f"{folder} is not empty and is not a checkpoint (no {' or '.join(REPLACEABLE_MARKERS)}): "
+                              "not replacing it; choose a new or empty folder")
+
+
 @contextmanager
 def atomic_folder(folder: Path):
     """Yield a temporary sibling folder to write into; on success it replaces `folder`, on any error (or an
     interruption) it is removed, so nothing half-written is ever left at `folder`. The folder and its files
     get the umask's permissions (`mkdir`, not `mkdtemp`; safetensors writes its files 0600, so they are
-    widened to what any new file would get)."""
+    widened to what any new file would get). Only a folder that is new, empty or a checkpoint / adapter written
+    before is replaced (`check_replaceable`)."""
+    check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -678,9 +664,6 @@ def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.f
                       device: torch.device | str = "cpu", offline: bool | None = None, revision: str | None = None):
     """The checkpoint's vision tower and `embed_vision` as a `letterpress.model.vision.VisionModel`.
     Raises CheckpointError for a text-only checkpoint, or one whose config names a tower it does not store."""
-    from .config import vision_config_of
-    from .model.vision import VisionModel
-
     folder = resolve(path_or_id, offline=offline, revision=revision)
     vision = vision_config_of(load_model_config(folder))
     if vision is None:

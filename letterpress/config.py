@@ -90,7 +90,6 @@ class ModelConfig:
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     image_token_id: int | None = None
-    has_vision: bool = False
     # Generation fallbacks when there is no generation_config.json: the top-level ids win over text_config's,
     # as transformers' GenerationConfig.from_model_config does.
     eos_token_ids: list[int] = field(default_factory=lambda: [1])
@@ -98,6 +97,13 @@ class ModelConfig:
     dtype: str | None = None  # the checkpoint's own dtype (`dtype`, formerly `torch_dtype`), for dtype="auto"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     source: str = "config.json"  # the file `raw` came from, for error messages
+
+    @property
+    def has_vision(self) -> bool:
+        """The checkpoint has a usable vision tower: a `vision_config` with layers. False for a text-only
+        checkpoint and for the 0-layer placeholder tower letterpress writes so that transformers loads a
+        text-only model. (`vision_config_of` also checks the tower's fields.)"""
+        return has_tower_layers(self.raw.get("vision_config"))
 
 
 @dataclass
@@ -402,7 +408,6 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "config.json") -> 
         boi_token_id=raw.get("boi_token_id"),
         eoi_token_id=raw.get("eoi_token_id"),
         image_token_id=raw.get("image_token_id"),
-        has_vision=raw.get("vision_config") is not None,
         eos_token_ids=eos,
         pad_token_id=pad,
         dtype=_stored_dtype_name(raw),
@@ -529,6 +534,11 @@ def _vision_rope_theta(raw: dict[str, Any], source: str = "config.json") -> floa
     return float(params.get("rope_theta", raw.get("rope_theta", 100.0)))
 
 
+def has_tower_layers(vision_config: Any) -> bool:
+    """A `vision_config` object whose tower has layers (transformers' default is 16 when the field is absent)."""
+    return isinstance(vision_config, dict) and vision_config.get("num_hidden_layers", 16) != 0
+
+
 def vision_config_of(model: ModelConfig) -> VisionConfig | None:
     """The vision tower's config, or None for a text-only checkpoint: no `vision_config`, or a tower with no
     layers (the placeholder letterpress writes so that transformers loads a text-only model)."""
@@ -539,7 +549,7 @@ def vision_config_of(model: ModelConfig) -> VisionConfig | None:
         raise _fail(model.source, "vision_config must be an object")
     check_fields(raw, VISION_RULES, model.source, "vision_config.")
     check_fields(model.raw, {"vision_soft_tokens_per_image": Rule("int", lo=1, null=True)}, model.source)
-    if raw.get("num_hidden_layers", 16) == 0:
+    if not has_tower_layers(raw):
         return None
     known = {f.name for f in fields(VisionConfig)} - {"rope_theta", "text_hidden_size", "default_soft_tokens"}
     kwargs = {k: v for k, v in raw.items() if k in known and v is not None}

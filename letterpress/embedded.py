@@ -11,11 +11,16 @@ on first use into the user's cache folder. It exercises every code path but its 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -66,9 +71,10 @@ def shipped_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "model.safetensors").is_file()}
 
 
-def default_model_dir() -> Path:
+def default_model_dir(model_class: Callable[[ModelConfig], torch.nn.Module] | None = None) -> Path:
     """The model a command runs when none is named: `$LETTERPRESS_DEFAULT_MODEL` (a shipped model's folder name,
-    e.g. tiny_code) if set, else the first shipped of DEFAULT_MODELS, else the placeholder."""
+    e.g. tiny_code) if set, else the first shipped of DEFAULT_MODELS, else the placeholder, which `model_class`
+    (DiffusionGemma; passed in, as this module sits below the model) builds on first use."""
     shipped = shipped_models()
     chosen = os.environ.get("LETTERPRESS_DEFAULT_MODEL")
     if chosen:
@@ -79,22 +85,24 @@ def default_model_dir() -> Path:
     for name in DEFAULT_MODELS:
         if name in shipped:
             return shipped[name]
-    return build_placeholder(cache_root() / f"placeholder-v{PLACEHOLDER_VERSION}")
+    return build_placeholder(cache_root() / f"placeholder-v{PLACEHOLDER_VERSION}", model_class)
 
 
-def build_placeholder(folder: Path) -> Path:
+def build_placeholder(folder: Path, model_class: Callable[[ModelConfig], torch.nn.Module] | None) -> Path:
     """Build (once) the random-weight placeholder checkpoint in the released format."""
     if (folder / "model.safetensors").is_file():
         return folder
+    if model_class is None:
+        raise CheckpointError(f"no model is shipped under {ASSETS} and the placeholder at {folder} is not built "
+                              "yet: load the default model once (LLM(None), DiffusionGemma.from_pretrained())")
     from .checkpoint import save_model
     from .config import model_config_from_dict
-    from .model import DiffusionGemma
     from .tokenizer import Tokenizer
 
     tokenizer_dir = ASSETS / "tiny_code"
     vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
     config = placeholder_config(vocab)
-    model = DiffusionGemma(model_config_from_dict(config))
+    model = model_class(model_config_from_dict(config))
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
     generation = {"max_new_tokens": 64, "eos_token_id": [1, 5], "pad_token_id": 0}
     return save_model(model, folder, config, generation, {f: tokenizer_dir / f for f in TOKENIZER_FILES})

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
+from .engine.request import SamplingParams
 from .errors import RequestError
 from .sampling import Clamp
 
 if TYPE_CHECKING:
-    from .engine.llm import LLM
-    from .engine.request import Request, RequestOutput, SamplingParams
+    from .engine.request import RequestOutput
     from .tokenizer import Tokenizer
 
 STRATEGIES = ("search", "slack", "prompt")
@@ -48,19 +48,12 @@ Span = tuple[int, int]
 # ---------------------------------------------------------------------------------------------- shared
 @dataclass(frozen=True)
 class Codec:
-    """What planning needs to know about a checkpoint."""
+    """What planning needs to know about a checkpoint (`LLM.infill_codec`)."""
 
     tokenizer: Tokenizer
     canvas_length: int
     eos_id: int  # written after a text that ends inside the canvas
     end_ids: frozenset[int]  # EOS ids and pad: a free run ends at the first of these
-
-    @classmethod
-    def of(cls, llm: LLM) -> Codec:
-        if llm.tokenizer is None:
-            raise RequestError("infilling and editing need a checkpoint with a tokenizer.json")
-        eos = list(llm.defaults.eos_token_ids)
-        return cls(llm.tokenizer, llm.runner.canvas_length, eos[0], frozenset(eos) | {llm.defaults.pad_token_id})
 
     def context(self, text: str) -> list[int]:
         """A prompt: <bos> + tokens of `text`."""
@@ -87,14 +80,7 @@ def read_run(canvas: list[int], run: Span, end_ids: frozenset[int]) -> list[int]
 
 def row_params(params: SamplingParams | None, canvas_length: int) -> SamplingParams:
     """A clamped row commits its whole canvas: one canvas, EOS does not cut it (free runs are cut when read)."""
-    from .engine.request import SamplingParams
-
     return replace(params or SamplingParams(), max_new_tokens=canvas_length, ignore_eos=True)
-
-
-def make_rows(llm: LLM, plans: list[RowPlan], params: SamplingParams | None) -> list[Request]:
-    canvas = llm.runner.canvas_length
-    return [llm.make_request(plan.prompt_ids, row_params(params, canvas), clamps=[plan.clamp]) for plan in plans]
 
 
 # ---------------------------------------------------------------------------------------------- infill
@@ -226,44 +212,22 @@ def cut_generated_middle(text: str, suffix: str) -> str:
     return text
 
 
-def run_infill(llm: LLM, prefixes: list[str], suffixes: list[str], max_middle: int | None,
-               params: SamplingParams | None, strategy: str, lengths: Sequence[int] | None) -> list[InfillResult]:
-    """Plan every infill, run all their rows as one batch through the scheduler, read the results."""
-    codec = Codec.of(llm)
-    if len(prefixes) != len(suffixes):
-        raise RequestError("pass one suffix per prefix")
-    if strategy == "prompt":
-        return prompt_infill(llm, codec, prefixes, suffixes, max_middle, params, lengths)
-    plans = [plan_infill(codec, p, s, max_middle, strategy, lengths) for p, s in zip(prefixes, suffixes)]
-    requests = [make_rows(llm, plan.rows, params) for plan in plans]
-    for request in (r for rows in requests for r in rows):
-        llm.scheduler.check(request)
-    outputs = llm.run([r for rows in requests for r in rows])
-    results, at = [], 0
-    for plan in plans:
-        results.append(finish_infill(codec, plan, outputs[at:at + len(plan.rows)]))
-        at += len(plan.rows)
-    return results
-
-
-def prompt_infill(llm: LLM, codec: Codec, prefixes: list[str], suffixes: list[str], max_middle: int | None,
-                  params: SamplingParams | None, lengths: Sequence[int] | None = None) -> list[InfillResult]:
-    """The `prompt` strategy: plain generation of at most max_middle tokens from `prompt_for_infill`."""
-    from .engine.request import SamplingParams
-
+def prompt_infill_params(codec: Codec, prefixes: list[str], suffixes: list[str], max_middle: int | None,
+                         params: SamplingParams | None, lengths: Sequence[int] | None = None) -> SamplingParams:
+    """The `prompt` strategy: plain generation of at most max_middle tokens (default half a canvas) from
+    `prompt_for_infill`, with these parameters; `finish_prompt_infill` reads each output."""
     C = codec.canvas_length
     max_middle = C // 2 if max_middle is None else max_middle
     for p, s in zip(prefixes, suffixes):
         check_infill_args(p, s, max_middle, C, "prompt", lengths)
-    gen = replace(params or SamplingParams(), max_new_tokens=max_middle)
-    outputs = llm.generate([prompt_for_infill(p, s) for p, s in zip(prefixes, suffixes)], gen)
-    results = []
-    for p, s, out in zip(prefixes, suffixes, outputs):
-        middle = cut_generated_middle(out.text or "", s)
-        n = len(codec.tokenizer.encode(middle))
-        results.append(InfillResult(middle, p + middle + s, "prompt", max_middle, n, out.decoder_passes,
-                                    out.decoder_passes, n / max(out.decoder_passes, 1), 0))
-    return results
+    return replace(params or SamplingParams(), max_new_tokens=max_middle)
+
+
+def finish_prompt_infill(codec: Codec, prefix: str, suffix: str, out: RequestOutput, max_middle: int) -> InfillResult:
+    middle = cut_generated_middle(out.text or "", suffix)
+    n = len(codec.tokenizer.encode(middle))
+    return InfillResult(middle, prefix + middle + suffix, "prompt", max_middle, n, out.decoder_passes,
+                        out.decoder_passes, n / max(out.decoder_passes, 1), 0)
 
 
 # ------------------------------------------------------------------------------------------ line gaps
@@ -488,16 +452,3 @@ def finish_edit(codec: Codec, plan: EditPlan, out: RequestOutput) -> EditResult:
     passes = out.decoder_passes
     return EditResult("".join(pieces), replacements, passes, written, written / passes if passes else 0.0,
                       plan.context_tokens, plan.tokens_after_canvas)
-
-
-def run_edit(llm: LLM, texts: list[str], spans: list[Sequence[Span]], instructions: list[str | None],
-             params: SamplingParams | None, slack: int) -> list[EditResult]:
-    codec = Codec.of(llm)
-    if not (len(texts) == len(spans) == len(instructions)):
-        raise RequestError("pass one list of spans (and one instruction) per text")
-    plans = [plan_edit(codec, t, s, i, slack) for t, s, i in zip(texts, spans, instructions)]
-    requests = make_rows(llm, [p.row for p in plans], params)
-    for request in requests:
-        llm.scheduler.check(request)
-    outputs = llm.run(requests)
-    return [finish_edit(codec, plan, out) for plan, out in zip(plans, outputs)]

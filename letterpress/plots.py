@@ -64,6 +64,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise PlotError(f"cannot read {path}: not a metrics.jsonl (not UTF-8 text: {e.reason} at byte {e.start})"
+                        ) from None
     records = []
     for line in lines:
         try:

@@ -27,7 +27,7 @@ Not quantized: the embedding (tied with the LM head and read three ways: lookup,
 self-conditioning matmul over the vocabulary; ~3% of the 26B's weights), the router (its top-k choices
 flip easily) and the norms.
 
-Loading (letterpress.checkpoint.load_model): the model is built on the meta device, its linear layers and
+Loading (letterpress.model.load_model): the model is built on the meta device, its linear layers and
 experts are swapped for empty QuantWeights, and each tensor is quantized as it is read (packed experts one
 expert slice at a time), so the float model never exists: loading peaks at about the quantized model plus
 the largest float tensor. Checkpoints in the compressed-tensors layout (see "compressed-tensors" below;
@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NotSupportedError
+from .model.layers import Experts, Router
+from .model.moe import sort_by_expert
 
 FORMATS = ("int8", "int4", "fp8")  # what we quantize float weights to
 LOADABLE_FORMATS = FORMATS + ("nvfp4",)  # what a QuantWeight holds (nvfp4 only from compressed-tensors)
@@ -373,8 +375,6 @@ class QuantExperts(nn.Module):
         self.down = make(experts.down_proj)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        from .model.fast import sort_by_expert
-
         order, token, counts = sort_by_expert(index, self.num_experts)
         xs = x[token]
         ys = torch.empty_like(xs)
@@ -535,8 +535,6 @@ def ct_int4_group(input_sizes: Sequence[int]) -> int:
 def quantized_tensor_names(model: nn.Module) -> list[str]:
     """The tensors `quantize_model` (and quantizing while loading) quantizes: every linear weight of the
     layers and the self-conditioning block except the routers', and the packed expert weights."""
-    from .model.layers import Experts
-
     names = []
     for path, module in model.named_modules():
         if isinstance(module, nn.Linear) and not path.endswith("router.proj") and (
@@ -600,8 +598,6 @@ def quantize_model(model: nn.Module, fmt: str | None, group: int = INT4_GROUP) -
     fmt = check_format(fmt)
     if fmt is None:
         return model
-    from .model.layers import Experts, Router
-
     def visit(module: nn.Module) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, Router):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (INDEX_FILE, SINGLE_FILE, _ExpertSlices, _open, _trim_heap, atomic_folder, candidate_names,
-                         checkpoint_names, plan_weights, read_tensor, resolve, weight_files)
+                         check_replaceable, checkpoint_names, plan_weights, read_tensor, resolve, weight_files)
 from .config import load_model_config
 from .errors import CheckpointError
 from .quant import check_format, ct_int4_group, ct_quantization_config, ct_quantize, quantized_tensor_names
@@ -35,6 +35,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, offline: boo
     fmt = check_format(fmt)
     if fmt is None:
         raise CheckpointError("letterpress quantize needs a format: int8, int4 or fp8")
+    check_replaceable(Path(out))  # before the work, not only when writing
     folder = resolve(src, offline=offline, revision=revision)
     config = load_model_config(folder)
     raw = json.loads((folder / "config.json").read_text())

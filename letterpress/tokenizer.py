@@ -185,7 +185,9 @@ class Tokenizer:
         }
         try:
             return template.render(**context)
-        except jinja2.TemplateError as e:  # raise_exception's RequestError is not a TemplateError and passes through
+        # raise_exception's RequestError passes through. The template is the checkpoint's; what breaks it is the
+        # data (a tool's description a number, its parameters a string, ...): the caller's to mend, not a crash.
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
             raise RequestError(f"the chat template could not render these messages: {e}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
@@ -377,8 +379,13 @@ def _validate_tools(tools: Any) -> None:
     # transformers also takes Python functions here (and builds their schemas); a request can only send JSON.
     if tools is None:
         return
+    shape = "tools must be a list of {type: 'function', function: {name, description, parameters}}"
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise RequestError("tools must be a list of {type: 'function', function: {name, description, parameters}}")
+        raise RequestError(shape)
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool)  # transformers also takes the bare {name, description, parameters}
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"tools[{i}]: {shape}, with the name a string")
 
 
 def _check_text(text: str, where: str) -> None:

@@ -203,9 +203,17 @@ def test_malformed_tool_messages(tok: Tokenizer, message: dict, match: str) -> N
         tok.apply_chat_template([{"role": "user", "content": "q"}, message])
 
 
-def test_malformed_tools(tok: Tokenizer) -> None:
-    with pytest.raises(RequestError, match="tools must be a list"):
-        tok.apply_chat_template(CONVERSATIONS["plain"], tools=[json.dumps(WEATHER)])
+@pytest.mark.parametrize("tools, match", [
+    ([json.dumps(WEATHER)], "tools must be a list"),
+    ([{"type": "function", "function": {"name": 5}}], r"tools\[0\]: .* the name a string"),
+    ([{"name": ["x"]}], r"tools\[0\]: .* the name a string"),
+    # past the shape check, data the template cannot render is the request's fault (a 400), not a crash
+    ([{"type": "function", "function": {"name": "f", "description": 5}}], "could not render"),
+    ([{"type": "function", "function": {"name": "f", "parameters": 5}}], "could not render"),
+])
+def test_malformed_tools(tok: Tokenizer, tools: list, match: str) -> None:
+    with pytest.raises(RequestError, match=match):
+        tok.apply_chat_template(CONVERSATIONS["plain"], tools=tools)
 
 
 # The template of the models letterpress trains (tiny-code's): Gemma 3 turns with the same features.

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from letterpress.checkpoint import load_model, save_model
+from letterpress.checkpoint import save_model
 from letterpress.config import load_model_config
 from letterpress.errors import CheckpointError, ConfigError
-from letterpress.model import DiffusionGemma
+from letterpress.model import DiffusionGemma, load_model
 
 from .reference import build_reference
 
@@ -166,7 +166,7 @@ def test_saved_by_us_loads_in_both(saved, tmp_path):
 LOAD_MEMORY_SCRIPT = r"""
 import sys
 import torch
-from letterpress.checkpoint import load_model
+from letterpress.model import load_model
 from letterpress.profiling import peak_anon_rss
 
 model, peak = peak_anon_rss(lambda: load_model(sys.argv[1]))
@@ -192,3 +192,56 @@ def test_loading_needs_about_one_model_of_memory(tmp_path):
     assert run.returncode == 0, run.stderr
     # one model plus the largest tensor in flight (~1.25x here); twice the model would be 2.0
     assert float(run.stdout) < 1.5, f"peak anonymous memory was {float(run.stdout):.2f}x the model"
+
+
+# ------------------------------------------------------------------------------------------ output folders
+def test_an_output_folder_is_replaced_only_when_it_is_a_checkpoint(tmp_path):
+    """Writing replaces the output folder whole: a new, empty or checkpoint folder is fine; a folder of other
+    files (a mistyped path, the home folder) or a file is refused and left as it was."""
+    from letterpress.checkpoint import atomic_folder
+
+    def write(folder):
+        with atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    for folder in (tmp_path / "new", tmp_path / "empty", tmp_path / "old_checkpoint", tmp_path / "old_adapter"):
+        folder.mkdir(exist_ok=folder.name != "new")
+        if folder.name.startswith("old"):
+            (folder / ("config.json" if "checkpoint" in folder.name else "adapter_config.json")).write_text("{}")
+            (folder / "stale.safetensors").write_text("x")
+        write(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me too")
+    for target, match in ((precious, "not empty and is not a checkpoint"), (a_file, "is not a folder")):
+        with pytest.raises(CheckpointError, match=match):
+            write(target)
+    assert (precious / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new", "empty", "old_checkpoint", "old_adapter",
+                                                                  "home", "file"])  # no temporary folder left
+
+
+def test_cli_refuses_to_overwrite_a_folder_that_is_not_a_checkpoint_and_a_corrupt_adapter(tmp_path):
+    from letterpress.embedded import ASSETS
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    run = subprocess.run([sys.executable, "-m", "letterpress.cli", "quantize", str(ASSETS / "tiny_code"), str(precious),
+                          "--format", "int8"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "not empty and is not a checkpoint" in run.stderr
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x01")  # truncated
+    run = subprocess.run([sys.executable, "-m", "letterpress.cli", "merge-lora", str(ASSETS / "tiny_code"),
+                          str(adapter), str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "adapter_model.safetensors is not a readable safetensors file" in run.stderr

@@ -99,6 +99,13 @@ def test_argument_errors_show_the_verbs_usage_without_importing_torch():
     assert "usage: letterpress serve " in run.stderr and run.stderr.strip().endswith("exit 2 False")
 
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port):
+    run = letterpress("serve", "--port", port)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"--port must be a TCP port, 0 to 65535 (0: any free port), got {port}" in run.stderr
+
+
 def test_every_verb_takes_verbosity_and_threads():
     import argparse
 

@@ -36,6 +36,23 @@ def test_per_layer_config_as_transformers_writes_it():
     assert (cfg.layers[3].head_dim, cfg.layers[3].num_kv_heads) == (8, 2)  # not listed: base shape
 
 
+def test_has_vision_means_a_usable_tower():
+    """True only where `vision_config_of` gives a tower: not for a text-only config, nor for the 0-layer
+    placeholder tower letterpress writes so that transformers loads a text-only checkpoint."""
+    from letterpress.checkpoint import PLACEHOLDER_VISION_CONFIG
+    from letterpress.config import vision_config_of
+
+    def with_vision(vision):
+        raw = {"model_type": "diffusion_gemma", "text_config": TEXT, "canvas_length": 32}
+        return model_config_from_dict(raw if vision is None else {**raw, "vision_config": vision})
+
+    for vision, usable in [(None, False), (PLACEHOLDER_VISION_CONFIG, False), ({"num_hidden_layers": 0}, False),
+                           ({"num_hidden_layers": 2}, True), ({}, True)]:  # absent: transformers' 16 layers
+        cfg = with_vision(vision)
+        assert cfg.has_vision is usable, vision
+        assert (vision_config_of(cfg) is not None) is usable, vision
+
+
 def test_bidirectional_all_halves_the_window():
     cfg = config(use_bidirectional_attention="all").text
     assert cfg.sliding_window == 513 and cfg.stored_sliding_window == 1024 and not cfg.encoder_is_causal

@@ -75,3 +75,40 @@ def test_fsdp2_two_processes_match_one(tmp_path, method):
         torch.testing.assert_close(w2[name], w1[name], atol=2e-5, rtol=1e-4, msg=name)
         moved += not torch.equal(w1[name], w0[name])
     assert moved > 10  # the steps did change the weights
+
+
+def test_train_leaves_the_process_group_after_dropping_the_model(tmp_path, monkeypatch):
+    """`letterpress train` calls distributed.close with the Trainer (its sharded model, optimizer and their
+    collective work) already gone, so the backend's threads never outlive what they hold; clean=False after
+    an error (no barrier a failed peer might never reach). One process: close is only observed here."""
+    import gc
+    import weakref
+
+    from letterpress.cli import main
+    from letterpress.train import distributed
+    from letterpress.train.trainer import Trainer
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    base = make_checkpoint(tmp_path / "base", tokenizer)
+    data = write_jsonl(tmp_path / "train.jsonl", addition_lines(8))
+    made, calls = [], []
+    real_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    def close(env, clean=True):
+        gc.collect()
+        calls.append((clean, made[-1]() is None))
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    monkeypatch.setattr(distributed, "close", close)
+    args = ["train", "--model", str(base), "--data", str(data), "--steps", "1", "--batch-size", "2", "--device", "cpu",
+            "--no-progress", "--no-plot", "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert calls == [(True, True)]
+    monkeypatch.setattr(Trainer, "train", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(args)
+    assert calls[-1][0] is False

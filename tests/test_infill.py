@@ -17,9 +17,7 @@ from letterpress.errors import RequestError
 from letterpress.fast_sampling import fused_denoise_step
 from letterpress.infill import (
     _span_tokens_scan,
-    Codec,
     finish_infill,
-    make_rows,
     plan_edit,
     plan_infill,
     search_lengths,
@@ -186,12 +184,12 @@ def pinned_tokens_hold(out, plan_row) -> bool:
 
 @pytest.mark.parametrize("strategy", ["search", "slack"])
 def test_infill_pins_the_suffix_alone_and_batched(llm, strategy):
-    codec = Codec.of(llm)
+    codec = llm.infill_codec()
     plan = plan_infill(codec, PREFIX, SUFFIX, 12, strategy)
     assert len(plan.rows) == (len(search_lengths(12)) if strategy == "search" else 1)
     plain = [llm.tokenize(p) for p in ("import os\n", "class A:\n    pass\n")]
     solo_plain = [llm.generate(p, SamplingParams(seed=9, max_denoising_steps=3))[0].token_ids for p in plain]
-    rows = make_rows(llm, plan.rows, FAST)
+    rows = llm.clamped_rows(plan.rows, FAST)
     others = [llm.make_request(p, SamplingParams(seed=9, max_denoising_steps=3)) for p in plain]
     outputs = llm.run([others[0], *rows, others[1]])
     for row, out in zip(plan.rows, outputs[1:-1]):
@@ -236,9 +234,9 @@ def test_infill_errors(llm, kwargs, message):
 
 def test_edit_keeps_everything_outside_the_span(llm):
     start, end = TEXT.index("a + b"), TEXT.index("a + b") + 5
-    codec = Codec.of(llm)
+    codec = llm.infill_codec()
     plan = plan_edit(codec, TEXT, [(start, end)])
-    out = llm.run(make_rows(llm, [plan.row], FAST))[0]
+    out = llm.run(llm.clamped_rows([plan.row], FAST))[0]
     assert pinned_tokens_hold(out, plan.row)
     result = llm.edit(TEXT, [(start, end)], params=FAST)
     (r,) = result.replacements
@@ -257,7 +255,7 @@ def test_edit_long_text_and_slack(llm):
     lines = [f"    value_{i} = compute({i}, value_{i - 1})\n" for i in range(1, 60)]
     text = "def long():\n    value_0 = 0\n" + "".join(lines) + "    return value_59\n"
     start = text.index("compute(30")
-    plan = plan_edit(Codec.of(llm), text, [(start, start + 11)], slack=3)
+    plan = plan_edit(llm.infill_codec(), text, [(start, start + 11)], slack=3)
     assert plan.context_tokens > 0 and plan.tokens_after_canvas > 0
     (run,) = plan.row.runs
     assert plan.row.clamp.free == run[1] - run[0] >= 3
@@ -304,7 +302,7 @@ def test_span_mapping_is_linear(llm, n_spans):
     took 16 s). Now it reads each token and each span a bounded number of times, whatever N is, and finds
     exactly the runs the per-span scan finds."""
     text = ("    value = compute(alpha, beta) + other_value * 3\n" * 1200)[:60_000]
-    ids, offsets = Codec.of(llm).tokenizer.encode_with_offsets(text)
+    ids, offsets = llm.infill_codec().tokenizer.encode_with_offsets(text)
     step = len(text) // n_spans
     spans = [(k * step, k * step + 1 + k % 2) for k in range(n_spans)]
     counted = CountingOffsets(offsets)
@@ -321,7 +319,7 @@ def test_span_mapping_matches_the_scan_on_random_spans(llm):
 
     rng = random.Random(0)
     text = "".join(rng.choice(["ab", " cd", "é", "\n    ", "字", "x"]) for _ in range(800))
-    _, offsets = Codec.of(llm).tokenizer.encode_with_offsets(text)
+    _, offsets = llm.infill_codec().tokenizer.encode_with_offsets(text)
     for _ in range(50):
         cuts = sorted(rng.sample(range(len(text) + 1), 2 * rng.randint(1, 20)))
         spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
@@ -334,7 +332,7 @@ def test_edit_of_a_long_text_tokenizes_only_its_window(llm, monkeypatch):
     lines = [f"    value_{i} = compute({i}, value_{i - 1})\n" for i in range(1, 8000)]
     text = "def long():\n    value_0 = 0\n" + "".join(lines)
     start = text.index("compute(30,")
-    codec = Codec.of(llm)
+    codec = llm.infill_codec()
     windowed = plan_edit(codec, text, [(start, start + 11), (start + 40, start + 45)], slack=2)
     monkeypatch.setattr(type(codec.tokenizer), "max_chars_per_token", lambda self: None)
     full = plan_edit(codec, text, [(start, start + 11), (start + 40, start + 45)], slack=2)

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from letterpress.checkpoint import count_non_finite, load_model
+from letterpress.checkpoint import count_non_finite
 from letterpress.cli import main
 from letterpress.config import load_generation_defaults, load_model_config
 from letterpress.embedded import ASSETS
 from letterpress.errors import LetterpressError
+from letterpress.model import load_model
 
 TINY = ASSETS / "tiny_code"
 A_TENSOR = "model.decoder.layers.0.self_attn.q_proj.weight"

@@ -65,6 +65,9 @@ def test_loss_curve_refuses_metrics_without_a_loss(tmp_path):
         plots.plot_metrics_file(empty)
     with pytest.raises(plots.PlotError, match="cannot read"):
         plots.read_metrics(tmp_path / "missing.jsonl")
+    (tmp_path / "binary").write_bytes(b"\xbe\x00\xff")
+    with pytest.raises(plots.PlotError, match="not a metrics.jsonl"):
+        plots.read_metrics(tmp_path / "binary")
 
 
 def test_benchmark_charts(tmp_path):

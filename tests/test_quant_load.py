@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from letterpress import LLM, SamplingParams
-from letterpress.checkpoint import load_model
+from letterpress.model import load_model
 from letterpress.cli import main as cli_main
 from letterpress.errors import CheckpointError
 from letterpress.quant import FORMATS, QuantExperts, QuantLinear, QuantWeight, drift, model_bytes, quantize_model
@@ -221,7 +221,7 @@ def test_unsupported_quantization_configs_are_clear_errors(library_base, tmp_pat
 LOAD_MEMORY_SCRIPT = r"""
 import sys
 import torch
-from letterpress.checkpoint import load_model
+from letterpress.model import load_model
 from letterpress.config import load_model_config
 from letterpress.model import DiffusionGemma
 from letterpress.profiling import peak_anon_rss

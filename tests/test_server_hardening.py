@@ -4,6 +4,7 @@ an event loop that keeps answering while large requests are prepared, 499 in /me
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -279,69 +281,62 @@ def free_port() -> int:
     return port
 
 
-def start_serve(tmp_path, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "letterpress.cli", "serve", "--port", str(port), "--max-model-len", "4096",
-           "--log-level", "warning", *flags]
-    log = open(tmp_path / f"serve-{port}.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
-    return proc, url
-
-
 LONG_STREAM = {"prompt": PROMPT, "max_tokens": 3900, "seed": 1, "ignore_eos": True, "stream": True}
 
 
+@contextlib.contextmanager
+def serving_a_long_stream(tmp_path, *flags: str) -> Iterator[tuple[subprocess.Popen, str, Iterator[str]]]:
+    """A `letterpress serve` process with one long streaming completion open (its first chunk has arrived):
+    yields (process, url, the stream's remaining lines); kills the server if it is still running after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "letterpress.cli", "serve", "--port", str(port), "--max-model-len", "4096",
+           "--log-level", "warning", *flags]
+    with open(tmp_path / f"serve-{port}.log", "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, proc)
+            with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                             json=LONG_STREAM) as stream:
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))  # the stream is open
+                yield proc, url, lines
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_sigterm_drains_then_ends_open_streams_with_an_error_event(tmp_path):
-    proc, url = start_serve(tmp_path, "--shutdown-timeout", "2")
-    try:
-        with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions",
-                                                                         json=LONG_STREAM) as stream:
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data:"))  # the stream is open
-            sent = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)  # the drain starts within a tick (0.1 s)
-            # draining: new requests are refused, /health says so, the open stream goes on
-            with httpx.Client(base_url=url, timeout=30) as other:
-                assert_error(other.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}), 503,
-                             "shutting down", code="shutting_down")
-                assert other.get("/health").status_code == 503
-            rest = [line[5:].strip() for line in lines if line.startswith("data:")]
+    with serving_a_long_stream(tmp_path, "--shutdown-timeout", "2") as (proc, url, lines):
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the drain starts within a tick (0.1 s)
+        # draining: new requests are refused, /health says so, the open stream goes on
+        with httpx.Client(base_url=url, timeout=30) as other:
+            assert_error(other.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}), 503,
+                         "shutting down", code="shutting_down")
+            assert other.get("/health").status_code == 503
+        rest = [line[5:].strip() for line in lines if line.startswith("data:")]
         assert rest[-1] == "[DONE]"
         last = json.loads(rest[-2])
         assert last["error"]["code"] == "shutting_down", last
         proc.wait(DEADLINE_S)
         took = time.monotonic() - sent
-        print(f"\nSIGTERM to exit with an open stream and --shutdown-timeout 2: {took:.2f} s")
-        assert proc.returncode == 0
-        assert took < 2 + 10  # the drain, then a step at most, uvicorn closing and the engine thread stopping
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.log.close()
+    print(f"\nSIGTERM to exit with an open stream and --shutdown-timeout 2: {took:.2f} s")
+    assert proc.returncode == 0
+    assert took < 2 + 10  # the drain, then a step at most, uvicorn closing and the engine thread stopping
 
 
 def test_a_second_signal_exits_at_once(tmp_path):
-    proc, url = start_serve(tmp_path, "--shutdown-timeout", "300")
-    try:
-        with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions",
-                                                                         json=LONG_STREAM) as stream:
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data:"))
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            assert proc.poll() is None  # draining: 300 s allowed
-            sent = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            proc.wait(DEADLINE_S)
-            took = time.monotonic() - sent
-        print(f"\nsecond signal to exit: {took:.2f} s")
-        assert proc.returncode == 128 + signal.SIGINT
-        assert took < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.log.close()
+    with serving_a_long_stream(tmp_path, "--shutdown-timeout", "300") as (proc, url, lines):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # draining: 300 s allowed
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(DEADLINE_S)
+        took = time.monotonic() - sent
+    print(f"\nsecond signal to exit: {took:.2f} s")
+    assert proc.returncode == 128 + signal.SIGINT
+    assert took < 5

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from letterpress.checkpoint import load_model, resolve
+from letterpress.checkpoint import resolve
 from letterpress.config import FULL, SLIDING, load_generation_defaults, load_model_config
 from letterpress.errors import CheckpointError, ConfigError
+from letterpress.model import load_model
 from letterpress.quant import GEMMA4_26B_A4B_TEXT
 
 from .reference import BASE_TEXT, TINY_VISION, build_reference

@@ -12,7 +12,7 @@ HELP = "write a quantized checkpoint (compressed-tensors layout) that loads with
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="float checkpoint folder or Hub id")
-    p.add_argument("out", help="folder to write (replaced if it exists)")
+    p.add_argument("out", help="folder to write (new, empty, or a checkpoint, which is replaced)")
     p.add_argument("--format", required=True, choices=["int8", "int4", "fp8"],
                    help="int8 (W8A16, per channel), int4 (W4A16, groups of 128), fp8 (FP8 dynamic)")
 

@@ -13,8 +13,10 @@ import torch
 from ..cache import kv_cache_budget
 from ..checkpoint import load_vision_model, resolve
 from ..config import load_generation_defaults, vision_config_of
+from ..embedded import default_model_dir
 from ..errors import CheckpointError, ConfigError, NotSupportedError, RequestError
-from ..infill import DEFAULT_STRATEGY, EditResult, InfillResult, run_edit, run_infill
+from ..infill import (DEFAULT_STRATEGY, Codec, EditResult, InfillResult, RowPlan, finish_edit, finish_infill,
+                      finish_prompt_infill, plan_edit, plan_infill, prompt_for_infill, prompt_infill_params, row_params)
 from ..media.messages import PLACEHOLDER, MediaPart, split_media
 from ..media.prompt import MediaRun, MediaTokens, expand_prompt
 from ..media.sources import IMAGE, VIDEO, MediaLimits, as_file, open_source
@@ -87,9 +89,7 @@ class LLM:
             raise ConfigError(f"max_constraint_edges must be a positive integer, got {max_constraint_edges!r}")
         self.max_constraint_edges = max_constraint_edges
         if model is None:
-            from ..embedded import default_model_dir
-
-            model = default_model_dir()
+            model = default_model_dir(DiffusionGemma)
         self.model_name = str(model)
         self.folder = resolve(model, offline=offline)
         self.parallel = None
@@ -368,7 +368,22 @@ class LLM:
                      params: SamplingParams | None = None, strategy: str = DEFAULT_STRATEGY,
                      lengths: Sequence[int] | None = None) -> list[InfillResult]:
         """`infill` for many (prefix, suffix) pairs; all their rows run as one batch."""
-        return run_infill(self, list(prefixes), list(suffixes), max_middle_tokens, params, strategy, lengths)
+        codec = self.infill_codec()
+        prefixes, suffixes = list(prefixes), list(suffixes)
+        if len(prefixes) != len(suffixes):
+            raise RequestError("pass one suffix per prefix")
+        if strategy == "prompt":
+            gen = prompt_infill_params(codec, prefixes, suffixes, max_middle_tokens, params, lengths)
+            outputs = self.generate([prompt_for_infill(p, s) for p, s in zip(prefixes, suffixes)], gen)
+            return [finish_prompt_infill(codec, p, s, out, gen.max_new_tokens)
+                    for p, s, out in zip(prefixes, suffixes, outputs)]
+        plans = [plan_infill(codec, p, s, max_middle_tokens, strategy, lengths) for p, s in zip(prefixes, suffixes)]
+        outputs = self.run_clamped([row for plan in plans for row in plan.rows], params)
+        results, at = [], 0
+        for plan in plans:  # each plan's candidate rows, in order
+            results.append(finish_infill(codec, plan, outputs[at:at + len(plan.rows)]))
+            at += len(plan.rows)
+        return results
 
     def edit(self, text: str, spans: Sequence[tuple[int, int]], instruction: str | None = None,
              params: SamplingParams | None = None, slack_tokens: int = 0) -> EditResult:
@@ -380,8 +395,31 @@ class LLM:
     def edit_batch(self, texts: list[str], spans: list[Sequence[tuple[int, int]]],
                    instructions: list[str | None] | None = None, params: SamplingParams | None = None,
                    slack_tokens: int = 0) -> list[EditResult]:
+        codec = self.infill_codec()
         instructions = [None] * len(texts) if instructions is None else list(instructions)
-        return run_edit(self, list(texts), list(spans), instructions, params, slack_tokens)
+        if not (len(texts) == len(spans) == len(instructions)):
+            raise RequestError("pass one list of spans (and one instruction) per text")
+        plans = [plan_edit(codec, t, s, i, slack_tokens) for t, s, i in zip(texts, spans, instructions)]
+        outputs = self.run_clamped([plan.row for plan in plans], params)
+        return [finish_edit(codec, plan, out) for plan, out in zip(plans, outputs)]
+
+    def infill_codec(self) -> Codec:
+        """What infill and edit planning (letterpress.infill) needs to know about this model."""
+        if self.tokenizer is None:
+            raise RequestError("infilling and editing need a checkpoint with a tokenizer.json")
+        eos = list(self.defaults.eos_token_ids)
+        return Codec(self.tokenizer, self.runner.canvas_length, eos[0], frozenset(eos) | {self.defaults.pad_token_id})
+
+    def clamped_rows(self, plans: list[RowPlan], params: SamplingParams | None) -> list[Request]:
+        """One request per planned row: its context, and its canvas's clamp over one whole canvas."""
+        canvas = self.runner.canvas_length
+        return [self.make_request(plan.prompt_ids, row_params(params, canvas), clamps=[plan.clamp]) for plan in plans]
+
+    def run_clamped(self, plans: list[RowPlan], params: SamplingParams | None) -> list[RequestOutput]:
+        requests = self.clamped_rows(plans, params)
+        for request in requests:
+            self.scheduler.check(request)
+        return self.run(requests)
 
     def run(self, requests: list[Request]) -> list[RequestOutput]:
         """Run requests to completion. A request that failed in an engine step comes back with finish_reason

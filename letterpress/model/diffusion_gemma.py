@@ -19,7 +19,11 @@ from torch import nn
 
 from ..cache import KVCache, PagedKVCache, layer_kinds, plan_pool, visible_from
 from ..chunks import position_slices
-from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
+from ..checkpoint import (allocate, check_headers, checkpoint_dtype, load_weights, parse_dtype, plan_weights, resolve,
+                          stored_quantization, swap_quantized_modules, weight_files)
+from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig, load_model_config
+from ..embedded import default_model_dir
+from ..quant import CT_METHOD, check_format
 from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
 Cache = KVCache | PagedKVCache  # what `encode` / `denoise` accept (letterpress.cache)
@@ -191,18 +195,16 @@ class DiffusionGemma(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
                         device: torch.device | str = "cpu", offline: bool | None = None,
-                        revision: str | None = None, quantization: str | None = None) -> "DiffusionGemma":
-        """A checkpoint folder or Hub id; None is the embedded default model, as for `LLM(None)`.
+                        revision: str | None = None, quantization: str | None = None,
+                        check_finite: bool = True) -> "DiffusionGemma":
+        """A checkpoint folder or Hub id; None is the embedded default model, as for `LLM(None)`. `load_model`
+        below says what loading does.
         `quantization` ("int8", "int4", "fp8"): quantize each weight while loading (letterpress.quant);
         a compressed-tensors checkpoint loads quantized as stored either way."""
-        from ..checkpoint import load_model
-
         if path_or_id is None:
-            from ..embedded import default_model_dir
-
-            path_or_id = default_model_dir()
+            path_or_id = default_model_dir(cls)
         return load_model(path_or_id, dtype=dtype, device=device, offline=offline, revision=revision,
-                          quantization=quantization)
+                          quantization=quantization, check_finite=check_finite)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DiffusionGemma":
@@ -414,3 +416,33 @@ class DiffusionGemma(nn.Module):
         cached = (kp < base[:, None]) & (kp >= visible_from(base, self._window(layer_type))[:, None])
         canvas_part = torch.ones(base.shape[0], canvas, dtype=torch.bool, device=base.device)
         return torch.cat([cached, canvas_part], dim=1)[:, None, None, :]
+
+
+def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
+               offline: bool | None = None, revision: str | None = None, quantization: str | None = None,
+               check_finite: bool = True) -> DiffusionGemma:
+    """Build the model on the meta device, swap in quantized modules where the checkpoint stores quantized
+    weights (compressed-tensors) or `quantization` asks for them, allocate on `device`, then read each
+    tensor into its place: float tensors are cast, quantized while loading or taken as stored. Peak memory
+    is about the loaded model plus the largest float tensor (one expert's slice for packed experts).
+
+    `dtype`: a torch dtype, its name, or "auto" (the checkpoint's own, `checkpoint_dtype`). Every stored
+    header is checked (name, shape, float dtype) before anything is allocated. `check_finite`: refuse
+    float weights holding NaN or infinity (one sum per tensor, see README)."""
+    folder = resolve(path_or_id, offline=offline, revision=revision)
+    config = load_model_config(folder)
+    dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
+    fmt = check_format(quantization)
+    stored_config = stored_quantization(folder)
+    with torch.device("meta"):
+        model = DiffusionGemma(config).to(dtype)
+    files = weight_files(folder)
+    plan = plan_weights(model, folder, files)
+    check_headers(model, plan, files)  # refuse a mismatched checkpoint before allocating
+    quantized = swap_quantized_modules(model, plan, fmt)
+    model = allocate(model, device, folder)
+    model.init_rope()
+    load_weights(model, folder, plan, quantized, check_finite=check_finite)
+    model.checkpoint_dir = folder
+    model.quantization = fmt or (CT_METHOD if stored_config else None)
+    return model.eval()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TextConfig
+from .moe import moe_forward
 
 
 class RMSNorm(nn.Module):
@@ -101,13 +102,11 @@ class Experts(nn.Module):
         self.num_experts = cfg.num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
-        self.impl = "loop"  # or a fast method from `fast.MOE_METHODS` ("grouped_mm", "sorted", ...)
+        self.impl = "loop"  # or a fast method from `moe.MOE_METHODS` ("grouped_mm", "sorted", ...)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x: [N, H]; weights, index: [N, k]. Loops over the experts that were hit (the plain path)."""
         if self.impl != "loop":
-            from .fast import moe_forward
-
             return moe_forward(self.gate_up_proj, self.down_proj, x, weights, index, self.impl)
         out = torch.zeros_like(x)
         for expert in torch.unique(index).tolist():

@@ -1,7 +1,7 @@
 """Routes, streaming, errors, auth and metrics of the OpenAI-compatible server.
 
-One HTTP request becomes a `Job`: n engine rows (one per choice; several prompts on /v1/completions give
-n rows each) that share one `RequestStream`. `Job.events()` turns the rows' canvases into text deltas and
+One HTTP request becomes a `Job` (server/core.py): n engine rows (one per choice; several prompts on
+/v1/completions give n rows each) that share one `RequestStream`. `Job.events()` turns the rows' canvases into text deltas and
 finish reasons; the non-streaming path collects them, the streaming path sends each as an SSE chunk.
 Infilling (`suffix`) may give a choice several competing rows (`Job.groups`); edits (`/v1/edits`) are rows
 too. Both are planned in `server/infill.py`.
@@ -18,7 +18,6 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI
@@ -30,16 +29,16 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..engine.llm import LLM
-from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, RequestOutput, SamplingParams
+from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from ..engine.llm import soft_tokens_of
 from ..media.prompt import MediaRun
-from ..media.sources import MediaLimits
 from ..structured import StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
 from .structured import from_body as structured_from_body
-from .body import DEFAULT_MAX_REQUEST_BYTES, parse_body, read_body
+from .body import parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
+from .core import DEFAULT_STEP_CEILING, DISCONNECTED, Job, ServerConfig
 from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
 from .page import install_playground
@@ -53,14 +52,12 @@ from .schemas import (
     error_body,
     model_card,
     refuse_unsupported,
-    usage,
 )
 from . import vllm_compat
 from .text import ChoiceText
 
 log = logging.getLogger("letterpress.server")
 
-DISCONNECTED = object()  # pushed into a job's stream by the disconnect watcher
 T = TypeVar("T")
 
 
@@ -68,139 +65,7 @@ class ShuttingDown(Exception):
     """The server is shutting down and its drain time is up: what is still open ends with this error."""
 
 
-DEFAULT_STEP_CEILING = 1024  # --max-denoising-steps when not given (or the checkpoint's default, if larger)
-DEFAULT_REQUEST_TIMEOUT_S = 600.0  # --request-timeout: the openai client's own default timeout
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy, as in vLLM (its _SAMPLING_EPS)
-
-
-@dataclass
-class ServerConfig:
-    served_model_names: list[str]
-    api_key: str | None = None
-    max_queue: int = 128
-    # sampler defaults for requests that do not set them (None = the checkpoint's generation_config.json)
-    entropy_bound: float | None = None
-    t_min: float | None = None
-    t_max: float | None = None
-    # the most denoising steps per canvas a request may ask for (more is a 400); requests that do not set
-    # it get the checkpoint's default, capped at this. None: DEFAULT_STEP_CEILING
-    max_denoising_steps: int | None = None
-    # seconds a request may take from submission; then its rows are stopped and it gets a 504. None: no limit
-    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
-    disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
-    # vLLM's CORS flags (no origins: no CORS headers) and --enable-request-id-headers (server/vllm_compat.py)
-    allowed_origins: list[str] = field(default_factory=list)
-    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
-    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-    enable_request_id_headers: bool = False
-    # image / video URLs: fetch size and time limits, the folder file:// URLs may read (--allowed-local-media-path)
-    media_limits: MediaLimits = field(default_factory=MediaLimits)
-
-
-# ------------------------------------------------------------------------------------------------- a job
-@dataclass(eq=False)  # compared (and hashed, in OpenAIServer.open_jobs) by identity
-class Job:
-    """One HTTP request's rows. Choice i is row i; it is complete when its RequestOutput has arrived."""
-
-    id: str
-    kind: str  # "chat" or "completion"
-    model: str
-    prompts: list[list[int]]
-    rows: list[Request]
-    texts: list[ChoiceText]
-    stream: RequestStream
-    created: int = field(default_factory=lambda: int(time.time()))
-    outputs: list[RequestOutput | None] = field(default_factory=list)
-    finish_reasons: list[str | None] = field(default_factory=list)
-    # infill: the rows that compete for each choice (candidate middle lengths); None = one row per choice
-    groups: list[list[int]] | None = None
-    # chat: each row's parser (reasoning, content, tool calls)
-    chat: list[ChatChoice] | None = None
-
-    def __post_init__(self):
-        self.outputs = [None] * len(self.rows)
-        self.finish_reasons = [None] * len(self.rows)
-
-    def choice_rows(self) -> list[int]:
-        """The row that answers each choice; with groups, the one the model was surest of (lowest mean
-        entropy of its free positions at its last step). Call once every row has reported."""
-        if self.groups is None:
-            return list(range(len(self.rows)))
-        return [min(g, key=lambda r: (self.outputs[r].final_entropy[0], r)) for g in self.groups]
-
-    async def choice_events(self, engine: EngineLoop) -> AsyncIterator[tuple[str, int, Any]]:
-        """`events()` per choice. Grouped rows compete, so nothing is final before all have finished: then
-        each choice's whole text and its finish reason come at once ("stop": the middle meets the suffix)."""
-        if self.groups is None:
-            async for event in self.events(engine):
-                yield event
-            return
-        async for _ in self.events(engine):
-            pass
-        if any(out is None for out in self.outputs):
-            return  # the client went away
-        for i, r in enumerate(self.choice_rows()):
-            yield "text", i, self.texts[r].text
-            yield "finish", i, "stop"
-
-    def unfinished_row_ids(self) -> list[str]:
-        return [r.request_id for r, out in zip(self.rows, self.outputs) if out is None]
-
-    async def events(self, engine: EngineLoop) -> AsyncIterator[tuple[str, int, Any]]:
-        """Yield ("text", i, delta), ("preview", i, CanvasEvent) and ("finish", i, reason) until every row
-        has reported back. A stop string ends a choice at once: its row is aborted and what it still sends
-        is ignored (its RequestOutput is awaited only for the usage statistics, at most one step later)."""
-        while any(out is None for out in self.outputs):
-            index, item = await self.stream.get()
-            if item is DISCONNECTED:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            text = self.texts[index]
-            if isinstance(item, RequestOutput):
-                self.outputs[index] = item
-                if self.finish_reasons[index] is None:
-                    if item.finish_reason == "abort":
-                        raise RuntimeError(f"row {item.request_id} was aborted by the engine")
-                    delta = text.finish(item.token_ids)
-                    if delta:
-                        yield "text", index, delta
-                    self.finish_reasons[index] = "stop" if text.stopped else item.finish_reason
-                    yield "finish", index, self.finish_reasons[index]
-            elif self.finish_reasons[index] is not None:
-                continue  # the choice ended at a stop string; the row is on its way out
-            elif not item.final:
-                yield "preview", index, item
-            else:
-                delta = text.add_canvas(item.token_ids)
-                if delta:
-                    yield "text", index, delta
-                if text.stopped:
-                    engine.abort([item.request_id])
-                    self.finish_reasons[index] = "stop"
-                    yield "finish", index, "stop"
-
-    def usage(self) -> dict:
-        outs = [o for o in self.outputs if o is not None]
-        passes = sum(o.decoder_passes for o in outs)
-        stats = {
-            "canvases": sum(o.canvases for o in outs),
-            "denoising_steps": passes,
-            # tokens_per_forward is valid tokens / passes per row; weighting by passes gives the job's ratio
-            "tokens_per_forward": sum(o.tokens_per_forward * o.decoder_passes for o in outs) / max(passes, 1),
-            "steps_per_canvas": [o.steps_per_canvas for o in outs],
-        }
-        completion = sum(self.texts[r].completion_tokens() for r in self.choice_rows())
-        if self.groups is not None:  # every candidate row cost passes; only the chosen middles count
-            stats["tokens_per_forward"] = completion / max(passes, 1)
-        prompt_tokens = sum(len(p) for p in self.prompts)
-        out = usage(prompt_tokens, completion, stats)
-        # prompt tokens whose KV came from the prefix cache (rows of one prompt share it: capped at the prompt)
-        cached = min(prompt_tokens, sum(o.num_cached_tokens for o in outs))
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
-        return out
 
 
 # ------------------------------------------------------------------------------------------ the server

@@ -16,11 +16,9 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from ..infill import (
     DEFAULT_STRATEGY,
-    Codec,
     EditPlan,
     finish_edit,
     plan_edit,
@@ -28,19 +26,16 @@ from ..infill import (
     read_run,
     row_params,
 )
+from .core import Job, ServerContext
 from .engine_loop import RequestStream
 from .schemas import ApiError, CompletionRequest, EditRequest, usage
 from .text import ChoiceText
 
-if TYPE_CHECKING:
-    from .app import Job, OpenAIServer
 
 log = logging.getLogger("letterpress.server")
 
 
-def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
-    from .app import Job
-
+def infill_job(server: ServerContext, body: CompletionRequest) -> Job:
     model = server.check_model(body.model)
     prefixes = text_prompts(body.prompt)
     if body.ignore_eos:
@@ -62,7 +57,7 @@ def infill_job(server: OpenAIServer, body: CompletionRequest) -> Job:
                             "the end", param="stream_options", code="unsupported")
     for prefix in prefixes:  # the prefix is the context: it must fit in max_model_len
         server.check_chars(prefix, "the prompt", "prompt")
-    codec = Codec.of(server.llm)
+    codec = server.llm.infill_codec()
     if body.max_tokens is not None and body.max_tokens > codec.canvas_length:
         raise ApiError(400, f"with suffix, max_tokens bounds the middle: at most {codec.canvas_length} (one canvas)",
                        param="max_tokens")
@@ -103,9 +98,7 @@ def text_prompts(prompt: str | list) -> list[str]:
     raise ApiError(400, "with suffix, the prompt must be text (a string or a list of strings)", param="prompt")
 
 
-def edit_job(server: OpenAIServer, body: EditRequest) -> tuple[Job, EditPlan]:
-    from .app import Job
-
+def edit_job(server: ServerContext, body: EditRequest) -> tuple[Job, EditPlan]:
     model = server.check_model(body.model)
     if body.n > server.engine.capacity:
         raise ApiError(400, f"{body.n} rows can never fit: this server holds {server.engine.capacity}", param="n")
@@ -113,7 +106,7 @@ def edit_job(server: OpenAIServer, body: EditRequest) -> tuple[Job, EditPlan]:
     if starts:  # the instruction and the text before the first span are the context: they must fit
         context = (body.instruction or "") + body.input[:max(min(starts), 0)]
         server.check_chars(context, "the text before the first span (with the instruction)", "spans")
-    codec = Codec.of(server.llm)
+    codec = server.llm.infill_codec()
     plan = plan_edit(codec, body.input, body.spans, body.instruction, body.slack_tokens)  # RequestError -> 400
     job_id = "edit-" + uuid.uuid4().hex
     stream = RequestStream(server.loop)
@@ -130,9 +123,9 @@ def edit_job(server: OpenAIServer, body: EditRequest) -> tuple[Job, EditPlan]:
     return Job(job_id, "edit", model, [plan.row.prompt_ids], rows, texts, stream), plan
 
 
-def edit_response(server: OpenAIServer, job: Job, plan: EditPlan) -> dict:
+def edit_response(server: ServerContext, job: Job, plan: EditPlan) -> dict:
     """OpenAI's (retired) edit response shape, plus each choice's `replacements`."""
-    codec = Codec.of(server.llm)
+    codec = server.llm.infill_codec()
     results = [finish_edit(codec, plan, out) for out in job.outputs]
     written = sum(res.written_tokens for res in results)
     stats = job.usage()["letterpress"]

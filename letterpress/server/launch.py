@@ -79,9 +79,11 @@ def json_list(value: str) -> list[str]:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    for name in ("port", "max_num_seqs", "max_queue", "prefill_chunk"):
+    if not 0 <= args.port <= 65535:
+        args.parser.error(f"--port must be a TCP port, 0 to 65535 (0: any free port), got {args.port}")
+    for name in ("max_num_seqs", "max_queue", "prefill_chunk"):
         value = getattr(args, name)
-        if value < (0 if name in ("port", "max_queue") else 1):
+        if value < (0 if name == "max_queue" else 1):
             args.parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= args.request_timeout < float("inf"):
         args.parser.error(f"--request-timeout must be a number of seconds >= 0 (0: no limit), got {args.request_timeout}")

@@ -23,7 +23,7 @@ from .chat import RESERVED_TEMPLATE_KWARGS, _messages_for_template, render_chat
 from .schemas import ApiError, ChatCompletionRequest
 
 if TYPE_CHECKING:
-    from .app import OpenAIServer
+    from .core import ServerContext
 
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID_CHARS = 256  # a longer header is refused: it becomes the response's id and every log line
@@ -71,7 +71,7 @@ def tokenize_body(data: bytes) -> TokenizeCompletionRequest | TokenizeChatReques
         raise RequestValidationError(e.errors(include_url=False)) from None
 
 
-def tokenize(server: OpenAIServer, body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
+def tokenize(server: ServerContext, body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
     """The token ids /v1/completions (a prompt) or /v1/chat/completions (messages) would give the model."""
     server.check_model(body.model)
     tokenizer = server.llm.tokenizer
@@ -115,7 +115,7 @@ def tokenize(server: OpenAIServer, body: TokenizeCompletionRequest | TokenizeCha
             "token_strs": [tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None}
 
 
-def detokenize(server: OpenAIServer, body: DetokenizeRequest) -> dict:
+def detokenize(server: ServerContext, body: DetokenizeRequest) -> dict:
     """The text of token ids, special tokens kept (vLLM decodes them with the tokenizer's defaults)."""
     server.check_model(body.model)
     vocab = server.llm.tokenizer.vocab_size

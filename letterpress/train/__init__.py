@@ -10,8 +10,9 @@ torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 # public name -> the module (relative to this package) that defines it
 _EXPORTS = {**dict.fromkeys(("LoRAConfig", "apply_lora", "load_adapter", "merge_lora", "save_adapter"), ".lora"),
@@ -24,14 +25,4 @@ if TYPE_CHECKING:
     from .loss import DiffusionBatch, Example, LossConfig, make_batch, total_loss
     from .trainer import TrainConfig, Trainer, TrainResult, train
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -131,11 +131,14 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     cfg, train_data, eval_data, eval_hook = train_config_from_args(args)
     trainer = Trainer(cfg, train_data, eval_data, eval_hook)
+    env, clean = trainer.env, False
     try:
         result = trainer.train()
+        clean = True
     finally:
-        close(trainer.env)
-    if not trainer.env.is_main:
+        del trainer  # the sharded model and optimizer go before the process group (distributed.close)
+        close(env, clean)
+    if not env.is_main:
         return 0
     if not result.finished:
         print(f"stopped at step {result.step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)

@@ -11,6 +11,7 @@ its own rows' draws.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -86,6 +87,17 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
-def close(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def close(env: DistEnv, clean: bool = True) -> None:
+    """Leave the process group, while the interpreter is whole. After a clean finish (`clean`) every rank
+    first waits at a barrier, so that no rank tears its connections down while a peer is still in a
+    collective with it. Then whatever still holds collective work (the caller must have dropped the sharded
+    model and optimizer: FSDP keeps work handles and their tensors) is collected, and the group is destroyed,
+    which stops the backend's threads. Left to interpreter exit, a gloo thread can release such work after
+    Python is gone and the process aborts ("terminate called without an active exception"). After an error
+    there is no barrier: a peer may never reach it."""
+    if not (env.distributed and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

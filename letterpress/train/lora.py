@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import atomic_folder
+from ..checkpoint import _open, atomic_folder
 from ..errors import CheckpointError, NotSupportedError, TrainError
 
 log = logging.getLogger(__name__)
@@ -372,8 +371,11 @@ _VISION_MODULES = (".vision_tower.", ".embed_vision.")
 
 def _read_adapter_pairs(model: nn.Module, path: Path, cfg: LoRAConfig):
     """{our module: {pass: (A, B)}} from the adapter file; every tensor must find its module."""
-    with safe_open(str(path), framework="pt") as f:
-        stored = {k: f.get_tensor(k) for k in f.keys()}
+    with _open(path) as f:
+        try:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors' own error types: a truncated file
+            raise CheckpointError(f"{path}: cannot read its tensors, is the file truncated? ({e})") from None
     linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if any(isinstance(m, LoRALinear) for m in linear.values()):
         raise TrainError("the model already has LoRA adapters: load an adapter into a plain model")
@@ -416,7 +418,7 @@ def check_mergeable(folder: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
     enc, dec = HF_PREFIX[ENCODER], HF_PREFIX[DECODER]
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         keys = set(f.keys())
         for key in sorted(keys):
             name = key.removeprefix(PEFT_PREFIX)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import parse_dtype, resolve, save_model, weight_files
+from ..checkpoint import check_replaceable, parse_dtype, resolve, save_model, weight_files
 from ..model import DiffusionGemma
 from .lora import check_mergeable, load_adapter, merge_lora
 
@@ -32,6 +32,7 @@ def stored_dtype(folder: Path) -> torch.dtype:
 
 def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
                   offline: bool | None = None) -> Path:
+    check_replaceable(Path(output))  # before the work, not only when writing
     check_mergeable(adapter)
     base = resolve(model, offline=offline)
     dtype = parse_dtype(dtype) if dtype is not None else stored_dtype(base)

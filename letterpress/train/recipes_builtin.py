@@ -21,7 +21,7 @@ from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from .data import TokenizedDataset
 from .loss import Example, LossConfig
-from .recipes import Recipe, register, small_config
+from .recipe import Recipe, register, small_config
 
 # ---------------------------------------------------------------------------------------------------- Sudoku
 SUDOKU_DIR = ASSETS / "sudoku"

@@ -19,7 +19,7 @@ from ..tokenizer import Tokenizer
 from . import tasks as T
 from .data import TokenizedDataset
 from .loss import Example, LossConfig
-from .recipes import Recipe, register, small_config
+from .recipe import Recipe, register, small_config
 
 TASKS_DIR = ASSETS / "tiny_tasks"
 TEMPLATE = Path(__file__).resolve().parent.parent / "chat_templates" / "gemma4_tools.jinja"
