@@ -38,6 +38,13 @@ TOKENS_PER_FORWARD = {"Sudoku\n(shipped sudoku model)": 31.20, "code completion\
                       "Sudoku, autoregressive\nbaseline (1 per forward)": 1.00}
 
 
+# "Sudoku at 22-40 givens": the per-bucket figures of the shipped model (benchmarks/sudoku.py --buckets, recorded
+# in this JSON by the runs named in BENCHMARKS.md)
+SUDOKU_BUCKETS = ROOT / "benchmarks" / "charts" / "sudoku_buckets.json"
+SUDOKU_METHODS = {"diffusion+mask": "diffusion + rule mask (<= 81 forwards)",
+                  "rules-only": "rule mask alone, uniform proposals (control)", "diffusion": "diffusion, plain sampler"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "charts"), help="folder for the PNGs")
@@ -47,6 +54,7 @@ def main() -> None:
                    title="letterpress serve: throughput (2-core CPU, 64-token requests)",
                    xlabel="concurrent clients", ylabel="completion tokens per second", log_x=True),
         _training_curves(out / "sudoku_training.png"),
+        _bucket_chart(out / "sudoku_solve_by_givens_hard.png"),
         bar_chart(list(TOKENS_PER_FORWARD), {"tokens per forward": list(TOKENS_PER_FORWARD.values())},
                   out / "tokens_per_forward.png", title="Tokens per forward by task (shipped models)",
                   xlabel="task (model)", ylabel="tokens per decoder forward"),
@@ -65,6 +73,16 @@ def _training_curves(path: Path) -> Path:
                   title="Sudoku: solve rate during training (first 100 held-out puzzles)",
                   xlabel="training compute (1.0 = 4,000 diffusion steps x 16 puzzles = 4,760 autoregressive steps)",
                   ylabel="puzzles solved")
+
+
+def _bucket_chart(path: Path) -> Path:
+    import json
+
+    rows = json.loads(SUDOKU_BUCKETS.read_text())["by_givens"]
+    givens = sorted(rows, key=int)
+    series = {label: [rows[g][m]["solve_rate"] for g in givens] for m, label in SUDOKU_METHODS.items()}
+    return line_chart([int(g) for g in givens], series, path, percent=True, xlabel="givens (filled cells)",
+                      ylabel="puzzles solved", title="Sudoku at 22-40 givens: shipped model (trained on 45-60)")
 
 
 if __name__ == "__main__":

@@ -284,6 +284,47 @@ def test_sudoku_never_prints_an_answer_that_breaks_the_rules():
     assert not any(len(line) == 81 and line.isdigit() for line in run.stdout.splitlines())
 
 
+def test_sudoku_says_when_a_puzzle_is_harder_than_what_the_model_learned():
+    """PUZZLE has 28 givens; the shipped model's generation_config.json says what it was trained on."""
+    from letterpress.apps.sudoku import trained_givens
+    from letterpress.embedded import ASSETS
+
+    low, high = trained_givens(ASSETS / "sudoku")
+    run = letterpress("sudoku", PUZZLE, "--max-denoising-steps", "1")
+    assert (f"note: this puzzle has 28 givens; the model was trained on puzzles with {low}-{high}, so it is harder "
+            "than anything the model learned") in run.stderr and "--rule-mask helps" in run.stderr
+    easy = letterpress("sudoku", SOLVED_EASY[0], "--max-denoising-steps", "1")
+    assert "note:" not in easy.stderr
+
+
+# an easy puzzle (60 givens) and its solution: within what every shipped Sudoku model was trained on
+SOLVED_EASY = ("794003800000040359560900017009021673307695048410007090648059731901008520200174086",
+               "794513862182746359563982417859421673327695148416837295648259731971368524235174986")
+
+
+def test_sudoku_rule_mask_solves_a_hard_puzzle_exactly():
+    """A 30-givens puzzle with the rule mask, seed 0: the unique solution, and the same forwards and backtracks
+    every run (greedy; the seed draws the canvas noise)."""
+    run = letterpress("sudoku", HARD_PUZZLE, "--rule-mask", "--seed", "0")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-2] == HARD_SOLUTION
+    assert lines[-1].startswith(f"valid: yes | {HARD_FORWARDS} forwards (at most 81) | ")
+    assert f"| {HARD_BACKTRACKS} backtracks | rule mask |" in lines[-1]
+
+
+def test_sudoku_rule_mask_out_of_forwards_prints_no_grid():
+    run = letterpress("sudoku", HARD_PUZZLE, "--rule-mask", "--max-forwards", "1")
+    assert run.returncode == 1
+    assert run.stdout.splitlines()[-1].startswith("no valid solution found")
+    assert not any(len(line) == 81 and line.isdigit() for line in run.stdout.splitlines())
+
+
+HARD_PUZZLE = "004000050003000048050063000000002004005010090192007060407030005900006400500784200"
+HARD_SOLUTION = "214879356673125948859463127786392514345618792192547863427931685938256471561784239"
+HARD_FORWARDS, HARD_BACKTRACKS = 12, 7
+
+
 # ------------------------------------------------------------------------------- the Python API's edges
 def test_from_pretrained_none_is_the_embedded_model_and_encode_checks_its_input():
     import torch

@@ -72,12 +72,22 @@ def test_training_stream_givens_and_recipes():
     """The recipes' training streams: the asked-for difficulty, augmented beyond the base puzzles, and the two
     Sudoku diffusion recipes differ only in their puzzles."""
     from letterpress.train.recipes import get_recipe
-    from letterpress.train.recipes_builtin import SUDOKU_HARDER_GIVENS, sudoku_training_pairs
+    from letterpress.train.recipes_builtin import SUDOKU_HARD_GIVENS, SUDOKU_HARDER_GIVENS, sudoku_training_pairs
 
-    for givens in ((50, 60), SUDOKU_HARDER_GIVENS):
-        pairs = sudoku_training_pairs(seed=7, n_base=6, n_stream=12, givens=givens)
+    for givens, n_base in (((50, 60), 6), (SUDOKU_HARDER_GIVENS, 6), (SUDOKU_HARD_GIVENS, 2)):
+        pairs = sudoku_training_pairs(seed=7, n_base=n_base, n_stream=12, givens=givens)
         assert len(pairs) == 12 and len(set(pairs)) == 12
         for puzzle, solution in pairs:
             assert givens[0] <= 81 - puzzle.count("0") <= givens[1] and is_solution(solution, puzzle)
     plain, harder = get_recipe("sudoku"), get_recipe("sudoku-harder")
     assert plain.model_config == harder.model_config and plain.config() == harder.config()
+    assert get_recipe("sudoku-hard").model_config == plain.model_config
+
+
+def test_bucket_puzzles_have_exactly_their_givens():
+    from letterpress.apps.sudoku import generate_exact
+
+    pairs = generate_exact(3, 27, seed=5)
+    assert pairs == generate_exact(3, 27, seed=5) and generate_exact(2, 27, seed=5) == pairs[:2]
+    for puzzle, solution in pairs:
+        assert 81 - puzzle.count("0") == 27 and count_solutions(puzzle) == 1 and is_solution(solution, puzzle)

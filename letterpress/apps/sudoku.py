@@ -27,34 +27,63 @@ def _candidates(cells: list[int], i: int) -> list[int]:
     return [d for d in range(1, 10) if d not in used]
 
 
+BOX_OF = [(i // 27) * 3 + (i % 9) // 3 for i in range(81)]
+ALL_DIGITS = 0b1111111110  # bit d set: digit d (1-9) is still possible
+
+
 def count_solutions(puzzle: str, limit: int = 2) -> int:
-    """Number of solutions, counting no further than `limit` (backtracking on the most constrained cell)."""
+    """Number of solutions, counting no further than `limit` (backtracking on the most constrained cell, with
+    the digits used per row, column and box as bit masks: the generator calls this once per emptied cell)."""
     cells = [int(ch) for ch in puzzle]
+    rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
+    for i, v in enumerate(cells):
+        if v:
+            bit = 1 << v
+            r, c, b = i // 9, i % 9, BOX_OF[i]
+            if (rows[r] | cols[c] | boxes[b]) & bit:
+                return 0  # the givens clash
+            rows[r] |= bit
+            cols[c] |= bit
+            boxes[b] |= bit
+    empty = [i for i, v in enumerate(cells) if v == 0]
     found = 0
 
-    def search() -> bool:
+    def search(k: int) -> bool:
         nonlocal found
-        best, best_options = -1, None
-        for i, v in enumerate(cells):
-            if v == 0:
-                options = _candidates(cells, i)
-                if best_options is None or len(options) < len(best_options):
-                    best, best_options = i, options
-                    if len(options) <= 1:
-                        break
-        if best_options is None:
+        if k == len(empty):
             found += 1
             return found >= limit
-        for d in best_options:
-            cells[best] = d
-            if search():
-                return True
-        cells[best] = 0
-        return False
+        best, best_free, best_count = k, 0, 10
+        for j in range(k, len(empty)):  # the most constrained of the remaining empty cells
+            i = empty[j]
+            free = ALL_DIGITS & ~(rows[i // 9] | cols[i % 9] | boxes[BOX_OF[i]])
+            n = bin(free).count("1")
+            if n < best_count:
+                best, best_free, best_count = j, free, n
+                if n <= 1:
+                    break
+        if best_count == 0:
+            return False
+        empty[k], empty[best] = empty[best], empty[k]
+        i = empty[k]
+        r, c, b = i // 9, i % 9, BOX_OF[i]
+        free = best_free
+        while free:
+            bit = free & -free
+            free ^= bit
+            rows[r] |= bit
+            cols[c] |= bit
+            boxes[b] |= bit
+            stop = search(k + 1)
+            rows[r] ^= bit
+            cols[c] ^= bit
+            boxes[b] ^= bit
+            if stop:
+                break
+        empty[k], empty[best] = empty[best], empty[k]
+        return found >= limit
 
-    if any(cells[i] and cells[i] in {cells[p] for p in PEERS[i]} for i in range(81)):
-        return 0
-    search()
+    search(0)
     return found
 
 
@@ -125,6 +154,19 @@ def generate(n: int, givens: tuple[int, int], seed: int) -> list[tuple[str, str]
     for _ in range(n):
         solution = random_solution(rng)
         pairs.append((make_puzzle(solution, rng.randint(*givens), rng), solution))
+    return pairs
+
+
+def generate_exact(n: int, givens: int, seed: int) -> list[tuple[str, str]]:
+    """`n` (puzzle, solution) pairs with exactly `givens` givens: puzzles that uniqueness stops above it are
+    dropped and a new grid is drawn (below about 26 givens most are: 22 takes many tries)."""
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n:
+        solution = random_solution(rng)
+        puzzle = make_puzzle(solution, givens, rng)
+        if 81 - puzzle.count("0") == givens:
+            pairs.append((puzzle, solution))
     return pairs
 
 
@@ -205,6 +247,23 @@ def check_givens(puzzle: str) -> None:
                     raise ValueError(f"the givens contradict each other: {d} appears twice in {kind} {k + 1} "
                                      f"(cells r{seen[d] // 9 + 1}c{seen[d] % 9 + 1} and r{i // 9 + 1}c{i % 9 + 1})")
                 seen[d] = i
+
+
+def trained_givens(model_dir) -> tuple[int, int] | None:
+    """The (fewest, most) givens of the puzzles a Sudoku checkpoint was trained on: `sudoku_trained_givens` in
+    its generation_config.json (written by whoever ships it), or None when it does not say."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        value = json.loads(path.read_text()).get("sudoku_trained_givens")
+    except (OSError, ValueError):
+        return None
+    if (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value)):
+        return value[0], value[1]
+    return None
 
 
 def format_grid(grid: str, blank: str = ".") -> str:

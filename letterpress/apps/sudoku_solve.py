@@ -72,3 +72,149 @@ def solve_autoregressive(model_dir: str | Path, puzzles: list[str], batch: int =
             outputs.append(text)
     return {"solved": solved, "n": len(puzzles), "solve_rate": solved / len(puzzles), "tokens_per_forward": 1.0,
             "forwards_per_puzzle": 81, "seconds": time.perf_counter() - start, "outputs": outputs}
+
+
+# --------------------------------------------------------------------------------------------- rule mask
+# `--rule-mask`: both models' proposals pass through the Sudoku rules before they are accepted, and a dead end
+# is backtracked (letterpress/apps/sudoku_rules.py), within a budget of forwards per puzzle. "Forwards" are
+# the passes that produce a prediction: decoder passes for diffusion (the prompt's encoder pass is not
+# counted), next-token predictions for the autoregressive model (the first comes with the prompt's pass).
+DEFAULT_MAX_FORWARDS = 81  # what the autoregressive baseline needs without the mask: one per cell
+
+
+def _load(model_dir: str | Path):
+    from ..model import DiffusionGemma
+    from ..tokenizer import Tokenizer
+
+    model = DiffusionGemma.from_pretrained(model_dir)
+    model.eval()
+    tok = Tokenizer.from_dir(model_dir)
+    digit_ids = [tok.encode(d, add_special_tokens=False)[0] for d in S.DIGITS]
+    return model, tok, torch.tensor(digit_ids)
+
+
+def _summary(searches, forwards: list[int], seconds: float) -> dict:
+    outputs = [s.text() if s.solved else "" for s in searches]
+    solved = sum(S.is_solution(o, s.puzzle) for o, s in zip(outputs, searches))
+    return {"solved": solved, "n": len(searches), "solve_rate": solved / len(searches),
+            "mean_forwards": statistics.mean(forwards), "max_forwards": max(forwards),
+            "mean_backtracks": statistics.mean(s.backtracks for s in searches),
+            "seconds": seconds, "outputs": outputs}
+
+
+@torch.no_grad()
+def solve_diffusion_ruled(model_dir: str | Path, puzzles: list[str], batch: int = 100,
+                          max_forwards: int = DEFAULT_MAX_FORWARDS, entropy_bound: float = 0.01, seed: int = 0,
+                          on_step=None) -> dict:
+    """The diffusion model with the rule mask: each decoder pass sees the givens and the accepted cells pinned
+    in the canvas (fresh uniform noise elsewhere, as in training) and the previous pass's logits as
+    self-conditioning; its digit distributions go to `RuleSearch.step`. Greedy: the seed only draws the noise.
+    `on_step(k, search, forward)` after each pass of puzzle k (the CLI draws the board)."""
+    from .sudoku_rules import RuleSearch
+
+    model, tok, digit_ids = _load(model_dir)
+    eos = model.text_config.eos_token_id[0]  # the canvas's 3 positions after the cells: EOS and EOS fill
+    vocab, canvas_len = model.text_config.vocab_size, model.config.canvas_length
+    searches, forwards = [], []
+    start = time.perf_counter()
+    for i in range(0, len(puzzles), batch):
+        chunk = [RuleSearch(p) for p in puzzles[i:i + batch]]
+        count = [0] * len(chunk)
+        ids = torch.tensor([prompt_ids(tok, p) for p in puzzles[i:i + batch]])
+        cache = model.new_cache(len(chunk), ids.shape[1])
+        model.encode(ids, cache)
+        generator = torch.Generator().manual_seed(seed + i)
+        sc = None  # [n, C, V] the previous pass's logits per puzzle
+        while active := [k for k, s in enumerate(chunk) if not s.done and count[k] < max_forwards]:
+            boards = torch.tensor([chunk[k].board for k in active])  # [A, 81], 0 = not accepted
+            canvas = torch.randint(vocab, (len(active), canvas_len), generator=generator)
+            canvas[:, :81] = torch.where(boards > 0, digit_ids[(boards - 1).clamp(min=0)], canvas[:, :81])
+            canvas[:, 81:] = eos
+            rows = torch.tensor(active)
+            sc_in = None if sc is None else sc[rows]
+            sc_mask = None if sc is None else torch.tensor([count[k] > 0 for k in active])
+            logits = model.denoise(canvas, cache, rows, sc_in, sc_mask)  # [A, C, V]
+            if sc is None:
+                sc = torch.zeros(len(chunk), *logits.shape[1:])
+            sc[rows] = logits
+            logp = torch.log_softmax(logits[:, :81, digit_ids], dim=-1).tolist()  # [A, 81, 9]
+            for row, k in enumerate(active):
+                count[k] += 1
+                chunk[k].step(logp[row], entropy_bound)
+                if on_step is not None:
+                    on_step(i + k, chunk[k], count[k])
+        searches += chunk
+        forwards += count
+    return _summary(searches, forwards, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def solve_autoregressive_ruled(model_dir: str | Path, puzzles: list[str], batch: int = 100,
+                               max_forwards: int = DEFAULT_MAX_FORWARDS) -> dict:
+    """The autoregressive baseline with the same rule mask: cells in reading order, the givens fed without a
+    prediction (a run of them rides along with the next forward), each blank cell the most likely allowed
+    digit. At a dead end it goes back to the latest blank cell that still has an allowed digit (its stored
+    distribution: no forward) and truncates the cache there: depth-first search in reading order."""
+    from .sudoku_rules import OrderedSearch
+
+    model, tok, digit_ids = _load(model_dir)
+    searches, forwards = [], []
+    start = time.perf_counter()
+    for i in range(0, len(puzzles), batch):
+        chunk = [OrderedSearch(p) for p in puzzles[i:i + batch]]
+        count = [0] * len(chunk)
+        ids = torch.tensor([prompt_ids(tok, p) for p in puzzles[i:i + batch]])
+        prompt_len = ids.shape[1]
+        cache = model.new_cache(len(chunk), prompt_len + 81)
+        first = model.encode(ids, cache)[:, -1]  # [n, hidden]: predicts cell 1
+        fed = [0] * len(chunk)  # cells whose tokens are in the cache
+        while active := [k for k, s in enumerate(chunk) if not s.done and count[k] < max_forwards]:
+            feeds = []
+            for k in active:
+                s = chunk[k]
+                fed[k] = min(fed[k], s.changed_from)
+                s.changed_from = 81
+                feeds.append([int(digit_ids[d - 1]) for d in s.board[fed[k]:s.next_cell]])
+            rows = torch.tensor(active)
+            cache.lengths[rows] = torch.tensor([prompt_len + fed[k] for k in active])
+            lengths = torch.tensor([len(f) for f in feeds])
+            if int(lengths.max()) == 0:  # only the prompt's own prediction is needed (cell 1 is blank)
+                hidden = None
+            else:
+                width = int(lengths.max())
+                batch_ids = torch.zeros(len(active), width, dtype=torch.long)
+                for row, f in enumerate(feeds):
+                    batch_ids[row, :len(f)] = torch.tensor(f, dtype=torch.long)
+                hidden = model.encode(batch_ids, cache, rows, lengths)
+            for row, k in enumerate(active):
+                if lengths[row] == 0:  # cell 1 is blank and nothing is chosen yet: the prompt's pass predicts it
+                    h = first[k]
+                else:
+                    h = hidden[row, lengths[row] - 1]
+                fed[k] += int(lengths[row])
+                logp = torch.log_softmax(model.lm_logits(h)[digit_ids], dim=-1).tolist()
+                count[k] += 1
+                chunk[k].choose(logp)
+        searches += chunk
+        forwards += count
+    return _summary(searches, forwards, time.perf_counter() - start)
+
+
+def solve_rules_only(puzzles: list[str], max_forwards: int = DEFAULT_MAX_FORWARDS,
+                     entropy_bound: float = 0.01) -> dict:
+    """The control for `--rule-mask`: the same search fed uniform proposals instead of a model's (every allowed
+    digit equally likely; ties go to the lowest cell, digit). What the rules and the backtracking solve alone
+    within the same budget of "forwards" (here: search steps, no model runs)."""
+    from .sudoku_rules import RuleSearch
+
+    uniform = [[0.0] * 9] * 81
+    searches, forwards = [], []
+    start = time.perf_counter()
+    for p in puzzles:
+        s, n = RuleSearch(p), 0
+        while not s.done and n < max_forwards:
+            s.step(uniform, entropy_bound)
+            n += 1
+        searches.append(s)
+        forwards.append(n)
+    return _summary(searches, forwards, time.perf_counter() - start)

@@ -8,6 +8,12 @@ terminal; otherwise only the final board is printed), then the solution and the 
 checked against the rules and the givens: an answer that breaks either is never printed; the command says "no
 valid solution found" and exits with 1. Puzzles whose givens contradict each other, or with characters other
 than digits, blanks (0 or .) and separators (whitespace , | - +), are refused before the model loads (exit 2).
+
+A puzzle with fewer givens than the checkpoint was trained on (`sudoku_trained_givens` in its
+generation_config.json) gets a note on stderr: it is harder than anything the model learned.
+
+`--rule-mask` decodes with the Sudoku rules (letterpress/apps/sudoku_rules.py): a digit that clashes with a given
+or an accepted cell is never accepted, and a dead end is backtracked, within `--max-forwards` decoder passes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample the proposals instead of taking the argmax")
     p.add_argument("--max-denoising-steps", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.15, help="seconds between redraws on a terminal")
+    p.add_argument("--rule-mask", action="store_true",
+                   help="accept only digits the rules allow and backtrack at a dead end (see README, Sudoku case study)")
+    p.add_argument("--max-forwards", type=int, default=81, help="with --rule-mask: the most decoder passes")
+    p.add_argument("--entropy-bound", type=float, default=None,
+                   help="with --rule-mask: the acceptance bound (default: the checkpoint's)")
 
 
 def _cells(ids: list[int], digit_of: dict[int, str]) -> str:
@@ -44,19 +55,99 @@ def _board(puzzle: str, cells: str) -> str:
     return format_grid("".join(g if g != "0" else c for g, c in zip(puzzle, cells)))
 
 
+def harder_than_trained(puzzle: str, model_dir) -> str | None:
+    """The note for a puzzle with fewer givens than the checkpoint was trained on, or None."""
+    from ..apps.sudoku import trained_givens
+
+    trained = trained_givens(model_dir)
+    givens = 81 - puzzle.count("0")
+    if trained is None or givens >= trained[0]:
+        return None
+    return (f"note: this puzzle has {givens} givens; the model was trained on puzzles with {trained[0]}-{trained[1]}, "
+            "so it is harder than anything the model learned and it may find no valid solution")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..apps.sudoku import format_grid, is_solution, parse_grid
-    from ..apps.sudoku_solve import prompt_ids
+    from ..apps.sudoku import parse_grid
     from ..embedded import ASSETS
-    from ..engine.llm import LLM
-    from ..engine.request import SamplingParams
 
     text = args.puzzle if args.puzzle is not None else sys.stdin.read()
     try:
         puzzle = parse_grid(text)
     except ValueError as e:
         raise RequestError(str(e)) from None
-    llm = LLM(args.model or ASSETS / "sudoku", max_num_seqs=1, max_model_len=256)
+    if args.max_forwards < 1:
+        raise RequestError(f"--max-forwards must be a positive integer, got {args.max_forwards}")
+    model_dir = args.model or ASSETS / "sudoku"
+    note = harder_than_trained(puzzle, model_dir)
+    if note:
+        print(note if args.rule_mask else note + " (--rule-mask helps)", file=sys.stderr)
+    return _run_ruled(args, puzzle, model_dir) if args.rule_mask else _run_plain(args, puzzle, model_dir)
+
+
+def _show(puzzle: str, cells: str, step: int, height: int, redraw: bool) -> None:
+    """Draw one step's board over the previous drawing (a terminal only)."""
+    if redraw:
+        sys.stdout.write(f"\x1b[{height + 1}F")  # back to the top of the previous drawing
+    sys.stdout.write(f"step {step:2d}\x1b[K\n" + "\n".join(line + "\x1b[K" for line in
+                                                            _board(puzzle, cells).splitlines()) + "\n")
+    sys.stdout.flush()
+
+
+def _report(puzzle: str, answer: str, stats: str, drawn: bool, height: int) -> int:
+    """The final board if `answer` is a valid solution of `puzzle` (exit 0), else the puzzle and "no valid
+    solution found" (exit 1): an answer that breaks a rule or overwrites a given is never printed."""
+    from ..apps.sudoku import format_grid, is_solution
+
+    if drawn:
+        sys.stdout.write(f"\x1b[{height + 1}F\x1b[J")  # replace the animation with the final board
+    if not is_solution(answer, puzzle):
+        print(format_grid(puzzle))
+        print(f"no valid solution found (the model's answer breaks a rule or a given, or it ran out of steps) | {stats}")
+        return 1
+    print(format_grid(answer))
+    print(answer)
+    print(f"valid: yes | {stats}")
+    return 0
+
+
+def _run_ruled(args: argparse.Namespace, puzzle: str, model_dir) -> int:
+    from ..apps.sudoku import format_grid
+    from ..apps.sudoku_solve import solve_diffusion_ruled
+    from ..config import load_generation_defaults, load_model_config
+
+    bound = args.entropy_bound
+    if bound is None:
+        bound = load_generation_defaults(model_dir, load_model_config(model_dir)).entropy_bound
+    tty = sys.stdout.isatty()
+    height = len(format_grid(puzzle).splitlines())
+    drawn = False
+
+    def show(_k, search, forward) -> None:
+        nonlocal drawn
+        if tty:
+            _show(puzzle, search.text(), forward, height, drawn)
+            drawn = True
+            time.sleep(args.delay)
+
+    start = time.perf_counter()
+    r = solve_diffusion_ruled(model_dir, [puzzle], batch=1, max_forwards=args.max_forwards, entropy_bound=bound,
+                              seed=args.seed, on_step=show)
+    seconds = time.perf_counter() - start
+    forwards = int(r["mean_forwards"])
+    blanks = puzzle.count("0")
+    stats = (f"{forwards} forwards (at most {args.max_forwards}) | {blanks / max(forwards, 1):.2f} cells/forward | "
+             f"{int(r['mean_backtracks'])} backtracks | rule mask | {seconds:.2f} s")
+    return _report(puzzle, r["outputs"][0] or "0" * 81, stats, drawn, height)
+
+
+def _run_plain(args: argparse.Namespace, puzzle: str, model_dir) -> int:
+    from ..apps.sudoku import format_grid
+    from ..apps.sudoku_solve import prompt_ids
+    from ..engine.llm import LLM
+    from ..engine.request import SamplingParams
+
+    llm = LLM(model_dir, max_num_seqs=1, max_model_len=256)
     digit_of = {i: d for i in range(llm.tokenizer.vocab_size) if (d := llm.tokenizer.decode([i])) in set("123456789")}
     tty = sys.stdout.isatty()
     height = len(format_grid(puzzle).splitlines())
@@ -66,11 +157,7 @@ def run(args: argparse.Namespace) -> int:
         nonlocal drawn
         if event.final or not tty:
             return
-        if drawn:
-            sys.stdout.write(f"\x1b[{height + 1}F")  # back to the top of the previous drawing
-        sys.stdout.write(f"step {event.step:2d}\x1b[K\n" + "\n".join(line + "\x1b[K" for line in
-                                                                    _board(puzzle, _cells(event.token_ids, digit_of)).splitlines()) + "\n")
-        sys.stdout.flush()
+        _show(puzzle, _cells(event.token_ids, digit_of), event.step, height, drawn)
         drawn = True
         time.sleep(args.delay)
 
@@ -79,17 +166,6 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = llm.run([request])[0]
     seconds = time.perf_counter() - start
-    answer = _cells(out.token_ids, digit_of)
-    valid = is_solution(answer, puzzle)
-    if drawn:
-        sys.stdout.write(f"\x1b[{height + 1}F\x1b[J")  # replace the animation with the final board
     steps = "+".join(str(s) for s in out.steps_per_canvas)
     stats = f"steps {steps} | {out.tokens_per_forward:.2f} tokens/forward | {seconds:.2f} s"
-    if not valid:  # never show an answer that breaks a rule or overwrites a given
-        print(format_grid(puzzle))
-        print(f"no valid solution found (the model's answer breaks a rule or a given) | {stats}")
-        return 1
-    print(format_grid(answer))
-    print(answer)
-    print(f"valid: yes | {stats}")
-    return 0
+    return _report(puzzle, _cells(out.token_ids, digit_of), stats, drawn, height)

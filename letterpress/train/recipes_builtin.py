@@ -33,6 +33,12 @@ SUDOKU_HARDER_GIVENS = (45, 60)
 # (--seed, givens) of every training stream behind the figures in BENCHMARKS.md, "Sudoku": the shipped model's
 # three runs (sudoku seed 0, sudoku seed 1, sudoku-harder seed 5) and the comparison run (sudoku seed 3)
 SUDOKU_STREAMS = ((0, SUDOKU_GIVENS), (1, SUDOKU_GIVENS), (3, SUDOKU_GIVENS), (5, SUDOKU_HARDER_GIVENS))
+# `sudoku-hard`: puzzles at the difficulty people play (22-40 givens; uniqueness stops most removals at 23-26),
+# for continuing the shipped model; fewer base puzzles (they take ~0.2 s each to make), the same stream length
+SUDOKU_HARD_GIVENS = (22, 40)
+SUDOKU_HARD_BASE_PUZZLES = 500
+SUDOKU_HARD_SEED = 6  # --seed of the sudoku-hard run behind BENCHMARKS.md (training seed SUDOKU_TRAIN_SEED + 6)
+SUDOKU_BUCKET_SEED = 888_000  # held-out puzzles with exactly g givens: seed SUDOKU_BUCKET_SEED + g (per bucket)
 SUDOKU_HELD_OUT_SEED = 777_777  # the 1,000 held-out puzzles (benchmarks/sudoku.py, tests)
 SUDOKU_VALIDATION_SEED = 555_555  # puzzles for tuning the sampler, so the held-out ones stay untouched
 SUDOKU_BASE_PUZZLES = 4_000  # generated puzzles; `augment` turns them into the training stream
@@ -104,6 +110,12 @@ def validation_puzzles(n: int = 200) -> list[tuple[str, str]]:
     return S.generate(n, SUDOKU_GIVENS, SUDOKU_VALIDATION_SEED)
 
 
+def bucket_puzzles(givens: int, n: int) -> list[tuple[str, str]]:
+    """Held-out (puzzle, solution) pairs with exactly `givens` givens (benchmarks/sudoku.py --buckets): their own
+    seed per bucket, so a bucket's first n are the same whatever n."""
+    return S.generate_exact(n, givens, SUDOKU_BUCKET_SEED + givens)
+
+
 def sudoku_training_pairs(seed: int, n_base: int = SUDOKU_BASE_PUZZLES, n_stream: int = SUDOKU_STREAM,
                           givens: tuple[int, int] = SUDOKU_GIVENS) -> list[tuple[str, str]]:
     base = S.generate(n_base, givens, SUDOKU_TRAIN_SEED + seed)
@@ -129,6 +141,34 @@ def sudoku_data(tokenizer: Tokenizer, seed: int,
     check_disjoint(train, held_out)
     return (TokenizedDataset(sudoku_example(p, s, tokenizer) for p, s in train),
             TokenizedDataset(sudoku_example(p, s, tokenizer) for p, s in held_out[:256]))
+
+
+def sudoku_hard_data(tokenizer: Tokenizer, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """`sudoku-hard`: 500 base puzzles with 22-40 givens, augmented to the usual 80,000-example stream; the
+    held-out loss is measured on the first 256 of the 32-givens bucket."""
+    train = sudoku_training_pairs(seed, n_base=SUDOKU_HARD_BASE_PUZZLES, givens=SUDOKU_HARD_GIVENS)
+    held_out = bucket_puzzles(32, 256)
+    check_disjoint(train, held_out)
+    return (TokenizedDataset(sudoku_example(p, s, tokenizer) for p, s in train),
+            TokenizedDataset(sudoku_example(p, s, tokenizer) for p, s in held_out))
+
+
+def sudoku_hard_solve_rate(givens: int = 32, n: int = 50):
+    """An eval hook for `sudoku-hard`: the plain sampler's solve rate (no rule mask) on the first `n` held-out
+    puzzles with `givens` givens."""
+    def evaluate(trainer) -> dict[str, float]:
+        import tempfile
+
+        from ..apps.sudoku_solve import solve_diffusion
+
+        state = trainer.full_state()
+        if not trainer.env.is_main:
+            return {}
+        puzzles = [p for p, _ in bucket_puzzles(givens, n)]
+        with tempfile.TemporaryDirectory() as tmp:
+            r = solve_diffusion(trainer.save_model(state, Path(tmp) / "model"), puzzles, batch=n)
+        return {f"solve_rate_{givens}": r["solve_rate"]}
+    return evaluate
 
 
 def sudoku_solve_rate(kind: str, n: int = 100):
@@ -173,6 +213,16 @@ register(replace(
     description=f"the sudoku recipe on puzzles with {SUDOKU_HARDER_GIVENS[0]}-{SUDOKU_HARDER_GIVENS[1]} givens "
                 "(evaluated on the same held-out puzzles)",
     build_data=partial(sudoku_data, givens=SUDOKU_HARDER_GIVENS),
+))
+
+register(replace(
+    SUDOKU_RECIPE, name="sudoku-hard",
+    description=f"continue a Sudoku model on puzzles at the difficulty people play ({SUDOKU_HARD_GIVENS[0]}-"
+                f"{SUDOKU_HARD_GIVENS[1]} givens, {SUDOKU_HARD_BASE_PUZZLES:,} base puzzles augmented); evaluated "
+                "on the 32-givens held-out bucket",
+    build_data=sudoku_hard_data,
+    hyperparameters={**SUDOKU_HYPERPARAMETERS, "eval_every": 1000, "loss": LossConfig(encoder_loss_weight=0.0)},
+    evaluate=sudoku_hard_solve_rate(),
 ))
 
 register(replace(

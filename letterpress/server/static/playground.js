@@ -94,7 +94,7 @@ async function loadModel() {
     $("model-root").textContent = folder && folder !== card.id ? `(${folder})` : "";
     $("model-root").title = page.root;
     notice.hidden = true;
-    const sudoku = /sudoku/i.test(card.id + " " + page.root);
+    const sudoku = /sudoku/i.test(card.id + " " + folder); // the folder, not the whole path (a parent may say sudoku)
     $("sudoku-notice").hidden = sudoku;
     $("sudoku-notice").textContent = sudoku ? "" : "The served model does not look like a Sudoku model: the board " +
       "needs one (letterpress serve letterpress/assets/sudoku). Any answer is checked against the rules first.";
