@@ -48,12 +48,7 @@ def solve_diffusion(model_dir: str | Path, puzzles: list[str], batch: int = 100,
 @torch.no_grad()
 def solve_autoregressive(model_dir: str | Path, puzzles: list[str], batch: int = 100) -> dict:
     """Solve rate of the autoregressive baseline: greedy next-token decoding through the encoder, 81 forwards."""
-    from ..model import DiffusionGemma
-    from ..tokenizer import Tokenizer
-
-    model = DiffusionGemma.from_pretrained(model_dir)
-    model.eval()
-    tok = Tokenizer.from_dir(model_dir)
+    model, tok, _ = _load(model_dir)
     solved, outputs = 0, []
     start = time.perf_counter()
     for i in range(0, len(puzzles), batch):
@@ -93,6 +88,14 @@ def _load(model_dir: str | Path):
     return model, tok, torch.tensor(digit_ids)
 
 
+def _prompt_batches(model, tok, puzzles: list[str], batch: int, search_class, cells: int):
+    """(first puzzle's index, a search per puzzle, prompt ids [n, P], a cache for P + `cells` tokens) per batch."""
+    for i in range(0, len(puzzles), batch):
+        chunk = puzzles[i:i + batch]
+        ids = torch.tensor([prompt_ids(tok, p) for p in chunk])
+        yield i, [search_class(p) for p in chunk], ids, model.new_cache(len(chunk), ids.shape[1] + cells)
+
+
 def _summary(searches, forwards: list[int], seconds: float) -> dict:
     outputs = [s.text() if s.solved else "" for s in searches]
     solved = sum(S.is_solution(o, s.puzzle) for o, s in zip(outputs, searches))
@@ -117,11 +120,8 @@ def solve_diffusion_ruled(model_dir: str | Path, puzzles: list[str], batch: int 
     vocab, canvas_len = model.text_config.vocab_size, model.config.canvas_length
     searches, forwards = [], []
     start = time.perf_counter()
-    for i in range(0, len(puzzles), batch):
-        chunk = [RuleSearch(p) for p in puzzles[i:i + batch]]
+    for i, chunk, ids, cache in _prompt_batches(model, tok, puzzles, batch, RuleSearch, cells=0):
         count = [0] * len(chunk)
-        ids = torch.tensor([prompt_ids(tok, p) for p in puzzles[i:i + batch]])
-        cache = model.new_cache(len(chunk), ids.shape[1])
         model.encode(ids, cache)
         generator = torch.Generator().manual_seed(seed + i)
         sc = None  # [n, C, V] the previous pass's logits per puzzle
@@ -160,12 +160,9 @@ def solve_autoregressive_ruled(model_dir: str | Path, puzzles: list[str], batch:
     model, tok, digit_ids = _load(model_dir)
     searches, forwards = [], []
     start = time.perf_counter()
-    for i in range(0, len(puzzles), batch):
-        chunk = [OrderedSearch(p) for p in puzzles[i:i + batch]]
+    for _, chunk, ids, cache in _prompt_batches(model, tok, puzzles, batch, OrderedSearch, cells=81):
         count = [0] * len(chunk)
-        ids = torch.tensor([prompt_ids(tok, p) for p in puzzles[i:i + batch]])
         prompt_len = ids.shape[1]
-        cache = model.new_cache(len(chunk), prompt_len + 81)
         first = model.encode(ids, cache)[:, -1]  # [n, hidden]: predicts cell 1
         fed = [0] * len(chunk)  # cells whose tokens are in the cache
         while active := [k for k, s in enumerate(chunk) if not s.done and count[k] < max_forwards]:
