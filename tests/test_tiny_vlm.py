@@ -86,3 +86,52 @@ def test_generate_with_an_image_and_no_model_uses_the_shipped_vlm(capsys, monkey
     name = next(n for n in sorted(ANSWERS) if ANSWERS[n]["kind"] == "shape")
     assert main(["generate", "--image", str(DATA / name), V.QUESTIONS["shape"], "--seed", "0"]) == 0
     assert capsys.readouterr().out.strip() == ANSWERS[name]["answer"]
+
+
+def test_the_two_stages_train_and_the_second_loads_the_first(tmp_path):
+    """Two steps of stage 1 (`tiny-vlm-tower`: the tower as a classifier), then two of stage 2 (`tiny-vlm
+    --model <stage 1>`) on its tower, frozen, and the engine answers with the result."""
+    import torch
+
+    from letterpress import LLM, SamplingParams
+    from letterpress.cli import main
+    from letterpress.train.vlm import vlm_config
+
+    config = vlm_config(text_layers=1, vision_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tower = tmp_path / "tower"
+    assert main(["train", "--recipe", "tiny-vlm-tower", "--config", str(tmp_path / "config.json"), "--output",
+                 str(tower), "--steps", "2", "--batch-size", "6", "--eval-examples", "1", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in (tower / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 2 and lines[-1]["eval"].keys() == set(V.KINDS)
+    stage1 = torch.load(tower / "tower.pt", weights_only=False)
+    assert stage1["vision_config"]["standardize"] is True
+    assert not torch.equal(stage1["vision"]["vision_tower.std_bias"], torch.zeros(128))  # set from the batches
+
+    out = tmp_path / "vlm"
+    assert main(["train", "--recipe", "tiny-vlm", "--config", str(tmp_path / "config.json"), "--model", str(tower),
+                 "--output", str(out), "--steps", "2", "--batch-size", "4", "--eval-every", "0",
+                 "--eval-examples", "1", "--no-progress"]) == 0
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["vision_config"]["standardize"] is True
+    from letterpress.checkpoint import load_vision_model
+
+    vision = load_vision_model(out / "model")
+    for name, tensor in stage1["vision"].items():  # the tower stayed frozen; embed_vision trained
+        if name.startswith("vision_tower."):
+            assert torch.equal(vision.state_dict()[name], tensor), name
+    sample = V.make_sample("colour", 0, 0)
+    result = LLM(str(out / "model")).generate(
+        {"prompt": "<|image|>" + sample.question, "multi_modal_data": {"image": sample.image}},
+        SamplingParams(greedy=True, seed=0))[0]
+    assert len(result.token_ids) <= config["canvas_length"]
+
+
+def test_stage_1_labels_round_trip():
+    from letterpress.train.vlm_tower import answer_of, labels_of
+
+    for kind in V.KINDS:
+        for i in range(6):
+            answer = V.make_sample(kind, 0, i).answer
+            assert answer_of(kind, labels_of(kind, answer)) == answer
+    assert labels_of("number", "7") == [7, 10, 10]

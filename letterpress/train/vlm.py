@@ -134,23 +134,29 @@ def generation_config() -> dict:
 
 def build_models(config: dict, seed: int, std: float = 0.02):
     """(text model, vision model) with fresh weights."""
-    from ..config import model_config_from_dict, vision_config_of
+    from ..config import model_config_from_dict
     from ..model import DiffusionGemma
+
+    text = DiffusionGemma(model_config_from_dict(config))
+    text.init_weights(std, torch.Generator().manual_seed(seed))
+    return text, build_vision(config, seed, std)
+
+
+def build_vision(config: dict, seed: int, std: float = 0.02):
+    """The vision model (tower + embed_vision) of `config` with fresh weights."""
+    from ..config import model_config_from_dict, vision_config_of
     from ..model.vision import VisionModel
 
-    mc = model_config_from_dict(config)
-    text = DiffusionGemma(mc)
-    text.init_weights(std, torch.Generator().manual_seed(seed))
-    vision = VisionModel(vision_config_of(mc))
+    vision = VisionModel(vision_config_of(model_config_from_dict(config)))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for p in vision.parameters():
+        for name, p in vision.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, std, generator=g)
             else:
                 p.fill_(1.0)
         init_patch_features(vision)
-    return text, vision
+    return vision
 
 
 @torch.no_grad()
@@ -244,6 +250,36 @@ def encode_example(sample: V.Sample, tokenizer: Tokenizer, processor, chat: bool
     return Example(prompt=ids, target=target), image
 
 
+def encode_cached(cache, index: int, tokenizer: Tokenizer, chat: bool):
+    """encode_example for image `index` of a stage-1 ImageCache (vlm_tower), without rendering it again."""
+    from ..media.image import ProcessedImage
+
+    pixels, positions = cache.batch([index])
+    kind, answer = cache.meta[index]
+    image = ProcessedImage(pixels[0], positions[0], pixels.shape[1], (0, 0))
+    ids = tokenizer.encode(prompt_text(V.QUESTIONS[kind], chat), add_special_tokens=False)
+    at = ids.index(MEDIA_IDS["image"])
+    ids = ids[:at] + [MEDIA_IDS["boi"]] + [MEDIA_IDS["image"]] * image.num_soft_tokens + [MEDIA_IDS["eoi"]] + ids[at + 1:]
+    target = tokenizer.encode(answer + ("<turn|>" if chat else ""), add_special_tokens=False)
+    return Example(prompt=ids, target=target), image
+
+
+def load_tower(folder: str | Path) -> dict | None:
+    """The stage-1 output of `tiny-vlm-tower` in `folder`: {"vision": state dict, "vision_config": ...,
+    "cache": its ImageCache or None}; a user error when `folder` holds no tower.pt."""
+    from ..errors import TrainError
+    from .vlm_tower import ImageCache, cache_is_complete
+
+    path = Path(folder) / "tower.pt"
+    if not path.is_file():
+        raise TrainError(f"--model {folder}: no tower.pt there; tiny-vlm starts from the output folder of "
+                         "`letterpress train --recipe tiny-vlm-tower`, or from scratch without --model")
+    state = torch.load(path, weights_only=False)
+    cache_dir = Path(folder) / "cache"
+    state["cache"] = ImageCache(cache_dir, mmap=True) if cache_is_complete(cache_dir) else None
+    return state
+
+
 def vlm_loss(text, vision, batch, images, cfg: LossConfig) -> torch.Tensor:
     """The loss of `batch` whose prompts hold one image each (`images`, in row order): the mean diffusion loss,
     plus the encoder's next-token loss on the answer when `cfg.encoder_loss_weight` is set."""
@@ -304,11 +340,19 @@ def train_vlm(cfg) -> int:
         build_vlm_tokenizer(tokenizer_dir)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     config = dict(cfg.model_config)
+    tower = load_tower(cfg.model) if cfg.model else None
+    if tower is not None:  # stage 2: the tower of a `tiny-vlm-tower` run, frozen; embed_vision keeps training
+        config["vision_config"] = tower["vision_config"]
     mc = model_config_from_dict(config)
     processor = ImageProcessor.from_config(vision_config_of(mc))
     loss_cfg = replace(cfg.loss, canvas_length=mc.canvas_length, eos_id=tokenizer.eos_id)
     text, vision = build_models(config, cfg.seed, cfg.init_std)
-    params = [*text.parameters(), *vision.parameters()]
+    cache = None
+    if tower is not None:
+        vision.load_state_dict(tower["vision"])
+        vision.vision_tower.requires_grad_(False)
+        cache = tower.get("cache")
+    params = [p for p in (*text.parameters(), *vision.parameters()) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     other = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
@@ -341,9 +385,11 @@ def train_vlm(cfg) -> int:
         first = step * cfg.batch_size
         examples, images = [], []
         for i in range(first, first + cfg.batch_size):
-            sample = V.training_sample(cfg.seed, i)
             chat = (i * 2654435761 % 1000) / 1000 >= PLAIN_SHARE
-            ex, im = encode_example(sample, tokenizer, processor, chat)
+            if cache is not None and i < len(cache):  # the images stage 1 rendered, already processed
+                ex, im = encode_cached(cache, i, tokenizer, chat)
+            else:
+                ex, im = encode_example(V.training_sample(cfg.seed, i), tokenizer, processor, chat)
             examples.append(ex)
             images.append(im)
         batch = make_batch(examples, loss_cfg, mc.text.vocab_size,

@@ -1,0 +1,353 @@
+"""Stage 1 of the tiny vision-language model: the vision tower (and `embed_vision`) pretrained as an image
+classifier, without the language model.
+
+    letterpress train --recipe tiny-vlm-tower --output runs/tower     # stage 1 (this module)
+    letterpress train --recipe tiny-vlm --tower runs/tower/tower.pt --output runs/tiny-vlm   # stage 2
+
+Why: trained end to end from scratch with the language model's loss, the tower never learned to read the
+pictures in the time a CPU has (BENCHMARKS.md, "Tiny vision-language model"): the text model answered from the
+question alone. A classifier gets a direct signal per image: a throwaway head (one attention-pooling query per
+answer slot plus the mean of the image's soft tokens, then a linear layer) on the tower's projected soft tokens
+names the answer of each kind (a number as three digit slots of 11 classes, "none" included; a word of 24; a
+shape of 4; a colour of 6; a count of 9; a bar of 4); the loss is the cross-entropy of the sample's own kind.
+The head's held-out accuracy is the ceiling the full model can reach with this tower.
+
+The tower's output is standardised (the config's `standardize`, its `std_bias`/`std_scale` buffers set from a
+running mean and spread of the training batches), so the language model sees features that differ between
+images rather than one large image-independent vector.
+
+Training images come from a cache (`build_cache`): images rendered once by vlm_data and processed at the
+recipe's tier, stored as uint8 patches in numpy files, because rendering costs as much as a tower step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import vlm_data as V
+from .recipe import Recipe, register
+
+NUMBER_SLOTS = 3  # digits left to right; a shorter number leaves the last slots "none" (class 10)
+CLASSES = {"number": 11, "word": len(V.WORDS), "shape": len(V.SHAPES), "colour": len(V.COLOURS), "count": 9,
+           "chart": len(V.BAR_LABELS)}
+CACHE_EXAMPLES = 72_000  # training images rendered once (12,000 per kind), fewer for a run that sees fewer
+SLOTS = {kind: NUMBER_SLOTS if kind == "number" else 1 for kind in V.KINDS}
+
+
+def labels_of(kind: str, answer: str) -> list[int]:
+    """The class of each of `kind`'s slots for `answer` (padded with -1 to NUMBER_SLOTS)."""
+    if kind == "number":
+        out = [int(d) for d in answer] + [10] * (NUMBER_SLOTS - len(answer))
+    elif kind == "word":
+        out = [V.WORDS.index(answer)]
+    elif kind == "shape":
+        out = [V.SHAPES.index(answer)]
+    elif kind == "colour":
+        out = [list(V.COLOURS).index(answer)]
+    elif kind == "count":
+        out = [int(answer) - 1]
+    else:
+        out = [V.BAR_LABELS.index(answer)]
+    return out + [-1] * (NUMBER_SLOTS - len(out))
+
+
+def answer_of(kind: str, classes: list[int]) -> str:
+    if kind == "number":
+        return "".join(str(c) for c in classes if c < 10)
+    c = classes[0]
+    return {"word": lambda: V.WORDS[c], "shape": lambda: V.SHAPES[c], "colour": lambda: list(V.COLOURS)[c],
+            "count": lambda: str(c + 1), "chart": lambda: V.BAR_LABELS[c]}[kind]()
+
+
+# ------------------------------------------------------------------------------------------------- cache
+def build_cache(folder: Path, samples, processor, progress: bool = False) -> Path:
+    """Render and process `samples` (an iterable of vlm_data.Sample, its length known) into `folder`:
+    pixels.npy uint8 [N, P, 3·p²] (P = the tier's patches, zero rows past an image's own), positions.npy int16
+    [N, P, 2] ((-1, -1) for padding), meta.json (kind and answer of each)."""
+    samples = list(samples) if not hasattr(samples, "__len__") else samples
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n, p = len(samples), processor.max_patches()
+    dim = processor.patch_size**2 * 3
+    pixels = np.lib.format.open_memmap(folder / "pixels.tmp.npy", mode="w+", dtype=np.uint8, shape=(n, p, dim))
+    positions = np.full((n, p, 2), -1, dtype=np.int16)
+    meta = []
+    start = time.perf_counter()
+    for i, sample in enumerate(samples):
+        im = processor(sample.image)
+        k = im.pixel_values.shape[0]
+        pixels[i, :k] = np.rint(im.pixel_values.numpy() * 255).astype(np.uint8)
+        positions[i, :k] = im.positions.numpy()
+        meta.append([sample.kind, sample.answer])
+        if progress and (i + 1) % 2000 == 0:
+            print(f"cache {i + 1}/{n} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    pixels.flush()
+    del pixels
+    np.save(folder / "positions.npy", positions)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "pixels.tmp.npy").replace(folder / "pixels.npy")
+    return folder
+
+
+class ImageCache:
+    """A cache of `build_cache`, read into memory: `batch(indices)` -> (pixels float [B, P, D], positions
+    long [B, P, 2], kinds [B], answers [B])."""
+
+    def __init__(self, folder: Path, mmap: bool = False):
+        folder = Path(folder)
+        self.pixels = np.load(folder / "pixels.npy", mmap_mode="r" if mmap else None)
+        self.positions = np.load(folder / "positions.npy")
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.kinds = [k for k, _ in self.meta]
+        self.labels = torch.tensor([labels_of(k, a) for k, a in self.meta])  # [N, NUMBER_SLOTS]
+        self.kind_ids = torch.tensor([V.KINDS.index(k) for k in self.kinds])
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices)
+        pixels = torch.from_numpy(np.ascontiguousarray(self.pixels[idx])).float() * (1 / 255)
+        positions = torch.from_numpy(self.positions[idx]).long()
+        # trim padding columns no image of the batch uses
+        used = int((positions[..., 0] >= 0).sum(dim=1).max())
+        return pixels[:, :used], positions[:, :used]
+
+
+def cache_is_complete(folder: Path) -> bool:
+    folder = Path(folder)
+    return all((folder / n).is_file() for n in ("pixels.npy", "positions.npy", "meta.json"))
+
+
+# ------------------------------------------------------------------------------------------------- the probe
+class TowerProbe(nn.Module):
+    """The vision model plus a throwaway classification head over its soft tokens (in the text width)."""
+
+    def __init__(self, vision: nn.Module, width: int):
+        super().__init__()
+        self.vision = vision
+        slots = [(kind, s) for kind in V.KINDS for s in range(SLOTS[kind])]
+        self.slot_index = {key: i for i, key in enumerate(slots)}
+        self.queries = nn.Parameter(torch.randn(len(slots), width) * width**-0.5)
+        self.keys = nn.Linear(width, width, bias=False)
+        self.heads = nn.ModuleDict({kind: nn.Linear(2 * width, CLASSES[kind]) for kind in V.KINDS})
+
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """-> {kind: logits [B, slots, classes]} for every kind (the caller scores the sample's own)."""
+        soft = self.vision(pixels, positions)  # [ΣN, W], images in order
+        counts = (positions[..., 0] >= 0).sum(dim=1)  # [B]
+        b, n, w = len(counts), int(counts.max()), soft.shape[-1]
+        tokens = soft.new_zeros(b, n, w)
+        valid = torch.arange(n)[None] < counts[:, None]  # [B, n]
+        tokens[valid] = soft
+        scores = torch.einsum("qw,bnw->bqn", self.queries, self.keys(tokens)) / w**0.5
+        attn = scores.masked_fill(~valid[:, None], float("-inf")).softmax(-1)
+        pooled = attn @ tokens  # [B, Q, W]
+        mean = (tokens * valid[..., None]).sum(1) / counts[:, None]  # [B, W]
+        out = {}
+        for kind in V.KINDS:
+            q = [self.slot_index[(kind, s)] for s in range(SLOTS[kind])]
+            feats = torch.cat([pooled[:, q], mean[:, None].expand(b, len(q), w)], dim=-1)
+            out[kind] = self.heads[kind](feats)
+        return out
+
+
+def probe_loss(logits: dict[str, torch.Tensor], kind_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the scored slots of each sample's own kind."""
+    total, count = 0.0, 0
+    for k, kind in enumerate(V.KINDS):
+        rows = kind_ids == k
+        if not bool(rows.any()):
+            continue
+        target = labels[rows, :SLOTS[kind]]  # [b, slots]
+        lg = logits[kind][rows]
+        total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), ignore_index=-1,
+                                        reduction="sum")
+        count += int((target >= 0).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def update_standardization(tower, raw: torch.Tensor, momentum: float) -> None:
+    """Move the tower's `std_bias`/`std_scale` towards the mean and 1/spread of `raw` (soft tokens before
+    standardisation, [ΣN, D])."""
+    mean, std = raw.mean(0), raw.std(0).clamp(min=1e-3)
+    tower.std_bias.lerp_(mean, momentum)
+    tower.std_scale.lerp_(1 / std, momentum)
+
+
+@torch.no_grad()
+def probe_accuracy(probe: TowerProbe, cache: ImageCache, batch: int = 64) -> dict[str, float]:
+    """Exact match per kind of the probe's answers on every image of `cache`."""
+    probe.eval()
+    right = {k: 0 for k in V.KINDS}
+    total = {k: 0 for k in V.KINDS}
+    for start in range(0, len(cache), batch):
+        idx = list(range(start, min(start + batch, len(cache))))
+        pixels, positions = cache.batch(idx)
+        logits = probe(pixels, positions)
+        for j, i in enumerate(idx):
+            kind = cache.kinds[i]
+            got = answer_of(kind, logits[kind][j].argmax(-1).tolist())
+            right[kind] += got == cache.meta[i][1]
+            total[kind] += 1
+    probe.train()
+    return {k: right[k] / total[k] for k in V.KINDS if total[k]}
+
+
+def set_standardization_hook(vision) -> list:
+    """Capture the tower's soft tokens before standardisation (for `update_standardization`)."""
+    captured: list[torch.Tensor] = []
+    tower = vision.vision_tower
+    original = tower.forward
+
+    def forward(pixel_values, positions):
+        out = original(pixel_values, positions)
+        captured.append((out.float() / tower.std_scale.float() + tower.std_bias.float()).detach())
+        return out
+
+    tower.forward = forward
+    return captured
+
+
+def train_tower(cfg) -> int:
+    """Stage 1 (recipe `tiny-vlm-tower`): train the tower + embed_vision of `cfg.model_config` as a classifier
+    on a cache of rendered images; writes tower.pt ({"vision": state dict, "config": config}), metrics.jsonl
+    with the loss and, every `eval_every` steps, the probe's held-out exact match per kind."""
+    from ..config import model_config_from_dict, vision_config_of
+    from ..media.image import ImageProcessor
+    from .trainer import lr_factor
+    from .vlm import build_vision
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(cfg.model_config)
+    config["vision_config"] = {**config["vision_config"], "standardize": True}
+    mc = model_config_from_dict(config)
+    vcfg = vision_config_of(mc)
+    processor = ImageProcessor.from_config(vcfg)
+    cache_dir, held_dir = out / "cache", out / "cache-held-out"  # (links to a cache of another run work too)
+    n_train = min(CACHE_EXAMPLES, cfg.steps * cfg.batch_size)
+    if not cache_is_complete(cache_dir):
+        print(f"rendering {n_train} training images into {cache_dir}", file=sys.stderr, flush=True)
+        build_cache(cache_dir, LazySamples(n_train, lambda i: V.training_sample(cfg.seed, i)), processor,
+                    progress=cfg.progress)
+    per_kind = max(cfg.eval_examples, 1)
+    if not cache_is_complete(held_dir):
+        build_cache(held_dir, [s for kind in V.KINDS for s in V.held_out_samples(kind, per_kind)], processor)
+    train, held = ImageCache(cache_dir), ImageCache(held_dir)
+
+    vision = build_vision(config, cfg.seed, cfg.init_std)
+    probe = TowerProbe(vision, vcfg.text_hidden_size)
+    captured = set_standardization_hook(vision)
+    params = list(probe.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    ratio = cfg.min_lr / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
+    step, wall = 0, 0.0
+    resume = out / "checkpoint.pt"
+    if cfg.resume and resume.is_file():
+        state = torch.load(resume, weights_only=False)
+        probe.load_state_dict(state["probe"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, wall = state["step"], state.get("wall_seconds", 0.0)
+        print(f"resumed at step {step}", file=sys.stderr)
+    metrics = out / "metrics.jsonl"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
+    window: list[float] = []
+    while step < stop:
+        start = time.perf_counter()
+        gen.manual_seed(cfg.seed * 1_000_003 + step)  # the batch is a function of (seed, step): resumable
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=gen)
+        pixels, positions = train.batch(idx.numpy())
+        captured.clear()
+        logits = probe(pixels, positions)
+        loss = probe_loss(logits, train.kind_ids[idx], train.labels[idx])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        # fast at first (the statistics move as the tower learns), then a slow average
+        update_standardization(vision.vision_tower, captured[0], 0.5 if step < 20 else 0.05)
+        step += 1
+        wall += time.perf_counter() - start
+        window.append(float(loss.detach()))
+        if step % cfg.log_every == 0 or step == stop:
+            record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "wall_seconds": round(wall, 1)}
+            window = []
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.progress:
+                print(json.dumps(record), file=sys.stderr, flush=True)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"probe": probe.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step, "wall_seconds": wall}, tmp)
+            tmp.replace(resume)
+            save_tower(vision, config, out / "tower.pt")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            acc = probe_accuracy(probe, held)
+            record = {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), file=sys.stderr, flush=True)
+    if step >= cfg.steps:
+        print(f"saved the tower to {out / 'tower.pt'} ({wall / 60:.1f} min of training)")
+    else:
+        print(f"stopped at step {step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+class LazySamples:
+    """A sized sequence of samples drawn on access (so a cache of many images is never all in memory)."""
+
+    def __init__(self, n: int, draw):
+        self.n, self.draw = n, draw
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self.draw(i) for i in range(self.n))
+
+
+def save_tower(vision, config: dict, path: Path) -> None:
+    state = {k: v.detach().clone() for k, v in vision.state_dict().items() if not k.endswith("inv_freq")}
+    tmp = Path(str(path) + ".tmp")
+    torch.save({"vision": state, "vision_config": config["vision_config"]}, tmp)
+    tmp.replace(path)
+
+
+def tower_config(vision_layers: int = 2) -> dict:
+    from .vlm import vlm_config
+
+    return vlm_config(vision_layers=vision_layers)
+
+
+register(Recipe(
+    name="tiny-vlm-tower",
+    description="stage 1 of tiny-vlm: its vision tower + embed_vision pretrained as a classifier of rendered "
+                "images (then `letterpress train --recipe tiny-vlm --model OUTPUT`)",
+    model_config=tower_config(),
+    hyperparameters=dict(steps=4000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
+                         beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=200,
+                         save_every=200, device="cpu"),
+    runner=train_tower,
+))
