@@ -1,14 +1,19 @@
 """The recipe `tiny-vlm`: a small DiffusionGemma with a Gemma 4 vision tower, trained from scratch on images our
 code renders (letterpress.train.vlm_data: numbers, words, shapes, colours, dots, a bar chart).
 
-    letterpress train --recipe tiny-vlm --output runs/tiny-vlm      # -> letterpress/assets/tiny_vlm
+    letterpress train --recipe tiny-vlm-tower --output runs/tower                    # stage 1 (vlm_tower.py)
+    letterpress train --recipe tiny-vlm --model runs/tower --output runs/tiny-vlm    # stage 2 -> assets/tiny_vlm
     letterpress generate letterpress/assets/tiny_vlm --image x.png "What shape is this?"
+
+Stage 2 with `--model` (a stage-1 output folder) starts from that tower, frozen, and its `embed_vision`, and
+reads its training images from that folder's image cache; without `--model` tower and text model are trained
+together from scratch (the earlier recipe, which did not learn to read images in the runs a CPU affords).
 
 The model (`vlm_config`): text decoder hidden 128, 2 layers (sliding, full), 4 experts top-2, canvas 8; vision
 tower hidden 128, 2 layers, patch 16, no pooling, default tier 70 soft tokens (any image is resized to at most 70
 patches: a square one to 128x128 pixels = 8x8 patches = 64 soft tokens). Both are trained together from scratch
 by letterpress.train.loss with the image's soft tokens scattered into the prompt, bidirectional within the
-image as at inference.
+image as at inference. Attention's q/k norms start at head_dim^-1/4 (`soften_attention`).
 
 Half of the examples are plain prompts (`<bos><|image|>What shape is this?` -> answer + EOS, what
 `letterpress generate --image` sends), half are one chat turn of CHAT_TEMPLATE (answer + `<turn|>`).
@@ -454,14 +459,13 @@ def train_vlm(cfg) -> int:
 
 register(Recipe(
     name="tiny-vlm",
-    description="the tiny vision-language model: a 2-layer DiffusionGemma (hidden 128, canvas 8) with a 2-layer "
-                "Gemma 4 vision tower (patch 16, 70 soft tokens), from scratch on rendered numbers, words, "
-                "shapes, colours, dots and bar charts",
+    description="the tiny vision-language model: a 2-layer DiffusionGemma (hidden 128, canvas 8) with a Gemma 4 "
+                "vision tower (patch 16, 70 soft tokens) on rendered numbers, words, shapes, colours, dots and "
+                "bar charts; --model a tiny-vlm-tower output starts from that pretrained tower (stage 2)",
     model_config=vlm_config(),
     tokenizer=str(VLM_DIR),
-    # A plan, not a tested schedule: the runs in BENCHMARKS.md ("Tiny vision-language model") stopped at
-    # 340-700 steps of 16 on a shared CPU, far from the goal.
-    hyperparameters=dict(steps=3000, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
+    # Stage 2 as run in BENCHMARKS.md ("Tiny vision-language model", run G) on a stage-1 tower (--model).
+    hyperparameters=dict(steps=4000, batch_size=16, lr=1e-3, min_lr=5e-5, warmup_steps=100, beta1=0.9,
                          beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=60,
                          save_every=100, device="cpu", loss=LossConfig(encoder_loss_weight=1.0)),
     runner=train_vlm,

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +269,12 @@ def train_tower(cfg) -> int:
         step, wall = state["step"], state.get("wall_seconds", 0.0)
         print(f"resumed at step {step}", file=sys.stderr)
     metrics = out / "metrics.jsonl"
+    if step == 0:
+        (out / "run.json").write_text(json.dumps({
+            "command": " ".join(sys.argv), "config": config, "cache_examples": len(train),
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "model_config"},
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__}, indent=2, default=str) + "\n")
     gen = torch.Generator().manual_seed(cfg.seed)
     stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
     window: list[float] = []
@@ -335,7 +343,9 @@ def save_tower(vision, config: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def tower_config(vision_layers: int = 2) -> dict:
+def tower_config(vision_layers: int = 4) -> dict:
+    """The recipe's config.json with a 4-layer tower (stage 1 only trains its vision part; stage 2 takes the
+    tower's shape from tower.pt)."""
     from .vlm import vlm_config
 
     return vlm_config(vision_layers=vision_layers)
@@ -346,7 +356,8 @@ register(Recipe(
     description="stage 1 of tiny-vlm: its vision tower + embed_vision pretrained as a classifier of rendered "
                 "images (then `letterpress train --recipe tiny-vlm --model OUTPUT`)",
     model_config=tower_config(),
-    hyperparameters=dict(steps=4000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9,
+    # lr 4e-4: on shape images alone 3e-4 learned fastest of 1e-4 / 3e-4 / 1e-3 / 3e-3 (BENCHMARKS.md)
+    hyperparameters=dict(steps=1900, batch_size=64, lr=4e-4, min_lr=4e-5, warmup_steps=100, beta1=0.9,
                          beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=200,
                          save_every=200, device="cpu"),
     runner=train_tower,
