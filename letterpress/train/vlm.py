@@ -151,16 +151,12 @@ def build_models(config: dict, seed: int, std: float = 0.02):
 def build_vision(config: dict, seed: int, std: float = 0.02):
     """The vision model (tower + embed_vision) of `config` with fresh weights."""
     from ..config import model_config_from_dict, vision_config_of
+    from ..model.layers import init_parameters
     from ..model.vision import VisionModel
 
     vision = VisionModel(vision_config_of(model_config_from_dict(config)))
-    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in vision.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, std, generator=g)
-            else:
-                p.fill_(1.0)
+        init_parameters(vision, std, torch.Generator().manual_seed(seed + 1))
         init_patch_features(vision)
         soften_attention(vision.vision_tower.encoder.layers)
     return vision
