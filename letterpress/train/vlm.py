@@ -10,10 +10,11 @@ reads its training images from that folder's image cache; without `--model` towe
 together from scratch (the earlier recipe, which did not learn to read images in the runs a CPU affords).
 
 The model (`vlm_config`): text decoder hidden 128, 2 layers (sliding, full), 4 experts top-2, canvas 8; vision
-tower hidden 128, 2 layers, patch 16, no pooling, default tier 70 soft tokens (any image is resized to at most 70
-patches: a square one to 128x128 pixels = 8x8 patches = 64 soft tokens). Both are trained together from scratch
-by letterpress.train.loss with the image's soft tokens scattered into the prompt, bidirectional within the
-image as at inference. Attention's q/k norms start at head_dim^-1/4 (`soften_attention`).
+tower hidden 128, 2 layers (4 from stage 1), patch 16, no pooling, default tier 70 soft tokens (any image is
+resized to at most 70 patches: a square one to 128x128 pixels = 8x8 patches = 64 soft tokens). The text model
+(and, without `--model`, the tower) is trained by letterpress.train.loss with the image's soft tokens scattered
+into the prompt, bidirectional within the image as at inference. Attention's q/k norms start at head_dim^-1/4
+(`soften_attention`).
 
 Half of the examples are plain prompts (`<bos><|image|>What shape is this?` -> answer + EOS, what
 `letterpress generate --image` sends), half are one chat turn of CHAT_TEMPLATE (answer + `<turn|>`).
@@ -260,11 +261,7 @@ def prompt_text(question: str, chat: bool) -> str:
 def encode_example(sample: V.Sample, tokenizer: Tokenizer, processor, chat: bool):
     """(Example with the image placeholder expanded, the processed image)."""
     image = processor(sample.image)
-    ids = tokenizer.encode(prompt_text(sample.question, chat), add_special_tokens=False)
-    at = ids.index(MEDIA_IDS["image"])
-    ids = ids[:at] + [MEDIA_IDS["boi"]] + [MEDIA_IDS["image"]] * image.num_soft_tokens + [MEDIA_IDS["eoi"]] + ids[at + 1:]
-    target = tokenizer.encode(sample.answer + ("<turn|>" if chat else ""), add_special_tokens=False)
-    return Example(prompt=ids, target=target), image
+    return question_example(sample.question, sample.answer, image.num_soft_tokens, tokenizer, chat), image
 
 
 def encode_cached(cache, index: int, tokenizer: Tokenizer, chat: bool):
@@ -274,14 +271,20 @@ def encode_cached(cache, index: int, tokenizer: Tokenizer, chat: bool):
     pixels, positions = cache.batch([index])
     kind, answer = cache.meta[index]
     image = ProcessedImage(pixels[0], positions[0], pixels.shape[1], (0, 0))
-    ids = tokenizer.encode(prompt_text(V.QUESTIONS[kind], chat), add_special_tokens=False)
+    return question_example(V.QUESTIONS[kind], answer, image.num_soft_tokens, tokenizer, chat), image
+
+
+def question_example(question: str, answer: str, soft_tokens: int, tokenizer: Tokenizer, chat: bool) -> Example:
+    """The prompt with its image placeholder expanded to `soft_tokens` between <|image> and <image|>, and the
+    answer (+ <turn|> in a chat turn) as the target."""
+    ids = tokenizer.encode(prompt_text(question, chat), add_special_tokens=False)
     at = ids.index(MEDIA_IDS["image"])
-    ids = ids[:at] + [MEDIA_IDS["boi"]] + [MEDIA_IDS["image"]] * image.num_soft_tokens + [MEDIA_IDS["eoi"]] + ids[at + 1:]
+    ids = ids[:at] + [MEDIA_IDS["boi"]] + [MEDIA_IDS["image"]] * soft_tokens + [MEDIA_IDS["eoi"]] + ids[at + 1:]
     target = tokenizer.encode(answer + ("<turn|>" if chat else ""), add_special_tokens=False)
-    return Example(prompt=ids, target=target), image
+    return Example(prompt=ids, target=target)
 
 
-def load_tower(folder: str | Path) -> dict | None:
+def load_tower(folder: str | Path) -> dict:
     """The stage-1 output of `tiny-vlm-tower` in `folder`: {"vision": state dict, "vision_config": ...,
     "cache": its ImageCache or None}; a user error when `folder` holds no tower.pt."""
     from ..errors import TrainError
