@@ -43,5 +43,4 @@ register(Recipe(
 
 from . import recipes_builtin  # noqa: E402,F401  (registers sudoku, sudoku-ar, tiny-code)
 from . import recipes_tasks  # noqa: E402,F401  (registers tiny-tasks, the default model)
-from . import vlm  # noqa: E402,F401  (registers tiny-vlm, the tiny vision-language model)
-from . import vlm_tower  # noqa: E402,F401  (registers tiny-vlm-tower, its stage 1)
+from . import vlm  # noqa: E402,F401  (registers tiny-vlm and tiny-vlm-tower, the tiny vision-language model)

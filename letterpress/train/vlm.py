@@ -44,6 +44,7 @@ import torch
 from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from . import vlm_data as V
+from .vlm_tower import ImageCache, build_vision, cache_is_complete, soften_attention, train_tower
 from .data import example_generator
 from .loss import Example, LossConfig, diffusion_sum, encoder_sum, make_batch
 from .recipe import Recipe, register, small_config
@@ -149,57 +150,6 @@ def build_models(config: dict, seed: int, std: float = 0.02):
     return text, build_vision(config, seed, std)
 
 
-def build_vision(config: dict, seed: int, std: float = 0.02):
-    """The vision model (tower + embed_vision) of `config` with fresh weights."""
-    from ..config import model_config_from_dict, vision_config_of
-    from ..model.layers import init_parameters
-    from ..model.vision import VisionModel
-
-    vision = VisionModel(vision_config_of(model_config_from_dict(config)))
-    with torch.no_grad():
-        init_parameters(vision, std, torch.Generator().manual_seed(seed + 1))
-        init_patch_features(vision)
-        soften_attention(vision.vision_tower.encoder.layers)
-    return vision
-
-
-@torch.no_grad()
-def soften_attention(layers) -> None:
-    """Start q_norm and k_norm at head_dim^-1/4 instead of 1. Gemma 4's attention normalises queries and keys
-    and scales their product by 1.0, so with unit norm weights a fresh layer's logits have a spread of
-    √head_dim (5.7 at 32): each query attends to one random key, the softmax saturates and learns slowly (a
-    from-scratch tower stayed at chance on shapes and counts for 600 steps of 64). At head_dim^-1/4 the product
-    is that of the usual 1/√head_dim scaling; the weights are free to grow from there."""
-    for layer in layers:
-        attn = layer.self_attn
-        scale = attn.head_dim ** -0.25
-        attn.q_norm.weight.fill_(scale)
-        attn.k_norm.weight.fill_(scale)
-
-
-@torch.no_grad()
-def init_patch_features(vision, grid: int = 4, residual_scale: float = 0.1) -> None:
-    """A head start for a tower trained from scratch on little data: the first 3·grid² rows of the patch
-    projection start as the mean colour of each of grid x grid sub-blocks of the patch (a downsampled image,
-    readable by attention from the first step), and each layer's output norms start at `residual_scale`, so the
-    randomly initialised layers add little to those features until they have learned something."""
-    cfg = vision.config
-    p, d = cfg.patch_size, cfg.hidden_size
-    if 3 * grid * grid > d or p % grid:
-        return
-    weight = vision.vision_tower.patch_embedder.input_proj.weight  # [D, p*p*3], input (py, px, c), c fastest
-    cell = p // grid
-    for gy in range(grid):
-        for gx in range(grid):
-            for c in range(3):
-                row = torch.zeros(p, p, 3)
-                row[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell, c] = 1.0 / (cell * cell)
-                weight[(gy * grid + gx) * 3 + c] = row.flatten()
-    for layer in vision.vision_tower.encoder.layers:
-        layer.post_attention_layernorm.weight.fill_(residual_scale)
-        layer.post_feedforward_layernorm.weight.fill_(residual_scale)
-
-
 def save_vlm(text, vision, folder: Path, config: dict, tokenizer_dir: Path) -> Path:
     """The released checkpoint layout: the text weights via checkpoint.save_model, then the tower's tensors
     under `model.encoder.vision_tower.*` / `model.encoder.embed_vision.*` in the same model.safetensors."""
@@ -288,7 +238,6 @@ def load_tower(folder: str | Path) -> dict:
     """The stage-1 output of `tiny-vlm-tower` in `folder`: {"vision": state dict, "vision_config": ...,
     "cache": its ImageCache or None}; a user error when `folder` holds no tower.pt."""
     from ..errors import TrainError
-    from .vlm_tower import ImageCache, cache_is_complete
 
     path = Path(folder) / "tower.pt"
     if not path.is_file():
@@ -468,4 +417,23 @@ register(Recipe(
                          beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=60,
                          save_every=100, device="cpu", loss=LossConfig(encoder_loss_weight=1.0)),
     runner=train_vlm,
+))
+
+
+def tower_config(vision_layers: int = 4) -> dict:
+    """The recipe's config.json with a 4-layer tower (stage 1 only trains its vision part; stage 2 takes the
+    tower's shape from tower.pt)."""
+    return vlm_config(vision_layers=vision_layers)
+
+
+register(Recipe(
+    name="tiny-vlm-tower",
+    description="stage 1 of tiny-vlm: its vision tower + embed_vision pretrained as a classifier of rendered "
+                "images (then `letterpress train --recipe tiny-vlm --model OUTPUT`)",
+    model_config=tower_config(),
+    # lr 4e-4: on shape images alone 3e-4 learned fastest of 1e-4 / 3e-4 / 1e-3 / 3e-3 (BENCHMARKS.md)
+    hyperparameters=dict(steps=1900, batch_size=64, lr=4e-4, min_lr=4e-5, warmup_steps=100, beta1=0.9,
+                         beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=200,
+                         save_every=200, device="cpu"),
+    runner=train_tower,
 ))

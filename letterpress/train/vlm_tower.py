@@ -1,5 +1,6 @@
 """Stage 1 of the tiny vision-language model: the vision tower (and `embed_vision`) pretrained as an image
-classifier, without the language model.
+classifier, without the language model (recipe `tiny-vlm-tower`, registered in vlm.py with `tiny-vlm`; this
+module sits below vlm.py and also builds the fresh tower both stages start from).
 
     letterpress train --recipe tiny-vlm-tower --output runs/tower     # stage 1 (this module)
     letterpress train --recipe tiny-vlm --tower runs/tower/tower.pt --output runs/tiny-vlm   # stage 2
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vlm_data as V
-from .recipe import Recipe, register
 
 NUMBER_SLOTS = 3  # digits left to right; a shorter number leaves the last slots "none" (class 10)
 CLASSES = {"number": 11, "word": len(V.WORDS), "shape": len(V.SHAPES), "colour": len(V.COLOURS), "count": 9,
@@ -68,6 +68,58 @@ def answer_of(kind: str, classes: list[int]) -> str:
     c = classes[0]
     return {"word": lambda: V.WORDS[c], "shape": lambda: V.SHAPES[c], "colour": lambda: list(V.COLOURS)[c],
             "count": lambda: str(c + 1), "chart": lambda: V.BAR_LABELS[c]}[kind]()
+
+
+# ------------------------------------------------------------------------------------------------- the tower
+def build_vision(config: dict, seed: int, std: float = 0.02):
+    """The vision model (tower + embed_vision) of `config` with fresh weights."""
+    from ..config import model_config_from_dict, vision_config_of
+    from ..model.layers import init_parameters
+    from ..model.vision import VisionModel
+
+    vision = VisionModel(vision_config_of(model_config_from_dict(config)))
+    with torch.no_grad():
+        init_parameters(vision, std, torch.Generator().manual_seed(seed + 1))
+        init_patch_features(vision)
+        soften_attention(vision.vision_tower.encoder.layers)
+    return vision
+
+
+@torch.no_grad()
+def soften_attention(layers) -> None:
+    """Start q_norm and k_norm at head_dim^-1/4 instead of 1. Gemma 4's attention normalises queries and keys
+    and scales their product by 1.0, so with unit norm weights a fresh layer's logits have a spread of
+    √head_dim (5.7 at 32): each query attends to one random key, the softmax saturates and learns slowly (a
+    from-scratch tower stayed at chance on shapes and counts for 600 steps of 64). At head_dim^-1/4 the product
+    is that of the usual 1/√head_dim scaling; the weights are free to grow from there."""
+    for layer in layers:
+        attn = layer.self_attn
+        scale = attn.head_dim ** -0.25
+        attn.q_norm.weight.fill_(scale)
+        attn.k_norm.weight.fill_(scale)
+
+
+@torch.no_grad()
+def init_patch_features(vision, grid: int = 4, residual_scale: float = 0.1) -> None:
+    """A head start for a tower trained from scratch on little data: the first 3·grid² rows of the patch
+    projection start as the mean colour of each of grid x grid sub-blocks of the patch (a downsampled image,
+    readable by attention from the first step), and each layer's output norms start at `residual_scale`, so the
+    randomly initialised layers add little to those features until they have learned something."""
+    cfg = vision.config
+    p, d = cfg.patch_size, cfg.hidden_size
+    if 3 * grid * grid > d or p % grid:
+        return
+    weight = vision.vision_tower.patch_embedder.input_proj.weight  # [D, p*p*3], input (py, px, c), c fastest
+    cell = p // grid
+    for gy in range(grid):
+        for gx in range(grid):
+            for c in range(3):
+                row = torch.zeros(p, p, 3)
+                row[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell, c] = 1.0 / (cell * cell)
+                weight[(gy * grid + gx) * 3 + c] = row.flatten()
+    for layer in vision.vision_tower.encoder.layers:
+        layer.post_attention_layernorm.weight.fill_(residual_scale)
+        layer.post_feedforward_layernorm.weight.fill_(residual_scale)
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -228,7 +280,6 @@ def train_tower(cfg) -> int:
     from ..config import model_config_from_dict, vision_config_of
     from ..media.image import ImageProcessor
     from .trainer import lr_factor
-    from .vlm import build_vision
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -341,24 +392,3 @@ def save_tower(vision, config: dict, path: Path) -> None:
     tmp = Path(str(path) + ".tmp")
     torch.save({"vision": state, "vision_config": config["vision_config"]}, tmp)
     tmp.replace(path)
-
-
-def tower_config(vision_layers: int = 4) -> dict:
-    """The recipe's config.json with a 4-layer tower (stage 1 only trains its vision part; stage 2 takes the
-    tower's shape from tower.pt)."""
-    from .vlm import vlm_config
-
-    return vlm_config(vision_layers=vision_layers)
-
-
-register(Recipe(
-    name="tiny-vlm-tower",
-    description="stage 1 of tiny-vlm: its vision tower + embed_vision pretrained as a classifier of rendered "
-                "images (then `letterpress train --recipe tiny-vlm --model OUTPUT`)",
-    model_config=tower_config(),
-    # lr 4e-4: on shape images alone 3e-4 learned fastest of 1e-4 / 3e-4 / 1e-3 / 3e-3 (BENCHMARKS.md)
-    hyperparameters=dict(steps=1900, batch_size=64, lr=4e-4, min_lr=4e-5, warmup_steps=100, beta1=0.9,
-                         beta2=0.99, weight_decay=0.01, eval_every=500, log_every=20, eval_examples=200,
-                         save_every=200, device="cpu"),
-    runner=train_tower,
-))
