@@ -3,7 +3,7 @@ classifier, without the language model (recipe `tiny-vlm-tower`, registered in v
 module sits below vlm.py and also builds the fresh tower both stages start from).
 
     letterpress train --recipe tiny-vlm-tower --output runs/tower     # stage 1 (this module)
-    letterpress train --recipe tiny-vlm --tower runs/tower/tower.pt --output runs/tiny-vlm   # stage 2
+    letterpress train --recipe tiny-vlm --model runs/tower --output runs/tiny-vlm      # stage 2 (vlm.py)
 
 Why: trained end to end from scratch with the language model's loss, the tower never learned to read the
 pictures in the time a CPU has (BENCHMARKS.md, "Tiny vision-language model"): the text model answered from the
