@@ -37,6 +37,13 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 from letterpress.quant import GEMMA4_26B_A4B_TEXT as REAL_26B  # noqa: E402,F401  (re-exported: the 26B text config)
 
 
+def text_config(shape: dict):
+    """Our `TextConfig` of a SHAPES-style dict of transformers text-config keys (REAL_26B, say)."""
+    from letterpress.config import model_config_from_dict
+
+    return model_config_from_dict({"model_type": "diffusion_gemma_text", **shape}).text
+
+
 def build_checkpoint(shape: str | dict, canvas: int, folder: str | Path, seed: int = 0) -> Path:
     """Save a random transformers DiffusionGemma (the reference writes it; both engines load it)."""
     import logging

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -55,37 +54,13 @@ def build_config(text: dict, canvas: int):
                                    "text_config": {"model_type": "diffusion_gemma_text", **text}})
 
 
-def _quantize_children(module: nn.Module, fmt: str) -> None:
-    """`letterpress.quant.quantize_model`'s replacement rule, for one module (so one layer at a time)."""
-    from letterpress.model.layers import Experts, Router
-    from letterpress.quant import QuantExperts, QuantLinear
-
-    for name, child in list(module.named_children()):
-        if isinstance(child, Router):
-            continue
-        if isinstance(child, nn.Linear):
-            setattr(module, name, QuantLinear(child, fmt))
-        elif isinstance(child, Experts):
-            setattr(module, name, QuantExperts(child, fmt))
-        else:
-            _quantize_children(child, fmt)
-
-
-@torch.no_grad()
-def _materialize(module: nn.Module, device: torch.device, generator: torch.Generator, std: float = 0.02) -> None:
-    module.to_empty(device=device)
-    for p in module.parameters(recurse=True):
-        if p.ndim >= 2:
-            p.normal_(0.0, std, generator=generator)
-        else:
-            p.fill_(1.0)
-
-
 @torch.no_grad()
 def random_model(config, fmt: str, device: torch.device, seed: int = 0):
     """The model with random weights made on `device`: built on the meta device, then each piece is
     allocated there, filled, and (fp8 / int4) quantized before the next piece exists."""
     from letterpress.model import DiffusionGemma
+    from letterpress.model.layers import init_parameters
+    from letterpress.quant import quantize_module
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # meta parameters in bf16: `to_empty` then allocates bf16 directly
@@ -96,9 +71,9 @@ def random_model(config, fmt: str, device: torch.device, seed: int = 0):
         torch.set_default_dtype(default)
     generator = torch.Generator(device=device).manual_seed(seed)
     for piece in [model.embed_tokens, model.norm, model.self_conditioning, *model.layers]:
-        _materialize(piece, device, generator)
+        init_parameters(piece.to_empty(device=device), 0.02, generator)
         if fmt != "bf16" and piece is not model.embed_tokens and piece is not model.norm:
-            _quantize_children(piece, fmt)
+            quantize_module(piece, fmt)
     for layer in model.layers:
         layer.encoder_scalar.fill_(1.0)
         layer.decoder_scalar.fill_(1.0)

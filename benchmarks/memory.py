@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from common import REAL_26B, machine, set_threads
+from common import REAL_26B, machine, set_threads, text_config
 
 GIB = 2**30
 KIB = 2**10
@@ -44,12 +44,6 @@ CARDS = [("24 GiB card (RTX 4090)", 24 * GIB, "int4"), ("80 GiB card (H100)", 80
          ("80 GiB card (H100)", 80 * GIB, "fp8")]
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 MAX_CONTEXT = 262_144  # the released model's max_position_embeddings (vLLM: --max-model-len 262144)
-
-
-def text_config(shape: dict):
-    from letterpress.config import model_config_from_dict
-
-    return model_config_from_dict({"model_type": "diffusion_gemma_text", **shape}).text
 
 
 # ------------------------------------------------------------------------------------------------ layout

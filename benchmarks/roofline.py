@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import REAL_26B, interleaved, machine, median, set_threads
+from common import REAL_26B, interleaved, machine, median, set_threads, text_config
 
 H100 = {"name": "H100 SXM", "bandwidth": 3.35e12, "bf16_flops": 989e12, "int8_flops": 1979e12}
 FORMAT_BYTES = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 64}  # int4: bf16 scale + zero per 64
@@ -30,12 +30,6 @@ FORMAT_BYTES = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 64}  # i
 SCALED = dict(vocab_size=16_384, hidden_size=704, intermediate_size=528, num_hidden_layers=6, num_attention_heads=4,
               num_key_value_heads=2, head_dim=128, global_head_dim=256, num_global_key_value_heads=1, sliding_window=1024,
               num_experts=128, top_k_experts=8, moe_intermediate_size=176)
-
-
-def text_config(shape: dict):
-    from letterpress.config import model_config_from_dict
-
-    return model_config_from_dict({"model_type": "diffusion_gemma_text", **shape}).text
 
 
 def step_costs(text, canvas: int = 256, context: int = 1024, batch: int = 1) -> dict[str, float]:

@@ -66,6 +66,20 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not become healthy")
 
 
+def split_server_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`[ours] -- [server flags]`: the benchmark's own arguments, and those after `--` for `letterpress serve`."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    """Stop the server `start_server` started (None: the benchmark used a running one)."""
+    if proc is not None:
+        proc.terminate()
+        proc.wait(30)
+
+
 async def client(http: httpx.AsyncClient, worker: int, stop_at: float, args: argparse.Namespace,
                  latencies: list[float], tokens: list[int], lost: list[str]) -> None:
     i = 0
@@ -132,9 +146,7 @@ def main() -> None:
         httpx.post(url + "/v1/completions", json={"prompt": "warm-up", "max_tokens": 1}, headers=headers, timeout=600)
         rows = [asyncio.run(level(url, c, args)) for c in args.concurrency]
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        stop_server(proc)
     print(f"\nmachine: {machine()}; {args.max_tokens} tokens per request, {args.duration:g}s per level\n")
     print("| concurrency | requests | requests/s | tokens/s | p50 latency (s) | p99 latency (s) | lost |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

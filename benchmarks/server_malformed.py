@@ -19,7 +19,7 @@ from collections import Counter
 
 import httpx
 
-from serve_load import machine, start_server  # noqa: E402
+from serve_load import machine, split_server_flags, start_server, stop_server  # noqa: E402
 
 BASES = {
     "/v1/completions": {"prompt": "def f(x):", "max_tokens": 1, "max_denoising_steps": 1, "seed": 0},
@@ -91,9 +91,7 @@ def inputs() -> list[tuple[str, str, bytes, dict]]:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    server_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, server_flags = split_server_flags(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None)
     parser.add_argument("--model", default=None)
@@ -119,9 +117,7 @@ def main() -> None:
                     good = http.post("/v1/completions", json=BASES["/v1/completions"])
                     good_failures += good.status_code != 200
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        stop_server(proc)
     print(f"\nmachine: {machine()}; {len(cases)} inputs; server flags: {' '.join(server_flags) or '(defaults)'}")
     print("answers by status:", ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
     print(f"5xx: {len(server_errors)}; 4xx not in OpenAI's error shape: {len(bad_shape)}; "

@@ -33,7 +33,9 @@ import time
 
 import httpx
 
-from serve_load import machine, start_server  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+# benchmarks/ is on sys.path when run as a script
+from serve_load import machine, split_server_flags, start_server, stop_server  # noqa: E402
+
 
 def text_of(chars: int) -> str:
     line = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex the jolly zebra "
@@ -120,9 +122,7 @@ def run(url: str, name: str, limit: int) -> dict:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    server_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, server_flags = split_server_flags(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="a running server (default: start `letterpress serve`)")
     parser.add_argument("--model", default=None)
@@ -145,9 +145,7 @@ def main() -> None:
                        max_median=statistics.median(r["max"] for r in runs), probes=sum(r["probes"] for r in runs))
             rows.append(row)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        stop_server(proc)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nmachine: {machine()}, load average {load:.1f}; server flags: {' '.join(server_flags) or '(defaults)'}; "
           f"{args.repeat} run(s) per scenario\n")

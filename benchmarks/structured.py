@@ -6,7 +6,8 @@
     python benchmarks/structured.py vocab [--vocab-size 262144]    # json_object + schema suite, synthetic vocab
 
 `libraries`: on the shipped tokenizers (letterpress/assets/tiny_code: byte-level BPE, 4,096 tokens;
-letterpress/assets/sudoku: 827 word tokens), for a suite of JSON schemas (tiny_code) and regexes (both):
+letterpress/assets/sudoku: 827 word tokens), for the JSON-schema suite of benchmarks/schema_suite.py (the one
+tests/test_structured.py checks; tiny_code) and regexes (both):
 - outlines-core (what letterpress uses): regex -> token-level DFA, whole (`compile_regex`: our schema->regex,
   outlines-core's Index, the edge tensors and distances); per step: our DP over one canvas (dp.best_path);
 - xgrammar and llguidance: grammar compile and one next-token mask. They give masks, not a state graph: a DP
@@ -51,34 +52,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
+from benchmarks.schema_suite import SUITE  # noqa: E402
 from letterpress.structured import best_path, compile_regex, schema_regex  # noqa: E402
 from letterpress.structured import automaton as automaton_module  # noqa: E402
 from letterpress.tokenizer import Tokenizer  # noqa: E402
 
 ASSETS = ROOT / "letterpress" / "assets"
-SUITE = {
-    "nested": {"type": "object", "required": ["user", "ok"], "properties": {
-        "user": {"type": "object", "required": ["name", "id"], "properties": {
-            "name": {"type": "string", "maxLength": 12}, "id": {"type": "integer"}}},
-        "ok": {"type": "boolean"}}},
-    "array_bounds": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 12},
-                     "minItems": 2, "maxItems": 6},
-    "enums": {"type": "object", "required": ["color", "size"], "properties": {
-        "color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2.5, None, "XL"]}}},
-    "numbers": {"type": "object", "required": ["price", "count", "ratio"], "properties": {
-        "price": {"type": "number", "minimum": 0, "maximum": 100}, "count": {"type": "integer", "exclusiveMinimum": 0},
-        "ratio": {"type": "number"}}},
-    "patterns": {"type": "object", "required": ["code", "day"], "properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "day": {"type": "string", "format": "date"}}},
-    "optional": {"type": "object", "required": ["b"], "properties": {
-        "a": {"type": "boolean"}, "b": {"type": "string", "maxLength": 8}, "c": {"type": "null"},
-        "d": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3}}},
-    "refs_anyof": {"$defs": {"pt": {"type": "object", "required": ["x", "y"], "properties": {
-        "x": {"type": "integer"}, "y": {"type": "integer"}}}},
-        "type": "object", "required": ["pts"], "properties": {
-            "pts": {"type": "array", "items": {"$ref": "#/$defs/pt"}, "maxItems": 3},
-            "label": {"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]}}},
-}
 REGEXES = {"tiny_code": {"identifier_list": r"[a-z_]+(?:, [a-z_]+){2,5}", "date": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"},
            "sudoku": {"grid": "[1-9]{81}", "first_row_given": "123456789[1-9]{72}"}}
 

@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from .config import ModelConfig, load_model_config, vision_config_of
 from .errors import CheckpointError, NotSupportedError
-from .model.layers import Experts, Router
 from .model.vision import VisionModel
-from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts
+from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts, quantizable
 
 log = logging.getLogger(__name__)
 
@@ -323,34 +322,25 @@ def swap_quantized_modules(model: torch.nn.Module, plan: dict[str, Stored], fmt:
     the QuantWeight that tensor fills. Routers, norms and the embedding stay float."""
     quantized: dict[str, QuantWeight] = {}
 
-    def visit(module: torch.nn.Module, path: str) -> None:
-        for name, child in list(module.named_children()):
-            full = f"{path}.{name}"
-            if isinstance(child, Router):
-                continue
+    pieces = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    for prefix, piece in pieces + [("self_conditioning", model.self_conditioning)]:
+        for parent, name, child, full in quantizable(piece, prefix):
             if isinstance(child, torch.nn.Linear):
-                stored = plan[f"{full}.weight"]
-                if stored.quantized or fmt:
+                if plan[f"{full}.weight"].quantized or fmt:
                     new = QuantLinear(child, fmt, empty=True)
-                    setattr(module, name, new)
+                    setattr(parent, name, new)
                     quantized[f"{full}.weight"] = new.qweight
-            elif isinstance(child, Experts):
-                parts = {"gate_up_proj": "gate_up", "down_proj": "down"}
-                stored = [plan[f"{full}.{p}"].quantized for p in parts]
-                if any(stored) and not all(stored) and not fmt:
-                    raise CheckpointError(f"{full}: one of the packed expert weights is quantized and the other "
-                                          "is not; pass a quantization format for the float one")
-                if any(stored) or fmt:
-                    new = QuantExperts(child, fmt, empty=True)
-                    setattr(module, name, new)
-                    for p, attr in parts.items():
-                        quantized[f"{full}.{p}"] = getattr(new, attr)
-            else:
-                visit(child, full)
-
-    for i, layer in enumerate(model.layers):
-        visit(layer, f"layers.{i}")
-    visit(model.self_conditioning, "self_conditioning")
+                continue
+            parts = {"gate_up_proj": "gate_up", "down_proj": "down"}  # packed experts
+            stored = [plan[f"{full}.{p}"].quantized for p in parts]
+            if any(stored) and not all(stored) and not fmt:
+                raise CheckpointError(f"{full}: one of the packed expert weights is quantized and the other "
+                                      "is not; pass a quantization format for the float one")
+            if any(stored) or fmt:
+                new = QuantExperts(child, fmt, empty=True)
+                setattr(parent, name, new)
+                for p, attr in parts.items():
+                    quantized[f"{full}.{p}"] = getattr(new, attr)
     stray = [n for n, s in plan.items() if s.quantized and n not in quantized]
     if stray:
         raise CheckpointError(f"{stray[0]} is stored quantized, but letterpress keeps it in float "

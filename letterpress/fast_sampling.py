@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from .chunks import position_slices
-from .sampling import (Draws, StepOutcome, apply_top_k_, check_finite, entropy_bound_accept, free_mean_entropy,
-                       pin, token_entropy)
+from .sampling import (Draws, StepOutcome, _defined_by, apply_top_k_, check_finite, entropy_bound_accept,
+                       free_mean_entropy, pin, token_entropy)
 
 
 @dataclass
@@ -59,10 +59,6 @@ def _draw(draws: Draws, probs: torch.Tensor, scratch: torch.Tensor | None, canva
     if scratch is not None and _defined_by(draws, "proposals_into") is _defined_by(draws, "proposals") is not None:
         return draws.proposals_into(probs, scratch, canvas, step)
     return draws.proposals(probs, canvas, step)
-
-
-def _defined_by(obj: object, name: str) -> type | None:
-    return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
 def fused_denoise_step(logits: torch.Tensor, temperatures: torch.Tensor, entropy_bounds: torch.Tensor,

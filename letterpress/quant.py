@@ -38,7 +38,7 @@ from __future__ import annotations
 
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -591,6 +591,28 @@ def ct_check_config(qc: dict, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- model
+def quantizable(module: nn.Module, path: str = "") -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
+    """What quantizing replaces below `module`: (parent, attribute name, child, dotted path from `path`) for
+    every linear layer and packed expert pair, depth first; routers are skipped whole. Each level's children
+    are listed before the first is yielded, so the caller may replace the child it is given."""
+    for name, child in list(module.named_children()):
+        full = f"{path}.{name}" if path else name
+        if isinstance(child, Router):
+            continue
+        if isinstance(child, (nn.Linear, Experts)):
+            yield module, name, child, full
+        else:
+            yield from quantizable(child, full)
+
+
+def quantize_module(module: nn.Module, fmt: str, group: int = INT4_GROUP) -> None:
+    """Replace, in place, every linear layer and packed expert pair below `module` (a layer, say) by its
+    quantized form; `fmt` already checked (`check_format`)."""
+    for parent, name, child, _ in quantizable(module):
+        setattr(parent, name, QuantLinear(child, fmt, group) if isinstance(child, nn.Linear) else
+                QuantExperts(child, fmt, group))
+
+
 def quantize_model(model: nn.Module, fmt: str | None, group: int = INT4_GROUP) -> nn.Module:
     """Replace, in place, every linear layer of the text stack (attention, dense MLP, self-conditioning)
     and every packed expert weight by its quantized form. The embedding / LM head, router and norms stay
@@ -598,20 +620,9 @@ def quantize_model(model: nn.Module, fmt: str | None, group: int = INT4_GROUP) -
     fmt = check_format(fmt)
     if fmt is None:
         return model
-    def visit(module: nn.Module) -> None:
-        for name, child in list(module.named_children()):
-            if isinstance(child, Router):
-                continue
-            if isinstance(child, nn.Linear):
-                setattr(module, name, QuantLinear(child, fmt, group))
-            elif isinstance(child, Experts):
-                setattr(module, name, QuantExperts(child, fmt, group))
-            else:
-                visit(child)
-
     for layer in model.layers:  # one layer at a time: the float copy of a layer is freed before the next
-        visit(layer)
-    visit(model.self_conditioning)
+        quantize_module(layer, fmt, group)
+    quantize_module(model.self_conditioning, fmt, group)
     model.quantization = fmt
     return model
 
@@ -667,6 +678,7 @@ def drift(reference_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, flo
 
 
 __all__ = ["LOADABLE_FORMATS", "CT_METHOD", "ct_pack", "ct_unpack_bytes", "ct_to_parts", "ct_quantize",
-           "ct_quantization_config", "ct_check_config", "ct_int4_group", "quantized_tensor_names", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantize_model", "model_bytes",
+           "ct_quantization_config", "ct_check_config", "ct_int4_group", "quantized_tensor_names", "dequantize_nvfp4", "quantize_parts", "FORMATS", "INT4_GROUP", "GEMMA4_26B_A4B_TEXT", "QuantWeight", "QuantLinear", "QuantExperts", "quantizable", "quantize_module",
+           "quantize_model", "model_bytes",
            "projected_bytes", "drift", "check_format", "quantize_int8", "dequantize_int8", "quantize_int4",
            "dequantize_int4", "pack_int4", "unpack_int4", "quantize_fp8", "dequantize_fp8", "fp8_linear"]

@@ -124,6 +124,7 @@ def row_proposals(draws: Draws, logits: torch.Tensor, canvas: int, step: int,
 
 
 def _defined_by(obj: object, name: str) -> type | None:
+    """The class of `obj` that defines method `name` (None: none does), to tell whether a subclass overrode it."""
     return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 

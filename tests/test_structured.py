@@ -25,8 +25,9 @@ from letterpress.structured import (GEMMA, SchemaError, StructuredOutputsParams,
                                     schema_regex, tool_call_regex)
 from letterpress.tokenizer import Tokenizer
 
+from benchmarks.schema_suite import SUITE
+
 from .fast_fixtures import save_checkpoint
-from .schema_suite import SUITE
 
 jsonschema = pytest.importorskip("jsonschema")
 

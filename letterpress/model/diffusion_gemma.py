@@ -24,7 +24,8 @@ from ..checkpoint import (allocate, check_headers, checkpoint_dtype, load_weight
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig, load_model_config
 from ..embedded import default_model_dir
 from ..quant import CT_METHOD, check_format
-from .layers import Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
+from .layers import (Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, init_parameters, rope_cos_sin,
+                     rope_inv_freq)
 
 Cache = KVCache | PagedKVCache  # what `encode` / `denoise` accept (letterpress.cache)
 
@@ -209,11 +210,7 @@ class DiffusionGemma(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DiffusionGemma":
         """Fresh weights for training from scratch: normal(0, std) matrices, unit norms and scales."""
-        for name, p in self.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, std, generator=generator)
-            else:
-                p.fill_(1.0)
+        init_parameters(self, std, generator)
         for layer in self.layers:
             layer.encoder_scalar.fill_(1.0)
             layer.decoder_scalar.fill_(1.0)

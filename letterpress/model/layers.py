@@ -29,6 +29,16 @@ class RMSNorm(nn.Module):
         return out.type_as(x)
 
 
+@torch.no_grad()
+def init_parameters(module: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Fresh weights in place: normal(0, std) matrices, ones for vectors (norm scales)."""
+    for p in module.parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, std, generator=generator)
+        else:
+            p.fill_(1.0)
+
+
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2] for one layer type."""
     if rope.rope_type == "proportional":

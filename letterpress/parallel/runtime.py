@@ -107,7 +107,7 @@ def load_shard(spec: LoadSpec, shard: Shard) -> DiffusionGemma:
     With `--quantization`, the float slice is quantized on the device a layer at a time, so the device
     never holds more than one float layer beside the quantized ones."""
     from ..checkpoint import resolve, stored_quantization
-    from ..quant import quantize_model
+    from ..quant import quantize_module
 
     device = rank_device(spec.device, shard.rank)
     folder = resolve(spec.folder, offline=True)
@@ -124,20 +124,12 @@ def load_shard(spec: LoadSpec, shard: Shard) -> DiffusionGemma:
         model.init_rope()  # its buffers move with the model's own `to`, which this loop skips
         for layer in model.layers:
             layer.to(device)
-            quantize_model(_LayerView(layer), spec.quantization)
-        quantize_model(_LayerView(None, model.self_conditioning), spec.quantization)
+            quantize_module(layer, spec.quantization)
+        quantize_module(model.self_conditioning, spec.quantization)
         model.quantization = spec.quantization
     if spec.impl == "fast":
         switch_fast_experts(model)
     return model.eval()
-
-
-class _LayerView:
-    """What `quantize_model` walks (`layers`, `self_conditioning`), for one part of a model at a time."""
-
-    def __init__(self, layer, self_conditioning=None):
-        self.layers = [] if layer is None else [layer]
-        self.self_conditioning = self_conditioning if self_conditioning is not None else torch.nn.Identity()
 
 
 @torch.no_grad()

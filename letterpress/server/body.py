@@ -110,7 +110,11 @@ def top_field(path: str) -> str | None:
 
 def parse_body(data: bytes, model: type[Body]) -> Body:
     """The body as `model`; schema errors become FastAPI's RequestValidationError (the server's 400)."""
-    value = parse_json(data)
+    return validate_body(parse_json(data), model)
+
+
+def validate_body(value: Any, model: type[Body]) -> Body:
+    """An already parsed JSON body as `model`; schema errors become FastAPI's RequestValidationError."""
     try:
         return model.model_validate(value)
     except ValidationError as e:

@@ -46,15 +46,21 @@ class ChatOptions:
     structured: StructuredOutputsParams | None = None  # the constraint on every row (tool_choice, formats)
 
 
-def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str, ChatOptions]:
-    """The rendered prompt and the parsing options of a chat request (400s for what we cannot do)."""
-    choice, name = _tool_choice(body)
-    spec = structured.from_body(body)
-    kwargs = dict(body.chat_template_kwargs or {})
+def template_kwargs(requested: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of a request's `chat_template_kwargs`; a 400 if it sets what the request's own fields set."""
+    kwargs = dict(requested or {})
     reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
     if reserved:
         raise ApiError(400, f"chat_template_kwargs may not set {reserved[0]!r}; use the request field",
                        param="chat_template_kwargs")
+    return kwargs
+
+
+def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str, ChatOptions]:
+    """The rendered prompt and the parsing options of a chat request (400s for what we cannot do)."""
+    choice, name = _tool_choice(body)
+    spec = structured.from_body(body)
+    kwargs = template_kwargs(body.chat_template_kwargs)
     tools = body.tools or None
     if tools is not None:
         kwargs["tools"] = tools

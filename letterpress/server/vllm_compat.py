@@ -13,13 +13,12 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import Headers, MutableHeaders
 
 from ..engine.llm import soft_tokens_of
-from .body import parse_json
-from .chat import RESERVED_TEMPLATE_KWARGS, _messages_for_template, render_chat
+from .body import parse_json, validate_body
+from .chat import _messages_for_template, render_chat, template_kwargs
 from .schemas import ApiError, ChatCompletionRequest
 
 if TYPE_CHECKING:
@@ -65,10 +64,7 @@ def tokenize_body(data: bytes) -> TokenizeCompletionRequest | TokenizeChatReques
     """vLLM's union: a body with `messages` is a chat, anything else a prompt."""
     value = parse_json(data)
     model = TokenizeChatRequest if isinstance(value, dict) and "messages" in value else TokenizeCompletionRequest
-    try:
-        return model.model_validate(value)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False)) from None
+    return validate_body(value, model)
 
 
 def tokenize(server: ServerContext, body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
@@ -83,11 +79,7 @@ def tokenize(server: ServerContext, body: TokenizeCompletionRequest | TokenizeCh
         if body.continue_final_message:
             raise ApiError(400, "continue_final_message is not supported by letterpress", code="unsupported",
                            param="continue_final_message")
-        kwargs = dict(body.chat_template_kwargs or {})
-        reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
-        if reserved:
-            raise ApiError(400, f"chat_template_kwargs may not set {reserved[0]!r}; use the request field",
-                           param="chat_template_kwargs")
+        kwargs = template_kwargs(body.chat_template_kwargs)
         tools = body.tools or None  # vLLM's /tokenize takes an empty list as no tools
         chat = ChatCompletionRequest.model_validate({"messages": body.messages, "tools": tools,
                                                      "chat_template_kwargs": body.chat_template_kwargs,

@@ -1,7 +1,8 @@
 """The JSON-schema suite that structured output is checked on (tests/test_structured.py) and measured on
 (benchmarks/structured.py): one schema per feature the schema -> regex translation handles (nested objects,
 array bounds, enums, number bounds, patterns and formats, optional properties, $ref / anyOf). Bounds are small
-enough that an answer spans a few 16-token canvases of the tests' random model.
+enough that an answer spans a few 16-token canvases of the tests' random model. It lives here, not in tests/,
+so that the benchmark and the tests share one suite and the benchmarks import nothing from tests/.
 """
 
 SUITE = {
