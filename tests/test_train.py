@@ -285,6 +285,21 @@ def test_resume_gives_bit_identical_weights(tmp_path, base_dir, data_file, metho
             resumed.adapter_dir / L.ADAPTER_WEIGHTS).keys()
 
 
+def test_micro_batches_group_by_length_and_train_as_one_batch(tmp_path, base_dir, data_file):
+    """With gradient accumulation a step's examples are cut into micro-batches of similar length (less padding);
+    the update is the one of the whole batch in one pass: the same examples, draws and normalised loss."""
+    cut = Trainer(trainer_config(tmp_path / "a", base_dir, data_file, steps=1, micro_batch_size=1, progress=False))
+    lengths = [int(b.sequence_lengths[0]) for b in cut.step_batches(0)]
+    assert lengths == sorted(lengths)
+    whole = Trainer(trainer_config(tmp_path / "b", base_dir, data_file, steps=1, micro_batch_size=4))
+    for trainer in (cut, whole):  # keep the step's gradients to compare them
+        trainer.optimizer.step = trainer.optimizer.zero_grad = lambda *args, **kwargs: None
+    a, b = cut.train_step(), whole.train_step()
+    assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+    for p, q in zip(cut.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_resume_refuses_other_settings(tmp_path, base_dir, data_file):
     Trainer(trainer_config(tmp_path, base_dir, data_file, steps=2, save_every=1, stop_after_steps=1)).train()
     with pytest.raises(TrainError, match="batch_size"):

@@ -284,6 +284,11 @@ class Trainer:
         per_rank = self.cfg.batch_size // self.env.world_size
         first = step * self.cfg.batch_size + self.env.rank * per_rank
         positions = list(range(first, first + per_rank))
+        if self.micro < per_rank:
+            # Micro-batches of similar length: each is padded to its own longest context, so a long prompt (tool
+            # declarations) no longer pads every short one. The step's examples, their draws (one generator per
+            # position) and the globally normalised loss are the same in any grouping.
+            positions.sort(key=lambda p: int(self.train_data.total_lens[self.order(p)]))
         examples = [self.train_data[self.order(p)] for p in positions]
         generators = [example_generator(self.cfg.seed, p) for p in positions]
         return [make_batch(examples[i:i + self.micro], self.loss_cfg, self.vocab_size, generators[i:i + self.micro])
