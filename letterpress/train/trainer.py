@@ -141,6 +141,21 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_with_schedule(params: list[torch.nn.Parameter], cfg: TrainConfig
+                        ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with weight decay on matrices only (not norms, scales, biases), and `lr_factor`'s warmup + cosine
+    schedule from cfg.lr down to cfg.min_lr at cfg.steps."""
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.adam_eps)
+    ratio = cfg.min_lr / cfg.lr if cfg.lr else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
+    return optimizer, scheduler
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, train_data: TokenizedDataset | None = None,
                  eval_data: TokenizedDataset | None = None, eval_hook: EvalHook | None = None):
@@ -168,10 +183,7 @@ class Trainer:
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         if not self.trainable:
             raise TrainError("nothing to train: every parameter is frozen")
-        self.optimizer = self._build_optimizer()
-        ratio = cfg.min_lr / cfg.lr if cfg.lr else 1.0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
+        self.optimizer, self.scheduler = adamw_with_schedule(self.trainable, cfg)
         self.order = ExampleOrder(len(self.train_data), cfg.seed)
         self.step = 0
 
@@ -259,14 +271,6 @@ class Trainer:
         replica.init_rope()
         set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return module
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        decay = [p for p in self.trainable if p.ndim >= 2]
-        other = [p for p in self.trainable if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                 eps=cfg.adam_eps)
 
     def _autocast(self):
         use = self.cfg.autocast

@@ -32,11 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +43,8 @@ import torch
 from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from . import vlm_data as V
-from .vlm_tower import ImageCache, build_vision, cache_is_complete, soften_attention, train_tower
+from .vlm_tower import (ImageCache, build_vision, cache_is_complete, load_resume, log_metrics, save_resume,
+                        soften_attention, train_tower, write_run_json)
 from .data import example_generator
 from .loss import Example, LossConfig, diffusion_sum, encoder_sum, make_batch
 from .recipe import Recipe, register, small_config
@@ -299,7 +299,7 @@ def train_vlm(cfg) -> int:
     """Run the recipe with `cfg` (a TrainConfig: steps, batch size, learning rates, seed, output folder, ...)."""
     from ..config import model_config_from_dict, vision_config_of
     from ..media.image import ImageProcessor
-    from .trainer import lr_factor
+    from .trainer import adamw_with_schedule
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -322,29 +322,12 @@ def train_vlm(cfg) -> int:
         vision.vision_tower.requires_grad_(False)
         cache = tower.get("cache")
     params = [p for p in (*text.parameters(), *vision.parameters()) if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    other = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-    ratio = cfg.min_lr / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
-    step, wall = 0, 0.0
-    resume = out / "checkpoint.pt"
-    if cfg.resume and resume.is_file():
-        state = torch.load(resume, weights_only=False)
-        text.load_state_dict(state["text"])
-        vision.load_state_dict(state["vision"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, wall = state["step"], state.get("wall_seconds", 0.0)
-        print(f"resumed at step {step}", file=sys.stderr)
+    opt, sched = adamw_with_schedule(params, cfg)
+    modules = {"text": text, "vision": vision}
+    step, wall = load_resume(out, cfg, modules, opt, sched)
     metrics = out / "metrics.jsonl"
     if step == 0:
-        (out / "run.json").write_text(json.dumps({
-            "command": " ".join(sys.argv), "config": config, "train_config": {k: v for k, v in asdict(cfg).items()
-                                                                              if k != "model_config"},
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__}, indent=2, default=str) + "\n")
+        write_run_json(out, cfg, config)
     stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
     window: list[tuple[float, float]] = []
     while step < stop:
@@ -379,15 +362,9 @@ def train_vlm(cfg) -> int:
                       "grad_norm": sum(g for _, g in window) / len(window), "lr": lr, "seconds": seconds,
                       "wall_seconds": round(wall, 1)}
             window = []
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.progress:
-                print(json.dumps(record), file=sys.stderr, flush=True)
+            log_metrics(metrics, record, cfg.progress)
         if cfg.save_every and step % cfg.save_every == 0:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"text": text.state_dict(), "vision": vision.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step, "wall_seconds": wall}, tmp)
-            tmp.replace(resume)
+            save_resume(out, modules, opt, sched, step, wall)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             text.eval()
             vision.eval()
@@ -395,9 +372,7 @@ def train_vlm(cfg) -> int:
             acc = exact_match(model_dir, n=min(cfg.eval_examples, 60), wrong=0)
             record = {"step": step, "eval": {k: v["exact"] for k, v in acc.items()},
                       "eval_mean": sum(v["exact"] for v in acc.values()) / len(acc)}
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), file=sys.stderr, flush=True)
+            log_metrics(metrics, record, True)
     if step >= cfg.steps:
         print(f"saved the model to {out / 'model'} ({wall / 60:.1f} min of training)")
     else:

@@ -279,7 +279,7 @@ def train_tower(cfg) -> int:
     with the loss and, every `eval_every` steps, the probe's held-out exact match per kind."""
     from ..config import model_config_from_dict, vision_config_of
     from ..media.image import ImageProcessor
-    from .trainer import lr_factor
+    from .trainer import adamw_with_schedule
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -304,28 +304,12 @@ def train_tower(cfg) -> int:
     probe = TowerProbe(vision, vcfg.text_hidden_size)
     captured = set_standardization_hook(vision)
     params = list(probe.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    other = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-    ratio = cfg.min_lr / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
-    step, wall = 0, 0.0
-    resume = out / "checkpoint.pt"
-    if cfg.resume and resume.is_file():
-        state = torch.load(resume, weights_only=False)
-        probe.load_state_dict(state["probe"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, wall = state["step"], state.get("wall_seconds", 0.0)
-        print(f"resumed at step {step}", file=sys.stderr)
+    opt, sched = adamw_with_schedule(params, cfg)
+    modules = {"probe": probe}
+    step, wall = load_resume(out, cfg, modules, opt, sched)
     metrics = out / "metrics.jsonl"
     if step == 0:
-        (out / "run.json").write_text(json.dumps({
-            "command": " ".join(sys.argv), "config": config, "cache_examples": len(train),
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "model_config"},
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__}, indent=2, default=str) + "\n")
+        write_run_json(out, cfg, config, cache_examples=len(train))
     gen = torch.Generator().manual_seed(cfg.seed)
     stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
     window: list[float] = []
@@ -351,27 +335,58 @@ def train_tower(cfg) -> int:
         if step % cfg.log_every == 0 or step == stop:
             record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "wall_seconds": round(wall, 1)}
             window = []
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.progress:
-                print(json.dumps(record), file=sys.stderr, flush=True)
+            log_metrics(metrics, record, cfg.progress)
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"probe": probe.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "wall_seconds": wall}, tmp)
-            tmp.replace(resume)
+            save_resume(out, modules, opt, sched, step, wall)
             save_tower(vision, config, out / "tower.pt")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             acc = probe_accuracy(probe, held)
-            record = {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), file=sys.stderr, flush=True)
+            log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
     if step >= cfg.steps:
         print(f"saved the tower to {out / 'tower.pt'} ({wall / 60:.1f} min of training)")
     else:
         print(f"stopped at step {step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------- run folder
+# The bookkeeping of a run folder that both tiny-vlm loops (this stage and vlm.py's stage 2) keep the same way:
+# run.json at the start, a resume checkpoint of named modules + optimizer + schedule, metrics.jsonl lines.
+def write_run_json(out: Path, cfg, config: dict, **extra) -> None:
+    (out / "run.json").write_text(json.dumps({
+        "command": " ".join(sys.argv), "config": config, **extra,
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "model_config"},
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__}, indent=2, default=str) + "\n")
+
+
+def load_resume(out: Path, cfg, modules: dict[str, nn.Module], opt, sched) -> tuple[int, float]:
+    """(step, training seconds) of `out`/checkpoint.pt loaded into `modules`, the optimizer and the schedule;
+    (0, 0.0) for a fresh run or `cfg.resume` off."""
+    path = out / "checkpoint.pt"
+    if not (cfg.resume and path.is_file()):
+        return 0, 0.0
+    state = torch.load(path, weights_only=False)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    print(f"resumed at step {state['step']}", file=sys.stderr)
+    return state["step"], state.get("wall_seconds", 0.0)
+
+
+def save_resume(out: Path, modules: dict[str, nn.Module], opt, sched, step: int, wall: float) -> None:
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save({**{name: m.state_dict() for name, m in modules.items()}, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "wall_seconds": wall}, tmp)
+    tmp.replace(out / "checkpoint.pt")  # whole or not at all: a stop mid-write keeps the last checkpoint
+
+
+def log_metrics(path: Path, record: dict, echo: bool) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if echo:
+        print(json.dumps(record), file=sys.stderr, flush=True)
 
 
 class LazySamples:
