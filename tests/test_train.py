@@ -441,6 +441,13 @@ def test_cli_errors_are_one_line(tmp_path, base_dir, capsys):
     assert "--model" in capsys.readouterr().err
     assert cli_main(["train", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+    # counts no run can use: one line before anything is built or written, for recipes with their own loop too
+    for recipe, flag, value in (("tiny-vlm-tower", "--steps", "-1"), ("tiny-vlm", "--batch-size", "0"),
+                                ("tiny-tasks", "--lr", "-1")):
+        out = tmp_path / f"o-{recipe}"
+        assert cli_main(["train", "--recipe", recipe, flag, value, "--output", str(out)]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {flag} {value}")
+        assert not out.exists()
 
 
 def test_recipes_from_scratch(tmp_path, tokenizer_dir):

@@ -109,6 +109,7 @@ def train_config_from_args(args: argparse.Namespace):
         lora["target_modules"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     if args.lora or lora:
         cfg = replace(cfg, lora=replace(cfg.lora or LoRAConfig(), **lora))
+    _check_counts(cfg)
     train_data = eval_data = None
     if recipe is not None and recipe.build_data is not None and cfg.data is None:
         from ..tokenizer import Tokenizer
@@ -118,6 +119,19 @@ def train_config_from_args(args: argparse.Namespace):
         tokenizer_dir = cfg.tokenizer or (resolve(cfg.model) if cfg.model else ASSETS / "tiny_code")
         train_data, eval_data = recipe.build_data(Tokenizer.from_dir(tokenizer_dir), cfg.seed)
     return cfg, train_data, eval_data, recipe.evaluate if recipe else None
+
+
+def _check_counts(cfg) -> None:
+    """Refuse step counts, batch sizes and learning rates no run can use, before any recipe starts (the recipes
+    with their own loop, tiny-vlm and tiny-vlm-tower, read these too)."""
+    from ..errors import TrainError
+
+    at_least = {"steps": 1, "batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0, "lr": 0, "min_lr": 0}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            flag = "--" + name.replace("_", "-")
+            raise TrainError(f"{flag} {value}: must be at least {low}")
 
 
 def run_train(args: argparse.Namespace) -> int:
