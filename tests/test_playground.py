@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from letterpress import LLM
+from letterpress.embedded import ASSETS
 from letterpress.server.app import ServerConfig
 from tests.browser import NO_BROWSER, browser_paths, headless_chrome
 from tests.live_server import DEADLINE_S, MODEL, LiveServer
@@ -93,9 +94,71 @@ def test_chat_in_a_real_browser(served, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "infill-figures").text)
         assert driver.find_elements(By.CSS_SELECTOR, "#infill-result mark")
         assert driver.find_element(By.ID, "sudoku-notice").is_displayed()
+        status = driver.find_element(By.ID, "sudoku-status")
+        driver.find_element(By.ID, "sudoku-solve").click()  # with the rules (the default): the server's 400
+        wait.until(lambda d: "needs a Sudoku model" in status.text)
+        logged = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]  # reading the log empties it
+        assert all(e["source"] == "network" and "status of 400" in e["message"] for e in logged), logged
+        driver.find_element(By.ID, "sudoku-rules").click()  # off: the plain sampler
         driver.find_element(By.ID, "sudoku-solve").click()
         wait.until(lambda d: d.find_element(By.ID, "sudoku-figures").text)
-        assert driver.find_element(By.ID, "sudoku-status").text.startswith("No valid solution found")
+        assert status.text.startswith("No valid solution found")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+
+
+def test_rule_mask_needs_a_sudoku_model(served):
+    grid = "371000050500000907000570010080004005060380700040700280000000526200410009000209000"
+    r = httpx.post(served + "/v1/completions", json={"model": MODEL, "prompt": grid, "rule_mask": "sudoku"},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "rule_mask" and error["code"] == "unsupported"
+    assert "needs a Sudoku model" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def sudoku_served():
+    """The same app serving the shipped Sudoku model."""
+    live = LiveServer(LLM(ASSETS / "sudoku", max_model_len=256), ServerConfig(served_model_names=["sudoku"]))
+    yield live.url
+    live.stop()
+
+
+@pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)
+def test_sudoku_board_solves_with_the_rules(sudoku_served):
+    """A puzzle with 30 givens (the first of recipes_builtin.bucket_puzzles(30)): beyond the plain sampler, solved
+    with "use the Sudoku rules" (on by default), the board filling in pass by pass."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    puzzle = "371000050500000907000570010080004005060380700040700280000000526200410009000209000"
+    solution = "371692458526148937894573612783924165162385794945761283419837526258416379637259841"
+    driver = headless_chrome()
+    try:
+        wait = WebDriverWait(driver, DEADLINE_S)
+        driver.get(sudoku_served + "/")
+        wait.until(lambda d: d.find_element(By.ID, "model-name").text == "sudoku")
+        assert not driver.find_element(By.ID, "sudoku-notice").is_displayed()
+        assert driver.find_element(By.ID, "sudoku-rules").is_selected()
+        driver.execute_script("""
+            setBoard(arguments[0]);
+            window.statusLog = [];
+            new MutationObserver(() => window.statusLog.push(document.getElementById("sudoku-status").textContent))
+              .observe(document.getElementById("sudoku-status"), {childList: true, characterData: true, subtree: true});
+        """, puzzle)
+        driver.find_element(By.ID, "sudoku-solve").click()
+        wait.until(lambda d: d.find_element(By.ID, "sudoku-figures").text)
+        assert driver.find_element(By.ID, "sudoku-status").text == "Solved (30 givens)."
+        board = "".join(c.get_attribute("value") for c in driver.find_elements(By.CSS_SELECTOR, "#sudoku-board input"))
+        assert board == solution
+        passes = [t for t in driver.execute_script("return window.statusLog") if t.startswith("Pass ")]
+        assert len(passes) >= 2 and passes[0].startswith("Pass 1:"), passes
+        figures = driver.find_element(By.ID, "sudoku-figures").text
+        assert "denoising steps" in figures and "rule mask" in figures and "tokens/forward" in figures
+        assert "tokens/s" in figures
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

@@ -213,6 +213,25 @@ def prompt_text(puzzle: str) -> str:
     return " ".join(f"{CELL_LETTERS[i // 9]}{CELL_LETTERS[i % 9]}{ch}" for i, ch in enumerate(puzzle))
 
 
+def parse_prompt(text: str) -> str:
+    """A puzzle from either a Sudoku model's prompt (`prompt_text`: 81 cell words, row by row) or a grid
+    (`parse_grid`). Raises ValueError naming the problem, as `parse_grid` does."""
+    words = text.split()
+    if not words or not all(len(w) == 3 and w[0] in CELL_LETTERS and w[1] in CELL_LETTERS and w[2].isdigit()
+                            and w[2].isascii() for w in words):
+        return parse_grid(text)
+    if len(words) != 81:
+        raise ValueError(f"a Sudoku prompt has 81 cell words (\"aa0\" .. \"ii9\", row by row), got {len(words)}")
+    for k, word in enumerate(words):
+        expected = CELL_LETTERS[k // 9] + CELL_LETTERS[k % 9]
+        if word[:2] != expected:
+            raise ValueError(f"cell word {k + 1} is {word!r}: the cells go row by row, so it names cell "
+                             f"{expected!r} (row {k // 9 + 1}, column {k % 9 + 1})")
+    puzzle = "".join(word[2] for word in words)
+    check_givens(puzzle)
+    return puzzle
+
+
 BLANKS = "0."  # an empty cell
 SEPARATORS = " \t\r\n|-+,"  # what `format_grid` draws between cells and boxes, whitespace and commas
 

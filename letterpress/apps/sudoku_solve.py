@@ -88,6 +88,34 @@ def _load(model_dir: str | Path):
     return model, tok, torch.tensor(digit_ids)
 
 
+def sudoku_token_ids(tokenizer, canvas_length: int, puzzle: str) -> tuple[list[int], list[int]]:
+    """(the prompt's token ids, the token ids of the digits 1-9) for `puzzle`, when the tokenizer and canvas are a
+    Sudoku model's: each cell word of `sudoku.prompt_text` one token (no unknown), each digit 0-9 one token, and
+    a canvas that holds the 81 cells and an EOS. Raises ValueError saying what does not fit otherwise."""
+    digits = [tokenizer.encode(d, add_special_tokens=False) for d in "0" + S.DIGITS]
+    if any(len(ids) != 1 or tokenizer.decode(ids) != d for ids, d in zip(digits, "0" + S.DIGITS)):
+        raise ValueError("its tokenizer does not have one token per digit 0-9")
+    ids = prompt_ids(tokenizer, puzzle)
+    unk = tokenizer.token_to_id("<unk>")
+    words = len(ids) - (tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id])
+    if words != 81 or (unk is not None and unk in ids):
+        raise ValueError(f"its tokenizer does not have the 810 cell words of a Sudoku prompt (\"aa0\" .. \"ii9\"; "
+                         f"the puzzle's 81 cells became {words} tokens)")
+    if canvas_length < 82:
+        raise ValueError(f"its canvas holds {canvas_length} tokens, fewer than the 81 cells and an EOS")
+    return ids, [ids[0] for ids in digits[1:]]
+
+
+def _ruled_canvas(boards: torch.Tensor, digit_ids: torch.Tensor, vocab: int, canvas_len: int, eos: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """[A, C] decoder input for boards [A, 81] (0 = not accepted): the accepted cells pinned, fresh uniform
+    noise at the others (as in training), EOS after the 81 cells."""
+    canvas = torch.randint(vocab, (len(boards), canvas_len), generator=generator)
+    canvas[:, :81] = torch.where(boards > 0, digit_ids[(boards - 1).clamp(min=0)], canvas[:, :81])
+    canvas[:, 81:] = eos
+    return canvas
+
+
 def _prompt_batches(model, tok, puzzles: list[str], batch: int, search_class, cells: int):
     """(first puzzle's index, a search per puzzle, prompt ids [n, P], a cache for P + `cells` tokens) per batch."""
     for i in range(0, len(puzzles), batch):
@@ -127,9 +155,7 @@ def solve_diffusion_ruled(model_dir: str | Path, puzzles: list[str], batch: int 
         sc = None  # [n, C, V] the previous pass's logits per puzzle
         while active := [k for k, s in enumerate(chunk) if not s.done and count[k] < max_forwards]:
             boards = torch.tensor([chunk[k].board for k in active])  # [A, 81], 0 = not accepted
-            canvas = torch.randint(vocab, (len(active), canvas_len), generator=generator)
-            canvas[:, :81] = torch.where(boards > 0, digit_ids[(boards - 1).clamp(min=0)], canvas[:, :81])
-            canvas[:, 81:] = eos
+            canvas = _ruled_canvas(boards, digit_ids, vocab, canvas_len, eos, generator)
             rows = torch.tensor(active)
             sc_in = None if sc is None else sc[rows]
             sc_mask = None if sc is None else torch.tensor([count[k] > 0 for k in active])
@@ -146,6 +172,49 @@ def solve_diffusion_ruled(model_dir: str | Path, puzzles: list[str], batch: int 
         searches += chunk
         forwards += count
     return _summary(searches, forwards, time.perf_counter() - start)
+
+
+class RuledDiffusionSearch:
+    """One puzzle's search of `solve_diffusion_ruled` on a model that is already loaded, one decoder pass per
+    `forward()`: what the server runs, a pass at a time between its engine's steps (server/sudoku.py). The
+    same passes, noise and acceptances as `solve_diffusion_ruled(model_dir, [puzzle], batch=1, seed=seed)`.
+    The prompt is encoded by the first `forward()` (into a cache of its own: the caller's engine cache is
+    never touched)."""
+
+    def __init__(self, model, prompt: list[int], digit_ids: list[int], puzzle: str, entropy_bound: float,
+                 seed: int = 0, max_forwards: int = DEFAULT_MAX_FORWARDS):
+        from .sudoku_rules import RuleSearch
+
+        self.model, self.entropy_bound, self.max_forwards = model, entropy_bound, max_forwards
+        self.prompt = torch.tensor([prompt])
+        self.digit_ids = torch.tensor(digit_ids)
+        self.search = RuleSearch(puzzle)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cache = None
+        self.sc: torch.Tensor | None = None  # [1, C, V] the previous pass's logits
+        self.forwards = 0
+
+    @property
+    def done(self) -> bool:
+        """Solved, failed (no solution is left), or out of forwards."""
+        return self.search.done or self.forwards >= self.max_forwards
+
+    @torch.no_grad()
+    def forward(self) -> list[int]:
+        """One decoder pass and the search's step on it; returns the cells it accepted."""
+        model, device = self.model, self.model.device
+        if self.cache is None:
+            self.cache = model.new_cache(1, self.prompt.shape[1])
+            model.encode(self.prompt.to(device), self.cache)
+        text = model.text_config
+        canvas = _ruled_canvas(torch.tensor([self.search.board]), self.digit_ids, text.vocab_size,
+                               model.config.canvas_length, text.eos_token_id[0], self.generator)
+        sc_mask = None if self.sc is None else torch.tensor([True], device=device)
+        logits = model.denoise(canvas.to(device), self.cache, torch.tensor([0], device=device), self.sc, sc_mask)
+        self.sc = logits
+        logp = torch.log_softmax(logits[0, :81, self.digit_ids.to(device)].float(), dim=-1).tolist()  # [81, 9]
+        self.forwards += 1
+        return self.search.step(logp, self.entropy_bound)
 
 
 @torch.no_grad()

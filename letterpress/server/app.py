@@ -42,6 +42,7 @@ from .core import DEFAULT_STEP_CEILING, DISCONNECTED, Job, ServerConfig
 from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
 from .page import install_playground
+from .sudoku import sudoku_job
 from .schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -235,7 +236,7 @@ class OpenAIServer:
         if self.draining:
             raise shutting_down_error()
         try:
-            self.engine.submit(job.stream, job.rows)
+            self.engine.submit(job.stream, job.rows, job.tasks)
         except QueueFull:
             raise ApiError(429, "the server is at capacity (all slots busy and the queue full); retry later",
                            type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -631,7 +632,9 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def completions(raw: HttpRequest):
         body = await server.read(raw, CompletionRequest)
         refuse_unsupported(body)
-        if body.suffix:  # infilling: the completion is the middle (an empty suffix is a plain completion)
+        if body.rule_mask == "sudoku":  # the rule-mask search, run by the engine thread (server/sudoku.py)
+            job = await server.off_loop(sudoku_job, server, body)
+        elif body.suffix:  # infilling: the completion is the middle (an empty suffix is a plain completion)
             job = await server.off_loop(infill_job, server, body)
         else:
             job = await server.off_loop(server.completion_job, body)

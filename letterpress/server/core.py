@@ -68,6 +68,8 @@ class Job:
     groups: list[list[int]] | None = None
     # chat: each row's parser (reasoning, content, tool calls)
     chat: list[ChatChoice] | None = None
+    # rows the engine thread runs as tasks instead of scheduling them (server/sudoku.py): one per row, or None
+    tasks: list[Any] | None = None
 
     def __post_init__(self):
         self.outputs = [None] * len(self.rows)
@@ -145,6 +147,9 @@ class Job:
         completion = sum(self.texts[r].completion_tokens() for r in self.choice_rows())
         if self.groups is not None:  # every candidate row cost passes; only the chosen middles count
             stats["tokens_per_forward"] = completion / max(passes, 1)
+        searches = [o.rule_mask for o in outs if getattr(o, "rule_mask", None)]  # rule_mask "sudoku": one row
+        if searches:
+            stats["rule_mask"] = searches[0]
         prompt_tokens = sum(len(p) for p in self.prompts)
         out = usage(prompt_tokens, completion, stats)
         # prompt tokens whose KV came from the prefix cache (rows of one prompt share it: capped at the prompt)
@@ -161,8 +166,12 @@ class ServerContext(Protocol):
     engine: EngineLoop
     loop: asyncio.AbstractEventLoop | None
 
+    step_ceiling: int
+
     def check_model(self, model: str | None) -> str: ...
 
     def check_chars(self, text: str, what: str, param: str | None = None) -> None: ...
 
     def sampling_params(self, body: _Sampler, max_tokens: int | None, index: int) -> SamplingParams: ...
+
+    def make_job(self, kind: str, body: Any, prompts: list[list[int]], max_tokens: int | None) -> Job: ...

@@ -7,7 +7,10 @@
                                     <--stream--    listener(CanvasEvent) and finished RequestOutputs,
                                                    via loop.call_soon_threadsafe(stream.queue.put_nowait)
 
-Only the engine thread touches the scheduler, the runner and the model, so none of them needs a lock. The
+Only the engine thread touches the scheduler, the runner and the model, so none of them needs a lock. Work
+that is not a scheduler row (the Sudoku rule search, server/sudoku.py) comes as an `EngineTask`: the thread
+advances each task by one model pass per turn of its loop, between the scheduler's steps, so a long search
+neither blocks the other requests nor runs the model at the same time as they do. The
 inbox is a thread-safe FIFO, so an abort is always processed after the add it refers to; `wake` lets the
 thread sleep while there is no work. Requests are admitted between steps (the scheduler does this in
 `step()`), and a prompt is encoded `prefill_chunk` tokens per step, so a long prompt does not stall the
@@ -27,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..engine.llm import LLM
 from ..engine.request import CanvasEvent, Request, RequestOutput, SamplingParams
@@ -53,6 +56,20 @@ class RequestTimeout(ApiError):
 
 class QueueFull(Exception):
     """Every slot is busy and the waiting queue is at --max-queue: the handler answers 429."""
+
+
+class EngineTask(Protocol):
+    """A row that the engine thread runs itself instead of the scheduler (it counts against the same capacity,
+    deadline and aborts). `advance` does one model pass, sends its CanvasEvents through `request.listener`,
+    and returns the row's RequestOutput once it is finished (None before). An exception fails this row only."""
+
+    def advance(self, request: Request) -> RequestOutput | None: ...
+
+
+def stopped_output(request: Request, reason: str, error: Exception | None = None) -> RequestOutput:
+    """The output of a task row that ended without an answer ("abort", "timeout", "error")."""
+    return RequestOutput(request.request_id, request.prompt_token_ids, [], reason, 0, [], 0, 0.0,
+                         time.perf_counter() - request.arrival, error=error)
 
 
 class RequestStream:
@@ -92,6 +109,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # guards _rows_in_flight, which handlers read and the engine updates
         self._rows_in_flight = 0
         self._streams: dict[str, tuple[RequestStream, int]] = {}  # request_id -> (stream, row index); engine thread
+        self._tasks: dict[str, tuple[Request, EngineTask]] = {}  # request_id -> task rows; engine thread
         self._stopping = False
         self._passes_at_start = 0
         self._prefix_at_start = (0, 0)  # prefix-cache (queries, hits) before serving
@@ -110,8 +128,9 @@ class EngineLoop:
     def healthy(self) -> bool:
         return self.ready.is_set() and self.failed is None and self._thread.is_alive()
 
-    def submit(self, stream: RequestStream, requests: list[Request]) -> None:
-        """Queue rows for the engine (all or none); raises QueueFull when they do not fit."""
+    def submit(self, stream: RequestStream, requests: list[Request], tasks: list[EngineTask] | None = None) -> None:
+        """Queue rows for the engine (all or none); raises QueueFull when they do not fit. With `tasks` (one per
+        row) the engine thread runs each row as that task instead of handing it to the scheduler."""
         if self.failed is not None:
             raise EngineError(f"the engine loop died: {self.failed!r}; restart the server")
         with self._lock:
@@ -123,7 +142,7 @@ class EngineLoop:
             for request in requests:
                 request.deadline = deadline if request.deadline is None else min(request.deadline, deadline)
         for index, request in enumerate(requests):
-            self._inbox.put(("add", request, stream, index))
+            self._inbox.put(("add", request, stream, index, None if tasks is None else tasks[index]))
         self._wake.set()
 
     def abort(self, request_ids: list[str]) -> None:
@@ -138,7 +157,7 @@ class EngineLoop:
             self.ready.set()
             while not self._stopping:
                 self._drain_inbox()
-                if self.scheduler.has_work():
+                if self.scheduler.has_work() or self._tasks:
                     self._step()
                 else:
                     self._wake.wait()
@@ -179,11 +198,18 @@ class EngineLoop:
                 self._add(*message[1:])
             else:
                 for request_id in message[1]:
-                    self.scheduler.abort(request_id)
+                    if request_id in self._tasks:
+                        request, _ = self._tasks.pop(request_id)
+                        self._deliver(stopped_output(request, "abort"))
+                    else:
+                        self.scheduler.abort(request_id)
 
-    def _add(self, request: Request, stream: RequestStream, index: int) -> None:
+    def _add(self, request: Request, stream: RequestStream, index: int, task: EngineTask | None = None) -> None:
         request.listener = self._counting(request.listener)
         self._streams[request.request_id] = (stream, index)
+        if task is not None:
+            self._tasks[request.request_id] = (request, task)
+            return
         try:
             self.scheduler.add(request)
         except Exception as e:  # the handler already ran scheduler.check, so this is unexpected
@@ -201,6 +227,28 @@ class EngineLoop:
         return counted
 
     def _step(self) -> None:
+        if self.scheduler.has_work():
+            self._scheduler_step()
+        if self._tasks:
+            self._advance_tasks()
+
+    def _advance_tasks(self) -> None:
+        """One pass of every task row; a task that fails or passes its deadline ends alone."""
+        for request_id, (request, task) in list(self._tasks.items()):
+            if request.deadline is not None and time.perf_counter() > request.deadline:
+                output = stopped_output(request, "timeout")
+            else:
+                try:
+                    output = task.advance(request)
+                except Exception as e:  # this row's fault or bug: its own 400 / 500, the others go on
+                    if not isinstance(e, RequestError):
+                        log.exception("engine task %s failed", request_id)
+                    output = stopped_output(request, "error", e)
+            if output is not None:
+                del self._tasks[request_id]
+                self._deliver(output)
+
+    def _scheduler_step(self) -> None:
         try:
             outputs = self.scheduler.step()
         except Exception as e:  # not a row's fault (the runner isolates those): a bug; fail all, keep serving
@@ -216,6 +264,8 @@ class EngineLoop:
 
     def _fail_everything(self, error: EngineError) -> list[RequestOutput]:
         for request_id, (stream, index) in self._streams.items():
+            if request_id in self._tasks:
+                continue  # not the scheduler's: the tasks go on
             stream.push(index, error)
             self.scheduler.abort(request_id)
         return self.scheduler.step()  # drops every row; with nothing running it calls no model code

@@ -2,8 +2,8 @@
 
 Validation is strict on purpose: a wrong type is a 400, an unknown field is a 400, and a field OpenAI has but
 letterpress does not implement (logprobs, functions, ...) is a 400 that names it. Nothing is silently ignored.
-Our extensions (`entropy_bound`, `max_denoising_steps`, `t_min`, `t_max`, vLLM's `ignore_eos`, and
-`infill_strategy` beside `suffix`) are top-level fields; with the `openai` client pass them through
+Our extensions (`entropy_bound`, `max_denoising_steps`, `t_min`, `t_max`, vLLM's `ignore_eos`,
+`infill_strategy` beside `suffix`, and `rule_mask` on completions) are top-level fields; with the `openai` client pass them through
 `extra_body`. `POST /v1/edits` (`EditRequest`) is ours: OpenAI retired its edits endpoint.
 """
 
@@ -82,6 +82,8 @@ class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None  # infilling: the completion is the text between prompt and suffix
     infill_strategy: Literal["search", "slack"] | None = None  # letterpress: see README, "Infilling and editing"
+    # letterpress: solve the prompt's Sudoku with the rule-mask search (server/sudoku.py; README, "Sudoku")
+    rule_mask: Literal["sudoku"] | None = None
     echo: bool | None = None
     best_of: int | None = None
     logprobs: int | None = None

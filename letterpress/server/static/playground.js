@@ -1,7 +1,9 @@
 // letterpress playground: a client of the server's public API, nothing else.
 // Chat streams /v1/chat/completions with `denoising_preview` events and draws each draft on the canvas view;
 // infill and edit call /v1/completions (with `suffix`) and /v1/edits; the Sudoku board streams
-// /v1/completions with the Sudoku model's prompt (one word per cell) and fills in from the drafts.
+// /v1/completions with the Sudoku model's prompt (one word per cell) and fills in from the drafts: with
+// "use the Sudoku rules" the request carries letterpress's `rule_mask: "sudoku"` (the rule-mask search; each
+// preview is then the board after one decoder pass), without it the plain sampler's drafts.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -65,6 +67,7 @@ function figures(usage, seconds) {
   const parts = [`${usage.completion_tokens} tokens`];
   if (stats.canvases !== undefined) parts.push(`${stats.canvases} canvas${stats.canvases === 1 ? "" : "es"}`);
   if (stats.denoising_steps !== undefined) parts.push(`${stats.denoising_steps} denoising steps`);
+  if (stats.rule_mask) parts.push(`rule mask: ${stats.rule_mask.backtracks} backtracks`);
   if (stats.tokens_per_forward !== undefined) parts.push(`${stats.tokens_per_forward.toFixed(2)} tokens/forward`);
   parts.push(`${(usage.completion_tokens / Math.max(seconds, 1e-3)).toFixed(1)} tokens/s (${seconds.toFixed(2)} s)`);
   return parts.join(" · ");
@@ -338,25 +341,35 @@ async function solveSudoku() {
   setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], true);
   $("sudoku-figures").textContent = "";
   const givens = [...puzzle].filter((ch) => ch !== "0").length;
-  $("sudoku-status").textContent = `Solving (${givens} givens)\u2026`;
+  const rules = $("sudoku-rules").checked;
+  $("sudoku-status").textContent = `Solving (${givens} givens${rules ? ", with the rules" : ""})\u2026`;
   const prompt = [...puzzle].map((ch, i) => CELL_LETTERS[Math.floor(i / 9)] + CELL_LETTERS[i % 9] + ch).join(" ");
   const started = performance.now();
   let text = "", usage = null, previous = null, seconds = 0;
   // The model solves a puzzle in a few steps, faster than the eye: frames are drawn at most one per FRAME_MS
   let player = Promise.resolve();
+  const blanks = [...puzzle].filter((ch) => ch === "0").length;
   const draw = (p) => {
     cells.forEach((input, i) => {
       if (puzzle[i] !== "0") return;
-      input.value = /^[1-9]$/.test(p.tokens[i] || "") ? p.tokens[i] : "";
-      input.className = `c${i % 9} r${Math.floor(i / 9)} ` + cellState(p, previous, i);
+      const digit = /^[1-9]$/.test(p.tokens[i] || "") ? p.tokens[i] : "";
+      input.value = digit;
+      // with the rules the preview is the board: cells accepted by this pass, cells kept from before, blanks
+      const state = !rules ? cellState(p, previous, i) : p.accepted_mask[i] ? "accepted" : digit ? "kept" : "";
+      input.className = `c${i % 9} r${Math.floor(i / 9)} ` + state;
     });
     previous = p.token_ids;
-    const blanks = [...puzzle].filter((ch) => ch === "0").length;
+    if (rules) {
+      const filled = [...puzzle].filter((ch, i) => ch === "0" && /^[1-9]$/.test(p.tokens[i] || "")).length;
+      $("sudoku-status").textContent = `Pass ${p.step}: ${filled} of ${blanks} blank cells filled`;
+      return;
+    }
     const accepted = [...puzzle].filter((ch, i) => ch === "0" && p.accepted_mask[i]).length;
     $("sudoku-status").textContent = `Step ${p.step}: ${accepted} of ${blanks} blank cells accepted`;
   };
   try {
     await stream("/v1/completions", { model: page.model, prompt, stream: true, temperature: 0, max_tokens: 81,
+      ...(rules ? { rule_mask: "sudoku" } : {}),
       stream_options: { include_usage: true, denoising_preview: true } }, (name, chunk) => {
       if (name === "denoising_preview") {
         const p = chunk.denoising_preview;
@@ -374,7 +387,10 @@ async function solveSudoku() {
       $("sudoku-status").textContent = `Solved (${givens} givens).`;
     } else { // never show an answer that breaks a rule or a given
       setBoard(puzzle);
-      $("sudoku-status").textContent = "No valid solution found (the model's answer breaks a rule or a given).";
+      const search = usage && usage.letterpress && usage.letterpress.rule_mask;
+      $("sudoku-status").textContent = "No valid solution found " + (!search ? "(the model's answer breaks a rule " +
+        "or a given)." : search.forwards >= search.max_forwards ? `(the search ran out of its ${search.max_forwards} ` +
+        "passes)." : "(the rules leave this puzzle no solution).");
     }
     $("sudoku-figures").textContent = figures(usage, seconds);
   } catch (e) {

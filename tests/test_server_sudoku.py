@@ -1,0 +1,148 @@
+"""`"rule_mask": "sudoku"` on /v1/completions: the rule-mask search served by a real uvicorn server on loopback,
+with the shipped Sudoku model (letterpress/assets/sudoku), through a real HTTP client."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from letterpress import LLM
+from letterpress.apps.sudoku import is_solution, prompt_text
+from letterpress.apps.sudoku_solve import RuledDiffusionSearch, sudoku_token_ids
+from letterpress.embedded import ASSETS
+from letterpress.server.app import ServerConfig
+from tests.live_server import DEADLINE_S, LiveServer
+
+MODEL = "sudoku"
+# The first held-out puzzle with 30 givens (recipes_builtin.bucket_puzzles(30, 1)): the plain sampler does not
+# solve it; the search does, in a few passes
+PUZZLE = "371000050500000907000570010080004005060380700040700280000000526200410009000209000"
+SOLUTION = "371692458526148937894573612783924165162385794945761283419837526258416379637259841"
+
+
+@pytest.fixture(scope="module")
+def served():
+    llm = LLM(ASSETS / "sudoku", max_num_seqs=4, max_model_len=256)
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL]))
+    yield live.url, llm
+    live.stop()
+
+
+def expected_forwards(llm: LLM, puzzle: str, seed: int) -> int:
+    """The library's search on the same weights (apps/sudoku_solve.py): the passes the server must match."""
+    prompt, digits = sudoku_token_ids(llm.tokenizer, llm.model.config.canvas_length, puzzle)
+    search = RuledDiffusionSearch(llm.model, prompt, digits, puzzle, llm.defaults.entropy_bound, seed)
+    while not search.done:
+        search.forward()
+    assert search.search.solved
+    return search.forwards
+
+
+def solve(url: str, **fields) -> httpx.Response:
+    body = {"model": MODEL, "prompt": prompt_text(PUZZLE), "rule_mask": "sudoku", **fields}
+    return httpx.post(url + "/v1/completions", json=body, timeout=DEADLINE_S)
+
+
+def test_solves_a_puzzle_the_plain_sampler_does_not(served):
+    url, llm = served
+    plain = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt_text(PUZZLE),
+                                                       "temperature": 0, "max_tokens": 81}, timeout=DEADLINE_S)
+    assert plain.status_code == 200 and not is_solution(plain.json()["choices"][0]["text"], PUZZLE)
+
+    r = solve(url, seed=3)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+    choice = data["choices"][0]
+    assert choice["text"] == SOLUTION and choice["finish_reason"] == "stop"
+    stats = data["usage"]["letterpress"]
+    search = stats["rule_mask"]
+    assert search["name"] == "sudoku" and search["solved"] is True and search["max_forwards"] == 81
+    assert search["forwards"] == stats["denoising_steps"] == expected_forwards(llm, PUZZLE, seed=3)
+    assert stats["tokens_per_forward"] == pytest.approx(82 / search["forwards"])  # 81 cells + EOS, as plain
+    assert search["cells_per_forward"] == pytest.approx(PUZZLE.count("0") / search["forwards"])
+    assert data["usage"]["prompt_tokens"] == 82 and data["usage"]["completion_tokens"] == 81
+    # a grid works as the prompt too, and the same seed gives the same search
+    again = solve(url, seed=3, prompt=PUZZLE.replace("0", ".")).json()
+    assert again["choices"][0]["text"] == SOLUTION
+    assert again["usage"]["letterpress"]["rule_mask"] == search
+
+
+def test_streams_the_board_as_it_fills_in(served):
+    url, _ = served
+    body = {"model": MODEL, "prompt": prompt_text(PUZZLE), "rule_mask": "sudoku", "stream": True, "seed": 3,
+            "stream_options": {"include_usage": True, "denoising_preview": True}}
+    previews, text, usage, done = [], "", None, False
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=DEADLINE_S) as response:
+        assert response.status_code == 200
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line == "data: [DONE]":
+                done = True
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event == "denoising_preview":
+                    previews.append(data["denoising_preview"])
+                else:
+                    text += "".join(c["text"] for c in data["choices"])
+                    usage = data.get("usage") or usage
+                event = None
+    assert done and text == SOLUTION
+    assert len(previews) == usage["letterpress"]["rule_mask"]["forwards"]
+    assert [p["step"] for p in previews] == list(range(1, len(previews) + 1))
+    for p in previews:  # the board: the givens and the cells accepted so far, "0" elsewhere; never a clash
+        board = p["text"]
+        assert len(board) == len(p["tokens"]) == len(p["accepted_mask"]) == 81
+        assert all(g == "0" or g == b for g, b in zip(PUZZLE, board))
+        assert all(b == "0" or b == s for b, s in zip(board, SOLUTION)) or usage["letterpress"]["rule_mask"]["backtracks"]
+        assert sum(p["accepted_mask"]) == p["accepted"]
+        assert all(board[i] != "0" for i in range(81) if p["accepted_mask"][i])
+    assert previews[-1]["text"] == SOLUTION
+
+
+def test_runs_beside_other_requests(served):
+    """Searches and plain completions at once: each gets its own answer (the engine thread interleaves them)."""
+    url, _ = served
+    plain = {"model": MODEL, "prompt": prompt_text(PUZZLE), "temperature": 0, "max_tokens": 81}
+    with ThreadPoolExecutor(4) as pool:
+        searches = [pool.submit(solve, url, seed=3) for _ in range(2)]
+        plains = [pool.submit(httpx.post, url + "/v1/completions", json=plain, timeout=DEADLINE_S) for _ in range(2)]
+        results = [f.result() for f in searches + plains]
+    assert all(r.status_code == 200 for r in results)
+    assert [r.json()["choices"][0]["text"] for r in results[:2]] == [SOLUTION, SOLUTION]
+    assert results[2].json()["choices"][0]["text"] == results[3].json()["choices"][0]["text"]
+    assert "rule_mask" not in results[2].json()["usage"]["letterpress"]
+
+
+def test_out_of_passes_is_no_solution_not_a_wrong_grid(served):
+    url, _ = served
+    data = solve(url, seed=3, max_denoising_steps=2).json()
+    assert data["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+    search = data["usage"]["letterpress"]["rule_mask"]
+    assert search["solved"] is False and search["forwards"] == 2 == search["max_forwards"]
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"prompt": PUZZLE[:80]}, "prompt", "81 cells"),
+    ({"prompt": "55" + PUZZLE[2:]}, "prompt", "appears twice in row 1"),
+    ({"prompt": prompt_text(PUZZLE).replace("ab7", "ba7")}, "prompt", "cell word 2"),
+    ({"prompt": PUZZLE[:40] + "x" + PUZZLE[41:]}, "prompt", "unexpected character"),
+    ({"prompt": [1, 2, 3]}, "prompt", "string prompt"),
+    ({"temperature": 0.7}, "temperature", "greedily"),
+    ({"n": 2}, "n", "cannot be combined"),
+    ({"suffix": "x"}, "suffix", "cannot be combined"),
+    ({"max_tokens": 10}, "max_tokens", "81 cells"),
+    ({"rule_mask": "chess"}, "rule_mask", None),
+])
+def test_bad_requests_get_an_openai_error(served, fields, param, words):
+    url, _ = served
+    r = solve(url, **fields)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert words is None or words in error["message"]
