@@ -146,3 +146,25 @@ def test_bad_requests_get_an_openai_error(served, fields, param, words):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert words is None or words in error["message"]
+
+
+def test_a_failing_search_fails_only_its_own_request(served, monkeypatch):
+    """A search that raises (here: made to, for one puzzle) gets its own 500; a search beside it still solves."""
+    url, _ = served
+    poisoned = "0" + PUZZLE[1:]  # the puzzle less its first given: its first search pass raises
+    real_forward = RuledDiffusionSearch.forward
+
+    def forward(self):
+        if self.search.puzzle == poisoned:
+            raise RuntimeError("injected")
+        return real_forward(self)
+
+    monkeypatch.setattr(RuledDiffusionSearch, "forward", forward)
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(solve, url, prompt=poisoned)
+        good = pool.submit(solve, url, seed=3)
+        bad, good = bad.result(), good.result()
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+    assert "injected" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == SOLUTION
+    assert httpx.get(url + "/health").status_code == 200
