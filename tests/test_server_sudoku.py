@@ -4,6 +4,7 @@ with the shipped Sudoku model (letterpress/assets/sudoku), through a real HTTP c
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -168,3 +169,33 @@ def test_a_failing_search_fails_only_its_own_request(served, monkeypatch):
     assert "injected" in bad.json()["error"]["message"]
     assert good.status_code == 200 and good.json()["choices"][0]["text"] == SOLUTION
     assert httpx.get(url + "/health").status_code == 200
+
+
+def aborted_rows(url: str) -> int:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('letterpress_finished_rows_total{reason="abort"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_a_client_that_leaves_stops_its_search(served, monkeypatch):
+    url, _ = served
+    real_forward = RuledDiffusionSearch.forward
+
+    def slow_forward(self):  # 81 passes take seconds: the client is gone long before the search could end
+        time.sleep(0.05)
+        return real_forward(self)
+
+    monkeypatch.setattr(RuledDiffusionSearch, "forward", slow_forward)
+    before = aborted_rows(url)
+    body = {"model": MODEL, "prompt": "0" * 81, "rule_mask": "sudoku", "stream": True,
+            "stream_options": {"denoising_preview": True}}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=DEADLINE_S) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # the first pass's board: then hang up
+    deadline = time.monotonic() + DEADLINE_S
+    while aborted_rows(url) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborted_rows(url) == before + 1
+    assert solve(url, seed=3).json()["choices"][0]["text"] == SOLUTION  # and the server goes on
