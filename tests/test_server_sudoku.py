@@ -135,6 +135,7 @@ def test_out_of_passes_is_no_solution_not_a_wrong_grid(served):
     ({"prompt": PUZZLE[:40] + "x" + PUZZLE[41:]}, "prompt", "unexpected character"),
     ({"prompt": [1, 2, 3]}, "prompt", "string prompt"),
     ({"temperature": 0.7}, "temperature", "greedily"),
+    ({"top_k": 5}, "top_k", "does not sample"),
     ({"n": 2}, "n", "cannot be combined"),
     ({"suffix": "x"}, "suffix", "cannot be combined"),
     ({"max_tokens": 10}, "max_tokens", "81 cells"),

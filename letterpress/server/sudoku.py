@@ -90,6 +90,11 @@ def sudoku_job(server: ServerContext, body: CompletionRequest) -> Job:
     if body.temperature is not None and body.temperature >= GREEDY_BELOW:
         raise refuse("rule_mask 'sudoku' decodes greedily (the model's surest allowed digits first): leave "
                      "temperature unset or 0", "temperature", "unsupported")
+    for name, value, off in (("t_min", body.t_min, (None,)), ("t_max", body.t_max, (None,)),
+                             ("top_k", body.top_k, (None, 0, -1))):
+        if value not in off:
+            raise refuse(f"'{name}' is a sampler setting, and rule_mask 'sudoku' does not sample (greedy search)",
+                         name, "unsupported")
     if body.max_tokens is not None and body.max_tokens < 81:
         raise refuse(f"max_tokens {body.max_tokens} cannot hold a Sudoku's 81 cells", "max_tokens")
     if llm.parallel is not None:
