@@ -7,7 +7,9 @@ batch, so any split into micro-batches or ranks computes the same update.
 
 Output folder:
     checkpoints/step-0000100/   resume state (model + optimizer via torch.distributed.checkpoint, scheduler,
-                                RNG states, step); written to a temporary folder and renamed
+                                RNG states, step); written to a temporary folder and renamed; every
+                                `save_every` steps, where a run stops early (time box, SIGTERM, Ctrl-C) and at
+                                the last step (so that more `steps` can continue a finished run)
     metrics.jsonl               one line per logged step and per evaluation
     loss.png                    training and held-out loss and the learning rate against the step (letterpress/
                                 plots.py), redrawn at most every PLOT_EVERY_SECONDS, at each evaluation and at the end
@@ -512,9 +514,11 @@ class Trainer:
                         break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
+            if window:  # left early (time box, signal) within a logging window: log where it stood
+                self._log_metrics({"step": self.step, **window_means(window)})
         finally:
             bar.close()
-            if self.step < cfg.steps:
+            if self.step < cfg.steps or signals.signum:
                 self._draw_loss_curve(force=True)  # stopped early (time box, signal, error): show where it stood
         return stats, evals
 
