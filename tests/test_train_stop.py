@@ -221,7 +221,7 @@ def test_a_finished_run_is_not_redone_and_more_steps_continue_it(tmp_path, base_
 
 def test_missing_outputs_are_written_again(tmp_path, base_dir, data_file):
     """A run killed while writing its model (or whose model was deleted) is finished by the next run from its
-    last checkpoint, without training again."""
+    last checkpoint, without training again. --no-resume starts over."""
     cfg = config(tmp_path, base_dir, data_file, steps=2)
     Trainer(cfg).train()
     first = load_file(tmp_path / "model" / "model.safetensors")
@@ -231,6 +231,12 @@ def test_missing_outputs_are_written_again(tmp_path, base_dir, data_file):
     again = load_file(result.model_dir / "model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert [r["step"] for r in logged(tmp_path) if "loss" in r] == [1, 2]
+
+    # --no-resume starts over: the earlier run's checkpoints (its finished one at step 2 among them) and metrics
+    # go, so the next resume continues this run, not that one.
+    Trainer(replace(cfg, resume=False, stop_after_steps=1)).train()
+    assert checkpoints(tmp_path) == ["step-0000001"] and [r["step"] for r in logged(tmp_path)] == [1]
+    assert Trainer(cfg).train().finished and checkpoints(tmp_path) == ["step-0000001", "step-0000002"]
 
 
 # --------------------------------------------------------------------------------------------- token counts

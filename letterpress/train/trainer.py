@@ -466,6 +466,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.resume()
+        else:
+            self._start_over()
         if self.step >= cfg.steps:  # resumed at the end: written already, or stopped before its outputs?
             outputs = D.broadcast_object(self._final_outputs() if self.env.is_main else None, self.env)
             if outputs is not None:
@@ -679,6 +681,20 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, path)
+
+    def _start_over(self) -> None:
+        """`resume` off: remove the folder's checkpoints and metrics of an earlier run, which a later resume
+        would otherwise take for this run's (its checkpoint at a later step, even one marked finished, would be
+        the latest) and whose lines would mix with this run's."""
+        if self.env.is_main:
+            old = sorted((self.out / "checkpoints").glob("*step-*"))
+            if old or (self.out / "metrics.jsonl").exists():
+                log.warning("starting over in %s: removing the earlier run's %d checkpoint(s) and metrics",
+                            self.out, len(old))
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        D.barrier(self.env)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint (the interrupted run's steps are about to be redone)."""
