@@ -88,20 +88,30 @@ def test_generate_with_an_image_and_no_model_uses_the_shipped_vlm(capsys, monkey
     assert capsys.readouterr().out.strip() == ANSWERS[name]["answer"]
 
 
-def test_the_two_stages_train_and_the_second_loads_the_first(tmp_path):
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """(config.json of a smaller model, the output folder of two steps of stage 1 on it)."""
+    from letterpress.cli import main
+    from letterpress.train.vlm import vlm_config
+
+    folder = tmp_path_factory.mktemp("stage1")
+    (folder / "config.json").write_text(json.dumps(vlm_config(text_layers=1, vision_layers=1)))
+    tower = folder / "tower"
+    assert main(["train", "--recipe", "tiny-vlm-tower", "--config", str(folder / "config.json"), "--output",
+                 str(tower), "--steps", "2", "--batch-size", "6", "--eval-examples", "1", "--no-progress"]) == 0
+    return folder / "config.json", tower
+
+
+def test_the_two_stages_train_and_the_second_loads_the_first(tmp_path, stage1):
     """Two steps of stage 1 (`tiny-vlm-tower`: the tower as a classifier), then two of stage 2 (`tiny-vlm
     --model <stage 1>`) on its tower, frozen, and the engine answers with the result."""
     import torch
 
     from letterpress import LLM, SamplingParams
     from letterpress.cli import main
-    from letterpress.train.vlm import vlm_config
 
-    config = vlm_config(text_layers=1, vision_layers=1)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    tower = tmp_path / "tower"
-    assert main(["train", "--recipe", "tiny-vlm-tower", "--config", str(tmp_path / "config.json"), "--output",
-                 str(tower), "--steps", "2", "--batch-size", "6", "--eval-examples", "1", "--no-progress"]) == 0
+    config_file, tower = stage1
+    config = json.loads(config_file.read_text())
     lines = [json.loads(line) for line in (tower / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 2 and lines[-1]["eval"].keys() == set(V.KINDS)
     stage1 = torch.load(tower / "tower.pt", weights_only=False)
@@ -109,7 +119,7 @@ def test_the_two_stages_train_and_the_second_loads_the_first(tmp_path):
     assert not torch.equal(stage1["vision"]["vision_tower.std_bias"], torch.zeros(128))  # set from the batches
 
     out = tmp_path / "vlm"
-    assert main(["train", "--recipe", "tiny-vlm", "--config", str(tmp_path / "config.json"), "--model", str(tower),
+    assert main(["train", "--recipe", "tiny-vlm", "--config", str(config_file), "--model", str(tower),
                  "--output", str(out), "--steps", "2", "--batch-size", "4", "--eval-every", "0",
                  "--eval-examples", "1", "--no-progress"]) == 0
     saved = json.loads((out / "model" / "config.json").read_text())
@@ -125,6 +135,83 @@ def test_the_two_stages_train_and_the_second_loads_the_first(tmp_path):
         {"prompt": "<|image|>" + sample.question, "multi_modal_data": {"image": sample.image}},
         SamplingParams(greedy=True, seed=0))[0]
     assert len(result.token_ids) <= config["canvas_length"]
+
+
+def test_stage_2_with_tower_lr_fine_tunes_the_tower_and_resumes(tmp_path, stage1, capsys):
+    """`--tower-lr` trains the stage-1 tower at its own peak lr on the same schedule (its standardisation buffers
+    stay), and a run stopped after two of three steps (a checkpoint at the stop, no --save-every) resumes with the
+    tower's optimizer groups."""
+    import torch
+
+    from letterpress.checkpoint import load_vision_model
+    from letterpress.cli import main
+
+    config_file, tower = stage1
+    out = tmp_path / "vlm"
+    run = ["train", "--recipe", "tiny-vlm", "--config", str(config_file), "--model", str(tower), "--output",
+           str(out), "--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--lr", "1e-3", "--min-lr", "1e-4",
+           "--tower-lr", "2e-4", "--log-every", "1", "--save-every", "0", "--eval-every", "0", "--eval-examples", "1",
+           "--no-progress"]
+    assert main(run + ["--stop-after-steps", "2"]) == 0
+    assert "stopped at step 2 of 3" in capsys.readouterr().err
+    assert main(run) == 0
+    assert "resumed at step 2" in capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines[:3]] == [1, 2, 3]
+    assert lines[0]["lr"] == pytest.approx(1e-3) and lines[0]["tower_lr"] == pytest.approx(2e-4)  # the peak
+    for line in lines[:3]:  # the same schedule shape: min lr scaled by min_lr / lr
+        assert line["tower_lr"] == pytest.approx(line["lr"] * 0.2)
+    optimizer = torch.load(out / "checkpoint.pt", weights_only=False)["optimizer"]
+    assert [g["initial_lr"] for g in optimizer["param_groups"]] == pytest.approx([1e-3, 1e-3, 2e-4, 2e-4])
+
+    first = torch.load(tower / "tower.pt", weights_only=False)["vision"]
+    trained = load_vision_model(out / "model").state_dict()
+    buffers = {"vision_tower.std_bias", "vision_tower.std_scale"}
+    for name in buffers:  # fixed in stage 2 as stage 1 set them
+        assert torch.equal(trained[name], first[name]), name
+    for name, tensor in first.items():  # every weight of the tower trained
+        if name.startswith("vision_tower.") and name not in buffers:
+            assert not torch.equal(trained[name], tensor), name
+
+    # resuming that run without --tower-lr: the optimizer's groups differ, a one-line error
+    assert main([a for a in run if a not in ("--tower-lr", "2e-4")] + ["--steps", "4"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {out / 'checkpoint.pt'} was saved with")
+
+
+def test_tower_lr_outside_stage_2_is_a_one_line_error(tmp_path, capsys):
+    from letterpress.cli import main
+
+    out = tmp_path / "o"
+    for args in (["--recipe", "tiny-vlm"], ["--recipe", "tiny-vlm-tower"], ["--recipe", "tiny-tasks"],
+                 ["--recipe", "tiny-vlm", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]):
+        assert main(["train", *args, "--tower-lr", "1e-4", "--output", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == ("error: --tower-lr 0.0001: only for stage 2 of tiny-vlm "
+                                                   "(--recipe tiny-vlm --model <a tiny-vlm-tower output folder>, "
+                                                   "no --data)")
+    assert main(["train", "--recipe", "tiny-vlm", "--model", str(tmp_path), "--tower-lr", "-1",
+                 "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --tower-lr -1.0: must be at least 0"
+    assert not out.exists()
+
+
+def test_adamw_with_schedule_gives_a_subset_its_own_peak_lr():
+    import torch
+
+    from letterpress.train.trainer import TrainConfig, adamw_with_schedule
+
+    main = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]
+    own = [torch.nn.Parameter(torch.ones(3, 3))]
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, steps=6, weight_decay=0.1)
+    opt, sched = adamw_with_schedule(main, cfg, ((own, 5e-4),))
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(1, 0.1), (1, 0.0), (1, 0.1)]
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr())
+        opt.step()
+        sched.step()
+    assert lrs[1] == pytest.approx([1e-3, 1e-3, 5e-4])  # the peak, after warmup
+    assert sched.get_last_lr() == pytest.approx([1e-4, 1e-4, 5e-5])  # min lr at the end, scaled
+    assert [g["initial_lr"] for g in adamw_with_schedule(main, cfg)[0].param_groups] == [1e-3, 1e-3]  # as before
 
 
 def test_stage_1_labels_round_trip():

@@ -58,6 +58,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                        ("--min-lr", float), ("--warmup-steps", int), ("--beta1", float), ("--beta2", float),
                        ("--adam-eps", float), ("--weight-decay", float), ("--grad-clip", float)):
         g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--tower-lr", type=float, default=None,
+                   help="tiny-vlm stage 2 (--model a tiny-vlm-tower output): fine-tune the vision tower at this peak "
+                        "lr on the same schedule (default: the tower stays frozen)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -78,7 +81,7 @@ TRAIN_FIELDS = ("model", "tokenizer", "canvas_length", "data", "eval_data", "eva
                 "output_dir", "merge", "train_router", "steps", "batch_size", "micro_batch_size", "lr", "min_lr",
                 "warmup_steps", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "seed", "device", "dtype",
                 "autocast", "log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints",
-                "stop_after_steps", "resume", "progress", "plot")
+                "stop_after_steps", "resume", "progress", "plot", "tower_lr")
 LOSS_FIELDS = ("objective", "reweight_max", "t_eps", "self_conditioning_prob", "encoder_loss_weight", "score_eos_fill",
                "diffusion_loss_weight")
 
@@ -110,6 +113,7 @@ def train_config_from_args(args: argparse.Namespace):
     if args.lora or lora:
         cfg = replace(cfg, lora=replace(cfg.lora or LoRAConfig(), **lora))
     _check_counts(cfg)
+    _check_tower_lr(cfg, args.recipe)
     train_data = eval_data = None
     if recipe is not None and recipe.build_data is not None and cfg.data is None:
         from ..tokenizer import Tokenizer
@@ -132,6 +136,19 @@ def _check_counts(cfg) -> None:
         if value is not None and value < low:
             flag = "--" + name.replace("_", "-")
             raise TrainError(f"{flag} {value}: must be at least {low}")
+
+
+def _check_tower_lr(cfg, recipe: str | None) -> None:
+    """--tower-lr only means something to tiny-vlm's own loop (no --data) with a stage-1 tower (--model)."""
+    from ..errors import TrainError
+
+    if cfg.tower_lr is None:
+        return
+    if recipe != "tiny-vlm" or cfg.model is None or cfg.data is not None:
+        raise TrainError(f"--tower-lr {cfg.tower_lr}: only for stage 2 of tiny-vlm (--recipe tiny-vlm --model "
+                         "<a tiny-vlm-tower output folder>, no --data)")
+    if cfg.tower_lr < 0:
+        raise TrainError(f"--tower-lr {cfg.tower_lr}: must be at least 0")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -88,6 +88,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4  # on matrices only (not norms, scales)
     grad_clip: float = 1.0  # 0: no clipping
+    # tiny-vlm stage 2 only (--model a tiny-vlm-tower output): the vision tower's peak lr, on the same warmup +
+    # cosine schedule (min lr scaled by min_lr / lr); None or 0: the tower stays frozen
+    tower_lr: float | None = None
     # run
     seed: int = 0
     device: str | None = None  # None: cuda when available
@@ -234,13 +237,17 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw_with_schedule(params: list[torch.nn.Parameter], cfg: TrainConfig
+def adamw_with_schedule(params: list[torch.nn.Parameter], cfg: TrainConfig,
+                        own_lr: tuple[tuple[list[torch.nn.Parameter], float], ...] = ()
                         ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only (not norms, scales, biases), and `lr_factor`'s warmup + cosine
-    schedule from cfg.lr down to cfg.min_lr at cfg.steps."""
-    decay = [p for p in params if p.ndim >= 2]
-    other = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    schedule from cfg.lr down to cfg.min_lr at cfg.steps. `own_lr`: (parameters not in `params`, peak lr) pairs
+    whose groups follow the same schedule from their own peak (their min lr scaled by the same ratio); their
+    groups come after those of `params`."""
+    groups = []
+    for subset, lr in ((params, cfg.lr), *own_lr):
+        groups += [{"params": [p for p in subset if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in subset if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.adam_eps)
     ratio = cfg.min_lr / cfg.lr if cfg.lr else 1.0

@@ -8,6 +8,8 @@ code renders (letterpress.train.vlm_data: numbers, words, shapes, colours, dots,
 Stage 2 with `--model` (a stage-1 output folder) starts from that tower, frozen, and its `embed_vision`, and
 reads its training images from that folder's image cache; without `--model` tower and text model are trained
 together from scratch (the earlier recipe, which did not learn to read images in the runs a CPU affords).
+Stage 2 with `--tower-lr LR` fine-tunes the tower too, at peak lr LR on the same schedule (its standardisation
+buffers stay as stage 1 set them).
 
 The model (`vlm_config`): text decoder hidden 128, 2 layers (sliding, full), 4 experts top-2, canvas 8; vision
 tower hidden 128, 2 layers (4 from stage 1), patch 16, no pooling, default tier 70 soft tokens (any image is
@@ -298,9 +300,12 @@ def exact_match(model_dir: str | Path, kinds: tuple[str, ...] = V.KINDS, n: int 
 def train_vlm(cfg) -> int:
     """Run the recipe with `cfg` (a TrainConfig: steps, batch size, learning rates, seed, output folder, ...)."""
     from ..config import model_config_from_dict, vision_config_of
+    from ..errors import TrainError
     from ..media.image import ImageProcessor
     from .trainer import adamw_with_schedule
 
+    if cfg.tower_lr is not None and not cfg.model:
+        raise TrainError("--tower-lr: only for stage 2 of tiny-vlm (--model a tiny-vlm-tower output folder)")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,15 +321,25 @@ def train_vlm(cfg) -> int:
     processor = ImageProcessor.from_config(vision_config_of(mc))
     loss_cfg = replace(cfg.loss, canvas_length=mc.canvas_length, eos_id=tokenizer.eos_id)
     text, vision = build_models(config, cfg.seed, cfg.init_std)
-    cache = None
+    cache, tower_params = None, []
     if tower is not None:
         vision.load_state_dict(tower["vision"])
-        vision.vision_tower.requires_grad_(False)
         cache = tower.get("cache")
-    params = [p for p in (*text.parameters(), *vision.parameters()) if p.requires_grad]
-    opt, sched = adamw_with_schedule(params, cfg)
+        if cfg.tower_lr:  # fine-tuned at its own peak lr; std_bias/std_scale are buffers nothing here updates
+            tower_params = list(vision.vision_tower.parameters())
+        else:
+            vision.vision_tower.requires_grad_(False)
+    in_tower = {id(p) for p in tower_params}
+    params = [p for p in (*text.parameters(), *vision.parameters()) if p.requires_grad and id(p) not in in_tower]
+    # the tower's groups come after the others' (a resume checkpoint's optimizer state has them in this order)
+    opt, sched = adamw_with_schedule(params, cfg, ((tower_params, cfg.tower_lr),) if tower_params else ())
+    params += tower_params  # clipped together with the rest
     modules = {"text": text, "vision": vision}
-    step, wall = load_resume(out, cfg, modules, opt, sched)
+    try:
+        step, wall = load_resume(out, cfg, modules, opt, sched)
+    except ValueError as e:  # the optimizer's groups differ: the run trained the tower and this one not, or back
+        raise TrainError(f"{out / 'checkpoint.pt'} was saved with different trained parameters ({e}); resume with "
+                         "--tower-lr as the run started, or start over with --no-resume") from None
     metrics = out / "metrics.jsonl"
     if step == 0:
         write_run_json(out, cfg, config)
@@ -349,7 +364,7 @@ def train_vlm(cfg) -> int:
         loss = vlm_loss(text, vision, batch, images, loss_cfg)
         loss.backward()
         grad = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        lr = sched.get_last_lr()[0]
+        lr = sched.get_last_lr()  # [the text model's and embed_vision's groups..., the tower's groups]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -359,11 +374,12 @@ def train_vlm(cfg) -> int:
         window.append((float(loss.detach()), grad))
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, "loss": sum(x for x, _ in window) / len(window),
-                      "grad_norm": sum(g for _, g in window) / len(window), "lr": lr, "seconds": seconds,
+                      "grad_norm": sum(g for _, g in window) / len(window), "lr": lr[0],
+                      **({"tower_lr": lr[-1]} if tower_params else {}), "seconds": seconds,
                       "wall_seconds": round(wall, 1)}
             window = []
             log_metrics(metrics, record, cfg.progress)
-        if cfg.save_every and step % cfg.save_every == 0:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:  # --stop-after-steps leaves resumable
             save_resume(out, modules, opt, sched, step, wall)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             text.eval()
