@@ -219,6 +219,29 @@ def test_a_finished_run_is_not_redone_and_more_steps_continue_it(tmp_path, base_
     assert lrs["c"][2:] == lrs["d"][2:] and lrs["c"][1] != lrs["d"][1]
 
 
+def test_a_changed_lr_on_resume_applies_from_the_next_step(tmp_path, base_dir, data_file, capsys):
+    """Resuming with another --lr / --min-lr (a finished run continued with a new peak): the run follows this
+    command's schedule from the checkpoint's step on, as a run started with those values would at that step,
+    and says so in one line; the checkpoint's stored peak no longer wins."""
+    from letterpress.train.trainer import lr_factor
+
+    first = config(tmp_path / "a", base_dir, data_file, steps=2, warmup_steps=1)
+    Trainer(first).train()
+    capsys.readouterr()
+    more = replace(first, steps=4, lr=1e-3, min_lr=2e-4)
+    Trainer(more).train()
+    assert capsys.readouterr().err.count("learning rate changed since the checkpoint (--lr 0.005 -> 0.001, "
+                                         "--min-lr 0.0005 -> 0.0002): from step 2 on the run follows this "
+                                         "command's schedule") == 1
+    Trainer(replace(more, output_dir=str(tmp_path / "b"))).train()  # the new values from the start
+    lrs = {run: [r["lr"] for r in logged(tmp_path / run) if "lr" in r] for run in "ab"}
+    assert lrs["a"][2:] == lrs["b"][2:] == pytest.approx([1e-3 * lr_factor(s, 1, 4, 0.2) for s in (2, 3)])
+    state = torch.load(tmp_path / "a" / "checkpoints" / "step-0000004" / "scheduler.pt", weights_only=False)
+    assert state["base_lrs"] == [1e-3] * len(state["base_lrs"])
+    Trainer(replace(more, steps=5)).train()  # unchanged: no line
+    assert "learning rate changed" not in capsys.readouterr().err
+
+
 def test_missing_outputs_are_written_again(tmp_path, base_dir, data_file):
     """A run killed while writing its model (or whose model was deleted) is finished by the next run from its
     last checkpoint, without training again. --no-resume starts over."""

@@ -154,7 +154,7 @@ def _check_tower_lr(cfg, recipe: str | None) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .distributed import close
     from .recipes import RECIPES
-    from .trainer import Trainer
+    from .trainer import Trainer, finished_message, stopped_message
 
     if args.list_recipes:
         for name, recipe in sorted(RECIPES.items()):
@@ -174,13 +174,12 @@ def run_train(args: argparse.Namespace) -> int:
     if not env.is_main:
         return result.exit_status
     if result.already_complete:
-        print(f"{cfg.output_dir} holds a finished run (step {result.step} of {cfg.steps}): nothing to do; raise "
-              f"--steps to train on from its last checkpoint, or --no-resume to start over", file=sys.stderr)
+        print(finished_message(cfg.output_dir, result.step, cfg.steps), file=sys.stderr)
         return 0
     if not result.finished:
         # 128 + the signal (130 Ctrl-C, 143 SIGTERM) when one stopped the run: the status a shell gives a process
         # that signal killed, so scripts and schedulers see an interrupted run; 0 for a --stop-after-steps box
-        print(f"stopped at step {result.step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
+        print(stopped_message(result.step, cfg.steps), file=sys.stderr)
         return result.exit_status
     if "eval_loss" in result.eval:
         print(f"eval loss {result.eval['eval_loss']:.4f} (diffusion {result.eval['eval_diffusion']:.4f}, "

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -256,6 +257,46 @@ def adamw_with_schedule(params: list[torch.nn.Parameter], cfg: TrainConfig,
     return optimizer, scheduler
 
 
+def follow_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                    peak_lrs: list[float]) -> None:
+    """After a resume checkpoint is loaded: this run's schedule, not the stored one's. The peak lr of each group
+    (`peak_lrs`: what this run's settings gave the fresh scheduler) replaces the stored `base_lrs` and
+    `initial_lr`, which are those of the run that wrote the checkpoint (so a changed --lr would otherwise be
+    ignored), and the lr of the step about to run comes from this run's schedule (a run continued with more
+    `steps` follows the new total's cosine from its first step on)."""
+    scheduler.base_lrs = list(peak_lrs)
+    lrs = [peak * factor(scheduler.last_epoch) for peak, factor in zip(peak_lrs, scheduler.lr_lambdas)]
+    for group, peak, lr in zip(optimizer.param_groups, peak_lrs, lrs):
+        group["initial_lr"], group["lr"] = peak, lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (and the step's metrics line logs)
+
+
+def schedule_settings(cfg: TrainConfig, tower: bool = False) -> dict[str, float]:
+    """The settings that set the learning rates' peaks and floor, as a checkpoint records them."""
+    return {"lr": cfg.lr, "min_lr": cfg.min_lr, **({"tower_lr": cfg.tower_lr} if tower else {})}
+
+
+def schedule_change(stored: dict[str, float], now: dict[str, float], step: int) -> str | None:
+    """One line for a resume whose learning rates differ from the checkpoint's (`stored`: its
+    `schedule_settings`, or what its scheduler's peaks show for a checkpoint written before they were recorded);
+    None when none changed."""
+    changed = [f"--{k.replace('_', '-')} {stored[k]:g} -> {now[k]:g}" for k in now
+               if stored.get(k) is not None and now[k] is not None and stored[k] != now[k]]
+    if not changed:
+        return None
+    return (f"learning rate changed since the checkpoint ({', '.join(changed)}): from step {step} on the run follows "
+            f"this command's schedule")
+
+
+def stopped_message(step: int, steps: int) -> str:
+    return f"stopped at step {step} of {steps}; run the same command again to resume"
+
+
+def finished_message(output_dir: str | Path, step: int, steps: int) -> str:
+    return (f"{output_dir} holds a finished run (step {step} of {steps}): nothing to do; raise --steps to train on "
+            f"from its last checkpoint, or --no-resume to start over")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, train_data: TokenizedDataset | None = None,
                  eval_data: TokenizedDataset | None = None, eval_hook: EvalHook | None = None):
@@ -284,6 +325,7 @@ class Trainer:
         if not self.trainable:
             raise TrainError("nothing to train: every parameter is frozen")
         self.optimizer, self.scheduler = adamw_with_schedule(self.trainable, cfg)
+        self._peak_lrs = list(self.scheduler.base_lrs)  # this run's, whatever a resumed checkpoint stored
         self.order = ExampleOrder(len(self.train_data), cfg.seed)
         self.step = 0
         self._resumed_state: dict[str, Any] = {}  # trainer_state.json of the checkpoint resumed from
@@ -612,7 +654,7 @@ class Trainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"step": self.step, "world_size": self.env.world_size, "batch_size": self.cfg.batch_size,
                      "seed": self.cfg.seed, "lora": asdict(self.cfg.lora) if self.cfg.lora else None,
-                     "canvas_length": self.model_config.canvas_length}
+                     "canvas_length": self.model_config.canvas_length, "schedule": schedule_settings(self.cfg)}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last: marks it complete
             if final.exists():
                 shutil.rmtree(final)
@@ -661,22 +703,16 @@ class Trainer:
         rng_file = path / f"rng-{self.env.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.env.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
-        self._follow_schedule()
+        stored = state.get("schedule") or {"lr": self.scheduler.base_lrs[0]}  # (older checkpoints: the peak)
+        follow_schedule(self.optimizer, self.scheduler, self._peak_lrs)
         self.step, self._resumed_state = int(state["step"]), state
         if self.env.is_main:
             self._truncate_metrics(self.step)
+            change = schedule_change(stored, schedule_settings(self.cfg), self.step)
+            if change:
+                print(change, file=sys.stderr)
         log.info("resumed from %s at step %d", path, self.step)
         return True
-
-    def _follow_schedule(self) -> None:
-        """Set the learning rate of the step about to run from this run's schedule. The checkpoint stores the one
-        its own schedule gave; the same for the same `steps`, but a run continued with more `steps` follows the
-        new total's cosine from its first step on."""
-        s = self.scheduler
-        lrs = [base * factor(s.last_epoch) for base, factor in zip(s.base_lrs, s.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        s._last_lr = lrs  # what get_last_lr() reports (and the step's metrics line logs)
 
     def _record_final_outputs(self, names: list[str]) -> None:
         """Note in the checkpoint at this step that the run's outputs were written from it: resuming it with the
