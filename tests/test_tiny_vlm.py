@@ -124,7 +124,7 @@ def test_the_two_stages_train_and_the_second_loads_the_first(tmp_path, stage1):
                  "--eval-examples", "1", "--no-progress"]) == 0
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["vision_config"]["standardize"] is True
-    from letterpress.checkpoint import load_vision_model
+    from letterpress.model import load_vision_model
 
     vision = load_vision_model(out / "model")
     for name, tensor in stage1["vision"].items():  # the tower stayed frozen; embed_vision trained
@@ -143,7 +143,7 @@ def test_stage_2_with_tower_lr_fine_tunes_the_tower_and_resumes(tmp_path, stage1
     tower's optimizer groups."""
     import torch
 
-    from letterpress.checkpoint import load_vision_model
+    from letterpress.model import load_vision_model
     from letterpress.cli import main
 
     config_file, tower = stage1
