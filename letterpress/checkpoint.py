@@ -21,9 +21,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .config import ModelConfig, load_model_config, vision_config_of
+from .config import ModelConfig, load_model_config
 from .errors import CheckpointError, NotSupportedError
-from .model.vision import VisionModel
 from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts, quantizable
 
 log = logging.getLogger(__name__)
@@ -640,7 +639,7 @@ def save_model(model: torch.nn.Module, folder: str | Path, config_dict: dict, ge
     return folder
 
 
-# ---- the vision tower (optional: loaded on its own, text-only use never touches it) ----------------------
+# ---- the vision tower's tensors (model/vision.py builds the tower and asks for them; text-only use never does)
 
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
@@ -650,20 +649,10 @@ def vision_candidate_names(ours: str) -> list[str]:
     return ["model.encoder." + ours, "encoder." + ours]
 
 
-def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
-                      device: torch.device | str = "cpu", offline: bool | None = None, revision: str | None = None):
-    """The checkpoint's vision tower and `embed_vision` as a `letterpress.model.vision.VisionModel`.
-    Raises CheckpointError for a text-only checkpoint, or one whose config names a tower it does not store."""
-    folder = resolve(path_or_id, offline=offline, revision=revision)
-    vision = vision_config_of(load_model_config(folder))
-    if vision is None:
-        raise CheckpointError(f"{folder} is a text-only checkpoint: its config.json has no vision tower")
-    with torch.device("meta"):
-        model = VisionModel(vision).to(parse_dtype(dtype))
-    model = model.to_empty(device=device)
-    model.init_rope()
+def read_vision_tensors(folder: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Copy the vision tensors stored in checkpoint `folder` into `targets` ({our `VisionModel` name: tensor},
+    as letterpress.model.vision.load_vision_model asks), checking each one's presence, shape, dtype and values."""
     files = weight_files(folder)
-    targets = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.endswith("inv_freq")}
     plan: dict[Path, list[tuple[str, str]]] = {}
     for ours in targets:
         stored = next((n for n in vision_candidate_names(ours) if n in files), None)
@@ -687,5 +676,3 @@ def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.f
                 if not ours.endswith(CLIP_BOUNDS) and count_non_finite(targets[ours].data):
                     raise non_finite_error(folder, [(path.name, stored, count_non_finite(targets[ours].data),
                                                      tensor.numel(), None)])
-    model.requires_grad_(False)
-    return model.eval()

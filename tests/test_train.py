@@ -477,8 +477,10 @@ def test_recipes_from_scratch(tmp_path, tokenizer_dir):
 def test_logged_metrics_average_the_steps_since_the_last_line():
     from letterpress.train.trainer import StepStats, window_means
 
-    window = [StepStats(loss=1.0, diffusion=0.5, encoder=2.0, grad_norm=1.0, lr=1e-3, tokens=10, seconds=1.0),
-              StepStats(loss=3.0, diffusion=1.5, encoder=4.0, grad_norm=3.0, lr=5e-4, tokens=30, seconds=3.0)]
+    window = [StepStats(loss=1.0, diffusion=0.5, encoder=2.0, grad_norm=1.0, lr=1e-3, loss_tokens=4,
+                        forward_tokens=10, seconds=1.0),
+              StepStats(loss=3.0, diffusion=1.5, encoder=4.0, grad_norm=3.0, lr=5e-4, loss_tokens=8,
+                        forward_tokens=30, seconds=3.0)]
     line = window_means(window)
-    assert line == {"loss": 2.0, "diffusion": 1.0, "encoder": 3.0, "grad_norm": 2.0, "tokens": 20.0, "seconds": 2.0,
-                    "lr": 5e-4, "steps_averaged": 2}
+    assert line == {"loss": 2.0, "diffusion": 1.0, "encoder": 3.0, "grad_norm": 2.0, "loss_tokens": 6.0,
+                    "forward_tokens": 20.0, "seconds": 2.0, "lr": 5e-4, "steps_averaged": 2}

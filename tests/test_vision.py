@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from letterpress.checkpoint import load_vision_model
 from letterpress.config import ModelConfig, load_model_config, vision_config_of
 from letterpress.errors import CheckpointError, ConfigError
-from letterpress.model import load_model
+from letterpress.model import load_model, load_vision_model
 
 from .reference import BASE_TEXT
 

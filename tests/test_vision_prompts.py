@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
-from letterpress.checkpoint import load_vision_model  # noqa: E402
+from letterpress.model import load_vision_model  # noqa: E402
 from letterpress.media.image import pad_batch, ProcessedImage  # noqa: E402
 from letterpress.model import DiffusionGemma  # noqa: E402
 from letterpress.model.fast import apply_fast_path, apply_plain_path  # noqa: E402

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..cache import kv_cache_budget
-from ..checkpoint import load_vision_model, resolve
+from ..checkpoint import resolve
 from ..config import load_generation_defaults, vision_config_of
 from ..embedded import default_model_dir
 from ..errors import CheckpointError, ConfigError, NotSupportedError, RequestError
@@ -22,6 +22,7 @@ from ..media.prompt import MediaRun, MediaTokens, expand_prompt
 from ..media.sources import IMAGE, VIDEO, MediaLimits, as_file, open_source
 from ..model import DiffusionGemma
 from ..model.fast import prepare
+from ..model.vision import load_vision_model
 from ..sampling import Clamp, Draws, GeneratorDraws
 from ..structured import Constraint, compile_regex
 from ..structured.size import MAX_EDGES

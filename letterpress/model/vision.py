@@ -14,12 +14,15 @@ RMSNorm and a projection to the text width.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VisionConfig
+from ..checkpoint import parse_dtype, read_vision_tensors, resolve
+from ..config import VisionConfig, load_model_config, vision_config_of
+from ..errors import CheckpointError
 from .layers import RMSNorm, apply_rope, gelu_tanh, rope_cos_sin
 
 
@@ -249,3 +252,22 @@ class VisionModel(nn.Module):
             real = ~(positions == -1).all(dim=-1)
             out.append(self(pixels[real][None], positions[real][None]))
         return out
+
+
+def load_vision_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
+                      device: torch.device | str = "cpu", offline: bool | None = None,
+                      revision: str | None = None) -> VisionModel:
+    """The checkpoint's vision tower and `embed_vision` as a `VisionModel` (frozen, in eval mode).
+    Raises CheckpointError for a text-only checkpoint, or one whose config names a tower it does not store."""
+    folder = resolve(path_or_id, offline=offline, revision=revision)
+    vision = vision_config_of(load_model_config(folder))
+    if vision is None:
+        raise CheckpointError(f"{folder} is a text-only checkpoint: its config.json has no vision tower")
+    with torch.device("meta"):
+        model = VisionModel(vision).to(parse_dtype(dtype))
+    model = model.to_empty(device=device)
+    model.init_rope()  # RoPE frequencies are computed, not stored (and stay float32)
+    read_vision_tensors(folder, {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]
+                                 if not n.endswith("inv_freq")})
+    model.requires_grad_(False)
+    return model.eval()

@@ -58,6 +58,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                        ("--min-lr", float), ("--warmup-steps", int), ("--beta1", float), ("--beta2", float),
                        ("--adam-eps", float), ("--weight-decay", float), ("--grad-clip", float)):
         g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--tower-lr", type=float, default=None,
+                   help="tiny-vlm stage 2 (--model a tiny-vlm-tower output): fine-tune the vision tower at this peak "
+                        "lr on the same schedule (default: the tower stays frozen)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -78,7 +81,7 @@ TRAIN_FIELDS = ("model", "tokenizer", "canvas_length", "data", "eval_data", "eva
                 "output_dir", "merge", "train_router", "steps", "batch_size", "micro_batch_size", "lr", "min_lr",
                 "warmup_steps", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "seed", "device", "dtype",
                 "autocast", "log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints",
-                "stop_after_steps", "resume", "progress", "plot")
+                "stop_after_steps", "resume", "progress", "plot", "tower_lr")
 LOSS_FIELDS = ("objective", "reweight_max", "t_eps", "self_conditioning_prob", "encoder_loss_weight", "score_eos_fill",
                "diffusion_loss_weight")
 
@@ -110,6 +113,7 @@ def train_config_from_args(args: argparse.Namespace):
     if args.lora or lora:
         cfg = replace(cfg, lora=replace(cfg.lora or LoRAConfig(), **lora))
     _check_counts(cfg)
+    _check_tower_lr(cfg, args.recipe)
     train_data = eval_data = None
     if recipe is not None and recipe.build_data is not None and cfg.data is None:
         from ..tokenizer import Tokenizer
@@ -134,10 +138,23 @@ def _check_counts(cfg) -> None:
             raise TrainError(f"{flag} {value}: must be at least {low}")
 
 
+def _check_tower_lr(cfg, recipe: str | None) -> None:
+    """--tower-lr only means something to tiny-vlm's own loop (no --data) with a stage-1 tower (--model)."""
+    from ..errors import TrainError
+
+    if cfg.tower_lr is None:
+        return
+    if recipe != "tiny-vlm" or cfg.model is None or cfg.data is not None:
+        raise TrainError(f"--tower-lr {cfg.tower_lr}: only for stage 2 of tiny-vlm (--recipe tiny-vlm --model "
+                         "<a tiny-vlm-tower output folder>, no --data)")
+    if cfg.tower_lr < 0:
+        raise TrainError(f"--tower-lr {cfg.tower_lr}: must be at least 0")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .distributed import close
     from .recipes import RECIPES
-    from .trainer import Trainer
+    from .trainer import Trainer, finished_message, stopped_message
 
     if args.list_recipes:
         for name, recipe in sorted(RECIPES.items()):
@@ -155,10 +172,15 @@ def run_train(args: argparse.Namespace) -> int:
         del trainer  # the sharded model and optimizer go before the process group (distributed.close)
         close(env, clean)
     if not env.is_main:
+        return result.exit_status
+    if result.already_complete:
+        print(finished_message(cfg.output_dir, result.step, cfg.steps), file=sys.stderr)
         return 0
     if not result.finished:
-        print(f"stopped at step {result.step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
-        return 0
+        # 128 + the signal (130 Ctrl-C, 143 SIGTERM) when one stopped the run: the status a shell gives a process
+        # that signal killed, so scripts and schedulers see an interrupted run; 0 for a --stop-after-steps box
+        print(stopped_message(result.step, cfg.steps), file=sys.stderr)
+        return result.exit_status
     if "eval_loss" in result.eval:
         print(f"eval loss {result.eval['eval_loss']:.4f} (diffusion {result.eval['eval_diffusion']:.4f}, "
               f"encoder {result.eval['eval_encoder']:.4f})", file=sys.stderr)

@@ -103,11 +103,6 @@ class DiffusionBatch:
     def num_next_token_scored(self) -> int:
         return int(self.next_token_scored.sum())
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens fed to the model once (context + canvas + encoder-loss sequence), for throughput figures."""
-        return int(self.context_lengths.sum()) + self.clean.numel() + int(self.sequence_lengths.sum())
-
 
 @dataclass
 class _Row:

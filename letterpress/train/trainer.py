@@ -7,7 +7,9 @@ batch, so any split into micro-batches or ranks computes the same update.
 
 Output folder:
     checkpoints/step-0000100/   resume state (model + optimizer via torch.distributed.checkpoint, scheduler,
-                                RNG states, step); written to a temporary folder and renamed
+                                RNG states, step); written to a temporary folder and renamed; every
+                                `save_every` steps, where a run stops early (time box, SIGTERM, Ctrl-C) and at
+                                the last step (so that more `steps` can continue a finished run)
     metrics.jsonl               one line per logged step and per evaluation
     loss.png                    training and held-out loss and the learning rate against the step (letterpress/
                                 plots.py), redrawn at most every PLOT_EVERY_SECONDS, at each evaluation and at the end
@@ -23,6 +25,9 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -84,6 +89,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4  # on matrices only (not norms, scales)
     grad_clip: float = 1.0  # 0: no clipping
+    # tiny-vlm stage 2 only (--model a tiny-vlm-tower output): the vision tower's peak lr, on the same warmup +
+    # cosine schedule (min lr scaled by min_lr / lr); None or 0: the tower stays frozen
+    tower_lr: float | None = None
     # run
     seed: int = 0
     device: str | None = None  # None: cuda when available
@@ -108,7 +116,8 @@ class StepStats:
     encoder: float
     grad_norm: float
     lr: float
-    tokens: int
+    loss_tokens: int  # positions with a loss term: scored canvas positions (diffusion) + next-token targets (encoder)
+    forward_tokens: int  # non-padding positions read by the step's forward passes (see `forward_tokens`)
     seconds: float
 
 
@@ -116,18 +125,106 @@ def window_means(window: list[StepStats]) -> dict[str, float]:
     """One metrics line for the steps since the last one: per-step means (a single step's loss is noisy: t is
     random per example), the learning rate of the last step, and how many steps were averaged."""
     means = {name: sum(getattr(st, name) for st in window) / len(window)
-             for name in ("loss", "diffusion", "encoder", "grad_norm", "tokens", "seconds")}
+             for name in ("loss", "diffusion", "encoder", "grad_norm", "loss_tokens", "forward_tokens", "seconds")}
     return {**means, "lr": window[-1].lr, "steps_averaged": len(window)}
+
+
+def forward_tokens(batch, cfg: LossConfig) -> int:
+    """Non-padding token positions that `loss_sums` runs through the model for `batch`, once per pass: the
+    encoder over the context (prompt + earlier canvases) and the decoder over the canvas when the diffusion
+    loss is on (the canvas twice when self-conditioning is on: its first pass runs for every row), and the
+    encoder over prompt + target when the encoder loss is on. A pass that is off reads nothing."""
+    n = 0
+    if cfg.diffusion_loss_weight:
+        decoder_passes = 2 if cfg.self_conditioning_prob > 0 else 1
+        n += int(batch.context_lengths.sum()) + decoder_passes * batch.clean.numel()
+    if cfg.encoder_loss_weight:
+        n += int(batch.sequence_lengths.sum())
+    return n
 
 
 @dataclass
 class TrainResult:
     step: int
-    finished: bool
+    finished: bool  # every step trained and the model (or adapter) written
     last: StepStats | None
     eval: dict[str, float]
     model_dir: Path | None
     adapter_dir: Path | None
+    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run early
+    already_complete: bool = False  # the output folder held a finished run at `step` >= steps: nothing was done
+
+    @property
+    def exit_status(self) -> int:
+        """The process's exit status: 128 + the signal that stopped the run (130 for SIGINT, 143 for SIGTERM:
+        what a shell reports for a process the signal killed), else 0."""
+        return 128 + self.stopped_by if self.stopped_by else 0
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) as a request to stop at the next step boundary, so that a training loop can
+    write its resume checkpoint before it leaves. A context manager: inside it the first signal only sets
+    `signum` (and says so on stderr when `announce`); a second one restores the previous handlers and
+    delivers the signal to them (Ctrl-C twice: KeyboardInterrupt at once; SIGTERM twice: the default, death).
+    On leaving, the previous handlers are back. Handlers can only be installed in the main thread: elsewhere
+    (a Trainer used from a worker thread) this does nothing and signals keep their old meaning.
+
+        with StopSignals() as signals:
+            while step < steps:
+                ...one step...
+                if signals.agreed(env):  # every rank stops at the same step (a collective under torchrun)
+                    break
+            save_resume_checkpoint()
+        if signals.signum:
+            print(f"stopped at step {step} of {steps}; run the same command again to resume", file=sys.stderr)
+            return 128 + signals.signum
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in this order of precedence when ranks got different ones
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not None:  # None: a handler set outside Python, which could not be put back
+                    self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum is not None:  # asked twice: stop waiting for the step to end
+            handler = self._previous.get(signum, signal.SIG_DFL)
+            self.restore()
+            if callable(handler):
+                handler(signum, frame)
+            else:
+                signal.raise_signal(signum)  # SIG_DFL: the default action; SIG_IGN: nothing
+            return
+        self.signum = signum
+        if self.announce:  # os.write: no buffered stream is re-entered from a handler
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step to write a resume checkpoint "
+                        f"(send it again to stop at once)\n".encode())
+
+    def agreed(self, env: D.DistEnv) -> int | None:
+        """The signal every rank stops for, or None. Ranks may see a signal at different moments (torchrun
+        forwards it to each worker in turn), so under torchrun this is a collective that every rank must call
+        at the same point of the loop; then all ranks leave after the same step and save one checkpoint."""
+        if not env.distributed:
+            return self.signum
+        counts = D.all_reduce_sum([float(self.signum == sig) for sig in self.SIGNALS], env)
+        return next((int(sig) for sig, n in zip(self.SIGNALS, counts) if n), None)
 
 
 EvalHook = Callable[["Trainer"], dict[str, float]]
@@ -141,19 +238,63 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw_with_schedule(params: list[torch.nn.Parameter], cfg: TrainConfig
+def adamw_with_schedule(params: list[torch.nn.Parameter], cfg: TrainConfig,
+                        own_lr: tuple[tuple[list[torch.nn.Parameter], float], ...] = ()
                         ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only (not norms, scales, biases), and `lr_factor`'s warmup + cosine
-    schedule from cfg.lr down to cfg.min_lr at cfg.steps."""
-    decay = [p for p in params if p.ndim >= 2]
-    other = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    schedule from cfg.lr down to cfg.min_lr at cfg.steps. `own_lr`: (parameters not in `params`, peak lr) pairs
+    whose groups follow the same schedule from their own peak (their min lr scaled by the same ratio); their
+    groups come after those of `params`."""
+    groups = []
+    for subset, lr in ((params, cfg.lr), *own_lr):
+        groups += [{"params": [p for p in subset if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in subset if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.adam_eps)
     ratio = cfg.min_lr / cfg.lr if cfg.lr else 1.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio))
     return optimizer, scheduler
+
+
+def follow_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                    peak_lrs: list[float]) -> None:
+    """After a resume checkpoint is loaded: this run's schedule, not the stored one's. The peak lr of each group
+    (`peak_lrs`: what this run's settings gave the fresh scheduler) replaces the stored `base_lrs` and
+    `initial_lr`, which are those of the run that wrote the checkpoint (so a changed --lr would otherwise be
+    ignored), and the lr of the step about to run comes from this run's schedule (a run continued with more
+    `steps` follows the new total's cosine from its first step on)."""
+    scheduler.base_lrs = list(peak_lrs)
+    lrs = [peak * factor(scheduler.last_epoch) for peak, factor in zip(peak_lrs, scheduler.lr_lambdas)]
+    for group, peak, lr in zip(optimizer.param_groups, peak_lrs, lrs):
+        group["initial_lr"], group["lr"] = peak, lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (and the step's metrics line logs)
+
+
+def schedule_settings(cfg: TrainConfig, tower: bool = False) -> dict[str, float]:
+    """The settings that set the learning rates' peaks and floor, as a checkpoint records them."""
+    return {"lr": cfg.lr, "min_lr": cfg.min_lr, **({"tower_lr": cfg.tower_lr} if tower else {})}
+
+
+def schedule_change(stored: dict[str, float], now: dict[str, float], step: int) -> str | None:
+    """One line for a resume whose learning rates differ from the checkpoint's (`stored`: its
+    `schedule_settings`, or what its scheduler's peaks show for a checkpoint written before they were recorded);
+    None when none changed."""
+    changed = [f"--{k.replace('_', '-')} {stored[k]:g} -> {now[k]:g}" for k in now
+               if stored.get(k) is not None and now[k] is not None and stored[k] != now[k]]
+    if not changed:
+        return None
+    return (f"learning rate changed since the checkpoint ({', '.join(changed)}): from step {step} on the run follows "
+            f"this command's schedule")
+
+
+def stopped_message(step: int, steps: int) -> str:
+    return f"stopped at step {step} of {steps}; run the same command again to resume"
+
+
+def finished_message(output_dir: str | Path, step: int, steps: int) -> str:
+    return (f"{output_dir} holds a finished run (step {step} of {steps}): nothing to do; raise --steps to train on "
+            f"from its last checkpoint, or --no-resume to start over")
 
 
 class Trainer:
@@ -184,8 +325,10 @@ class Trainer:
         if not self.trainable:
             raise TrainError("nothing to train: every parameter is frozen")
         self.optimizer, self.scheduler = adamw_with_schedule(self.trainable, cfg)
+        self._peak_lrs = list(self.scheduler.base_lrs)  # this run's, whatever a resumed checkpoint stored
         self.order = ExampleOrder(len(self.train_data), cfg.seed)
         self.step = 0
+        self._resumed_state: dict[str, Any] = {}  # trainer_state.json of the checkpoint resumed from
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _load_sources(self) -> None:
@@ -304,8 +447,9 @@ class Trainer:
         batches = self.step_batches(self.step)
         enc = bool(self.loss_cfg.encoder_loss_weight)
         counts = [sum(b.num_scored for b in batches), sum(b.num_next_token_scored for b in batches) if enc else 0,
-                  sum(b.num_tokens for b in batches)]
-        d_count, e_count, tokens = (int(x) for x in D.all_reduce_sum(counts, self.env))
+                  sum(forward_tokens(b, self.loss_cfg) for b in batches)]
+        d_count, e_count, read = (int(x) for x in D.all_reduce_sum(counts, self.env))
+        scored = (d_count if self.loss_cfg.diffusion_loss_weight else 0) + e_count
         self.module.train()
         sums = [0.0, 0.0]
         for i, batch in enumerate(batches):
@@ -326,7 +470,7 @@ class Trainer:
         d_sum, e_sum = D.all_reduce_sum(sums, self.env)
         diffusion, encoder = d_sum / max(d_count, 1), (e_sum / e_count if e_count else 0.0)
         return StepStats(loss=diffusion + self.loss_cfg.encoder_loss_weight * encoder, diffusion=diffusion,
-                         encoder=encoder, grad_norm=grad_norm, lr=lr, tokens=tokens,
+                         encoder=encoder, grad_norm=grad_norm, lr=lr, loss_tokens=scored, forward_tokens=read,
                          seconds=time.perf_counter() - start)
 
     def _clip_gradients(self) -> float:
@@ -363,11 +507,41 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
+        """Train from the latest checkpoint (when `resume`) to `steps`, then evaluate and write the model. Stopped
+        early (`stop_after_steps`, SIGTERM or Ctrl-C; see `StopSignals`), it writes a resume checkpoint at the
+        step it reached and returns unfinished; a finished run writes one at its last step too, so that a later
+        run with more `steps` continues it with its optimizer state. Resuming a run that is complete already
+        (the checkpoint at `steps` or beyond and its model / adapter written) does nothing."""
         cfg = self.cfg
         if cfg.resume:
             self.resume()
+        else:
+            self._start_over()
+        if self.step >= cfg.steps:  # resumed at the end: written already, or stopped before its outputs?
+            outputs = D.broadcast_object(self._final_outputs() if self.env.is_main else None, self.env)
+            if outputs is not None:
+                return TrainResult(step=self.step, finished=True, last=None, eval={}, model_dir=outputs[0],
+                                   adapter_dir=outputs[1], already_complete=True)
+        with StopSignals(announce=self.env.is_main) as signals:
+            stats, evals = self._train_steps(signals)
+            if stats is not None:  # trained this time: leave the checkpoint the next run resumes from
+                self.save_checkpoint()
+            stopped_by = signals.agreed(self.env)  # a signal during that save stops the run all the same
+        finished = self.step >= cfg.steps and stopped_by is None
+        model_dir = adapter_dir = None
+        if finished:  # with the previous signal handlers: a signal here stops as it would have before
+            evals = self._eval_and_log(None)
+            self._draw_loss_curve(force=True)  # the last lines (the eval line has drawn already: then a no-op)
+            model_dir, adapter_dir = self.save_final()
+        return TrainResult(step=self.step, finished=finished, last=stats, eval=evals, model_dir=model_dir,
+                           adapter_dir=adapter_dir, stopped_by=stopped_by)
+
+    def _train_steps(self, signals: StopSignals) -> tuple[StepStats | None, dict[str, float]]:
+        """Steps up to `steps` (or `stop_after_steps` of them), logging, evaluating and saving on their schedule;
+        leaves after the step during which `signals` got a stop request (every rank after the same step)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
         stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, self.step + cfg.stop_after_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.env.is_main))
@@ -379,28 +553,39 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                                tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):,.0f}")
+                                fwd_tok_s=f"{stats.forward_tokens / max(stats.seconds, 1e-9):,.0f}")
                 if self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps:
                     self._log_metrics({"step": self.step, **window_means(window)})
                     window = []
+                if signals.agreed(self.env):
+                    break
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     evals = self._eval_and_log(bar)
+                    if signals.agreed(self.env):  # an evaluation can be long: do not start another step
+                        break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
+            if window:  # left early (time box, signal) within a logging window: log where it stood
+                self._log_metrics({"step": self.step, **window_means(window)})
         finally:
             bar.close()
-            if self.step < cfg.steps:
-                self._draw_loss_curve(force=True)  # stopped early (time box, error, Ctrl-C): show where it stood
-        finished = self.step >= cfg.steps
-        model_dir = adapter_dir = None
-        if not finished and stats is not None:
-            self.save_checkpoint()  # a time-boxed run leaves a checkpoint where the next one resumes
-        if finished:
-            evals = self._eval_and_log(None)
-            self._draw_loss_curve(force=True)  # the last lines (the eval line has drawn already: then a no-op)
-            model_dir, adapter_dir = self.save_final()
-        return TrainResult(step=self.step, finished=finished, last=stats, eval=evals, model_dir=model_dir,
-                           adapter_dir=adapter_dir)
+            if self.step < cfg.steps or signals.signum:
+                self._draw_loss_curve(force=True)  # stopped early (time box, signal, error): show where it stood
+        return stats, evals
+
+    def _wanted_outputs(self) -> dict[str, Path]:
+        lora = self.cfg.lora
+        wanted = {"model": lora is None or self.cfg.merge, "adapter": lora is not None}
+        return {name: self.out / name for name, want in wanted.items() if want}
+
+    def _final_outputs(self) -> tuple[Path | None, Path | None] | None:
+        """(model folder, adapter folder) when the checkpoint resumed from records that this run's outputs were
+        written from it (and they are still there); None when they are to be written."""
+        written = set(self._resumed_state.get("final_outputs", ()))
+        wanted = self._wanted_outputs()
+        if not (set(wanted) <= written and all(path.is_dir() for path in wanted.values())):
+            return None
+        return wanted.get("model"), wanted.get("adapter")
 
     def _eval_and_log(self, bar) -> dict[str, float]:
         metrics = self.evaluate()
@@ -469,7 +654,7 @@ class Trainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"step": self.step, "world_size": self.env.world_size, "batch_size": self.cfg.batch_size,
                      "seed": self.cfg.seed, "lora": asdict(self.cfg.lora) if self.cfg.lora else None,
-                     "canvas_length": self.model_config.canvas_length}
+                     "canvas_length": self.model_config.canvas_length, "schedule": schedule_settings(self.cfg)}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last: marks it complete
             if final.exists():
                 shutil.rmtree(final)
@@ -518,11 +703,41 @@ class Trainer:
         rng_file = path / f"rng-{self.env.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.env.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
-        self.step = int(state["step"])
+        stored = state.get("schedule") or {"lr": self.scheduler.base_lrs[0]}  # (older checkpoints: the peak)
+        follow_schedule(self.optimizer, self.scheduler, self._peak_lrs)
+        self.step, self._resumed_state = int(state["step"]), state
         if self.env.is_main:
             self._truncate_metrics(self.step)
+            change = schedule_change(stored, schedule_settings(self.cfg), self.step)
+            if change:
+                print(change, file=sys.stderr)
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _record_final_outputs(self, names: list[str]) -> None:
+        """Note in the checkpoint at this step that the run's outputs were written from it: resuming it with the
+        same `steps` then has nothing to do (main rank)."""
+        path = self.out / "checkpoints" / f"step-{self.step:07d}" / STATE_FILE
+        if not path.is_file():
+            return
+        state = {**json.loads(path.read_text()), "final_outputs": names}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def _start_over(self) -> None:
+        """`resume` off: remove the folder's checkpoints and metrics of an earlier run, which a later resume
+        would otherwise take for this run's (its checkpoint at a later step, even one marked finished, would be
+        the latest) and whose lines would mix with this run's."""
+        if self.env.is_main:
+            old = sorted((self.out / "checkpoints").glob("*step-*"))
+            if old or (self.out / "metrics.jsonl").exists():
+                log.warning("starting over in %s: removing the earlier run's %d checkpoint(s) and metrics",
+                            self.out, len(old))
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        D.barrier(self.env)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint (the interrupted run's steps are about to be redone)."""
@@ -557,6 +772,7 @@ class Trainer:
             if lora is None or self.cfg.merge:
                 weights = merge_lora_state(state, lora.scaling) if lora is not None else state
                 model_dir = self.save_model(weights, self.out / "model")
+            self._record_final_outputs([p.name for p in (model_dir, adapter_dir) if p is not None])
         D.barrier(self.env)
         return model_dir, adapter_dir
 

@@ -8,6 +8,8 @@ code renders (letterpress.train.vlm_data: numbers, words, shapes, colours, dots,
 Stage 2 with `--model` (a stage-1 output folder) starts from that tower, frozen, and its `embed_vision`, and
 reads its training images from that folder's image cache; without `--model` tower and text model are trained
 together from scratch (the earlier recipe, which did not learn to read images in the runs a CPU affords).
+Stage 2 with `--tower-lr LR` fine-tunes the tower too, at peak lr LR on the same schedule (its standardisation
+buffers stay as stage 1 set them).
 
 The model (`vlm_config`): text decoder hidden 128, 2 layers (sliding, full), 4 experts top-2, canvas 8; vision
 tower hidden 128, 2 layers (4 from stage 1), patch 16, no pooling, default tier 70 soft tokens (any image is
@@ -23,8 +25,9 @@ The tokenizer is a byte-level BPE (digits one per token) trained on the question
 tokens of bpe.SPECIAL_TOKENS, the turn markers and the media placeholders at fixed ids (MEDIA_IDS).
 
 The trainer here is a plain loop (the text `Trainer` has no images): AdamW, warmup + cosine, grad clipping, the
-example stream a function of (seed, step), a resume checkpoint every `save_every` steps, metrics.jsonl with the
-loss and, every `eval_every` steps, exact-match accuracy on held-out images (benchmarks/vlm.py scores more).
+example stream a function of (seed, step), a resume checkpoint every `save_every` steps and where the run stops
+(its last step, --stop-after-steps, SIGTERM or Ctrl-C: trainer.StopSignals), metrics.jsonl with the loss and,
+every `eval_every` steps and at the end, exact-match accuracy on held-out images (benchmarks/vlm.py scores more).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ import torch
 from ..embedded import ASSETS
 from ..tokenizer import Tokenizer
 from . import vlm_data as V
-from .vlm_tower import (ImageCache, build_vision, cache_is_complete, load_resume, log_metrics, save_resume,
-                        soften_attention, train_tower, write_run_json)
+from .vlm_tower import (ImageCache, build_vision, cache_is_complete, is_finished, load_resume, log_metrics,
+                        read_checkpoint, save_resume, soften_attention, train_tower, write_run_json)
 from .data import example_generator
 from .loss import Example, LossConfig, diffusion_sum, encoder_sum, make_batch
 from .recipe import Recipe, register, small_config
@@ -296,14 +299,23 @@ def exact_match(model_dir: str | Path, kinds: tuple[str, ...] = V.KINDS, n: int 
 
 # ------------------------------------------------------------------------------------------------- training
 def train_vlm(cfg) -> int:
-    """Run the recipe with `cfg` (a TrainConfig: steps, batch size, learning rates, seed, output folder, ...)."""
+    """Run the recipe with `cfg` (a TrainConfig: steps, batch size, learning rates, seed, output folder, ...).
+    Returns the exit status: 128 + the signal when SIGTERM or Ctrl-C stopped it (after a step, with a resume
+    checkpoint), else 0."""
     from ..config import model_config_from_dict, vision_config_of
+    from ..errors import TrainError
     from ..media.image import ImageProcessor
-    from .trainer import adamw_with_schedule
+    from .trainer import StopSignals, adamw_with_schedule, finished_message, schedule_settings, stopped_message
 
+    if cfg.tower_lr is not None and not cfg.model:
+        raise TrainError("--tower-lr: only for stage 2 of tiny-vlm (--model a tiny-vlm-tower output folder)")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    state = read_checkpoint(out, cfg)
+    if is_finished(out, state, cfg, out / "model" / "config.json"):
+        print(finished_message(out, state["step"], cfg.steps), file=sys.stderr)
+        return 0
     tokenizer_dir = Path(cfg.tokenizer or VLM_DIR)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         build_vlm_tokenizer(tokenizer_dir)
@@ -316,67 +328,90 @@ def train_vlm(cfg) -> int:
     processor = ImageProcessor.from_config(vision_config_of(mc))
     loss_cfg = replace(cfg.loss, canvas_length=mc.canvas_length, eos_id=tokenizer.eos_id)
     text, vision = build_models(config, cfg.seed, cfg.init_std)
-    cache = None
+    cache, tower_params = None, []
     if tower is not None:
         vision.load_state_dict(tower["vision"])
-        vision.vision_tower.requires_grad_(False)
         cache = tower.get("cache")
-    params = [p for p in (*text.parameters(), *vision.parameters()) if p.requires_grad]
-    opt, sched = adamw_with_schedule(params, cfg)
-    modules = {"text": text, "vision": vision}
-    step, wall = load_resume(out, cfg, modules, opt, sched)
+        if cfg.tower_lr:  # fine-tuned at its own peak lr; std_bias/std_scale are buffers nothing here updates
+            tower_params = list(vision.vision_tower.parameters())
+        else:
+            vision.vision_tower.requires_grad_(False)
+    in_tower = {id(p) for p in tower_params}
+    params = [p for p in (*text.parameters(), *vision.parameters()) if p.requires_grad and id(p) not in in_tower]
+    # the tower's groups come after the others' (a resume checkpoint's optimizer state has them in this order)
+    opt, sched = adamw_with_schedule(params, cfg, ((tower_params, cfg.tower_lr),) if tower_params else ())
+    params += tower_params  # clipped together with the rest
+    modules, schedule = {"text": text, "vision": vision}, schedule_settings(cfg, tower=bool(tower_params))
+    try:
+        step, wall = load_resume(out, state, modules, opt, sched, schedule)
+    except ValueError as e:  # the optimizer's groups differ: the run trained the tower and this one not, or back
+        raise TrainError(f"{out / 'checkpoint.pt'} was saved with different trained parameters ({e}); resume with "
+                         "--tower-lr as the run started, or start over with --no-resume") from None
     metrics = out / "metrics.jsonl"
     if step == 0:
         write_run_json(out, cfg, config)
     stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
     window: list[tuple[float, float]] = []
-    while step < stop:
-        start = time.perf_counter()
-        text.train()
-        vision.train()
-        first = step * cfg.batch_size
-        examples, images = [], []
-        for i in range(first, first + cfg.batch_size):
-            chat = (i * 2654435761 % 1000) / 1000 >= PLAIN_SHARE
-            if cache is not None and i < len(cache):  # the images stage 1 rendered, already processed
-                ex, im = encode_cached(cache, i, tokenizer, chat)
-            else:
-                ex, im = encode_example(V.training_sample(cfg.seed, i), tokenizer, processor, chat)
-            examples.append(ex)
-            images.append(im)
-        batch = make_batch(examples, loss_cfg, mc.text.vocab_size,
-                           [example_generator(cfg.seed, i) for i in range(first, first + cfg.batch_size)])
-        loss = vlm_loss(text, vision, batch, images, loss_cfg)
-        loss.backward()
-        grad = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - start
-        wall += seconds
-        window.append((float(loss.detach()), grad))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": sum(x for x, _ in window) / len(window),
-                      "grad_norm": sum(g for _, g in window) / len(window), "lr": lr, "seconds": seconds,
-                      "wall_seconds": round(wall, 1)}
-            window = []
-            log_metrics(metrics, record, cfg.progress)
-        if cfg.save_every and step % cfg.save_every == 0:
-            save_resume(out, modules, opt, sched, step, wall)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            text.eval()
-            vision.eval()
-            model_dir = save_vlm(text, vision, out / "model", config, tokenizer_dir)
-            acc = exact_match(model_dir, n=min(cfg.eval_examples, 60), wrong=0)
-            record = {"step": step, "eval": {k: v["exact"] for k, v in acc.items()},
-                      "eval_mean": sum(v["exact"] for v in acc.values()) / len(acc)}
-            log_metrics(metrics, record, True)
-    if step >= cfg.steps:
-        print(f"saved the model to {out / 'model'} ({wall / 60:.1f} min of training)")
-    else:
-        print(f"stopped at step {step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
+
+    def log_window() -> None:
+        log_metrics(metrics, {"step": step, "loss": sum(x for x, _ in window) / len(window),
+                              "grad_norm": sum(g for _, g in window) / len(window), "lr": lr[0],
+                              **({"tower_lr": lr[-1]} if tower_params else {}), "seconds": seconds,
+                              "wall_seconds": round(wall, 1)}, cfg.progress)
+        window.clear()
+
+    def evaluate() -> None:  # writes model/ to ask the engine
+        text.eval()
+        vision.eval()
+        model_dir = save_vlm(text, vision, out / "model", config, tokenizer_dir)
+        acc = exact_match(model_dir, n=min(cfg.eval_examples, 60), wrong=0)
+        log_metrics(metrics, {"step": step, "eval": {k: v["exact"] for k, v in acc.items()},
+                              "eval_mean": sum(v["exact"] for v in acc.values()) / len(acc)}, True)
+
+    with StopSignals() as signals:
+        while step < stop:
+            start = time.perf_counter()
+            text.train()
+            vision.train()
+            first = step * cfg.batch_size
+            examples, images = [], []
+            for i in range(first, first + cfg.batch_size):
+                chat = (i * 2654435761 % 1000) / 1000 >= PLAIN_SHARE
+                if cache is not None and i < len(cache):  # the images stage 1 rendered, already processed
+                    ex, im = encode_cached(cache, i, tokenizer, chat)
+                else:
+                    ex, im = encode_example(V.training_sample(cfg.seed, i), tokenizer, processor, chat)
+                examples.append(ex)
+                images.append(im)
+            batch = make_batch(examples, loss_cfg, mc.text.vocab_size,
+                               [example_generator(cfg.seed, i) for i in range(first, first + cfg.batch_size)])
+            loss = vlm_loss(text, vision, batch, images, loss_cfg)
+            loss.backward()
+            grad = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+            lr = sched.get_last_lr()  # [the text model's and embed_vision's groups..., the tower's groups]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - start
+            wall += seconds
+            window.append((float(loss.detach()), grad))
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log_window()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and signals.signum is None:
+                evaluate()
+            # at the stop too: --stop-after-steps and signals leave resumable, and a finished run can go on
+            if (cfg.save_every and step % cfg.save_every == 0) or step == stop or signals.signum is not None:
+                save_resume(out, modules, opt, sched, step, wall, schedule)
+            if signals.signum is not None:
+                break
+        if window:  # stopped within a logging window: log where it stood
+            log_window()
+    if signals.signum is not None or step < cfg.steps:
+        print(stopped_message(step, cfg.steps), file=sys.stderr)
+        return 128 + signals.signum if signals.signum is not None else 0
+    evaluate()  # the last evaluation (and model/): logged, it marks the run finished (`is_finished`)
+    print(f"saved the model to {out / 'model'} ({wall / 60:.1f} min of training)")
     return 0
 
 

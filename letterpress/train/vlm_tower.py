@@ -276,14 +276,20 @@ def set_standardization_hook(vision) -> list:
 def train_tower(cfg) -> int:
     """Stage 1 (recipe `tiny-vlm-tower`): train the tower + embed_vision of `cfg.model_config` as a classifier
     on a cache of rendered images; writes tower.pt ({"vision": state dict, "config": config}), metrics.jsonl
-    with the loss and, every `eval_every` steps, the probe's held-out exact match per kind."""
+    with the loss and, every `eval_every` steps and at the end, the probe's held-out exact match per kind.
+    Returns the exit status: 128 + the signal when SIGTERM or Ctrl-C stopped it (after a step, with a resume
+    checkpoint and tower.pt), else 0."""
     from ..config import model_config_from_dict, vision_config_of
     from ..media.image import ImageProcessor
-    from .trainer import adamw_with_schedule
+    from .trainer import StopSignals, adamw_with_schedule, finished_message, schedule_settings, stopped_message
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    state = read_checkpoint(out, cfg)
+    if is_finished(out, state, cfg, out / "tower.pt"):
+        print(finished_message(out, state["step"], cfg.steps), file=sys.stderr)
+        return 0
     config = dict(cfg.model_config)
     config["vision_config"] = {**config["vision_config"], "standardize": True}
     mc = model_config_from_dict(config)
@@ -305,53 +311,68 @@ def train_tower(cfg) -> int:
     captured = set_standardization_hook(vision)
     params = list(probe.parameters())
     opt, sched = adamw_with_schedule(params, cfg)
-    modules = {"probe": probe}
-    step, wall = load_resume(out, cfg, modules, opt, sched)
+    modules, schedule = {"probe": probe}, schedule_settings(cfg)
+    step, wall = load_resume(out, state, modules, opt, sched, schedule)
     metrics = out / "metrics.jsonl"
     if step == 0:
         write_run_json(out, cfg, config, cache_examples=len(train))
     gen = torch.Generator().manual_seed(cfg.seed)
     stop = cfg.steps if cfg.stop_after_steps is None else min(cfg.steps, step + cfg.stop_after_steps)
+    trained = step < stop
     window: list[float] = []
-    while step < stop:
-        start = time.perf_counter()
-        gen.manual_seed(cfg.seed * 1_000_003 + step)  # the batch is a function of (seed, step): resumable
-        idx = torch.randint(len(train), (cfg.batch_size,), generator=gen)
-        pixels, positions = train.batch(idx.numpy())
-        captured.clear()
-        logits = probe(pixels, positions)
-        loss = probe_loss(logits, train.kind_ids[idx], train.labels[idx])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        # fast at first (the statistics move as the tower learns), then a slow average
-        update_standardization(vision.vision_tower, captured[0], 0.5 if step < 20 else 0.05)
-        step += 1
-        wall += time.perf_counter() - start
-        window.append(float(loss.detach()))
-        if step % cfg.log_every == 0 or step == stop:
-            record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "wall_seconds": round(wall, 1)}
-            window = []
-            log_metrics(metrics, record, cfg.progress)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-            save_resume(out, modules, opt, sched, step, wall)
-            save_tower(vision, config, out / "tower.pt")
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            acc = probe_accuracy(probe, held)
-            log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
-    if step >= cfg.steps:
-        print(f"saved the tower to {out / 'tower.pt'} ({wall / 60:.1f} min of training)")
-    else:
-        print(f"stopped at step {step} of {cfg.steps}; run the same command again to resume", file=sys.stderr)
+
+    def log_window() -> None:
+        log_metrics(metrics, {"step": step, "loss": sum(window) / len(window), "lr": lr,
+                              "wall_seconds": round(wall, 1)}, cfg.progress)
+        window.clear()
+
+    with StopSignals() as signals:
+        while step < stop:
+            start = time.perf_counter()
+            gen.manual_seed(cfg.seed * 1_000_003 + step)  # the batch is a function of (seed, step): resumable
+            idx = torch.randint(len(train), (cfg.batch_size,), generator=gen)
+            pixels, positions = train.batch(idx.numpy())
+            captured.clear()
+            logits = probe(pixels, positions)
+            loss = probe_loss(logits, train.kind_ids[idx], train.labels[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            # fast at first (the statistics move as the tower learns), then a slow average
+            update_standardization(vision.vision_tower, captured[0], 0.5 if step < 20 else 0.05)
+            step += 1
+            wall += time.perf_counter() - start
+            window.append(float(loss.detach()))
+            if step % cfg.log_every == 0 or step == stop:
+                log_window()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and signals.signum is None:
+                acc = probe_accuracy(probe, held)
+                log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == stop or signals.signum is not None:
+                save_resume(out, modules, opt, sched, step, wall, schedule)
+                save_tower(vision, config, out / "tower.pt")
+            if signals.signum is not None:
+                break
+        if window:  # stopped within a logging window: log where it stood
+            log_window()
+    if signals.signum is not None or step < cfg.steps:
+        print(stopped_message(step, cfg.steps), file=sys.stderr)
+        return 128 + signals.signum if signals.signum is not None else 0
+    if not trained:  # resumed at the end, stopped before its last evaluation: finish without training
+        save_tower(vision, config, out / "tower.pt")
+    acc = probe_accuracy(probe, held)  # the last evaluation: logged, it marks the run finished (`is_finished`)
+    log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
+    print(f"saved the tower to {out / 'tower.pt'} ({wall / 60:.1f} min of training)")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------- run folder
 # The bookkeeping of a run folder that both tiny-vlm loops (this stage and vlm.py's stage 2) keep the same way:
-# run.json at the start, a resume checkpoint of named modules + optimizer + schedule, metrics.jsonl lines.
+# run.json at the start, a resume checkpoint of named modules + optimizer + schedule, metrics.jsonl lines, and
+# a last evaluation at the last step that marks the run finished.
 def write_run_json(out: Path, cfg, config: dict, **extra) -> None:
     (out / "run.json").write_text(json.dumps({
         "command": " ".join(sys.argv), "config": config, **extra,
@@ -360,26 +381,75 @@ def write_run_json(out: Path, cfg, config: dict, **extra) -> None:
         "torch": torch.__version__}, indent=2, default=str) + "\n")
 
 
-def load_resume(out: Path, cfg, modules: dict[str, nn.Module], opt, sched) -> tuple[int, float]:
-    """(step, training seconds) of `out`/checkpoint.pt loaded into `modules`, the optimizer and the schedule;
-    (0, 0.0) for a fresh run or `cfg.resume` off."""
-    path = out / "checkpoint.pt"
-    if not (cfg.resume and path.is_file()):
+def read_checkpoint(out: Path, cfg) -> dict | None:
+    """The resume checkpoint in `out` (checkpoint.pt), None for a fresh run. With `cfg.resume` off the earlier
+    run's checkpoint and metrics are removed first: a later resume would otherwise continue that run."""
+    path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
+    if not cfg.resume:
+        if path.exists() or metrics.exists():
+            print(f"starting over in {out}: removing the earlier run's checkpoint and metrics", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        metrics.unlink(missing_ok=True)
+        return None
+    return torch.load(path, weights_only=False) if path.is_file() else None
+
+
+def is_finished(out: Path, state: dict | None, cfg, output: Path) -> bool:
+    """Whether checkpoint `state` is a run finished at `cfg.steps` (or beyond): `output` is there and the
+    evaluation at its step was logged (the last thing a run does)."""
+    if state is None or state["step"] < cfg.steps or not output.exists():
+        return False
+    return any("eval" in r and r["step"] == state["step"] for r in read_metrics(out / "metrics.jsonl"))
+
+
+def load_resume(out: Path, state: dict | None, modules: dict[str, nn.Module], opt, sched,
+                schedule: dict[str, float]) -> tuple[int, float]:
+    """(step, training seconds) of checkpoint `state` loaded into `modules`, the optimizer and the schedule;
+    (0, 0.0) without one. The learning rates follow this run's settings (`schedule`: schedule_settings), said
+    in one line where they differ from the checkpoint's; metric lines after its step are dropped (those steps
+    are about to be redone)."""
+    from .trainer import follow_schedule, schedule_change
+
+    if state is None:
         return 0, 0.0
-    state = torch.load(path, weights_only=False)
+    peaks = list(sched.base_lrs)  # this run's
     for name, module in modules.items():
         module.load_state_dict(state[name])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    print(f"resumed at step {state['step']}", file=sys.stderr)
-    return state["step"], state.get("wall_seconds", 0.0)
+    # checkpoints written before the settings were recorded: the peaks their scheduler kept (the tower's last)
+    stored = state.get("schedule") or {"lr": sched.base_lrs[0],
+                                       **({"tower_lr": sched.base_lrs[-1]} if "tower_lr" in schedule else {})}
+    follow_schedule(opt, sched, peaks)
+    step = state["step"]
+    truncate_metrics(out / "metrics.jsonl", step)
+    print(f"resumed at step {step}", file=sys.stderr)
+    change = schedule_change(stored, schedule, step)
+    if change:
+        print(change, file=sys.stderr)
+    return step, state.get("wall_seconds", 0.0)
 
 
-def save_resume(out: Path, modules: dict[str, nn.Module], opt, sched, step: int, wall: float) -> None:
+def save_resume(out: Path, modules: dict[str, nn.Module], opt, sched, step: int, wall: float,
+                schedule: dict[str, float]) -> None:
     tmp = out / "checkpoint.pt.tmp"
     torch.save({**{name: m.state_dict() for name, m in modules.items()}, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "wall_seconds": wall}, tmp)
+                "scheduler": sched.state_dict(), "step": step, "wall_seconds": wall, "schedule": schedule}, tmp)
     tmp.replace(out / "checkpoint.pt")  # whole or not at all: a stop mid-write keeps the last checkpoint
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after `step` (a resume redoes those steps)."""
+    lines = [line for line in path.read_text().splitlines() if line] if path.is_file() else []
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def log_metrics(path: Path, record: dict, echo: bool) -> None:
