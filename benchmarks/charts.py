@@ -85,8 +85,7 @@ def _bucket_chart(path: Path) -> Path:
     series = {label: [rows[g][m]["solve_rate"] for g in givens] for m, label in SUDOKU_METHODS.items()
               if all(m in rows[g] for g in givens)}  # a method measured in every bucket
     return line_chart([int(g) for g in givens], series, path, percent=True, xlabel="givens (filled cells)",
-                      ylabel="puzzles solved", title="Sudoku at 22-40 givens: shipped model (trained on 45-60) "
-                                                     "and the autoregressive baseline")
+                      ylabel="puzzles solved", title="Sudoku at 22-40 givens: shipped model vs autoregressive baseline")
 
 
 if __name__ == "__main__":
