@@ -188,10 +188,13 @@ def ship(model_dir: str | Path, out_dir: Path = VLM_DIR, dtype: torch.dtype = to
     return out_dir
 
 
-def write_test_fixtures(out_dir: Path, per_kind: int = 2) -> Path:
+def write_test_fixtures(out_dir: Path, per_kind: int = 2, model_dir: str | Path | None = None) -> Path:
     """The first `per_kind` held-out images of each kind as PNGs plus answers.json ({file: {kind, answer}}):
     the fixed images tests/test_tiny_vlm.py asks a shipped model about (files, so that the test does not depend
-    on the fonts of the machine it runs on)."""
+    on the fonts of the machine it runs on). With `model_dir`, each entry also records that model's greedy
+    answer as `output` (the test checks the shipped model still gives exactly these, right or wrong)."""
+    from .. import LLM, SamplingParams
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     answers = {}
@@ -200,6 +203,13 @@ def write_test_fixtures(out_dir: Path, per_kind: int = 2) -> Path:
             name = f"{kind}{i}.png"
             sample.image.save(out_dir / name, optimize=True)
             answers[name] = {"kind": kind, "answer": sample.answer}
+    if model_dir is not None:
+        names = sorted(answers)
+        outs = LLM(str(model_dir)).generate(
+            [{"prompt": "<|image|>" + V.QUESTIONS[answers[n]["kind"]], "multi_modal_data": {"image": str(out_dir / n)}}
+             for n in names], SamplingParams(greedy=True, seed=0))
+        for name, out in zip(names, outs):
+            answers[name]["output"] = out.text.strip()
     (out_dir / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
     return out_dir
 
