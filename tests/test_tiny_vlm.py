@@ -249,15 +249,13 @@ def test_sigterm_stops_stage_1_with_a_checkpoint_and_the_same_command_resumes(tm
     """SIGTERM to a real `letterpress train --recipe tiny-vlm-tower` after its first metrics line: it finishes
     the step, writes checkpoint.pt and tower.pt there, says where it stopped and exits 143; the same command
     continues from that step, and the run equals one never stopped."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     import torch
 
     from letterpress.cli import main
+
+    from .train_fixtures import sigterm_after_first_log
 
     config_file, tower = stage1
 
@@ -272,21 +270,8 @@ def test_sigterm_stops_stage_1_with_a_checkpoint_and_the_same_command_resumes(tm
               "--batch-size", "6", "--lr", "1e-3", "--min-lr", "1e-3", "--warmup-steps", "0", "--log-every", "1",
               "--eval-every", "0", "--save-every", "0", "--eval-examples", "1", "--no-progress", "--threads", "1"]
     out = run_folder("stopped")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "letterpress.cli", *common, "--output", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no step logged in 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    returncode, stderr = sigterm_after_first_log(common, out, timeout=120)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     step = lines_of(out)[-1]["step"]
     assert [r["step"] for r in lines_of(out)] == list(range(1, step + 1))
     assert f"stopped at step {step} of 100000; run the same command again to resume" in stderr

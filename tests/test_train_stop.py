@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -24,7 +22,8 @@ from letterpress.cli import main as cli_main
 from letterpress.train.loss import Example, LossConfig, loss_sums, make_batch
 from letterpress.train.trainer import StopSignals, TrainConfig, Trainer, forward_tokens
 
-from .train_fixtures import CANVAS, addition_lines, make_checkpoint, make_tokenizer, tiny_model, write_jsonl
+from .train_fixtures import (CANVAS, addition_lines, make_checkpoint, make_tokenizer, sigterm_after_first_log,
+                             tiny_model, write_jsonl)
 
 V = 512
 
@@ -84,21 +83,8 @@ def test_sigterm_stops_the_command_with_a_checkpoint_and_the_same_command_resume
               "--lr", "3e-3", "--min-lr", "3e-3", "--warmup-steps", "0", "--log-every", "1", "--device", "cpu",
               "--no-progress", "--no-plot", "--seed", "1", "--threads", "1"]
     out = tmp_path / "stopped"
-    command = [sys.executable, "-m", "letterpress.cli", *common, "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no step logged in 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    returncode, stderr = sigterm_after_first_log(common, out, timeout=180)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     step = logged(out)[-1]["step"]
     assert [r["step"] for r in logged(out)] == list(range(1, step + 1))
     assert f"stopped at step {step} of 100000; run the same command again to resume" in stderr

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,3 +94,23 @@ def decoder_logits(ref, prompt: torch.Tensor, canvas: torch.Tensor) -> torch.Ten
     return ref(decoder_input_ids=canvas, past_key_values=cache,
                decoder_attention_mask=torch.ones(1, n + canvas.shape[1], dtype=torch.bool),
                decoder_position_ids=n + torch.arange(canvas.shape[1])[None]).logits
+
+
+def sigterm_after_first_log(args: list[str], out: Path, timeout: float) -> tuple[int, str]:
+    """Run `python -m letterpress.cli *args --output out` as a real process (one thread), send it SIGTERM once its
+    metrics.jsonl holds a line, and wait for it: (exit status, stderr). Fails if nothing is logged in `timeout` s."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "letterpress.cli", *args, "--output", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"no step logged in {timeout:.0f} s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stderr

@@ -203,6 +203,11 @@ class StopSignals:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal that asked to stop (130 for SIGINT, 143 for SIGTERM), else 0."""
+        return 128 + self.signum if self.signum is not None else 0
+
     def _request(self, signum: int, frame) -> None:
         if self.signum is not None:  # asked twice: stop waiting for the step to end
             handler = self._previous.get(signum, signal.SIG_DFL)

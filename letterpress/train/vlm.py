@@ -419,7 +419,7 @@ def train_vlm(cfg) -> int:
             log_window()
     if signals.signum is not None or step < cfg.steps:
         print(stopped_message(step, cfg.steps), file=sys.stderr)
-        return 128 + signals.signum if signals.signum is not None else 0
+        return signals.exit_status
     evaluate()  # the last evaluation (and model/): logged, it marks the run finished (`is_finished`)
     print(f"saved the model to {out / 'model'} ({wall / 60:.1f} min of training)")
     return 0

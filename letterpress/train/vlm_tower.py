@@ -326,6 +326,10 @@ def train_tower(cfg) -> int:
                               "wall_seconds": round(wall, 1)}, cfg.progress)
         window.clear()
 
+    def evaluate() -> None:  # the probe's held-out exact match per kind, logged
+        acc = probe_accuracy(probe, held)
+        log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
+
     with StopSignals() as signals:
         while step < stop:
             start = time.perf_counter()
@@ -349,8 +353,7 @@ def train_tower(cfg) -> int:
             if step % cfg.log_every == 0 or step == stop:
                 log_window()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and signals.signum is None:
-                acc = probe_accuracy(probe, held)
-                log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
+                evaluate()
             if (cfg.save_every and step % cfg.save_every == 0) or step == stop or signals.signum is not None:
                 save_resume(out, modules, opt, sched, step, wall, schedule)
                 save_tower(vision, config, out / "tower.pt")
@@ -360,11 +363,10 @@ def train_tower(cfg) -> int:
             log_window()
     if signals.signum is not None or step < cfg.steps:
         print(stopped_message(step, cfg.steps), file=sys.stderr)
-        return 128 + signals.signum if signals.signum is not None else 0
+        return signals.exit_status
     if not trained:  # resumed at the end, stopped before its last evaluation: finish without training
         save_tower(vision, config, out / "tower.pt")
-    acc = probe_accuracy(probe, held)  # the last evaluation: logged, it marks the run finished (`is_finished`)
-    log_metrics(metrics, {"step": step, "eval": acc, "eval_mean": sum(acc.values()) / len(acc)}, True)
+    evaluate()  # the last evaluation: logged, it marks the run finished (`is_finished`)
     print(f"saved the tower to {out / 'tower.pt'} ({wall / 60:.1f} min of training)")
     return 0
 
