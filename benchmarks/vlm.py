@@ -3,12 +3,15 @@ rendered images.
 
     python benchmarks/vlm.py [--model letterpress/assets/tiny_vlm] [--n 200] [--chat] [--threads 1]
         [--json out.json] [--plot benchmarks/charts/tiny_vlm_accuracy.png]
+        [--validation] [--entropy-bound B] [--max-denoising-steps N] [--t-min T] [--t-max T]
 
 Images: `letterpress.train.vlm_data.held_out_samples`, drawn with fonts no training image uses
 (vlm_data.HELD_OUT_FONTS), a seed no training stream uses, a wider range of image sizes (88-200 px wide
 against 96-192) and more pixel noise (std up to 10 levels against 8); positions, colours and sizes are fresh
 draws. Each image is one greedy request as `letterpress generate --image IMG "question"` sends it (a plain
 prompt), or with `--chat` as one chat turn. Exact match: the decoded answer, stripped, equals the expected one.
+`--validation` draws the same kind of images from another seed (vlm_data.VALIDATION_SEED): sampler settings
+(the overrides below) are chosen there, so that the held-out figures are not tuned on.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="held-out images per kind")
     p.add_argument("--kinds", default=",".join(V.KINDS))
     p.add_argument("--chat", action="store_true", help="ask as one chat turn instead of a plain prompt")
+    p.add_argument("--validation", action="store_true",
+                   help="images of the validation seed instead of the held-out ones: for choosing settings")
+    p.add_argument("--entropy-bound", type=float, default=None, help="sampler override (default: the checkpoint's)")
+    p.add_argument("--max-denoising-steps", type=int, default=None, help="sampler override")
+    p.add_argument("--t-min", type=float, default=None, help="sampler override")
+    p.add_argument("--t-max", type=float, default=None, help="sampler override")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -42,12 +51,16 @@ def main() -> None:
     set_threads(args.threads)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     start = time.perf_counter()
-    result = exact_match(args.model, kinds, n=args.n, chat=args.chat, batch=args.batch)
+    sampler = {name: getattr(args, name) for name in ("entropy_bound", "max_denoising_steps", "t_min", "t_max")
+               if getattr(args, name) is not None}
+    result = exact_match(args.model, kinds, n=args.n, chat=args.chat, batch=args.batch, validation=args.validation,
+                         sampler=sampler)
     seconds = time.perf_counter() - start
     mean = sum(r["exact"] for r in result.values()) / len(result)
+    images = "validation" if args.validation else "held-out"
     print(f"# {machine()}")
-    print(f"# model {args.model}, {args.n} held-out images per kind, {'chat' if args.chat else 'plain prompt'}, "
-          f"greedy; {seconds:.0f} s")
+    print(f"# model {args.model}, {args.n} {images} images per kind, {'chat' if args.chat else 'plain prompt'}, "
+          f"greedy{''.join(f', {k} {v}' for k, v in sampler.items())}; {seconds:.0f} s")
     print("| question | exact match | n | wrong (expected -> got), first 3 |")
     print("|---|---|---|---|")
     for kind, r in result.items():
@@ -55,7 +68,8 @@ def main() -> None:
         print(f"| {kind}: \"{V.QUESTIONS[kind]}\" | {100 * r['exact']:.1f}% | {r['n']} | {wrong} |")
     print(f"| **all** | **{100 * mean:.1f}%** | {args.n * len(result)} | |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "n": args.n, "chat": args.chat, "mean": mean,
+        Path(args.json).write_text(json.dumps({"model": args.model, "n": args.n, "chat": args.chat, "images": images,
+                                               "sampler": sampler, "mean": mean,
                                                "kinds": result, "machine": machine()}, indent=2) + "\n")
     if args.plot:
         from letterpress.plots import bar_chart

@@ -27,6 +27,38 @@ def test_samples_are_a_function_of_seed_and_index():
         assert s.question == V.QUESTIONS[kind] and s.answer
 
 
+def test_validation_images_are_drawn_as_the_held_out_ones_from_their_own_seed():
+    held, valid = V.held_out_samples("number", 3), V.validation_samples("number", 3)
+    assert [s.image.tobytes() for s in valid] == [s.image.tobytes() for s in V.validation_samples("number", 3)]
+    assert not {s.image.tobytes() for s in valid} & {s.image.tobytes() for s in held}
+    assert V.VALIDATION_SEED not in (V.HELD_OUT_SEED, V.TRAIN_SEED)
+    assert valid[0].answer == V.make_sample("number", V.VALIDATION_SEED, 0, held_out=True).answer
+
+
+def test_exact_match_asks_about_validation_images_with_sampler_overrides():
+    """benchmarks/vlm.py --validation --t-min ...: the images of the validation seed, greedy, the overrides in
+    every request's SamplingParams (a stand-in engine that answers the truth for the first image only)."""
+    from letterpress.train.vlm import exact_match
+
+    truth = [s.answer for s in V.validation_samples("shape", 4)]
+
+    class Engine:
+        def __init__(self):
+            self.params = []
+
+        def generate(self, prompts, params):
+            self.params.append(params)
+            assert all(p["prompt"] == "<|image|>" + V.QUESTIONS["shape"] for p in prompts)
+            return [type("Out", (), {"text": f" {truth[0]} "})() for _ in prompts]
+
+    engine = Engine()
+    result = exact_match(None, ("shape",), n=4, llm=engine, batch=2, validation=True,
+                         sampler={"t_min": 1.0, "t_max": 1.0, "entropy_bound": 0.05})
+    assert result["shape"]["exact"] == sum(t == truth[0] for t in truth) / 4
+    assert len(engine.params) == 2
+    assert all((p.greedy, p.t_min, p.t_max, p.entropy_bound) == (True, 1.0, 1.0, 0.05) for p in engine.params)
+
+
 def test_held_out_fonts_are_never_trained_on():
     assert not set(V.TRAIN_FONTS) & set(V.HELD_OUT_FONTS)
     assert V.BUILTIN_FONT in V.fonts_for(held_out=False)
@@ -228,6 +260,27 @@ def test_adamw_with_schedule_gives_a_subset_its_own_peak_lr():
     assert lrs[1] == pytest.approx([1e-3, 1e-3, 5e-4])  # the peak, after warmup
     assert sched.get_last_lr() == pytest.approx([1e-4, 1e-4, 5e-5])  # min lr at the end, scaled
     assert [g["initial_lr"] for g in adamw_with_schedule(main, cfg)[0].param_groups] == [1e-3, 1e-3]  # as before
+
+
+def test_ship_stores_bfloat16_weights_and_the_recipes_current_decoding(tmp_path):
+    """`ship` (what the lead runs to put a trained model into assets/tiny_vlm): weights in bfloat16, config.json
+    as trained, and generation_config.json from the recipe as it is now, not the one written at training time."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from letterpress.train.vlm import generation_config, ship
+
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"w": torch.full((2, 2), 1.5), "ids": torch.arange(3)}, str(model / "model.safetensors"))
+    (model / "config.json").write_text('{"canvas_length": 8}')
+    (model / "generation_config.json").write_text('{"max_new_tokens": 8, "sampler_config": {"entropy_bound": 0.5}}')
+    out = ship(model, tmp_path / "shipped")
+    state = load_file(str(out / "model.safetensors"))
+    assert state["w"].dtype == torch.bfloat16 and torch.equal(state["w"].float(), torch.full((2, 2), 1.5))
+    assert torch.equal(state["ids"], torch.arange(3))
+    assert (out / "config.json").read_text() == '{"canvas_length": 8}'
+    assert json.loads((out / "generation_config.json").read_text()) == generation_config()
 
 
 def test_stage_1_labels_round_trip():

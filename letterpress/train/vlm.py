@@ -174,7 +174,8 @@ def save_vlm(text, vision, folder: Path, config: dict, tokenizer_dir: Path) -> P
 
 def ship(model_dir: str | Path, out_dir: Path = VLM_DIR, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Copy a trained model into `out_dir` (assets/tiny_vlm) with its weights stored as `dtype` (the engine
-    casts them back to its own dtype on load); the tokenizer files there are kept."""
+    casts them back to its own dtype on load) and the recipe's current `generation_config()` (so a model
+    trained before a sampler default changed ships with the new one); the tokenizer files there are kept."""
     from safetensors.torch import load_file, save_file
 
     from ..checkpoint import SINGLE_FILE
@@ -183,8 +184,8 @@ def ship(model_dir: str | Path, out_dir: Path = VLM_DIR, dtype: torch.dtype = to
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(model_dir / SINGLE_FILE)).items()}
     save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json"):
-        shutil.copyfile(model_dir / name, out_dir / name)
+    shutil.copyfile(model_dir / "config.json", out_dir / "config.json")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
     return out_dir
 
 
@@ -280,19 +281,22 @@ def vlm_loss(text, vision, batch, images, cfg: LossConfig) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def exact_match(model_dir: str | Path, kinds: tuple[str, ...] = V.KINDS, n: int = 50, chat: bool = False,
-                llm=None, batch: int = 16, wrong: int = 3) -> dict:
-    """Exact-match accuracy per kind on the first `n` held-out images of each kind, greedy, as
-    `letterpress generate --image` (plain) or chat (`chat=True`) asks. {kind: {"exact", "n", "wrong"}}."""
+                llm=None, batch: int = 16, wrong: int = 3, validation: bool = False,
+                sampler: dict | None = None) -> dict:
+    """Exact-match accuracy per kind on the first `n` held-out images of each kind (`validation`: of the
+    validation seed instead), greedy, as `letterpress generate --image` (plain) or chat (`chat=True`) asks;
+    `sampler`: SamplingParams fields that override the checkpoint's defaults. {kind: {"exact", "n", "wrong"}}."""
     from .. import LLM, SamplingParams
 
     llm = llm or LLM(str(model_dir), max_num_seqs=batch)
+    draw = V.validation_samples if validation else V.held_out_samples
     out = {}
     for kind in kinds:
-        samples = V.held_out_samples(kind, n)
+        samples = draw(kind, n)
         answers = []
         for start in range(0, n, batch):
             chunk = samples[start:start + batch]
-            params = SamplingParams(greedy=True, seed=0)
+            params = SamplingParams(greedy=True, seed=0, **(sampler or {}))
             if chat:
                 convs = [[{"role": "user", "content": [{"type": "image", "image": s.image},
                                                         {"type": "text", "text": s.question}]}] for s in chunk]

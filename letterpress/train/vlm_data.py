@@ -10,7 +10,7 @@ Six kinds of question, each about one image drawn here with Pillow:
     chart   "Which bar is tallest?"       3-4 bars labelled A, B, C, D              -> "C"
 
 Training images use TRAIN_FONTS; held-out images (benchmarks/vlm.py) use HELD_OUT_FONTS, which no training
-image uses, and their own seeds, image sizes, positions, colours and noise draws. Everything is a pure function
+image uses, and their own seeds (HELD_OUT_SEED; VALIDATION_SEED for the images settings are tuned on), image sizes, positions, colours and noise draws. Everything is a pure function
 of (seed, index): `make_sample(kind, seed, index, held_out)`.
 """
 
@@ -51,6 +51,7 @@ BUILTIN_FONT = "pillow-default"  # Pillow's own font (always there): trained on,
 
 TRAIN_SEED = 14_000  # training stream: seed TRAIN_SEED + run seed
 HELD_OUT_SEED = 914_914  # the held-out images of benchmarks/vlm.py and the tests
+VALIDATION_SEED = 535_914  # images for choosing sampler and recipe settings (held-out fonts, another seed)
 
 
 @dataclass
@@ -258,3 +259,9 @@ def training_sample(seed: int, index: int, kinds: tuple[str, ...] = KINDS) -> Sa
 
 def held_out_samples(kind: str, n: int) -> list[Sample]:
     return [make_sample(kind, HELD_OUT_SEED, i, held_out=True) for i in range(n)]
+
+
+def validation_samples(kind: str, n: int) -> list[Sample]:
+    """Images drawn as the held-out ones (held-out fonts, sizes and noise) from their own seed: for tuning
+    settings (benchmarks/vlm.py --validation), so that the held-out figures stay untouched."""
+    return [make_sample(kind, VALIDATION_SEED, i, held_out=True) for i in range(n)]
