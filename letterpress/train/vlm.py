@@ -138,8 +138,12 @@ def vlm_config(vocab_size: int = VLM_VOCAB, text_layers: int = 2, vision_layers:
 
 
 def generation_config() -> dict:
+    """The sampler defaults the recipe writes (and `ship` puts into assets/tiny_vlm). Temperatures around 1, not
+    the released 0.8 -> 0.4: the temperature also scales the self-conditioning input, which training feeds at
+    temperature 1; at 0.4-0.8 this model often dropped a digit in plain prompts (40 -> '4'), 80% -> 88% of
+    held-out numbers at 0.9-1.1 (BENCHMARKS.md, "Decoding"; chosen on validation images)."""
     return {"max_new_tokens": VLM_CANVAS, "eos_token_id": [1, MEDIA_IDS["end_turn"]], "pad_token_id": 0,
-            "sampler_config": {"entropy_bound": 0.01}}
+            "t_min": 0.9, "t_max": 1.1, "sampler_config": {"entropy_bound": 0.01}}
 
 
 def build_models(config: dict, seed: int, std: float = 0.02):
