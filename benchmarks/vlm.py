@@ -4,6 +4,7 @@ rendered images.
     python benchmarks/vlm.py [--model letterpress/assets/tiny_vlm] [--n 200] [--chat] [--threads 1]
         [--json out.json] [--plot benchmarks/charts/tiny_vlm_accuracy.png]
         [--validation] [--entropy-bound B] [--max-denoising-steps N] [--t-min T] [--t-max T]
+        [--confidence-threshold H]
 
 Images: `letterpress.train.vlm_data.held_out_samples`, drawn with fonts no training image uses
 (vlm_data.HELD_OUT_FONTS), a seed no training stream uses, a wider range of image sizes (88-200 px wide
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--max-denoising-steps", type=int, default=None, help="sampler override")
     p.add_argument("--t-min", type=float, default=None, help="sampler override")
     p.add_argument("--t-max", type=float, default=None, help="sampler override")
+    p.add_argument("--confidence-threshold", type=float, default=None, help="sampler override")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -51,8 +53,8 @@ def main() -> None:
     set_threads(args.threads)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     start = time.perf_counter()
-    sampler = {name: getattr(args, name) for name in ("entropy_bound", "max_denoising_steps", "t_min", "t_max")
-               if getattr(args, name) is not None}
+    sampler = {name: getattr(args, name) for name in ("entropy_bound", "max_denoising_steps", "t_min", "t_max",
+                                                      "confidence_threshold") if getattr(args, name) is not None}
     result = exact_match(args.model, kinds, n=args.n, chat=args.chat, batch=args.batch, validation=args.validation,
                          sampler=sampler)
     seconds = time.perf_counter() - start

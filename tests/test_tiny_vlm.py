@@ -92,8 +92,9 @@ def test_the_recipe_trains_and_saves_a_checkpoint_the_engine_loads(tmp_path):
     assert lines[-2]["step"] == 2 and lines[-1]["eval"].keys() == set(V.KINDS)
     sample = V.make_sample("shape", 0, 0)
     llm = LLM(str(out / "model"))
-    # the recipe's decoding: temperatures around 1, as self-conditioning is trained (vlm.generation_config)
-    assert (llm.defaults.t_min, llm.defaults.t_max, llm.defaults.entropy_bound) == (0.9, 1.1, 0.01)
+    # the recipe's decoding (vlm.generation_config): temperatures around 1, a canvas done at mean entropy 0.05
+    d = llm.defaults
+    assert (d.t_min, d.t_max, d.confidence_threshold, d.entropy_bound) == (0.9, 1.1, 0.05, 0.01)
     result = llm.generate({"prompt": "<|image|>" + sample.question, "multi_modal_data": {"image": sample.image}},
                           SamplingParams(greedy=True, seed=0))[0]
     assert len(result.token_ids) <= config["canvas_length"]
