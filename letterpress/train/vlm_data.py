@@ -10,8 +10,9 @@ Six kinds of question, each about one image drawn here with Pillow:
     chart   "Which bar is tallest?"       3-4 bars labelled A, B, C, D              -> "C"
 
 Training images use TRAIN_FONTS; held-out images (benchmarks/vlm.py) use HELD_OUT_FONTS, which no training
-image uses, and their own seeds (HELD_OUT_SEED; VALIDATION_SEED for the images settings are tuned on), image sizes, positions, colours and noise draws. Everything is a pure function
-of (seed, index): `make_sample(kind, seed, index, held_out)`.
+image uses, and their own seeds (HELD_OUT_SEED; VALIDATION_SEED for the images settings are tuned on), image
+sizes, positions, colours and noise draws. Everything is a pure function of (seed, index):
+`make_sample(kind, seed, index, held_out)`.
 """
 
 from __future__ import annotations
