@@ -172,6 +172,33 @@ def test_a_failing_search_fails_only_its_own_request(served, monkeypatch):
     assert httpx.get(url + "/health").status_code == 200
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_search_passes_count_in_metrics(served):
+    """A search's decoder passes and tokens count in /metrics as a plain completion's do: one step per pass."""
+    url, _ = served
+    counters = ("letterpress_decoder_steps_total", "letterpress_generation_tokens_total",
+                "letterpress_tokens_per_forward_count")
+
+    def deltas(request) -> tuple[dict, list[float]]:
+        before = [metric(url, name) for name in counters]
+        data = request().json()
+        return data, [metric(url, name) - b for name, b in zip(counters, before)]
+
+    plain, counted = deltas(lambda: httpx.post(url + "/v1/completions", timeout=DEADLINE_S, json={
+        "model": MODEL, "prompt": prompt_text(PUZZLE), "temperature": 0, "max_tokens": 81}))
+    assert counted == [plain["usage"]["letterpress"]["denoising_steps"], plain["usage"]["completion_tokens"], 1]
+    solved, counted = deltas(lambda: solve(url, seed=3))
+    assert counted == [solved["usage"]["letterpress"]["rule_mask"]["forwards"], 81, 1]
+    unsolved, counted = deltas(lambda: solve(url, seed=3, max_denoising_steps=2))
+    assert unsolved["choices"][0]["text"] == "" and counted == [2, 0, 1]
+
+
 def aborted_rows(url: str) -> int:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith('letterpress_finished_rows_total{reason="abort"}'):

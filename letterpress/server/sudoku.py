@@ -43,6 +43,11 @@ class SudokuTask:
         self.cell_ids = [zero_id, *digit_ids]  # token id of each cell value 0-9 (0: no digit accepted yet)
         self.search = RuledDiffusionSearch(model, prompt, digit_ids, puzzle, entropy_bound, seed, max_forwards)
 
+    @property
+    def decoder_passes(self) -> int:
+        """The search's decoder passes so far (its prompt's encoder pass is not one), for /metrics."""
+        return self.search.forwards
+
     def board_ids(self, board: list[int]) -> list[int]:
         return [self.cell_ids[v] for v in board]
 
