@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from letterpress import LLM
-from letterpress.apps.sudoku import is_solution, prompt_text
+from letterpress.apps.sudoku import is_solution, prompt_text, trained_givens
 from letterpress.apps.sudoku_solve import RuledDiffusionSearch, sudoku_token_ids
 from letterpress.embedded import ASSETS
 from letterpress.server.app import ServerConfig
@@ -126,6 +126,29 @@ def test_out_of_passes_is_no_solution_not_a_wrong_grid(served):
     assert data["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
     search = data["usage"]["letterpress"]["rule_mask"]
     assert search["solved"] is False and search["forwards"] == 2 == search["max_forwards"]
+
+
+# 50 givens: within what every shipped Sudoku model was trained on (tests/test_cli.py's SOLVED_EASY)
+EASY = "794003800000040359560900017009021673307695048410007090648059731901008520200174086"
+
+
+def test_a_puzzle_harder_than_the_model_learned_gets_a_note(served):
+    """As `letterpress sudoku` notes on stderr, the answer notes in `usage.letterpress.harder_than_trained` a
+    puzzle with fewer givens than the model's `sudoku_trained_givens`: with the rule mask and without it."""
+    url, _ = served
+    low, high = trained_givens(ASSETS / "sudoku")
+    note = {"givens": 30, "trained_givens": [low, high],
+            "message": f"this puzzle has 30 givens; the model was trained on puzzles with {low}-{high}, so it is "
+                       "harder than anything the model learned and it may find no valid solution"}
+    plain = {"model": MODEL, "temperature": 0, "max_tokens": 81, "max_denoising_steps": 1}
+    for prompt in (prompt_text(PUZZLE), PUZZLE):
+        hard = [solve(url, seed=3, max_denoising_steps=1, prompt=prompt),
+                httpx.post(url + "/v1/completions", json={**plain, "prompt": prompt}, timeout=DEADLINE_S)]
+        assert [r.json()["usage"]["letterpress"]["harder_than_trained"] for r in hard] == [note, note]
+    easy = [solve(url, max_denoising_steps=1, prompt=prompt_text(EASY)),
+            httpx.post(url + "/v1/completions", json={**plain, "prompt": prompt_text(EASY)}, timeout=DEADLINE_S),
+            httpx.post(url + "/v1/completions", json={**plain, "prompt": "not a puzzle"}, timeout=DEADLINE_S)]
+    assert all(r.status_code == 200 and "harder_than_trained" not in r.json()["usage"]["letterpress"] for r in easy)
 
 
 @pytest.mark.parametrize("fields, param, words", [
