@@ -231,10 +231,15 @@ class EngineLoop:
         return counted
 
     def _step(self) -> None:
-        """One scheduler step and one pass of every task row. The metrics are updated before the finished rows'
-        answers go out, so a client that reads /metrics after its answer sees the passes that made it."""
-        outputs = self._scheduler_step() if self.scheduler.has_work() else []
-        outputs += self._advance_tasks() if self._tasks else []
+        """One scheduler step, then one pass of every task row, each followed by its answers."""
+        if self.scheduler.has_work():
+            self._answer_all(self._scheduler_step())
+        if self._tasks:
+            self._answer_all(self._advance_tasks())
+
+    def _answer_all(self, outputs: list[RequestOutput]) -> None:
+        """The metrics first, then the finished rows' answers: a client that reads /metrics after its answer
+        sees the passes that made it."""
         self._update_metrics()
         for output in outputs:
             self._deliver(output)
