@@ -143,6 +143,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def percent_interval(low: float, high: float) -> str:
+    """An interval of proportions as "low-high" in percent: whole numbers, or as many decimals (up to 6) as it
+    takes for a bound strictly between 0 and 100% not to print as 0 or 100, and for different bounds not to
+    print alike (1000/1000: "99.6-100", not "100-100"; 0/1000: "0-0.4")."""
+    def text(x: float, decimals: int) -> str:
+        return f"{100 * x:.{decimals}f}"
+
+    def honest(x: float, decimals: int) -> bool:  # 0 and 100 are printed only when exact
+        return float(text(x, decimals)) not in (0.0, 100.0) or x in (0.0, 1.0)
+
+    d_low = next((d for d in range(6) if honest(low, d)), 6)
+    d_high = next((d for d in range(6) if honest(high, d)), 6)
+    while low < high and text(low, d_low) == text(high, d_high) and max(d_low, d_high) < 6:
+        d_low, d_high = d_low + 1, d_high + 1
+    return f"{text(low, d_low)}-{text(high, d_high)}"
+
+
 def run_buckets(args) -> None:
     """Solve rate per number of givens (the difficulty people play: 22-40), each solver on the same puzzles.
 
@@ -184,7 +201,7 @@ def run_buckets(args) -> None:
                                      "ci95": [low, high], "mean_forwards": r["mean_forwards"],
                                      "seconds": r["seconds"]}
             print(f"{givens} givens | {METHOD_NAMES[m]:<36}: {r['solved']:4d}/{r['n']} ({100 * r['solve_rate']:5.1f}%, "
-                  f"95% CI {100 * low:.0f}-{100 * high:.0f}%), {r['mean_forwards']:.1f} forwards, "
+                  f"95% CI {percent_interval(low, high)}%), {r['mean_forwards']:.1f} forwards, "
                   f"{r['seconds']:.0f} s", flush=True)
     print("\n| givens | " + " | ".join(METHOD_NAMES[m] for m in methods) + " |")
     print("|---|" + "---:|" * len(methods))

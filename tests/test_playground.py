@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from letterpress import LLM
+from letterpress.apps.sudoku import trained_givens
 from letterpress.embedded import ASSETS
 from letterpress.server.app import ServerConfig
 from tests.browser import NO_BROWSER, browser_paths, headless_chrome
@@ -159,6 +160,19 @@ def test_sudoku_board_solves_with_the_rules(sudoku_served):
         figures = driver.find_element(By.ID, "sudoku-figures").text
         assert "denoising steps" in figures and "rule mask" in figures and "tokens/forward" in figures
         assert "tokens/s" in figures
+        # the server's note (usage.letterpress.harder_than_trained) under the board: 30 givens are fewer than
+        # the shipped model was trained on
+        low, high = trained_givens(ASSETS / "sudoku")
+        note = driver.find_element(By.ID, "sudoku-note")
+        assert note.is_displayed() and note.text == (
+            f"Note: This puzzle has 30 givens; the model was trained on puzzles with {low}-{high}, so it is harder "
+            "than anything the model learned and it may find no valid solution.")
+        # the example puzzle (50 givens) is within the training range: solved without a note
+        driver.find_element(By.ID, "sudoku-example").click()
+        driver.find_element(By.ID, "sudoku-solve").click()  # clears the figures at once
+        wait.until(lambda d: d.find_element(By.ID, "sudoku-figures").text)
+        assert driver.find_element(By.ID, "sudoku-status").text == "Solved (50 givens)."
+        assert not note.is_displayed()
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

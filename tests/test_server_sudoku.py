@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from letterpress import LLM
-from letterpress.apps.sudoku import is_solution, prompt_text
+from letterpress.apps.sudoku import is_solution, prompt_text, trained_givens
 from letterpress.apps.sudoku_solve import RuledDiffusionSearch, sudoku_token_ids
 from letterpress.embedded import ASSETS
 from letterpress.server.app import ServerConfig
@@ -128,6 +128,29 @@ def test_out_of_passes_is_no_solution_not_a_wrong_grid(served):
     assert search["solved"] is False and search["forwards"] == 2 == search["max_forwards"]
 
 
+# 50 givens: within what every shipped Sudoku model was trained on (tests/test_cli.py's SOLVED_EASY)
+EASY = "794003800000040359560900017009021673307695048410007090648059731901008520200174086"
+
+
+def test_a_puzzle_harder_than_the_model_learned_gets_a_note(served):
+    """As `letterpress sudoku` notes on stderr, the answer notes in `usage.letterpress.harder_than_trained` a
+    puzzle with fewer givens than the model's `sudoku_trained_givens`: with the rule mask and without it."""
+    url, _ = served
+    low, high = trained_givens(ASSETS / "sudoku")
+    note = {"givens": 30, "trained_givens": [low, high],
+            "message": f"this puzzle has 30 givens; the model was trained on puzzles with {low}-{high}, so it is "
+                       "harder than anything the model learned and it may find no valid solution"}
+    plain = {"model": MODEL, "temperature": 0, "max_tokens": 81, "max_denoising_steps": 1}
+    for prompt in (prompt_text(PUZZLE), PUZZLE):
+        hard = [solve(url, seed=3, max_denoising_steps=1, prompt=prompt),
+                httpx.post(url + "/v1/completions", json={**plain, "prompt": prompt}, timeout=DEADLINE_S)]
+        assert [r.json()["usage"]["letterpress"]["harder_than_trained"] for r in hard] == [note, note]
+    easy = [solve(url, max_denoising_steps=1, prompt=prompt_text(EASY)),
+            httpx.post(url + "/v1/completions", json={**plain, "prompt": prompt_text(EASY)}, timeout=DEADLINE_S),
+            httpx.post(url + "/v1/completions", json={**plain, "prompt": "not a puzzle"}, timeout=DEADLINE_S)]
+    assert all(r.status_code == 200 and "harder_than_trained" not in r.json()["usage"]["letterpress"] for r in easy)
+
+
 @pytest.mark.parametrize("fields, param, words", [
     ({"prompt": PUZZLE[:80]}, "prompt", "81 cells"),
     ({"prompt": "55" + PUZZLE[2:]}, "prompt", "appears twice in row 1"),
@@ -170,6 +193,33 @@ def test_a_failing_search_fails_only_its_own_request(served, monkeypatch):
     assert "injected" in bad.json()["error"]["message"]
     assert good.status_code == 200 and good.json()["choices"][0]["text"] == SOLUTION
     assert httpx.get(url + "/health").status_code == 200
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_search_passes_count_in_metrics(served):
+    """A search's decoder passes and tokens count in /metrics as a plain completion's do: one step per pass."""
+    url, _ = served
+    counters = ("letterpress_decoder_steps_total", "letterpress_generation_tokens_total",
+                "letterpress_tokens_per_forward_count")
+
+    def deltas(request) -> tuple[dict, list[float]]:
+        before = [metric(url, name) for name in counters]
+        data = request().json()
+        return data, [metric(url, name) - b for name, b in zip(counters, before)]
+
+    plain, counted = deltas(lambda: httpx.post(url + "/v1/completions", timeout=DEADLINE_S, json={
+        "model": MODEL, "prompt": prompt_text(PUZZLE), "temperature": 0, "max_tokens": 81}))
+    assert counted == [plain["usage"]["letterpress"]["denoising_steps"], plain["usage"]["completion_tokens"], 1]
+    solved, counted = deltas(lambda: solve(url, seed=3))
+    assert counted == [solved["usage"]["letterpress"]["rule_mask"]["forwards"], 81, 1]
+    unsolved, counted = deltas(lambda: solve(url, seed=3, max_denoising_steps=2))
+    assert unsolved["choices"][0]["text"] == "" and counted == [2, 0, 1]
 
 
 def aborted_rows(url: str) -> int:

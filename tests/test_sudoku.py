@@ -91,3 +91,19 @@ def test_bucket_puzzles_have_exactly_their_givens():
     assert pairs == generate_exact(3, 27, seed=5) and generate_exact(2, 27, seed=5) == pairs[:2]
     for puzzle, solution in pairs:
         assert 81 - puzzle.count("0") == 27 and count_solutions(puzzle) == 1 and is_solution(solution, puzzle)
+
+
+@pytest.mark.parametrize("solved, n, printed", [
+    (1000, 1000, "99.6-100"),  # the lower bound is 99.62%, not 100
+    (0, 1000, "0-0.4"),  # the upper bound is 0.38%, not 0
+    (199, 200, "97-99.9"),  # the upper bound is 99.91%: below 100
+    (1, 50, "0.4-10"),
+    (500, 1000, "47-53"),  # away from the ends: whole numbers
+    (30, 30, "89-100"),  # 100 is exact when every puzzle was solved
+])
+def test_benchmark_intervals_do_not_round_onto_0_or_100(solved, n, printed):
+    """benchmarks/sudoku.py's 95% Wilson intervals: a bound strictly inside 0-100% is never printed as 0 or 100."""
+    from benchmarks.sudoku import percent_interval, wilson
+
+    assert percent_interval(*wilson(solved, n)) == printed
+    assert percent_interval(0.5001, 0.5004) == "50.01-50.04"  # different bounds never print alike

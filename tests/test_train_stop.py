@@ -6,6 +6,7 @@ Tiny models, CPU."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -226,6 +227,24 @@ def test_a_changed_lr_on_resume_applies_from_the_next_step(tmp_path, base_dir, d
     assert state["base_lrs"] == [1e-3] * len(state["base_lrs"])
     Trainer(replace(more, steps=5)).train()  # unchanged: no line
     assert "learning rate changed" not in capsys.readouterr().err
+
+
+def test_only_the_main_rank_says_it_resumed(tmp_path, base_dir, data_file, monkeypatch, caplog):
+    """Under torchrun every rank resumes (rank 0 broadcasts the checkpoint's path) but only rank 0 logs it:
+    a rank-1 env, with the broadcast standing in for rank 0's, loads the checkpoint and says nothing."""
+    from letterpress.train import distributed as D
+
+    cfg = config(tmp_path, base_dir, data_file, steps=2)
+    Trainer(replace(cfg, stop_after_steps=1)).train()
+    caplog.set_level(logging.INFO, logger="letterpress.train.trainer")
+    main, other = Trainer(cfg), Trainer(cfg)
+    checkpoint = main.latest_checkpoint()
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, env: checkpoint)  # what rank 0 would send
+    other.env = D.DistEnv(rank=1)
+    assert other.resume() and other.step == 1
+    assert "resumed from" not in caplog.text
+    assert main.resume() and main.step == 1
+    assert caplog.text.count(f"resumed from {checkpoint} at step 1") == 1
 
 
 def test_missing_outputs_are_written_again(tmp_path, base_dir, data_file):

@@ -294,3 +294,14 @@ def format_grid(grid: str, blank: str = ".") -> str:
         row = [grid[r * 9 + c] if grid[r * 9 + c] != "0" else blank for c in range(9)]
         lines.append(" | ".join(" ".join(row[b * 3:(b + 1) * 3]) for b in range(3)))
     return "\n".join(lines)
+
+
+def harder_than_trained(puzzle: str, trained: tuple[int, int] | None) -> str | None:
+    """What to tell the user when `puzzle` has fewer givens than the checkpoint was trained on (`trained`, from
+    `trained_givens`), else None (also when the checkpoint does not say). The CLI prints it on stderr; the
+    server returns it as `usage.letterpress.harder_than_trained`."""
+    givens = 81 - puzzle.count("0")
+    if trained is None or givens >= trained[0]:
+        return None
+    return (f"this puzzle has {givens} givens; the model was trained on puzzles with {trained[0]}-{trained[1]}, "
+            "so it is harder than anything the model learned and it may find no valid solution")

@@ -57,14 +57,10 @@ def _board(puzzle: str, cells: str) -> str:
 
 def harder_than_trained(puzzle: str, model_dir) -> str | None:
     """The note for a puzzle with fewer givens than the checkpoint was trained on, or None."""
-    from ..apps.sudoku import trained_givens
+    from ..apps import sudoku
 
-    trained = trained_givens(model_dir)
-    givens = 81 - puzzle.count("0")
-    if trained is None or givens >= trained[0]:
-        return None
-    return (f"note: this puzzle has {givens} givens; the model was trained on puzzles with {trained[0]}-{trained[1]}, "
-            "so it is harder than anything the model learned and it may find no valid solution")
+    message = sudoku.harder_than_trained(puzzle, sudoku.trained_givens(model_dir))
+    return None if message is None else "note: " + message
 
 
 def run(args: argparse.Namespace) -> int:

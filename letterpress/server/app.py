@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from ..apps.sudoku import trained_givens
 from ..engine.llm import LLM
 from ..engine.request import MIN_TEMPERATURE, CanvasEvent, Request, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
@@ -42,7 +43,7 @@ from .core import DEFAULT_STEP_CEILING, DISCONNECTED, Job, ServerConfig
 from .infill import edit_job, edit_response, infill_job
 from .metrics import Metrics
 from .page import install_playground
-from .sudoku import sudoku_job
+from .sudoku import harder_puzzle_note, sudoku_job
 from .schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -84,6 +85,7 @@ class OpenAIServer:
         checkpoint_steps = llm.defaults.max_denoising_steps
         self.step_ceiling = config.max_denoising_steps or max(DEFAULT_STEP_CEILING, checkpoint_steps)
         self.default_steps = min(checkpoint_steps, self.step_ceiling)
+        self.sudoku_trained_givens = trained_givens(llm.folder)  # None but for a Sudoku model
         # Parsing, chat templates, tokenizing and planning run here, never on the event loop; two workers keep
         # many large requests from crowding out the loop (and the engine thread) for the GIL.
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="letterpress-prep")
@@ -112,8 +114,11 @@ class OpenAIServer:
                                 "at most); shorten it", param=param, code="context_length_exceeded")
 
     def completion_job(self, body: CompletionRequest) -> Job:
-        return self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens,
-                             structured=structured_from_body(body))
+        job = self.make_job("completion", body, self.completion_prompts(body.prompt), body.max_tokens,
+                            structured=structured_from_body(body))
+        # a Sudoku model says when the puzzle is harder than what it learned (as `letterpress sudoku` does)
+        job.usage_notes.update(harder_puzzle_note(self.sudoku_trained_givens, body.prompt))
+        return job
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
         """Render, fetch and decode the media parts, tokenize: all on a preparation thread."""

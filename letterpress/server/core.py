@@ -70,6 +70,8 @@ class Job:
     chat: list[ChatChoice] | None = None
     # rows the engine thread runs as tasks instead of scheduling them (server/sudoku.py): one per row, or None
     tasks: list[Any] | None = None
+    # more entries of `usage.letterpress` (a Sudoku puzzle harder than the model was trained on: server/sudoku.py)
+    usage_notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.outputs = [None] * len(self.rows)
@@ -150,6 +152,7 @@ class Job:
         searches = [o.rule_mask for o in outs if getattr(o, "rule_mask", None)]  # rule_mask "sudoku": one row
         if searches:
             stats["rule_mask"] = searches[0]
+        stats.update(self.usage_notes)
         prompt_tokens = sum(len(p) for p in self.prompts)
         out = usage(prompt_tokens, completion, stats)
         # prompt tokens whose KV came from the prefix cache (rows of one prompt share it: capped at the prompt)
@@ -167,6 +170,7 @@ class ServerContext(Protocol):
     loop: asyncio.AbstractEventLoop | None
 
     step_ceiling: int
+    sudoku_trained_givens: tuple[int, int] | None  # a Sudoku model's training range of givens, if it says
 
     def check_model(self, model: str | None) -> str: ...
 

@@ -61,7 +61,10 @@ class QueueFull(Exception):
 class EngineTask(Protocol):
     """A row that the engine thread runs itself instead of the scheduler (it counts against the same capacity,
     deadline and aborts). `advance` does one model pass, sends its CanvasEvents through `request.listener`,
-    and returns the row's RequestOutput once it is finished (None before). An exception fails this row only."""
+    and returns the row's RequestOutput once it is finished (None before). An exception fails this row only.
+    `decoder_passes` counts the task's decoder passes so far: /metrics adds them to the scheduler's."""
+
+    decoder_passes: int
 
     def advance(self, request: Request) -> RequestOutput | None: ...
 
@@ -112,6 +115,7 @@ class EngineLoop:
         self._tasks: dict[str, tuple[Request, EngineTask]] = {}  # request_id -> task rows; engine thread
         self._stopping = False
         self._passes_at_start = 0
+        self._task_passes = 0  # decoder passes the tasks ran (the runner counts the scheduler's)
         self._prefix_at_start = (0, 0)  # prefix-cache (queries, hits) before serving
         self._thread = threading.Thread(target=self._main, name="letterpress-engine", daemon=True)
 
@@ -227,36 +231,50 @@ class EngineLoop:
         return counted
 
     def _step(self) -> None:
+        """One scheduler step, then one pass of every task row, each followed by its answers."""
         if self.scheduler.has_work():
-            self._scheduler_step()
+            self._answer_all(self._scheduler_step())
         if self._tasks:
-            self._advance_tasks()
+            self._answer_all(self._advance_tasks())
 
-    def _advance_tasks(self) -> None:
-        """One pass of every task row; a task that fails or passes its deadline ends alone."""
+    def _answer_all(self, outputs: list[RequestOutput]) -> None:
+        """The metrics first, then the finished rows' answers: a client that reads /metrics after its answer
+        sees the passes that made it."""
+        self._update_metrics()
+        for output in outputs:
+            self._deliver(output)
+
+    def _advance_tasks(self) -> list[RequestOutput]:
+        """One pass of every task row; a task that fails or passes its deadline ends alone. Returns the
+        outputs of the task rows that finished."""
+        finished = []
         for request_id, (request, task) in list(self._tasks.items()):
             if request.deadline is not None and time.perf_counter() > request.deadline:
                 output = stopped_output(request, "timeout")
             else:
+                passes = task.decoder_passes
                 try:
                     output = task.advance(request)
                 except Exception as e:  # this row's fault or bug: its own 400 / 500, the others go on
                     if not isinstance(e, RequestError):
                         log.exception("engine task %s failed", request_id)
                     output = stopped_output(request, "error", e)
+                self._task_passes += task.decoder_passes - passes
             if output is not None:
                 del self._tasks[request_id]
-                self._deliver(output)
+                finished.append(output)
+        return finished
 
-    def _scheduler_step(self) -> None:
+    def _scheduler_step(self) -> list[RequestOutput]:
         try:
-            outputs = self.scheduler.step()
+            return self.scheduler.step()
         except Exception as e:  # not a row's fault (the runner isolates those): a bug; fail all, keep serving
             log.exception("an engine step failed; failing the %d row(s) in flight", len(self._streams))
-            outputs = self._fail_everything(EngineError(f"the engine step failed: {type(e).__name__}: {e}"))
-        for output in outputs:
-            self._deliver(output)
-        self.metrics.after_step(self.llm.runner.decoder_passes - self._passes_at_start,
+            return self._fail_everything(EngineError(f"the engine step failed: {type(e).__name__}: {e}"))
+
+    def _update_metrics(self) -> None:
+        """Decoder passes since start-up: the scheduler's batched passes and the tasks' own, one each."""
+        self.metrics.after_step(self.llm.runner.decoder_passes - self._passes_at_start + self._task_passes,
                                 self.scheduler.num_waiting, self.scheduler.num_running,
                                 self.llm.runner.cache.usage(),
                                 self.scheduler.prefix_cache_queries - self._prefix_at_start[0],

@@ -125,7 +125,8 @@ class Metrics:
             metric("letterpress_prefix_cache_hits_total", "counter", "Of those, tokens found in the prefix cache: "
                    "not encoded again (vllm:prefix_cache_hits).",
                    [f"letterpress_prefix_cache_hits_total {self.prefix_cache_hits}"])
-            metric("letterpress_decoder_steps_total", "counter", "Batched denoise calls.",
+            metric("letterpress_decoder_steps_total", "counter", "Batched denoise calls (each pass of a rule-mask "
+                   "search counts one).",
                    [f"letterpress_decoder_steps_total {self.decoder_steps}"])
             metric("letterpress_generation_tokens_total", "counter", "Completion tokens committed.",
                    [f"letterpress_generation_tokens_total {self.tokens}"])

@@ -10,6 +10,10 @@ of the engine loop, into a KV cache of its own; each pass becomes a `denoising_p
 givens and the cells accepted so far, "0" elsewhere; `accepted_mask` marks this pass's cells). The answer is the
 81 digits of a solution, or "" when no valid solution was found in the budget (`finish_reason` "length") or none
 exists (`"stop"`); `usage.letterpress.rule_mask` says which, with the passes and backtracks.
+
+A puzzle with fewer givens than the served model was trained on (`sudoku_trained_givens` in its
+generation_config.json) gets `usage.letterpress.harder_than_trained`, as `letterpress sudoku` prints its note:
+with the rule mask and in a plain completion of the same puzzle alike.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..apps.sudoku import is_solution, parse_prompt
+from ..apps.sudoku import harder_than_trained, is_solution, parse_prompt
 from ..apps.sudoku_solve import DEFAULT_MAX_FORWARDS, RuledDiffusionSearch, sudoku_token_ids
 from ..engine.request import CanvasEvent, Request, RequestOutput
 from . import vllm_compat
@@ -42,6 +46,11 @@ class SudokuTask:
         self.puzzle = puzzle
         self.cell_ids = [zero_id, *digit_ids]  # token id of each cell value 0-9 (0: no digit accepted yet)
         self.search = RuledDiffusionSearch(model, prompt, digit_ids, puzzle, entropy_bound, seed, max_forwards)
+
+    @property
+    def decoder_passes(self) -> int:
+        """The search's decoder passes so far (its prompt's encoder pass is not one), for /metrics."""
+        return self.search.forwards
 
     def board_ids(self, board: list[int]) -> list[int]:
         return [self.cell_ids[v] for v in board]
@@ -69,6 +78,23 @@ class SudokuTask:
         return RuledOutput(request.request_id, request.prompt_token_ids, token_ids, reason, int(solved),
                            [forwards], forwards, (len(token_ids) + solved) / forwards,  # + its EOS, as the plain path
                            time.perf_counter() - request.arrival, rule_mask=stats)
+
+
+def harder_puzzle_note(trained: tuple[int, int] | None, prompt) -> dict:
+    """`{"harder_than_trained": {"givens", "trained_givens", "message"}}` for `usage.letterpress` when `prompt` is
+    a Sudoku (the model's prompt or a grid) with fewer givens than the served Sudoku model was trained on
+    (`trained`, None for any other model), else {}."""
+    if trained is None or not isinstance(prompt, str):
+        return {}
+    try:
+        puzzle = parse_prompt(prompt)
+    except ValueError:  # not a puzzle: nothing to say
+        return {}
+    message = harder_than_trained(puzzle, trained)
+    if message is None:
+        return {}
+    return {"harder_than_trained": {"givens": 81 - puzzle.count("0"), "trained_givens": list(trained),
+                                    "message": message}}
 
 
 def refuse(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -123,4 +149,5 @@ def sudoku_job(server: ServerContext, body: CompletionRequest) -> Job:
     job = server.make_job("completion", plain, [prompt], 81)
     zero_id = llm.tokenizer.encode("0", add_special_tokens=False)[0]
     job.tasks = [SudokuTask(llm.model, prompt, digit_ids, zero_id, puzzle, bound, seed, budget)]
+    job.usage_notes.update(harder_puzzle_note(server.sudoku_trained_givens, puzzle))
     return job

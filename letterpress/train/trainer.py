@@ -716,7 +716,7 @@ class Trainer:
             change = schedule_change(stored, schedule_settings(self.cfg), self.step)
             if change:
                 print(change, file=sys.stderr)
-        log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d", path, self.step)  # once, not once per rank
         return True
 
     def _record_final_outputs(self, names: list[str]) -> None:

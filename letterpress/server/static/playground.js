@@ -330,6 +330,13 @@ function conflicts(grid) { // cells whose digit repeats in a row, column or box
 const isSolution = (answer, puzzle) => /^[1-9]{81}$/.test(answer) && conflicts(answer).length === 0 &&
   [...puzzle].every((ch, i) => ch === "0" || ch === answer[i]);
 
+// the server's note on a puzzle with fewer givens than the model was trained on (usage.letterpress
+// .harder_than_trained, as `letterpress sudoku` prints on stderr); "" hides it
+function showNote(text) {
+  $("sudoku-note").textContent = text;
+  $("sudoku-note").hidden = !text;
+}
+
 async function solveSudoku() {
   const puzzle = readPuzzle();
   const bad = conflicts(puzzle);
@@ -340,6 +347,7 @@ async function solveSudoku() {
   }
   setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], true);
   $("sudoku-figures").textContent = "";
+  showNote("");
   const givens = [...puzzle].filter((ch) => ch !== "0").length;
   const rules = $("sudoku-rules").checked;
   $("sudoku-status").textContent = `Solving (${givens} givens${rules ? ", with the rules" : ""})\u2026`;
@@ -393,6 +401,11 @@ async function solveSudoku() {
         "passes)." : "(the rules leave this puzzle no solution).");
     }
     $("sudoku-figures").textContent = figures(usage, seconds);
+    const harder = usage && usage.letterpress && usage.letterpress.harder_than_trained;
+    if (harder) {
+      const message = harder.message[0].toUpperCase() + harder.message.slice(1);
+      showNote(`Note: ${message}${rules ? "" : " (\u201cuse the Sudoku rules\u201d helps)"}.`);
+    }
   } catch (e) {
     await player;
     setBoard(puzzle);
@@ -413,8 +426,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("chat-reset").addEventListener("click", resetChat);
   $("infill-run").addEventListener("click", () => runInfillOrEdit("infill"));
   $("edit-run").addEventListener("click", () => runInfillOrEdit("edit"));
-  $("sudoku-example").addEventListener("click", () => { setBoard(EXAMPLE); $("sudoku-status").textContent = ""; });
-  $("sudoku-clear").addEventListener("click", () => { setBoard("0".repeat(81)); $("sudoku-status").textContent = ""; });
+  const resetBoard = (puzzle) => { setBoard(puzzle); $("sudoku-status").textContent = ""; showNote(""); };
+  $("sudoku-example").addEventListener("click", () => resetBoard(EXAMPLE));
+  $("sudoku-clear").addEventListener("click", () => resetBoard("0".repeat(81)));
   $("sudoku-solve").addEventListener("click", solveSudoku);
   $("key-box").addEventListener("submit", (e) => { e.preventDefault(); loadModel(); });
   loadModel();
