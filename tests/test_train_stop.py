@@ -104,14 +104,25 @@ def test_sigterm_stops_the_command_with_a_checkpoint_and_the_same_command_resume
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def wait_until_handled(sig: int, timeout: float = 10.0) -> None:
+    """Wait until StopSignals' handler for `sig` has run (it records the signal), so a second signal is not
+    sent while the first is still pending; returns at once when another handler is installed."""
+    stop = getattr(signal.getsignal(sig), "__self__", None)
+    deadline = time.monotonic() + timeout
+    while isinstance(stop, StopSignals) and stop.signum is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def send_during_step(trainer: Trainer, step: int, *signals: int) -> None:
     real = trainer.train_step
 
     def train_step():
         if trainer.step + 1 == step:
             for sig in signals:
-                os.kill(os.getpid(), sig)
-                time.sleep(0.01)  # let the handler run before the next one arrives
+                # To the main thread itself: os.kill may hand the signal to another thread (torch's), which on a
+                # loaded machine can run its C handler late, and two pending SIGINTs would then merge into one.
+                signal.pthread_kill(threading.main_thread().ident, sig)
+                wait_until_handled(sig)
         return real()
 
     trainer.train_step = train_step
