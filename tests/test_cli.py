@@ -297,7 +297,7 @@ def test_sudoku_says_when_a_puzzle_is_harder_than_what_the_model_learned():
     assert "note:" not in easy.stderr
 
 
-# an easy puzzle (60 givens) and its solution: within what every shipped Sudoku model was trained on
+# an easy puzzle (50 givens) and its solution: within what every shipped Sudoku model was trained on
 SOLVED_EASY = ("794003800000040359560900017009021673307695048410007090648059731901008520200174086",
                "794513862182746359563982417859421673327695148416837295648259731971368524235174986")
 
