@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, set_threads  # noqa: E402
+from letterpress.errors import LetterpressError  # noqa: E402
 from letterpress.train import vlm_data as V  # noqa: E402
 from letterpress.train.vlm import VLM_DIR, exact_match  # noqa: E402
 
@@ -52,11 +53,17 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.threads)
     kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = [k for k in kinds if k not in V.KINDS]
+    if unknown or not kinds:
+        p.error(f"--kinds: unknown {', '.join(map(repr, unknown)) or 'none given'}; choose from {','.join(V.KINDS)}")
     start = time.perf_counter()
     sampler = {name: getattr(args, name) for name in ("entropy_bound", "max_denoising_steps", "t_min", "t_max",
                                                       "confidence_threshold") if getattr(args, name) is not None}
-    result = exact_match(args.model, kinds, n=args.n, chat=args.chat, batch=args.batch, validation=args.validation,
-                         sampler=sampler)
+    try:
+        result = exact_match(args.model, kinds, n=args.n, chat=args.chat, batch=args.batch,
+                             validation=args.validation, sampler=sampler)
+    except LetterpressError as e:  # a bad model folder or sampler override: one line, exit 2
+        p.error(str(e))
     seconds = time.perf_counter() - start
     mean = sum(r["exact"] for r in result.values()) / len(result)
     images = "validation" if args.validation else "held-out"
