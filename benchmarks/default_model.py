@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import machine, set_threads  # noqa: E402
 from letterpress.train import tasks as T  # noqa: E402
-from letterpress.train.recipes_tasks import TASKS_DIR, judge, training_tasks  # noqa: E402
+from letterpress.train.recipes_tasks import TASKS_DIR, judge, training_prompts  # noqa: E402
 
 
 def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **sampler) -> dict:
@@ -101,7 +101,7 @@ def main() -> None:
                                  ("max_denoising_steps", args.max_denoising_steps)) if v is not None}
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     llm = LLM(args.model, max_num_seqs=args.batch)
-    seen = {t.prompt_key for t in training_tasks(0)}
+    seen = training_prompts()
     phrasings = ("train", "held_out") if args.phrasing == "both" else (args.phrasing,)
     result = {"model": args.model, "machine": machine(), "n": args.n, "sampler": sampler,
               "examples": "validation" if args.validation else "held-out", "families": {}}

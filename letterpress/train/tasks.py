@@ -353,10 +353,18 @@ HELD_OUT_SEED = 424_242  # held-out examples (benchmarks/default_model.py, tests
 VALIDATION_SEED = 535_353  # examples for choosing sampler settings, so the held-out ones stay untouched
 
 
-def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, ...] = tuple(FAMILIES)) -> list[Task]:
-    """`n` tasks, the families in turn (a seeded choice each), from one seeded stream."""
+def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, ...] = tuple(FAMILIES),
+               weights: dict[str, float] | None = None) -> list[Task]:
+    """`n` tasks from one seeded stream: each a seeded choice of family, uniform over `families`, or drawn in
+    proportion to `weights` (family -> weight; families it leaves out are never drawn)."""
     rng = random.Random(seed)
-    return [FAMILIES[rng.choice(families)](rng, phrasing) for _ in range(n)]
+    if weights is None:
+        return [FAMILIES[rng.choice(families)](rng, phrasing) for _ in range(n)]
+    unknown = sorted(set(weights) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown task families {unknown}")
+    names, w = list(weights), list(weights.values())
+    return [FAMILIES[rng.choices(names, w)[0]](rng, phrasing) for _ in range(n)]
 
 
 def held_out_tasks(family: str, n: int, phrasing: str = "train", exclude: set[str] | None = None,
