@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from letterpress.apps.sudoku import augment, count_solutions, format_grid, generate, is_solution, parse_grid, solve
+from letterpress.apps.sudoku import (augment, count_solutions, format_grid, generate, harder_than_trained,
+                                     is_solution, parse_grid, solve)
 
 
 def test_generated_puzzles_are_unique_and_consistent():
@@ -66,6 +67,15 @@ def test_parse_refuses_contradictory_givens():
         parse_grid(empty[:4] + "4" + empty[5:76] + "4" + empty[77:])
     with pytest.raises(ValueError, match=r"9 appears twice in box 5 \(cells r4c4 and r6c6\)"):
         parse_grid(empty[:30] + "9" + empty[31:50] + "9" + empty[51:])
+
+
+def test_the_harder_than_trained_note_counts_the_givens_once():
+    """One function counts a puzzle's givens for the note: the CLI's message and the server's fields come from it."""
+    puzzle, _ = generate(1, givens=(30, 30), seed=4)[0]
+    note = harder_than_trained(puzzle, (32, 40))
+    assert note.givens == 30 and note.trained_givens == (32, 40)
+    assert note.message.startswith("this puzzle has 30 givens; the model was trained on puzzles with 32-40, ")
+    assert harder_than_trained(puzzle, (30, 40)) is None and harder_than_trained(puzzle, None) is None
 
 
 def test_training_stream_givens_and_recipes():

@@ -13,6 +13,7 @@ generated puzzles give an endless training stream.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 DIGITS = "123456789"
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
@@ -296,12 +297,25 @@ def format_grid(grid: str, blank: str = ".") -> str:
     return "\n".join(lines)
 
 
-def harder_than_trained(puzzle: str, trained: tuple[int, int] | None) -> str | None:
-    """What to tell the user when `puzzle` has fewer givens than the checkpoint was trained on (`trained`, from
-    `trained_givens`), else None (also when the checkpoint does not say). The CLI prints it on stderr; the
-    server returns it as `usage.letterpress.harder_than_trained`."""
+@dataclass(frozen=True)
+class HarderThanTrained:
+    """A puzzle with fewer givens than the checkpoint was trained on: the counts and what to tell the user."""
+
+    givens: int
+    trained_givens: tuple[int, int]  # (fewest, most), from `trained_givens`
+
+    @property
+    def message(self) -> str:
+        low, high = self.trained_givens
+        return (f"this puzzle has {self.givens} givens; the model was trained on puzzles with {low}-{high}, "
+                "so it is harder than anything the model learned and it may find no valid solution")
+
+
+def harder_than_trained(puzzle: str, trained: tuple[int, int] | None) -> HarderThanTrained | None:
+    """The note for `puzzle` when it has fewer givens than the checkpoint was trained on (`trained`, from
+    `trained_givens`), else None (also when the checkpoint does not say). The one place that counts the givens
+    for it: the CLI prints its message on stderr; the server returns it as `usage.letterpress.harder_than_trained`."""
     givens = 81 - puzzle.count("0")
     if trained is None or givens >= trained[0]:
         return None
-    return (f"this puzzle has {givens} givens; the model was trained on puzzles with {trained[0]}-{trained[1]}, "
-            "so it is harder than anything the model learned and it may find no valid solution")
+    return HarderThanTrained(givens, (trained[0], trained[1]))

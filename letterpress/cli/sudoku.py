@@ -59,8 +59,8 @@ def harder_than_trained(puzzle: str, model_dir) -> str | None:
     """The note for a puzzle with fewer givens than the checkpoint was trained on, or None."""
     from ..apps import sudoku
 
-    message = sudoku.harder_than_trained(puzzle, sudoku.trained_givens(model_dir))
-    return None if message is None else "note: " + message
+    note = sudoku.harder_than_trained(puzzle, sudoku.trained_givens(model_dir))
+    return None if note is None else "note: " + note.message
 
 
 def run(args: argparse.Namespace) -> int:

@@ -90,11 +90,11 @@ def harder_puzzle_note(trained: tuple[int, int] | None, prompt) -> dict:
         puzzle = parse_prompt(prompt)
     except ValueError:  # not a puzzle: nothing to say
         return {}
-    message = harder_than_trained(puzzle, trained)
-    if message is None:
+    note = harder_than_trained(puzzle, trained)
+    if note is None:
         return {}
-    return {"harder_than_trained": {"givens": 81 - puzzle.count("0"), "trained_givens": list(trained),
-                                    "message": message}}
+    return {"harder_than_trained": {"givens": note.givens, "trained_givens": list(note.trained_givens),
+                                    "message": note.message}}
 
 
 def refuse(message: str, param: str, code: str = "invalid_value") -> ApiError:
