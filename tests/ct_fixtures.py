@@ -4,6 +4,7 @@ compressed-tensors integration, for tests/test_quant_load.py."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,13 +63,22 @@ def library_dequantized(quantized: Path, out: Path) -> Path:
     """Load a compressed-tensors checkpoint with transformers and let compressed-tensors dequantize it
     (`CompressedTensorsConfig(dequantize=True)`), then save the float model: the library's own reading of
     the same weights."""
+    dequantizing_load(quantized).save_pretrained(out)
+    return out
+
+
+def dequantizing_load(folder: Path):
+    """transformers' DiffusionGemma from a compressed-tensors checkpoint, dequantized on load as its docs show
+    (`quantization_config=CompressedTensorsConfig(dequantize=True)`). transformers then warns that the passed
+    loading attribute overrides the checkpoint's: what we ask for, so that one warning is silenced here."""
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(quantized,
-                                                            quantization_config=CompressedTensorsConfig(dequantize=True))
-    model.save_pretrained(out)
-    return out
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "You passed `quantization_config` or equivalent parameters to "
+                                "`from_pretrained` but the model you're loading already has", UserWarning)
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(
+            folder, quantization_config=CompressedTensorsConfig(dequantize=True))
 
 
 def has_nvfp4() -> bool:

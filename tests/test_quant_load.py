@@ -22,7 +22,8 @@ from .fast_fixtures import save_checkpoint
 ct = pytest.importorskip("compressed_tensors")
 pytest.importorskip("transformers")
 
-from .ct_fixtures import CT_TEXT, has_nvfp4, library_dequantized, library_quantized  # noqa: E402
+from .ct_fixtures import (CT_TEXT, dequantizing_load, has_nvfp4, library_dequantized,  # noqa: E402
+                          library_quantized)
 from .reference import build_reference  # noqa: E402
 
 
@@ -118,13 +119,9 @@ def test_quantized_checkpoint_loads_without_float_weights(quantized_checkpoints,
 def test_transformers_reads_our_quantized_linear_layers(quantized_checkpoints):
     """The layout is compressed-tensors': transformers + compressed-tensors dequantize our int4 linear
     layers to exactly our dequantized weights (the packed experts are ours alone; see README)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
     folder = quantized_checkpoints / "int4"
     ours = load_model(folder)
-    theirs = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        folder, quantization_config=CompressedTensorsConfig(dequantize=True)).state_dict()
+    theirs = dequantizing_load(folder).state_dict()
     for name in ("layers.0.self_attn.q_proj", "layers.1.self_attn.o_proj", "layers.3.mlp.up_proj",
                  "self_conditioning.down_proj"):
         expected = theirs[f"model.decoder.{name}.weight"].float()

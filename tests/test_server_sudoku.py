@@ -4,6 +4,7 @@ with the shipped Sudoku model (letterpress/assets/sudoku), through a real HTTP c
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,11 +26,16 @@ SOLUTION = "37169245852614893789457361278392416516238579494576128341983752625841
 
 
 @pytest.fixture(scope="module")
-def served():
+def live():
     llm = LLM(ASSETS / "sudoku", max_num_seqs=4, max_model_len=256)
     live = LiveServer(llm, ServerConfig(served_model_names=[MODEL]))
-    yield live.url, llm
+    yield live
     live.stop()
+
+
+@pytest.fixture(scope="module")
+def served(live):
+    return live.url, live.server_state.llm
 
 
 def expected_forwards(llm: LLM, puzzle: str, seed: int) -> int:
@@ -220,6 +226,80 @@ def test_the_search_passes_count_in_metrics(served):
     assert counted == [solved["usage"]["letterpress"]["rule_mask"]["forwards"], 81, 1]
     unsolved, counted = deltas(lambda: solve(url, seed=3, max_denoising_steps=2))
     assert unsolved["choices"][0]["text"] == "" and counted == [2, 0, 1]
+
+
+def test_a_search_is_a_running_row_and_a_failed_one_counts_its_steps(served, monkeypatch):
+    """While a search runs, /metrics counts it in letterpress_running_rows (it holds a slot as a plain row does);
+    a search that ends without a solution still records its passes in the steps-per-canvas histogram."""
+    url, _ = served
+    third_pass = threading.Event()
+    real_forward = RuledDiffusionSearch.forward
+
+    def forward(self):  # the third (and last) pass waits for the test: the search is surely in flight meanwhile
+        if self.forwards == 2:
+            third_pass.wait(DEADLINE_S)
+        return real_forward(self)
+
+    monkeypatch.setattr(RuledDiffusionSearch, "forward", forward)
+    names = ("letterpress_steps_per_canvas_count", "letterpress_steps_per_canvas_sum")
+    before = [metric(url, name) for name in names]
+    body = {"model": MODEL, "prompt": PUZZLE, "rule_mask": "sudoku", "seed": 3, "max_denoising_steps": 3,
+            "stream": True, "stream_options": {"denoising_preview": True}}
+    running, previews = None, 0
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=DEADLINE_S) as response:
+            for line in response.iter_lines():
+                previews += line.startswith("event: denoising_preview")
+                if previews == 2 and running is None and line.startswith("data:"):
+                    running = metric(url, "letterpress_running_rows")  # the metrics of the first pass's step
+                    third_pass.set()
+    finally:
+        third_pass.set()
+    assert running == 1 and previews == 3
+    assert metric(url, "letterpress_running_rows") == 0
+    # unsolved in 3 passes (10 solve it): one canvas of 3 steps, as a plain canvas that ran out of steps
+    assert [metric(url, name) - b for name, b in zip(names, before)] == [1, 3]
+
+
+def test_a_step_with_both_kinds_of_rows_updates_the_metrics_once(live, monkeypatch):
+    """A step that runs scheduler rows and a search's pass updates the metrics once, after both: then the
+    running rows are the plain row and the search, and the decoder steps count the passes of both."""
+    engine, llm = live.server_state.engine, live.server_state.llm
+    metrics = engine.metrics
+    steps: list[dict] = []
+    real_step, real_after_step, real_forward = engine._step, metrics.after_step, RuledDiffusionSearch.forward
+
+    def step():
+        steps.append({"kinds": (engine.scheduler.has_work(), bool(engine._tasks)), "updates": 0})
+        real_step()
+
+    def after_step(*args, **kwargs):  # what a client would read from /metrics next (before the answers go out)
+        real_after_step(*args, **kwargs)
+        steps[-1]["updates"] += 1
+        steps[-1].update(running=metrics.running_rows, decoder_steps=metrics.decoder_steps,
+                         passes=llm.runner.decoder_passes - engine._passes_at_start + engine._task_passes)
+
+    def forward(self):  # the search's second pass waits until the plain request is in the engine's inbox
+        deadline = time.monotonic() + DEADLINE_S
+        while self.forwards == 1 and engine._inbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_forward(self)
+
+    monkeypatch.setattr(engine, "_step", step)
+    monkeypatch.setattr(metrics, "after_step", after_step)
+    monkeypatch.setattr(RuledDiffusionSearch, "forward", forward)
+    plain = {"model": MODEL, "prompt": prompt_text(PUZZLE), "temperature": 0, "max_tokens": 81}
+    with ThreadPoolExecutor(2) as pool:
+        search = pool.submit(solve, live.url, seed=3)
+        deadline = time.monotonic() + DEADLINE_S
+        while not steps and time.monotonic() < deadline:  # the search's first step has begun
+            time.sleep(0.01)
+        other = pool.submit(httpx.post, live.url + "/v1/completions", json=plain, timeout=DEADLINE_S)
+        search, other = search.result(), other.result()
+    assert search.json()["choices"][0]["text"] == SOLUTION and other.status_code == 200
+    both = [s for s in steps if s["kinds"] == (True, True)]
+    assert both and all(s["updates"] == 1 for s in steps)
+    assert both[0]["running"] == 2 and all(s["decoder_steps"] == s["passes"] for s in steps)
 
 
 def aborted_rows(url: str) -> int:

@@ -292,8 +292,8 @@ def test_micro_batches_group_by_length_and_train_as_one_batch(tmp_path, base_dir
     lengths = [int(b.sequence_lengths[0]) for b in cut.step_batches(0)]
     assert lengths == sorted(lengths)
     whole = Trainer(trainer_config(tmp_path / "b", base_dir, data_file, steps=1, micro_batch_size=4))
-    for trainer in (cut, whole):  # keep the step's gradients to compare them
-        trainer.optimizer.step = trainer.optimizer.zero_grad = lambda *args, **kwargs: None
+    for trainer in (cut, whole):  # keep the step's gradients to compare them (the step itself leaves them alone)
+        trainer.optimizer.zero_grad = lambda *args, **kwargs: None
     a, b = cut.train_step(), whole.train_step()
     assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
     for p, q in zip(cut.model.parameters(), whole.model.parameters()):
@@ -396,6 +396,7 @@ def test_lora_save_load_merge_round_trip(tmp_path):
     torch.testing.assert_close(by_state["layers.0.self_attn.q_proj.weight"], merged.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
 def test_peft_loads_our_adapter_on_transformers(tmp_path, base_dir):
     """Our adapter folder, loaded by PEFT onto transformers' model, computes what our LoRA model computes."""
     transformers = pytest.importorskip("transformers")

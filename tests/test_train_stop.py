@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from letterpress.cli import main as cli_main
 from letterpress.train.loss import Example, LossConfig, loss_sums, make_batch
-from letterpress.train.trainer import StopSignals, TrainConfig, Trainer, forward_tokens
+from letterpress.train.trainer import StopSignals, TrainConfig, Trainer, TrainResult, forward_tokens
 
 from .train_fixtures import (CANVAS, addition_lines, make_checkpoint, make_tokenizer, sigterm_after_first_log,
                              tiny_model, write_jsonl)
@@ -169,6 +169,17 @@ def test_stop_signals_only_in_the_main_thread_and_ranks_agree():
         time.sleep(0.01)
         assert signals.agreed(DistEnv()) == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("signum, status", [(None, 0), (signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_and_its_stop_signals_give_one_exit_status(signum, status):
+    """TrainResult's exit status is StopSignals' rule (128 + the signal, what a shell reports), so the Trainer
+    and the VLM loops, which return StopSignals' own, cannot disagree."""
+    signals = StopSignals(announce=False)
+    signals.signum = signum
+    result = TrainResult(step=1, finished=signum is None, last=None, eval={}, model_dir=None, adapter_dir=None,
+                         stopped_by=signum)
+    assert result.exit_status == signals.exit_status == StopSignals.status(signum) == status
 
 
 def test_a_signal_during_the_last_step_leaves_the_outputs_to_the_next_run(tmp_path, base_dir, data_file):

@@ -202,8 +202,9 @@ class EngineLoop:
                 self._add(*message[1:])
             else:
                 for request_id in message[1]:
-                    if request_id in self._tasks:
+                    if request_id in self._tasks:  # gone at once (a scheduler row leaves at its next step)
                         request, _ = self._tasks.pop(request_id)
+                        self._update_metrics()  # no step may follow to update the running rows
                         self._deliver(stopped_output(request, "abort"))
                     else:
                         self.scheduler.abort(request_id)
@@ -231,15 +232,11 @@ class EngineLoop:
         return counted
 
     def _step(self) -> None:
-        """One scheduler step, then one pass of every task row, each followed by its answers."""
-        if self.scheduler.has_work():
-            self._answer_all(self._scheduler_step())
+        """One scheduler step and one pass of every task row; then the metrics, once, and the finished rows'
+        answers: a client that reads /metrics after its answer sees the passes that made it."""
+        outputs = self._scheduler_step() if self.scheduler.has_work() else []
         if self._tasks:
-            self._answer_all(self._advance_tasks())
-
-    def _answer_all(self, outputs: list[RequestOutput]) -> None:
-        """The metrics first, then the finished rows' answers: a client that reads /metrics after its answer
-        sees the passes that made it."""
+            outputs += self._advance_tasks()
         self._update_metrics()
         for output in outputs:
             self._deliver(output)
@@ -273,9 +270,10 @@ class EngineLoop:
             return self._fail_everything(EngineError(f"the engine step failed: {type(e).__name__}: {e}"))
 
     def _update_metrics(self) -> None:
-        """Decoder passes since start-up: the scheduler's batched passes and the tasks' own, one each."""
+        """Decoder passes since start-up: the scheduler's batched passes and the tasks' own, one each. The task
+        rows run at once (they never wait for a slot), so they count as running."""
         self.metrics.after_step(self.llm.runner.decoder_passes - self._passes_at_start + self._task_passes,
-                                self.scheduler.num_waiting, self.scheduler.num_running,
+                                self.scheduler.num_waiting, self.scheduler.num_running + len(self._tasks),
                                 self.llm.runner.cache.usage(),
                                 self.scheduler.prefix_cache_queries - self._prefix_at_start[0],
                                 self.scheduler.prefix_cache_hits - self._prefix_at_start[1])

@@ -114,7 +114,8 @@ class Metrics:
                     for r, n in sorted(self.finished_rows.items())])
             metric("letterpress_queue_length", "gauge", "Rows waiting for a free slot.",
                    [f"letterpress_queue_length {self.queue_length}"])
-            metric("letterpress_running_rows", "gauge", "Rows holding a slot (encoding or denoising).",
+            metric("letterpress_running_rows", "gauge", "Rows holding a slot (encoding or denoising, or a rule-mask "
+                   "search).",
                    [f"letterpress_running_rows {self.running_rows}"])
             metric("letterpress_kv_cache_usage_perc", "gauge", "KV-cache usage, 0 to 1: the fraction of the block "
                    "pools' bytes that rows hold; cached blocks nobody holds count as free (vllm:kv_cache_usage_perc).",
@@ -137,7 +138,8 @@ class Metrics:
                    [f"letterpress_tokens_per_second {tokens_rate:.3f}"])
             metric("letterpress_tokens_per_forward", "histogram", "Per finished row: tokens / decoder passes.",
                    self.tokens_per_forward.lines("letterpress_tokens_per_forward"))
-            metric("letterpress_steps_per_canvas", "histogram", "Denoising steps each finished canvas took.",
+            metric("letterpress_steps_per_canvas", "histogram", "Denoising steps each finished canvas took (a "
+                   "rule-mask search: its passes, solved or not).",
                    self.steps_per_canvas.lines("letterpress_steps_per_canvas"))
             metric("letterpress_model_info", "gauge", "The served model.",
                    [f'letterpress_model_info{{model="{_label(model)}"}} 1'])

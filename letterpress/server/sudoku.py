@@ -67,7 +67,9 @@ class SudokuTask:
         answer = s.text() if s.solved else ""
         solved = is_solution(answer, self.puzzle)  # valid by construction; checked all the same
         token_ids = self.board_ids(s.board) if solved else []
-        if solved and request.listener is not None:
+        # the finished canvas, empty without a solution: its passes count in /metrics' steps per canvas all the
+        # same, as a plain canvas's that ran out of steps
+        if request.listener is not None:
             request.listener(CanvasEvent(request.request_id, 0, forwards, token_ids, True, accepted=len(accepted)))
         blanks = self.puzzle.count("0")
         stats = {"name": "sudoku", "solved": solved, "forwards": forwards, "max_forwards": self.search.max_forwards,

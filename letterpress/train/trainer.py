@@ -156,9 +156,8 @@ class TrainResult:
 
     @property
     def exit_status(self) -> int:
-        """The process's exit status: 128 + the signal that stopped the run (130 for SIGINT, 143 for SIGTERM:
-        what a shell reports for a process the signal killed), else 0."""
-        return 128 + self.stopped_by if self.stopped_by else 0
+        """The process's exit status: StopSignals' for the signal that stopped the run, else 0."""
+        return StopSignals.status(self.stopped_by)
 
 
 class StopSignals:
@@ -177,7 +176,7 @@ class StopSignals:
             save_resume_checkpoint()
         if signals.signum:
             print(f"stopped at step {step} of {steps}; run the same command again to resume", file=sys.stderr)
-            return 128 + signals.signum
+            return signals.exit_status
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in this order of precedence when ranks got different ones
@@ -205,8 +204,14 @@ class StopSignals:
 
     @property
     def exit_status(self) -> int:
-        """128 + the signal that asked to stop (130 for SIGINT, 143 for SIGTERM), else 0."""
-        return 128 + self.signum if self.signum is not None else 0
+        """The exit status for the signal that asked to stop (`status`)."""
+        return self.status(self.signum)
+
+    @staticmethod
+    def status(signum: int | None) -> int:
+        """128 + the signal (130 for SIGINT, 143 for SIGTERM: what a shell reports for a process the signal
+        killed), or 0 for no signal: the one rule for a stopped run's exit status (TrainResult uses it too)."""
+        return 128 + signum if signum is not None else 0
 
     def _request(self, signum: int, frame) -> None:
         if self.signum is not None:  # asked twice: stop waiting for the step to end
