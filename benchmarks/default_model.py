@@ -57,6 +57,9 @@ def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **samp
     wrong = [(t.messages[0]["content"], t.answer, r) for t, r, ok in zip(tasks, raws, right) if not ok]
     return {"exact": sum(right) / len(right), "n": len(right),
             "tokens_per_forward": statistics.mean(o.tokens_per_forward for o in outs),
+            # all the family's tokens over all its passes (what "N tokens per forward" means for a server's load)
+            "tokens_per_forward_pooled": sum(o.tokens_per_forward * sum(o.steps_per_canvas) for o in outs)
+            / max(1, sum(sum(o.steps_per_canvas) for o in outs)),
             "steps": statistics.mean(sum(o.steps_per_canvas) for o in outs),
             "answer_tokens": statistics.mean(len(o.token_ids) for o in outs), "wrong_samples": wrong[:3]}
 
@@ -88,6 +91,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--entropy-bound", type=float, default=None, help="sampler setting (default: the checkpoint's)")
     ap.add_argument("--max-denoising-steps", type=int, default=None)
+    ap.add_argument("--stability-threshold", type=int, default=None,
+                    help="sampler setting: 0 lets a confident canvas stop after one pass (default: the checkpoint's)")
+    ap.add_argument("--confidence-threshold", type=float, default=None, help="sampler setting")
     ap.add_argument("--validation", action="store_true",
                     help="examples of the validation seed (for choosing sampler settings), not the held-out ones")
     ap.add_argument("--json", default=None)
@@ -98,7 +104,9 @@ def main() -> None:
 
     families = args.families.split(",")
     sampler = {k: v for k, v in (("entropy_bound", args.entropy_bound),
-                                 ("max_denoising_steps", args.max_denoising_steps)) if v is not None}
+                                 ("max_denoising_steps", args.max_denoising_steps),
+                                 ("stability_threshold", args.stability_threshold),
+                                 ("confidence_threshold", args.confidence_threshold)) if v is not None}
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     llm = LLM(args.model, max_num_seqs=args.batch)
     seen = training_prompts()
@@ -127,8 +135,10 @@ def main() -> None:
     result["mean_exact"] = statistics.mean(r["exact"] for r in main_runs)
     result["min_exact"] = min(r["exact"] for r in main_runs)
     result["tokens_per_forward"] = statistics.mean(r["tokens_per_forward"] for r in main_runs)
+    result["tokens_per_forward_pooled"] = statistics.mean(r["tokens_per_forward_pooled"] for r in main_runs)
     print(f"mean exact {100 * result['mean_exact']:.1f}%, worst family {100 * result['min_exact']:.1f}%, "
-          f"tokens per forward {result['tokens_per_forward']:.2f} (mean over families)")
+          f"tokens per forward {result['tokens_per_forward']:.2f} (mean over families of the mean over replies; "
+          f"{result['tokens_per_forward_pooled']:.2f} with each family's tokens pooled over its passes)")
     if args.latency:
         result["latency"] = latency(llm, families, args.latency, **sampler)
         print(f"reply latency (batch 1, {args.threads} thread): median {result['latency']['median_s']:.3f} s, "

@@ -27,6 +27,28 @@ def test_families_are_seeded_and_every_family_is_drawn():
     assert [t.answer for t in T.make_tasks(50, 6)] != [t.answer for t in a[:50]]
 
 
+def test_family_weights_set_the_mix_and_an_unweighted_stream_is_unchanged():
+    from collections import Counter
+
+    assert [t.prompt_key for t in T.make_tasks(40, 5, weights=None)] == [t.prompt_key for t in T.make_tasks(40, 5)]
+    counts = Counter(t.family for t in T.make_tasks(3000, 5, weights={"arithmetic": 3.0, "case": 1.0}))
+    assert set(counts) == {"arithmetic", "case"} and 2.5 < counts["arithmetic"] / counts["case"] < 3.5
+    with pytest.raises(ValueError, match="unknown task families"):
+        T.make_tasks(1, 5, weights={"poetry": 1.0})
+
+
+def test_the_focus_recipe_draws_the_weak_families_most_and_the_benchmark_excludes_its_prompts():
+    from collections import Counter
+
+    from letterpress.train.recipes_tasks import FOCUS_WEIGHTS, training_prompts
+
+    focus = training_tasks(0, 2000, weights=FOCUS_WEIGHTS)
+    counts = Counter(t.family for t in focus)
+    assert counts["sort_dedup"] > 4 * counts["tool_call"]
+    seen = training_prompts(2000)
+    assert {t.prompt_key for t in focus + training_tasks(0, 2000)} == seen
+
+
 @pytest.mark.parametrize("family", sorted(T.FAMILIES))
 def test_answers_are_right(family):
     """Spot checks that the expected answers are what the instruction asks for."""

@@ -119,9 +119,9 @@ def training_tasks(seed: int, n: int = TASKS_STREAM, weights: dict[str, float] |
     return T.make_tasks(n, T.TRAIN_SEED + seed, weights=weights)
 
 
-def training_prompts() -> set[str]:
+def training_prompts(n: int = TASKS_STREAM) -> set[str]:
     """The prompts of both recipes' seed-0 streams (every run so far): what a held-out example must not be."""
-    return {t.prompt_key for w in (None, FOCUS_WEIGHTS) for t in training_tasks(0, weights=w)}
+    return {t.prompt_key for w in (None, FOCUS_WEIGHTS) for t in training_tasks(0, n, weights=w)}
 
 
 def tasks_data(tokenizer: Tokenizer, seed: int,
