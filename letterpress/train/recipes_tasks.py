@@ -256,6 +256,7 @@ def ship(model_dir: str | Path, out_dir: str | Path = TASKS_DIR, fmt: str = SHIP
         state = load_file(str(quantized / SINGLE_FILE))
         state[EMBEDDING] = state[EMBEDDING].to(embedding_dtype)
         save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        (out_dir / SINGLE_FILE).chmod(0o644)  # safetensors writes 0600; the package's files are world-readable
         shutil.copyfile(quantized / "config.json", out_dir / "config.json")
     shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
     for name in TOKENIZER_FILES:
