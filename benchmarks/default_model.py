@@ -2,7 +2,7 @@
 held-out examples, tokens per forward, and the latency of one reply.
 
     python benchmarks/default_model.py [--model letterpress/assets/tiny_tasks] [--n 100] [--threads 1]
-        [--phrasing train|held_out|both] [--plain] [--json out.json] [--plot DIR]
+        [--phrasing train|held_out|both] [--plain] [--json out.json] [--plot DIR] [--prompt TEXT --seeds N]
 
 Examples: `letterpress.train.tasks.held_out_tasks`, a seed no training stream uses, and none whose prompt occurs
 in the recipe's training stream (seed 0). `--phrasing held_out` asks in a wording of each family that training
@@ -13,6 +13,9 @@ Exact match: a text answer must equal the expected text exactly (the content `ch
 a tool call must come out as exactly one call of the expected name whose JSON arguments equal the expected ones
 (what the agent API returns). `--plain` also scores the single-turn families without the chat template
 (`letterpress generate "..."`, which the README's first command uses).
+
+`--prompt TEXT --seeds N`: only that plain prompt (as `letterpress generate "TEXT" --seed S` runs it), seeds
+0..N-1, and how many times each distinct answer came out (how the README's first command was checked).
 
 Latency: `--latency N` single requests (batch 1) in turn, one per family in rotation, wall time from the call to
 the decoded reply; median and 90th percentile.
@@ -79,6 +82,21 @@ def latency(llm, families: list[str], n: int, **sampler) -> dict:
     return {"median_s": statistics.median(seconds), "p90_s": seconds[int(0.9 * (len(seconds) - 1))], "n": n}
 
 
+def prompt_seeds(llm, prompt: str, seeds: int, batch: int, **sampler) -> None:
+    from collections import Counter
+
+    from letterpress import SamplingParams
+
+    answers: Counter = Counter()
+    for start in range(0, seeds, batch):
+        n = min(batch, seeds - start)
+        outs = llm.generate([prompt] * n, [SamplingParams(seed=start + i, **sampler) for i in range(n)])
+        answers.update(o.text for o in outs)
+    print(f"{prompt!r}, plain, seeds 0-{seeds - 1}:")
+    for text, count in answers.most_common():
+        print(f"  {count:4d} x {text!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(TASKS_DIR))
@@ -96,6 +114,8 @@ def main() -> None:
     ap.add_argument("--confidence-threshold", type=float, default=None, help="sampler setting")
     ap.add_argument("--validation", action="store_true",
                     help="examples of the validation seed (for choosing sampler settings), not the held-out ones")
+    ap.add_argument("--prompt", default=None, help="only this plain prompt, over --seeds seeds")
+    ap.add_argument("--seeds", type=int, default=50)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="folder for the charts (exact match, tokens per forward by family)")
     args = ap.parse_args()
@@ -109,6 +129,9 @@ def main() -> None:
                                  ("confidence_threshold", args.confidence_threshold)) if v is not None}
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     llm = LLM(args.model, max_num_seqs=args.batch)
+    if args.prompt is not None:
+        prompt_seeds(llm, args.prompt, args.seeds, args.batch, **sampler)
+        return
     seen = training_prompts()
     phrasings = ("train", "held_out") if args.phrasing == "both" else (args.phrasing,)
     result = {"model": args.model, "machine": machine(), "n": args.n, "sampler": sampler,

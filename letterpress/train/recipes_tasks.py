@@ -1,7 +1,8 @@
 """The recipe of the embedded default model, `tiny-tasks`: short reformatting jobs, tool calls and tool answers
 (letterpress.train.tasks) in the Gemma 4 chat format, trained from scratch.
 
-    letterpress train --recipe tiny-tasks --output runs/tiny-tasks    # -> letterpress/assets/tiny_tasks
+    letterpress train --recipe tiny-tasks --output runs/tiny-tasks
+    python -m letterpress.train.recipes_tasks ship runs/tiny-tasks/model    # -> letterpress/assets/tiny_tasks
 
 The tokenizer (`build_tasks_tokenizer`) is a byte-level BPE trained on the generated conversations, with the
 Gemma 4 control tokens (<|turn>, <turn|>, <|tool_call>, ...) as single special ids, digits split one per
@@ -13,11 +14,17 @@ Registered from recipes.py.
 
 from __future__ import annotations
 
+import argparse
+import filecmp
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
-from ..embedded import ASSETS
+import torch
+
+from ..embedded import ASSETS, TOKENIZER_FILES
+from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import tasks as T
 from .data import TokenizedDataset
@@ -32,6 +39,8 @@ TASKS_CANVAS = 40  # every answer (at most 36 tokens with its end marker) fits o
 TASKS_VOCAB = 2048
 PLAIN_SHARE = 0.15  # share of single-turn examples given as a plain prompt (`letterpress generate` without a template)
 TASKS_STREAM = 80_000
+SHIP_FORMAT = "int8"  # how the default ships: assets/ holds every embedded model within 25 MB (issue 16)
+EMBEDDING = "model.decoder.embed_tokens.weight"
 
 
 def _renderer() -> Tokenizer:
@@ -219,3 +228,60 @@ register(Recipe(
     tokenizer=str(TASKS_DIR),
     hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "lr": 1e-3, "warmup_steps": 50},
 ))
+
+
+def ship(model_dir: str | Path, out_dir: str | Path = TASKS_DIR, fmt: str = SHIP_FORMAT,
+         embedding_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a trained float tiny-tasks model (a run's `model` folder) into `out_dir` (assets/tiny_tasks) as the
+    shipped default: `letterpress quantize`'s weight-only `fmt` checkpoint (compressed-tensors; the linear
+    layers and experts quantized, routers and norms as stored), with the embedding, the one large tensor left
+    in float, stored as `embedding_dtype` (the engine casts it back to its own dtype on load), plus config.json
+    and the model's generation_config.json. The tokenizer files in `out_dir` stay: they must be the ones the
+    model was trained with (a folder without them gets the model's)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..checkpoint import SINGLE_FILE
+    from ..quant_save import quantize_checkpoint
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if not (model_dir / name).is_file():
+            raise CheckpointError(f"{model_dir}: no {name}; ship a model folder a tiny-tasks run wrote")
+        if (out_dir / name).is_file() and not filecmp.cmp(model_dir / name, out_dir / name, shallow=False):
+            raise CheckpointError(f"{model_dir / name} differs from {out_dir / name}: the model was trained with "
+                                  "another tokenizer than the one shipped; ship into an empty folder or replace both")
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = quantize_checkpoint(model_dir, Path(tmp) / "model", fmt)
+        state = load_file(str(quantized / SINGLE_FILE))
+        state[EMBEDDING] = state[EMBEDDING].to(embedding_dtype)
+        save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        (out_dir / SINGLE_FILE).chmod(0o644)  # safetensors writes 0600; the package's files are world-readable
+        shutil.copyfile(quantized / "config.json", out_dir / "config.json")
+    shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
+    for name in TOKENIZER_FILES:
+        if not (out_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m letterpress.train.recipes_tasks",
+                                 description="tiny-tasks, the embedded default model: ship a trained one")
+    commands = ap.add_subparsers(dest="command", required=True)
+    sh = commands.add_parser("ship", help="write a trained model folder into letterpress/assets/tiny_tasks")
+    sh.add_argument("model", help="the float model folder a run wrote (RUN/model)")
+    sh.add_argument("--out", default=str(TASKS_DIR))
+    sh.add_argument("--format", default=SHIP_FORMAT, choices=("int8", "int4"))
+    args = ap.parse_args(argv)
+    try:
+        out = ship(args.model, args.out, args.format)
+    except CheckpointError as e:
+        ap.exit(2, f"error: {e}\n")
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    print(f"shipped {args.model} into {out} ({args.format}, {(out / 'model.safetensors').stat().st_size:,} bytes of "
+          f"weights); everything under {ASSETS}: {total:,} bytes")
+
+
+if __name__ == "__main__":
+    main()
