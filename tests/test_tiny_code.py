@@ -1,5 +1,6 @@
-"""The shipped models end to end: tiny-code (the embedded default model) loads and generates; the `sudoku`
-command solves a puzzle from the command line."""
+"""The shipped models end to end: tiny-code (the code model the infill and edit examples use; the default when
+LETTERPRESS_DEFAULT_MODEL=tiny_code, as tests/conftest.py sets it) loads and generates; the `sudoku` command
+solves a puzzle from the command line."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ shipped = pytest.mark.skipif("tiny_code" not in shipped_models(), reason="tiny-c
 
 
 @shipped
-def test_tiny_code_is_the_default_model():
+def test_tiny_code_is_shipped_and_the_environment_variable_makes_it_the_default(monkeypatch):
+    monkeypatch.setenv("LETTERPRESS_DEFAULT_MODEL", "tiny_code")
     assert default_model_dir() == TINY_CODE
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja"):
