@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--stability-threshold", type=int, default=None,
                     help="sampler setting: 0 lets a confident canvas stop after one pass (default: the checkpoint's)")
     ap.add_argument("--confidence-threshold", type=float, default=None, help="sampler setting")
+    ap.add_argument("--t-min", type=float, default=None, help="sampler setting: the last step's temperature")
+    ap.add_argument("--t-max", type=float, default=None, help="sampler setting: the first step's temperature")
     ap.add_argument("--validation", action="store_true",
                     help="examples of the validation seed (for choosing sampler settings), not the held-out ones")
     ap.add_argument("--prompt", default=None, help="only this plain prompt, over --seeds seeds")
@@ -126,7 +128,8 @@ def main() -> None:
     sampler = {k: v for k, v in (("entropy_bound", args.entropy_bound),
                                  ("max_denoising_steps", args.max_denoising_steps),
                                  ("stability_threshold", args.stability_threshold),
-                                 ("confidence_threshold", args.confidence_threshold)) if v is not None}
+                                 ("confidence_threshold", args.confidence_threshold),
+                                 ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     llm = LLM(args.model, max_num_seqs=args.batch)
     if args.prompt is not None:

@@ -147,8 +147,13 @@ def test_ship_writes_what_quantizing_while_loading_gives(tmp_path, capsys):
     main(["ship", str(src), "--out", str(out)])
     assert f"into {out} (int8" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
-    for name in ("generation_config.json", *TOKENIZER_FILES):
+    for name in TOKENIZER_FILES:
         assert filecmp.cmp(src / name, out / name, shallow=False), name
+    from letterpress.train.recipes_tasks import TASKS_DECODING
+
+    generation = json.loads((src / "generation_config.json").read_text())
+    assert json.loads((out / "generation_config.json").read_text()) == {**generation, **TASKS_DECODING}
+    assert TASKS_DECODING["stability_threshold"] == 0  # the shipped sampler's one-pass stop
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_slice(EMBEDDING).get_dtype() == "BF16"
         assert f.get_slice("model.decoder.layers.0.self_attn.q_proj.weight").get_dtype() == "I8"
