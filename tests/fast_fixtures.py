@@ -52,3 +52,16 @@ def random_model(seed: int = 0, canvas: int = 16, weight_std: float = 0.08, embe
 def save_checkpoint(folder: Path, seed: int = 0, canvas: int = 16, qk_scale: float = 1.0, **text) -> Path:
     model = random_model(seed, canvas, qk_scale=qk_scale, **text)
     return save_model(model, folder, config_dict(canvas, **text), {"eos_token_id": [1], "pad_token_id": 0})
+
+
+def tensors(model) -> dict[str, torch.Tensor]:
+    """State dict with float8 viewed as bytes (torch.equal does not compare float8)."""
+    return {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The two models hold bit-identical tensors under the same names."""
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name

@@ -115,13 +115,6 @@ def test_the_shipped_default_is_stored_quantized():
 
 
 # ------------------------------------------------------------------------------------------------- ship
-def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    ta, tb = a.state_dict(), b.state_dict()
-    assert ta.keys() == tb.keys()
-    for name in ta:
-        assert torch.equal(ta[name], tb[name]), name
-
-
 def logits_of(model) -> torch.Tensor:
     """One prompt encoded, one canvas denoised: logits [1, 8, vocab]."""
     cache = model.new_cache(1, 64)
@@ -140,6 +133,7 @@ def test_ship_writes_what_quantizing_while_loading_gives(tmp_path, capsys):
     from letterpress.model import load_model
     from letterpress.quant import drift
     from letterpress.train.recipes_tasks import EMBEDDING, main
+    from .fast_fixtures import assert_same_tensors
     from .train_fixtures import make_checkpoint, make_tokenizer
 
     src = make_checkpoint(tmp_path / "model", make_tokenizer(tmp_path / "tokenizer"))

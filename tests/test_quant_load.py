@@ -17,7 +17,7 @@ from letterpress.cli import main as cli_main
 from letterpress.errors import CheckpointError
 from letterpress.quant import FORMATS, QuantExperts, QuantLinear, QuantWeight, drift, model_bytes, quantize_model
 
-from .fast_fixtures import save_checkpoint
+from .fast_fixtures import assert_same_tensors, save_checkpoint
 
 ct = pytest.importorskip("compressed_tensors")
 pytest.importorskip("transformers")
@@ -25,18 +25,6 @@ pytest.importorskip("transformers")
 from .ct_fixtures import (CT_TEXT, dequantizing_load, has_nvfp4, library_dequantized,  # noqa: E402
                           library_quantized)
 from .reference import build_reference  # noqa: E402
-
-
-def tensors(model) -> dict[str, torch.Tensor]:
-    """State dict with float8 viewed as bytes (torch.equal does not compare float8)."""
-    return {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v for k, v in model.state_dict().items()}
-
-
-def assert_same_tensors(a, b):
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    for name in ta:
-        assert torch.equal(ta[name], tb[name]), name
 
 
 def logits_of(model) -> torch.Tensor:
