@@ -244,8 +244,9 @@ def ship(model_dir: str | Path, out_dir: str | Path = TASKS_DIR, fmt: str = SHIP
     shipped default: `letterpress quantize`'s weight-only `fmt` checkpoint (compressed-tensors; the linear
     layers and experts quantized, routers and norms as stored), with the embedding, the one large tensor left
     in float, stored as `embedding_dtype` (the engine casts it back to its own dtype on load), plus config.json
-    and the model's generation_config.json with the recipe's sampler defaults (TASKS_DECODING) on top. The tokenizer files in `out_dir` stay: they must be the ones the
-    model was trained with (a folder without them gets the model's)."""
+    and the model's generation_config.json with the recipe's sampler defaults (TASKS_DECODING) on top. The
+    tokenizer files in `out_dir` stay: they must be the ones the model was trained with (a folder without them
+    gets the model's)."""
     from safetensors.torch import load_file, save_file
 
     from ..checkpoint import SINGLE_FILE
