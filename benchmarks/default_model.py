@@ -122,16 +122,26 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="folder for the charts (exact match, tokens per forward by family)")
     args = ap.parse_args()
     set_threads(args.threads)
-    from letterpress import LLM
+    from letterpress import LLM, SamplingParams
+    from letterpress.errors import LetterpressError
 
     families = args.families.split(",")
+    unknown = [f for f in families if f not in T.FAMILIES]
+    if unknown:
+        ap.error(f"--families: unknown {', '.join(map(repr, unknown))}; choose from {','.join(T.FAMILIES)}")
+    if min(args.n, args.seeds, args.batch) < 1:
+        ap.error("--n, --seeds and --batch must be at least 1")
     sampler = {k: v for k, v in (("entropy_bound", args.entropy_bound),
                                  ("max_denoising_steps", args.max_denoising_steps),
                                  ("stability_threshold", args.stability_threshold),
                                  ("confidence_threshold", args.confidence_threshold),
                                  ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
-    llm = LLM(args.model, max_num_seqs=args.batch)
+    try:  # a bad model folder or sampler override: one line, exit 2
+        llm = LLM(args.model, max_num_seqs=args.batch)
+        SamplingParams(**sampler).resolve(llm.defaults)
+    except LetterpressError as e:
+        ap.error(str(e))
     if args.prompt is not None:
         prompt_seeds(llm, args.prompt, args.seeds, args.batch, **sampler)
         return

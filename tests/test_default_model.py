@@ -188,3 +188,17 @@ def test_ship_refuses_a_model_trained_with_another_tokenizer(tmp_path):
     with pytest.raises(CheckpointError, match="another tokenizer"):
         ship(src, out)
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]  # nothing written
+
+
+@tasks_shipped
+@pytest.mark.parametrize("args, message", [
+    (["--families", "case,nosuch"], "--families: unknown 'nosuch'"),
+    (["--stability-threshold", "-1"], "stability_threshold must be an integer >= 0"),
+    (["--t-min", "1.2", "--t-max", "1.0"], "need t_min <= t_max"),
+    (["--prompt", "x", "--seeds", "0"], "--n, --seeds and --batch must be at least 1"),
+])
+def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "default_model.py"), "--n", "1", "--latency", "0",
+                          *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert message in run.stderr.strip().splitlines()[-1]
