@@ -55,7 +55,7 @@ def build_config(text: dict, canvas: int):
 
 
 @torch.no_grad()
-def random_model(config, fmt: str, device: torch.device, seed: int = 0):
+def random_model(config, fmt: str, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
     """The model with random weights made on `device`: built on the meta device, then each piece is
     allocated there, filled, and (fp8 / int4) quantized before the next piece exists."""
     from letterpress.model import DiffusionGemma
@@ -63,7 +63,7 @@ def random_model(config, fmt: str, device: torch.device, seed: int = 0):
     from letterpress.quant import quantize_module
 
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # meta parameters in bf16: `to_empty` then allocates bf16 directly
+    torch.set_default_dtype(dtype)  # meta parameters in `dtype`: `to_empty` then allocates that directly
     try:
         with torch.device("meta"):
             model = DiffusionGemma(config)
@@ -246,6 +246,43 @@ def decoder_parity(model, device: torch.device, context: int) -> dict:
             "argmax_agreement": float((plain.argmax(-1) == fast.argmax(-1)).float().mean())}
 
 
+@torch.inference_mode()
+def float32_decoder_parity(text_shape: dict, canvas: int, device: torch.device, context: int, layers: int = 6) -> dict:
+    """`decoder_parity` in float32 (TF32 off) on the first `layers` layers at the same widths: separates a
+    fast-path error from bf16 rounding, which a deep random model amplifies."""
+    config = build_config({**text_shape, "num_hidden_layers": layers}, canvas)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = random_model(config, "bf16", device, dtype=torch.float32)
+        return {f"float32_{k}": v for k, v in decoder_parity(model, device, context).items()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@torch.inference_mode()
+def quantized_experts_parity(model, device: torch.device, tokens: int) -> dict:
+    """Each quantized format's experts (the first layer's, quantized from its float weights): the grouped
+    path the GPU takes against the per-expert one, on the same input. Max |difference| over max |output|."""
+    from letterpress.quant import QuantExperts
+
+    layer = model.layers[0]
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(tokens, model.text_config.hidden_size, device=device, generator=g, dtype=model.dtype)
+    weights, index = layer.router(x)
+    out = {}
+    for fmt in ("int8", "fp8", "int4"):
+        experts = QuantExperts(layer.experts, fmt)
+        sorted_out = experts(x, weights, index)
+        experts.impl = "grouped"
+        grouped_out = experts(x, weights, index)
+        kernel = "scaled_grouped_mm" if fmt == "fp8" and experts.scaled_grouped_mm else "dequantize+grouped_mm"
+        out[f"experts_{fmt}"] = {"kernel": kernel, "rel_diff": float((grouped_out - sorted_out).abs().max()
+                                                                      / sorted_out.abs().max())}
+        del experts
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- main
 def kv_bytes(text, batch: int, context: int) -> int:
     return sum(2 * s.num_kv_heads * s.head_dim * 2 * context * batch for s in text.layers)
@@ -299,7 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity on {device.type}: fused sampler == plain sampler bit for bit: {parity['sampler_bitwise']}; "
               f"fast vs plain decoder ({args.formats[0]}, context {contexts[0]}): max |logit diff| "
               f"{parity.get('max_abs_logit_diff', float('nan')):.3g}, argmax agreement "
-              f"{parity.get('argmax_agreement', float('nan')):.4f}", flush=True)
+              f"{parity.get('argmax_agreement', float('nan')):.4f}; in float32 (6 layers): "
+              f"{parity.get('float32_max_abs_logit_diff', float('nan')):.3g}, "
+              f"{parity.get('float32_argmax_agreement', float('nan')):.4f}", flush=True)
+        for fmt in ("int8", "fp8", "int4"):
+            if f"experts_{fmt}" in parity:
+                row = parity[f"experts_{fmt}"]
+                print(f"parity on {device.type}: {fmt} experts, grouped ({row['kernel']}) vs per-expert: "
+                      f"max |diff| / max |out| {row['rel_diff']:.3g}", flush=True)
 
     def emit(row: dict) -> None:
         if not rows:
@@ -362,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         model, note = build(fmt)
         if fi == 0:
             parity.update(decoder_parity(model, device, contexts[0]))
+            parity.update(float32_decoder_parity(text_shape, canvas, device, contexts[0]))
+            if fmt == "bf16":
+                parity.update(quantized_experts_parity(model, device, canvas))
             print_parity()
         for batch in args.batch:
             for context in contexts:

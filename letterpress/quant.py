@@ -37,6 +37,7 @@ the largest float tensor. Checkpoints in the compressed-tensors layout (see "com
 from __future__ import annotations
 
 
+import logging
 import math
 from typing import Iterator, Sequence
 
@@ -46,7 +47,9 @@ from torch import nn
 
 from .errors import NotSupportedError
 from .model.layers import Experts, Router
-from .model.moe import sort_by_expert
+from .model.moe import grouped_experts, moe_forward, sort_by_expert
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("int8", "int4", "fp8")  # what we quantize float weights to
 LOADABLE_FORMATS = FORMATS + ("nvfp4",)  # what a QuantWeight holds (nvfp4 only from compressed-tensors)
@@ -298,12 +301,13 @@ class QuantWeight(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def _pick(self, name: str, expert: int | None) -> torch.Tensor:
+    def _pick(self, name: str, expert: int | slice | None) -> torch.Tensor:
         t = getattr(self, name)
         return t if expert is None else t[expert]
 
-    def dequantize(self, dtype: torch.dtype | None = None, expert: int | None = None) -> torch.Tensor:
-        """The float weight this stands for: [N, K] (one expert's for packed weights), or all of it."""
+    def dequantize(self, dtype: torch.dtype | None = None, expert: int | slice | None = None) -> torch.Tensor:
+        """The float weight this stands for: [N, K] (one expert's for packed weights; [e, N, K] for a slice of
+        experts), or all of it."""
         dtype = dtype or self.compute_dtype
         if self.fmt == "int8":
             return dequantize_int8(self._pick("q", expert), self._pick("scale", expert), dtype)
@@ -320,6 +324,18 @@ class QuantWeight(nn.Module):
                                                              self._pick("scales_and_zeros", expert))
             return wt.t().to(dtype)
         return dequantize_int4(self._pick("packed", expert), self._pick("scale", expert), self._pick("zero", expert), dtype)
+
+    def dequantize_experts(self, dtype: torch.dtype, chunk_bytes: int = 2**28) -> torch.Tensor:
+        """Every expert's float weight [E, N, K] in `dtype`, dequantized a few experts at a time so that the
+        float32 temporaries stay under `chunk_bytes` (a whole layer's are several GiB at the released shapes)."""
+        if self.kernel == "int4pack_cpu":
+            return self.dequantize(dtype)
+        experts, n, k = self.shape
+        out = torch.empty(self.shape, dtype=dtype, device=next(self.buffers()).device)
+        step = max(1, chunk_bytes // (n * k * 4))
+        for start in range(0, experts, step):
+            out[start:start + step] = self.dequantize(dtype, slice(start, start + step))
+        return out
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """x [.., K] -> x @ W^T [.., N] in x's dtype."""
@@ -359,12 +375,21 @@ class QuantLinear(nn.Module):
 
 class QuantExperts(nn.Module):
     """Drop-in for `layers.Experts` with quantized packed weights. Pairs are sorted by expert once (as the
-    fast path does); each hit expert then runs its two quantized matmuls on its slice."""
+    fast path does); then, by `impl`:
+    - "sorted" (the default, and the plain path): each hit expert runs its two quantized matmuls on its slice,
+      with the CPU's int8 / int4 kernels where they apply. On a GPU that is 2 x (up to 128) small launches a
+      layer, which bound the step (1.1 s at the released shapes on an H200, benchmarks/gpu_check.py);
+    - "grouped" (`fast.apply_fast_path` picks it on CUDA): one grouped matmul per projection. fp8 runs
+      `torch._scaled_grouped_mm` on fp8 activations where the GPU has it (SM 9.x, W8A8 as in `fp8_linear`);
+      every other format dequantizes the layer's experts (a few at a time, see `dequantize_experts`) into a
+      transient float weight and runs `torch._grouped_mm`, trading that transient for the launches."""
 
     def __init__(self, experts: nn.Module, fmt: str, group: int = INT4_GROUP, empty: bool = False):
         """`empty`: keep no weights (the experts may live on the meta device); the loader fills them."""
         super().__init__()
         self.num_experts = experts.num_experts
+        self.impl = "sorted"
+        self.scaled_grouped_mm = None  # None: not tried yet; False: failed once on this device, dequantize
 
         def make(w: torch.Tensor) -> QuantWeight:
             w = w.detach()
@@ -375,6 +400,8 @@ class QuantExperts(nn.Module):
         self.down = make(experts.down_proj)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.impl == "grouped":
+            return self.forward_grouped(x, weights, index)
         order, token, counts = sort_by_expert(index, self.num_experts)
         xs = x[token]
         ys = torch.empty_like(xs)
@@ -386,6 +413,33 @@ class QuantExperts(nn.Module):
                 start += n
         ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.gate_up.fmt == "fp8" and self._try_scaled_grouped_mm(x):
+            try:
+                return grouped_experts(x, weights, index, self.num_experts,
+                                       lambda xs, offs: fp8_grouped_linear(xs, self.gate_up.q, self.gate_up.scale, offs),
+                                       lambda xs, offs: fp8_grouped_linear(xs, self.down.q, self.down.scale, offs))
+            except (RuntimeError, NotImplementedError) as error:  # a shape or device the kernel refuses
+                self.scaled_grouped_mm = False
+                logger.warning("fp8 experts: torch._scaled_grouped_mm failed (%s); dequantizing instead", error)
+        gate_up, down = self.gate_up.dequantize_experts(x.dtype), self.down.dequantize_experts(x.dtype)
+        return moe_forward(gate_up, down, x, weights, index, "grouped_mm")
+
+    def _try_scaled_grouped_mm(self, x: torch.Tensor) -> bool:
+        if self.scaled_grouped_mm is None:
+            self.scaled_grouped_mm = (hasattr(torch, "_scaled_grouped_mm") and x.device.type == "cuda"
+                                      and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9)
+        return self.scaled_grouped_mm
+
+
+def fp8_grouped_linear(xs: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """xs [M, K] sorted by expert, offsets [E] int32 (each expert's end row) -> [M, N]: row block e times
+    (q[e] * scale[e])^T, with xs quantized per row to e4m3 as in `fp8_linear`. q [E, N, K] e4m3, scale [E, N]."""
+    x_scale = (xs.abs().amax(-1).float() / FP8_MAX).clamp(min=_TINY)  # [M]
+    xq = (xs.float() / x_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return torch._scaled_grouped_mm(xq, q.transpose(-2, -1), x_scale, scale.float(), offs=offsets,
+                                    out_dtype=xs.dtype)
 
 
 # ------------------------------------------------------------------------------------- compressed-tensors

@@ -95,12 +95,14 @@ def test_int4_group_falls_back_to_a_divisor():
     assert torch.equal(qw.dequantize(), dequantize_int4(*quantize_int4(weights(16, 96), group=32)))
 
 
+@pytest.mark.parametrize("impl", ["sorted", "grouped"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @torch.no_grad()
-def test_quantized_experts_match_dequantized_float_experts(fmt):
+def test_quantized_experts_match_dequantized_float_experts(fmt, impl):
     model = random_model()
     layer = model.layers[0]
     quant = QuantExperts(layer.experts, fmt)
+    quant.impl = impl  # "grouped" on CPU: dequantized experts and torch._grouped_mm (fp8 included)
     reference = copy.deepcopy(layer.experts)  # float experts holding exactly the dequantized weights
     reference.gate_up_proj.copy_(quant.gate_up.dequantize(torch.float32))
     reference.down_proj.copy_(quant.down.dequantize(torch.float32))
@@ -110,6 +112,27 @@ def test_quantized_experts_match_dequantized_float_experts(fmt):
     tol = 0.08 if fmt == "fp8" else 1e-5  # fp8 also quantizes the activations
     out, ref = quant(x, w, idx), reference(x, w, idx)
     assert float((out - ref).abs().max() / ref.abs().max()) < tol
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@torch.no_grad()
+def test_grouped_quantized_experts_dequantize_a_few_experts_at_a_time(fmt):
+    quant = QuantExperts(random_model().layers[0].experts, fmt)
+    one_expert = quant.gate_up.shape[1] * quant.gate_up.shape[2] * 4
+    assert torch.equal(quant.gate_up.dequantize_experts(torch.float32, chunk_bytes=3 * one_expert),
+                       quant.gate_up.dequantize(torch.float32))
+
+
+def test_fast_path_groups_quantized_experts_only_on_a_gpu():
+    from letterpress.model.fast import apply_fast_path, apply_plain_path
+
+    model = quantize_model(random_model(), "int8")
+    apply_fast_path(model)
+    assert {layer.experts.impl for layer in model.layers} == {"sorted"}  # CPU: the per-expert int8 kernels
+    for layer in model.layers:
+        layer.experts.impl = "grouped"
+    apply_plain_path(model)
+    assert {layer.experts.impl for layer in model.layers} == {"sorted"}
 
 
 # A smooth random model: q/k norms scaled down (no near-one-hot attention) and every expert active

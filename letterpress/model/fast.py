@@ -69,9 +69,15 @@ def apply_fast_path(model, moe: str = "auto", attention: bool = True) -> None:
     touched; `apply_plain_path` switches back."""
     for layer in model.layers:
         experts = layer.experts
-        # quantized experts (letterpress.quant) pick their own kernels; only float experts switch here
         if isinstance(experts, Experts):
             experts.impl = resolve_moe_method(moe, experts.gate_up_proj.device, experts.gate_up_proj.dtype)
+        elif hasattr(experts, "forward_grouped"):  # `quant.QuantExperts` (not imported: quant imports this package)
+            # grouped on a GPU, where per-expert launches bound the step; on CPU the per-expert int8 / int4
+            # kernels beat dequantizing every expert each step
+            device = next(experts.buffers()).device
+            grouped = (device.type == "cuda" and moe in ("auto", "grouped_mm")
+                       and grouped_mm_supported(device, experts.gate_up.compute_dtype))
+            experts.impl = "grouped" if grouped else "sorted"
     model.fast_attention = attention
 
 
@@ -79,6 +85,8 @@ def apply_plain_path(model) -> None:
     for layer in model.layers:
         if isinstance(layer.experts, Experts):
             layer.experts.impl = "loop"
+        elif hasattr(layer.experts, "forward_grouped"):
+            layer.experts.impl = "sorted"
     model.fast_attention = False
 
 
@@ -127,16 +135,21 @@ class CompiledLayerForward:
     (shared by every layer of the same shape); the KV source and `scaled_dot_product_attention` stay
     eager, so growing caches and masks never trigger a recompile."""
 
-    def __init__(self, layer, qkv, rest):
-        self.layer, self.qkv, self.rest = layer, qkv, rest
+    def __init__(self, layer, qkv, rest, copy_outputs: bool = False):
+        """`copy_outputs`: under CUDA graphs a graph's outputs live in its memory pool and the next replay
+        (the next layer's call of the same graph) overwrites them, so they are copied out first."""
+        self.layer, self.qkv, self.rest, self.copy_outputs = layer, qkv, rest, copy_outputs
 
     def __call__(self, x, cos, sin, mask, kv_source, layer_idx, scalar):
         attn = self.layer.self_attn
         q, k, v = self.qkv(self.layer, x, cos, sin)
+        if self.copy_outputs:
+            q, k, v = q.clone(), k.clone(), v.clone()
         keys, values = kv_source(layer_idx, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
                                              enable_gqa=attn.num_heads != attn.num_kv_heads)
-        return self.rest(self.layer, x, out, scalar)
+        out = self.rest(self.layer, x, out, scalar)
+        return out.clone() if self.copy_outputs else out
 
 
 def compile_layers(model, mode: str | None = None, dynamic: bool | None = None) -> None:
@@ -144,11 +157,12 @@ def compile_layers(model, mode: str | None = None, dynamic: bool | None = None) 
 
     Measured on CPU (BENCHMARKS.md): the first calls compile for tens of seconds; afterwards the gain is
     small because the step is dominated by matmuls and the sampler's random draws. On CUDA,
-    mode="reduce-overhead" adds CUDA graphs to the compiled parts (untested: no GPU was available)."""
+    mode="reduce-overhead" adds CUDA graphs to the compiled parts (their outputs copied out, see
+    `CompiledLayerForward`; benchmarks/gpu_check.py times it on a GPU)."""
     qkv = torch.compile(layer_qkv, mode=mode, dynamic=dynamic)
     rest = torch.compile(layer_rest, mode=mode, dynamic=dynamic)
     for layer in model.layers:
-        layer.forward = CompiledLayerForward(layer, qkv, rest)
+        layer.forward = CompiledLayerForward(layer, qkv, rest, copy_outputs=mode == "reduce-overhead")
 
 
 def uncompile_layers(model) -> None:

@@ -60,6 +60,19 @@ def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[-1])
 
 
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, num_experts: int,
+                    gate_up_mm, down_mm) -> torch.Tensor:
+    """The grouped MoE with its two grouped matmuls given: `gate_up_mm(xs, offsets)` [M, H] -> [M, 2I] and
+    `down_mm(hs, offsets)` [M, I] -> [M, H] over rows sorted by expert (offsets [E] int32: each expert's end
+    row). x [N, H]; weights, index [N, k] -> [N, H], accumulated as `moe_forward` does."""
+    order, token, counts = sort_by_expert(index, num_experts)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    gate, up = gate_up_mm(x[token], offsets).chunk(2, dim=-1)
+    ys = down_mm(_gelu_tanh(gate) * up, offsets)
+    ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
 def moe_forward(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
                 index: torch.Tensor, method: str) -> torch.Tensor:
     """Packed experts gate_up [E, 2I, H], down [E, H, I]; x [N, H]; weights, index [N, k] -> [N, H].
