@@ -135,6 +135,16 @@ def _measured_bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- step
+def warm_clocks(device: torch.device, seconds: float = 2.0) -> None:
+    """Matrix products for a couple of seconds, so the first timed row does not meet idle clocks."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            a @ a
+        _sync(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -297,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, nargs="+", default=None, help="default 1024 32768 (tiny: 64 256)")
     parser.add_argument("--canvas", type=int, default=None, help="default 256 (tiny: 16)")
     parser.add_argument("--modes", nargs="+", default=None, choices=["plain", "fast", "compile", "cudagraphs"],
-                        help="default: fast everywhere; plain, compile and cudagraphs at the first format, batch and "
-                             "context (on CPU compile modes are skipped unless asked for)")
-    parser.add_argument("--warmup", type=int, default=None, help="default 2 (tiny: 1)")
+                        help="default: fast everywhere; plain at the first format, compile and cudagraphs at the first "
+                             "two, each at the first batch and context (on CPU compile modes are skipped unless asked for)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 3 (tiny: 1)")
     parser.add_argument("--repeat", type=int, default=None, help="default 5 (tiny: 1)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts = args.context or ([64, 256] if args.tiny else [1024, 32768])
     canvas = args.canvas or (16 if args.tiny else 256)
     args.batch = args.batch or ([1, 2] if args.tiny else [1, 8])
-    args.warmup = (1 if args.tiny else 2) if args.warmup is None else args.warmup
+    args.warmup = (1 if args.tiny else 3) if args.warmup is None else args.warmup
     args.repeat = (1 if args.tiny else 5) if args.repeat is None else args.repeat
     config = build_config(text_shape, canvas)
     text = config.text
@@ -327,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__}, shape {'tiny' if args.tiny else 'released 26B-A4B'}, canvas {canvas}, "
           f"bandwidth {bw / 1e9:.0f} GB/s ({bw_source})", flush=True)
 
+    if device.type == "cuda":
+        warm_clocks(device)
     rows: list[dict] = []
     parity: dict = {"sampler_bitwise": sampler_parity(device, text.vocab_size, canvas)}
     header = (f"{'format':6s} {'batch':>5s} {'context':>7s} {'mode':10s} {'step ms':>9s} {'roofline ms':>11s} "
@@ -384,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if compiled:
                 uncompile_layers(model)
+                torch._dynamo.reset()  # each compiled row starts clean: no recompile limit carried over
             apply_fast_path(model)
             stepper = None
             if device.type == "cuda":
@@ -420,11 +433,15 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     compile_modes = [m for m in extra_modes if m in ("compile", "cudagraphs")]
-    if compile_modes:
-        model, note = build(args.formats[0])
+    for fmt in (args.formats[:2] if compile_modes else []):  # bf16 and fp8 by default: the formats GPUs serve
+        model, note = build(fmt)
         for mode in compile_modes:
-            run(model, args.formats[0], args.batch[0], contexts[0], mode)
+            run(model, fmt, args.batch[0], contexts[0], mode)
+        if "compile" in compile_modes and len(args.batch) > 1:
+            run(model, fmt, args.batch[-1], contexts[0], "compile")
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     print(f"gpu_check: done in {time.perf_counter() - began:.0f}s")
     if args.json:

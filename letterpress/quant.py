@@ -17,11 +17,15 @@ Compute. A quantized weight is used where it is needed: by a torch kernel that r
 exists for the device, dtype and shape, otherwise by dequantizing into the activation dtype and calling
 `F.linear` (always correct, never faster than float):
 
-| format | CPU bf16/fp16 activations | CPU fp32 activations | CUDA (untested here) |
+| format | CPU bf16/fp16 activations | CPU fp32 activations | CUDA (run on an H200, gpu_check.py) |
 |---|---|---|---|
 | int8 | `_weight_int8pack_mm` (K % 16 == 0) | dequantize + linear | dequantize + linear |
 | int4 | `_weight_int4pack_mm_for_cpu` (N % 16, K % group) | dequantize + linear | dequantize + linear |
 | fp8 | `_scaled_mm` with per-token fp8 activations (W8A8) | same | same kernel on SM >= 8.9 |
+
+Packed experts on the fast path on CUDA run grouped (`QuantExperts`, "grouped"): fp8 as one
+`_scaled_grouped_mm` per projection (SM 9.x), the other formats by dequantizing the layer's experts and one
+`_grouped_mm`. There is no int4 GPU kernel here, so int4 on a GPU saves memory but runs slower than bf16.
 
 Not quantized: the embedding (tied with the LM head and read three ways: lookup, LM head, the
 self-conditioning matmul over the vocabulary; ~3% of the 26B's weights), the router (its top-k choices
@@ -325,16 +329,26 @@ class QuantWeight(nn.Module):
             return wt.t().to(dtype)
         return dequantize_int4(self._pick("packed", expert), self._pick("scale", expert), self._pick("zero", expert), dtype)
 
-    def dequantize_experts(self, dtype: torch.dtype, chunk_bytes: int = 2**28) -> torch.Tensor:
+    def dequantize_experts(self, dtype: torch.dtype, chunk_bytes: int = 2**29) -> torch.Tensor:
         """Every expert's float weight [E, N, K] in `dtype`, dequantized a few experts at a time so that the
-        float32 temporaries stay under `chunk_bytes` (a whole layer's are several GiB at the released shapes)."""
+        float32 temporaries stay under `chunk_bytes` (a whole layer's are several GiB at the released shapes).
+        int4 with 16-bit scales (a GPU's) computes in that dtype, as its kernels do: one fused multiply-add,
+        a third of the float32 version's memory traffic, which bounds this path (benchmarks/gpu_check.py)."""
         if self.kernel == "int4pack_cpu":
             return self.dequantize(dtype)
         experts, n, k = self.shape
         out = torch.empty(self.shape, dtype=dtype, device=next(self.buffers()).device)
+        low_precision_int4 = self.fmt == "int4" and self.scale.dtype == dtype in (torch.bfloat16, torch.float16)
         step = max(1, chunk_bytes // (n * k * 4))
         for start in range(0, experts, step):
-            out[start:start + step] = self.dequantize(dtype, slice(start, start + step))
+            part = slice(start, start + step)
+            if low_precision_int4:
+                q, scale, zero = unpack_int4(self.packed[part]), self.scale[part], self.zero[part]
+                # W = (q - 8) * scale + zero = q * scale + (zero - 8 * scale), per group of inputs
+                grouped = q.view(*q.shape[:-1], scale.shape[-1], -1).to(dtype)
+                out[part] = torch.addcmul((zero - 8 * scale)[..., None], grouped, scale[..., None]).flatten(-2)
+            else:
+                out[part] = self.dequantize(dtype, part)
         return out
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:

@@ -123,6 +123,17 @@ def test_grouped_quantized_experts_dequantize_a_few_experts_at_a_time(fmt):
                        quant.gate_up.dequantize(torch.float32))
 
 
+@torch.no_grad()
+def test_int4_experts_dequantize_in_their_16_bit_dtype_as_a_gpu_does():
+    w = torch.randn(5, 24, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    qw = QuantWeight(w, "int4")  # 24 outputs: no CPU int4 kernel, so bf16 scales as on a GPU
+    assert qw.kernel is None and qw.scale.dtype == torch.bfloat16
+    exact = qw.dequantize(torch.float32)
+    fast = qw.dequantize_experts(torch.bfloat16, chunk_bytes=2 * 24 * 128 * 4).float()
+    # one bf16 rounding of q * scale, one of the sum: within a few bf16 ulps of the float32 result
+    assert float((fast - exact).abs().max()) <= 4 * 2**-8 * float(exact.abs().max())
+
+
 def test_fast_path_groups_quantized_experts_only_on_a_gpu():
     from letterpress.model.fast import apply_fast_path, apply_plain_path
 

@@ -28,7 +28,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain: the reference path (default); fast: grouped MoE, sliced attention, fused sampler")
     g.add_argument("--compile", action="store_true", help="torch.compile the layers (slow first steps)")
     g.add_argument("--compile-mode", default=None, metavar="MODE",
-                   help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs; untested)")
+                   help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs)")
     g.add_argument("--profile", metavar="DIR", default=None,
                    help="write a torch profiler trace (chrome trace JSON) of the first --profile-steps steps to DIR")
     g.add_argument("--profile-steps", type=int, default=8, metavar="N", help="steps to profile (default 8)")
