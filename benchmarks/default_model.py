@@ -107,6 +107,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--latency", type=int, default=22, help="single requests timed (0: none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="as the CLI's --device (cuda, cuda:1, ...)")
+    ap.add_argument("--dtype", default="float32", help="as the CLI's --dtype (bfloat16 for the GPU fast path)")
+    ap.add_argument("--impl", choices=("plain", "fast"), default="plain")
+    ap.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
+                    help="quantize the (int8-shipped, float-loaded) weights again at load")
     ap.add_argument("--entropy-bound", type=float, default=None, help="sampler setting (default: the checkpoint's)")
     ap.add_argument("--max-denoising-steps", type=int, default=None)
     ap.add_argument("--stability-threshold", type=int, default=None,
@@ -138,7 +143,8 @@ def main() -> None:
                                  ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     try:  # a bad model folder or sampler override: one line, exit 2
-        llm = LLM(args.model, max_num_seqs=args.batch)
+        llm = LLM(args.model, max_num_seqs=args.batch, device=args.device, dtype=args.dtype, impl=args.impl,
+                  quantization=args.quantization)
         SamplingParams(**sampler).resolve(llm.defaults)
     except LetterpressError as e:
         ap.error(str(e))
@@ -177,7 +183,7 @@ def main() -> None:
           f"{result['tokens_per_forward_pooled']:.2f} with each family's tokens pooled over its passes)")
     if args.latency:
         result["latency"] = latency(llm, families, args.latency, **sampler)
-        print(f"reply latency (batch 1, {args.threads} thread): median {result['latency']['median_s']:.3f} s, "
+        print(f"reply latency ({args.device}, batch 1, {args.threads} thread): median {result['latency']['median_s']:.3f} s, "
               f"p90 {result['latency']['p90_s']:.3f} s over {args.latency} requests")
     print(result["machine"])
     if args.json:
