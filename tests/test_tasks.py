@@ -40,13 +40,15 @@ def test_family_weights_set_the_mix_and_an_unweighted_stream_is_unchanged():
 def test_the_focus_recipe_draws_the_weak_families_most_and_the_benchmark_excludes_its_prompts():
     from collections import Counter
 
-    from letterpress.train.recipes_tasks import FOCUS_WEIGHTS, training_prompts
+    from letterpress.train.recipes_tasks import FOCUS_WEIGHTS, SHORT_WEIGHTS, training_prompts
 
     focus = training_tasks(0, 2000, weights=FOCUS_WEIGHTS)
+    short = training_tasks(0, 2000, weights=SHORT_WEIGHTS)
     counts = Counter(t.family for t in focus)
     assert counts["sort_dedup"] > 4 * counts["tool_call"]
+    assert Counter(t.family for t in short).most_common(1)[0][0] == "arithmetic"
     seen = training_prompts(2000)
-    assert {t.prompt_key for t in focus + training_tasks(0, 2000)} == seen
+    assert {t.prompt_key for t in focus + short + training_tasks(0, 2000)} == seen
 
 
 @pytest.mark.parametrize("family", sorted(T.FAMILIES))
