@@ -330,8 +330,9 @@ class QuantWeight(nn.Module):
         return dequantize_int4(self._pick("packed", expert), self._pick("scale", expert), self._pick("zero", expert), dtype)
 
     def dequantize_experts(self, dtype: torch.dtype, chunk_bytes: int = 2**29) -> torch.Tensor:
-        """Every expert's float weight [E, N, K] in `dtype`, dequantized a few experts at a time so that the
-        float32 temporaries stay under `chunk_bytes` (a whole layer's are several GiB at the released shapes).
+        """Every expert's float weight [E, N, K] in `dtype`, dequantized a few experts at a time so that each
+        float32 temporary stays under `chunk_bytes` (two live at once, beside the output; a whole layer's would be
+        several GiB at the released shapes).
         int4 with 16-bit scales (a GPU's) computes in that dtype, as its kernels do: one fused multiply-add,
         a third of the float32 version's memory traffic, which bounds this path (benchmarks/gpu_check.py)."""
         if self.kernel == "int4pack_cpu":
@@ -403,7 +404,7 @@ class QuantExperts(nn.Module):
         super().__init__()
         self.num_experts = experts.num_experts
         self.impl = "sorted"
-        self.scaled_grouped_mm = None  # None: not tried yet; False: failed once on this device, dequantize
+        self.scaled_grouped_mm = None  # None: not decided yet; False: not usable here (or it failed once)
 
         def make(w: torch.Tensor) -> QuantWeight:
             w = w.detach()
@@ -429,21 +430,32 @@ class QuantExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if self.gate_up.fmt == "fp8" and self._try_scaled_grouped_mm(x):
-            try:
+        if self.use_scaled_grouped_mm(x):
+            def run() -> torch.Tensor:
                 return grouped_experts(x, weights, index, self.num_experts,
                                        lambda xs, offs: fp8_grouped_linear(xs, self.gate_up.q, self.gate_up.scale, offs),
                                        lambda xs, offs: fp8_grouped_linear(xs, self.down.q, self.down.scale, offs))
-            except (RuntimeError, NotImplementedError) as error:  # a shape or device the kernel refuses
+
+            if torch.compiler.is_compiling():  # decided up front (`use_scaled_grouped_mm`): no try in a graph
+                return run()
+            try:
+                return run()
+            except (RuntimeError, NotImplementedError) as error:  # a case the checks below did not foresee
                 self.scaled_grouped_mm = False
-                logger.warning("fp8 experts: torch._scaled_grouped_mm failed (%s); dequantizing instead", error)
+                logger.warning("fp8 experts: torch._scaled_grouped_mm failed (%s); dequantizing instead",
+                               str(error).splitlines()[0])
         gate_up, down = self.gate_up.dequantize_experts(x.dtype), self.down.dequantize_experts(x.dtype)
         return moe_forward(gate_up, down, x, weights, index, "grouped_mm")
 
-    def _try_scaled_grouped_mm(self, x: torch.Tensor) -> bool:
+    def use_scaled_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether the fp8 kernel takes these experts: both projections fp8, every size a multiple of 16 (a
+        tensor-parallel shard of 704 / 8 = 88 is not), bf16 activations on an SM 9.x GPU. Decided once."""
         if self.scaled_grouped_mm is None:
-            self.scaled_grouped_mm = (hasattr(torch, "_scaled_grouped_mm") and x.device.type == "cuda"
-                                      and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9)
+            g, d = self.gate_up, self.down
+            self.scaled_grouped_mm = bool(
+                hasattr(torch, "_scaled_grouped_mm") and g.fmt == d.fmt == "fp8" and x.dtype == torch.bfloat16
+                and all(size % 16 == 0 for size in (*g.shape[1:], *d.shape[1:]))
+                and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] == 9)
         return self.scaled_grouped_mm
 
 

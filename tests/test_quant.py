@@ -128,10 +128,72 @@ def test_int4_experts_dequantize_in_their_16_bit_dtype_as_a_gpu_does():
     w = torch.randn(5, 24, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     qw = QuantWeight(w, "int4")  # 24 outputs: no CPU int4 kernel, so bf16 scales as on a GPU
     assert qw.kernel is None and qw.scale.dtype == torch.bfloat16
-    exact = qw.dequantize(torch.float32)
-    fast = qw.dequantize_experts(torch.bfloat16, chunk_bytes=2 * 24 * 128 * 4).float()
-    # one bf16 rounding of q * scale, one of the sum: within a few bf16 ulps of the float32 result
-    assert float((fast - exact).abs().max()) <= 4 * 2**-8 * float(exact.abs().max())
+    fast = qw.dequantize_experts(torch.bfloat16, chunk_bytes=2 * 24 * 128 * 4)
+    # exactly the 16-bit fused multiply-add q * scale + (zero - 8 * scale), not the float32 dequantization
+    q = unpack_int4(qw.packed).view(5, 24, -1, qw.group).to(torch.bfloat16)
+    formula = torch.addcmul((qw.zero - 8 * qw.scale)[..., None], q, qw.scale[..., None]).flatten(-2)
+    assert torch.equal(fast, formula)
+    exact = qw.dequantize(torch.float32)  # and within a few bf16 ulps of the float32 result
+    assert float((fast.float() - exact).abs().max()) <= 4 * 2**-8 * float(exact.abs().max())
+
+
+def reference_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, out_dtype=None, **_):
+    """What `torch._scaled_grouped_mm` computes for a 2-D x 3-D call (CUDA only): torch's own checks on meta
+    copies, then each expert's row block in float32."""
+    torch.ops.aten._scaled_grouped_mm(a.to("meta"), b.to("meta"), scale_a.to("meta"), scale_b.to("meta"),
+                                      offs=offs.to("meta"), out_dtype=out_dtype)
+    out, start = [], 0
+    for expert, end in enumerate(offs.tolist()):
+        rows = a[start:end].float() * scale_a[start:end, None]
+        out.append(rows @ (b[expert].float() * scale_b[expert][None, :]))
+        start = end
+    return torch.cat(out).to(out_dtype)
+
+
+@torch.no_grad()
+def test_fp8_experts_grouped_by_scaled_grouped_mm_match_the_per_expert_path(monkeypatch):
+    experts = random_model().layers[0].experts.to(torch.bfloat16)
+    quant = QuantExperts(experts, "fp8")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 64, generator=g).to(torch.bfloat16)
+    weights, index = torch.rand(24, 2, generator=g), torch.randint(0, 8, (24, 2), generator=g)
+    per_expert = quant(x, weights, index)  # sorted: `fp8_linear` (W8A8) per expert on CPU
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", reference_scaled_grouped_mm)
+    quant.impl, quant.scaled_grouped_mm = "grouped", True  # as `use_scaled_grouped_mm` decides on an SM 9.x GPU
+    grouped = quant(x, weights, index)
+    assert quant.scaled_grouped_mm is True  # ran the kernel: no fallback to dequantizing
+    assert float((grouped - per_expert).abs().max() / per_expert.abs().max()) < 0.01
+
+
+@torch.no_grad()
+def test_fp8_experts_fall_back_to_dequantizing_when_the_kernel_refuses(caplog):
+    quant = QuantExperts(random_model().layers[0].experts.to(torch.bfloat16), "fp8")
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    weights, index = torch.rand(12, 2), torch.randint(0, 8, (12, 2))
+    quant.impl, quant.scaled_grouped_mm = "grouped", True  # the real kernel has no CPU version: it raises
+    with caplog.at_level("WARNING", logger="letterpress.quant"):
+        out = quant(x, weights, index)
+    assert quant.scaled_grouped_mm is False and len(caplog.records) == 1
+    assert "dequantizing instead" in caplog.records[0].getMessage()
+    quant.scaled_grouped_mm = False
+    assert torch.equal(out, quant(x, weights, index))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@torch.no_grad()
+def test_a_whole_quantized_model_denoises_the_same_grouped_or_per_expert(fmt):
+    model = quantize_model(random_model(), fmt)
+    g = torch.Generator().manual_seed(0)
+    prompt, canvas = torch.randint(3, 384, (2, 12), generator=g), torch.randint(0, 384, (2, 16), generator=g)
+
+    def logits(impl):
+        for layer in model.layers:
+            layer.experts.impl = impl
+        cache = model.new_cache(2, 48)
+        model.encode(prompt, cache)
+        return model.denoise(canvas, cache)
+
+    assert float((logits("grouped") - logits("sorted")).abs().max()) < 1e-4
 
 
 def test_fast_path_groups_quantized_experts_only_on_a_gpu():
@@ -191,9 +253,9 @@ def test_llm_quantization_option(checkpoint, fmt):
     llm = LLM(checkpoint, max_num_seqs=2, max_model_len=64, quantization=fmt, impl="fast")
     outs = llm.generate([[3, 4, 5, 6], [7, 8]], params)
     assert [len(o.token_ids) for o in outs] == [16, 16]
-    # the fast path leaves quantized experts alone (they sort and run their own kernels)
+    # on a CPU the fast path keeps quantized experts per expert (their int8 / int4 kernels); "grouped" is for GPUs
     apply_fast_path(llm.model)
-    assert isinstance(llm.model.layers[0].experts, QuantExperts)
+    assert isinstance(llm.model.layers[0].experts, QuantExperts) and llm.model.layers[0].experts.impl == "sorted"
 
 
 def test_unknown_quantization_is_a_clear_error(checkpoint):

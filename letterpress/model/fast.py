@@ -68,25 +68,32 @@ def apply_fast_path(model, moe: str = "auto", attention: bool = True) -> None:
     """Switch `model` (in place) to the fast MoE method and the sliced decoder attention. Weights are not
     touched; `apply_plain_path` switches back."""
     for layer in model.layers:
-        experts = layer.experts
-        if isinstance(experts, Experts):
-            experts.impl = resolve_moe_method(moe, experts.gate_up_proj.device, experts.gate_up_proj.dtype)
-        elif hasattr(experts, "forward_grouped"):  # `quant.QuantExperts` (not imported: quant imports this package)
-            # grouped on a GPU, where per-expert launches bound the step; on CPU the per-expert int8 / int4
-            # kernels beat dequantizing every expert each step
-            device = next(experts.buffers()).device
-            grouped = (device.type == "cuda" and moe in ("auto", "grouped_mm")
-                       and grouped_mm_supported(device, experts.gate_up.compute_dtype))
-            experts.impl = "grouped" if grouped else "sorted"
+        switch_fast_experts(layer.experts, moe)
     model.fast_attention = attention
+
+
+def switch_fast_experts(experts, moe: str = "auto") -> None:
+    """Float experts take the fast MoE method; quantized ones (`quant.QuantExperts`, not imported: quant
+    imports this package) run grouped on a GPU, where per-expert launches bound the step, and stay sorted on
+    a CPU, where the per-expert int8 / int4 kernels beat dequantizing every expert each step. Experts of a
+    sharded model sit inside `ParallelExperts` (`.inner`)."""
+    experts = getattr(experts, "inner", experts)
+    if isinstance(experts, Experts):
+        experts.impl = resolve_moe_method(moe, experts.gate_up_proj.device, experts.gate_up_proj.dtype)
+    elif hasattr(experts, "forward_grouped"):
+        device = next(experts.buffers()).device
+        grouped = (device.type == "cuda" and moe in ("auto", "grouped_mm")
+                   and grouped_mm_supported(device, experts.gate_up.compute_dtype))
+        experts.impl = "grouped" if grouped else "sorted"
 
 
 def apply_plain_path(model) -> None:
     for layer in model.layers:
-        if isinstance(layer.experts, Experts):
-            layer.experts.impl = "loop"
-        elif hasattr(layer.experts, "forward_grouped"):
-            layer.experts.impl = "sorted"
+        experts = getattr(layer.experts, "inner", layer.experts)
+        if isinstance(experts, Experts):
+            experts.impl = "loop"
+        elif hasattr(experts, "forward_grouped"):
+            experts.impl = "sorted"
     model.fast_attention = False
 
 
@@ -161,8 +168,9 @@ def compile_layers(model, mode: str | None = None, dynamic: bool | None = None) 
     `CompiledLayerForward`; benchmarks/gpu_check.py times it on a GPU)."""
     qkv = torch.compile(layer_qkv, mode=mode, dynamic=dynamic)
     rest = torch.compile(layer_rest, mode=mode, dynamic=dynamic)
+    graphs = bool(torch._inductor.list_mode_options(mode or "default").get("triton.cudagraphs"))  # max-autotune too
     for layer in model.layers:
-        layer.forward = CompiledLayerForward(layer, qkv, rest, copy_outputs=mode == "reduce-overhead")
+        layer.forward = CompiledLayerForward(layer, qkv, rest, copy_outputs=graphs)
 
 
 def uncompile_layers(model) -> None:

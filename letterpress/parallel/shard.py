@@ -290,10 +290,8 @@ def shard_model(model, shard: Shard):
 
 def switch_fast_experts(model, moe: str = "auto") -> None:
     """`fast.apply_fast_path` for a sharded model (its experts sit inside `ParallelExperts`)."""
-    from ..model.fast import resolve_moe_method
+    from ..model.fast import switch_fast_experts as switch
 
     for layer in model.layers:
-        inner = getattr(layer.experts, "inner", layer.experts)
-        if isinstance(inner, Experts):
-            inner.impl = resolve_moe_method(moe, inner.gate_up_proj.device, inner.gate_up_proj.dtype)
+        switch(layer.experts, moe)
     model.fast_attention = True
