@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,7 +55,8 @@ def _renderer() -> Tokenizer:
 def render(task: T.Task, renderer: Tokenizer) -> tuple[str, str]:
     """(prompt text through the generation prompt, target text including its end marker)."""
     prompt = renderer.apply_chat_template(task.messages, add_generation_prompt=True, tools=task.tools)
-    return prompt, task.answer if task.kind == "tool_call" else task.answer + "<turn|>"
+    thought = f"<|channel>thought\n{task.thought}<channel|>" if task.thought else ""
+    return prompt, task.answer if task.kind == "tool_call" else thought + task.answer + "<turn|>"
 
 
 def build_tasks_tokenizer(out_dir: Path = TASKS_DIR, vocab_size: int = TASKS_VOCAB, n: int = 20_000) -> Path:
@@ -248,6 +250,53 @@ register(Recipe(
     tokenizer=str(TASKS_DIR),
     hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "lr": 1e-3, "warmup_steps": 50},
 ))
+
+
+# The arithmetic probe (BENCHMARKS.md, "Arithmetic probe"): can a fresh model of this size learn the arithmetic
+# family at all, answering directly or after column steps in its thought channel? Arithmetic tasks only, none
+# of them among the held-out examples `benchmarks/default_model.py` scores (its first PROBE_HELD_OUT).
+PROBE_HELD_OUT = 200
+
+
+def arithmetic_probe_data(tokenizer: Tokenizer, seed: int,
+                          worked: bool) -> tuple[TokenizedDataset, TokenizedDataset]:
+    held = T.held_out_tasks("arithmetic", PROBE_HELD_OUT, exclude=training_prompts())
+    held_keys = {t.prompt_key for t in held}
+    rng = random.Random(T.TRAIN_SEED + 100 + seed)
+    draw = T.worked_arithmetic if worked else T.arithmetic
+    train = [t for t in (draw(rng) for _ in range(TASKS_STREAM // 4)) if t.prompt_key not in held_keys]
+    valid = [T.worked_arithmetic(random.Random(i)) if worked else T.arithmetic(random.Random(i)) for i in range(64)]
+    return (TokenizedDataset(task_examples(train, tokenizer, PLAIN_SHARE)),
+            TokenizedDataset(task_examples([v for v in valid if v.prompt_key not in held_keys], tokenizer)))
+
+
+def arithmetic_exact_hook(n: int = 40):
+    """Exact match on `n` validation arithmetic prompts (VALIDATION_SEED; not the held-out ones)."""
+    def evaluate(trainer) -> dict[str, float]:
+        import statistics
+        import tempfile
+
+        state = trainer.full_state()
+        if not trainer.env.is_main:
+            return {}
+        tasks = T.held_out_tasks("arithmetic", n, seed=T.VALIDATION_SEED)
+        with tempfile.TemporaryDirectory() as tmp:
+            right, _ = exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks)
+        return {"exact_arithmetic": statistics.mean(right)}
+    return evaluate
+
+
+for _worked in (False, True):
+    register(Recipe(
+        name="arith-worked" if _worked else "arith-direct",
+        description="the arithmetic probe: a fresh tiny-tasks model trained on arithmetic alone, answering "
+                    + ("after column steps in its thought channel" if _worked else "directly"),
+        build_data=lambda tokenizer, seed, _w=_worked: arithmetic_probe_data(tokenizer, seed, _w),
+        model_config=tasks_config(),
+        evaluate=arithmetic_exact_hook(),
+        tokenizer=str(TASKS_DIR),
+        hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "eval_examples": 64},
+    ))
 
 
 # The shipped model's sampler defaults (generation_config.json), chosen on 60 validation examples per family

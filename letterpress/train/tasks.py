@@ -52,6 +52,7 @@ class Task:
     tools: list[dict] | None = None
     kind: str = "text"  # "text": answer + <turn|>; "tool_call": <|tool_call>...<tool_call|><|tool_response>
     call: dict | None = field(default=None)  # tool_call: {"name": ..., "arguments": {...}}
+    thought: str | None = None  # written in the thought channel before the answer (`worked_arithmetic`)
 
     @property
     def prompt_key(self) -> str:
@@ -207,6 +208,35 @@ def arithmetic(rng: random.Random, phrasing: str = "train") -> Task:
     text = _phrase(rng, ("What is {a} {o} {b}?", "Compute {a} {o} {b}.", "{a} {o} {b} =", "Calculate {a} {o} {b}"),
                    phrasing).format(a=a, o=op, b=b)
     return Task("arithmetic", _user(text), str(result))
+
+
+def column_steps(a: int, b: int, op: str) -> str:
+    """School column arithmetic, least significant digit first: '8+7=15 3+5+1=9' for 38 + 57 (each step's
+    carry goes into the next), '12-5=7 5-1-4=0' for 52 - 45 (a borrow shows as 10 added and 1 taken next).
+    Multiplication (a times table here) has no steps: ''."""
+    if op == "*":
+        return ""
+    steps, carry = [], 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        if op == "+":
+            total = x + y + carry
+            steps.append(f"{x}+{y}{f'+{carry}' if carry else ''}={total}")
+            carry = total // 10
+        else:
+            top = x - carry
+            borrow = int(top < y)
+            steps.append(f"{x + 10 * borrow}{f'-{carry}' if carry else ''}-{y}={top + 10 * borrow - y}")
+            carry = borrow
+    return " ".join(steps)
+
+
+def worked_arithmetic(rng: random.Random, phrasing: str = "train") -> Task:
+    """`arithmetic` with its column steps in the thought channel (the arithmetic probe, BENCHMARKS.md): the same
+    prompts and answers, so the same judge; only what the model writes before the answer differs."""
+    task = arithmetic(rng, phrasing)
+    a, op, b = task.messages[0]["content"].rstrip("?.=").split()[-3:]
+    return Task(task.family, task.messages, task.answer, thought=column_steps(int(a), int(b), op) or None)
 
 
 EXTRACT_SENTENCES = (
