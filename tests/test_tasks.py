@@ -132,3 +132,31 @@ def test_judge_accepts_exactly_the_expected_answer():
     assert not judge(call, call.answer.replace("call:", "call:x"))
     text = T.date_format(rng)
     assert judge(text, text.answer) and not judge(text, text.answer + ".")
+
+
+def test_column_steps_spell_out_every_sum_and_difference():
+    """The arithmetic probe's thought: for every pair of operands the family draws, the answer is the steps'
+    digits read back (the last step's result, then each earlier step's last digit, most significant first)."""
+    from letterpress.train.tasks import column_steps
+
+    assert column_steps(38, 57, "+") == "8+7=15 3+5+1=9"
+    assert column_steps(52, 45, "-") == "12-5=7 5-1-4=0"
+    assert column_steps(7, 3, "*") == ""
+    for a in range(1, 100):
+        for b in range(1, 100):
+            for op, result in (("+", a + b), ("-", a - b)):
+                if result < 0:
+                    continue
+                results = [step.split("=")[1] for step in column_steps(a, b, op).split()]
+                digits = results[-1] + "".join(r[-1] for r in reversed(results[:-1]))
+                assert int(digits) == result, (a, op, b, column_steps(a, b, op))
+
+
+def test_a_worked_task_writes_its_thought_before_the_answer_and_is_judged_on_the_answer():
+    from letterpress.train.recipes_tasks import RECIPES, _renderer, judge, render
+
+    task = T.worked_arithmetic(random.Random(3))
+    _, target = render(task, _renderer())
+    assert target == f"<|channel>thought\n{task.thought}<channel|>{task.answer}<turn|>"
+    assert judge(task, target.removesuffix("<turn|>")) and not judge(task, f"<|channel>thought\n1<channel|>x")
+    assert {"arith-direct", "arith-worked"} <= set(RECIPES)
