@@ -104,13 +104,16 @@ def test_sigterm_stops_the_command_with_a_checkpoint_and_the_same_command_resume
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def wait_until_handled(sig: int, timeout: float = 10.0) -> None:
+def wait_until_handled(sig: int, repeat: bool = False, timeout: float = 10.0) -> None:
     """Wait until StopSignals' handler for `sig` has run (it records the signal), so a second signal is not
-    sent while the first is still pending; returns at once when another handler is installed."""
+    sent while the first is still pending; returns at once when another handler is installed. For a repeated
+    signal, wait until the handler has given way (restored the previous one, which raises KeyboardInterrupt
+    for SIGINT right here): on a loaded machine it can run late, after the step it was meant to cut short."""
     stop = getattr(signal.getsignal(sig), "__self__", None)
     deadline = time.monotonic() + timeout
-    while isinstance(stop, StopSignals) and stop.signum is None and time.monotonic() < deadline:
+    while (isinstance(stop, StopSignals) and (repeat or stop.signum is None) and time.monotonic() < deadline):
         time.sleep(0.001)
+        stop = getattr(signal.getsignal(sig), "__self__", None)
 
 
 def send_during_step(trainer: Trainer, step: int, *signals: int) -> None:
@@ -118,11 +121,11 @@ def send_during_step(trainer: Trainer, step: int, *signals: int) -> None:
 
     def train_step():
         if trainer.step + 1 == step:
-            for sig in signals:
+            for i, sig in enumerate(signals):
                 # To the main thread itself: os.kill may hand the signal to another thread (torch's), which on a
                 # loaded machine can run its C handler late, and two pending SIGINTs would then merge into one.
                 signal.pthread_kill(threading.main_thread().ident, sig)
-                wait_until_handled(sig)
+                wait_until_handled(sig, repeat=sig in signals[:i])
         return real()
 
     trainer.train_step = train_step
