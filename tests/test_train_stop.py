@@ -131,7 +131,16 @@ def send_during_step(trainer: Trainer, step: int, *signals: int) -> None:
     trainer.train_step = train_step
 
 
-def test_ctrl_c_finishes_the_step_saves_and_restores_the_handlers(tmp_path, base_dir, data_file):
+@pytest.fixture
+def python_sigint():
+    """Ctrl-C as Python sets it up (KeyboardInterrupt): in the full suite an earlier test leaves a SIGINT handler
+    that does not raise (not yet found), and this test's second Ctrl-C then fell through to it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_restores_the_handlers(tmp_path, base_dir, data_file, python_sigint):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     trainer = Trainer(config(tmp_path, base_dir, data_file, steps=6, save_every=4, log_every=3))
     send_during_step(trainer, 2, signal.SIGINT)
