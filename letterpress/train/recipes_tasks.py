@@ -228,28 +228,26 @@ register(Recipe(
 ))
 
 
-register(Recipe(
-    name="tiny-tasks-focus",
-    description="tiny-tasks' second stage: the same model and tasks, drawn in proportion to FOCUS_WEIGHTS (the weakest "
-                "families most, the long-prompt tool families least); start it from a tiny-tasks model (--model)",
-    build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, FOCUS_WEIGHTS),
-    model_config=tasks_config(),
-    evaluate=exact_match_hook(),
-    tokenizer=str(TASKS_DIR),
-    hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "lr": 1e-3, "warmup_steps": 50},
-))
+def register_stage(name: str, description: str, weights: dict[str, float]) -> None:
+    """A later tiny-tasks stage: the same model, tasks and hook, drawn in proportion to `weights`, at a lower
+    learning rate; start it from an earlier stage's model (--model)."""
+    register(Recipe(
+        name=name,
+        description=description,
+        build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, weights),
+        model_config=tasks_config(),
+        evaluate=exact_match_hook(),
+        tokenizer=str(TASKS_DIR),
+        hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "lr": 1e-3, "warmup_steps": 50},
+    ))
 
 
-register(Recipe(
-    name="tiny-tasks-short",
-    description="tiny-tasks' third stage: the same model and tasks, drawn in proportion to SHORT_WEIGHTS (arithmetic "
-                "and sort_dedup most); start it from a focus-stage model (--model)",
-    build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, SHORT_WEIGHTS),
-    model_config=tasks_config(),
-    evaluate=exact_match_hook(),
-    tokenizer=str(TASKS_DIR),
-    hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "lr": 1e-3, "warmup_steps": 50},
-))
+register_stage("tiny-tasks-focus", "tiny-tasks' second stage: the same model and tasks, drawn in proportion to "
+               "FOCUS_WEIGHTS (the weakest families most, the long-prompt tool families least); start it from a "
+               "tiny-tasks model (--model)", FOCUS_WEIGHTS)
+register_stage("tiny-tasks-short", "tiny-tasks' third stage: the same model and tasks, drawn in proportion to "
+               "SHORT_WEIGHTS (arithmetic and sort_dedup most); start it from a focus-stage model (--model)",
+               SHORT_WEIGHTS)
 
 
 # The arithmetic probe (BENCHMARKS.md, "Arithmetic probe"): can a fresh model of this size learn the arithmetic
