@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--confidence-threshold", type=float, default=None, help="sampler setting")
     ap.add_argument("--t-min", type=float, default=None, help="sampler setting: the last step's temperature")
     ap.add_argument("--t-max", type=float, default=None, help="sampler setting: the first step's temperature")
+    ap.add_argument("--greedy", action="store_true",
+                    help="propose each position's most likely token instead of sampling (the server's temperature 0)")
     ap.add_argument("--validation", action="store_true",
                     help="examples of the validation seed (for choosing sampler settings), not the held-out ones")
     ap.add_argument("--prompt", default=None, help="only this plain prompt, over --seeds seeds")
@@ -141,6 +143,8 @@ def main() -> None:
                                  ("stability_threshold", args.stability_threshold),
                                  ("confidence_threshold", args.confidence_threshold),
                                  ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
+    if args.greedy:
+        sampler["greedy"] = True
     seed = T.VALIDATION_SEED if args.validation else T.HELD_OUT_SEED
     try:  # a bad model folder or sampler override: one line, exit 2
         llm = LLM(args.model, max_num_seqs=args.batch, device=args.device, dtype=args.dtype, impl=args.impl,

@@ -160,3 +160,26 @@ def test_a_worked_task_writes_its_thought_before_the_answer_and_is_judged_on_the
     assert target == f"<|channel>thought\n{task.thought}<channel|>{task.answer}<turn|>"
     assert judge(task, target.removesuffix("<turn|>")) and not judge(task, f"<|channel>thought\n1<channel|>x")
     assert {"arith-direct", "arith-worked"} <= set(RECIPES)
+
+
+def test_a_probe_trains_on_its_family_only_and_never_on_the_prompts_it_is_scored_on():
+    from letterpress.tokenizer import Tokenizer
+    from letterpress.train.recipes_tasks import (PROBE_HELD_OUT, PROBES, TASKS_DIR, Probe, hook_tasks, probe_data,
+                                                 training_prompts)
+
+    tok = Tokenizer.from_dir(TASKS_DIR)
+
+    def requests(probe: Probe) -> set[str]:  # the user turns of the probe's training stream
+        train, _ = probe_data(tok, 0, probe)
+        texts = (tok.decode(ex.prompt, skip_special_tokens=False) for ex in train)
+        return {t.removeprefix("<bos>").split("<|turn>user\n")[-1].split("<turn|>")[0] for t in texts}
+
+    assert all(("ort" in r or "Deduplicate" in r) for r in requests(PROBES["sort-direct"]))  # its family only
+    # arithmetic has few distinct prompts, so a stream holds most of them unless they are taken out
+    held = {t.messages[0]["content"] for t in T.held_out_tasks("arithmetic", PROBE_HELD_OUT, exclude=training_prompts())}
+    hook = {t.messages[0]["content"] for t in hook_tasks("arithmetic")}
+    kept = requests(Probe("arithmetic", T.arithmetic, "", exclude_hook_prompts=False))
+    excluded = requests(Probe("arithmetic", T.arithmetic, ""))
+    assert not held & kept and not held & excluded
+    assert len(hook & kept) > 5 and not hook & excluded
+    assert PROBES["sort-direct"].exclude_hook_prompts and not PROBES["arith-direct"].exclude_hook_prompts

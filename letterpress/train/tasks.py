@@ -397,8 +397,8 @@ def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, 
     return [FAMILIES[rng.choices(names, w)[0]](rng, phrasing) for _ in range(n)]
 
 
-def held_out_tasks(family: str, n: int, phrasing: str = "train", exclude: set[str] | None = None,
-                   seed: int = HELD_OUT_SEED) -> list[Task]:
+def held_out_tasks(family: str, n: int, phrasing: str = "train",
+                   exclude: set[str] | frozenset[str] | None = None, seed: int = HELD_OUT_SEED) -> list[Task]:
     """`n` tasks of one family from the held-out seed (or VALIDATION_SEED), none of whose prompts is in
     `exclude` (the training prompts), nor repeated."""
     rng = random.Random(seed + sorted(FAMILIES).index(family) + (1000 if phrasing == "held_out" else 0))
