@@ -40,7 +40,8 @@ def test_family_weights_set_the_mix_and_an_unweighted_stream_is_unchanged():
 def test_the_focus_recipe_draws_the_weak_families_most_and_the_benchmark_excludes_its_prompts():
     from collections import Counter
 
-    from letterpress.train.recipes_tasks import FOCUS_WEIGHTS, SHORT_WEIGHTS, training_prompts
+    from letterpress.train.recipes_tasks import (FOCUS_WEIGHTS, OPEN_STAGE_SHARE, SHORT_WEIGHTS,
+                                                 open_training_tasks, training_prompts)
 
     focus = training_tasks(0, 2000, weights=FOCUS_WEIGHTS)
     short = training_tasks(0, 2000, weights=SHORT_WEIGHTS)
@@ -48,15 +49,17 @@ def test_the_focus_recipe_draws_the_weak_families_most_and_the_benchmark_exclude
     assert counts["sort_dedup"] > 4 * counts["tool_call"]
     assert Counter(t.family for t in short).most_common(1)[0][0] == "arithmetic"
     seen = training_prompts(2000)
-    assert {t.prompt_key for t in focus + short + training_tasks(0, 2000)} == seen
+    opened = open_training_tasks(0, round(2000 * OPEN_STAGE_SHARE), FOCUS_WEIGHTS)  # the open stage's own
+    assert {t.prompt_key for t in focus + short + training_tasks(0, 2000) + opened} == seen
 
 
+@pytest.mark.parametrize("values", [T.POOLED, T.OPEN], ids=["pooled", "open"])
 @pytest.mark.parametrize("family", sorted(T.FAMILIES))
-def test_answers_are_right(family):
+def test_answers_are_right(family, values):
     """Spot checks that the expected answers are what the instruction asks for."""
     rng = random.Random(1)
     for _ in range(50):
-        task = T.FAMILIES[family](rng, "train")
+        task = T.FAMILIES[family](rng, "train", values)
         text = task.messages[0]["content"]
         if family == "arithmetic":
             a, op, b = text.rstrip("?.=").split()[-3:]
@@ -72,6 +75,27 @@ def test_answers_are_right(family):
         elif family == "case":
             assert task.answer and task.answer.replace("_", "").replace("-", "").replace(" ", "").lower() in \
                 text.replace("_", "").replace("-", "").replace(" ", "").lower()
+
+
+def test_pooled_values_draw_what_the_recorded_runs_trained_on():
+    """POOLED is the draws every recorded run used, call for call: the first tasks of the seed-0 stream."""
+    first = [t.messages[-1]["content"] for t in training_tasks(0, 3)]
+    assert first == ["Start a 5 minute timer.",
+                     "Turn these key=value pairs into a JSON object:\nname=Tom, active=false, role=owner, city=Toronto",
+                     "key=value to JSON: id=595, name=Ivan, role=owner, active=false"]
+
+
+def test_open_values_are_made_up_and_copied_into_the_answer():
+    opened = T.make_tasks(300, 7, families=("kv_to_json", "extract", "tool_call"), values=T.OPEN)
+    names = {v for t in opened if t.family == "kv_to_json" for k, v in json.loads(t.answer).items() if k == "name"}
+    assert len(names) > 10 and not names & set(T.NAMES)
+    cities = {t.call["arguments"].get("city") for t in opened if t.family == "tool_call"} - {None}
+    assert cities and not cities & set(T.CITIES)
+    years = [json.loads(t.answer)["year"] for t in opened if t.family == "kv_to_json" and "year" in t.answer]
+    assert min(years) < 1990  # beyond the pooled range
+    for t in opened:
+        if t.family == "extract":
+            assert all(str(v) in t.messages[0]["content"] for v in json.loads(t.answer).values())
 
 
 def test_held_out_examples_are_not_in_training_and_phrasings_differ():

@@ -129,6 +129,12 @@ FOCUS_WEIGHTS = {"sort_dedup": 3.0, "arithmetic": 3.0, "units": 3.0, "case": 2.0
                  "extract": 2.0, "json_to_yaml": 1.5, "kv_to_json": 1.0, "tool_call": 0.5, "tool_answer": 0.75}
 
 
+# The `tiny-tasks-open` stage's share of OPEN-valued tasks: the shipped model answered "name=Ada, year=1815" with
+# {"name": "name", "year": 1015}: held-out tasks drawn from the training pools had hidden that it recalls pool
+# values instead of copying.
+OPEN_STAGE_SHARE = 0.5
+
+
 # The `tiny-tasks-short` stage's mix: after the focus stage arithmetic (6.7%) and sort_dedup (20%) were the two
 # families far from the goal. Their answers are short (arithmetic 2-4 tokens against 10-25 for most families), and
 # the loss is a mean over answer tokens, so at the focus weights they had ~3% of the loss tokens; here they
@@ -141,18 +147,40 @@ def training_tasks(seed: int, n: int = TASKS_STREAM, weights: dict[str, float] |
     return T.make_tasks(n, T.TRAIN_SEED + seed, weights=weights)
 
 
+# Families whose tasks draw names, words, keys or numbers from `tasks.Values` (arithmetic and units do not): the
+# ones an OPEN-valued stream teaches to copy.
+OPEN_FAMILIES = tuple(f for f in T.FAMILIES if f not in ("arithmetic", "units"))
+OPEN_SEED = 500  # an OPEN-valued stream's seed: TRAIN_SEED + OPEN_SEED + recipe seed
+
+
+def open_training_tasks(seed: int, n: int, weights: dict[str, float] | None = None) -> list[T.Task]:
+    """`n` tasks with OPEN values (made-up names, cities, items and keys, wide number ranges) of OPEN_FAMILIES."""
+    w = {f: (weights or {}).get(f, 1.0) for f in OPEN_FAMILIES}
+    return T.make_tasks(n, T.TRAIN_SEED + OPEN_SEED + seed, weights=w, values=T.OPEN)
+
+
 @functools.cache
 def training_prompts(n: int = TASKS_STREAM) -> frozenset[str]:
     """The prompts of every recipe's seed-0 stream (every run so far): what a held-out example must not be.
-    Cached: it draws 240,000 tasks."""
-    return frozenset(t.prompt_key for w in (None, FOCUS_WEIGHTS, SHORT_WEIGHTS) for t in training_tasks(0, n, weights=w))
+    Cached: it draws 280,000 tasks."""
+    pooled = (t for w in (None, FOCUS_WEIGHTS, SHORT_WEIGHTS) for t in training_tasks(0, n, weights=w))
+    opened = open_training_tasks(0, round(n * OPEN_STAGE_SHARE), FOCUS_WEIGHTS)
+    return frozenset([t.prompt_key for t in pooled] + [t.prompt_key for t in opened])
 
 
-def tasks_data(tokenizer: Tokenizer, seed: int,
-               weights: dict[str, float] | None = None) -> tuple[TokenizedDataset, TokenizedDataset]:
-    train = training_tasks(seed, weights=weights)
+def tasks_data(tokenizer: Tokenizer, seed: int, weights: dict[str, float] | None = None,
+               open_share: float = 0.0) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """The training stream (TASKS_STREAM tasks, `open_share` of them with OPEN values, shuffled together) and
+    the eval set: 24 held-out tasks per family, and as many OPEN-valued ones per open family when `open_share`."""
+    n_open = round(TASKS_STREAM * open_share)
+    train = training_tasks(seed, TASKS_STREAM - n_open, weights=weights)
+    if n_open:
+        train += open_training_tasks(seed, n_open, weights)
+        random.Random(seed).shuffle(train)
     seen = {t.prompt_key for t in train}
     held = [t for f in T.FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen)]
+    if n_open:
+        held += [t for f in OPEN_FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen, values=T.OPEN)]
     examples = [e for e in task_examples(train, tokenizer, PLAIN_SHARE) if len(e.target) < TASKS_CANVAS]
     return TokenizedDataset(examples), TokenizedDataset(task_examples(held, tokenizer))
 
@@ -189,8 +217,9 @@ def exact_match(folder: str | Path, tasks: list[T.Task]) -> tuple[list[bool], li
     return [judge(t, r) for t, r in zip(tasks, raws)], outs
 
 
-def exact_match_hook(n: int = 4):
-    """An eval hook: exact match per family on `n` validation examples each (not the held-out ones)."""
+def exact_match_hook(n: int = 4, open_values: bool = False):
+    """An eval hook: exact match per family on `n` validation examples each (not the held-out ones); with
+    `open_values`, also the mean over `n` OPEN-valued ones per open family (`exact_open_mean`)."""
     def evaluate(trainer) -> dict[str, float]:
         import statistics
         import tempfile
@@ -199,11 +228,15 @@ def exact_match_hook(n: int = 4):
         if not trainer.env.is_main:
             return {}
         tasks = [t for f in T.FAMILIES for t in T.held_out_tasks(f, n, seed=T.VALIDATION_SEED)]
+        opened = ([t for f in OPEN_FAMILIES for t in T.held_out_tasks(f, n, seed=T.VALIDATION_SEED, values=T.OPEN)]
+                  if open_values else [])
         with tempfile.TemporaryDirectory() as tmp:
-            right, outs = exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks)
+            right, outs = exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks + opened)
+        right, right_open, outs = right[:len(tasks)], right[len(tasks):], outs[:len(tasks)]
         by_family = {f: statistics.mean(r for r, t in zip(right, tasks) if t.family == f) for f in T.FAMILIES}
         return {"exact_mean": statistics.mean(right), "exact_min": min(by_family.values()),
                 "tokens_per_forward": statistics.mean(o.tokens_per_forward for o in outs),
+                **({"exact_open_mean": statistics.mean(right_open)} if right_open else {}),
                 **{f"exact_{f}": v for f, v in by_family.items()}}
     return evaluate
 
@@ -233,15 +266,15 @@ register(Recipe(
 ))
 
 
-def register_stage(name: str, description: str, weights: dict[str, float]) -> None:
-    """A later tiny-tasks stage: the same model, tasks and hook, drawn in proportion to `weights`, at a lower
-    learning rate; start it from an earlier stage's model (--model)."""
+def register_stage(name: str, description: str, weights: dict[str, float], open_share: float = 0.0) -> None:
+    """A later tiny-tasks stage: the same model, tasks and hook, drawn in proportion to `weights` (`open_share`
+    of them with OPEN values), at a lower learning rate; start it from an earlier stage's model (--model)."""
     register(Recipe(
         name=name,
         description=description,
-        build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, weights),
+        build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, weights, open_share),
         model_config=tasks_config(),
-        evaluate=exact_match_hook(),
+        evaluate=exact_match_hook(open_values=open_share > 0),
         tokenizer=str(TASKS_DIR),
         hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "lr": 1e-3, "warmup_steps": 50},
     ))
@@ -253,6 +286,10 @@ register_stage("tiny-tasks-focus", "tiny-tasks' second stage: the same model and
 register_stage("tiny-tasks-short", "tiny-tasks' third stage: the same model and tasks, drawn in proportion to "
                "SHORT_WEIGHTS (arithmetic and sort_dedup most); start it from a focus-stage model (--model)",
                SHORT_WEIGHTS)
+register_stage("tiny-tasks-open", "tiny-tasks' copying stage: half the tasks with OPEN values (made-up names, "
+               "cities, items and keys, wide number ranges), so that the model copies what it is given instead of "
+               "recalling the training pools; FOCUS_WEIGHTS; start it from a focus-stage model (--model)",
+               FOCUS_WEIGHTS, open_share=OPEN_STAGE_SHARE)
 
 
 # The probes (BENCHMARKS.md, "Arithmetic probe", "Sorting probe"): can a fresh model of this size learn one family

@@ -44,6 +44,80 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December")
 
 
+# ------------------------------------------------------------------------------------------------ value sources
+# Syllables for made-up words: names, cities, items and keys a model cannot have memorized, so that a task drawn
+# with OPEN values can only be answered by copying from the prompt.
+SYLLABLES = tuple(c + v for c in "bdfghjklmnprstvz" for v in "aeiou") + (
+    "an", "el", "in", "or", "us", "ar", "en", "ol", "ith", "ston", "berg", "ton", "ley", "mar", "dor", "wen")
+
+
+def made_up_word(rng: random.Random, low: int = 1, high: int = 3) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(low, high)))
+
+
+@dataclass(frozen=True)
+class Values:
+    """Where a task's names, cities, items, words, keys and numbers come from. POOLED: the fixed pools above (the
+    draws every recorded run trained on, call for call); OPEN: made-up words and wide number ranges."""
+
+    open: bool = False
+
+    def name(self, rng: random.Random) -> str:
+        return made_up_word(rng, 1, 3).capitalize() if self.open else rng.choice(NAMES)
+
+    def city(self, rng: random.Random) -> str:
+        return made_up_word(rng, 2, 3).capitalize() if self.open else rng.choice(CITIES)
+
+    def item(self, rng: random.Random) -> str:
+        return made_up_word(rng, 1, 3) if self.open else rng.choice(ITEMS)
+
+    def items(self, rng: random.Random, k: int) -> list[str]:
+        if not self.open:
+            return rng.sample(ITEMS, k)
+        out: list[str] = []
+        while len(out) < k:
+            w = made_up_word(rng, 1, 3)
+            if w not in out:
+                out.append(w)
+        return out
+
+    def word(self, rng: random.Random) -> str:
+        """A word of an identifier (case conversion)."""
+        return made_up_word(rng, 1, 2) if self.open and rng.random() < 0.5 else rng.choice(WORDS)
+
+    def keys(self, rng: random.Random, k: int) -> list[str]:
+        """`k` distinct keys of a record: the ten known ones, or (open) known, identifier words and made-up."""
+        if not self.open:
+            return rng.sample(KEYS, k)
+        out: list[str] = []
+        while len(out) < k:
+            kind = rng.random()
+            key = rng.choice(KEYS) if kind < 0.4 else rng.choice(WORDS) if kind < 0.7 else made_up_word(rng, 1, 2)
+            if key not in out:
+                out.append(key)
+        return out
+
+    def number(self, rng: random.Random, low: int, high: int, open_low: int, open_high: int) -> int:
+        return rng.randint(open_low, open_high) if self.open else rng.randint(low, high)
+
+    def value(self, rng: random.Random, key: str):
+        """A record's value for `key`: typed by the key when it is a known one, else a string, integer or bool."""
+        if key not in KEYS:
+            kind = rng.random()
+            return made_up_word(rng) if kind < 0.5 else rng.randint(0, 9999) if kind < 0.85 else rng.random() < 0.5
+        return {"name": lambda: self.name(rng), "city": lambda: self.city(rng),
+                "age": lambda: self.number(rng, 18, 90, 0, 120), "id": lambda: self.number(rng, 1, 999, 1, 99_999),
+                "active": lambda: rng.random() < 0.5,
+                "role": lambda: made_up_word(rng, 2, 3) if self.open else rng.choice(ROLES),
+                "item": lambda: self.item(rng), "qty": lambda: self.number(rng, 1, 20, 2, 999),
+                "score": lambda: self.number(rng, 0, 100, 0, 1000),
+                "year": lambda: self.number(rng, 1990, 2030, 1000, 2999)}[key]()
+
+
+POOLED = Values()
+OPEN = Values(open=True)
+
+
 @dataclass
 class Task:
     family: str
@@ -69,11 +143,6 @@ def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str) -> st
 
 
 # ---------------------------------------------------------------------------------------------- JSON families
-def _value(rng: random.Random, key: str):
-    return {"name": lambda: rng.choice(NAMES), "city": lambda: rng.choice(CITIES), "age": lambda: rng.randint(18, 90),
-            "id": lambda: rng.randint(1, 999), "active": lambda: rng.random() < 0.5, "role": lambda: rng.choice(ROLES),
-            "item": lambda: rng.choice(ITEMS), "qty": lambda: rng.randint(1, 20), "score": lambda: rng.randint(0, 100),
-            "year": lambda: rng.randint(1990, 2030)}[key]()
 
 
 KEYS = ("name", "city", "age", "id", "active", "role", "item", "qty", "score", "year")
@@ -83,9 +152,9 @@ def _scalar_text(v) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
 
-def kv_to_json(rng: random.Random, phrasing: str = "train") -> Task:
-    keys = rng.sample(KEYS, rng.randint(2, 4))
-    obj = {k: _value(rng, k) for k in keys}
+def kv_to_json(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    keys = values.keys(rng, rng.randint(2, 4))
+    obj = {k: values.value(rng, k) for k in keys}
     sep = rng.choice((", ", "; ", " ", "\n"))
     pairs = sep.join(f"{k}={_scalar_text(v)}" for k, v in obj.items())
     text = _phrase(rng, ("Convert to JSON: {p}", "Turn these key=value pairs into a JSON object:\n{p}",
@@ -93,21 +162,21 @@ def kv_to_json(rng: random.Random, phrasing: str = "train") -> Task:
     return Task("kv_to_json", _user(text), json.dumps(obj))
 
 
-def csv_to_json(rng: random.Random, phrasing: str = "train") -> Task:
+def csv_to_json(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     n_cols = rng.randint(2, 3)
-    keys = rng.sample(KEYS, n_cols)
-    rows = [{k: _value(rng, k) for k in keys} for _ in range(rng.randint(1, 2) if n_cols == 2 else 1)]
+    keys = values.keys(rng, n_cols)
+    rows = [{k: values.value(rng, k) for k in keys} for _ in range(rng.randint(1, 2) if n_cols == 2 else 1)]
     csv = "\n".join([",".join(keys)] + [",".join(_scalar_text(r[k]) for k in keys) for r in rows])
     text = _phrase(rng, ("Convert this CSV to JSON:\n{c}", "CSV to JSON:\n{c}", "Turn the CSV into a JSON list:\n{c}",
                          "Here is a CSV table:\n{c}\nGive it as JSON."), phrasing).format(c=csv)
     return Task("csv_to_json", _user(text), json.dumps(rows))
 
 
-def json_to_yaml(rng: random.Random, phrasing: str = "train") -> Task:
-    keys = rng.sample(KEYS, rng.randint(2, 3))
-    obj = {k: _value(rng, k) for k in keys}
+def json_to_yaml(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    keys = values.keys(rng, rng.randint(2, 3))
+    obj = {k: values.value(rng, k) for k in keys}
     if rng.random() < 0.3:
-        obj["tags"] = rng.sample(ITEMS, 2)
+        obj["tags"] = values.items(rng, 2)
     lines = []
     for k, v in obj.items():
         if isinstance(v, list):
@@ -130,20 +199,20 @@ CASES = {
 }
 
 
-def case_conversion(rng: random.Random, phrasing: str = "train") -> Task:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 3))]
+def case_conversion(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    words = [values.word(rng) for _ in range(rng.randint(2, 3))]
     source, target = rng.sample(list(CASES), 2)
     text = _phrase(rng, ("Convert {s} to {t}.", "{s} in {t}:", "Rename {s} to {t}", "What is {s} written in {t}?"),
                    phrasing).format(s=CASES[source](words), t=target)
     return Task("case", _user(text), CASES[target](words))
 
 
-def sort_dedup(rng: random.Random, phrasing: str = "train") -> Task:
+def sort_dedup(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     if rng.random() < 0.6:
-        pool = rng.sample(ITEMS, rng.randint(3, 5))
+        pool = values.items(rng, rng.randint(3, 5))
         key = str
     else:
-        pool = [str(x) for x in rng.sample(range(1, 100), rng.randint(3, 5))]
+        pool = [str(x) for x in rng.sample(range(1, 1000 if values.open else 100), rng.randint(3, 5))]
         key = int
     items = pool + [rng.choice(pool) for _ in range(rng.randint(1, 2))]
     rng.shuffle(items)
@@ -165,8 +234,9 @@ DATE_FORMATS = {
 }
 
 
-def date_format(rng: random.Random, phrasing: str = "train") -> Task:
-    d = date(1990, 1, 1) + timedelta(days=rng.randrange(365 * 45))
+def date_format(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    d = (date(1700, 1, 1) + timedelta(days=rng.randrange(365 * 400)) if values.open
+         else date(1990, 1, 1) + timedelta(days=rng.randrange(365 * 45)))
     # the source is never an ambiguous numeric form: ISO or a month name
     source = rng.choice(("YYYY-MM-DD", "Month D, YYYY", "D Month YYYY"))
     target = rng.choice([f for f in DATE_FORMATS if f != source])
@@ -184,7 +254,7 @@ def _number(x: Decimal) -> str:
     return s
 
 
-def unit_conversion(rng: random.Random, phrasing: str = "train") -> Task:
+def unit_conversion(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     big, small, factor = rng.choice(UNITS)
     amount = Decimal(rng.randint(1, 999)) / Decimal(rng.choice((1, 10, 100)))
     if rng.random() < 0.5:
@@ -196,7 +266,7 @@ def unit_conversion(rng: random.Random, phrasing: str = "train") -> Task:
     return Task("units", _user(text), f"{_number(result)} {dst}")
 
 
-def arithmetic(rng: random.Random, phrasing: str = "train") -> Task:
+def arithmetic(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     op = rng.choice("+-*")
     if op == "*":
         a, b = rng.randint(2, 12), rng.randint(2, 9)
@@ -231,10 +301,10 @@ def column_steps(a: int, b: int, op: str) -> str:
     return " ".join(steps)
 
 
-def worked_arithmetic(rng: random.Random, phrasing: str = "train") -> Task:
+def worked_arithmetic(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     """`arithmetic` with its column steps in the thought channel (the arithmetic probe, BENCHMARKS.md): the same
     prompts and answers, so the same judge; only what the model writes before the answer differs."""
-    task = arithmetic(rng, phrasing)
+    task = arithmetic(rng, phrasing, values)
     a, op, b = task.messages[0]["content"].rstrip("?.=").split()[-3:]
     return Task(task.family, task.messages, task.answer, thought=column_steps(int(a), int(b), op) or None)
 
@@ -249,16 +319,16 @@ EXTRACT_SENTENCES = (
 )
 
 
-def extract_fields(rng: random.Random, phrasing: str = "train") -> Task:
+def extract_fields(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     sentence, keys = rng.choice(EXTRACT_SENTENCES)
-    values = {k: _value(rng, k) for k in keys}
-    if "qty" in values and values["qty"] == 1:
-        values["qty"] = 2
+    fields = {k: values.value(rng, k) for k in keys}
+    if "qty" in fields and fields["qty"] == 1:
+        fields["qty"] = 2
     wanted = [k for k in keys if rng.random() < 0.75] or [keys[0]]
     text = _phrase(rng, ("Extract {f} as JSON: {s}", "{s}\nGive {f} as a JSON object.", "From \"{s}\" get {f} in JSON.",
                          "Pull out {f} from this sentence as JSON: {s}"),
-                   phrasing).format(f=", ".join(wanted), s=sentence.format(**values))
-    return Task("extract", _user(text), json.dumps({k: values[k] for k in wanted}))
+                   phrasing).format(f=", ".join(wanted), s=sentence.format(**fields))
+    return Task("extract", _user(text), json.dumps({k: fields[k] for k in wanted}))
 
 
 # ---------------------------------------------------------------------------------------------- tool families
@@ -286,15 +356,15 @@ TOPICS = ("cheap flights", "pasta recipes", "python tutorials", "hiking trails",
 SUBJECTS = ("Lunch", "Meeting", "Invoice", "Trip", "Report", "Party", "Hello", "Update")
 
 
-def _request(rng: random.Random, phrasing: str) -> tuple[str, dict, str]:
+def _request(rng: random.Random, phrasing: str, values: Values) -> tuple[str, dict, str]:
     """(tool name, arguments, the user's request)."""
     name = rng.choice(list(TOOLS))
     if name == "get_weather":
-        args = {"city": rng.choice(CITIES)}
+        args = {"city": values.city(rng)}
         t = ("What's the weather in {city}?", "Is it raining in {city}?", "Weather for {city} please.",
              "How warm is it in {city} right now?")
     elif name == "get_time":
-        args = {"city": rng.choice(CITIES)}
+        args = {"city": values.city(rng)}
         t = ("What time is it in {city}?", "Current time in {city}?", "Tell me the time in {city}.",
              "Do you know the local time in {city}?")
     elif name == "convert_currency":
@@ -307,11 +377,11 @@ def _request(rng: random.Random, phrasing: str) -> tuple[str, dict, str]:
         t = ("Set a timer for {minutes} minutes.", "Timer: {minutes} minutes.", "Start a {minutes} minute timer.",
              "Remind me in {minutes} minutes.")
     elif name == "send_email":
-        args = {"to": rng.choice(NAMES).lower() + "@example.com", "subject": rng.choice(SUBJECTS)}
+        args = {"to": values.name(rng).lower() + "@example.com", "subject": rng.choice(SUBJECTS)}
         t = ("Email {to} with the subject {subject}.", "Send {to} an email titled {subject}.",
              "Write to {to}, subject: {subject}.", "Mail {to} about \"{subject}\".")
     else:
-        args = {"query": rng.choice(TOPICS) + " in " + rng.choice(CITIES)}
+        args = {"query": rng.choice(TOPICS) + " in " + values.city(rng)}
         t = ("Search for {query}.", "Look up {query}.", "Find {query} online.", "Can you google {query}?")
     return name, args, _phrase(rng, t, phrasing).format(**args)
 
@@ -336,8 +406,8 @@ def _call_text(value) -> str:
     return str(value)
 
 
-def tool_call(rng: random.Random, phrasing: str = "train") -> Task:
-    name, args, request = _request(rng, phrasing)
+def tool_call(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    name, args, request = _request(rng, phrasing, values)
     answer = f"<|tool_call>call:{name}{_call_text(args)}<tool_call|><|tool_response>"
     return Task("tool_call", _user(request), answer, tools=_declared(rng, name), kind="tool_call",
                 call={"name": name, "arguments": args})
@@ -346,7 +416,7 @@ def tool_call(rng: random.Random, phrasing: str = "train") -> Task:
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
 
 
-def _response(rng: random.Random, name: str, args: dict) -> tuple[dict, tuple[str, ...]]:
+def _response(rng: random.Random, name: str, args: dict, values: Values) -> tuple[dict, tuple[str, ...]]:
     """(the tool's response, answer templates using args and the response)."""
     if name == "get_weather":
         return ({"condition": rng.choice(CONDITIONS), "temperature": rng.randint(-10, 35)},
@@ -359,13 +429,13 @@ def _response(rng: random.Random, name: str, args: dict) -> tuple[dict, tuple[st
         return {"status": "started"}, ("Your {minutes} minute timer is running.",)
     if name == "send_email":
         return {"status": "sent"}, ("The email to {to} was sent.",)
-    return {"top": rng.choice(NAMES) + "'s guide to " + args["query"]}, ("The top result is {top}.",)
+    return {"top": values.name(rng) + "'s guide to " + args["query"]}, ("The top result is {top}.",)
 
 
-def tool_answer(rng: random.Random, phrasing: str = "train") -> Task:
+def tool_answer(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     """After a tool call and its response, the model's answer in words (the second half of an agent turn)."""
-    name, args, request = _request(rng, phrasing)
-    response, templates = _response(rng, name, args)
+    name, args, request = _request(rng, phrasing, values)
+    response, templates = _response(rng, name, args, values)
     messages = _user(request) + [
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]},
@@ -373,7 +443,7 @@ def tool_answer(rng: random.Random, phrasing: str = "train") -> Task:
     return Task("tool_answer", messages, templates[0].format(**args, **response), tools=_declared(rng, name))
 
 
-FAMILIES: dict[str, Callable[[random.Random, str], Task]] = {
+FAMILIES: dict[str, Callable[[random.Random, str, Values], Task]] = {
     "kv_to_json": kv_to_json, "csv_to_json": csv_to_json, "json_to_yaml": json_to_yaml, "case": case_conversion,
     "sort_dedup": sort_dedup, "date": date_format, "units": unit_conversion, "arithmetic": arithmetic,
     "extract": extract_fields, "tool_call": tool_call, "tool_answer": tool_answer,
@@ -384,27 +454,30 @@ VALIDATION_SEED = 535_353  # examples for choosing sampler settings, so the held
 
 
 def make_tasks(n: int, seed: int, phrasing: str = "train", families: tuple[str, ...] = tuple(FAMILIES),
-               weights: dict[str, float] | None = None) -> list[Task]:
+               weights: dict[str, float] | None = None, values: Values = POOLED) -> list[Task]:
     """`n` tasks from one seeded stream: each a seeded choice of family, uniform over `families`, or drawn in
-    proportion to `weights` (family -> weight; families it leaves out are never drawn)."""
+    proportion to `weights` (family -> weight; families it leaves out are never drawn); names, numbers and
+    the like from `values`."""
     rng = random.Random(seed)
     if weights is None:
-        return [FAMILIES[rng.choice(families)](rng, phrasing) for _ in range(n)]
+        return [FAMILIES[rng.choice(families)](rng, phrasing, values) for _ in range(n)]
     unknown = sorted(set(weights) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown task families {unknown}")
     names, w = list(weights), list(weights.values())
-    return [FAMILIES[rng.choices(names, w)[0]](rng, phrasing) for _ in range(n)]
+    return [FAMILIES[rng.choices(names, w)[0]](rng, phrasing, values) for _ in range(n)]
 
 
 def held_out_tasks(family: str, n: int, phrasing: str = "train",
-                   exclude: set[str] | frozenset[str] | None = None, seed: int = HELD_OUT_SEED) -> list[Task]:
+                   exclude: set[str] | frozenset[str] | None = None, seed: int = HELD_OUT_SEED,
+                   values: Values = POOLED) -> list[Task]:
     """`n` tasks of one family from the held-out seed (or VALIDATION_SEED), none of whose prompts is in
-    `exclude` (the training prompts), nor repeated."""
-    rng = random.Random(seed + sorted(FAMILIES).index(family) + (1000 if phrasing == "held_out" else 0))
+    `exclude` (the training prompts), nor repeated. OPEN values draw from their own stream of the seed."""
+    rng = random.Random(seed + sorted(FAMILIES).index(family) + (1000 if phrasing == "held_out" else 0)
+                        + (2000 if values.open else 0))
     out, seen = [], set(exclude or ())
     while len(out) < n:
-        task = FAMILIES[family](rng, phrasing)
+        task = FAMILIES[family](rng, phrasing, values)
         if task.prompt_key not in seen:
             seen.add(task.prompt_key)
             out.append(task)
