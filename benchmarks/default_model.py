@@ -9,6 +9,11 @@ in the recipe's training stream (seed 0). `--phrasing held_out` asks in a wordin
 never used (how far the model generalises beyond its templates). Each example is one chat request with the
 checkpoint's sampler, seed = index, batches of `--batch`.
 
+`--values open` draws the examples' names, cities, items, keys and numbers from `tasks.OPEN` (made-up words,
+wide ranges) instead of the training pools: whether the model copies what it is given or recalls the values it
+was trained on (the families whose tasks draw values: not arithmetic or units). Answers longer than one canvas
+are kept and counted (`over_one_canvas`).
+
 Exact match: a text answer must equal the expected text exactly (the content `chat_output.parse_output` gives);
 a tool call must come out as exactly one call of the expected name whose JSON arguments equal the expected ones
 (what the agent API returns). `--plain` also scores the single-turn families without the chat template
@@ -36,7 +41,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import machine, set_threads  # noqa: E402
 from letterpress.train import tasks as T  # noqa: E402
-from letterpress.train.recipes_tasks import TASKS_DIR, judge, training_prompts  # noqa: E402
+from letterpress.train.recipes_tasks import (OPEN_FAMILIES, TASKS_CANVAS, TASKS_DIR, judge, render,  # noqa: E402
+                                             training_prompts)
 
 
 def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **sampler) -> dict:
@@ -101,7 +107,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(TASKS_DIR))
     ap.add_argument("--n", type=int, default=100, help="held-out examples per family")
-    ap.add_argument("--families", default=",".join(T.FAMILIES))
+    ap.add_argument("--families", default=None, help="comma-separated (default: all; with --values open, those "
+                    "that draw values)")
+    ap.add_argument("--values", choices=("pooled", "open"), default="pooled",
+                    help="draw names, numbers and the like from the training pools or made up (tasks.OPEN)")
     ap.add_argument("--phrasing", choices=("train", "held_out", "both"), default="train")
     ap.add_argument("--plain", action="store_true", help="also score single-turn families without the template")
     ap.add_argument("--batch", type=int, default=16)
@@ -132,7 +141,8 @@ def main() -> None:
     from letterpress import LLM, SamplingParams
     from letterpress.errors import LetterpressError
 
-    families = args.families.split(",")
+    values = T.OPEN if args.values == "open" else T.POOLED
+    families = (args.families or ",".join(OPEN_FAMILIES if values.open else T.FAMILIES)).split(",")
     unknown = [f for f in families if f not in T.FAMILIES]
     if unknown:
         ap.error(f"--families: unknown {', '.join(map(repr, unknown))}; choose from {','.join(T.FAMILIES)}")
@@ -158,20 +168,23 @@ def main() -> None:
     seen = training_prompts()
     phrasings = ("train", "held_out") if args.phrasing == "both" else (args.phrasing,)
     result = {"model": args.model, "machine": machine(), "n": args.n, "sampler": sampler,
-              "examples": "validation" if args.validation else "held-out", "families": {}}
+              "examples": "validation" if args.validation else "held-out", "values": args.values, "families": {}}
     for phrasing in phrasings:
         for family in families:
-            tasks = T.held_out_tasks(family, args.n, phrasing, exclude=seen, seed=seed)
+            tasks = T.held_out_tasks(family, args.n, phrasing, exclude=seen, seed=seed, values=values)
             r = run_family(llm, tasks, args.batch, **sampler)
+            r["over_one_canvas"] = sum(len(llm.tokenizer.encode(render(t, llm.tokenizer)[1])) >= TASKS_CANVAS
+                                       for t in tasks)
             result["families"].setdefault(family, {})[phrasing] = r
             print(f"{family:12s} {phrasing:8s} exact {100 * r['exact']:5.1f}%  tokens/forward "
-                  f"{r['tokens_per_forward']:5.2f}  steps {r['steps']:4.2f}  answer tokens {r['answer_tokens']:5.1f}",
+                  f"{r['tokens_per_forward']:5.2f}  steps {r['steps']:4.2f}  answer tokens {r['answer_tokens']:5.1f}"
+                  + (f"  ({r['over_one_canvas']} answers longer than a canvas)" if r["over_one_canvas"] else ""),
                   flush=True)
             for prompt, want, got in r["wrong_samples"][:1]:
                 print(f"    e.g. {prompt!r}: want {want!r}, got {got!r}", flush=True)
     if args.plain:
         for family in families:
-            tasks = T.held_out_tasks(family, args.n, exclude=seen, seed=seed)
+            tasks = T.held_out_tasks(family, args.n, exclude=seen, seed=seed, values=values)
             if tasks[0].tools is None and len(tasks[0].messages) == 1:
                 r = run_family(llm, tasks, args.batch, plain=True, **sampler)
                 result["families"][family]["plain"] = r

@@ -95,6 +95,8 @@ def test_chat_in_a_real_browser(served, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "infill-figures").text)
         assert driver.find_elements(By.CSS_SELECTOR, "#infill-result mark")
         assert driver.find_element(By.ID, "sudoku-notice").is_displayed()
+        # the suite's default is the code model: no notice over the infill panel (tiny-tasks and Sudoku get one)
+        assert not driver.find_element(By.ID, "infill-notice").is_displayed()
         status = driver.find_element(By.ID, "sudoku-status")
         driver.find_element(By.ID, "sudoku-solve").click()  # with the rules (the default): the server's 400
         wait.until(lambda d: "needs a Sudoku model" in status.text)
@@ -143,6 +145,7 @@ def test_sudoku_board_solves_with_the_rules(sudoku_served):
         driver.get(sudoku_served + "/")
         wait.until(lambda d: d.find_element(By.ID, "model-name").text == "sudoku")
         assert not driver.find_element(By.ID, "sudoku-notice").is_displayed()
+        assert "not text" in driver.find_element(By.ID, "infill-notice").text
         assert driver.find_element(By.ID, "sudoku-rules").is_selected()
         driver.execute_script("""
             setBoard(arguments[0]);

@@ -101,6 +101,13 @@ async function loadModel() {
     $("sudoku-notice").hidden = sudoku;
     $("sudoku-notice").textContent = sudoku ? "" : "The served model does not look like a Sudoku model: the board " +
       "needs one (letterpress serve letterpress/assets/sudoku). Any answer is checked against the rules first.";
+    // The shipped task models were trained for one job each: say so rather than let the panel's example look broken.
+    const infillNotice = /tiny[_-]?tasks/i.test(folder)
+      ? "The served model, tiny-tasks (the embedded default), was trained on short reformatting requests in chat, " +
+        "not on code: for this panel's example serve the code model (letterpress serve letterpress/assets/tiny_code)."
+      : sudoku ? "The served model fills Sudoku boards, not text: serve a text model for this panel." : "";
+    $("infill-notice").hidden = !infillNotice;
+    $("infill-notice").textContent = infillNotice;
   } catch (e) {
     notice.textContent = `Cannot reach the server: ${e.message}`;
     notice.hidden = false;
