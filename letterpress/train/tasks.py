@@ -5,10 +5,13 @@ One family per function: `family(rng, phrasing)` returns a `Task` (chat messages
 `phrasing` picks the instruction's wording: families have several; the last one is never trained on
 (`HELD_OUT_PHRASING`), so a benchmark can ask in words the model has not seen. Everything is a pure function
 of a seeded `random.Random`: the training stream and the held-out examples come from different seeds, and
-`held_out_tasks` drops any example whose prompt occurs in the training stream.
+`held_out_tasks` drops any example whose prompt occurs in the training stream. `values` picks where names,
+cities, items, keys and numbers come from: the fixed pools (`POOLED`, what the recorded runs trained on) or made
+up (`OPEN`), so that a model that only recalls its training pools shows as such.
 
     tasks = make_tasks(1000, seed=3)                 # mixed families, training phrasings
     held = held_out_tasks("case", 200)               # one family, unseen seed
+    novel = held_out_tasks("kv_to_json", 30, values=OPEN)  # made-up names and numbers
 """
 
 from __future__ import annotations
