@@ -2,7 +2,8 @@
 held-out examples, tokens per forward, and the latency of one reply.
 
     python benchmarks/default_model.py [--model letterpress/assets/tiny_tasks] [--n 100] [--threads 1]
-        [--phrasing train|held_out|both] [--plain] [--json out.json] [--plot DIR] [--prompt TEXT --seeds N]
+        [--phrasing train|held_out|both] [--values pooled|open] [--plain] [--greedy] [--json out.json] [--plot DIR]
+        [--prompt TEXT --seeds N]
 
 Examples: `letterpress.train.tasks.held_out_tasks`, a seed no training stream uses, and none whose prompt occurs
 in the recipe's training stream (seed 0). `--phrasing held_out` asks in a wording of each family that training
