@@ -71,7 +71,18 @@ def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **samp
             "tokens_per_forward_pooled": sum(o.tokens_per_forward * sum(o.steps_per_canvas) for o in outs)
             / max(1, sum(sum(o.steps_per_canvas) for o in outs)),
             "steps": statistics.mean(sum(o.steps_per_canvas) for o in outs),
-            "answer_tokens": statistics.mean(len(o.token_ids) for o in outs), "wrong_samples": wrong[:3]}
+            "answer_tokens": statistics.mean(len(o.token_ids) for o in outs), "wrong_samples": wrong[:3],
+            **({"by_kind": by_kind(tasks, right)} if tasks and tasks[0].family == "sort_dedup" else {})}
+
+
+def by_kind(tasks: list[T.Task], right: list[bool]) -> dict[str, list[int]]:
+    """sort_dedup split into lists of words and of numbers: kind -> [right, n]."""
+    out: dict[str, list[int]] = {}
+    for task, ok in zip(tasks, right):
+        counts = out.setdefault("numbers" if task.answer[0].isdigit() else "words", [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+    return out
 
 
 def latency(llm, families: list[str], n: int, **sampler) -> dict:
@@ -181,6 +192,8 @@ def main() -> None:
                   f"{r['tokens_per_forward']:5.2f}  steps {r['steps']:4.2f}  answer tokens {r['answer_tokens']:5.1f}"
                   + (f"  ({r['over_one_canvas']} answers longer than a canvas)" if r["over_one_canvas"] else ""),
                   flush=True)
+            if "by_kind" in r:
+                print("    " + ", ".join(f"{kind} {k} of {n}" for kind, (k, n) in r["by_kind"].items()), flush=True)
             for prompt, want, got in r["wrong_samples"][:1]:
                 print(f"    e.g. {prompt!r}: want {want!r}, got {got!r}", flush=True)
     if args.plain:
