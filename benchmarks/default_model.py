@@ -72,7 +72,22 @@ def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **samp
             / max(1, sum(sum(o.steps_per_canvas) for o in outs)),
             "steps": statistics.mean(sum(o.steps_per_canvas) for o in outs),
             "answer_tokens": statistics.mean(len(o.token_ids) for o in outs), "wrong_samples": wrong[:3],
-            **({"by_kind": by_kind(tasks, right)} if tasks and tasks[0].family == "sort_dedup" else {})}
+            **({"by_kind": by_kind(tasks, right)} if tasks and tasks[0].family == "sort_dedup" else {}),
+            **({"worked": worked_steps(tasks, raws, right)} if any("<channel|>" in r for r in raws) else {})}
+
+
+def worked_steps(tasks: list[T.Task], raws: list[str], right: list[bool]) -> dict[str, int]:
+    """For a model that writes column steps in its thought channel (the arithmetic probe's `arith-worked`): how
+    often the steps are right (`tasks.column_steps`; a product has none), and the answer with them."""
+    out = {"steps_right": 0, "steps_and_answer_right": 0, "answer_right_steps_wrong": 0}
+    for task, raw, ok in zip(tasks, raws, right):
+        a, op, b = task.messages[0]["content"].rstrip("?.=").split()[-3:]
+        thought = raw.split("<|channel>thought\n")[-1].split("<channel|>")[0] if "<channel|>" in raw else None
+        steps_ok = thought == (T.column_steps(int(a), int(b), op) or thought)
+        out["steps_right"] += steps_ok
+        out["steps_and_answer_right"] += steps_ok and ok
+        out["answer_right_steps_wrong"] += ok and not steps_ok
+    return out
 
 
 def by_kind(tasks: list[T.Task], right: list[bool]) -> dict[str, list[int]]:
@@ -192,6 +207,8 @@ def main() -> None:
                   f"{r['tokens_per_forward']:5.2f}  steps {r['steps']:4.2f}  answer tokens {r['answer_tokens']:5.1f}"
                   + (f"  ({r['over_one_canvas']} answers longer than a canvas)" if r["over_one_canvas"] else ""),
                   flush=True)
+            if "worked" in r:
+                print("    " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["worked"].items()), flush=True)
             if "by_kind" in r:
                 print("    " + ", ".join(f"{kind} {k} of {n}" for kind, (k, n) in r["by_kind"].items()), flush=True)
             for prompt, want, got in r["wrong_samples"][:1]:
