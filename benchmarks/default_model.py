@@ -79,11 +79,12 @@ def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **samp
 def worked_steps(tasks: list[T.Task], raws: list[str], right: list[bool]) -> dict[str, int]:
     """For a model that writes column steps in its thought channel (the arithmetic probe's `arith-worked`): how
     often the steps are right (`tasks.column_steps`; a product has none), and the answer with them."""
+    from letterpress.chat_output import parse_output
+
     out = {"steps_right": 0, "steps_and_answer_right": 0, "answer_right_steps_wrong": 0}
     for task, raw, ok in zip(tasks, raws, right):
-        a, op, b = task.messages[0]["content"].rstrip("?.=").split()[-3:]
-        thought = raw.split("<|channel>thought\n")[-1].split("<channel|>")[0] if "<channel|>" in raw else None
-        steps_ok = thought == (T.column_steps(int(a), int(b), op) or thought)
+        want = T.column_steps(*T.arithmetic_operands(task))
+        steps_ok = not want or parse_output(raw, tool_calls=False).reasoning == want
         out["steps_right"] += steps_ok
         out["steps_and_answer_right"] += steps_ok and ok
         out["answer_right_steps_wrong"] += ok and not steps_ok

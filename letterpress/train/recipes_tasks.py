@@ -217,21 +217,29 @@ def exact_match(folder: str | Path, tasks: list[T.Task]) -> tuple[list[bool], li
     return [judge(t, r) for t, r in zip(tasks, raws)], outs
 
 
+def exact_match_of_trainer(trainer, tasks: list[T.Task]) -> tuple[list[bool], list] | None:
+    """`exact_match` of the trainer's current weights, saved to a temporary folder; None on a rank other than the
+    main one. Collective: every rank must call it (gathering the full state)."""
+    state = trainer.full_state()
+    if not trainer.env.is_main:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks)
+
+
 def exact_match_hook(n: int = 4, open_values: bool = False):
     """An eval hook: exact match per family on `n` validation examples each (not the held-out ones); with
     `open_values`, also the mean over `n` OPEN-valued ones per open family (`exact_open_mean`)."""
     def evaluate(trainer) -> dict[str, float]:
         import statistics
-        import tempfile
 
-        state = trainer.full_state()  # collective: every rank takes part
-        if not trainer.env.is_main:
-            return {}
         tasks = [t for f in T.FAMILIES for t in T.held_out_tasks(f, n, seed=T.VALIDATION_SEED)]
         opened = ([t for f in OPEN_FAMILIES for t in T.held_out_tasks(f, n, seed=T.VALIDATION_SEED, values=T.OPEN)]
                   if open_values else [])
-        with tempfile.TemporaryDirectory() as tmp:
-            right, outs = exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks + opened)
+        scored = exact_match_of_trainer(trainer, tasks + opened)
+        if scored is None:
+            return {}
+        right, outs = scored
         right, right_open, outs = right[:len(tasks)], right[len(tasks):], outs[:len(tasks)]
         by_family = {f: statistics.mean(r for r, t in zip(right, tasks) if t.family == f) for f in T.FAMILIES}
         return {"exact_mean": statistics.mean(right), "exact_min": min(by_family.values()),
@@ -343,15 +351,9 @@ def family_exact_hook(family: str, n: int = PROBE_HOOK_EXAMPLES):
     """Exact match on `n` validation prompts of one family (`hook_tasks`)."""
     def evaluate(trainer) -> dict[str, float]:
         import statistics
-        import tempfile
 
-        state = trainer.full_state()
-        if not trainer.env.is_main:
-            return {}
-        tasks = hook_tasks(family, n)
-        with tempfile.TemporaryDirectory() as tmp:
-            right, _ = exact_match(trainer.save_model(state, Path(tmp) / "model"), tasks)
-        return {f"exact_{family}": statistics.mean(right)}
+        scored = exact_match_of_trainer(trainer, hook_tasks(family, n))
+        return {} if scored is None else {f"exact_{family}": statistics.mean(scored[0])}
     return evaluate
 
 

@@ -58,6 +58,16 @@ def made_up_word(rng: random.Random, low: int = 1, high: int = 3) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(low, high)))
 
 
+def _distinct(draw: Callable[[], str], k: int) -> list[str]:
+    """`k` different results of `draw`, in the order first drawn."""
+    out: list[str] = []
+    while len(out) < k:
+        x = draw()
+        if x not in out:
+            out.append(x)
+    return out
+
+
 @dataclass(frozen=True)
 class Values:
     """Where a task's names, cities, items, words, keys and numbers come from. POOLED: the fixed pools above (the
@@ -75,14 +85,7 @@ class Values:
         return made_up_word(rng, 1, 3) if self.open else rng.choice(ITEMS)
 
     def items(self, rng: random.Random, k: int) -> list[str]:
-        if not self.open:
-            return rng.sample(ITEMS, k)
-        out: list[str] = []
-        while len(out) < k:
-            w = made_up_word(rng, 1, 3)
-            if w not in out:
-                out.append(w)
-        return out
+        return _distinct(lambda: made_up_word(rng, 1, 3), k) if self.open else rng.sample(ITEMS, k)
 
     def word(self, rng: random.Random) -> str:
         """A word of an identifier (case conversion)."""
@@ -92,13 +95,11 @@ class Values:
         """`k` distinct keys of a record: the ten known ones, or (open) known, identifier words and made-up."""
         if not self.open:
             return rng.sample(KEYS, k)
-        out: list[str] = []
-        while len(out) < k:
+
+        def key() -> str:
             kind = rng.random()
-            key = rng.choice(KEYS) if kind < 0.4 else rng.choice(WORDS) if kind < 0.7 else made_up_word(rng, 1, 2)
-            if key not in out:
-                out.append(key)
-        return out
+            return rng.choice(KEYS) if kind < 0.4 else rng.choice(WORDS) if kind < 0.7 else made_up_word(rng, 1, 2)
+        return _distinct(key, k)
 
     def number(self, rng: random.Random, low: int, high: int, open_low: int, open_high: int) -> int:
         return rng.randint(open_low, open_high) if self.open else rng.randint(low, high)
@@ -308,8 +309,13 @@ def worked_arithmetic(rng: random.Random, phrasing: str = "train", values: Value
     """`arithmetic` with its column steps in the thought channel (the arithmetic probe, BENCHMARKS.md): the same
     prompts and answers, so the same judge; only what the model writes before the answer differs."""
     task = arithmetic(rng, phrasing, values)
+    return Task(task.family, task.messages, task.answer, thought=column_steps(*arithmetic_operands(task)) or None)
+
+
+def arithmetic_operands(task: Task) -> tuple[int, int, str]:
+    """(a, b, op) of an `arithmetic` task: every wording ends with `a op b` and at most one of '?.='."""
     a, op, b = task.messages[0]["content"].rstrip("?.=").split()[-3:]
-    return Task(task.family, task.messages, task.answer, thought=column_steps(int(a), int(b), op) or None)
+    return int(a), int(b), op
 
 
 EXTRACT_SENTENCES = (
