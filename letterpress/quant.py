@@ -707,6 +707,29 @@ def quantize_model(model: nn.Module, fmt: str | None, group: int = INT4_GROUP) -
     return model
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The inverse of `quantize_model`, in place: every quantized linear layer and expert pair back to a float
+    one holding its dequantized weight (what the quantized model computes with), e.g. to train further from a
+    checkpoint that ships quantized. The rest of the model is cast to `dtype`. Returns the model."""
+    def walk(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=False, dtype=dtype)
+                linear.weight.data = child.qweight.dequantize(dtype)
+                setattr(module, name, linear)
+            elif isinstance(child, QuantExperts):
+                with torch.device("meta"):
+                    experts = Experts(model.config.text)
+                experts.gate_up_proj = nn.Parameter(child.gate_up.dequantize(dtype))
+                experts.down_proj = nn.Parameter(child.down.dequantize(dtype))
+                setattr(module, name, experts)
+            else:
+                walk(child)
+    walk(model)
+    model.quantization = None
+    return model.to(dtype)
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (weights as stored, quantized or not)."""
     seen, total = set(), 0

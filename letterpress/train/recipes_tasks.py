@@ -153,10 +153,29 @@ OPEN_FAMILIES = tuple(f for f in T.FAMILIES if f not in ("arithmetic", "units"))
 OPEN_SEED = 500  # an OPEN-valued stream's seed: TRAIN_SEED + OPEN_SEED + recipe seed
 
 
-def open_training_tasks(seed: int, n: int, weights: dict[str, float] | None = None) -> list[T.Task]:
-    """`n` tasks with OPEN values (made-up names, cities, items and keys, wide number ranges) of OPEN_FAMILIES."""
+def open_training_tasks(seed: int, n: int, weights: dict[str, float] | None = None,
+                        values: T.Values = T.OPEN) -> list[T.Task]:
+    """`n` tasks with OPEN-like `values` (made-up names, cities, items and keys, wide number ranges) of
+    OPEN_FAMILIES."""
     w = {f: (weights or {}).get(f, 1.0) for f in OPEN_FAMILIES}
-    return T.make_tasks(n, T.TRAIN_SEED + OPEN_SEED + seed, weights=w, values=T.OPEN)
+    return T.make_tasks(n, T.TRAIN_SEED + OPEN_SEED + seed, weights=w, values=values)
+
+
+@functools.cache
+def tokenizer_pieces() -> tuple[str, ...]:
+    """The shipped tokenizer's lowercase pieces of letters, at most 6 long (652 of them): what PIECES words join.
+    The syllables of OPEN words split into a few dozen tokens; a real word the user types ("London") splits
+    into pieces no syllable word ever did, and the model mangled it."""
+    vocab = json.loads((TASKS_DIR / "tokenizer.json").read_text("utf-8"))["model"]["vocab"]
+    return tuple(sorted(t for t in vocab if t.isascii() and t.isalpha() and t.islower() and len(t) <= 6))
+
+
+def pieces_word(rng: random.Random, low: int = 1, high: int = 3) -> str:
+    """A made-up word of `low`-`high` tokenizer pieces ("rosaom", "childloana", "ty")."""
+    return "".join(rng.choice(tokenizer_pieces()) for _ in range(rng.randint(low, high)))
+
+
+PIECES = T.Values(open=True, make_word=pieces_word)
 
 
 @functools.cache
@@ -169,20 +188,46 @@ def training_prompts(n: int = TASKS_STREAM) -> frozenset[str]:
 
 
 def tasks_data(tokenizer: Tokenizer, seed: int, weights: dict[str, float] | None = None,
-               open_share: float = 0.0) -> tuple[TokenizedDataset, TokenizedDataset]:
-    """The training stream (TASKS_STREAM tasks, `open_share` of them with OPEN values, shuffled together) and
-    the eval set: 24 held-out tasks per family, and as many OPEN-valued ones per open family when `open_share`."""
+               open_share: float = 0.0, open_values: tuple[T.Values, ...] = (T.OPEN,), stream: int = 0,
+               avoid: Callable[[], frozenset[str]] | None = None) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """The training stream (TASKS_STREAM tasks, `open_share` of them with OPEN-like values, split evenly over
+    `open_values`, shuffled together; the seeds offset by `stream`; none whose prompt is in `avoid()`) and the
+    eval set: 24 held-out tasks per family, and as many OPEN-valued ones per open family when `open_share`."""
     n_open = round(TASKS_STREAM * open_share)
-    train = training_tasks(seed, TASKS_STREAM - n_open, weights=weights)
+    train = training_tasks(stream + seed, TASKS_STREAM - n_open, weights=weights)
+    for i, values in enumerate(open_values if n_open else ()):
+        train += open_training_tasks(stream + seed + 100 * i, n_open // len(open_values), weights, values)
     if n_open:
-        train += open_training_tasks(seed, n_open, weights)
         random.Random(seed).shuffle(train)
+    if avoid is not None:
+        avoided = avoid()
+        train = [t for t in train if t.prompt_key not in avoided]
     seen = {t.prompt_key for t in train}
     held = [t for f in T.FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen)]
     if n_open:
         held += [t for f in OPEN_FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen, values=T.OPEN)]
     examples = [e for e in task_examples(train, tokenizer, PLAIN_SHARE) if len(e.target) < TASKS_CANVAS]
     return TokenizedDataset(examples), TokenizedDataset(task_examples(held, tokenizer))
+
+
+BENCHMARK_EXAMPLES = 200  # per family and kind of values: more than default_model.py or a probe scores
+
+
+@functools.cache
+def benchmark_prompts(n: int = BENCHMARK_EXAMPLES) -> frozenset[str]:
+    """The prompts `benchmarks/default_model.py` can score: the first `n` held-out examples of every family (in
+    both phrasings, with POOLED, OPEN, PIECES and REAL values) and of the validation seed. A stage whose stream
+    is not among `training_prompts` leaves these out of its stream, so that the held-out sets stay as they are."""
+    seen = training_prompts()
+    keys = set()
+    for family in T.FAMILIES:
+        kinds = (T.POOLED, T.OPEN, PIECES, T.REAL) if family in OPEN_FAMILIES else (T.POOLED,)
+        for values in kinds:
+            for phrasing in ("train", "held_out"):
+                keys.update(t.prompt_key for t in T.held_out_tasks(family, n, phrasing, exclude=seen, values=values))
+            keys.update(t.prompt_key for t in T.held_out_tasks(family, n, exclude=seen, seed=T.VALIDATION_SEED,
+                                                               values=values))
+    return frozenset(keys)
 
 
 def judge(task: T.Task, raw: str) -> bool:
@@ -274,13 +319,16 @@ register(Recipe(
 ))
 
 
-def register_stage(name: str, description: str, weights: dict[str, float], open_share: float = 0.0) -> None:
+def register_stage(name: str, description: str, weights: dict[str, float], open_share: float = 0.0,
+                   open_values: tuple[T.Values, ...] = (T.OPEN,), stream: int = 0) -> None:
     """A later tiny-tasks stage: the same model, tasks and hook, drawn in proportion to `weights` (`open_share`
-    of them with OPEN values), at a lower learning rate; start it from an earlier stage's model (--model)."""
+    of them with `open_values`), at a lower learning rate; start it from an earlier stage's model (--model). A
+    stage with its own `stream` (seeds offset) leaves the benchmark's examples out of it."""
     register(Recipe(
         name=name,
         description=description,
-        build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, weights, open_share),
+        build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, weights, open_share, open_values, stream,
+                                                      benchmark_prompts if stream else None),
         model_config=tasks_config(),
         evaluate=exact_match_hook(open_values=open_share > 0),
         tokenizer=str(TASKS_DIR),
@@ -298,6 +346,15 @@ register_stage("tiny-tasks-open", "tiny-tasks' copying stage: half the tasks wit
                "cities, items and keys, wide number ranges), so that the model copies what it is given instead of "
                "recalling the training pools; FOCUS_WEIGHTS; start it from a focus-stage model (--model)",
                FOCUS_WEIGHTS, open_share=OPEN_STAGE_SHARE)
+# The second copying stage: fresh streams (COPY_STREAM), so that a continued run sees new tasks, half of the
+# made-up words joined from tokenizer pieces (PIECES) in `tiny-tasks-copy`, all of syllables in its control.
+COPY_STREAM = 1000
+register_stage("tiny-tasks-copy", "tiny-tasks' second copying stage: fresh tasks, half with made-up values, of "
+               "which half are words joined from the tokenizer's pieces (PIECES), half of syllables (OPEN); "
+               "FOCUS_WEIGHTS; start it from the shipped model (`python -m letterpress.train.recipes_tasks unship "
+               "DIR`, then --model DIR)", FOCUS_WEIGHTS, OPEN_STAGE_SHARE, (T.OPEN, PIECES), COPY_STREAM)
+register_stage("tiny-tasks-copy-syllables", "the control of tiny-tasks-copy: the same, every made-up word of "
+               "syllables (OPEN)", FOCUS_WEIGHTS, OPEN_STAGE_SHARE, (T.OPEN,), COPY_STREAM)
 
 
 # The probes (BENCHMARKS.md, "Arithmetic probe", "Sorting probe"): can a fresh model of this size learn one family
@@ -415,6 +472,22 @@ def ship(model_dir: str | Path, out_dir: str | Path = TASKS_DIR, fmt: str = SHIP
     return out_dir
 
 
+def unship(out_dir: str | Path, src: str | Path = TASKS_DIR) -> Path:
+    """The shipped default (`src`) as a float32 model folder to train further from (--model): its int8 weights
+    dequantized, which is what the engine computes with, the embedding cast back from bfloat16, the
+    quantization_config dropped. A later stage can start from what ships, not only from a run's own folder."""
+    from ..checkpoint import save_model
+    from ..model.diffusion_gemma import DiffusionGemma
+    from ..quant import dequantize_model
+
+    src = Path(src)
+    model = dequantize_model(DiffusionGemma.from_pretrained(src, dtype=torch.float32))
+    config = json.loads((src / "config.json").read_text("utf-8"))
+    config.pop("quantization_config", None)
+    generation = json.loads((src / "generation_config.json").read_text("utf-8"))
+    return save_model(model, out_dir, config, generation, {n: src / n for n in TOKENIZER_FILES})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m letterpress.train.recipes_tasks",
                                  description="tiny-tasks, the embedded default model: ship a trained one")
@@ -423,7 +496,12 @@ def main(argv: list[str] | None = None) -> None:
     sh.add_argument("model", help="the float model folder a run wrote (RUN/model)")
     sh.add_argument("--out", default=str(TASKS_DIR))
     sh.add_argument("--format", default=SHIP_FORMAT, choices=("int8", "int4"))
+    un = commands.add_parser("unship", help="write the shipped default as a float32 model folder to train from")
+    un.add_argument("out", help="the folder to write")
     args = ap.parse_args(argv)
+    if args.command == "unship":
+        print(f"wrote {unship(args.out)}: the shipped weights in float32 (train from it with --model)")
+        return
     try:
         out = ship(args.model, args.out, args.format)
     except CheckpointError as e:

@@ -68,28 +68,61 @@ def _distinct(draw: Callable[[], str], k: int) -> list[str]:
     return out
 
 
+# Real words outside every pool above (`REAL` values): what a user types, like "name=Ada, city=London". No
+# training stream draws them; `benchmarks/default_model.py --values real` measures copying them.
+REAL_NAMES = ("Ada", "Alan", "Linus", "Agnes", "Boris", "Clara", "Diego", "Edith", "Farah", "Gustav", "Helga",
+              "Igor", "Jasmine", "Kofi", "Lars", "Maya", "Nikolai", "Oscar", "Priya", "Quentin", "Rahul", "Sofia",
+              "Tariq", "Ursula", "Viktor", "Wendy", "Xavier", "Yasmin", "Zara", "Bruno", "Carmen", "Dmitri",
+              "Elena", "Fatima", "George", "Harriet", "Isaac", "Jorge", "Kenji", "Leila")
+REAL_CITIES = ("London", "Kampala", "Helsinki", "Santiago", "Glasgow", "Stockholm", "Budapest", "Bangkok", "Jakarta",
+               "Montreal", "Melbourne", "Istanbul", "Marseille", "Valencia", "Krakow", "Tallinn", "Reykjavik",
+               "Casablanca", "Lagos", "Mumbai", "Karachi", "Osaka", "Shanghai", "Auckland", "Vancouver", "Phoenix",
+               "Seattle", "Detroit", "Houston", "Atlanta", "Naples", "Florence", "Sevilla", "Granada", "Antwerp",
+               "Rotterdam", "Hamburg", "Dresden", "Salzburg", "Ljubljana")
+REAL_WORDS = ("walnut", "carrot", "pepper", "onion", "potato", "tomato", "cabbage", "spinach", "almond", "cashew",
+              "pencil", "marker", "stapler", "folder", "ladder", "hammer", "wrench", "blanket", "pillow", "mirror",
+              "candle", "basket", "bucket", "helmet", "jacket", "scarf", "glove", "sandal", "violin", "guitar",
+              "piano", "trumpet", "rocket", "tractor", "wagon", "canoe", "anchor", "compass", "lantern", "kettle",
+              "width", "height", "weight", "street", "country", "region", "author", "title", "harbor", "balance",
+              "amount", "currency", "quota", "tenant", "session", "cursor", "offset", "vendor", "ticket", "invoice")
+
+
+def real_word(rng: random.Random, low: int = 1, high: int = 1) -> str:
+    """A `make_word` for REAL values: one real word, whatever the asked-for number of syllables."""
+    return rng.choice(REAL_WORDS)
+
+
 @dataclass(frozen=True)
 class Values:
     """Where a task's names, cities, items, words, keys and numbers come from. POOLED: the fixed pools above (the
-    draws every recorded run trained on, call for call); OPEN: made-up words and wide number ranges."""
+    draws every recorded run trained on, call for call); OPEN: made-up words (`make_word`: joined syllables by
+    default) and wide number ranges; where `names` or `cities` are given, OPEN names or cities are drawn from
+    them instead of made up (REAL)."""
 
     open: bool = False
+    make_word: Callable[[random.Random, int, int], str] = made_up_word
+    names: tuple[str, ...] = ()
+    cities: tuple[str, ...] = ()
 
     def name(self, rng: random.Random) -> str:
-        return made_up_word(rng, 1, 3).capitalize() if self.open else rng.choice(NAMES)
+        if not self.open:
+            return rng.choice(NAMES)
+        return rng.choice(self.names) if self.names else self.make_word(rng, 1, 3).capitalize()
 
     def city(self, rng: random.Random) -> str:
-        return made_up_word(rng, 2, 3).capitalize() if self.open else rng.choice(CITIES)
+        if not self.open:
+            return rng.choice(CITIES)
+        return rng.choice(self.cities) if self.cities else self.make_word(rng, 2, 3).capitalize()
 
     def item(self, rng: random.Random) -> str:
-        return made_up_word(rng, 1, 3) if self.open else rng.choice(ITEMS)
+        return self.make_word(rng, 1, 3) if self.open else rng.choice(ITEMS)
 
     def items(self, rng: random.Random, k: int) -> list[str]:
-        return _distinct(lambda: made_up_word(rng, 1, 3), k) if self.open else rng.sample(ITEMS, k)
+        return _distinct(lambda: self.make_word(rng, 1, 3), k) if self.open else rng.sample(ITEMS, k)
 
     def word(self, rng: random.Random) -> str:
         """A word of an identifier (case conversion)."""
-        return made_up_word(rng, 1, 2) if self.open and rng.random() < 0.5 else rng.choice(WORDS)
+        return self.make_word(rng, 1, 2) if self.open and rng.random() < 0.5 else rng.choice(WORDS)
 
     def keys(self, rng: random.Random, k: int) -> list[str]:
         """`k` distinct keys of a record: the ten known ones, or (open) known, identifier words and made-up."""
@@ -98,7 +131,7 @@ class Values:
 
         def key() -> str:
             kind = rng.random()
-            return rng.choice(KEYS) if kind < 0.4 else rng.choice(WORDS) if kind < 0.7 else made_up_word(rng, 1, 2)
+            return rng.choice(KEYS) if kind < 0.4 else rng.choice(WORDS) if kind < 0.7 else self.make_word(rng, 1, 2)
         return _distinct(key, k)
 
     def number(self, rng: random.Random, low: int, high: int, open_low: int, open_high: int) -> int:
@@ -108,11 +141,12 @@ class Values:
         """A record's value for `key`: typed by the key when it is a known one, else a string, integer or bool."""
         if key not in KEYS:
             kind = rng.random()
-            return made_up_word(rng) if kind < 0.5 else rng.randint(0, 9999) if kind < 0.85 else rng.random() < 0.5
+            return (self.make_word(rng, 1, 3) if kind < 0.5 else rng.randint(0, 9999) if kind < 0.85
+                    else rng.random() < 0.5)
         return {"name": lambda: self.name(rng), "city": lambda: self.city(rng),
                 "age": lambda: self.number(rng, 18, 90, 0, 120), "id": lambda: self.number(rng, 1, 999, 1, 99_999),
                 "active": lambda: rng.random() < 0.5,
-                "role": lambda: made_up_word(rng, 2, 3) if self.open else rng.choice(ROLES),
+                "role": lambda: self.make_word(rng, 2, 3) if self.open else rng.choice(ROLES),
                 "item": lambda: self.item(rng), "qty": lambda: self.number(rng, 1, 20, 2, 999),
                 "score": lambda: self.number(rng, 0, 100, 0, 1000),
                 "year": lambda: self.number(rng, 1990, 2030, 1000, 2999)}[key]()
@@ -120,6 +154,7 @@ class Values:
 
 POOLED = Values()
 OPEN = Values(open=True)
+REAL = Values(open=True, make_word=real_word, names=REAL_NAMES, cities=REAL_CITIES)
 
 
 @dataclass
