@@ -2,7 +2,7 @@
 held-out examples, tokens per forward, and the latency of one reply.
 
     python benchmarks/default_model.py [--model letterpress/assets/tiny_tasks] [--n 100] [--threads 1]
-        [--phrasing train|held_out|both] [--values pooled|open] [--plain] [--greedy] [--json out.json] [--plot DIR]
+        [--phrasing train|held_out|both] [--values pooled|open|real|pieces] [--plain] [--greedy] [--json out.json] [--plot DIR]
         [--prompt TEXT --seeds N]
 
 Examples: `letterpress.train.tasks.held_out_tasks`, a seed no training stream uses, and none whose prompt occurs
@@ -13,7 +13,9 @@ checkpoint's sampler, seed = index, batches of `--batch`.
 `--values open` draws the examples' names, cities, items, keys and numbers from `tasks.OPEN` (made-up words,
 wide ranges) instead of the training pools: whether the model copies what it is given or recalls the values it
 was trained on (the families whose tasks draw values: not arithmetic or units). Answers longer than one canvas
-are kept and counted (`over_one_canvas`).
+are kept and counted (`over_one_canvas`). `--values real` draws real names, cities and words outside every
+pool (`tasks.REAL`: "Ada", "London", "walnut"), what a user types; `--values pieces` made-up words joined from
+the tokenizer's pieces (`recipes_tasks.PIECES`, which the `tiny-tasks-copy` stage trains on).
 
 Exact match: a text answer must equal the expected text exactly (the content `chat_output.parse_output` gives);
 a tool call must come out as exactly one call of the expected name whose JSON arguments equal the expected ones
@@ -42,8 +44,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import machine, set_threads  # noqa: E402
 from letterpress.train import tasks as T  # noqa: E402
-from letterpress.train.recipes_tasks import (OPEN_FAMILIES, TASKS_CANVAS, TASKS_DIR, judge, render,  # noqa: E402
-                                             training_prompts)
+from letterpress.train.recipes_tasks import (OPEN_FAMILIES, PIECES, TASKS_CANVAS, TASKS_DIR, judge,  # noqa: E402
+                                             render, training_prompts)
+
+VALUES = {"pooled": T.POOLED, "open": T.OPEN, "real": T.REAL, "pieces": PIECES}
 
 
 def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **sampler) -> dict:
@@ -135,10 +139,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(TASKS_DIR))
     ap.add_argument("--n", type=int, default=100, help="held-out examples per family")
-    ap.add_argument("--families", default=None, help="comma-separated (default: all; with --values open, those "
-                    "that draw values)")
-    ap.add_argument("--values", choices=("pooled", "open"), default="pooled",
-                    help="draw names, numbers and the like from the training pools or made up (tasks.OPEN)")
+    ap.add_argument("--families", default=None, help="comma-separated (default: all; with --values other than "
+                    "pooled, those that draw values)")
+    ap.add_argument("--values", choices=tuple(VALUES), default="pooled",
+                    help="draw names, numbers and the like from the training pools, made up of syllables "
+                    "(tasks.OPEN), real words outside the pools (tasks.REAL) or made up of tokenizer pieces")
     ap.add_argument("--phrasing", choices=("train", "held_out", "both"), default="train")
     ap.add_argument("--plain", action="store_true", help="also score single-turn families without the template")
     ap.add_argument("--batch", type=int, default=16)
@@ -169,7 +174,7 @@ def main() -> None:
     from letterpress import LLM, SamplingParams
     from letterpress.errors import LetterpressError
 
-    values = T.OPEN if args.values == "open" else T.POOLED
+    values = VALUES[args.values]
     families = (args.families or ",".join(OPEN_FAMILIES if values.open else T.FAMILIES)).split(",")
     unknown = [f for f in families if f not in T.FAMILIES]
     if unknown:

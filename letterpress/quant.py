@@ -417,6 +417,12 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.impl == "grouped":
             return self.forward_grouped(x, weights, index)
+        return self.forward_sorted(x, weights, index)
+
+    # Left out of torch.compile's graphs: the loop reads the per-expert counts on the host, and each pattern of
+    # empty experts made compile specialize again, until its recompile limit (a warning storm, then eager).
+    @torch.compiler.disable
+    def forward_sorted(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         order, token, counts = sort_by_expert(index, self.num_experts)
         xs = x[token]
         ys = torch.empty_like(xs)

@@ -176,6 +176,29 @@ def test_ship_writes_what_quantizing_while_loading_gives(tmp_path, capsys):
         [o.token_ids for o in LLM(str(rounded), quantization="int8").generate(prompts, params)]
 
 
+@tasks_shipped
+def test_unship_writes_the_shipped_default_as_a_float_model_that_answers_the_same(tmp_path, capsys):
+    """`python -m letterpress.train.recipes_tasks unship DIR`: the shipped int8 default as a float32 folder a
+    later stage trains from (--model): no quantization_config, its tokenizer and sampler defaults, and the same
+    logits and replies as what ships."""
+    from letterpress import LLM, SamplingParams
+    from letterpress.model import load_model
+    from letterpress.train.recipes_tasks import main
+
+    out = tmp_path / "float"
+    main(["unship", str(out)])
+    assert "float32" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        assert filecmp.cmp(TASKS / name, out / name, shallow=False), name
+    with torch.no_grad():
+        assert float((logits_of(load_model(out)) - logits_of(load_model(TASKS))).abs().max()) < 1e-3
+    prompts = ["Convert to JSON: name=Maria, city=Lisbon, age=34", "Sort ascending and dedupe: pear, fig, pear"]
+    params = SamplingParams(seed=0)
+    assert [o.text for o in LLM(str(out)).generate(prompts, params)] == \
+        [o.text for o in LLM(str(TASKS)).generate(prompts, params)]
+
+
 def test_ship_refuses_a_model_trained_with_another_tokenizer(tmp_path):
     from letterpress.train.recipes_tasks import ship
 
@@ -202,3 +225,16 @@ def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message):
                           *args], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert message in run.stderr.strip().splitlines()[-1]
+
+
+@tasks_shipped
+def test_the_benchmark_scores_real_words_outside_the_pools(tmp_path):
+    """`--values real`: the held-out examples carry real names and words no training stream has."""
+    out = tmp_path / "real.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "default_model.py"), "--values", "real",
+                          "--families", "kv_to_json", "--n", "3", "--latency", "0", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["values"] == "real" and list(result["families"]) == ["kv_to_json"]
+    assert "kv_to_json   train    exact" in run.stdout

@@ -13,7 +13,7 @@ from letterpress.config import model_config_from_dict
 from letterpress.errors import NotSupportedError
 from letterpress.model.fast import apply_fast_path
 from letterpress.quant import (FORMATS, GEMMA4_26B_A4B_TEXT, QuantExperts, QuantLinear, QuantWeight, dequantize_fp8, dequantize_int4,
-                               dequantize_int8, drift, model_bytes, pack_int4, projected_bytes, quantize_fp8,
+                               dequantize_int8, dequantize_model, drift, model_bytes, pack_int4, projected_bytes, quantize_fp8,
                                quantize_int4, quantize_int8, quantize_model, unpack_int4)
 
 from .fast_fixtures import random_model, save_checkpoint
@@ -240,6 +240,36 @@ def test_quantized_model_logits_within_tolerance(fmt):
     max_error, agreement = MODEL_TOL[fmt]
     assert d["max_abs_logit_error"] < max_error, d
     assert d["argmax_agreement"] >= agreement, d
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@torch.no_grad()
+def test_dequantizing_a_quantized_model_gives_float_layers_that_compute_the_same(fmt):
+    """dequantize_model undoes quantize_model's modules, not its rounding: plain float layers holding the
+    dequantized weights, which denoise as the quantized model does, and train (they are parameters again)."""
+    from letterpress.model.layers import Experts
+
+    quantized = quantize_model(random_model(**SMOOTH), fmt)
+    expected_w = quantized.layers[0].self_attn.q_proj.qweight.dequantize(torch.float32)
+    expected_e = quantized.layers[1].experts.down.dequantize(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompt, canvas = torch.randint(3, 384, (2, 12), generator=g), torch.randint(0, 384, (2, 16), generator=g)
+
+    def logits(m):
+        cache = m.new_cache(2, 48)
+        m.encode(prompt, cache)
+        return m.denoise(canvas, cache)
+
+    before = logits(quantized)
+    model = dequantize_model(quantized)
+    assert model.quantization is None
+    assert not any(isinstance(m, (QuantLinear, QuantExperts, QuantWeight)) for m in model.modules())
+    assert isinstance(model.layers[1].experts, Experts)
+    assert torch.equal(model.layers[0].self_attn.q_proj.weight, expected_w)
+    assert torch.equal(model.layers[1].experts.down_proj, expected_e)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert float((logits(model) - before).abs().max()) < 1e-3
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in random_model(**SMOOTH).named_parameters()}
 
 
 @pytest.fixture(scope="module")

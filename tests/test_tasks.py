@@ -207,3 +207,45 @@ def test_a_probe_trains_on_its_family_only_and_never_on_the_prompts_it_is_scored
     assert not held & kept and not held & excluded
     assert len(hook & kept) > 5 and not hook & excluded
     assert PROBES["sort-direct"].exclude_hook_prompts and not PROBES["arith-direct"].exclude_hook_prompts
+
+
+def test_real_and_pieces_values_are_words_outside_every_pool():
+    """REAL draws real names, cities and words no training stream has (what `--values real` scores); PIECES
+    joins made-up words from the tokenizer's own pieces; both are copied into the answer."""
+    from letterpress.train.recipes_tasks import PIECES, tokenizer_pieces
+
+    pools = {w.lower() for w in T.NAMES + T.CITIES + T.ITEMS + T.WORDS + T.KEYS + T.ROLES}
+    assert not pools & {w.lower() for w in T.REAL_NAMES + T.REAL_CITIES + T.REAL_WORDS}
+    real = T.make_tasks(300, 7, families=("kv_to_json", "tool_call"), values=T.REAL)
+    names = {v for t in real if t.family == "kv_to_json" for k, v in json.loads(t.answer).items() if k == "name"}
+    cities = {t.call["arguments"].get("city") for t in real if t.family == "tool_call"} - {None}
+    assert len(names) > 5 and names <= set(T.REAL_NAMES) and cities and cities <= set(T.REAL_CITIES)
+
+    pieces = set(tokenizer_pieces())
+    assert len(pieces) > 500 and all(p.isalpha() and p.islower() for p in pieces)
+    made = T.make_tasks(300, 7, families=("kv_to_json", "sort_dedup"), values=PIECES)
+    items = {i for t in made if t.family == "sort_dedup" for i in t.answer.split(", ") if not i.isdigit()}
+    assert len(items) > 50 and len(items & pools) < 0.1 * len(items)  # a piece may be a pool word ("apple")
+    for t in made:
+        if t.family == "kv_to_json":
+            for k, v in json.loads(t.answer).items():
+                assert f"{k}={json.dumps(v) if isinstance(v, bool) else v}" in t.messages[0]["content"]
+
+
+def test_a_stage_with_its_own_stream_sees_new_tasks_and_none_the_benchmark_scores(monkeypatch, tok):
+    import letterpress.train.recipes_tasks as R
+
+    monkeypatch.setattr(R, "TASKS_STREAM", 1000)
+    first = T.held_out_tasks("case", 30)  # what the benchmark scores first, pool values
+    avoid = frozenset(t.prompt_key for t in first)
+    own, _ = R.tasks_data(tok, 0, R.FOCUS_WEIGHTS, 0.5, (T.OPEN, R.PIECES), stream=R.COPY_STREAM, avoid=lambda: avoid)
+    old, _ = R.tasks_data(tok, 0, R.FOCUS_WEIGHTS, 0.5)
+    decode = tok._backend.decode_batch
+    own_text = set(decode([list(e.prompt) for e in own], skip_special_tokens=False))
+    old_text = set(decode([list(e.prompt) for e in old], skip_special_tokens=False))
+    assert len(own_text & old_text) < 0.2 * len(own_text)  # a fresh stream (short pooled prompts recur)
+    assert not any(t.messages[0]["content"] in p for t in first for p in own_text)
+    # the stage itself leaves out every held-out and validation example default_model.py can score
+    keys = R.benchmark_prompts(5)
+    assert {t.prompt_key for t in T.held_out_tasks("sort_dedup", 5, exclude=R.training_prompts(),
+                                                   values=T.REAL)} <= keys
