@@ -151,7 +151,7 @@ WEIGHT_RTOL = {"NVFP4": 2**-8}
 def test_library_quantized_checkpoint_loads_and_matches_its_dequantization(library_checkpoint):
     """A checkpoint quantized by compressed-tensors loads quantized (no float linear weights in memory), its
     weights dequantize to what compressed-tensors itself dequantizes them to, and its logits computed by
-    dequantization (float32) are within 1e-4 of the float model holding the library's dequantized weights.
+    dequantization (float32) are within 1e-4 of the float model holding those dequantized weights.
     compressed-tensors leaves the packed experts (3-D parameters, not nn.Linear) in float: so do we."""
     scheme, quantized, dequantized = library_checkpoint
     model = load_model(quantized)
@@ -166,9 +166,10 @@ def test_library_quantized_checkpoint_loads_and_matches_its_dequantization(libra
                                    atol=1e-6, rtol=WEIGHT_RTOL.get(scheme, 1e-6), msg=name)
     assert type(model.layers[0].experts).__name__ == "Experts"  # kept in the stored float
     assert torch.equal(model.layers[0].experts.gate_up_proj, reference.layers[0].experts.gate_up_proj)
-    if scheme in WEIGHT_RTOL:  # compare logits against our own float32 dequantization of the same weights
-        for name in linears:
-            reference.get_submodule(name).weight.copy_(model.get_submodule(name).qweight.dequantize(torch.float32))
+    # The logits against our own float32 dequantization of the same weights: the library's differs from it by up
+    # to 1e-6 (checked above), which this random model amplified past 1e-4 on an AMD EPYC CPU (W4A16_ASYM).
+    for name in linears:
+        reference.get_submodule(name).weight.copy_(model.get_submodule(name).qweight.dequantize(torch.float32))
     torch.testing.assert_close(logits_of(dequantizing(model)), logits_of(reference), atol=1e-4, rtol=0)
 
 
