@@ -246,7 +246,8 @@ def main() -> None:
         from letterpress.plots import bar_chart
 
         out = Path(args.plot)
-        labels = [f.replace("_", "\n") for f in families]  # eleven long names side by side
+        # eleven long names side by side: one word a line, and a long word broken ("arith-\nmetic")
+        labels = ["\n".join(w if len(w) <= 8 else f"{w[:5]}-\n{w[5:]}" for w in f.split("_")) for f in families]
         series = {p: [result["families"][f][p]["exact"] for f in families] for p in phrasings}
         print("chart:", bar_chart(labels, series, out / "default_model_exact.png", percent=True,
                                   title=f"Exact match by task family ({Path(args.model).name}, held-out)",
