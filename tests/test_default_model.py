@@ -238,3 +238,17 @@ def test_the_benchmark_scores_real_words_outside_the_pools(tmp_path):
     result = json.loads(out.read_text())
     assert result["values"] == "real" and list(result["families"]) == ["kv_to_json"]
     assert "kv_to_json   train    exact" in run.stdout
+
+
+def test_unship_into_a_folder_it_must_not_replace_is_one_line_and_exit_2(tmp_path, capsys):
+    from letterpress.train.recipes_tasks import main
+
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["unship", str(keep)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not replacing it" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in keep.iterdir()] == ["todo.txt"] and (keep / "todo.txt").read_text() == "mine"

@@ -499,12 +499,12 @@ def main(argv: list[str] | None = None) -> None:
     un = commands.add_parser("unship", help="write the shipped default as a float32 model folder to train from")
     un.add_argument("out", help="the folder to write")
     args = ap.parse_args(argv)
-    if args.command == "unship":
-        print(f"wrote {unship(args.out)}: the shipped weights in float32 (train from it with --model)")
-        return
     try:
+        if args.command == "unship":
+            print(f"wrote {unship(args.out)}: the shipped weights in float32 (train from it with --model)")
+            return
         out = ship(args.model, args.out, args.format)
-    except CheckpointError as e:
+    except CheckpointError as e:  # a bad output folder, or a model trained with another tokenizer
         ap.exit(2, f"error: {e}\n")
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     print(f"shipped {args.model} into {out} ({args.format}, {(out / 'model.safetensors').stat().st_size:,} bytes of "
