@@ -186,6 +186,17 @@ def test_a_worked_task_writes_its_thought_before_the_answer_and_is_judged_on_the
     assert {"arith-direct", "arith-worked"} <= set(RECIPES)
 
 
+def test_the_times_table_probe_draws_every_product_and_nothing_else():
+    from letterpress.train.recipes_tasks import PROBES, RECIPES
+
+    rng = random.Random(7)
+    drawn = [T.times_table(rng) for _ in range(2000)]
+    assert {T.arithmetic_operands(t)[:2] for t in drawn} == set(T.TIMES_TABLE) and len(T.TIMES_TABLE) == 88
+    assert all(t.answer == str(a * b) for t in drawn for a, b, _ in [T.arithmetic_operands(t)])
+    assert "times-direct" in RECIPES and RECIPES["times-direct"].evaluate is None
+    assert PROBES["times-direct"].family == "arithmetic" and not PROBES["times-direct"].hook
+
+
 def test_a_probe_trains_on_its_family_only_and_never_on_the_prompts_it_is_scored_on():
     from letterpress.tokenizer import Tokenizer
     from letterpress.train.recipes_tasks import (PROBE_HELD_OUT, PROBES, TASKS_DIR, Probe, hook_tasks, probe_data,

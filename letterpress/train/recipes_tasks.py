@@ -384,6 +384,7 @@ class Probe:
     # The arithmetic probes ran before this existed (their streams hold ~half the hook's prompts); they keep
     # their streams so that the recorded runs stay reproducible.
     exclude_hook_prompts: bool = True
+    hook: bool = True  # score the family's validation prompts at every eval (not for a probe of part of a family)
 
 
 PROBES = {
@@ -392,6 +393,9 @@ PROBES = {
     "arith-worked": Probe("arithmetic", T.worked_arithmetic, "the arithmetic probe: a fresh tiny-tasks model trained "
                           "on arithmetic alone, answering after column steps in its thought channel",
                           exclude_hook_prompts=False),
+    "times-direct": Probe("arithmetic", T.times_table, "the times-table probe: a fresh tiny-tasks model trained "
+                          "on the products of the arithmetic family alone (88 facts)", exclude_hook_prompts=False,
+                          hook=False),
     "sort-direct": Probe("sort_dedup", T.sort_dedup, "the sorting probe: a fresh tiny-tasks model trained on "
                          "sort_dedup alone"),
 }
@@ -430,7 +434,7 @@ for _name, _probe in PROBES.items():
         description=_probe.description,
         build_data=lambda tokenizer, seed, _p=_probe: probe_data(tokenizer, seed, _p),
         model_config=tasks_config(),
-        evaluate=family_exact_hook(_probe.family),
+        evaluate=family_exact_hook(_probe.family) if _probe.hook else None,
         tokenizer=str(TASKS_DIR),
         hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "eval_examples": 64},
     ))

@@ -347,6 +347,18 @@ def worked_arithmetic(rng: random.Random, phrasing: str = "train", values: Value
     return Task(task.family, task.messages, task.answer, thought=column_steps(*arithmetic_operands(task)) or None)
 
 
+def times_table(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    """An `arithmetic` task that is a product (the 88 facts 2-12 x 2-9): the times-table probe's draw, the
+    arithmetic stream with its sums and differences skipped."""
+    while True:
+        task = arithmetic(rng, phrasing, values)
+        if arithmetic_operands(task)[2] == "*":
+            return task
+
+
+TIMES_TABLE = tuple((a, b) for a in range(2, 13) for b in range(2, 10))
+
+
 def arithmetic_operands(task: Task) -> tuple[int, int, str]:
     """(a, b, op) of an `arithmetic` task: every wording ends with `a op b` and at most one of '?.='."""
     a, op, b = task.messages[0]["content"].rstrip("?.=").split()[-3:]
