@@ -677,18 +677,21 @@ def ct_check_config(qc: dict, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- model
-def quantizable(module: nn.Module, path: str = "") -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
+def quantizable(module: nn.Module, path: str = "", kinds: tuple[type, ...] | None = None
+                ) -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
     """What quantizing replaces below `module`: (parent, attribute name, child, dotted path from `path`) for
-    every linear layer and packed expert pair, depth first; routers are skipped whole. Each level's children
-    are listed before the first is yielded, so the caller may replace the child it is given."""
+    every linear layer and packed expert pair (or, with `kinds`, every module of those types: the quantized
+    ones, for `dequantize_model`), depth first; routers are skipped whole. Each level's children are listed
+    before the first is yielded, so the caller may replace the child it is given."""
+    kinds = kinds or (nn.Linear, Experts)
     for name, child in list(module.named_children()):
         full = f"{path}.{name}" if path else name
         if isinstance(child, Router):
             continue
-        if isinstance(child, (nn.Linear, Experts)):
+        if isinstance(child, kinds):
             yield module, name, child, full
         else:
-            yield from quantizable(child, full)
+            yield from quantizable(child, full, kinds)
 
 
 def quantize_module(module: nn.Module, fmt: str, group: int = INT4_GROUP) -> None:
@@ -717,21 +720,17 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """The inverse of `quantize_model`, in place: every quantized linear layer and expert pair back to a float
     one holding its dequantized weight (what the quantized model computes with), e.g. to train further from a
     checkpoint that ships quantized. The rest of the model is cast to `dtype`. Returns the model."""
-    def walk(module: nn.Module) -> None:
-        for name, child in list(module.named_children()):
-            if isinstance(child, QuantLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=False, dtype=dtype)
-                linear.weight.data = child.qweight.dequantize(dtype)
-                setattr(module, name, linear)
-            elif isinstance(child, QuantExperts):
-                with torch.device("meta"):
-                    experts = Experts(model.config.text)
-                experts.gate_up_proj = nn.Parameter(child.gate_up.dequantize(dtype))
-                experts.down_proj = nn.Parameter(child.down.dequantize(dtype))
-                setattr(module, name, experts)
-            else:
-                walk(child)
-    walk(model)
+    for parent, name, child, _ in quantizable(model, kinds=(QuantLinear, QuantExperts)):
+        if isinstance(child, QuantLinear):
+            linear = nn.Linear(child.in_features, child.out_features, bias=False, dtype=dtype)
+            linear.weight.data = child.qweight.dequantize(dtype)
+            setattr(parent, name, linear)
+        else:
+            with torch.device("meta"):
+                experts = Experts(model.config.text)
+            experts.gate_up_proj = nn.Parameter(child.gate_up.dequantize(dtype))
+            experts.down_proj = nn.Parameter(child.down.dequantize(dtype))
+            setattr(parent, name, experts)
     model.quantization = None
     return model.to(dtype)
 
