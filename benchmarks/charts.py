@@ -34,7 +34,8 @@ SUDOKU_TRAINING = {
 
 # Tokens per forward of the shipped models on their own tasks: "Sudoku" (shipped model, 1,000 held-out puzzles,
 # and the autoregressive baseline), "Embedded models" (tiny-code, 200 held-out def signatures, as shipped; tiny-tasks,
-# the default model after the copying stages, 30 held-out per family, int8 as shipped: the mean over its 11 families)
+# the default model after the copying and polishing stages, 100 held-out per family, int8 as shipped: the mean over
+# its 11 families)
 TOKENS_PER_FORWARD = {"Sudoku\n(shipped sudoku model)": 31.20,
                       "reformatting tasks, mean\n(shipped tiny-tasks)": 9.13,
                       "code completion\n(shipped tiny-code)": 1.17,

@@ -305,10 +305,15 @@ def unit_conversion(rng: random.Random, phrasing: str = "train", values: Values 
     return Task("units", _user(text), f"{_number(result)} {dst}")
 
 
+TIMES_FACTORS = ((2, 12), (2, 9))  # a product's first and second factor, inclusive: the 88 facts of the times table
+TIMES_TABLE = tuple((a, b) for a in range(TIMES_FACTORS[0][0], TIMES_FACTORS[0][1] + 1)
+                    for b in range(TIMES_FACTORS[1][0], TIMES_FACTORS[1][1] + 1))
+
+
 def arithmetic(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     op = rng.choice("+-*")
     if op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 9)
+        a, b = rng.randint(*TIMES_FACTORS[0]), rng.randint(*TIMES_FACTORS[1])
     else:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         if op == "-" and b > a:
@@ -348,15 +353,12 @@ def worked_arithmetic(rng: random.Random, phrasing: str = "train", values: Value
 
 
 def times_table(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
-    """An `arithmetic` task that is a product (the 88 facts 2-12 x 2-9): the times-table probe's draw, the
+    """An `arithmetic` task that is a product (one of TIMES_TABLE): the times-table probe's draw, the
     arithmetic stream with its sums and differences skipped."""
     while True:
         task = arithmetic(rng, phrasing, values)
         if arithmetic_operands(task)[2] == "*":
             return task
-
-
-TIMES_TABLE = tuple((a, b) for a in range(2, 13) for b in range(2, 10))
 
 
 def arithmetic_operands(task: Task) -> tuple[int, int, str]:
