@@ -1,5 +1,5 @@
-"""Does a tiny-tasks model know the times table? Every one of the arithmetic family's 88 products (2-12 x 2-9),
-asked as a chat turn in two of the family's wordings, the checkpoint's sampler, seed = index.
+"""Does a tiny-tasks model know the times table? Every one of the arithmetic family's 88 products (2-12 x 2-9,
+`tasks.TIMES_TABLE`), asked as a chat turn in two of the family's wordings, the checkpoint's sampler, seed = index.
 
     python benchmarks/times_table.py [--model letterpress/assets/tiny_tasks] [--json out.json]
 
@@ -44,8 +44,12 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     from letterpress import LLM
+    from letterpress.errors import LetterpressError
 
-    llm = LLM(args.model, max_num_seqs=16)
+    try:  # a bad model folder: one line, exit 2 (as default_model.py)
+        llm = LLM(args.model, max_num_seqs=16)
+    except LetterpressError as e:
+        parser.error(str(e))
     result = {"model": args.model, "machine": machine(), "wordings": {w: score(llm, w) for w in WORDINGS}}
     for wording, r in result["wordings"].items():
         print(f"{wording!r:24} exact {r['exact']}/{r['n']}, last digit right {r['last_digit']}/{r['n']}; "

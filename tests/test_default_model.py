@@ -227,6 +227,13 @@ def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message):
     assert message in run.stderr.strip().splitlines()[-1]
 
 
+def test_the_times_table_benchmark_refuses_a_missing_model_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "times_table.py"), "--model", str(tmp_path / "no")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "no such checkpoint folder" in run.stderr.strip().splitlines()[-1]
+
+
 @tasks_shipped
 def test_the_benchmark_scores_real_words_outside_the_pools(tmp_path):
     """`--values real`: the held-out examples carry real names and words no training stream has."""
