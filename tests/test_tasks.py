@@ -260,3 +260,23 @@ def test_a_stage_with_its_own_stream_sees_new_tasks_and_none_the_benchmark_score
     keys = R.benchmark_prompts(5)
     assert {t.prompt_key for t in T.held_out_tasks("sort_dedup", 5, exclude=R.training_prompts(),
                                                    values=T.REAL)} <= keys
+
+
+def test_the_times_stage_adds_a_share_of_products_and_leaves_other_streams_unchanged(monkeypatch, tok):
+    import letterpress.train.recipes_tasks as R
+
+    monkeypatch.setattr(R, "TASKS_STREAM", 1000)
+    products = {f"{a} * {b}" for a, b in T.TIMES_TABLE}
+    decode = tok._backend.decode_batch
+
+    def share_of_products(data) -> float:
+        texts = decode([list(e.prompt) for e in data], skip_special_tokens=False)
+        return sum(any(p in t for p in products) for t in texts) / len(texts)
+
+    times, _ = R.tasks_data(tok, 0, R.POLISH_WEIGHTS, 0.5, (T.OPEN, R.PIECES), stream=R.COPY_STREAM,
+                            times_share=R.TIMES_SHARE)
+    polish, _ = R.tasks_data(tok, 0, R.POLISH_WEIGHTS, 0.5, (T.OPEN, R.PIECES), stream=R.COPY_STREAM)
+    assert share_of_products(times) > R.TIMES_SHARE > 2 * share_of_products(polish)
+    again, _ = R.tasks_data(tok, 0, R.POLISH_WEIGHTS, 0.5, (T.OPEN, R.PIECES), stream=R.COPY_STREAM, times_share=0.0)
+    assert [e.prompt for e in again] == [e.prompt for e in polish]  # a zero share draws nothing extra
+    assert "tiny-tasks-times" in R.RECIPES
