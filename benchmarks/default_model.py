@@ -80,15 +80,22 @@ def run_family(llm, tasks: list[T.Task], batch: int, plain: bool = False, **samp
             **({"worked": worked_steps(tasks, raws, right)} if any("<channel|>" in r for r in raws) else {})}
 
 
-def worked_steps(tasks: list[T.Task], raws: list[str], right: list[bool]) -> dict[str, int]:
-    """For a model that writes column steps in its thought channel (the arithmetic probe's `arith-worked`): how
-    often the steps are right (`tasks.column_steps`; a product has none), and the answer with them."""
+def worked_steps(tasks: list[T.Task], raws: list[str], right: list[bool]) -> dict:
+    """For a model that writes worked steps in its thought channel (the probes `arith-worked`, `arith-aligned`,
+    `sort-padded`): which formulation of `tasks.THOUGHTS` its thoughts match most often, how often they are
+    right (a task the formulation gives no thought counts as right when the model writes none), and the answer
+    with them."""
     from letterpress.chat_output import parse_output
 
-    out = {"steps_right": 0, "steps_and_answer_right": 0, "answer_right_steps_wrong": 0}
-    for task, raw, ok in zip(tasks, raws, right):
-        want = T.column_steps(*T.arithmetic_operands(task))
-        steps_ok = not want or parse_output(raw, tool_calls=False).reasoning == want
+    family = tasks[0].family
+    thoughts = [parse_output(raw, tool_calls=False).reasoning or None for raw in raws]
+    formulations = {name: [want(t) for t in tasks] for name, (fam, want) in T.THOUGHTS.items() if fam == family}
+    if not formulations:
+        return {}
+    name, wants = max(formulations.items(), key=lambda kv: sum(w == g for w, g in zip(kv[1], thoughts)))
+    out = {"formulation": name, "steps_right": 0, "steps_and_answer_right": 0, "answer_right_steps_wrong": 0}
+    for want, got, ok in zip(wants, thoughts, right):
+        steps_ok = want == got
         out["steps_right"] += steps_ok
         out["steps_and_answer_right"] += steps_ok and ok
         out["answer_right_steps_wrong"] += ok and not steps_ok

@@ -413,6 +413,12 @@ PROBES = {
                           hook=False),
     "sort-direct": Probe("sort_dedup", T.sort_dedup, "the sorting probe: a fresh tiny-tasks model trained on "
                          "sort_dedup alone"),
+    "arith-aligned": Probe("arithmetic", T.aligned_arithmetic, "the aligned arithmetic probe: a fresh tiny-tasks "
+                           "model trained on arithmetic alone, answering after its operands and result zero-padded "
+                           "to three digits in its thought channel ('038+057=095')"),
+    "sort-padded": Probe("sort_dedup", T.padded_sort_dedup, "the padded sorting probe: a fresh tiny-tasks model "
+                         "trained on sort_dedup alone, a list of numbers answered after its unique values "
+                         "in prompt order, zero-padded, in its thought channel ('47 05 23')"),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -350,6 +351,57 @@ def worked_arithmetic(rng: random.Random, phrasing: str = "train", values: Value
     prompts and answers, so the same judge; only what the model writes before the answer differs."""
     task = arithmetic(rng, phrasing, values)
     return Task(task.family, task.messages, task.answer, thought=column_steps(*arithmetic_operands(task)) or None)
+
+
+def aligned_steps(a: int, b: int, op: str) -> str:
+    """Both operands and the result zero-padded to three digits, most significant first: '038+057=095' for
+    38 + 57, '052-045=007', '012*009=108'. Digits are one token each, so every result digit sits at a fixed
+    distance from the operand digits of its column and from the column below it (the carry): a computation at
+    fixed offsets within the canvas, where `column_steps` makes the model find each column's digits in the
+    prompt and read its own steps back in reverse order."""
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a:03d}{op}{b:03d}={result:03d}"
+
+
+def aligned_arithmetic(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    """`arithmetic` with `aligned_steps` in the thought channel (the aligned arithmetic probe): the same prompts,
+    answers and judge as the family."""
+    task = arithmetic(rng, phrasing, values)
+    return Task(task.family, task.messages, task.answer, thought=aligned_steps(*arithmetic_operands(task)))
+
+
+def padded_unique(task: Task) -> str | None:
+    """A list of numbers' values without repeats, in the order they first appear, as fixed-width units zero-padded
+    to the longest ('47, 5, 23, 47' -> '47 05 23'); None for a list of words. The thought of the padded sorting
+    probe: the deduplication and a copy in prompt order first, each number a fixed number of digit tokens, so
+    that the answer only has to order units of equal width. (A sort_dedup prompt holds no digits but its list's.)"""
+    if not task.answer[0].isdigit():
+        return None
+    items = list(dict.fromkeys(re.findall(r"\d+", task.messages[0]["content"])))
+    width = max(map(len, items))
+    return " ".join(x.zfill(width) for x in items)
+
+
+def padded_sort_dedup(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
+    """`sort_dedup` whose lists of numbers first write `padded_unique` in the thought channel (the padded sorting
+    probe); lists of words answer directly."""
+    task = sort_dedup(rng, phrasing, values)
+    return Task(task.family, task.messages, task.answer, thought=padded_unique(task))
+
+
+# What a worked formulation writes in the thought channel, by name (benchmarks/default_model.py scores the one a
+# model's thoughts match): `column_steps`, `aligned_steps` and `padded_unique`.
+def _column_thought(task: Task) -> str | None:
+    return column_steps(*arithmetic_operands(task)) or None
+
+
+def _aligned_thought(task: Task) -> str | None:
+    return aligned_steps(*arithmetic_operands(task))
+
+
+THOUGHTS: dict[str, tuple[str, Callable[[Task], str | None]]] = {
+    "column": ("arithmetic", _column_thought), "aligned": ("arithmetic", _aligned_thought),
+    "padded": ("sort_dedup", padded_unique)}
 
 
 def times_table(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
