@@ -259,3 +259,21 @@ def test_unship_into_a_folder_it_must_not_replace_is_one_line_and_exit_2(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not replacing it" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in keep.iterdir()] == ["todo.txt"] and (keep / "todo.txt").read_text() == "mine"
+
+
+def test_the_benchmark_scores_the_worked_thought_a_model_writes():
+    """`worked` in the benchmark's JSON: the formulation of tasks.THOUGHTS the thoughts match most, and how often
+    they and the answer are right."""
+    import importlib.util
+
+    from letterpress.train import tasks as T
+
+    spec = importlib.util.spec_from_file_location("default_model_bench", ROOT / "benchmarks" / "default_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tasks = T.held_out_tasks("arithmetic", 4)
+    raws = [f"<|channel>thought\n{T.aligned_steps(*T.arithmetic_operands(t))}<channel|>{t.answer}" for t in tasks]
+    raws[0] = raws[0].replace("<channel|>", "9<channel|>")  # a wrong thought, the answer right
+    right = [True, True, True, False]
+    assert bench.worked_steps(tasks, raws, right) == {"formulation": "aligned", "steps_right": 3,
+                                                      "steps_and_answer_right": 2, "answer_right_steps_wrong": 1}

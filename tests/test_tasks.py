@@ -186,6 +186,35 @@ def test_a_worked_task_writes_its_thought_before_the_answer_and_is_judged_on_the
     assert {"arith-direct", "arith-worked"} <= set(RECIPES)
 
 
+def test_the_aligned_and_padded_thoughts_hold_the_answer_at_fixed_width():
+    """arith-aligned writes '038+057=095' (the answer is its last three digits without leading zeros);
+    sort-padded writes a number list's unique values in prompt order, zero-padded, and nothing for words."""
+    from letterpress.train.recipes_tasks import PROBES, _renderer, judge, render
+
+    assert T.aligned_steps(38, 57, "+") == "038+057=095" and T.aligned_steps(12, 9, "*") == "012*009=108"
+    rng = random.Random(5)
+    for _ in range(300):
+        task = T.aligned_arithmetic(rng)
+        assert len(task.thought) == 11 and str(int(task.thought[-3:])) == task.answer
+    task = T.Task("sort_dedup", [{"role": "user", "content": "Deduplicate and sort (ascending): 47, 5, 23, 47"}],
+                  "5, 23, 47")
+    assert T.padded_unique(task) == "47 05 23"
+    assert T.padded_unique(T.Task("sort_dedup", [{"role": "user", "content": "Sort: b, a"}], "a, b")) is None
+    rng = random.Random(6)
+    drawn = [T.padded_sort_dedup(rng) for _ in range(200)]
+    assert {t.thought is None for t in drawn} == {True, False}
+    assert all(t.thought is None or sorted(map(int, t.thought.split())) == sorted(map(int, t.answer.split(", ")))
+               for t in drawn)
+    # the same draws as the family: a probe's stream is the family's with a thought added
+    assert [T.padded_sort_dedup(random.Random(i)).prompt_key for i in range(20)] == \
+        [T.sort_dedup(random.Random(i)).prompt_key for i in range(20)]
+    task = next(t for t in drawn if t.thought)
+    _, target = render(task, _renderer())
+    assert judge(task, target.removesuffix("<turn|>"))
+    assert PROBES["arith-aligned"].exclude_hook_prompts and PROBES["sort-padded"].family == "sort_dedup"
+    assert {name for name, (family, _) in T.THOUGHTS.items()} == {"column", "aligned", "padded"}
+
+
 def test_the_times_table_probe_draws_every_product_and_nothing_else():
     from letterpress.train.recipes_tasks import PROBES, RECIPES
 
