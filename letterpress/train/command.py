@@ -53,6 +53,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="0 turns the diffusion loss off (an autoregressive baseline trained by the encoder loss alone)")
     g.add_argument("--score-eos-fill", action=argparse.BooleanOptionalAction, default=None,
                    help="score the EOS that fill the last canvas (default: yes, as Google's recipe)")
+    g.add_argument("--suffix-noise-share", type=float, default=None,
+                   help="share of examples whose canvas keeps a prefix of the answer clean and noises the rest "
+                        "(default 0: every position noised independently, as the released recipe)")
     g = p.add_argument_group("optimisation")
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--micro-batch-size", int), ("--lr", float),
                        ("--min-lr", float), ("--warmup-steps", int), ("--beta1", float), ("--beta2", float),
@@ -83,7 +86,7 @@ TRAIN_FIELDS = ("model", "tokenizer", "canvas_length", "data", "eval_data", "eva
                 "autocast", "log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints",
                 "stop_after_steps", "resume", "progress", "plot", "tower_lr")
 LOSS_FIELDS = ("objective", "reweight_max", "t_eps", "self_conditioning_prob", "encoder_loss_weight", "score_eos_fill",
-               "diffusion_loss_weight")
+               "diffusion_loss_weight", "suffix_noise_share")
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -49,6 +49,11 @@ class LossConfig:
     self_conditioning_prob: float = 0.5
     encoder_loss_weight: float = 1.0  # 0 skips the encoder next-token pass
     diffusion_loss_weight: float = 1.0  # 0 skips the decoder passes: an autoregressive-only objective (baselines)
+    # Share of examples whose canvas is noised as a suffix instead of position by position: the first (1 - t) of
+    # the answer's tokens kept, the rest (and the EOS fill) noise. Uniform noise rarely shows a worked step (a
+    # thought) whole while the token that depends on it is hidden; a suffix always does, as an autoregressive
+    # scratchpad does. 0 (the released recipe) draws nothing extra, so existing runs are unchanged.
+    suffix_noise_share: float = 0.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -57,6 +62,8 @@ class LossConfig:
             raise TrainError("t_eps must be in (0, 0.5)")
         if not 0 <= self.self_conditioning_prob <= 1:
             raise TrainError("self_conditioning_prob must be in [0, 1]")
+        if not 0 <= self.suffix_noise_share <= 1:
+            raise TrainError("suffix_noise_share must be in [0, 1]")
         if self.diffusion_loss_weight < 0 or self.encoder_loss_weight < 0:
             raise TrainError("loss weights must be >= 0")
         if not (self.diffusion_loss_weight or self.encoder_loss_weight):
@@ -117,7 +124,8 @@ class _Row:
 
 
 def draw_row(example: Example, cfg: LossConfig, vocab_size: int, generator: torch.Generator) -> _Row:
-    """One example's draws, always in the same order: canvas index, t, keep mask, noise, self-conditioning."""
+    """One example's draws, always in the same order: canvas index, t, keep mask, noise, self-conditioning, and,
+    only when `suffix_noise_share` > 0, whether the canvas is noised as a suffix."""
     prompt, c = list(example.prompt), cfg.canvas_length
     if not prompt:
         raise DataError("an example needs a non-empty prompt (at least BOS): the decoder reads its context")
@@ -132,6 +140,9 @@ def draw_row(example: Example, cfg: LossConfig, vocab_size: int, generator: torc
     noise = torch.randint(vocab_size, (c,), generator=generator)
     noisy = torch.where(keep, torch.tensor(clean), noise)
     self_conditioning = bool(torch.rand((), generator=generator) < cfg.self_conditioning_prob)
+    if cfg.suffix_noise_share and float(torch.rand((), generator=generator)) < cfg.suffix_noise_share:
+        keep = torch.arange(c) < math.floor((1 - t) * len(real))
+        noisy = torch.where(keep, torch.tensor(clean), noise)
     return _Row(context=prompt + target[:k * c], clean=clean, scored=[True] * len(real) + [cfg.score_eos_fill] * fill,
                 noisy=noisy, t=t, self_conditioning=self_conditioning, sequence=prompt + target,
                 target_start=len(prompt))
