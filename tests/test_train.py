@@ -4,6 +4,7 @@ letterpress and transformers), LoRA in PEFT's format, data errors and the comman
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +62,29 @@ def test_corruption_rate_is_t():
     assert batch.t.std() > 0.2  # one t per example, spread over (0, 1)
     assert (batch.noisy[batch.noisy != batch.clean] != 7).all()
     assert batch.noisy.max() < V and len(batch.noisy.unique()) > V // 2  # replacements span the vocabulary
+
+
+def test_suffix_noise_keeps_a_prefix_of_the_answer_and_leaves_other_draws_alone():
+    """--suffix-noise-share: such a canvas keeps the first floor((1 - t) * answer tokens) clean and noises the
+    rest, EOS fill included; the other examples (and every example at share 0) draw exactly as before."""
+    examples = [Example(prompt=[2], target=list(range(20, 50)))] * 200  # 30 tokens + EOS in a canvas of 40
+    before = make_batch(examples, LossConfig(canvas_length=40), V, gens(200))
+    zero = make_batch(examples, LossConfig(canvas_length=40, suffix_noise_share=0.0), V, gens(200))
+    assert torch.equal(before.noisy, zero.noisy) and torch.equal(before.t, zero.t)
+    half = make_batch(examples, LossConfig(canvas_length=40, suffix_noise_share=0.5), V, gens(200))
+    assert torch.equal(before.t, half.t) and torch.equal(before.self_conditioning, half.self_conditioning)
+    suffixed = 0
+    for row in range(200):
+        cut = math.floor((1 - float(half.t[row])) * 31)
+        if torch.equal(half.noisy[row], before.noisy[row]):
+            continue
+        suffixed += 1
+        assert torch.equal(half.noisy[row, :cut], half.clean[row, :cut])
+        changed = (half.noisy[row, cut:] != half.clean[row, cut:]).float().mean()
+        assert changed > 0.9 or 40 - cut < 10  # the rest is noise (a uniform draw may equal the clean token)
+    assert 70 < suffixed < 130
+    with pytest.raises(TrainError, match="suffix_noise_share"):
+        LossConfig(suffix_noise_share=1.5)
 
 
 def test_canvases_context_scored_positions_and_eos_fill():
