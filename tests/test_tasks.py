@@ -215,20 +215,6 @@ def test_the_aligned_and_padded_thoughts_hold_the_answer_at_fixed_width():
     assert {name for name, (family, _) in T.THOUGHTS.items()} == {"column", "aligned", "padded"}
 
 
-def test_a_stage_writes_the_named_thoughts_for_their_family_only():
-    from letterpress.train.recipes_tasks import with_thoughts
-
-    tasks = T.make_tasks(200, 3)
-    worked = with_thoughts(tasks, ("aligned",))
-    assert [t.prompt_key for t in worked] == [t.prompt_key for t in tasks]
-    for before, after in zip(tasks, worked):
-        if before.family == "arithmetic":
-            assert after.thought == T.aligned_steps(*T.arithmetic_operands(before))
-        else:
-            assert after == before
-    assert with_thoughts(tasks, ()) == tasks
-
-
 def test_the_times_table_probe_draws_every_product_and_nothing_else():
     from letterpress.train.recipes_tasks import PROBES, RECIPES
 

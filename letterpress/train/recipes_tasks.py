@@ -15,7 +15,6 @@ Registered from recipes.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import filecmp
 import functools
 import json
@@ -194,12 +193,11 @@ TIMES_SEED = 700  # a stage's extra times-table stream: TRAIN_SEED + TIMES_SEED 
 def tasks_data(tokenizer: Tokenizer, seed: int, weights: dict[str, float] | None = None,
                open_share: float = 0.0, open_values: tuple[T.Values, ...] = (T.OPEN,), stream: int = 0,
                avoid: Callable[[], frozenset[str]] | None = None,
-               times_share: float = 0.0, thoughts: tuple[str, ...] = ()) -> tuple[TokenizedDataset, TokenizedDataset]:
+               times_share: float = 0.0) -> tuple[TokenizedDataset, TokenizedDataset]:
     """The training stream (TASKS_STREAM tasks, `open_share` of them with OPEN-like values, split evenly over
     `open_values`, and `times_share` extra products of the times table (`tasks.times_table`), shuffled together;
     the seeds offset by `stream`; none whose prompt is in `avoid()`) and the eval set: 24 held-out tasks per
-    family, and as many OPEN-valued ones per open family when `open_share`. `thoughts` names worked formulations
-    (`tasks.THOUGHTS`) whose family's tasks write them in the thought channel, in both."""
+    family, and as many OPEN-valued ones per open family when `open_share`."""
     n_open, n_times = round(TASKS_STREAM * open_share), round(TASKS_STREAM * times_share)
     train = training_tasks(stream + seed, TASKS_STREAM - n_open - n_times, weights=weights)
     for i, values in enumerate(open_values if n_open else ()):
@@ -215,15 +213,8 @@ def tasks_data(tokenizer: Tokenizer, seed: int, weights: dict[str, float] | None
     held = [t for f in T.FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen)]
     if n_open:
         held += [t for f in OPEN_FAMILIES for t in T.held_out_tasks(f, 24, exclude=seen, values=T.OPEN)]
-    train, held = with_thoughts(train, thoughts), with_thoughts(held, thoughts)
     examples = [e for e in task_examples(train, tokenizer, PLAIN_SHARE) if len(e.target) < TASKS_CANVAS]
     return TokenizedDataset(examples), TokenizedDataset(task_examples(held, tokenizer))
-
-
-def with_thoughts(tasks: list[T.Task], names: tuple[str, ...]) -> list[T.Task]:
-    """`tasks` with the thought of each formulation in `names` (`tasks.THOUGHTS`) written for its family's tasks."""
-    write = {T.THOUGHTS[n][0]: T.THOUGHTS[n][1] for n in names}
-    return [dataclasses.replace(t, thought=write[t.family](t)) if t.family in write else t for t in tasks]
 
 
 BENCHMARK_EXAMPLES = 200  # per family and kind of values: more than default_model.py or a probe scores
@@ -336,8 +327,7 @@ register(Recipe(
 
 
 def register_stage(name: str, description: str, weights: dict[str, float], open_share: float = 0.0,
-                   open_values: tuple[T.Values, ...] = (T.OPEN,), stream: int = 0, times_share: float = 0.0,
-                   thoughts: tuple[str, ...] = ()) -> None:
+                   open_values: tuple[T.Values, ...] = (T.OPEN,), stream: int = 0, times_share: float = 0.0) -> None:
     """A later tiny-tasks stage: the same model, tasks and hook, drawn in proportion to `weights` (`open_share`
     of them with `open_values`), at a lower learning rate; start it from an earlier stage's model (--model). A
     stage with its own `stream` (seeds offset) leaves the benchmark's examples out of it."""
@@ -345,7 +335,7 @@ def register_stage(name: str, description: str, weights: dict[str, float], open_
         name=name,
         description=description,
         build_data=lambda tokenizer, seed: tasks_data(tokenizer, seed, weights, open_share, open_values, stream,
-                                                      benchmark_prompts if stream else None, times_share, thoughts),
+                                                      benchmark_prompts if stream else None, times_share),
         model_config=tasks_config(),
         evaluate=exact_match_hook(open_values=open_share > 0),
         tokenizer=str(TASKS_DIR),
