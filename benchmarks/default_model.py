@@ -84,7 +84,7 @@ def worked_steps(tasks: list[T.Task], raws: list[str], right: list[bool]) -> dic
     """For a model that writes worked steps in its thought channel (the probes `arith-worked`, `arith-aligned`,
     `sort-padded`): which formulation of `tasks.THOUGHTS` its thoughts match most often, how often they are
     right (a task the formulation gives no thought counts as right when the model writes none), and the answer
-    with them."""
+    with them; for `aligned`, also how often the operands before '=' are copied right."""
     from letterpress.chat_output import parse_output
 
     family = tasks[0].family
@@ -99,6 +99,9 @@ def worked_steps(tasks: list[T.Task], raws: list[str], right: list[bool]) -> dic
         out["steps_right"] += steps_ok
         out["steps_and_answer_right"] += steps_ok and ok
         out["answer_right_steps_wrong"] += ok and not steps_ok
+    if name == "aligned":  # the copies before '=' apart from the computed result after it
+        out["operands_right"] = sum(bool(got) and got.split("=")[0] == want.split("=")[0]
+                                    for want, got in zip(wants, thoughts))
     return out
 
 

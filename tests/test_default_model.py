@@ -276,4 +276,5 @@ def test_the_benchmark_scores_the_worked_thought_a_model_writes():
     raws[0] = raws[0].replace("<channel|>", "9<channel|>")  # a wrong thought, the answer right
     right = [True, True, True, False]
     assert bench.worked_steps(tasks, raws, right) == {"formulation": "aligned", "steps_right": 3,
-                                                      "steps_and_answer_right": 2, "answer_right_steps_wrong": 1}
+                                                      "steps_and_answer_right": 2, "answer_right_steps_wrong": 1,
+                                                      "operands_right": 4}
