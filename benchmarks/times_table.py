@@ -27,10 +27,13 @@ WORDINGS = ("What is {a} * {b}?", "{a} * {b} =")
 
 def score(llm, wording: str) -> dict:
     from letterpress import SamplingParams
+    from letterpress.chat_output import parse_output
 
     messages = [[{"role": "user", "content": wording.format(a=a, b=b)}] for a, b in TIMES_TABLE]
     outs = llm.chat(messages, [SamplingParams(seed=i) for i in range(len(messages))])
-    got = [o.text.strip() for o in outs]
+    # the reply's content: a model that writes a thought first (the `arith-aligned` probes) is judged on its answer
+    got = [parse_output(llm.tokenizer.decode(o.token_ids, skip_special_tokens=False), tool_calls=False).content.strip()
+           for o in outs]
     want = [str(a * b) for a, b in TIMES_TABLE]
     return {"exact": sum(g == w for g, w in zip(got, want)), "last_digit": sum(g[-1:] == w[-1] for g, w in zip(got, want)),
             "n": len(want), "wrong": [(m[0]["content"], w, g) for m, w, g in zip(messages, want, got) if g != w][:5]}
