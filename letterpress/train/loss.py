@@ -138,11 +138,10 @@ def draw_row(example: Example, cfg: LossConfig, vocab_size: int, generator: torc
     t = cfg.t_eps + (1 - 2 * cfg.t_eps) * float(torch.rand((), generator=generator))
     keep = torch.rand(c, generator=generator) < 1 - t
     noise = torch.randint(vocab_size, (c,), generator=generator)
-    noisy = torch.where(keep, torch.tensor(clean), noise)
     self_conditioning = bool(torch.rand((), generator=generator) < cfg.self_conditioning_prob)
     if cfg.suffix_noise_share and float(torch.rand((), generator=generator)) < cfg.suffix_noise_share:
         keep = torch.arange(c) < math.floor((1 - t) * len(real))
-        noisy = torch.where(keep, torch.tensor(clean), noise)
+    noisy = torch.where(keep, torch.tensor(clean), noise)
     return _Row(context=prompt + target[:k * c], clean=clean, scored=[True] * len(real) + [cfg.score_eos_fill] * fill,
                 noisy=noisy, t=t, self_conditioning=self_conditioning, sequence=prompt + target,
                 target_start=len(prompt))
