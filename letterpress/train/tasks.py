@@ -20,7 +20,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from decimal import Decimal
 
@@ -346,11 +346,16 @@ def column_steps(a: int, b: int, op: str) -> str:
     return " ".join(steps)
 
 
+def column_thought(task: Task) -> str | None:
+    """An `arithmetic` task's `column_steps` (None for a product, which has none)."""
+    return column_steps(*arithmetic_operands(task)) or None
+
+
 def worked_arithmetic(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     """`arithmetic` with its column steps in the thought channel (the arithmetic probe, BENCHMARKS.md): the same
     prompts and answers, so the same judge; only what the model writes before the answer differs."""
     task = arithmetic(rng, phrasing, values)
-    return Task(task.family, task.messages, task.answer, thought=column_steps(*arithmetic_operands(task)) or None)
+    return replace(task, thought=column_thought(task))
 
 
 def aligned_steps(a: int, b: int, op: str) -> str:
@@ -363,11 +368,16 @@ def aligned_steps(a: int, b: int, op: str) -> str:
     return f"{a:03d}{op}{b:03d}={result:03d}"
 
 
+def aligned_thought(task: Task) -> str:
+    """An `arithmetic` task's `aligned_steps`."""
+    return aligned_steps(*arithmetic_operands(task))
+
+
 def aligned_arithmetic(rng: random.Random, phrasing: str = "train", values: Values = POOLED) -> Task:
     """`arithmetic` with `aligned_steps` in the thought channel (the aligned arithmetic probe): the same prompts,
     answers and judge as the family."""
     task = arithmetic(rng, phrasing, values)
-    return Task(task.family, task.messages, task.answer, thought=aligned_steps(*arithmetic_operands(task)))
+    return replace(task, thought=aligned_thought(task))
 
 
 def padded_unique(task: Task) -> str | None:
@@ -386,21 +396,13 @@ def padded_sort_dedup(rng: random.Random, phrasing: str = "train", values: Value
     """`sort_dedup` whose lists of numbers first write `padded_unique` in the thought channel (the padded sorting
     probe); lists of words answer directly."""
     task = sort_dedup(rng, phrasing, values)
-    return Task(task.family, task.messages, task.answer, thought=padded_unique(task))
+    return replace(task, thought=padded_unique(task))
 
 
-# What a worked formulation writes in the thought channel, by name (benchmarks/default_model.py scores the one a
-# model's thoughts match): `column_steps`, `aligned_steps` and `padded_unique`.
-def _column_thought(task: Task) -> str | None:
-    return column_steps(*arithmetic_operands(task)) or None
-
-
-def _aligned_thought(task: Task) -> str | None:
-    return aligned_steps(*arithmetic_operands(task))
-
-
+# What a worked formulation writes in the thought channel for a task of its family, by name
+# (benchmarks/default_model.py scores the one a model's thoughts match).
 THOUGHTS: dict[str, tuple[str, Callable[[Task], str | None]]] = {
-    "column": ("arithmetic", _column_thought), "aligned": ("arithmetic", _aligned_thought),
+    "column": ("arithmetic", column_thought), "aligned": ("arithmetic", aligned_thought),
     "padded": ("sort_dedup", padded_unique)}
 
 
