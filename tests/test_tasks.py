@@ -226,6 +226,21 @@ def test_the_times_table_probe_draws_every_product_and_nothing_else():
     assert PROBES["times-direct"].family == "arithmetic" and not PROBES["times-direct"].hook
 
 
+def test_the_capacity_probes_are_arith_aligned_on_a_wider_or_deeper_model():
+    """Same stream and hyperparameters as arith-aligned; only the shape differs (and the default's is unchanged)."""
+    from letterpress.train.recipes_tasks import PROBES, RECIPES, tasks_config
+
+    base = RECIPES["arith-aligned"]
+    wide, deep = (RECIPES[f"arith-aligned-{k}"] for k in ("wide", "deep"))
+    assert base.model_config == tasks_config() and tasks_config()["text_config"]["head_dim"] == 32
+    assert wide.model_config["text_config"]["hidden_size"] == 256 and wide.model_config["text_config"]["head_dim"] == 64
+    assert deep.model_config["text_config"]["num_hidden_layers"] == 12
+    assert deep.model_config["text_config"]["hidden_size"] == 128
+    for name in ("arith-aligned-wide", "arith-aligned-deep"):
+        assert PROBES[name].draw is PROBES["arith-aligned"].draw and PROBES[name].exclude_hook_prompts
+        assert RECIPES[name].hyperparameters == base.hyperparameters
+
+
 def test_a_probe_trains_on_its_family_only_and_never_on_the_prompts_it_is_scored_on():
     from letterpress.tokenizer import Tokenizer
     from letterpress.train.recipes_tasks import (PROBE_HELD_OUT, PROBES, TASKS_DIR, Probe, hook_tasks, probe_data,

@@ -301,10 +301,13 @@ def exact_match_hook(n: int = 4, open_values: bool = False):
     return evaluate
 
 
-def tasks_config(vocab_size: int = TASKS_VOCAB, eos: tuple[int, ...] = (1, 8, 16)) -> dict:
-    """hidden 128, 6 layers (sliding, sliding, full) x 2, 4 experts top-2, canvas 40."""
-    return small_config(vocab_size=vocab_size, canvas_length=TASKS_CANVAS, hidden_size=128, head_dim=32,
-                        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+def tasks_config(vocab_size: int = TASKS_VOCAB, eos: tuple[int, ...] = (1, 8, 16), hidden_size: int = 128,
+                 blocks: int = 2) -> dict:
+    """hidden 128, 6 layers (sliding, sliding, full) x 2, 4 experts top-2, canvas 40. `hidden_size` (4 heads
+    of a quarter of it) and `blocks` (of three layers) change only the capacity probes' shapes."""
+    return small_config(vocab_size=vocab_size, canvas_length=TASKS_CANVAS, hidden_size=hidden_size,
+                        head_dim=hidden_size // 4,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * blocks,
                         sliding_window=256, max_position_embeddings=1024, eos_token_id=eos)
 
 
@@ -400,6 +403,7 @@ class Probe:
     # their streams so that the recorded runs stay reproducible.
     exclude_hook_prompts: bool = True
     hook: bool = True  # score the family's validation prompts at every eval (not for a probe of part of a family)
+    model_config: dict | None = None  # None: the default's shape (tasks_config())
 
 
 PROBES = {
@@ -416,6 +420,12 @@ PROBES = {
     "arith-aligned": Probe("arithmetic", T.aligned_arithmetic, "the aligned arithmetic probe: a fresh tiny-tasks "
                            "model trained on arithmetic alone, answering after its operands and result zero-padded "
                            "to three digits in its thought channel ('038+057=095')"),
+    # The capacity probes (BENCHMARKS.md, "Capacity probe"): arith-aligned's stream and hyperparameters, a model
+    # of twice the width (9.4M parameters) or twice the depth (4.6M) of the default's 2.5M.
+    "arith-aligned-wide": Probe("arithmetic", T.aligned_arithmetic, "the capacity probe: arith-aligned on a model "
+                                "of hidden 256 (6 layers, 9.4M parameters)", model_config=tasks_config(hidden_size=256)),
+    "arith-aligned-deep": Probe("arithmetic", T.aligned_arithmetic, "the capacity probe: arith-aligned on a model "
+                                "of 12 layers (hidden 128, 4.6M parameters)", model_config=tasks_config(blocks=4)),
     "sort-padded": Probe("sort_dedup", T.padded_sort_dedup, "the padded sorting probe: a fresh tiny-tasks model "
                          "trained on sort_dedup alone, a list of numbers answered after its unique values "
                          "in prompt order, zero-padded, in its thought channel ('47 05 23')"),
@@ -454,7 +464,7 @@ for _name, _probe in PROBES.items():
         name=_name,
         description=_probe.description,
         build_data=lambda tokenizer, seed, _p=_probe: probe_data(tokenizer, seed, _p),
-        model_config=tasks_config(),
+        model_config=_probe.model_config or tasks_config(),
         evaluate=family_exact_hook(_probe.family) if _probe.hook else None,
         tokenizer=str(TASKS_DIR),
         hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "eval_examples": 64},
