@@ -22,7 +22,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -403,7 +403,7 @@ class Probe:
     # their streams so that the recorded runs stay reproducible.
     exclude_hook_prompts: bool = True
     hook: bool = True  # score the family's validation prompts at every eval (not for a probe of part of a family)
-    model_config: dict | None = None  # None: the default's shape (tasks_config())
+    model_config: dict = field(default_factory=tasks_config)  # the default's shape unless a probe says otherwise
 
 
 PROBES = {
@@ -464,7 +464,7 @@ for _name, _probe in PROBES.items():
         name=_name,
         description=_probe.description,
         build_data=lambda tokenizer, seed, _p=_probe: probe_data(tokenizer, seed, _p),
-        model_config=_probe.model_config or tasks_config(),
+        model_config=_probe.model_config,
         evaluate=family_exact_hook(_probe.family) if _probe.hook else None,
         tokenizer=str(TASKS_DIR),
         hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "eval_examples": 64},
