@@ -302,10 +302,11 @@ def exact_match_hook(n: int = 4, open_values: bool = False):
 
 
 def tasks_config(vocab_size: int = TASKS_VOCAB, eos: tuple[int, ...] = (1, 8, 16), hidden_size: int = 128,
-                 blocks: int = 2) -> dict:
+                 blocks: int = 2, canvas_length: int = TASKS_CANVAS) -> dict:
     """hidden 128, 6 layers (sliding, sliding, full) x 2, 4 experts top-2, canvas 40. `hidden_size` (4 heads
-    of a quarter of it) and `blocks` (of three layers) change only the capacity probes' shapes."""
-    return small_config(vocab_size=vocab_size, canvas_length=TASKS_CANVAS, hidden_size=hidden_size,
+    of a quarter of it) and `blocks` (of three layers) change only the capacity probes' shapes, `canvas_length`
+    only the compute probes' (no weight depends on it)."""
+    return small_config(vocab_size=vocab_size, canvas_length=canvas_length, hidden_size=hidden_size,
                         head_dim=hidden_size // 4,
                         layer_types=["sliding_attention", "sliding_attention", "full_attention"] * blocks,
                         sliding_window=256, max_position_embeddings=1024, eos_token_id=eos)
@@ -404,6 +405,8 @@ class Probe:
     exclude_hook_prompts: bool = True
     hook: bool = True  # score the family's validation prompts at every eval (not for a probe of part of a family)
     model_config: dict = field(default_factory=tasks_config)  # the default's shape unless a probe says otherwise
+    stream: int = TASKS_STREAM // 4  # tasks drawn for the training stream (before the held-out ones are dropped)
+    hyperparameters: dict = field(default_factory=dict)  # over the tiny-tasks recipe's
 
 
 PROBES = {
@@ -426,6 +429,17 @@ PROBES = {
                                 "of hidden 256 (6 layers, 9.4M parameters)", model_config=tasks_config(hidden_size=256)),
     "arith-aligned-deep": Probe("arithmetic", T.aligned_arithmetic, "the capacity probe: arith-aligned on a model "
                                 "of 12 layers (hidden 128, 4.6M parameters)", model_config=tasks_config(blocks=4)),
+    # The compute probes (BENCHMARKS.md, "Compute probe"): does the direct formulation learn with several times
+    # the examples? A canvas just long enough for the family's answers makes an example ~3x cheaper, so a step
+    # takes 8x (arithmetic) or 4x (sorting) the examples of the default's 16, from a stream ten times as long.
+    "arith-direct-big": Probe("arithmetic", T.arithmetic, "the compute probe: arith-direct with 128 examples a "
+                              "step (canvas 8) from a 200,000-task stream", stream=200_000,
+                              model_config=tasks_config(canvas_length=8),
+                              hyperparameters=dict(batch_size=128, micro_batch_size=128)),
+    "sort-direct-big": Probe("sort_dedup", T.sort_dedup, "the compute probe: sort-direct with 64 examples a step "
+                             "(canvas 24) from a 200,000-task stream", stream=200_000,
+                             model_config=tasks_config(canvas_length=24),
+                             hyperparameters=dict(batch_size=64, micro_batch_size=32)),
     "sort-padded": Probe("sort_dedup", T.padded_sort_dedup, "the padded sorting probe: a fresh tiny-tasks model "
                          "trained on sort_dedup alone, a list of numbers answered after its unique values "
                          "in prompt order, zero-padded, in its thought channel ('47 05 23')"),
@@ -443,7 +457,7 @@ def probe_data(tokenizer: Tokenizer, seed: int, probe: Probe) -> tuple[Tokenized
     if probe.exclude_hook_prompts:
         held_keys |= {t.prompt_key for t in hook_tasks(probe.family)}
     rng = random.Random(T.TRAIN_SEED + 100 + seed)
-    train = [t for t in (probe.draw(rng) for _ in range(TASKS_STREAM // 4)) if t.prompt_key not in held_keys]
+    train = [t for t in (probe.draw(rng) for _ in range(probe.stream)) if t.prompt_key not in held_keys]
     valid = [probe.draw(random.Random(i)) for i in range(64)]
     return (TokenizedDataset(task_examples(train, tokenizer, PLAIN_SHARE)),
             TokenizedDataset(task_examples([v for v in valid if v.prompt_key not in held_keys], tokenizer)))
@@ -467,7 +481,7 @@ for _name, _probe in PROBES.items():
         model_config=_probe.model_config,
         evaluate=family_exact_hook(_probe.family) if _probe.hook else None,
         tokenizer=str(TASKS_DIR),
-        hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "eval_examples": 64},
+        hyperparameters={**RECIPES["tiny-tasks"].hyperparameters, "eval_examples": 64, **_probe.hyperparameters},
     ))
 
 
