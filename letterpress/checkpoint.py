@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, load_model_config
 from .errors import CheckpointError, NotSupportedError
+from .model_ref import DTYPE_NAMES, check_dtype_name, is_local_folder
 from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts, quantizable
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 # safetensors header dtype -> torch dtype, for the floating-point ones we read into float parameters.
 # (F8 tensors come with scales that need their own loader, so they are not plain floats here.)
 FLOAT_STORAGE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -48,8 +48,7 @@ def parse_dtype(dtype: torch.dtype | str, auto: torch.dtype | None = None) -> to
     if dtype == "auto":
         raise CheckpointError("dtype 'auto' means the checkpoint's own dtype: pass it where a checkpoint is "
                               "loaded (LLM, DiffusionGemma.from_pretrained, --dtype auto)")
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
+    check_dtype_name(dtype)
     return DTYPES[dtype]
 
 
@@ -78,12 +77,9 @@ def is_offline(offline: bool | None) -> bool:
 
 def resolve(path_or_id: str | Path, offline: bool | None = None, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a Hub repo id, downloaded (with progress bars) into the Hub cache."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
+    if is_local_folder(path_or_id):
+        return Path(path_or_id).expanduser()
     name = str(path_or_id)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name}: no such checkpoint folder (and not a Hub id of the form owner/name)")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

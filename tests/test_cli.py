@@ -106,6 +106,36 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port):
     assert f"--port must be a TCP port, 0 to 65535 (0: any free port), got {port}" in run.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (("generate", "/no/such/folder", "x"), "no such checkpoint folder"),
+    (("generate", "x", "--max-new-tokens", "0"), "max_new_tokens must be a positive integer"),
+    (("generate", "x", "--dtype", "int3"), "unknown dtype 'int3'"),
+    (("chat", "--t-min", "5", "--t-max", "1"), "need t_min <= t_max"),
+    (("infill", "f.py", "--line", "1", "--entropy-bound", "0"), "entropy_bound must lie in (0, inf]"),
+    (("edit", "f.py", "no/such/dir/x", "--span", "0:1"), "no such checkpoint folder"),
+    (("serve", "--max-denoising-steps", "0"), "max_denoising_steps must be a positive integer"),
+    (("serve", "--port", "70000"), "--port must be a TCP port"),
+])
+def test_bad_values_are_refused_before_torch_loads(args, message):
+    """A verb's `check` runs before torch and the model load: a typo costs a fraction of a second, not the
+    seconds of importing torch and loading weights (and the message is the one the engine would give)."""
+    run = python("import sys\nfrom letterpress.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+                 "except SystemExit as e:\n    code = e.code\nprint(code, 'torch' in sys.modules)", *args)
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_busy_port_is_refused_before_torch_loads():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = python("import sys\nfrom letterpress.cli import main\nprint(main(sys.argv[1:]), 'torch' in sys.modules)",
+                     "serve", "--port", str(port))
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
+    assert "Address already in use" in run.stderr
+
+
 def test_every_verb_takes_verbosity_and_threads():
     import argparse
 
@@ -192,10 +222,10 @@ def test_unavailable_device_is_one_line_before_loading(device, message):
     if backend in ("cuda", "xpu", "mps") and {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                                              "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}[backend]:
         pytest.skip(f"this machine has {backend}")
-    run = letterpress("generate", "/no/such/folder", "x", "--device", device)  # the device is checked first
+    run = letterpress("generate", "x", "--device", device)  # refused before the embedded model loads
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith("error: " + message)
-    assert "Traceback" not in run.stderr and "no such checkpoint" not in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_serve_on_a_port_in_use_fails_before_loading_the_model():

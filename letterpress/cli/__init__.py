@@ -14,7 +14,9 @@
 With no MODEL the embedded default model is used. MODEL is a local checkpoint folder or a Hub id.
 
 Importing this package and building the parser imports no torch: every verb module is light at import time and
-loads the engine inside its `run`, so `--help`, argument errors and shell completion are instant.
+loads the engine inside its `run`, so `--help`, argument errors and shell completion are instant; a verb's
+`check` refuses bad values (a missing folder, an unknown dtype, a sampling flag out of range, a busy port) before
+torch loads.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..errors import LetterpressError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code
+# verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code, and optionally
+# check(args): the checks of its arguments that need neither torch nor the model, run before either loads
 VERBS = {"generate": "generate", "chat": "chat", "infill": "infill", "edit": "edit", "serve": "serve",
          "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku",
          "plot-metrics": "plot_metrics"}
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=verb.HELP, description=verb.HELP)
         verb.add_arguments(p)
         add_common_arguments(p)
-        p.set_defaults(run=verb.run, parser=p)
+        p.set_defaults(run=verb.run, check=getattr(verb, "check", None), parser=p)
     return parser
 
 
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         configure_logging(args.verbose, args.quiet)
+        if args.check is not None:  # a bad value is refused at once, not after seconds of loading torch
+            args.check(args)
         if getattr(args, "device", None):  # before any weight loads: a one-line error, not a traceback
             from ..engine.args import check_device
 

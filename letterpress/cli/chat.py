@@ -11,7 +11,8 @@ import argparse
 import sys
 import time
 
-from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
+from ..engine.args import (add_model_arguments, add_sampling_arguments, check_model_arguments, check_sampling_arguments,
+                           llm_from_args, sampling_params)
 from ..errors import LetterpressError
 from .generate import add_media_arguments, check_media, media_parts, model_for_media
 from .printing import CanvasPrinter, stats_line
@@ -27,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_media_arguments(p)
     add_model_arguments(p)
     add_sampling_arguments(p)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads (cli.main): MODEL, --dtype and the sampling flags."""
+    check_model_arguments(args.model, args)
+    check_sampling_arguments(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import time
 
 from ..engine.args import sampling_params
 from ..errors import RequestError
-from .infill import add_file_arguments, emit, load, read
+from .infill import add_file_arguments, check, emit, load, read  # noqa: F401 (check: this verb's, as infill's)
 
 HELP = "rewrite character spans of a file, keeping the rest"
 

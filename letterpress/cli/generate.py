@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
+from ..engine.args import (add_model_arguments, add_sampling_arguments, check_model_arguments, check_sampling_arguments,
+                           llm_from_args, sampling_params)
 from .printing import CanvasPrinter, stats_line
 
 PLACEHOLDERS = {"image": "<|image|>", "video": "<|video|>"}
@@ -74,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_media_arguments(p)
     add_model_arguments(p)
     add_sampling_arguments(p)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads (cli.main): MODEL, --dtype and the sampling flags."""
+    check_model_arguments(split_model_and_text(args.words, args.parser)[0], args)
+    check_sampling_arguments(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..engine.args import add_model_arguments, add_sampling_arguments, llm_from_args, sampling_params
+from ..engine.args import (add_model_arguments, add_sampling_arguments, check_model_arguments, check_sampling_arguments,
+                           llm_from_args, sampling_params)
 from ..errors import RequestError
 
 HELP = "fill a marked gap (a `...` or `# fill` line) in a file"
@@ -52,6 +53,12 @@ def emit(args: argparse.Namespace, text: str, stats: str) -> int:
         sys.stdout.write(text)
     print(stats, file=sys.stderr)
     return 0
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads (cli.main): MODEL, --dtype and the sampling flags (infill's and edit's)."""
+    check_model_arguments(args.model, args)
+    check_sampling_arguments(args)
 
 
 def run(args: argparse.Namespace) -> int:

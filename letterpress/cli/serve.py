@@ -16,6 +16,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(log_level=None)  # --log-level when given, else what -v / -q chose
 
 
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads (cli.main): the server's flags, the port (bound once and let go), MODEL, --dtype and
+    the sampler defaults. run_serve checks the flags and the port again, for callers other than the CLI."""
+    from ..engine.args import check_model_arguments, check_sampling_arguments
+    from ..server.launch import check_arguments, check_port
+
+    check_arguments(args)
+    check_port(args.host, args.port)
+    check_model_arguments(args.model, args)
+    check_sampling_arguments(args)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..server.launch import run_serve
 

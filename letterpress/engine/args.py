@@ -116,6 +116,27 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: bool = Tr
     g.add_argument("--seed", type=int, default=None, help="fixes the output (per-request generator)")
 
 
+SAMPLING_FLAGS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "seed")
+
+
+def check_model_arguments(model: str | None, args: argparse.Namespace) -> None:
+    """What can be checked of `add_model_arguments`' flags and of MODEL (None: the embedded default) without
+    torch: a command runs this before loading either, so a typo is refused at once (exit 2, one line)."""
+    from ..model_ref import check_dtype_name, is_local_folder
+
+    check_dtype_name(args.dtype)
+    if model is not None:
+        is_local_folder(model)
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """`add_sampling_arguments`' flags that are given, against the limits `SamplingParams` enforces (the
+    checkpoint's defaults fill the others later), without torch."""
+    from .limits import check_sampling_values
+
+    check_sampling_values({name: getattr(args, name, None) for name in SAMPLING_FLAGS})
+
+
 def sampling_params(args: argparse.Namespace):
     """`SamplingParams` from `add_sampling_arguments`' flags."""
     from .request import SamplingParams

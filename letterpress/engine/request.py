@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -15,18 +14,9 @@ from ..errors import RequestError
 from ..media.prompt import MediaRun
 from ..sampling import Clamp, Draws
 from ..structured import Constraint, StructuredOutputsParams
+from .limits import SAMPLING_LIMITS, check_temperatures  # without torch: the CLI checks its flags with them
 
 _ids = itertools.count()
-
-# What the engine can honour (SamplingParams.validate). Steps: the schedule divides step counts in float32,
-# exact up to 2**24. Temperatures: the schedule's lowest temperature is above t_max / max_denoising_steps
-# (>= 6e-14), so dividing softcapped logits by it stays finite; above 100 every proposal is uniform noise
-# anyway. Seeds: what torch.Generator.manual_seed accepts.
-MAX_DENOISING_STEPS = 2**24
-MAX_TOKENS = 2**31 - 1
-MIN_TEMPERATURE = 1e-6
-MAX_TEMPERATURE = 100.0
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -69,35 +59,13 @@ class SamplingParams:
     def validate(self) -> None:
         """Every field finite and in a range the engine can honour, so that no request can make a batched
         step fail (a nan schedule, an int32 overflow, a step count that never ends)."""
-        def integer(name: str, low: int, high: int) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-                raise RequestError(f"{name} must be {kind} (at most {high}), got {value!r}")
-
-        def number(name: str, low: float, high: float, low_open: bool = False) -> float:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise RequestError(f"{name} must be a finite number, got {value!r}")
-            if value < low or (low_open and value == low) or value > high:
-                raise RequestError(f"{name} must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
-            return float(value)
-
-        integer("max_new_tokens", 1, MAX_TOKENS)
-        integer("max_denoising_steps", 1, MAX_DENOISING_STEPS)
-        integer("stability_threshold", 0, MAX_DENOISING_STEPS)
-        number("entropy_bound", 0.0, math.inf, low_open=True)
-        number("confidence_threshold", 0.0, math.inf, low_open=True)
-        t_min = number("t_min", 0.0, MAX_TEMPERATURE)
-        t_max = number("t_max", MIN_TEMPERATURE, MAX_TEMPERATURE)
-        if t_min > t_max:
-            raise RequestError(f"need t_min <= t_max, got t_min={t_min:g}, t_max={t_max:g}")
-        if self.seed is not None:
-            integer("seed", MIN_SEED, MAX_SEED)
+        for name, check in SAMPLING_LIMITS.items():  # resolve() set every one of them but the seed
+            if name != "seed" or self.seed is not None:
+                check(getattr(self, name))
+        check_temperatures(self.t_min, self.t_max)
         if not isinstance(self.eos_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be a list of integers, got {self.eos_token_ids!r}")
-        integer("top_k", 0, MAX_TOKENS)
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise RequestError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
