@@ -21,6 +21,8 @@ import torch
 from letterpress.embedded import ASSETS, DEFAULT_MODELS, TOKENIZER_FILES, default_model_dir, shipped_models
 from letterpress.errors import CheckpointError
 
+from .bench_fixtures import benchmark_main
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ASSETS / "tiny_tasks"
 ASSETS_BUDGET = 25_000_000  # issue 16: every embedded model together within 25 MB
@@ -220,18 +222,16 @@ def test_ship_refuses_a_model_trained_with_another_tokenizer(tmp_path):
     (["--t-min", "1.2", "--t-max", "1.0"], "need t_min <= t_max"),
     (["--prompt", "x", "--seeds", "0"], "--n, --seeds and --batch must be at least 1"),
 ])
-def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "default_model.py"), "--n", "1", "--latency", "0",
-                          *args], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert message in run.stderr.strip().splitlines()[-1]
+def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message, monkeypatch, capsys):
+    code, err = benchmark_main("default_model", ["--n", "1", "--latency", "0", *args], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert message in err.strip().splitlines()[-1]
 
 
-def test_the_times_table_benchmark_refuses_a_missing_model_in_one_line(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "times_table.py"), "--model", str(tmp_path / "no")],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "no such checkpoint folder" in run.stderr.strip().splitlines()[-1]
+def test_the_times_table_benchmark_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
+    code, err = benchmark_main("times_table", ["--model", str(tmp_path / "no")], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "no such checkpoint folder" in err.strip().splitlines()[-1]
 
 
 @tasks_shipped

@@ -418,12 +418,9 @@ def test_ctrl_c_stops_stage_2_after_the_step_and_the_next_run_finishes_it(tmp_pa
     (["--kinds", "number,nosuch"], "--kinds: unknown 'nosuch'"),
     (["--t-min", "1.2", "--t-max", "1.0"], "need t_min <= t_max"),
 ])
-def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message):
-    import subprocess
-    import sys
+def test_the_benchmark_refuses_bad_arguments_in_one_line(args, message, monkeypatch, capsys):
+    from .bench_fixtures import benchmark_main
 
-    bench = Path(__file__).parent.parent / "benchmarks" / "vlm.py"
-    run = subprocess.run([sys.executable, str(bench), "--n", "1", "--threads", "1", *args],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert message in run.stderr.strip().splitlines()[-1]
+    code, err = benchmark_main("vlm", ["--n", "1", "--threads", "1", *args], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert message in err.strip().splitlines()[-1]
