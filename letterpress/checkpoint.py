@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, load_model_config
 from .errors import CheckpointError, NotSupportedError
-from .model_ref import DTYPE_NAMES, check_dtype_name, is_local_folder
+from .model_ref import DTYPE_NAMES, check_dtype_name, check_replaceable, is_local_folder
 from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts, quantizable
 
 log = logging.getLogger(__name__)
@@ -513,22 +513,6 @@ def _new_file_mode(folder: Path) -> int:
         return probe.stat().st_mode & 0o777
     finally:
         probe.unlink()
-
-
-REPLACEABLE_MARKERS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's
-
-
-def check_replaceable(folder: Path) -> None:
-    """An output folder that exists is replaced whole, so it must be one that can go: empty, or a checkpoint or
-    adapter (it holds config.json or adapter_config.json). A file, a link or a folder of anything else (a
-    mistyped path, the home folder) is refused, never deleted."""
-    if not (folder.exists() or folder.is_symlink()):
-        return
-    if folder.is_symlink() or not folder.is_dir():
-        raise CheckpointError(f"{folder} exists and is not a folder: choose another output path")
-    if any(folder.iterdir()) and not any((folder / name).is_file() for name in REPLACEABLE_MARKERS):
-        raise CheckpointError(f"{folder} is not empty and is not a checkpoint (no {' or '.join(REPLACEABLE_MARKERS)}): "
-                              "not replacing it; choose a new or empty folder")
 
 
 @contextmanager

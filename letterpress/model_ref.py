@@ -1,6 +1,7 @@
-"""A model and a dtype as a user names them (`letterpress generate MODEL --dtype D`, `LLM(model, dtype=)`),
-checked without torch: checkpoint.py loads with these names, and the CLI checks its arguments with them before
-torch and the model load, so that a mistyped folder or dtype is refused at once."""
+"""A model, a dtype and an output folder as a user names them (`letterpress generate MODEL --dtype D`,
+`letterpress quantize MODEL OUT`, `LLM(model, dtype=)`), checked without torch: checkpoint.py loads and writes
+with these checks, and the CLI runs them before torch and the model load, so that a mistyped folder or dtype is
+refused at once."""
 
 from __future__ import annotations
 
@@ -28,3 +29,19 @@ def is_local_folder(path_or_id: str | Path) -> bool:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"{name}: no such checkpoint folder (and not a Hub id of the form owner/name)")
     return False
+
+
+REPLACEABLE_MARKERS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's
+
+
+def check_replaceable(folder: Path) -> None:
+    """An output folder that exists is replaced whole, so it must be one that can go: empty, or a checkpoint or
+    adapter (it holds config.json or adapter_config.json). A file, a link or a folder of anything else (a
+    mistyped path, the home folder) is refused, never deleted."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder: choose another output path")
+    if any(folder.iterdir()) and not any((folder / name).is_file() for name in REPLACEABLE_MARKERS):
+        raise CheckpointError(f"{folder} is not empty and is not a checkpoint (no {' or '.join(REPLACEABLE_MARKERS)}): "
+                              "not replacing it; choose a new or empty folder")

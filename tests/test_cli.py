@@ -115,6 +115,10 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port):
     (("edit", "f.py", "no/such/dir/x", "--span", "0:1"), "no such checkpoint folder"),
     (("serve", "--max-denoising-steps", "0"), "max_denoising_steps must be a positive integer"),
     (("serve", "--port", "70000"), "--port must be a TCP port"),
+    (("quantize", "nosuch", "out", "--format", "int8"), "no such checkpoint folder"),
+    (("quantize", ".", "/", "--format", "int8"), "/ is not empty and is not a checkpoint"),
+    (("merge-lora", ".", "adapter", "/"), "/ is not empty and is not a checkpoint"),
+    (("merge-lora", ".", "adapter", "out", "--dtype", "int3"), "unknown dtype 'int3'"),
 ])
 def test_bad_values_are_refused_before_torch_loads(args, message):
     """A verb's `check` runs before torch and the model load: a typo costs a fraction of a second, not the

@@ -17,6 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8 (W8A16, per channel), int4 (W4A16, groups of 128), fp8 (FP8 dynamic)")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads (cli.main): MODEL is a folder or a Hub id, OUT a folder that may be replaced."""
+    from pathlib import Path
+
+    from ..model_ref import check_replaceable, is_local_folder
+
+    is_local_folder(args.model)
+    check_replaceable(Path(args.out))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..quant_save import quantize_checkpoint
 
