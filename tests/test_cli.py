@@ -119,6 +119,8 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port):
     (("quantize", ".", "/", "--format", "int8"), "/ is not empty and is not a checkpoint"),
     (("merge-lora", ".", "adapter", "/"), "/ is not empty and is not a checkpoint"),
     (("merge-lora", ".", "adapter", "out", "--dtype", "int3"), "unknown dtype 'int3'"),
+    (("sudoku", "12345"), "a Sudoku needs 81 cells"),
+    (("sudoku", "0" * 81, "--max-forwards", "0"), "--max-forwards must be a positive integer"),
 ])
 def test_bad_values_are_refused_before_torch_loads(args, message):
     """A verb's `check` runs before torch and the model load: a typo costs a fraction of a second, not the
@@ -352,6 +354,15 @@ def test_sudoku_rule_mask_out_of_forwards_prints_no_grid():
     assert run.returncode == 1
     assert run.stdout.splitlines()[-1].startswith("no valid solution found")
     assert not any(len(line) == 81 and line.isdigit() for line in run.stdout.splitlines())
+
+
+def test_sudoku_rule_mask_says_when_a_puzzle_has_no_solution():
+    """PUZZLE's givens admit no solution (it is the classic puzzle with two givens changed): the rule search
+    proves it by running out of digits to try, and the command says so rather than that the model missed."""
+    run = letterpress("sudoku", PUZZLE, "--rule-mask")
+    assert run.returncode == 1, run.stdout + run.stderr
+    last = run.stdout.splitlines()[-1]
+    assert last.startswith("no solution: the givens admit none") and "cells/forward" not in last  # 0 forwards
 
 
 HARD_PUZZLE = "004000050003000048050063000000002004005010090192007060407030005900006400500784200"

@@ -130,6 +130,8 @@ def _summary(searches, forwards: list[int], seconds: float) -> dict:
     return {"solved": solved, "n": len(searches), "solve_rate": solved / len(searches),
             "mean_forwards": statistics.mean(forwards), "max_forwards": max(forwards),
             "mean_backtracks": statistics.mean(s.backtracks for s in searches),
+            # per puzzle: the search undid every choice, so the givens admit no solution (a proof, not a miss)
+            "no_solution": [s.failed for s in searches],
             "seconds": seconds, "outputs": outputs}
 
 

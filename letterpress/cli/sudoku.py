@@ -63,17 +63,26 @@ def harder_than_trained(puzzle: str, model_dir) -> str | None:
     return None if note is None else "note: " + note.message
 
 
-def run(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads (cli.main): the puzzle (read from stdin when not given; kept as args.grid) and
+    --max-forwards."""
     from ..apps.sudoku import parse_grid
-    from ..embedded import ASSETS
 
     text = args.puzzle if args.puzzle is not None else sys.stdin.read()
     try:
-        puzzle = parse_grid(text)
+        args.grid = parse_grid(text)
     except ValueError as e:
         raise RequestError(str(e)) from None
     if args.max_forwards < 1:
         raise RequestError(f"--max-forwards must be a positive integer, got {args.max_forwards}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..embedded import ASSETS
+
+    if getattr(args, "grid", None) is None:  # not through cli.main
+        check(args)
+    puzzle = args.grid
     model_dir = args.model or ASSETS / "sudoku"
     note = harder_than_trained(puzzle, model_dir)
     if note:
@@ -131,9 +140,15 @@ def _run_ruled(args: argparse.Namespace, puzzle: str, model_dir) -> int:
                               seed=args.seed, on_step=show)
     seconds = time.perf_counter() - start
     forwards = int(r["mean_forwards"])
-    blanks = puzzle.count("0")
-    stats = (f"{forwards} forwards (at most {args.max_forwards}) | {blanks / max(forwards, 1):.2f} cells/forward | "
+    per_forward = f"{puzzle.count('0') / forwards:.2f} cells/forward | " if forwards else ""
+    stats = (f"{forwards} forwards (at most {args.max_forwards}) | {per_forward}"
              f"{int(r['mean_backtracks'])} backtracks | rule mask | {seconds:.2f} s")
+    if r["no_solution"][0]:
+        if drawn:
+            sys.stdout.write(f"\x1b[{height + 1}F\x1b[J")
+        print(format_grid(puzzle))
+        print(f"no solution: the givens admit none (the rule search ran out of digits to try) | {stats}")
+        return 1
     return _report(puzzle, r["outputs"][0] or "0" * 81, stats, drawn, height)
 
 
