@@ -1,0 +1,52 @@
+"""Write a resume checkpoint of `letterpress train` (torch.distributed.checkpoint) as a model folder that
+`letterpress generate` and the benchmarks load: the checkpoint's weights in the config, tokenizer and
+generation_config.json of BASE, a model folder of the same run (or of the same shape and tokenizer).
+
+    python scripts/checkpoint_to_model.py runs/x/checkpoints/step-0001750 runs/x/model runs/x-1750
+
+How BENCHMARKS.md scores a run at its intermediate steps (e.g. "Compute probe").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a resume checkpoint folder (runs/x/checkpoints/step-N)")
+    ap.add_argument("base", help="a model folder of the same shape and tokenizer (runs/x/model)")
+    ap.add_argument("out", help="the model folder to write")
+    args = ap.parse_args()
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from letterpress.checkpoint import save_model
+    from letterpress.embedded import TOKENIZER_FILES
+    from letterpress.model import DiffusionGemma
+
+    base, checkpoint = Path(args.base), Path(args.checkpoint)
+    for folder, what in ((base / "config.json", "BASE has no config.json"), (checkpoint, "no such CHECKPOINT")):
+        if not folder.exists():
+            ap.error(f"{what}: {folder}")
+    net = DiffusionGemma.from_pretrained(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(checkpoint, f"{tmp}/full.pt")
+        state = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
+    missing, unexpected = net.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    if unexpected or any(not k.startswith("vision") for k in missing):
+        sys.exit(f"error: {checkpoint} does not fit {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    generation = base / "generation_config.json"
+    save_model(net, args.out, json.loads((base / "config.json").read_text("utf-8")),
+               json.loads(generation.read_text("utf-8")) if generation.is_file() else None,
+               extra_files={n: base / n for n in TOKENIZER_FILES if (base / n).is_file()})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
