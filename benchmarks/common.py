@@ -73,6 +73,23 @@ def checkpoint_for(shape: str, canvas: int) -> Path:
     return build_checkpoint(shape, canvas, tempfile.mkdtemp(prefix="lp-bench-"))
 
 
+def model_from_resume_checkpoint(checkpoint: str | Path, base: str | Path):
+    """(model, load_state_dict's missing and unexpected keys): the weights of a `letterpress train` resume
+    checkpoint (torch.distributed.checkpoint) in a DiffusionGemma of `base`'s shape, a model folder of the same
+    run (or of the same shape)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from letterpress.model import DiffusionGemma
+
+    net = DiffusionGemma.from_pretrained(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(checkpoint, f"{tmp}/full.pt")
+        state = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
+    return net, net.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+
+
 def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(n)

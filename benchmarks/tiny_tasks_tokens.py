@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, set_threads  # noqa: E402
+from benchmarks.common import machine, model_from_resume_checkpoint, set_threads  # noqa: E402
 from letterpress.model import DiffusionGemma  # noqa: E402
 from letterpress.tokenizer import Tokenizer  # noqa: E402
 from letterpress.train import recipes_tasks as RT  # noqa: E402
@@ -39,13 +38,7 @@ NOT_VALUES = ("Ġ", "Ċ", ":", '"', ",", "{", "}", "-", "[", "]")
 def load(model: str | None, checkpoint: str | None, base: str | None) -> tuple[DiffusionGemma, Tokenizer]:
     if checkpoint is None:
         return DiffusionGemma.from_pretrained(model).eval(), Tokenizer.from_dir(model)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    net = DiffusionGemma.from_pretrained(base)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(checkpoint, f"{tmp}/full.pt")
-        state = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
-    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    net, _ = model_from_resume_checkpoint(checkpoint, base)
     return net.eval(), Tokenizer.from_dir(base)
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import model_from_resume_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -24,21 +24,14 @@ def main() -> None:
     ap.add_argument("base", help="a model folder of the same shape and tokenizer (runs/x/model)")
     ap.add_argument("out", help="the model folder to write")
     args = ap.parse_args()
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     from letterpress.checkpoint import save_model
     from letterpress.embedded import TOKENIZER_FILES
-    from letterpress.model import DiffusionGemma
 
     base, checkpoint = Path(args.base), Path(args.checkpoint)
     for folder, what in ((base / "config.json", "BASE has no config.json"), (checkpoint, "no such CHECKPOINT")):
         if not folder.exists():
             ap.error(f"{what}: {folder}")
-    net = DiffusionGemma.from_pretrained(base)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(checkpoint, f"{tmp}/full.pt")
-        state = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
-    missing, unexpected = net.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    net, (missing, unexpected) = model_from_resume_checkpoint(checkpoint, base)
     if unexpected or any(not k.startswith("vision") for k in missing):
         sys.exit(f"error: {checkpoint} does not fit {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     generation = base / "generation_config.json"

@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Before torch loads (cli.main): the server's flags, the port (bound once and let go), MODEL, --dtype and
-    the sampler defaults. run_serve checks the flags and the port again, for callers other than the CLI."""
+    """Before torch loads (cli.main, which runs it before `run`): the server's flags, the port (bound once and let
+    go), MODEL, --dtype and the sampler defaults."""
     from ..engine.args import check_model_arguments, check_sampling_arguments
     from ..server.launch import check_arguments, check_port
 

@@ -80,9 +80,7 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..embedded import ASSETS
 
-    if getattr(args, "grid", None) is None:  # not through cli.main
-        check(args)
-    puzzle = args.grid
+    puzzle = args.grid  # parsed by check (cli.main runs it first)
     model_dir = args.model or ASSETS / "sudoku"
     note = harder_than_trained(puzzle, model_dir)
     if note:

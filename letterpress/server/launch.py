@@ -132,8 +132,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..engine.request import SamplingParams
     from .app import ServerConfig, build_app
 
-    check_arguments(args)
-    check_port(args.host, args.port)
     template = None
     if args.chat_template is not None:  # read before the model loads, so that a wrong path fails in a second
         from ..tokenizer import load_chat_template
