@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .config import ModelConfig, load_model_config
+from .config import ModelConfig
 from .errors import CheckpointError, NotSupportedError
 from .model_ref import DTYPE_NAMES, check_dtype_name, check_replaceable, is_local_folder
 from .quant import QuantExperts, QuantLinear, QuantWeight, ct_check_config, ct_to_parts, quantizable

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from letterpress.errors import ConfigError, NotSupportedError
-from letterpress.model.layers import Experts
 from letterpress.parallel import Shard, shard_model
 from letterpress.parallel.sampler import noise_columns
 from letterpress.parallel.vocab import key_index, key_value, order_key

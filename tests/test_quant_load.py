@@ -3,7 +3,6 @@ quantized by the compressed-tensors library itself."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from letterpress import LLM, SamplingParams
 from letterpress.model import load_model
 from letterpress.cli import main as cli_main
 from letterpress.errors import CheckpointError
-from letterpress.quant import FORMATS, QuantExperts, QuantLinear, QuantWeight, drift, model_bytes, quantize_model
+from letterpress.quant import FORMATS, QuantExperts, QuantLinear, QuantWeight, model_bytes, quantize_model
 
 from .fast_fixtures import assert_same_tensors, save_checkpoint
 

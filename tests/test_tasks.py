@@ -182,7 +182,7 @@ def test_a_worked_task_writes_its_thought_before_the_answer_and_is_judged_on_the
     task = T.worked_arithmetic(random.Random(3))
     _, target = render(task, _renderer())
     assert target == f"<|channel>thought\n{task.thought}<channel|>{task.answer}<turn|>"
-    assert judge(task, target.removesuffix("<turn|>")) and not judge(task, f"<|channel>thought\n1<channel|>x")
+    assert judge(task, target.removesuffix("<turn|>")) and not judge(task, "<|channel>thought\n1<channel|>x")
     assert {"arith-direct", "arith-worked"} <= set(RECIPES)
 
 

@@ -5,7 +5,6 @@ ids from a transformers tokenizer over the same tokenizer.json."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from functools import partial
 from types import SimpleNamespace

@@ -5,6 +5,7 @@
     letterpress infill FILE [MODEL] --line N  fill the gap marked at line N                 (cli/infill.py)
     letterpress edit FILE [MODEL] --span A:B  rewrite characters A..B of FILE, keep the rest (cli/edit.py)
     letterpress serve [MODEL]                 OpenAI-compatible HTTP server                 (cli/serve.py)
+    letterpress run-batch -i IN -o OUT        a JSONL file of OpenAI Batch API requests     (cli/run_batch.py)
     letterpress train --model CKPT --data F   fine-tune, full or LoRA                       (cli/train.py)
     letterpress merge-lora CKPT ADAPTER OUT   fold a LoRA adapter into its base checkpoint  (cli/merge_lora.py)
     letterpress quantize MODEL OUT --format F write an int8/int4/fp8 compressed-tensors checkpoint (cli/quantize.py)
@@ -34,8 +35,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # verb -> module in this package defining HELP, add_arguments(parser) and run(args) -> exit code, and optionally
 # check(args): the checks of its arguments that need neither torch nor the model, run before either loads
 VERBS = {"generate": "generate", "chat": "chat", "infill": "infill", "edit": "edit", "serve": "serve",
-         "train": "train", "merge-lora": "merge_lora", "quantize": "quantize", "sudoku": "sudoku",
-         "plot-metrics": "plot_metrics"}
+         "run-batch": "run_batch", "train": "train", "merge-lora": "merge_lora", "quantize": "quantize",
+         "sudoku": "sudoku", "plot-metrics": "plot_metrics"}
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:

@@ -139,8 +139,9 @@ def read_slices(folder, dtype, shard: Shard) -> DiffusionGemma:
     rank's slice, not the whole model. The same header checks as `load_model`; NaN/inf refused."""
     from contextlib import ExitStack
 
-    from ..checkpoint import (_open, allocate, check_headers, checkpoint_dtype, count_non_finite, load_model_config,
-                              parse_dtype, plan_weights, weight_files)
+    from ..checkpoint import (_open, allocate, check_headers, checkpoint_dtype, count_non_finite, parse_dtype,
+                              plan_weights, weight_files)
+    from ..config import load_model_config
     from ..errors import CheckpointError
     from .shard import slice_plan
 

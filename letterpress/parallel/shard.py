@@ -31,7 +31,6 @@ from torch import nn
 
 from ..config import LayerSpec
 from ..errors import NotSupportedError
-from ..model.layers import Experts, GatedMLP
 from .vocab import install_vocab_parallel, vocab_range
 
 

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from ..apps.sudoku import trained_givens
 from ..engine.llm import LLM
 from ..engine.limits import MIN_TEMPERATURE
-from ..engine.request import CanvasEvent, Request, SamplingParams
+from ..engine.request import CanvasEvent, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from ..engine.llm import soft_tokens_of
 from ..media.prompt import MediaRun

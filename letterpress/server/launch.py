@@ -124,9 +124,9 @@ def check_port(host: str, port: int) -> None:
                                    "(another server on that port? choose another --port)") from None
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def load_server(args: argparse.Namespace, api_key: str | None, **config: object):
+    """The model and the app `letterpress serve` runs (and `letterpress run-batch` calls in-process) from the
+    serve flags in `args`; `config` sets ServerConfig fields the flags do not. Returns (app, served names)."""
     from ..engine.args import attach_profiler, engine_options
     from ..engine.llm import LLM
     from ..engine.request import SamplingParams
@@ -137,7 +137,6 @@ def run_serve(args: argparse.Namespace) -> int:
         from ..tokenizer import load_chat_template
 
         template = load_chat_template(args.chat_template)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, offline=True if args.offline else None,
               prefill_chunk=args.prefill_chunk, **engine_options(args))
@@ -148,15 +147,23 @@ def run_serve(args: argparse.Namespace) -> int:
     SamplingParams(max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
                    t_max=args.t_max).resolve(llm.defaults)
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
-    config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
-                          max_queue=args.max_queue, entropy_bound=args.entropy_bound,
-                          max_denoising_steps=args.max_denoising_steps, t_min=args.t_min, t_max=args.t_max,
-                          request_timeout=args.request_timeout or None, media_limits=media_limits(args),
-                          allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                          allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
-                          enable_request_id_headers=args.enable_request_id_headers,
-                          **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}))
-    app = build_app(llm, config)
+    fields = dict(served_model_names=names, api_key=api_key, max_queue=args.max_queue,
+                  entropy_bound=args.entropy_bound, max_denoising_steps=args.max_denoising_steps, t_min=args.t_min,
+                  t_max=args.t_max, request_timeout=args.request_timeout or None, media_limits=media_limits(args))
+    if args.max_request_bytes is not None:
+        fields["max_request_bytes"] = args.max_request_bytes
+    return build_app(llm, ServerConfig(**{**fields, **config})), names
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, names = load_server(args, args.api_key or os.environ.get("LETTERPRESS_API_KEY"),
+                             allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                             allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+                             enable_request_id_headers=args.enable_request_id_headers)
+    llm, config = app.state.server.llm, app.state.server.config
     # Everything loaded so far lives as long as the process: keep it out of the garbage collector's full passes,
     # which otherwise stop every thread (the event loop too) for ~0.4 s on a 2-core machine with the model held.
     gc.collect()

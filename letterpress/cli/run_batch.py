@@ -1,0 +1,141 @@
+"""`letterpress run-batch -i IN.jsonl -o OUT.jsonl [--model MODEL]`: a file of OpenAI Batch API requests
+(`vllm run-batch`'s format and flags) answered by the server's routes in-process, no port opened; the engine
+batches the requests in flight. Format and behaviour: letterpress/server/batch.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+HELP = "answer a JSONL file of OpenAI Batch API requests (as vllm run-batch), no server needed"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..engine.args import add_model_arguments
+
+    p.add_argument("-i", "--input-file", required=True,
+                   help="JSONL, one {custom_id, method, url, body} request per line ('-': standard input)")
+    p.add_argument("-o", "--output-file", required=True,
+                   help="JSONL, one {id, custom_id, response, error} line per request, in input order "
+                        "('-': standard output)")
+    p.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the embedded model)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) a request's `model` may give (default: --model, or letterpress-default)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="rows denoised together (cache slots), default 8")
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="requests submitted to the engine at once (default: 4 x --max-num-seqs)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens encoded per row per step (default 512)")
+    p.add_argument("--max-denoising-steps", type=int, default=None,
+                   help="the most denoising steps per canvas a request may ask for (as serve's flag)")
+    p.add_argument("--chat-template", default=None,
+                   help="a chat template file, or the template itself, used instead of the checkpoint's")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let requests read image/video files under DIR through file:// URLs (default: none)")
+    add_model_arguments(p)
+    g = p.add_argument_group("sampler defaults for requests that do not set them "
+                             "(default: the checkpoint's generation_config.json)")
+    g.add_argument("--entropy-bound", type=float, default=None)
+    g.add_argument("--t-min", type=float, default=None)
+    g.add_argument("--t-max", type=float, default=None)
+    # the server's HTTP-only settings, fixed for a batch: no time limit; --max-inflight bounds the requests queued
+    # (max_queue only has to hold their rows), and a body may be as large as the server allows
+    p.set_defaults(max_queue=1_000_000, request_timeout=0, max_request_bytes=None)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before torch loads: the flags, the output path, and every line's envelope (read_batch), so that a
+    malformed file fails at once with its line number; stdin is read here and kept for `run`."""
+    from pathlib import Path
+
+    from ..engine.args import check_model_arguments, check_sampling_arguments
+    from ..errors import LetterpressError
+    from ..server.batch import read_batch
+
+    for name in ("max_num_seqs", "max_inflight", "prefill_chunk"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            args.parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    args.max_inflight = args.max_inflight or 4 * args.max_num_seqs
+    check_model_arguments(args.model, args)
+    check_sampling_arguments(args)
+    if args.output_file != "-":
+        out = Path(args.output_file)
+        if out.is_dir():
+            raise LetterpressError(f"--output-file {out} is a folder")
+        if not out.resolve().parent.is_dir():
+            raise LetterpressError(f"--output-file {out}: its folder {out.resolve().parent} does not exist")
+        if args.input_file != "-" and out.exists() and Path(args.input_file).exists() \
+                and out.samefile(args.input_file):
+            raise LetterpressError("--input-file and --output-file are the same file: the answers would "
+                                   "overwrite the requests")
+    args.input_lines = None  # a file is read twice (checked here, run later); standard input once, kept
+    try:
+        if args.input_file == "-":
+            args.input_lines = sys.stdin.read().split("\n")
+            args.request_count = sum(1 for _ in read_batch(args.input_lines))
+        else:
+            with open(args.input_file, encoding="utf-8", newline="\n") as f:
+                args.request_count = sum(1 for _ in read_batch(f))
+    except OSError as e:
+        raise LetterpressError(f"cannot read --input-file {args.input_file}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise LetterpressError(f"--input-file {args.input_file} is not UTF-8 text") from None
+    if args.request_count == 0:
+        raise LetterpressError(f"--input-file {args.input_file} holds no requests")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from tqdm import tqdm
+
+    from ..server.batch import read_batch, run_batch
+    from ..server.launch import load_server
+
+    if not args.verbose:  # a line per request and response is the server's log, not a batch's (-v shows it)
+        logging.getLogger("letterpress.server").setLevel(logging.WARNING)
+    app, _ = load_server(args, api_key=None)
+    totals = {"ok": 0, "failed": 0, "completion_tokens": 0, "canvases": 0, "steps": 0}
+
+    def count(out: dict) -> None:
+        body = out["response"]["body"]
+        if body is None:
+            totals["failed"] += 1
+        else:
+            totals["ok"] += 1
+            usage = body.get("usage") or {}
+            totals["completion_tokens"] += usage.get("completion_tokens", 0)
+            extra = usage.get("letterpress") or {}
+            totals["canvases"] += extra.get("canvases", 0)
+            totals["steps"] += extra.get("denoising_steps", 0)
+        progress.update()
+
+    with contextlib.ExitStack() as stack:
+        if args.input_lines is not None:
+            lines = read_batch(args.input_lines)
+        else:
+            lines = read_batch(stack.enter_context(open(args.input_file, encoding="utf-8", newline="\n")))
+        sink = sys.stdout if args.output_file == "-" else stack.enter_context(
+            open(args.output_file, "w", encoding="utf-8"))
+
+        def write(out: dict) -> None:  # a line at a time: an interrupted batch keeps the answers written so far
+            sink.write(json.dumps(out, ensure_ascii=False) + "\n")
+            sink.flush()
+
+        progress = stack.enter_context(tqdm(total=args.request_count, unit="req", desc="Running batch",
+                                            file=sys.stderr, disable=None))
+        start = time.perf_counter()
+        asyncio.run(run_batch(app, lines, write, args.max_inflight, count))
+        seconds = time.perf_counter() - start
+    where = "standard output" if args.output_file == "-" else os.fspath(args.output_file)
+    print(f"[{totals['ok']} answered, {totals['failed']} failed -> {where}; {totals['completion_tokens']} "
+          f"completion tokens in {seconds:.1f} s ({totals['completion_tokens'] / max(seconds, 1e-9):.1f} tokens/s), "
+          f"{totals['canvases']} canvas(es), {totals['steps']} denoising steps, "
+          f"{totals['completion_tokens'] / max(totals['steps'], 1):.2f} tokens/forward]", file=sys.stderr)
+    return 0

@@ -1,0 +1,104 @@
+"""`letterpress run-batch`: a JSONL file of OpenAI Batch API requests (vllm run-batch's format) answered by the
+server's routes in-process; a real subprocess on the shipped tiny-tasks model, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from letterpress.embedded import ASSETS
+
+TASKS = ASSETS / "tiny_tasks"
+MARIA = "Convert to JSON: name=Maria, city=Lisbon, age=34"
+
+
+def line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def run_batch(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "letterpress.cli", "run-batch", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
+def test_a_batch_is_answered_line_by_line_in_input_order(tmp_path):
+    """Each request gets the answer the server gives it (seeded: exact), in input order and under its
+    custom_id; a request the server refuses gets its status and error object and harms none of the others."""
+    requests = [
+        line("maria", {"messages": [{"role": "user", "content": MARIA}], "seed": 0}),
+        line("wrong-model", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+        line("date", {"messages": [{"role": "user", "content": "Write 2024-03-05 as DD/MM/YYYY"}], "temperature": 0}),
+        line("stream", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        line("bad-max-tokens", {"prompt": "x", "max_tokens": 0}, url="/v1/completions"),
+        line("plain", {"prompt": MARIA, "seed": 0}, url="/v1/completions"),
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(requests[:3]) + "\n\n" + "\n".join(requests[3:]) + "\n")  # a blank line is skipped
+    run = run_batch("-i", str(src), "-o", str(out), "--model", str(TASKS), "--max-num-seqs", "2")
+    assert run.returncode == 0, run.stderr
+    assert "[3 answered, 3 failed" in run.stderr and "tokens/forward]" in run.stderr
+    outputs = [json.loads(text) for text in out.read_text().splitlines()]
+    assert [o["custom_id"] for o in outputs] == ["maria", "wrong-model", "date", "stream", "bad-max-tokens", "plain"]
+    by_id = {o["custom_id"]: o for o in outputs}
+    for name in ("maria", "date", "plain"):
+        assert by_id[name]["response"]["status_code"] == 200 and by_id[name]["error"] is None
+        assert by_id[name]["response"]["request_id"] == by_id[name]["response"]["body"]["id"]
+    assert by_id["maria"]["response"]["body"]["choices"][0]["message"]["content"] == \
+        '{"name": "Maria", "city": "Lisbon", "age": 34}'
+    assert by_id["date"]["response"]["body"]["choices"][0]["message"]["content"] == "05/03/2024"
+    assert by_id["plain"]["response"]["body"]["object"] == "text_completion"
+    assert by_id["plain"]["response"]["body"]["usage"]["letterpress"]["canvases"] == 1
+    for name, status, param in (("wrong-model", 404, "model"), ("stream", 400, "stream"),
+                                ("bad-max-tokens", 400, "max_tokens")):
+        assert by_id[name]["response"]["status_code"] == status and by_id[name]["response"]["body"] is None
+        assert by_id[name]["error"]["param"] == param and by_id[name]["error"]["message"]
+    assert len({o["id"] for o in outputs}) == len(outputs)
+
+
+@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
+def test_a_batch_reads_standard_input_and_writes_standard_output():
+    run = run_batch("-i", "-", "-o", "-", "--model", str(TASKS),
+                    stdin=line("a", {"messages": [{"role": "user", "content": MARIA}], "seed": 0}) + "\n")
+    assert run.returncode == 0, run.stderr
+    (output,) = [json.loads(text) for text in run.stdout.splitlines()]
+    assert output["custom_id"] == "a" and output["response"]["status_code"] == 200
+    assert "-> standard output" in run.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hello\n", "line 1: not JSON"),
+    ("[1, 2]\n", "line 1: expected a JSON object"),
+    ("\n" + json.dumps({"method": "POST", "url": "/v1/completions", "body": {}}) + "\n", "line 2: custom_id must be"),
+    (line("a", {}) + "\n" + line("a", {}) + "\n", "line 2: custom_id 'a' is used by an earlier line"),
+    (json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}) + "\n",
+     'line 1: method must be "POST"'),
+    (line("a", {}, url="/v1/embeddings") + "\n", "line 1: url must be one of /v1/chat/completions"),
+    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"}) + "\n",
+     "line 1: body must be a JSON object"),
+    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}, "extra": 1}) + "\n",
+     "line 1: unknown field(s) extra"),
+    ("\n\n", "holds no requests"),
+])
+def test_a_malformed_batch_file_is_refused_before_torch_loads(tmp_path, text, message):
+    """Every line's envelope is checked first: one line of error naming the line, exit 2, nothing loaded and
+    no output file written."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(text)
+    run = subprocess.run([sys.executable, "-c", "import sys\nfrom letterpress.cli import main\n"
+                          "print(main(sys.argv[1:]), 'torch' in sys.modules)", "run-batch", "-i", str(src),
+                          "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_the_output_may_not_replace_the_input(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(line("a", {}) + "\n")
+    run = run_batch("-i", str(src), "-o", str(src))
+    assert run.returncode == 2 and "are the same file" in run.stderr
+    assert src.read_text() == line("a", {}) + "\n"
