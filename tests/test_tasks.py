@@ -328,6 +328,18 @@ def test_the_times_stage_adds_a_share_of_products_and_leaves_other_streams_uncha
     assert "tiny-tasks-times" in R.RECIPES
 
 
+def test_the_units_stages_draw_units_twice_as_often_as_the_polish_stage():
+    import letterpress.train.recipes_tasks as R
+
+    assert "tiny-tasks-units" in R.RECIPES and "tiny-tasks-units-times" in R.RECIPES
+    n = 1000  # of the stream's pooled half (OPEN-valued tasks are never units)
+    units = sum(t.family == "units" for t in R.training_tasks(R.COPY_STREAM, n, R.UNITS_WEIGHTS))
+    polish = sum(t.family == "units" for t in R.training_tasks(R.COPY_STREAM, n, R.POLISH_WEIGHTS))
+    assert 1.6 < units / polish < 2.2  # 6 / 22.25 of the draws against 3 / 19.25
+    assert {f: w for f, w in R.UNITS_WEIGHTS.items() if f != "units"} == \
+        {f: w for f, w in R.POLISH_WEIGHTS.items() if f != "units"}
+
+
 def test_the_compute_probe_is_arith_direct_with_more_examples_a_step_and_every_answer_in_its_canvas():
     """Same family draws and model shape as arith-direct; only the canvas, the batch and the stream differ, and
     the shorter canvas still holds every answer with its end marker and the loss's EOS."""
