@@ -139,6 +139,9 @@ async def run_batch(app, lines: Iterable[BatchLine], write: Callable[[dict], Non
         nonlocal next_out
         try:
             out = await answer(app, line)
+        except Exception as e:  # the app answers its own errors; this is a bug, kept to its line
+            out = output_line(line, 500, {"error": {"message": f"internal error: {type(e).__name__}: {e}",
+                                                    "type": "server_error", "param": None, "code": None}})
         finally:
             slots.release()
         done(out)
@@ -148,8 +151,10 @@ async def run_batch(app, lines: Iterable[BatchLine], write: Callable[[dict], Non
             next_out += 1
 
     async with app.router.lifespan_context(app):
-        tasks = []
+        running: set[asyncio.Task] = set()  # only the lines in flight are held, however long the file
         for index, line in enumerate(lines):
             await slots.acquire()
-            tasks.append(asyncio.create_task(one(index, line)))
-        await asyncio.gather(*tasks)
+            task = asyncio.create_task(one(index, line))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
