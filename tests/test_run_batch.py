@@ -102,3 +102,48 @@ def test_the_output_may_not_replace_the_input(tmp_path):
     run = run_batch("-i", str(src), "-o", str(src))
     assert run.returncode == 2 and "are the same file" in run.stderr
     assert src.read_text() == line("a", {}) + "\n"
+
+
+class SlowFirstApp:
+    """An ASGI app that answers every request at once except the first, which takes 0.2 s: records how many
+    requests had started by the time the first one answered."""
+
+    def __init__(self):
+        import contextlib
+
+        self.started = 0
+        self.started_while_held: int | None = None
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+
+        self.router = type("Router", (), {"lifespan_context": staticmethod(lifespan)})()
+
+    async def __call__(self, scope, receive, send):
+        import asyncio
+
+        body = json.loads((await receive())["body"])
+        self.started += 1
+        if body["n"] == 0:
+            await asyncio.sleep(0.2)  # let the others run as far as the window allows
+            self.started_while_held = self.started
+        answer = json.dumps({"id": f"r{body['n']}"}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": answer})
+
+
+def test_a_slow_line_holds_back_only_a_bounded_window_of_answers():
+    """Answers behind a slow line wait in memory to keep the input order; the batch starts no line more than
+    max_ahead past the first unwritten one, so that memory is bounded, and every line is still written in order."""
+    import asyncio
+
+    from letterpress.server.batch import BatchLine
+    from letterpress.server.batch import run_batch as run_lines
+
+    app, written = SlowFirstApp(), []
+    lines = [BatchLine(n + 1, f"c{n}", "/v1/completions", {"n": n}) for n in range(100)]
+    asyncio.run(run_lines(app, lines, written.append, max_inflight=2, max_ahead=10))
+    assert app.started_while_held == 10  # the slow line and the 9 after it, no more
+    assert [w["custom_id"] for w in written] == [f"c{n}" for n in range(100)]
+    assert all(w["response"]["status_code"] == 200 for w in written)

@@ -127,13 +127,18 @@ async def answer(app, line: BatchLine) -> dict:
 
 
 async def run_batch(app, lines: Iterable[BatchLine], write: Callable[[dict], None], max_inflight: int,
-                    done: Callable[[dict], None] = lambda out: None) -> None:
+                    done: Callable[[dict], None] = lambda out: None, max_ahead: int | None = None) -> None:
     """Answer every line through `app` (its lifespan runs around the batch: the engine thread starts and
     stops), at most `max_inflight` at a time, and `write` the outputs in input order as they become ready;
-    `done` sees each output when it finishes (progress)."""
+    `done` sees each output when it finishes (progress).
+
+    A line starts only while it is fewer than `max_ahead` lines (default 16 x max_inflight, vLLM's bound) past
+    the first unwritten one, so the answers held back behind one slow line stay bounded, however long the file."""
+    max_ahead = max_ahead or 16 * max_inflight
     ready: dict[int, dict] = {}
     next_out = 0
     slots = asyncio.Semaphore(max_inflight)
+    written = asyncio.Condition()  # notified whenever next_out moves
 
     async def one(index: int, line: BatchLine) -> None:
         nonlocal next_out
@@ -146,13 +151,19 @@ async def run_batch(app, lines: Iterable[BatchLine], write: Callable[[dict], Non
             slots.release()
         done(out)
         ready[index] = out
-        while next_out in ready:  # keep the input order; a slow line holds back the ones after it
-            write(ready.pop(next_out))
-            next_out += 1
+        if next_out in ready:
+            while next_out in ready:  # keep the input order; a slow line holds back the ones after it
+                write(ready.pop(next_out))
+                next_out += 1
+            async with written:
+                written.notify_all()
 
     async with app.router.lifespan_context(app):
         running: set[asyncio.Task] = set()  # only the lines in flight are held, however long the file
         for index, line in enumerate(lines):
+            if index - next_out >= max_ahead:
+                async with written:
+                    await written.wait_for(lambda: index - next_out < max_ahead)
             await slots.acquire()
             task = asyncio.create_task(one(index, line))
             running.add(task)
