@@ -4,6 +4,7 @@ server's routes in-process; a real subprocess on the shipped tiny-tasks model, a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,36 @@ def test_a_batch_is_answered_line_by_line_in_input_order(tmp_path):
 
 
 @pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
+@pytest.mark.parametrize("input_file", ["-", "/dev/stdin"])
+def test_a_pipe_is_read_once_as_utf8_and_answers_are_written_as_utf8(input_file):
+    """A pipe (`-`, or a path such as /dev/stdin or a FIFO, which can be read only once) is read whole before
+    loading and every line answered; bytes are UTF-8 whatever the locale's encoding, a byte-order mark
+    (PowerShell's, Notepad's) is skipped, and a custom_id holding a lone surrogate is written escaped."""
+    body = {"messages": [{"role": "user", "content": MARIA}], "seed": 0}
+    text = "\ufeff" + line("日本", body) + "\r\n" + json.dumps({"custom_id": "x\ud800", "method": "POST",
+                                                              "url": "/v1/chat/completions", "body": body}) + "\n"
+    run = subprocess.run([sys.executable, "-m", "letterpress.cli", "run-batch", "-i", input_file, "-o", "-",
+                          "--model", str(TASKS)], input=text.encode("utf-8"), capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert run.returncode == 0, run.stderr.decode()
+    outputs = [json.loads(t) for t in run.stdout.decode("utf-8").splitlines()]
+    assert [o["custom_id"] for o in outputs] == ["日本", "x\ud800"]
+    assert all(o["response"]["status_code"] == 200 for o in outputs)
+
+
+@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
+def test_a_batch_whose_output_cannot_be_written_stops_with_one_line():
+    """A full disk (/dev/full) stops the batch at the first write: one line naming the output, exit 2, no
+    traceback and no hang with requests still queued behind it."""
+    body = {"messages": [{"role": "user", "content": MARIA}], "seed": 0}
+    text = "".join(line(f"c{i}", body) + "\n" for i in range(40))
+    run = run_batch("-i", "-", "-o", "/dev/full", "--model", str(TASKS), "--max-num-seqs", "1",
+                    "--max-inflight", "2", stdin=text)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "error: cannot write --output-file /dev/full: No space left on device" in run.stderr
+
+
+@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
 def test_a_batch_reads_standard_input_and_writes_standard_output():
     run = run_batch("-i", "-", "-o", "-", "--model", str(TASKS),
                     stdin=line("a", {"messages": [{"role": "user", "content": MARIA}], "seed": 0}) + "\n")
@@ -82,6 +113,8 @@ def test_a_batch_reads_standard_input_and_writes_standard_output():
     (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}, "extra": 1}) + "\n",
      "line 1: unknown field(s) extra"),
     ("\n\n", "holds no requests"),
+    ('{"custom_id": "a", "body": {"seed": ' + "9" * 5000 + "}}\n", "line 1: not JSON this reader accepts"),
+    ("[" * 100_000 + "\n", "line 1: nested too deeply to read"),
 ])
 def test_a_malformed_batch_file_is_refused_before_torch_loads(tmp_path, text, message):
     """Every line's envelope is checked first: one line of error naming the line, exit 2, nothing loaded and

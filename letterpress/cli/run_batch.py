@@ -43,13 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--t-min", type=float, default=None)
     g.add_argument("--t-max", type=float, default=None)
     # the server's HTTP-only settings, fixed for a batch: no time limit; --max-inflight bounds the requests queued
-    # (max_queue only has to hold their rows), and a body may be as large as the server allows
-    p.set_defaults(max_queue=1_000_000, request_timeout=0, max_request_bytes=None)
+    # (max_queue only has to hold their rows), and a line's body may be any size (vLLM sets no limit either)
+    p.set_defaults(max_queue=1_000_000, request_timeout=0, max_request_bytes=sys.maxsize)
 
 
 def check(args: argparse.Namespace) -> None:
     """Before torch loads: the flags, the output path, and every line's envelope (read_batch), so that a
     malformed file fails at once with its line number; stdin is read here and kept for `run`."""
+    import contextlib
     from pathlib import Path
 
     from ..engine.args import check_model_arguments, check_sampling_arguments
@@ -73,13 +74,17 @@ def check(args: argparse.Namespace) -> None:
                 and out.samefile(args.input_file):
             raise LetterpressError("--input-file and --output-file are the same file: the answers would "
                                    "overwrite the requests")
-    args.input_lines = None  # a file is read twice (checked here, run later); standard input once, kept
+    # A regular file is read twice (checked here, streamed later); standard input, a pipe or a FIFO can be read
+    # only once, so it is read whole here and kept. UTF-8 whatever the locale; a byte-order mark is skipped.
+    args.input_lines = None
     try:
-        if args.input_file == "-":
-            args.input_lines = sys.stdin.read().split("\n")
+        if args.input_file == "-" or not os.path.isfile(args.input_file):
+            stream = sys.stdin.buffer if args.input_file == "-" else open(args.input_file, "rb")
+            with contextlib.nullcontext(stream) if args.input_file == "-" else stream:
+                args.input_lines = stream.read().decode("utf-8-sig").split("\n")
             args.request_count = sum(1 for _ in read_batch(args.input_lines))
         else:
-            with open(args.input_file, encoding="utf-8", newline="\n") as f:
+            with open(args.input_file, encoding="utf-8-sig", newline="\n") as f:
                 args.request_count = sum(1 for _ in read_batch(f))
     except OSError as e:
         raise LetterpressError(f"cannot read --input-file {args.input_file}: {e.strerror or e}") from None
@@ -89,12 +94,22 @@ def check(args: argparse.Namespace) -> None:
         raise LetterpressError(f"--input-file {args.input_file} holds no requests")
 
 
+def output_bytes(out: dict) -> bytes:
+    """One output line in UTF-8; a string that is not valid Unicode (a lone surrogate, which JSON's \\u escapes
+    can carry in) is written escaped rather than failing the line."""
+    try:
+        return (json.dumps(out, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(out) + "\n").encode("ascii")
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
     from tqdm import tqdm
 
+    from ..errors import LetterpressError
     from ..server.batch import read_batch, run_batch
     from ..server.launch import load_server
 
@@ -120,18 +135,25 @@ def run(args: argparse.Namespace) -> int:
         if args.input_lines is not None:
             lines = read_batch(args.input_lines)
         else:
-            lines = read_batch(stack.enter_context(open(args.input_file, encoding="utf-8", newline="\n")))
-        sink = sys.stdout if args.output_file == "-" else stack.enter_context(
-            open(args.output_file, "w", encoding="utf-8"))
+            lines = read_batch(stack.enter_context(open(args.input_file, encoding="utf-8-sig", newline="\n")))
+        sink = sys.stdout.buffer if args.output_file == "-" else stack.enter_context(
+            open(args.output_file, "wb", buffering=0))  # unbuffered: a failed write leaves nothing to flush at close
 
         def write(out: dict) -> None:  # a line at a time: an interrupted batch keeps the answers written so far
-            sink.write(json.dumps(out, ensure_ascii=False) + "\n")
+            sink.write(output_bytes(out))
             sink.flush()
 
         progress = stack.enter_context(tqdm(total=args.request_count, unit="req", desc="Running batch",
                                             file=sys.stderr, disable=None))
         start = time.perf_counter()
-        asyncio.run(run_batch(app, lines, write, args.max_inflight, count))
+        try:
+            asyncio.run(run_batch(app, lines, write, args.max_inflight, count))
+        except OSError as e:  # the output could not be written (a full disk, a closed pipe)
+            if args.output_file == "-":  # stdout is gone; nothing more must go to it when Python exits
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise LetterpressError(f"cannot write --output-file {args.output_file}: {e.strerror or e}; "
+                                   f"{totals['ok'] + totals['failed']} answer(s) finished, the lines written "
+                                   "before this are kept") from None
         seconds = time.perf_counter() - start
     where = "standard output" if args.output_file == "-" else os.fspath(args.output_file)
     print(f"[{totals['ok']} answered, {totals['failed']} failed -> {where}; {totals['completion_tokens']} "

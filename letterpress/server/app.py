@@ -594,9 +594,11 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def lifespan(_):
         server.loop = asyncio.get_running_loop()
         server.engine.start()
-        yield
-        server.engine.stop()
-        server.prep.shutdown(wait=False, cancel_futures=True)
+        try:
+            yield
+        finally:  # also when the loop is cancelled (Ctrl-C in run-batch): the engine thread must not outlive it
+            server.engine.stop()
+            server.prep.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="letterpress", lifespan=lifespan)
     app.state.server = server

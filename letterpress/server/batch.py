@@ -52,6 +52,10 @@ def read_batch(lines: Iterable[str]) -> Iterator[BatchLine]:
             line = json.loads(text)
         except json.JSONDecodeError as e:
             raise LetterpressError(f"line {number}: not JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # Python's own limits: an integer of more than 4,300 digits
+            raise LetterpressError(f"line {number}: not JSON this reader accepts ({str(e).split(';')[0]})") from None
+        except RecursionError:
+            raise LetterpressError(f"line {number}: nested too deeply to read") from None
         if not isinstance(line, dict):
             raise LetterpressError(f"line {number}: expected a JSON object with custom_id, method, url and body")
         custom_id, method, url, body = (line.get(k) for k in ("custom_id", "method", "url", "body"))
@@ -132,16 +136,17 @@ async def run_batch(app, lines: Iterable[BatchLine], write: Callable[[dict], Non
     stops), at most `max_inflight` at a time, and `write` the outputs in input order as they become ready;
     `done` sees each output when it finishes (progress).
 
-    A line starts only while it is fewer than `max_ahead` lines (default 16 x max_inflight, vLLM's bound) past
-    the first unwritten one, so the answers held back behind one slow line stay bounded, however long the file."""
+    A line starts only while fewer than `max_ahead` started lines (default 16 x max_inflight, vLLM's bound) are
+    unwritten, so the answers held back behind one slow line stay bounded, however long the file. An error
+    from `write` (a full disk, a closed pipe) or from reading `lines` stops the batch and is raised: the
+    requests in flight are cancelled, and what was written stays written."""
     max_ahead = max_ahead or 16 * max_inflight
-    ready: dict[int, dict] = {}
-    next_out = 0
-    slots = asyncio.Semaphore(max_inflight)
-    written = asyncio.Condition()  # notified whenever next_out moves
+    slots = asyncio.Semaphore(max_inflight)  # requests in flight
+    window = asyncio.Semaphore(max_ahead)  # lines started and not yet written
+    order: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()  # started lines, in input order; None ends
+    running: set[asyncio.Task] = set()
 
-    async def one(index: int, line: BatchLine) -> None:
-        nonlocal next_out
+    async def one(line: BatchLine) -> dict:
         try:
             out = await answer(app, line)
         except Exception as e:  # the app answers its own errors; this is a bug, kept to its line
@@ -150,22 +155,29 @@ async def run_batch(app, lines: Iterable[BatchLine], write: Callable[[dict], Non
         finally:
             slots.release()
         done(out)
-        ready[index] = out
-        if next_out in ready:
-            while next_out in ready:  # keep the input order; a slow line holds back the ones after it
-                write(ready.pop(next_out))
-                next_out += 1
-            async with written:
-                written.notify_all()
+        return out
+
+    async def start_all() -> None:
+        try:
+            for line in lines:
+                await window.acquire()
+                await slots.acquire()
+                task = asyncio.create_task(one(line))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                order.put_nowait(task)
+        finally:
+            order.put_nowait(None)
 
     async with app.router.lifespan_context(app):
-        running: set[asyncio.Task] = set()  # only the lines in flight are held, however long the file
-        for index, line in enumerate(lines):
-            if index - next_out >= max_ahead:
-                async with written:
-                    await written.wait_for(lambda: index - next_out < max_ahead)
-            await slots.acquire()
-            task = asyncio.create_task(one(index, line))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        await asyncio.gather(*running)
+        starter = asyncio.create_task(start_all())
+        try:
+            while (task := await order.get()) is not None:
+                write(await task)  # in input order: a slow line holds back the ones after it
+                window.release()
+            await starter  # raises what reading the lines raised
+        finally:
+            starter.cancel()
+            for task in list(running):
+                task.cancel()
+            await asyncio.gather(starter, *running, return_exceptions=True)
