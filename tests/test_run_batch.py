@@ -180,3 +180,61 @@ def test_a_slow_line_holds_back_only_a_bounded_window_of_answers():
     assert app.started_while_held == 10  # the slow line and the 9 after it, no more
     assert [w["custom_id"] for w in written] == [f"c{n}" for n in range(100)]
     assert all(w["response"]["status_code"] == 200 for w in written)
+
+
+class ObjectStore:
+    """A loopback HTTP server standing in for a presigned object-store URL: GET serves `files`, PUT stores the
+    body in `files` (what vllm run-batch's http(s) input and output talk to)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import http.server
+        import threading
+
+        store = self.files = files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = store.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def do_PUT(self):
+                store[self.path] = self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
+def test_a_batch_reads_and_writes_http_urls(tmp_path):
+    """-i URL is downloaded and -o URL is uploaded with PUT when the batch ends, as vllm run-batch does with
+    presigned object-store URLs; the local copy in --output-tmp-dir is removed once uploaded."""
+    body = {"messages": [{"role": "user", "content": MARIA}], "seed": 0}
+    store = ObjectStore({"/in.jsonl": (line("a", body) + "\n" + line("b", body) + "\n").encode()})
+    try:
+        run = run_batch("-i", f"{store.url}/in.jsonl", "-o", f"{store.url}/out.jsonl", "--output-tmp-dir",
+                        str(tmp_path), "--model", str(TASKS))
+        assert run.returncode == 0, run.stderr
+        outputs = [json.loads(t) for t in store.files["/out.jsonl"].decode().splitlines()]
+        assert [o["custom_id"] for o in outputs] == ["a", "b"]
+        assert outputs[0]["response"]["body"]["choices"][0]["message"]["content"] \
+            == '{"name": "Maria", "city": "Lisbon", "age": 34}'
+        assert list(tmp_path.iterdir()) == []
+        missing = run_batch("-i", f"{store.url}/missing.jsonl", "-o", str(tmp_path / "out.jsonl"))
+        assert missing.returncode == 2 and "Traceback" not in missing.stderr
+        assert f"cannot read --input-file {store.url}/missing.jsonl: HTTP 404" in missing.stderr
+    finally:
+        store.close()

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 
 HELP = "answer a JSONL file of OpenAI Batch API requests (as vllm run-batch), no server needed"
@@ -18,10 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..engine.args import add_model_arguments
 
     p.add_argument("-i", "--input-file", required=True,
-                   help="JSONL, one {custom_id, method, url, body} request per line ('-': standard input)")
+                   help="JSONL, one {custom_id, method, url, body} request per line ('-': standard input; an "
+                        "http(s) URL is downloaded)")
     p.add_argument("-o", "--output-file", required=True,
                    help="JSONL, one {id, custom_id, response, error} line per request, in input order "
-                        "('-': standard output)")
+                        "('-': standard output; an http(s) URL is uploaded with PUT when the batch ends)")
+    p.add_argument("--output-tmp-dir", default=None, metavar="DIR",
+                   help="where the answers are written before an http(s) --output-file is uploaded with PUT "
+                        "(default: the system's temporary folder)")
     p.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the embedded model)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) a request's `model` may give (default: --model, or letterpress-default)")
@@ -64,21 +69,26 @@ def check(args: argparse.Namespace) -> None:
     args.max_inflight = args.max_inflight or 4 * args.max_num_seqs
     check_model_arguments(args.model, args)
     check_sampling_arguments(args)
-    if args.output_file != "-":
+    if args.output_tmp_dir is not None and not Path(args.output_tmp_dir).is_dir():
+        raise LetterpressError(f"--output-tmp-dir {args.output_tmp_dir} is not a folder")
+    if args.output_file != "-" and not is_url(args.output_file):
         out = Path(args.output_file)
         if out.is_dir():
             raise LetterpressError(f"--output-file {out} is a folder")
         if not out.resolve().parent.is_dir():
             raise LetterpressError(f"--output-file {out}: its folder {out.resolve().parent} does not exist")
-        if args.input_file != "-" and out.exists() and Path(args.input_file).exists() \
-                and out.samefile(args.input_file):
+        local_input = args.input_file != "-" and not is_url(args.input_file)
+        if local_input and out.exists() and Path(args.input_file).exists() and out.samefile(args.input_file):
             raise LetterpressError("--input-file and --output-file are the same file: the answers would "
                                    "overwrite the requests")
     # A regular file is read twice (checked here, streamed later); standard input, a pipe or a FIFO can be read
     # only once, so it is read whole here and kept. UTF-8 whatever the locale; a byte-order mark is skipped.
     args.input_lines = None
     try:
-        if args.input_file == "-" or not os.path.isfile(args.input_file):
+        if is_url(args.input_file):
+            args.input_lines = download(args.input_file).decode("utf-8-sig").split("\n")
+            args.request_count = sum(1 for _ in read_batch(args.input_lines))
+        elif args.input_file == "-" or not os.path.isfile(args.input_file):
             stream = sys.stdin.buffer if args.input_file == "-" else open(args.input_file, "rb")
             with contextlib.nullcontext(stream) if args.input_file == "-" else stream:
                 args.input_lines = stream.read().decode("utf-8-sig").split("\n")
@@ -92,6 +102,38 @@ def check(args: argparse.Namespace) -> None:
         raise LetterpressError(f"--input-file {args.input_file} is not UTF-8 text") from None
     if args.request_count == 0:
         raise LetterpressError(f"--input-file {args.input_file} holds no requests")
+
+
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def download(url: str) -> bytes:
+    """GET `url` (vLLM's run-batch reads an input URL the same way); a failure is one LetterpressError."""
+    import urllib.error
+    import urllib.request
+
+    from ..errors import LetterpressError
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        raise LetterpressError(f"cannot read --input-file {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise LetterpressError(f"cannot read --input-file {url}: {getattr(e, 'reason', e)}") from None
+
+
+def upload(path: str, url: str) -> None:
+    """PUT the file at `path` to `url` (a presigned object-store URL, as vLLM's run-batch uploads its output)."""
+    import urllib.request
+
+    with open(path, "rb") as f:
+        data = f.read()
+    request = urllib.request.Request(url, data=data, method="PUT",
+                                     headers={"Content-Type": "application/jsonl", "Content-Length": str(len(data))})
+    with urllib.request.urlopen(request, timeout=300):
+        pass
 
 
 def output_bytes(out: dict) -> bytes:
@@ -136,8 +178,12 @@ def run(args: argparse.Namespace) -> int:
             lines = read_batch(args.input_lines)
         else:
             lines = read_batch(stack.enter_context(open(args.input_file, encoding="utf-8-sig", newline="\n")))
-        sink = sys.stdout.buffer if args.output_file == "-" else stack.enter_context(
-            open(args.output_file, "wb", buffering=0))  # unbuffered: a failed write leaves nothing to flush at close
+        local = args.output_file  # an http(s) output is written here first and uploaded when the batch ends
+        if is_url(args.output_file):
+            fd, local = tempfile.mkstemp(prefix="letterpress-batch-", suffix=".jsonl", dir=args.output_tmp_dir)
+            os.close(fd)
+        sink = sys.stdout.buffer if local == "-" else stack.enter_context(
+            open(local, "wb", buffering=0))  # unbuffered: a failed write leaves nothing to flush at close
 
         def write(out: dict) -> None:  # a line at a time: an interrupted batch keeps the answers written so far
             sink.write(output_bytes(out))
@@ -149,12 +195,19 @@ def run(args: argparse.Namespace) -> int:
         try:
             asyncio.run(run_batch(app, lines, write, args.max_inflight, count))
         except OSError as e:  # the output could not be written (a full disk, a closed pipe)
-            if args.output_file == "-":  # stdout is gone; nothing more must go to it when Python exits
+            if local == "-":  # stdout is gone; nothing more must go to it when Python exits
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise LetterpressError(f"cannot write --output-file {args.output_file}: {e.strerror or e}; "
+            raise LetterpressError(f"cannot write --output-file {local}: {e.strerror or e}; "
                                    f"{totals['ok'] + totals['failed']} answer(s) finished, the lines written "
                                    "before this are kept") from None
         seconds = time.perf_counter() - start
+    if local != args.output_file:
+        try:
+            upload(local, args.output_file)
+        except Exception as e:  # urllib's HTTPError, URLError, timeouts: the answers stay on disk
+            raise LetterpressError(f"cannot upload the answers to --output-file {args.output_file} "
+                                   f"({getattr(e, 'reason', None) or e}); they are kept in {local}") from None
+        os.remove(local)
     where = "standard output" if args.output_file == "-" else os.fspath(args.output_file)
     print(f"[{totals['ok']} answered, {totals['failed']} failed -> {where}; {totals['completion_tokens']} "
           f"completion tokens in {seconds:.1f} s ({totals['completion_tokens'] / max(seconds, 1e-9):.1f} tokens/s), "
