@@ -455,6 +455,47 @@ def test_cli_edit_in_place_and_errors(tmp_path, capsys):
     assert source.read_text().endswith("(a, b):\n    # fill\n    return total\n")
 
 
+def test_in_place_keeps_crlf_and_mode_and_a_failed_write_leaves_the_file_whole(tmp_path, monkeypatch):
+    """--in-place writes a temporary file beside the source and renames it: CRLF line endings and the file's mode
+    survive, and a write that fails (a full disk, a size limit) leaves the old file as it was, not truncated."""
+    import io
+    import os
+
+    from letterpress.cli.infill import write_in_place
+    from letterpress.errors import RequestError
+
+    source = tmp_path / "f.py"
+    source.write_bytes(b"def f(x):\r\n    ...\r\n    return x\r\n")
+    os.chmod(source, 0o640)
+    write_in_place(str(source), "def f(x):\n    y = x\n    return y\n")
+    assert source.read_bytes() == b"def f(x):\r\n    y = x\r\n    return y\r\n"
+    assert source.stat().st_mode & 0o777 == 0o640
+
+    class FullDisk:  # the real file, whose write stops after 10 characters, as on a full disk
+        def __init__(self, *args, **kw):
+            self.file = io.open(*args, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:10])
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("letterpress.cli.infill.open",
+                        lambda file, mode="r", **kw: io.open(file, mode, **kw) if "r" in mode
+                        else FullDisk(file, mode, **kw), raising=False)
+    with pytest.raises(RequestError, match="cannot write .*No space left on device; the file is unchanged"):
+        write_in_place(str(source), "x" * 1000)
+    monkeypatch.undo()
+    assert source.read_bytes() == b"def f(x):\r\n    y = x\r\n    return y\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.py"]  # no temporary file left behind
+
+
 def test_a_failed_candidate_row_is_never_chosen(llm, monkeypatch):
     """A candidate row that failed in the engine (no finished canvas) drops out of the search; when every
     candidate failed, the engine's error is raised rather than an IndexError."""

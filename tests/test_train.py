@@ -468,11 +468,16 @@ def test_cli_errors_are_one_line(tmp_path, base_dir, capsys):
     assert "unknown recipe 'nope'" in capsys.readouterr().err
     # counts no run can use: one line before anything is built or written, for recipes with their own loop too
     for recipe, flag, value in (("tiny-vlm-tower", "--steps", "-1"), ("tiny-vlm", "--batch-size", "0"),
-                                ("tiny-tasks", "--lr", "-1")):
+                                ("tiny-tasks", "--lr", "-1"), ("tiny-tasks", "--lr", "nan"),
+                                ("tiny-tasks", "--weight-decay", "inf")):
         out = tmp_path / f"o-{recipe}"
         assert cli_main(["train", "--recipe", recipe, flag, value, "--output", str(out)]) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {flag} {value}")
         assert not out.exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert cli_main(["train", "--recipe", "tiny-tasks", "--output", str(a_file)]) == 2
+    assert "is a file: the run needs a folder" in capsys.readouterr().err and a_file.read_text() == "mine"
 
 
 def test_recipes_from_scratch(tmp_path, tokenizer_dir):

@@ -112,8 +112,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def configure_streams() -> None:
+    """No verb dies on an encoding: a pipe or file on standard input or output is UTF-8 whatever the locale (a
+    byte-order mark on input skipped, as PowerShell and Notepad write one), and a character the terminal's
+    encoding cannot show is replaced, not a UnicodeEncodeError after the model has done its work."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if not hasattr(stream, "reconfigure"):  # replaced by a test harness or an embedding program
+            continue
+        try:
+            if stream is sys.stdin and not stream.isatty():
+                stream.reconfigure(encoding="utf-8-sig", errors="replace")
+            elif stream is sys.stdout and not stream.isatty():
+                stream.reconfigure(encoding="utf-8", errors="replace")
+            else:
+                stream.reconfigure(errors="replace")
+        except (OSError, ValueError):  # a closed or detached stream
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_streams()
     try:
         configure_logging(args.verbose, args.quiet)
         if args.check is not None:  # a bad value is refused at once, not after seconds of loading torch
@@ -130,3 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush has nowhere to fail
+        return 1

@@ -16,7 +16,8 @@ HELP = "rewrite character spans of a file, keeping the rest"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_file_arguments(p)
     p.add_argument("--span", action="append", required=True, metavar="START:END",
-                   help="character range to rewrite (0-based, END exclusive); repeat for several")
+                   help="character range to rewrite (0-based, END exclusive; a CRLF line ending counts as one "
+                        "character); repeat for several")
     p.add_argument("--instruction", default=None, help="put before the text in the context, e.g. '# use a loop'")
     p.add_argument("--slack-tokens", type=int, default=0, help="extra free tokens after each span (default 0)")
 

@@ -40,15 +40,43 @@ def load(args: argparse.Namespace):
 
 
 def read(path: str) -> str:
+    """The file's text with its line endings read as "\n" (what the model and --line / --span see); `emit`
+    writes CRLF back to a file that had it."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RequestError(f"cannot read {path}: {e}") from e
 
 
+def line_ending(path: str) -> str:
+    with open(path, "rb") as f:
+        return "\r\n" if b"\r\n" in f.read() else "\n"
+
+
+def write_in_place(path: str, text: str) -> None:
+    """Replace the file in one step: the text goes to a temporary file beside it (same mode, same line endings),
+    then takes its name, so a full disk or a Ctrl-C leaves the old file whole instead of a truncated one."""
+    import os
+    import tempfile
+
+    target = Path(path).resolve()
+    newline = line_ending(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with open(fd, "w", encoding="utf-8", newline=newline) as f:
+            f.write(text)
+        os.chmod(tmp, target.stat().st_mode & 0o7777)
+        os.replace(tmp, target)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RequestError(f"cannot write {path}: {e.strerror or e}; the file is unchanged") from None
+        raise
+
+
 def emit(args: argparse.Namespace, text: str, stats: str) -> int:
     if args.in_place:
-        Path(args.file).write_text(text, encoding="utf-8")
+        write_in_place(args.file, text)
     else:
         sys.stdout.write(text)
     print(stats, file=sys.stderr)

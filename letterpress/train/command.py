@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -139,6 +140,12 @@ def _check_counts(cfg) -> None:
         if value is not None and value < low:
             flag = "--" + name.replace("_", "-")
             raise TrainError(f"{flag} {value}: must be at least {low}")
+    for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "tower_lr"):
+        value = getattr(cfg, name, None)
+        if value is not None and not math.isfinite(value):  # nan stops AdamW with a traceback; inf trains to nan
+            raise TrainError(f"--{name.replace('_', '-')} {value}: must be a finite number")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise TrainError(f"--output {cfg.output_dir} is a file: the run needs a folder to write into")
 
 
 def _check_tower_lr(cfg, recipe: str | None) -> None:
