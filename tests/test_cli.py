@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -47,6 +48,8 @@ def test_chat_is_multi_turn_over_stdin():
     (("generate", "/no/such/folder", "x"), "no such checkpoint folder"),
     (("generate", "x", "--max-new-tokens", "0"), "max_new_tokens must be a positive integer"),
     (("generate", "x", "--dtype", "int3"), "unknown dtype"),
+    (("generate", "x", "--kv-cache-memory", "10TiB"), "the KV cache (10240.0 GiB) does not fit in this device's memory"),
+    (("generate", "x", "--block-size", "100000000"), "block_size must be a positive integer no larger than max_model_len"),
 ])
 def test_errors_are_one_line(args, message):
     run = letterpress(*args)
@@ -121,6 +124,11 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port):
     (("merge-lora", ".", "adapter", "out", "--dtype", "int3"), "unknown dtype 'int3'"),
     (("sudoku", "12345"), "a Sudoku needs 81 cells"),
     (("sudoku", "0" * 81, "--max-forwards", "0"), "--max-forwards must be a positive integer"),
+    (("sudoku", "0" * 81, "--delay", "nan"), "--delay must be between 0 and 60 seconds"),
+    (("sudoku", "0" * 81, "--rule-mask", "--entropy-bound", "-1"), "--entropy-bound must lie in (0, inf]"),
+    (("generate", "x", "--profile", "p", "--profile-steps", "-1"), "--profile-steps must be a positive integer"),
+    (("generate", "x", "--compile", "--compile-mode", "bogus"), "--compile-mode 'bogus': torch.compile takes one of"),
+    (("generate", "x", "--block-size", "0"), "--block-size must be a positive integer"),
 ])
 def test_bad_values_are_refused_before_torch_loads(args, message):
     """A verb's `check` runs before torch and the model load: a typo costs a fraction of a second, not the
@@ -195,8 +203,9 @@ def test_threads_flag_and_debug_log():
                       "--threads", "1", "-v")
     assert run.returncode == 0, run.stderr
     assert " DEBUG letterpress.cli: 1 torch thread(s)" in run.stderr
-    run = letterpress("generate", "x", "--threads", "0")
-    assert run.returncode == 2 and "--threads must be at least 1" in run.stderr
+    for threads in ("0", "100000"):  # 100,000 made torch's pool segfault
+        run = letterpress("generate", "x", "--threads", threads)
+        assert run.returncode == 2 and f"--threads must lie in [1, 1024], got {threads}" in run.stderr
 
 
 def test_training_resume_is_logged_by_default_and_quiet_hides_it(tmp_path):
@@ -253,6 +262,38 @@ def test_chat_from_a_pipe_is_a_transcript():
     out = run.stdout
     first, second = out.index("you> hello there\nmodel> "), out.index("\n\nyou> second question\nmodel> ")
     assert first == 0 and second > first and out.endswith("\n\n")
+
+
+def test_chat_from_a_pipe_says_when_the_history_is_too_long_and_exits_1():
+    """A piped transcript whose conversation outgrows the context: the refused turns say that the earlier turns
+    count and /reset starts over, the next turns still run, and the exit code is 1, not 0."""
+    long = "Convert to JSON: name=Maria, city=Lisbon, age=34 " * 8
+    run = letterpress("chat", "--max-denoising-steps", "2", "--seed", "0", "--max-model-len", "300",
+                      stdin=f"{long}\n{long}\n/reset\n{long}\n")
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/reset starts a new conversation" in errors[0]
+    assert run.stdout.count("model> ") == 3 and "Traceback" not in run.stderr
+
+
+def test_a_closed_pipe_and_a_foreign_encoding_end_no_verb_with_a_traceback():
+    """`letterpress chat < questions | head -n 2` ends quietly (exit 1) when head stops reading; with a cp1252
+    locale, piped UTF-8 input (with a byte-order mark) is read as UTF-8 and the answers are written as UTF-8."""
+    questions = "".join(f"Convert to JSON: name=Maria, city=Lisbon, age={i}\n" for i in range(200))
+    chat = subprocess.Popen([sys.executable, "-m", "letterpress.cli", "chat", "--seed", "0", "--threads", "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chat.stdin.write(questions.encode())
+    chat.stdin.close()
+    chat.stdout.readline()
+    chat.stdout.close()  # the reader goes away while replies are still being written
+    assert chat.wait(timeout=300) == 1
+    stderr = chat.stderr.read().decode()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    run = subprocess.run([sys.executable, "-m", "letterpress.cli", "chat", "--seed", "0", "--max-denoising-steps", "2"],
+                         input="\ufeffConvert to JSON: name=Ёлка, city=Lisbon, age=34\n".encode(), capture_output=True,
+                         timeout=300, env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert run.returncode == 0 and "Traceback" not in run.stderr.decode(), run.stderr.decode()
+    assert run.stdout.decode("utf-8").startswith("you> Convert to JSON: name=Ёлка,")  # no BOM, no mojibake
 
 
 def test_chat_prints_each_canvas_as_it_is_committed(tmp_path, monkeypatch, capsys):

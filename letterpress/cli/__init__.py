@@ -61,6 +61,9 @@ def configure_logging(verbose: int, quiet: int) -> int:
     return level
 
 
+MAX_THREADS = 1024  # torch's pool cannot start 100,000 threads (a segfault), and no machine here has the cores
+
+
 def default_threads() -> int:
     """Threads for a machine others may be using: $OMP_NUM_THREADS when set, else the usable cores minus the
     1-minute load average (rounded), at least 1. torch's own default, one thread per physical core, made a
@@ -84,8 +87,8 @@ def set_threads(threads: int | None) -> int:
 
 
 def check_common_arguments(args: argparse.Namespace) -> None:
-    if args.threads is not None and args.threads < 1:
-        args.parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        args.parser.error(f"--threads must lie in [1, {MAX_THREADS}], got {args.threads}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         enable_line_editing()
         print(f"letterpress chat with {llm.model_name}: /reset clears the conversation, /exit or Ctrl-D quits")
+    failed = 0  # replies refused or failed: a piped transcript with any ends with exit 1, not 0
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             if interactive:
                 print()
-            return 0
+            return 1 if failed and not interactive else 0
         text = line.strip()
         if not text:
             continue
@@ -75,11 +76,16 @@ def run(args: argparse.Namespace) -> int:
         print("model> ", end="", flush=True)
         start = time.perf_counter()
         try:
-            out = llm.chat(history, params, listener=CanvasPrinter(llm.tokenizer))[0]
+            printer = CanvasPrinter(llm.tokenizer)
+            out = llm.chat(history, params, listener=printer)[0]
+            printer.check_open()
         except LetterpressError as e:
             history.pop()
+            failed += 1
             print(flush=True)
-            print(f"error: {e}", file=sys.stderr)
+            earlier = any(m["role"] == "assistant" for m in history)
+            hint = " (the earlier turns are part of the prompt: /reset starts a new conversation)" if earlier else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": out.text})
         print("\n" if interactive else "\n\n", end="", flush=True)

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = llm.generate(media_prompt(prompt, args), params, listener=printer)[0]
     seconds = time.perf_counter() - start
+    printer.check_open()
     print()
     print(stats_line(out, seconds), file=sys.stderr)
     return 0

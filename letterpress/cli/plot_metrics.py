@@ -19,8 +19,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..plots import plot_metrics_file
 
+    from ..errors import LetterpressError
+
     metrics = Path(args.metrics)
     if metrics.is_dir():
         metrics = metrics / "metrics.jsonl"
+    if args.output is not None and Path(args.output).is_dir():
+        raise LetterpressError(f"-o {args.output} is a folder: give the PNG's file name, e.g. "
+                               f"{Path(args.output) / 'loss.png'}")
     print(plot_metrics_file(metrics, args.output, args.title))
     return 0

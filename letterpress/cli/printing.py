@@ -16,9 +16,10 @@ class CanvasPrinter:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        self.closed = False  # stdout's reader went away (`| head`): the command stops after this reply
 
     def __call__(self, event) -> None:
-        if not event.final:
+        if not event.final or self.closed:
             return
         self.ids.extend(event.token_ids)
         if self.tokenizer is None:
@@ -27,5 +28,13 @@ class CanvasPrinter:
             text = self.tokenizer.decode(self.ids)
             if text.endswith("\ufffd"):
                 return  # wait for the rest of the character
-        print(text[len(self.printed):], end="", flush=True)
+        try:
+            print(text[len(self.printed):], end="", flush=True)
+        except BrokenPipeError:  # raised here it would fail the request in the engine, logged as an engine error
+            self.closed = True
         self.printed = text
+
+    def check_open(self) -> None:
+        """Raise BrokenPipeError, which the CLI ends on quietly, if printing found stdout closed."""
+        if self.closed:
+            raise BrokenPipeError("standard output was closed")

@@ -75,6 +75,10 @@ def check(args: argparse.Namespace) -> None:
         raise RequestError(str(e)) from None
     if args.max_forwards < 1:
         raise RequestError(f"--max-forwards must be a positive integer, got {args.max_forwards}")
+    if not 0 <= args.delay <= 60:  # also nan
+        raise RequestError(f"--delay must be between 0 and 60 seconds, got {args.delay}")
+    if args.entropy_bound is not None and not 0 < args.entropy_bound <= float("inf"):
+        raise RequestError(f"--entropy-bound must lie in (0, inf], got {args.entropy_bound}")
 
 
 def run(args: argparse.Namespace) -> int:

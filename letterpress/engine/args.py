@@ -119,14 +119,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: bool = Tr
 SAMPLING_FLAGS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "seed")
 
 
+# torch.compile's modes (torch._inductor.list_mode_options), named here so the check needs no torch
+COMPILE_MODES = ("default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def check_model_arguments(model: str | None, args: argparse.Namespace) -> None:
     """What can be checked of `add_model_arguments`' flags and of MODEL (None: the embedded default) without
     torch: a command runs this before loading either, so a typo is refused at once (exit 2, one line)."""
+    from ..errors import ConfigError
     from ..model_ref import check_dtype_name, is_local_folder
 
     check_dtype_name(args.dtype)
     if model is not None:
         is_local_folder(model)
+    if getattr(args, "profile_steps", 1) < 1:
+        raise ConfigError(f"--profile-steps must be a positive integer, got {args.profile_steps}")
+    if getattr(args, "block_size", 1) < 1:
+        raise ConfigError(f"--block-size must be a positive integer, got {args.block_size}")
+    mode = getattr(args, "compile_mode", None)
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile-mode {mode!r}: torch.compile takes one of {', '.join(COMPILE_MODES)}")
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:

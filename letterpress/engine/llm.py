@@ -111,14 +111,22 @@ class LLM:
             raise RequestError(f"max_model_len {max_model_len} cannot hold one canvas ({self.model.config.canvas_length} "
                                f"tokens) and a prompt: use at least {self.model.config.canvas_length + 1}")
         self.max_model_len = max_model_len
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        if not isinstance(block_size, int) or not 1 <= block_size <= max_model_len:
+            raise ConfigError(f"block_size must be a positive integer no larger than max_model_len ({max_model_len}), "
+                              f"got {block_size!r}")
         budget = kv_cache_budget(self.model.device, kv_cache_memory, gpu_memory_utilization)
         self._init_media(dtype, device, limit_mm_per_prompt, mm_processor_kwargs)
-        self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id,
-                             impl=impl, block_size=block_size, kv_cache_bytes=budget,
-                             enable_prefix_caching=enable_prefix_caching and self.model.text_config.encoder_is_causal,
-                             vision=self.vision)
+        try:
+            self.runner = Runner(self.model, max_num_seqs, max_model_len, prefill_chunk, self.defaults.pad_token_id,
+                                 impl=impl, block_size=block_size, kv_cache_bytes=budget,
+                                 enable_prefix_caching=enable_prefix_caching and self.model.text_config.encoder_is_causal,
+                                 vision=self.vision)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or the CPU allocator's refusal
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(e):
+                raise
+            size = f"{budget / 2**30:.1f} GiB" if budget else f"{max_num_seqs} rows of {max_model_len} tokens"
+            raise ConfigError(f"the KV cache ({size}) does not fit in this device's memory: lower --kv-cache-memory, "
+                              "--max-num-seqs or --max-model-len") from None
         self.scheduler = Scheduler(self.runner, max_num_seqs, max_model_len)
 
     def close(self) -> None:
