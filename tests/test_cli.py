@@ -129,6 +129,7 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port):
     (("generate", "x", "--profile", "p", "--profile-steps", "-1"), "--profile-steps must be a positive integer"),
     (("generate", "x", "--compile", "--compile-mode", "bogus"), "--compile-mode 'bogus': torch.compile takes one of"),
     (("generate", "x", "--block-size", "0"), "--block-size must be a positive integer"),
+    (("serve", "--host", "192.0.2.1", "--port", "8123"), "(this machine has no such address: check --host)"),
 ])
 def test_bad_values_are_refused_before_torch_loads(args, message):
     """A verb's `check` runs before torch and the model load: a typo costs a fraction of a second, not the

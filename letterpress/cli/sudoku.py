@@ -68,6 +68,8 @@ def check(args: argparse.Namespace) -> None:
     --max-forwards."""
     from ..apps.sudoku import parse_grid
 
+    if args.puzzle is None and sys.stdin.isatty():  # else it would wait with no word of what for
+        print("paste the puzzle (81 cells, 0 or . for blanks), then Ctrl-D:", file=sys.stderr)
     text = args.puzzle if args.puzzle is not None else sys.stdin.read()
     try:
         args.grid = parse_grid(text)

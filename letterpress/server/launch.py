@@ -120,8 +120,13 @@ def check_port(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as e:
-            raise LetterpressError(f"cannot listen on {host}:{port}: {e.strerror or e} "
-                                   "(another server on that port? choose another --port)") from None
+            import errno
+
+            why = {errno.EADDRINUSE: "another server on that port? choose another --port",
+                   errno.EACCES: "ports below 1024 need root: choose a port of 1024 or above",
+                   errno.EADDRNOTAVAIL: "this machine has no such address: check --host"}
+            hint = why.get(e.errno, "check --host and --port")
+            raise LetterpressError(f"cannot listen on {host}:{port}: {e.strerror or e} ({hint})") from None
 
 
 def load_server(args: argparse.Namespace, api_key: str | None, **config: object):
