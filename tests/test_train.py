@@ -235,6 +235,10 @@ def test_data_lines_and_chat_messages(tmp_path, tokenizer_dir):
     wrapped = read_jsonl(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "1 + 2", "completion": "3"}]), tok,
                          DataFormat(chat_template=True))
     assert wrapped[0].prompt == tok.encode(tok.apply_chat_template(messages[1:2], add_generation_prompt=True))
+    # a byte-order mark (PowerShell's, Notepad's) before the first line is skipped, not an error
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [(e.prompt, e.target) for e in read_jsonl(bom, tok)] == [(e.prompt, e.target) for e in data]
 
 
 @pytest.mark.parametrize("line, message", [

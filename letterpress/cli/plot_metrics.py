@@ -17,9 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..plots import plot_metrics_file
-
     from ..errors import LetterpressError
+    from ..plots import plot_metrics_file
 
     metrics = Path(args.metrics)
     if metrics.is_dir():

@@ -186,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
             open(local, "wb", buffering=0))  # unbuffered: a failed write leaves nothing to flush at close
 
         def write(out: dict) -> None:  # a line at a time: an interrupted batch keeps the answers written so far
-            sink.write(output_bytes(out))
+            data = memoryview(output_bytes(out))
+            while data:  # an unbuffered file may take part of it (a disk filling up)
+                data = data[sink.write(data):]
             sink.flush()
 
         progress = stack.enter_context(tqdm(total=args.request_count, unit="req", desc="Running batch",

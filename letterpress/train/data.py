@@ -83,7 +83,7 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer, fmt: DataFormat = DataFor
         with open(path, "rb") as f:  # bytes, so that a bad encoding is reported with its line number
             for number, raw in enumerate(f, start=1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is skipped
                     if not line.strip():
                         continue
                     example = parse_line(line, tokenizer, fmt)
