@@ -202,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
             raise LetterpressError(f"cannot write --output-file {local}: {e.strerror or e}; "
                                    f"{totals['ok'] + totals['failed']} answer(s) finished, the lines written "
                                    "before this are kept") from None
+        except KeyboardInterrupt:
+            if local != args.output_file:  # nothing was uploaded: say where the answers so far are
+                print(f"the answers finished before the interrupt are in {local} (not uploaded)", file=sys.stderr)
+            raise
         seconds = time.perf_counter() - start
     if local != args.output_file:
         try:
