@@ -297,6 +297,47 @@ def test_a_closed_pipe_and_a_foreign_encoding_end_no_verb_with_a_traceback():
     assert run.stdout.decode("utf-8").startswith("you> Convert to JSON: name=Ёлка,")  # no BOM, no mojibake
 
 
+def test_ctrl_c_on_a_terminal_stops_the_reply_and_chat_goes_on():
+    """In a real pseudo-terminal: Ctrl-C during a reply (one made endless by the sampler flags) stops that reply
+    through the engine's abort and gives the prompt back; Ctrl-C at the prompt ends chat with exit 130."""
+    import pty
+    import select
+    import signal
+    import time
+
+    master, slave = pty.openpty()
+    chat = subprocess.Popen([sys.executable, "-m", "letterpress.cli", "chat", "--threads", "1", "--seed", "0",
+                             "--max-denoising-steps", "100000", "--entropy-bound", "1e-9", "--t-min", "5", "--t-max",
+                             "10"], stdin=slave, stdout=slave, stderr=subprocess.PIPE, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(token: bytes) -> bytes:
+        nonlocal seen
+        deadline = time.time() + 120
+        while token not in seen:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.time()))
+            assert ready, f"no {token!r} after {seen[-300:]!r}"
+            seen += os.read(master, 4096)
+        upto = seen.index(token) + len(token)
+        text, seen = seen[:upto], seen[upto:]
+        return text
+
+    try:
+        read_until(b"you> ")
+        os.write(master, b"hello\n")
+        read_until(b"model> ")
+        time.sleep(1.0)  # the reply is running (it never converges with these flags)
+        chat.send_signal(signal.SIGINT)
+        assert b"[reply stopped: not kept in the conversation]" in read_until(b"you> ")
+        chat.send_signal(signal.SIGINT)  # at the prompt: ends chat
+        assert chat.wait(timeout=60) == 130
+        assert "Traceback" not in chat.stderr.read().decode()
+    finally:
+        chat.kill()
+        os.close(master)
+
+
 def test_chat_prints_each_canvas_as_it_is_committed(tmp_path, monkeypatch, capsys):
     """A random tiny model with 8-token canvases writes several canvases: each one's text is on stdout before
     the next canvas is denoised. (Its random bytes rarely decode to whole characters, which the printer holds

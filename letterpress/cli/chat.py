@@ -2,12 +2,15 @@
 
 On a terminal, input has readline's line editing and history; from a pipe, each line is one user turn and the
 output is a transcript ("you> ..." then "model> ...", a blank line after each reply). Either way each canvas of
-a reply is printed as soon as it is committed, and a stats line per reply goes to stderr.
+a reply is printed as soon as it is committed, and a stats line per reply goes to stderr. On a terminal, Ctrl-C
+during a reply stops only that reply; at the prompt it ends chat.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
 
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             printer = CanvasPrinter(llm.tokenizer)
-            out = llm.chat(history, params, listener=printer)[0]
+            with stop_reply_on_interrupt(llm, interactive):
+                out = llm.chat(history, params, listener=printer)[0]
             printer.check_open()
         except LetterpressError as e:
             history.pop()
@@ -87,9 +91,37 @@ def run(args: argparse.Namespace) -> int:
             hint = " (the earlier turns are part of the prompt: /reset starts a new conversation)" if earlier else ""
             print(f"error: {e}{hint}", file=sys.stderr)
             continue
+        if out.finish_reason == "abort":  # Ctrl-C: the reply stops, the conversation goes on without it
+            history.pop()
+            print("\n[reply stopped: not kept in the conversation]", flush=True)
+            continue
         history.append({"role": "assistant", "content": out.text})
         print("\n" if interactive else "\n\n", end="", flush=True)
         print(stats_line(out, time.perf_counter() - start), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stop_reply_on_interrupt(llm, interactive: bool):
+    """On a terminal, the first Ctrl-C during a reply stops that reply (the engine aborts it at the next step,
+    as the server does for a client that disconnects) and the chat goes on; a second Ctrl-C ends chat. From a
+    pipe, Ctrl-C ends chat at once, as before."""
+    if not interactive:
+        yield
+        return
+    pressed = False
+
+    def on_interrupt(signum, frame):
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+        llm.scheduler.abort_all()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def enable_line_editing() -> None:
