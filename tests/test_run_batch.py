@@ -25,7 +25,6 @@ def run_batch(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
 def test_a_batch_is_answered_line_by_line_in_input_order(tmp_path):
     """Each request gets the answer the server gives it (seeded: exact), in input order and under its
     custom_id; a request the server refuses gets its status and error object and harms none of the others."""
@@ -60,7 +59,6 @@ def test_a_batch_is_answered_line_by_line_in_input_order(tmp_path):
     assert len({o["id"] for o in outputs}) == len(outputs)
 
 
-@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
 @pytest.mark.parametrize("input_file", ["-", "/dev/stdin"])
 def test_a_pipe_is_read_once_as_utf8_and_answers_are_written_as_utf8(input_file):
     """A pipe (`-`, or a path such as /dev/stdin or a FIFO, which can be read only once) is read whole before
@@ -78,7 +76,6 @@ def test_a_pipe_is_read_once_as_utf8_and_answers_are_written_as_utf8(input_file)
     assert all(o["response"]["status_code"] == 200 for o in outputs)
 
 
-@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
 def test_a_batch_whose_output_cannot_be_written_stops_with_one_line():
     """A full disk (/dev/full) stops the batch at the first write: one line naming the output, exit 2, no
     traceback and no hang with requests still queued behind it."""
@@ -90,7 +87,6 @@ def test_a_batch_whose_output_cannot_be_written_stops_with_one_line():
     assert "error: cannot write --output-file /dev/full: No space left on device" in run.stderr
 
 
-@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
 def test_a_batch_reads_standard_input_and_writes_standard_output():
     run = run_batch("-i", "-", "-o", "-", "--model", str(TASKS),
                     stdin=line("a", {"messages": [{"role": "user", "content": MARIA}], "seed": 0}) + "\n")
@@ -218,7 +214,6 @@ class ObjectStore:
         self.server.server_close()
 
 
-@pytest.mark.skipif(not (TASKS / "config.json").exists(), reason="tiny-tasks is not shipped")
 def test_a_batch_reads_and_writes_http_urls(tmp_path):
     """-i URL is downloaded and -o URL is uploaded with PUT when the batch ends, as vllm run-batch does with
     presigned object-store URLs; the local copy in --output-tmp-dir is removed once uploaded."""

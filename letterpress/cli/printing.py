@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 def stats_line(out, seconds: float) -> str:
     steps = "+".join(str(s) for s in out.steps_per_canvas)
@@ -38,3 +41,9 @@ class CanvasPrinter:
         """Raise BrokenPipeError, which the CLI ends on quietly, if printing found stdout closed."""
         if self.closed:
             raise BrokenPipeError("standard output was closed")
+
+
+def silence_stdout() -> None:
+    """Standard output's reader went away: point the descriptor at /dev/null, so that nothing more (the exit's
+    own flush included) fails on it."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -55,7 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace) -> None:
     """Before torch loads: the flags, the output path, and every line's envelope (read_batch), so that a
     malformed file fails at once with its line number; stdin is read here and kept for `run`."""
-    import contextlib
     from pathlib import Path
 
     from ..engine.args import check_model_arguments, check_sampling_arguments
@@ -86,12 +85,16 @@ def check(args: argparse.Namespace) -> None:
     args.input_lines = None
     try:
         if is_url(args.input_file):
-            args.input_lines = download(args.input_file).decode("utf-8-sig").split("\n")
-            args.request_count = sum(1 for _ in read_batch(args.input_lines))
-        elif args.input_file == "-" or not os.path.isfile(args.input_file):
-            stream = sys.stdin.buffer if args.input_file == "-" else open(args.input_file, "rb")
-            with contextlib.nullcontext(stream) if args.input_file == "-" else stream:
-                args.input_lines = stream.read().decode("utf-8-sig").split("\n")
+            raw = download(args.input_file)
+        elif args.input_file == "-":
+            raw = sys.stdin.buffer.read()
+        elif not os.path.isfile(args.input_file):
+            with open(args.input_file, "rb") as f:
+                raw = f.read()
+        else:
+            raw = None
+        if raw is not None:
+            args.input_lines = raw.decode("utf-8-sig").split("\n")
             args.request_count = sum(1 for _ in read_batch(args.input_lines))
         else:
             with open(args.input_file, encoding="utf-8-sig", newline="\n") as f:
@@ -154,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LetterpressError
     from ..server.batch import read_batch, run_batch
     from ..server.launch import load_server
+    from .printing import silence_stdout
 
     if not args.verbose:  # a line per request and response is the server's log, not a batch's (-v shows it)
         logging.getLogger("letterpress.server").setLevel(logging.WARNING)
@@ -197,8 +201,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             asyncio.run(run_batch(app, lines, write, args.max_inflight, count))
         except OSError as e:  # the output could not be written (a full disk, a closed pipe)
-            if local == "-":  # stdout is gone; nothing more must go to it when Python exits
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if local == "-":
+                silence_stdout()
             raise LetterpressError(f"cannot write --output-file {local}: {e.strerror or e}; "
                                    f"{totals['ok'] + totals['failed']} answer(s) finished, the lines written "
                                    "before this are kept") from None
