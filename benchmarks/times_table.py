@@ -44,13 +44,14 @@ def main() -> None:
     parser.add_argument("--model", default=str(TASKS_DIR))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cpu", help="as the CLI's --device (cuda, cuda:1, ...)")
     args = parser.parse_args()
     set_threads(args.threads)
     from letterpress import LLM
     from letterpress.errors import LetterpressError
 
     try:  # a bad model folder: one line, exit 2 (as default_model.py)
-        llm = LLM(args.model, max_num_seqs=16)
+        llm = LLM(args.model, max_num_seqs=16, device=args.device)
     except LetterpressError as e:
         parser.error(str(e))
     result = {"model": args.model, "machine": machine(), "wordings": {w: score(llm, w) for w in WORDINGS}}

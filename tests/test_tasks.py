@@ -355,3 +355,33 @@ def test_the_compute_probe_is_arith_direct_with_more_examples_a_step_and_every_a
         assert RECIPES[big].hyperparameters["batch_size"] == batch
         examples = task_examples([PROBES[big].draw(random.Random(i)) for i in range(3000)], tok, 0.15)
         assert max(len(e.target) for e in examples) + 1 <= canvas
+
+
+def test_the_gpu_probes_are_registered_and_calibrate_on_a_sibling_with_the_same_step(tmp_path, monkeypatch):
+    """benchmarks/gpu_tiny_tasks.py cannot rot where a CPU can check it (its dry run takes minutes, too long for
+    the suite): every probe it runs is a registered recipe of its family, and the sibling that times its steps
+    draws the same family on a model of the same shape and canvas."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from letterpress.train.recipes_tasks import PROBES, RECIPES, tasks_config
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_tiny_tasks.py"
+    spec = importlib.util.spec_from_file_location("gpu_tiny_tasks", path)
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gpu)  # its dataclass looks its module up there
+    spec.loader.exec_module(gpu)
+    for name, probe in gpu.PROBES.items():
+        sibling, *flags = probe.calibration
+        assert PROBES[name].family == PROBES[sibling].family == probe.family
+        assert PROBES[name].draw is PROBES[sibling].draw
+        canvas = RECIPES[name].model_config["canvas_length"]
+        sibling_canvas = (int(flags[flags.index("--canvas-length") + 1]) if flags
+                          else RECIPES[sibling].model_config["canvas_length"])
+        assert canvas == sibling_canvas
+        assert RECIPES[name].model_config == tasks_config(canvas_length=canvas)
+    # the step time it plans with: the median after the warm-up quarter
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "seconds": s}) + "\n" for i, s in enumerate([9, 9, 1, 2, 3, 1, 1, 2])))
+    assert gpu.step_seconds(metrics) == 1.5

@@ -447,6 +447,12 @@ PROBES = {
                               "step (canvas 8) from a 200,000-task stream", stream=200_000,
                               model_config=tasks_config(canvas_length=8),
                               hyperparameters=dict(batch_size=128, micro_batch_size=128)),
+    # The GPU probe of sorting (benchmarks/gpu_tiny_tasks.py): sort-direct with 512 examples a step from a stream
+    # 7.5 times as long, what one GPU gives in minutes and this CPU does not in a session (a step of 64 at canvas
+    # 40 took 4 s here).
+    "sort-direct-big": Probe("sort_dedup", T.sort_dedup, "the GPU sorting probe: sort-direct with 512 examples a "
+                             "step from a 150,000-task stream", stream=150_000,
+                             hyperparameters=dict(batch_size=512, micro_batch_size=512)),
     "sort-padded": Probe("sort_dedup", T.padded_sort_dedup, "the padded sorting probe: a fresh tiny-tasks model "
                          "trained on sort_dedup alone, a list of numbers answered after its unique values "
                          "in prompt order, zero-padded, in its thought channel ('47 05 23')"),
