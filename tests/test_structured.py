@@ -511,3 +511,29 @@ def test_concurrent_requests_for_one_constraint_compile_it_once(tokenizer, monke
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         automata = list(pool.map(lambda _: compile_regex(regex, tokenizer, EOS), range(8)))
     assert len(calls) == 1 and all(a is automata[0] for a in automata)
+
+
+def test_a_seeded_constrained_request_is_the_same_in_every_process():
+    """The constraint's own draws (re-noising what its bound rejects) come from a seed derived from the request's
+    seed alone: Python's per-process string hashing (PYTHONHASHSEED) once entered it, and the same request gave
+    different answers in different processes."""
+    import os
+    import subprocess
+
+    script = (
+        "from letterpress import LLM, SamplingParams\n"
+        "from letterpress.structured import StructuredOutputsParams as S\n"
+        "schema = {'type': 'object', 'properties': {'name': {'type': 'string', 'maxLength': 12}, 'city': {'type':"
+        " 'string', 'maxLength': 12}, 'year': {'type': 'integer'}}, 'required': ['name', 'city', 'year']}\n"
+        "out = LLM(MODEL).generate('Convert to JSON: name=Ada, city=Paris, year=1843', SamplingParams(seed=3,"
+        " max_new_tokens=60, structured_outputs=S(json=schema)))[0]\n"
+        "print(out.token_ids)\n")
+    root = Path(__file__).resolve().parent.parent
+    script = f"MODEL = {str(root / 'letterpress' / 'assets' / 'tiny_tasks')!r}\n" + script
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]

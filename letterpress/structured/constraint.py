@@ -132,7 +132,9 @@ class Constraint:
     def noise(self, length: int, vocab_size: int, canvas: int, step: int) -> torch.Tensor:
         """Fresh noise [C] for positions the unconstrained step kept but the constrained bound re-noises
         (from the constraint's own generator: the row's draws stay as they were)."""
-        generator = torch.Generator(device="cpu").manual_seed(hash((self.seed, canvas, step, "noise")) & (2**63 - 1))
+        # A tuple of ints hashes the same in every process; a str in it would not (PYTHONHASHSEED), and a seeded
+        # request must give the same answer in every process. The trailing 1 keeps these draws apart from _gumbel's.
+        generator = torch.Generator(device="cpu").manual_seed(hash((self.seed, canvas, step, 1)) & (2**63 - 1))
         return torch.randint(0, vocab_size, (length,), generator=generator)
 
     def _gumbel(self, shape: torch.Size, canvas: int, step: int) -> torch.Tensor:
