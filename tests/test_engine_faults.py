@@ -140,6 +140,51 @@ def test_every_row_failing_leaves_the_engine_usable(llm, alone, monkeypatch):
     assert llm.generate(prompts()[0], PARAMS[0])[0].token_ids == alone[0]
 
 
+def test_an_interrupted_call_leaves_nothing_for_the_next(llm, alone):
+    """Ctrl-C in the middle of generate (here a listener raising KeyboardInterrupt mid-step): the call's rows are
+    dropped, so the next call runs only its own request (and gives its seeded answer), not the abandoned batch."""
+    events = []
+
+    def interrupt(event):
+        events.append(event)
+        if len(events) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(llm, listeners=[None, interrupt, None, None])
+    assert not llm.scheduler.has_work() and sorted(llm.scheduler.free_slots) == list(range(8))
+    seen = len(events)
+    assert llm.generate(prompts()[0], PARAMS[0])[0].token_ids == alone[0]
+    assert len(events) == seen  # the abandoned row's listener is never called again
+
+
+def test_calls_from_several_threads_run_one_after_another(llm, alone):
+    import threading
+
+    got, errors = {}, []
+
+    def one(i):
+        try:
+            got[i] = llm.generate(prompts()[i], PARAMS[i])[0].token_ids
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in alone for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and got == alone
+
+
+def test_a_listener_cannot_start_a_call_of_its_own(llm, alone):
+    def nested(event):
+        llm.generate(prompts()[0], PARAMS[0])
+
+    _, outs = run_batch(llm, listeners=[None, None, nested, None])
+    assert_isolated(llm, outs, alone, "already running a call in this thread")
+
+
 # ------------------------------------------------------------------------------------------- deadlines
 def test_deadlines(llm, alone):
     ps = prompts()

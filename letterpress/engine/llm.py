@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -128,6 +129,8 @@ class LLM:
             raise ConfigError(f"the KV cache ({size}) does not fit in this device's memory: lower --kv-cache-memory, "
                               "--max-num-seqs or --max-model-len") from None
         self.scheduler = Scheduler(self.runner, max_num_seqs, max_model_len)
+        self._run_lock = threading.Lock()
+        self._run_owner: int | None = None  # the thread inside `run`, if any
 
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they also stop when this process exits)."""
@@ -433,13 +436,32 @@ class LLM:
     def run(self, requests: list[Request]) -> list[RequestOutput]:
         """Run requests to completion. A request that failed in an engine step comes back with finish_reason
         "error" (its batch-mates are unaffected); when every request failed there is nothing to return, so
-        the first one's exception is raised, as a single request's failure always was."""
-        for request in requests:
-            self.scheduler.add(request)
+        the first one's exception is raised, as a single request's failure always was.
+
+        Calls from several threads run one after another (the engine steps one batch at a time; vLLM's `LLM`
+        is not thread-safe either, the server is the way to share one model). A call interrupted by Ctrl-C
+        leaves nothing behind: its requests are dropped, so the next call does not finish them first."""
+        if self._run_owner == threading.get_ident():
+            raise RequestError("the engine is already running a call in this thread: a listener cannot start "
+                               "another generate / chat (abort from it with llm.scheduler.abort)")
+        with self._run_lock:
+            self._run_owner = threading.get_ident()
+            try:
+                return self._run(requests)
+            finally:
+                self._run_owner = None
+
+    def _run(self, requests: list[Request]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        while self.scheduler.has_work():
-            for out in self.scheduler.step():
-                results[out.request_id] = self.detokenize(out)
+        try:
+            for request in requests:
+                self.scheduler.add(request)
+            while self.scheduler.has_work():
+                for out in self.scheduler.step():
+                    results[out.request_id] = self.detokenize(out)
+        except BaseException:
+            self.scheduler.drop({r.request_id for r in requests})
+            raise
         outputs = [results[r.request_id] for r in requests]
         if outputs and all(out.finish_reason == "error" for out in outputs):
             raise outputs[0].error

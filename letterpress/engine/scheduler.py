@@ -107,6 +107,14 @@ class Scheduler:
         for request_id in [q.request_id for q in self.waiting] + [r.request.request_id for r in self.running]:
             self.aborted.add(request_id)
 
+    def drop(self, request_ids: set[str]) -> None:
+        """Remove these requests now, returning nothing for them: what `LLM.run` does when the call running them
+        is interrupted (Ctrl-C, an exception from a listener that is not an Exception). A step cut in half may
+        have left their rows half-updated, so they are not stepped again, only freed."""
+        self.waiting = type(self.waiting)(q for q in self.waiting if q.request_id not in request_ids)
+        self._release([r for r in self.running if r.request.request_id in request_ids])
+        self.aborted -= request_ids
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
