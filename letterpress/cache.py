@@ -260,6 +260,13 @@ class BlockPool:
             else:
                 self.free.append(block)
 
+    def forget_cached(self) -> None:
+        """Drop every hash: cached blocks nobody holds are free again, held ones are freed when released."""
+        self.free.extend(self.evictable)
+        self.evictable.clear()
+        self.cached.clear()
+        self.hash_of.clear()
+
     def register(self, block: int, block_hash: bytes) -> None:
         """Make a full block findable by its hash (the first block with a given hash stays the cached one)."""
         if block_hash not in self.cached and block not in self.hash_of:
@@ -447,6 +454,13 @@ class PagedKVCache:
     def reset(self, slots: torch.Tensor | list[int]) -> None:
         for slot in torch.as_tensor(slots).tolist():
             self.free(slot)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's `reset_prefix_cache`): after the weights changed, what they wrote
+        is stale. Rows running now keep their blocks; nothing they write from here on is registered."""
+        for pool in self.pools.values():
+            pool.forget_cached()
+        self.hashable = [False] * len(self.hashable)
 
     # ---------------------------------------------------------------------------------- encode / read
     def begin_append(self, slots: torch.Tensor, new_tokens: torch.Tensor) -> None:

@@ -713,6 +713,7 @@ def quantize_model(model: nn.Module, fmt: str | None, group: int = INT4_GROUP) -
         quantize_module(layer, fmt, group)
     quantize_module(model.self_conditioning, fmt, group)
     model.quantization = fmt
+    model.weights_version = getattr(model, "weights_version", 0) + 1  # see DiffusionGemma.weights_version
     return model
 
 

@@ -362,3 +362,34 @@ def test_metrics_report_kv_cache_usage_and_prefix_cache_hits(client, http):
     while read()["letterpress_kv_cache_usage_perc"] != 0:
         assert time.monotonic() < deadline, "the KV cache was not given back"
         time.sleep(0.1)
+
+
+def test_weights_changed_in_place_do_not_reuse_the_old_prefix_cache(tmp_path):
+    """An adapter loaded into a running LLM (or the model quantized in place) must not answer from keys and
+    values the old weights wrote: the second call equals a fresh LLM with the adapter, with no cache hit."""
+    from letterpress.train import LoRAConfig, apply_lora, load_adapter, save_adapter
+
+    folder = save_checkpoint(tmp_path / "model", qk_scale=0.3)
+    model = random_model(qk_scale=0.3)
+    g = torch.Generator().manual_seed(0)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8), g)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B.normal_(0, 0.2, generator=g)
+    save_adapter(model, LoRAConfig(rank=4, alpha=8), tmp_path / "adapter")
+    prompt = list(range(3, 40))  # two full blocks of 16: cacheable
+    params = SamplingParams(seed=0, max_new_tokens=16, ignore_eos=True)
+
+    fresh = LLM(folder, max_model_len=128)
+    load_adapter(fresh.model, tmp_path / "adapter")
+    want = fresh.generate(prompt, params)[0]
+    used = LLM(folder, max_model_len=128)
+    base = used.generate(prompt, params)[0]
+    assert base.token_ids != want.token_ids  # the adapter matters
+    load_adapter(used.model, tmp_path / "adapter")
+    got = used.generate(prompt, params)[0]
+    assert got.num_cached_tokens == 0 and got.token_ids == want.token_ids
+    again = used.generate(prompt, params)[0]  # caching goes on with the new weights
+    assert again.num_cached_tokens == 32 and again.token_ids == want.token_ids
+    assert used.reset_prefix_cache() and used.generate(prompt, params)[0].num_cached_tokens == 0

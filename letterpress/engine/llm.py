@@ -132,6 +132,12 @@ class LLM:
         self._run_lock = threading.Lock()
         self._run_owner: int | None = None  # the thread inside `run`, if any
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (vLLM's `LLM.reset_prefix_cache`). Loading an adapter with
+        `letterpress.train.load_adapter(llm.model, ...)` or quantizing `llm.model` does this by itself."""
+        self.runner.cache.reset_prefix_cache()
+        return True
+
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they also stop when this process exits)."""
         if self.parallel is not None:

@@ -117,6 +117,15 @@ class Runner:
         self.prefill_chunk = prefill_chunk
         self.pad_token_id = pad_token_id
         self.decoder_passes = 0  # batched denoise calls, for metrics
+        self.weights_version = getattr(model, "weights_version", 0)
+
+    def forget_stale_prefixes(self) -> None:
+        """Drop the prefix cache when the model's weights changed in place since it was filled (an adapter loaded
+        into `llm.model`, `quantize_model`): keys and values of the old weights must not answer a new prompt."""
+        version = getattr(self.model, "weights_version", 0)
+        if version != self.weights_version:
+            self.cache.reset_prefix_cache()
+            self.weights_version = version
 
     @torch.inference_mode()
     def step(self, rows: list[Row]) -> None:

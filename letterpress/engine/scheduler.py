@@ -129,6 +129,7 @@ class Scheduler:
     def step(self) -> list[RequestOutput]:
         """Admit, run one step, and return the outputs of the rows that finished (or were aborted)."""
         finished = self._drop_aborted() + self._expire(time.perf_counter())
+        self.runner.forget_stale_prefixes()
         self._admit()
         if self.running:
             self.runner.step(self.running)

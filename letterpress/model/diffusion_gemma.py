@@ -184,6 +184,9 @@ class DiffusionGemma(nn.Module):
             self.register_buffer(f"inv_freq_{layer_type}", torch.empty(0), persistent=False)
         self.init_rope()
         self.fast_attention = False  # `fast.decoder_attention` in `denoise`; set by `fast.apply_fast_path`
+        # Bumped by what changes the weights in place after loading (an adapter loaded, quantizing): the engine's
+        # prefix cache then forgets the keys and values the old weights wrote.
+        self.weights_version = 0
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE frequencies in float32: after `to_empty` or a dtype change they are garbage."""

@@ -446,6 +446,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     pairs = _read_adapter_pairs(model, path, cfg)
     cfg.target_modules = tuple(sorted({n.rpartition(".")[2] for n in pairs}))
     model.requires_grad_(False)
+    # an engine serving `model` must not reuse prefix-cache blocks written with the weights before the adapter
+    model.weights_version = getattr(model, "weights_version", 0) + 1
     for name, by_pass in pairs.items():
         runs = module_passes(name)
         adapters = [by_pass.get(p) for p in runs]
