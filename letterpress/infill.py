@@ -439,7 +439,11 @@ def count_tokens(tokenizer: Tokenizer, text: str, start: int, piece: int = 65536
 
 
 def finish_edit(codec: Codec, plan: EditPlan, out: RequestOutput) -> EditResult:
-    """Splice each run's new text into the original string, so everything outside the spans is unchanged."""
+    """Splice each run's new text into the original string, so everything outside the spans is unchanged. A row
+    that ended without finishing its canvas (an engine error, a timeout, an abort) raises: its spans hold no
+    replacement, and splicing them in would delete the text silently."""
+    if out.finish_reason in ("error", "timeout", "abort"):
+        raise out.error if out.error is not None else RequestError(f"the edit did not finish ({out.finish_reason})")
     pieces, replacements, at, written = [], [], 0, 0
     for run, (a, b) in zip(plan.row.runs, plan.char_ranges):
         new_ids = read_run(out.token_ids, run, codec.end_ids)

@@ -251,6 +251,25 @@ def test_edit_keeps_everything_outside_the_span(llm):
     assert len(two.replacements) == 2 and two.text.endswith(TEXT[two.replacements[1].end:])
 
 
+def test_an_edit_whose_row_failed_raises_instead_of_deleting_its_span(llm, monkeypatch):
+    """One text of an edit_batch fails in an engine step: the call raises that error; it never returns the
+    text with the span spliced out."""
+    start, end = TEXT.index("a + b"), TEXT.index("a + b") + 5
+    bad = plan_edit(llm.infill_codec(), TEXT, [(0, 3)]).row.prompt_ids
+    advance = llm.runner._advance
+
+    def faulty(row, outcome, i):
+        if row.request.prompt_token_ids == bad:
+            raise RuntimeError("engine fault in this row")
+        return advance(row, outcome, i)
+
+    monkeypatch.setattr(llm.runner, "_advance", faulty)
+    with pytest.raises(RuntimeError, match="engine fault in this row"):
+        llm.edit_batch([TEXT, TEXT], [[(start, end)], [(0, 3)]], params=FAST)
+    monkeypatch.undo()
+    assert not llm.scheduler.has_work()
+
+
 def test_edit_long_text_and_slack(llm):
     lines = [f"    value_{i} = compute({i}, value_{i - 1})\n" for i in range(1, 60)]
     text = "def long():\n    value_0 = 0\n" + "".join(lines) + "    return value_59\n"
