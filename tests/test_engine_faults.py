@@ -214,3 +214,31 @@ def test_deadlines(llm, alone):
 def test_max_model_len_must_hold_a_canvas(folder):
     with pytest.raises(RequestError, match="cannot hold one canvas"):
         LLM(folder, max_model_len=16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
+    ({"max_num_seqs": -1}, "max_num_seqs must be a positive integer"),
+    ({"prefill_chunk": 0}, "prefill_chunk must be a positive integer"),
+    ({"prefill_chunk": -5}, "prefill_chunk must be a positive integer"),
+    ({"max_model_len": "2048"}, "max_model_len must be a positive integer"),
+    ({"max_model_len": 2048.0}, "max_model_len must be a positive integer"),
+    ({"max_model_len": 10**6}, "positions this model was trained for"),
+])
+def test_engine_sizes_the_engine_cannot_use_are_refused(folder, kwargs, message):
+    """Each of these used to construct and then fail every request (a reshape error, a misleading "raise
+    --kv-cache-memory"), or, past the model's positions, answer with noise."""
+    from letterpress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        LLM(folder, **kwargs)
+
+
+def test_a_prompt_too_long_for_the_model_is_not_told_to_raise_max_model_len_past_its_positions(folder):
+    llm = LLM(folder, max_model_len=160)
+    limit = llm.model.text_config.max_position_embeddings
+    with pytest.raises(RequestError, match="exceeds max_model_len") as e:
+        llm.generate(list(range(3, 3 + limit)), SamplingParams(max_new_tokens=16))
+    assert "raise max_model_len" not in str(e.value)
+    with pytest.raises(RequestError, match=r"raise max_model_len \(--max-model-len\) to at least 176"):
+        llm.generate(list(range(3, 163)), SamplingParams(max_new_tokens=16))

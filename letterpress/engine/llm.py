@@ -84,6 +84,10 @@ class LLM:
         the KV cache; `enable_expert_parallel` splits the experts by id (letterpress.parallel).
         `max_constraint_edges`: the largest structured-output automaton a request may compile (default
         letterpress.structured.size.MAX_EDGES; 12 bytes and a few microseconds of CPU per edge)."""
+        for name, value in (("max_num_seqs", max_num_seqs), ("prefill_chunk", prefill_chunk),
+                            ("max_model_len", max_model_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if max_constraint_edges is None:
             max_constraint_edges = MAX_EDGES
         if isinstance(max_constraint_edges, bool) or not isinstance(max_constraint_edges, int) \
@@ -108,6 +112,9 @@ class LLM:
         text = self.model.text_config
         if max_model_len is None:
             max_model_len = min(text.max_position_embeddings, 4096)
+        if max_model_len > text.max_position_embeddings:  # vLLM refuses this too: positions it never learned
+            raise ConfigError(f"max_model_len {max_model_len} is longer than the {text.max_position_embeddings} "
+                              "positions this model was trained for (max_position_embeddings in its config.json)")
         if max_model_len <= self.model.config.canvas_length:
             raise RequestError(f"max_model_len {max_model_len} cannot hold one canvas ({self.model.config.canvas_length} "
                                f"tokens) and a prompt: use at least {self.model.config.canvas_length + 1}")

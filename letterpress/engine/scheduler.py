@@ -87,7 +87,9 @@ class Scheduler:
             options.append(f"shorten the prompt to at most {room - canvases * canvas} tokens")
         elif canvas < room and prompt + canvas > room:  # both must shrink
             options.append(f"shorten the prompt to at most {room - canvas} tokens with max_new_tokens at most {canvas}")
-        options.append(f"raise max_model_len (--max-model-len) to at least {prompt + canvases * canvas}")
+        need = prompt + canvases * canvas
+        if need <= self.runner.model.text_config.max_position_embeddings:  # else no max_model_len can hold it
+            options.append(f"raise max_model_len (--max-model-len) to at least {need}")
         return ", ".join(options[:-1]) + (", or " if len(options) > 1 else "") + options[-1]
 
     def add(self, request: Request) -> None:
