@@ -146,6 +146,9 @@ class Tokenizer:
         return len(self._encode(text, False))
 
     def _encode(self, text: str, add_special_tokens: bool):
+        if not isinstance(text, str):
+            raise RequestError(f"text to tokenize must be a string, got {type(text).__name__}")
+        _check_text(text, "the text")  # the tokenizers library fails on a lone surrogate with a TypeError
         # encode_batch releases the GIL while it works and encode does not: a long text tokenized on a worker
         # thread (the server does) then leaves the other threads (its event loop) running. Same ids.
         return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]

@@ -249,3 +249,13 @@ def test_other_part_types_not_supported(tok: Tokenizer) -> None:
 def test_lone_system_message_rejected_by_shipped_template(tok: Tokenizer) -> None:
     with pytest.raises(RequestError, match="followed by a user message"):
         tok.apply_chat_template([{"role": "system", "content": "hi"}])
+
+
+def test_text_that_is_not_valid_unicode_is_a_request_error(tok):
+    """generate / infill / edit tokenize plain text: a lone surrogate there is the same clear error as in a chat
+    message, not a TypeError from inside the tokenizers library."""
+    for encode in (tok.encode, tok.encode_with_offsets, tok.count_tokens):
+        with pytest.raises(RequestError, match="lone UTF-16 surrogate"):
+            encode("a\ud800b")
+    with pytest.raises(RequestError, match="must be a string"):
+        tok.encode(b"bytes")
