@@ -307,7 +307,8 @@ def non_finite_error(folder: Path, bad: list[tuple[str, str, int, int, str | Non
     file, name, count, numel, cast_from = bad[0]
     more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
     hint = (f"; they overflowed when cast from {cast_from}: load in float32 or bfloat16" if cast_from
-            else ": the checkpoint is corrupt (or pass check_finite=False to load it anyway)")
+            else ": the checkpoint is corrupt (DiffusionGemma.from_pretrained(..., check_finite=False) loads it "
+                 "anyway, to inspect it)")
     return CheckpointError(f"{folder}: {file}: {name} has {count} of {numel} values NaN or infinite{more}{hint}")
 
 

@@ -80,6 +80,9 @@ def read_run(canvas: list[int], run: Span, end_ids: frozenset[int]) -> list[int]
 
 def row_params(params: SamplingParams | None, canvas_length: int) -> SamplingParams:
     """A clamped row commits its whole canvas: one canvas, EOS does not cut it (free runs are cut when read)."""
+    if params is not None and params.structured_outputs is not None:
+        raise RequestError("structured output does not apply to infill or edit: their canvas is already pinned "
+                           "around the gap, and the text written into it is not a whole answer to constrain")
     return replace(params or SamplingParams(), max_new_tokens=canvas_length, ignore_eos=True)
 
 

@@ -226,6 +226,7 @@ def test_infill_prompt_strategy(llm):
     ({"strategy": "guess"}, "unknown infill strategy"),
     ({"lengths": [0, 4]}, "search lengths"),
     ({"strategy": "slack", "lengths": [4]}, "takes none"),
+    ({"params": SamplingParams(structured_outputs={"regex": "a+"})}, "structured output does not apply to infill"),
 ])
 def test_infill_errors(llm, kwargs, message):
     with pytest.raises(RequestError, match=message):

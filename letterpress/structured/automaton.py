@@ -209,6 +209,19 @@ def _vocabulary(tokenizer: Tokenizer, eos: int, allowed_special: frozenset[str])
 SCANS_PER_EDGE = 64
 
 
+def _index_error(anchored: str, error: Exception) -> SchemaError:
+    """outlines-core says only "Failed to build DFA" for a regex with a syntax error; Python's parser names the
+    fault (its syntax is close enough to find one; a regex it alone rejects keeps outlines-core's words)."""
+    import re
+
+    try:
+        re.compile(anchored)
+    except re.error as syntax:
+        return SchemaError(f"the regex is not valid: {syntax.msg}")  # its position counts our anchoring too
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}")
+
+
 def _byte_classes(anchored: str, tokens: int, limit: int) -> bytes:
     """A translation table sending every byte to the first byte of its class: bytes that outlines-core's
     Index of `anchored` over the 256 one-byte tokens moves alike from every state it reaches. Every DFA
@@ -222,8 +235,7 @@ def _byte_classes(anchored: str, tokens: int, limit: int) -> bytes:
     try:
         index = Index(anchored, _byte_vocabulary())
     except (ValueError, RuntimeError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
+        raise _index_error(anchored, e) from None
     moves = index.get_transitions()  # {state: {byte: state}}: at most 256 entries per state
     states = len(moves.keys() | set(index.get_final_states()))
     if states * tokens > SCANS_PER_EDGE * limit:
@@ -282,8 +294,7 @@ def _compile(regex: str, anchored: str, vocabulary, eos_token_ids: list[int]) ->
     try:
         index = Index(anchored, vocabulary)
     except (ValueError, RuntimeError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SchemaError(f"the constraint cannot be compiled for this model's vocabulary: {message}") from None
+        raise _index_error(anchored, e) from None
     start = index.get_next_state(index.get_initial_state(), _SENTINEL_ID)
     if start is None:
         raise SchemaError("no text this model's tokenizer can write matches the constraint")
