@@ -147,6 +147,25 @@ def test_bad_prompts(llm):
         llm.generate("text needs a tokenizer", SamplingParams(max_new_tokens=16))
 
 
+def test_prompts_and_params_as_vllm_code_passes_them(llm):
+    """Token ids as numpy or torch arrays, params as a tuple or under vLLM's keyword `sampling_params`: the same
+    answer as a list of ints; bools and floats are not token ids; a wrong params type is named."""
+    import numpy as np
+
+    ids, params = prompts(1)[0], SamplingParams(max_new_tokens=16, seed=3, **FAST)
+    want = llm.generate(ids, params)[0].token_ids
+    assert llm.generate(np.array(ids), params)[0].token_ids == want
+    assert llm.generate(torch.tensor(ids), sampling_params=params)[0].token_ids == want
+    assert llm.generate([ids, ids], (params, params))[1].token_ids == want
+    for bad in ([True, 5], [2.0, 3]):
+        with pytest.raises(RequestError, match="list of token ids"):
+            llm.generate(bad, params)
+    with pytest.raises(RequestError, match="not both"):
+        llm.generate(ids, params, sampling_params=params)
+    with pytest.raises(RequestError, match="params must be SamplingParams, got dict"):
+        llm.generate(ids, {"seed": 3})
+
+
 def test_text_only_model_refuses_images():
     llm = LLM()  # the embedded default has a tokenizer and chat template, and no vision tower
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}

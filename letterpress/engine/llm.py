@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -254,9 +255,10 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
             bos = self.tokenizer.bos_id
             return ids if bos is None or ids[:1] == [bos] else [bos] + ids
-        if not all(isinstance(t, int) for t in prompt):
+        ids = as_token_ids(prompt)
+        if ids is None:
             raise RequestError("a prompt must be a string or a list of token ids")
-        return list(prompt)
+        return ids
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, draws: Draws | None = None,
                      listener: Callable[[CanvasEvent], None] | None = None, want_drafts: bool = False,
@@ -303,19 +305,18 @@ class LLM:
     # ------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  draws: list[Draws] | None = None, listener: Callable[[CanvasEvent], None] | None = None,
-                 timeout: float | None = None) -> list[RequestOutput]:
+                 timeout: float | None = None, *,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or a batch; all rows run together through the scheduler.
 
         A row that fails in an engine step comes back with finish_reason "error" and the exception in
         `error`; the other rows are unaffected (if every row failed, the first error is raised). `timeout`: seconds per request, after which it comes back
         with finish_reason "timeout" and the canvases it had committed."""
-        single = isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, (str, dict)) or bool(as_token_ids(prompts))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise RequestError("no prompts given")
-        param_list = params if isinstance(params, list) else [params] * len(batch)
-        if len(param_list) != len(batch):
-            raise RequestError("pass one SamplingParams, or one per prompt")
+        param_list = per_row_params(params, sampling_params, len(batch))
         requests = []
         for i, (p, sp) in enumerate(zip(batch, param_list)):
             ids, media = self.prompt_with_media(p)
@@ -352,7 +353,8 @@ class LLM:
     def chat(self, conversations: Messages | list[Messages], params: SamplingParams | list[SamplingParams] | None = None,
              listener: Callable[[CanvasEvent], None] | None = None, timeout: float | None = None,
              tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-             mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
+             mm_processor_kwargs: dict | None = None, *,
+             sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a batch of them; renders the chat template with
         `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": True}), as vLLM's LLM.chat. To split the
         answer into reasoning, content and tool calls, decode `token_ids` with skip_special_tokens=False and
@@ -367,9 +369,7 @@ class LLM:
         kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         tier = soft_tokens_of(mm_processor_kwargs)
         requests = []
-        param_list = params if isinstance(params, list) else [params] * len(batch)
-        if len(param_list) != len(batch):
-            raise RequestError("pass one SamplingParams, or one per conversation")
+        param_list = per_row_params(params, sampling_params, len(batch), "conversation")
         for conversation, sp in zip(batch, param_list):
             ids, media, _ = self.chat_prompt(
                 conversation, lambda m: (self.tokenizer.apply_chat_template(m, **kwargs), None), soft_tokens=tier)
@@ -479,6 +479,36 @@ class LLM:
         if outputs and all(out.finish_reason == "error" for out in outputs):
             raise outputs[0].error
         return outputs
+
+
+def as_token_ids(x) -> list[int] | None:
+    """`x` as a list of ints when it is a list, tuple or 1-D numpy / torch array of integers (bools are not
+    token ids, though Python counts them as ints), else None."""
+    if isinstance(x, (str, bytes, dict)) or not hasattr(x, "__len__"):
+        return None
+    if hasattr(x, "tolist") and hasattr(x, "ndim"):  # numpy / torch: .tolist() gives Python ints (or bools)
+        if x.ndim != 1:
+            return None
+        x = x.tolist()
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in x):
+        return None
+    return [int(t) for t in x]
+
+
+def per_row_params(params, sampling_params, rows: int, row: str = "prompt") -> list[SamplingParams | None]:
+    """One SamplingParams per row, from one for all or a list / tuple of one each. `sampling_params` is vLLM's
+    name for the same argument, taken so that vLLM code runs as written."""
+    if sampling_params is not None:
+        if params is not None:
+            raise RequestError("pass params or sampling_params (the same argument under vLLM's name), not both")
+        params = sampling_params
+    param_list = list(params) if isinstance(params, (list, tuple)) else [params] * rows
+    if len(param_list) != rows:
+        raise RequestError(f"pass one SamplingParams, or one per {row}")
+    bad = next((p for p in param_list if p is not None and not isinstance(p, SamplingParams)), None)
+    if bad is not None:
+        raise RequestError(f"params must be SamplingParams, got {type(bad).__name__}")
+    return param_list
 
 
 def check_mm_limits(limits: dict[str, int] | None) -> dict[str, int]:
