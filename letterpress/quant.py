@@ -657,6 +657,16 @@ def ct_quantization_config(fmt: str, group: int | None, ignore: list[str], versi
             "version": version}
 
 
+def ct_formats(qc: dict) -> set[str]:
+    """Our format names ("int8", "int4", "fp8") of a compressed-tensors config's weight groups."""
+    formats = set()
+    for group in (qc.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        kind, bits = weights.get("type"), weights.get("num_bits")
+        formats.add("fp8" if kind == "float" else f"int{bits}")
+    return formats
+
+
 def ct_check_config(qc: dict, where: str) -> None:
     """Refuse what we cannot load, naming it."""
     method = qc.get("quant_method")

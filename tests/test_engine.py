@@ -164,6 +164,8 @@ def test_prompts_and_params_as_vllm_code_passes_them(llm):
         llm.generate(ids, params, sampling_params=params)
     with pytest.raises(RequestError, match="params must be SamplingParams, got dict"):
         llm.generate(ids, {"seed": 3})
+    with pytest.raises(RequestError, match="no prompts given"):
+        llm.generate([], params)
 
 
 def test_text_only_model_refuses_images():

@@ -122,6 +122,20 @@ def test_quantize_refuses_a_quantized_checkpoint(quantized_checkpoints, tmp_path
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.parametrize("stored", FORMATS)
+def test_a_quantized_checkpoint_asked_for_another_format_says_what_it_loads(quantized_checkpoints, stored, caplog):
+    """Asking a stored-int8 checkpoint for int4 used to load int8 without a word: the stored layers load as
+    stored (only layers left in float take the asked format), and a warning says so."""
+    folder = quantized_checkpoints / stored
+    with caplog.at_level("WARNING"):
+        assert load_model(folder, quantization=stored).quantization == stored
+    assert "stored quantized" not in caplog.text
+    other = next(f for f in FORMATS if f != stored)
+    with caplog.at_level("WARNING"):
+        load_model(folder, quantization=other)
+    assert f"is stored quantized ({stored}): those layers load as stored" in caplog.text
+
+
 # --------------------------------------------------------------------- checkpoints quantized by the library
 SCHEMES = ["FP8_DYNAMIC", "FP8", "W4A16", "W4A16_ASYM", "W8A16"] + (["NVFP4"] if has_nvfp4() else [])
 

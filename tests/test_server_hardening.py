@@ -174,6 +174,8 @@ def test_unknown_chat_roles_are_400(http, server):
         server.server_state.llm.chat([{"role": "wizard", "content": "hi"}])
     with pytest.raises(RequestError, match="lone UTF-16 surrogate"):
         server.server_state.llm.chat([{"role": "user", "content": "a\ud800b"}])
+    with pytest.raises(RequestError, match="no conversations given"):
+        server.server_state.llm.chat([])
 
 
 # ------------------------------------------------------------------------------------------- the event loop

@@ -366,6 +366,8 @@ class LLM:
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template")
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
+        if not batch:
+            raise RequestError("no conversations given")  # as generate's "no prompts given"
         kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         tier = soft_tokens_of(mm_processor_kwargs)
         requests = []

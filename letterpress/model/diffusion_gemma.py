@@ -10,6 +10,7 @@ Encoder and decoder share every weight; only `layer_scalar` exists twice (`encod
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -23,11 +24,13 @@ from ..checkpoint import (allocate, check_headers, checkpoint_dtype, load_weight
                           stored_quantization, swap_quantized_modules, weight_files)
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig, load_model_config
 from ..embedded import default_model_dir
-from ..quant import CT_METHOD, check_format
+from ..quant import CT_METHOD, check_format, ct_formats
 from .layers import (Experts, GatedMLP, RMSNorm, Router, apply_rope, gelu_tanh, init_parameters, rope_cos_sin,
                      rope_inv_freq)
 
 Cache = KVCache | PagedKVCache  # what `encode` / `denoise` accept (letterpress.cache)
+
+log = logging.getLogger(__name__)
 
 
 def check_token_ids(ids, name: str) -> None:
@@ -434,6 +437,10 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     dtype = parse_dtype(dtype, auto=checkpoint_dtype(folder, config) if dtype == "auto" else None)
     fmt = check_format(quantization)
     stored_config = stored_quantization(folder)
+    stored = ct_formats(stored_config) if stored_config else set()
+    if fmt and stored and stored != {fmt}:  # legitimate (the layers it left in float get fmt), but not as asked
+        log.warning("%s is stored quantized (%s): those layers load as stored; quantization=%r applies only to "
+                    "the layers it left in float", folder.name, ", ".join(sorted(stored)), fmt)
     with torch.device("meta"):
         model = DiffusionGemma(config).to(dtype)
     files = weight_files(folder)
