@@ -41,6 +41,8 @@ def test_a_batch_is_answered_line_by_line_in_input_order(tmp_path):
     run = run_batch("-i", str(src), "-o", str(out), "--model", str(TASKS), "--max-num-seqs", "2")
     assert run.returncode == 0, run.stderr
     assert "[3 answered, 3 failed" in run.stderr and "tokens/forward]" in run.stderr
+    # stderr is a pipe here, not a terminal: progress comes as lines a log file can hold, not a bar
+    assert "Running batch: 6/6 requests (100.0%)" in run.stderr and "\r" not in run.stderr
     outputs = [json.loads(text) for text in out.read_text().splitlines()]
     assert [o["custom_id"] for o in outputs] == ["maria", "wrong-model", "date", "stream", "bad-max-tokens", "plain"]
     by_id = {o["custom_id"]: o for o in outputs}
@@ -233,3 +235,20 @@ def test_a_batch_reads_and_writes_http_urls(tmp_path):
         assert f"cannot read --input-file {store.url}/missing.jsonl: HTTP 404" in missing.stderr
     finally:
         store.close()
+
+
+def test_progress_lines_report_at_most_every_interval_and_at_the_end():
+    import io
+
+    from letterpress.cli.printing import ProgressLines
+
+    out = io.StringIO()
+    clock = iter([1.0, 31.0, 40.0, 45.0, 70.0])  # four updates, then the close
+    lines = ProgressLines(4, "Running batch", "requests", file=out, every=30)
+    lines._clock = lambda: next(clock)
+    lines.start = lines.last = 0.0
+    with lines:
+        for _ in range(4):
+            lines.update()
+    assert out.getvalue().splitlines() == ["Running batch: 2/4 requests (50.0%), 31.0 s",
+                                           "Running batch: 4/4 requests (100.0%), 70.0 s"]

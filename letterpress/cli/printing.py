@@ -47,3 +47,49 @@ def silence_stdout() -> None:
     """Standard output's reader went away: point the descriptor at /dev/null, so that nothing more (the exit's
     own flush included) fails on it."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class ProgressLines:
+    """A progress report for a log file: where a terminal gets tqdm's bar, a stream that is not one gets a line
+    every `every` seconds and one at the end ("run-batch: 120/220 requests (54.5%), 12.3 s"), not a bar's
+    carriage returns. The part of tqdm's interface run-batch uses: update(), close(), a context manager."""
+
+    def __init__(self, total: int | None, label: str, unit: str, file=None, every: float = 30.0):
+        import time
+
+        self.total, self.label, self.unit, self.every = total, label, unit, every
+        self.file = file if file is not None else sys.stderr
+        self.done, self._clock = 0, time.perf_counter
+        self.start = self.last = self._clock()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if now - self.last >= self.every:
+            self._line(now)
+
+    def close(self) -> None:
+        if self.done:
+            self._line(self._clock())
+
+    def _line(self, now: float) -> None:
+        self.last = now
+        share = f" ({100 * self.done / self.total:.1f}%)" if self.total else ""
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.label}: {self.done}{of} {self.unit}{share}, {self.last - self.start:.1f} s", file=self.file,
+              flush=True)
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int | None, label: str, unit: str):
+    """tqdm's bar on a terminal's stderr, ProgressLines elsewhere (a log file, a pipe)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit=unit, desc=label, file=sys.stderr)
+    return ProgressLines(total, label, unit)

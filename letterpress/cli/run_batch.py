@@ -152,11 +152,10 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from tqdm import tqdm
-
     from ..errors import LetterpressError
     from ..server.batch import read_batch, run_batch
     from ..server.launch import load_server
+    from .printing import progress as progress_report
     from .printing import silence_stdout
 
     if not args.verbose:  # a line per request and response is the server's log, not a batch's (-v shows it)
@@ -195,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 data = data[sink.write(data):]
             sink.flush()
 
-        progress = stack.enter_context(tqdm(total=args.request_count, unit="req", desc="Running batch",
-                                            file=sys.stderr, disable=None))
+        progress = stack.enter_context(progress_report(args.request_count, "Running batch", "requests"))
         start = time.perf_counter()
         try:
             asyncio.run(run_batch(app, lines, write, args.max_inflight, count))
