@@ -133,6 +133,20 @@ def test_model_is_optional(http):
     assert r.status_code == 200 and r.json()["model"] == MODEL
 
 
+NULLABLE = ["n", "stream", "stream_options", "max_tokens", "temperature", "seed", "stop", "user", "top_p",
+            "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "structured_outputs"]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_null_fields_mean_their_defaults(http, endpoint):
+    """OpenAI's spec lets every optional field be null (`n` and `stream` too: 1 and false, as in vLLM)."""
+    path, body = (("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": None}) if endpoint == "chat"
+                  else ("/v1/completions", {"prompt": PROMPT, "logprobs": None, "echo": None, "best_of": None}))
+    r = http.post(path, json={"model": MODEL, **body, **dict.fromkeys(NULLABLE)})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.headers["content-type"].startswith("application/json")
+
+
 # ------------------------------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("endpoint", ["chat", "completion"])
 def test_stream_equals_non_stream(client, endpoint):
