@@ -145,6 +145,8 @@ def test_null_fields_mean_their_defaults(http, endpoint):
     r = http.post(path, json={"model": MODEL, **body, **dict.fromkeys(NULLABLE)})
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1 and r.headers["content-type"].startswith("application/json")
+    if endpoint == "chat":  # chat's logprobs is a switch: false is off
+        assert http.post(path, json={"model": MODEL, **body, "logprobs": False, "max_tokens": 4}).status_code == 200
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -370,6 +372,8 @@ ERRORS = [
     ("completion", {"prompt": PROMPT, "echo": True}, 400, "echo", "echo"),
     ("completion", {"prompt": PROMPT, "best_of": 2}, 400, "best_of", "best_of"),
     ("completion", {"prompt": PROMPT, "logprobs": 1}, 400, "not supported", "logprobs"),
+    # completions' logprobs is a count: 0 asks for the sampled token's log-probability (chat's false is off)
+    ("completion", {"prompt": PROMPT, "logprobs": 0}, 400, "not supported", "logprobs"),
 ]
 
 

@@ -125,7 +125,7 @@ class ChatCompletionRequest(_Common):
 
 # field -> (values that mean "off", why we refuse anything else)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "logprobs": ((None, False, 0), "log-probabilities are not supported yet"),
+    "logprobs": ((None, False), "log-probabilities are not supported yet"),
     "top_logprobs": ((None, 0), "log-probabilities are not supported yet"),
     "functions": ((None, []), "the deprecated functions API is not supported: use tools"),
     "function_call": ((None, "none"), "the deprecated function_call is not supported: use tool_choice"),
@@ -136,6 +136,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "presence_penalty": ((None, 0.0), "presence_penalty is not supported"),
     "frequency_penalty": ((None, 0.0), "frequency_penalty is not supported"),
 }
+
+# completions' logprobs is a count, and 0 asks for the sampled token's log-probability: only null is off there
+COMPLETION_OFF: dict[str, tuple] = {"logprobs": (None,)}
 
 
 class ApiError(Exception):
@@ -151,6 +154,8 @@ class ApiError(Exception):
 def refuse_unsupported(body: _Common) -> None:
     """Raise a 400 naming the first OpenAI feature the request turns on that letterpress lacks."""
     for name, (off, why) in UNSUPPORTED.items():
+        if isinstance(body, CompletionRequest):
+            off = COMPLETION_OFF.get(name, off)
         if hasattr(body, name) and getattr(body, name) not in off:
             raise ApiError(400, f"'{name}' is not supported by letterpress: {why}", param=name, code="unsupported")
 
