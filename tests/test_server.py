@@ -361,6 +361,11 @@ ERRORS = [
     ("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
               "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "not among the tools", "tool_choice"),
     ("chat", {"messages": CHAT, "tool_choice": "auto"}, 400, "needs tools", "tool_choice"),
+    # a stop string could cut the forced call (stop "}" ended it inside its arguments), as a stop id could
+    *[("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": choice,
+                **stop}, 400, "would cut it", next(iter(stop)))
+      for choice in ("required", {"type": "function", "function": {"name": "f"}})
+      for stop in ({"stop": "}"}, {"stop": ["x", "}"]}, {"stop_token_ids": [5]})],
     ("chat", {"messages": CHAT, "functions": [{"name": "f"}]}, 400, "function", "functions"),
     ("chat", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400, "json_schema", "response_format"),
     ("completion", {"prompt": PROMPT, "structured_outputs": {"grammar": "root ::= x"}}, 400, "grammar",
