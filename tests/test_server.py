@@ -235,6 +235,18 @@ def test_stop_strings(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stream_holds_back_a_stop_prefix_before_a_split_character(http):
+    """The first canvas ends inside 京 (U+FFFD for now), and "東" is the start of the stop string: the stream
+    must not send it, as the non-streamed answer cuts it (the forced text puts the boundary there)."""
+    body = {"model": MODEL, "prompt": "Say it:", "max_tokens": 80, "temperature": 0, "stop": ["東京 🎉"],
+            "structured_outputs": {"regex": r"(xy\ ){20}東京\ 🎉\ end"}}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"] == "xy " * 20 and whole["finish_reason"] == "stop"
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [data["choices"][0] for name, data in sse_events(r) if data != "[DONE]"]
+    assert "".join(c["text"] for c in chunks) == whole["text"] and chunks[-1]["finish_reason"] == "stop"
+
+
 def test_temperature_zero_is_deterministic(client):
     def greedy(**kw):
         return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, **kw).choices[0].text
@@ -283,6 +295,27 @@ def test_choice_text_holds_back_split_characters_and_stop_prefixes():
     assert t.add_canvas([1, 2]) == "ab"  # the trailing U+FFFD waits
     assert t.add_canvas([3, 4]) == "éc"  # "d" could start the stop string "dX"
     assert t.finish([1, 2, 3, 4]) == "d" and t.text == "abécd" and not t.stopped
+
+
+def test_choice_text_streams_what_the_whole_text_keeps_at_every_cut():
+    """A canvas that ends inside a multi-byte character of a stop string: the stop prefix before the U+FFFD
+    tail is held back too. Byte tokens, cut into canvases at every pair of points: the deltas add up to the
+    non-streamed text."""
+    ids = list("xy xy xy 東京 🎉 end".encode())
+
+    def decode(token_ids):
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+    for stops in (["東京 🎉"], ["🎉"], ["x", "東京 🎉 e"], ["京 🎉 end!"], []):
+        whole = ChoiceText(decode, stops)
+        expected = whole.add_canvas(ids) + whole.finish(ids)
+        assert expected == whole.text
+        for i in range(len(ids) + 1):
+            for j in range(i, len(ids) + 1):
+                t = ChoiceText(decode, stops)
+                sent = [t.add_canvas(part) for part in (ids[:i], ids[i:j], ids[j:]) if not t.stopped]
+                assert "".join(sent) + t.finish(ids) == expected, (stops, i, j, sent)
+                assert "\ufffd" not in "".join(sent)
 
 
 # ------------------------------------------------------------------------------------------- batching
