@@ -374,16 +374,24 @@ ERRORS = [
     ("chat", {"messages": "hello"}, 400, None, "messages"),
     ("chat", {"messages": CHAT, "frobnicate": 1}, 400, "frobnicate", "frobnicate"),
     ("chat", {"messages": CHAT, "model": "gpt-4"}, 404, "gpt-4", "model"),
-    ("chat", {"messages": []}, 400, "non-empty", None),
-    ("chat", {"messages": [{"role": "user"}]}, 400, "content", None),
+    ("chat", {"messages": []}, 400, "non-empty", "messages"),
+    ("chat", {"messages": [{"role": "user"}]}, 400, "content", "messages"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "not a chat role", "messages"),
+    ("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": 5}}]}, 400, "name a string",
+     "tools"),
     ("chat", {"messages": CHAT, "max_tokens": 0}, 400, None, "max_tokens"),
     ("chat", {"messages": CHAT, "max_completion_tokens": -1}, 400, None, "max_completion_tokens"),
     ("completion", {"prompt": PROMPT, "max_tokens": 0}, 400, None, "max_tokens"),
-    ("completion", {"prompt": LONG}, 400, "max_model_len", None),
-    ("completion", {"prompt": PROMPT, "max_tokens": 5000}, 400, "max_model_len", None),
+    ("completion", {"prompt": LONG}, 400, "max_model_len", "prompt"),
+    ("completion", {"prompt": PROMPT, "max_tokens": 5000}, 400, "max_model_len", "max_tokens"),
+    ("chat", {"messages": CHAT, "max_completion_tokens": 5000}, 400, "max_model_len", "max_completion_tokens"),
     ("completion", {"prompt": []}, 400, "empty", "prompt"),
     ("completion", {"prompt": [1, "a"]}, 400, "list of token ids", "prompt"),
-    ("completion", {"prompt": [10**9]}, 400, "token ids", None),
+    ("completion", {"prompt": [10**9]}, 400, "token ids", "prompt"),
+    ("completion", {"prompt": PROMPT, "max_tokens": 2, "structured_outputs": {"choice": ["a long answer here"]}}, 400,
+     "too few", "max_tokens"),
+    ("completion", {"prompt": PROMPT, "structured_outputs": {"regex": "(unclosed"}}, 400, "cannot be compiled",
+     "structured_outputs"),
     ("completion", {"prompt": [5, 6], "suffix": "return x"}, 400, "with suffix, the prompt must be text", "prompt"),
     ("completion", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream", "stream_options"),
     ("completion", {"prompt": PROMPT, "n": 1000}, 400, "never fit", "n"),
@@ -419,6 +427,29 @@ ERRORS = [
 def test_bad_requests(http, endpoint, body, status, text, param):
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     assert_error(http.post(path, json={"model": MODEL, **body}), status, text, param)
+
+
+def test_context_length_in_whole_canvases(http, server, monkeypatch):
+    """prompt + max_tokens must fit in max_model_len, the answer counted in whole canvases; an unset max_tokens
+    is the room left (at most the checkpoint's default, made large here), as in vLLM."""
+    llm = server.server_state.llm
+    monkeypatch.setattr(llm.defaults, "max_new_tokens", 1000)
+    limit = llm.max_model_len
+    prompt = [2] + [100] * (limit - 2 * CANVAS - 6)  # room for 2 canvases and 5 tokens: 2 canvases
+    r = http.post("/v1/completions", json={"prompt": prompt, "ignore_eos": True, "seed": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2 * CANVAS and r.json()["choices"][0]["finish_reason"] == "length"
+    r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2 * CANVAS + 1})
+    assert_error(r, 400, f"at most {2 * CANVAS}", "max_tokens")
+    assert f"whole canvases of {CANVAS} tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    for short in (CANVAS - 1, 0):  # not even one canvas fits: the prompt is what must shrink
+        r = http.post("/v1/completions", json={"prompt": [2] + [100] * (limit - short - 1)})
+        assert_error(r, 400, f"at most {limit - CANVAS}", "prompt")
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    words = " ".join(["cat"] * limit)
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": words}]})
+    assert_error(r, 400, f"whole canvases of {CANVAS} tokens", "messages")
 
 
 @pytest.mark.parametrize("raw", [b'{"messages": [', b"not json", b"[1, 2]", b""])
