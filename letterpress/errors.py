@@ -16,6 +16,10 @@ class CheckpointError(LetterpressError):
 class RequestError(LetterpressError):
     """A generation request with invalid arguments (bad prompt, bad sampling parameters, too long, ...)."""
 
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the request field at fault, for the server's error (None: not one field)
+
 
 class NotSupportedError(LetterpressError):
     """A feature the checkpoint may have but letterpress does not support yet (e.g. images)."""

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jinja2
 import jinja2.ext
@@ -175,8 +175,8 @@ class Tokenizer:
         enable_thinking=...) become template variables. `tools` are OpenAI-style function schemas; assistant
         messages may carry `tool_calls` (arguments as a dict, or a JSON string the template pastes as given) and
         `role: "tool"` messages answer them, all handed to the template as transformers hands them."""
-        _validate_messages(messages)
-        _validate_tools(extra.get("tools"))
+        _naming("messages", _validate_messages, messages)
+        _naming("tools", _validate_tools, extra.get("tools"))
         template = self._compiled_template(self._pick_template(extra.get("tools")))
         context = {
             **self._special_tokens,
@@ -344,6 +344,15 @@ def _never_shortens(normalizer: dict | None) -> bool:
         pattern = normalizer.get("pattern", {})
         return "String" in pattern and len(normalizer.get("content", "")) >= len(pattern["String"])
     return kind in ("Prepend", "NFD", "NFKD", "Lowercase", "ByteLevel")
+
+
+def _naming(param: str, check: Callable[[Any], None], value: Any) -> None:
+    """`check(value)`, its RequestError naming the request field `param` (the server's error says it)."""
+    try:
+        check(value)
+    except RequestError as e:
+        e.param = param
+        raise
 
 
 def _validate_messages(messages: Any) -> None:

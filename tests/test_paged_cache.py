@@ -331,6 +331,20 @@ def test_server_usage_reports_cached_tokens(client):
     assert again.choices[0].text == first.choices[0].text
 
 
+def test_server_cached_tokens_count_each_prompt_once(client):
+    """With n > 1 (or several prompts) the rows of one prompt share its cached blocks: cached_tokens counts them
+    once per prompt, never more than the whole blocks of each prompt (it summed the rows, capped at the total)."""
+    from .live_server import MODEL
+
+    a, b = list(range(300, 339)), list(range(400, 439))  # 39 tokens each: 2 blocks of 16 can be reused
+    for prompt in (a, b):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=0)
+    again = client.completions.create(model=MODEL, prompt=a, max_tokens=8, seed=0, n=2)
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    both = client.completions.create(model=MODEL, prompt=[a, b], max_tokens=8, seed=0, n=2)
+    assert both.usage.prompt_tokens_details.cached_tokens == 64
+
+
 def test_metrics_report_kv_cache_usage_and_prefix_cache_hits(client, http):
     """/metrics carries vLLM's KV-cache figures under our prefix: prefix-cache queries and hits in prompt
     tokens, and the usage gauge (the fraction of the pools' bytes rows hold): above 0 while a row runs, 0

@@ -133,6 +133,22 @@ def test_model_is_optional(http):
     assert r.status_code == 200 and r.json()["model"] == MODEL
 
 
+NULLABLE = ["n", "stream", "stream_options", "max_tokens", "temperature", "seed", "stop", "user", "top_p",
+            "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "structured_outputs"]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_null_fields_mean_their_defaults(http, endpoint):
+    """OpenAI's spec lets every optional field be null (`n` and `stream` too: 1 and false, as in vLLM)."""
+    path, body = (("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": None}) if endpoint == "chat"
+                  else ("/v1/completions", {"prompt": PROMPT, "logprobs": None, "echo": None, "best_of": None}))
+    r = http.post(path, json={"model": MODEL, **body, **dict.fromkeys(NULLABLE)})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.headers["content-type"].startswith("application/json")
+    if endpoint == "chat":  # chat's logprobs is a switch: false is off
+        assert http.post(path, json={"model": MODEL, **body, "logprobs": False, "max_tokens": 4}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("endpoint", ["chat", "completion"])
 def test_stream_equals_non_stream(client, endpoint):
@@ -219,6 +235,18 @@ def test_stop_strings(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stream_holds_back_a_stop_prefix_before_a_split_character(http):
+    """The first canvas ends inside 京 (U+FFFD for now), and "東" is the start of the stop string: the stream
+    must not send it, as the non-streamed answer cuts it (the forced text puts the boundary there)."""
+    body = {"model": MODEL, "prompt": "Say it:", "max_tokens": 80, "temperature": 0, "stop": ["東京 🎉"],
+            "structured_outputs": {"regex": r"(xy\ ){20}東京\ 🎉\ end"}}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"] == "xy " * 20 and whole["finish_reason"] == "stop"
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [data["choices"][0] for name, data in sse_events(r) if data != "[DONE]"]
+    assert "".join(c["text"] for c in chunks) == whole["text"] and chunks[-1]["finish_reason"] == "stop"
+
+
 def test_temperature_zero_is_deterministic(client):
     def greedy(**kw):
         return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, **kw).choices[0].text
@@ -267,6 +295,27 @@ def test_choice_text_holds_back_split_characters_and_stop_prefixes():
     assert t.add_canvas([1, 2]) == "ab"  # the trailing U+FFFD waits
     assert t.add_canvas([3, 4]) == "éc"  # "d" could start the stop string "dX"
     assert t.finish([1, 2, 3, 4]) == "d" and t.text == "abécd" and not t.stopped
+
+
+def test_choice_text_streams_what_the_whole_text_keeps_at_every_cut():
+    """A canvas that ends inside a multi-byte character of a stop string: the stop prefix before the U+FFFD
+    tail is held back too. Byte tokens, cut into canvases at every pair of points: the deltas add up to the
+    non-streamed text."""
+    ids = list("xy xy xy 東京 🎉 end".encode())
+
+    def decode(token_ids):
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+    for stops in (["東京 🎉"], ["🎉"], ["x", "東京 🎉 e"], ["京 🎉 end!"], []):
+        whole = ChoiceText(decode, stops)
+        expected = whole.add_canvas(ids) + whole.finish(ids)
+        assert expected == whole.text
+        for i in range(len(ids) + 1):
+            for j in range(i, len(ids) + 1):
+                t = ChoiceText(decode, stops)
+                sent = [t.add_canvas(part) for part in (ids[:i], ids[i:j], ids[j:]) if not t.stopped]
+                assert "".join(sent) + t.finish(ids) == expected, (stops, i, j, sent)
+                assert "\ufffd" not in "".join(sent)
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -325,16 +374,24 @@ ERRORS = [
     ("chat", {"messages": "hello"}, 400, None, "messages"),
     ("chat", {"messages": CHAT, "frobnicate": 1}, 400, "frobnicate", "frobnicate"),
     ("chat", {"messages": CHAT, "model": "gpt-4"}, 404, "gpt-4", "model"),
-    ("chat", {"messages": []}, 400, "non-empty", None),
-    ("chat", {"messages": [{"role": "user"}]}, 400, "content", None),
+    ("chat", {"messages": []}, 400, "non-empty", "messages"),
+    ("chat", {"messages": [{"role": "user"}]}, 400, "content", "messages"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "not a chat role", "messages"),
+    ("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": 5}}]}, 400, "name a string",
+     "tools"),
     ("chat", {"messages": CHAT, "max_tokens": 0}, 400, None, "max_tokens"),
     ("chat", {"messages": CHAT, "max_completion_tokens": -1}, 400, None, "max_completion_tokens"),
     ("completion", {"prompt": PROMPT, "max_tokens": 0}, 400, None, "max_tokens"),
-    ("completion", {"prompt": LONG}, 400, "max_model_len", None),
-    ("completion", {"prompt": PROMPT, "max_tokens": 5000}, 400, "max_model_len", None),
+    ("completion", {"prompt": LONG}, 400, "max_model_len", "prompt"),
+    ("completion", {"prompt": PROMPT, "max_tokens": 5000}, 400, "max_model_len", "max_tokens"),
+    ("chat", {"messages": CHAT, "max_completion_tokens": 5000}, 400, "max_model_len", "max_completion_tokens"),
     ("completion", {"prompt": []}, 400, "empty", "prompt"),
     ("completion", {"prompt": [1, "a"]}, 400, "list of token ids", "prompt"),
-    ("completion", {"prompt": [10**9]}, 400, "token ids", None),
+    ("completion", {"prompt": [10**9]}, 400, "token ids", "prompt"),
+    ("completion", {"prompt": PROMPT, "max_tokens": 2, "structured_outputs": {"choice": ["a long answer here"]}}, 400,
+     "too few", "max_tokens"),
+    ("completion", {"prompt": PROMPT, "structured_outputs": {"regex": "(unclosed"}}, 400, "cannot be compiled",
+     "structured_outputs"),
     ("completion", {"prompt": [5, 6], "suffix": "return x"}, 400, "with suffix, the prompt must be text", "prompt"),
     ("completion", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream", "stream_options"),
     ("completion", {"prompt": PROMPT, "n": 1000}, 400, "never fit", "n"),
@@ -345,6 +402,11 @@ ERRORS = [
     ("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
               "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "not among the tools", "tool_choice"),
     ("chat", {"messages": CHAT, "tool_choice": "auto"}, 400, "needs tools", "tool_choice"),
+    # a stop string could cut the forced call (stop "}" ended it inside its arguments), as a stop id could
+    *[("chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": choice,
+                **stop}, 400, "would cut it", next(iter(stop)))
+      for choice in ("required", {"type": "function", "function": {"name": "f"}})
+      for stop in ({"stop": "}"}, {"stop": ["x", "}"]}, {"stop_token_ids": [5]})],
     ("chat", {"messages": CHAT, "functions": [{"name": "f"}]}, 400, "function", "functions"),
     ("chat", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400, "json_schema", "response_format"),
     ("completion", {"prompt": PROMPT, "structured_outputs": {"grammar": "root ::= x"}}, 400, "grammar",
@@ -356,6 +418,8 @@ ERRORS = [
     ("completion", {"prompt": PROMPT, "echo": True}, 400, "echo", "echo"),
     ("completion", {"prompt": PROMPT, "best_of": 2}, 400, "best_of", "best_of"),
     ("completion", {"prompt": PROMPT, "logprobs": 1}, 400, "not supported", "logprobs"),
+    # completions' logprobs is a count: 0 asks for the sampled token's log-probability (chat's false is off)
+    ("completion", {"prompt": PROMPT, "logprobs": 0}, 400, "not supported", "logprobs"),
 ]
 
 
@@ -363,6 +427,29 @@ ERRORS = [
 def test_bad_requests(http, endpoint, body, status, text, param):
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     assert_error(http.post(path, json={"model": MODEL, **body}), status, text, param)
+
+
+def test_context_length_in_whole_canvases(http, server, monkeypatch):
+    """prompt + max_tokens must fit in max_model_len, the answer counted in whole canvases; an unset max_tokens
+    is the room left (at most the checkpoint's default, made large here), as in vLLM."""
+    llm = server.server_state.llm
+    monkeypatch.setattr(llm.defaults, "max_new_tokens", 1000)
+    limit = llm.max_model_len
+    prompt = [2] + [100] * (limit - 2 * CANVAS - 6)  # room for 2 canvases and 5 tokens: 2 canvases
+    r = http.post("/v1/completions", json={"prompt": prompt, "ignore_eos": True, "seed": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2 * CANVAS and r.json()["choices"][0]["finish_reason"] == "length"
+    r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2 * CANVAS + 1})
+    assert_error(r, 400, f"at most {2 * CANVAS}", "max_tokens")
+    assert f"whole canvases of {CANVAS} tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    for short in (CANVAS - 1, 0):  # not even one canvas fits: the prompt is what must shrink
+        r = http.post("/v1/completions", json={"prompt": [2] + [100] * (limit - short - 1)})
+        assert_error(r, 400, f"at most {limit - CANVAS}", "prompt")
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    words = " ".join(["cat"] * limit)
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": words}]})
+    assert_error(r, 400, f"whole canvases of {CANVAS} tokens", "messages")
 
 
 @pytest.mark.parametrize("raw", [b'{"messages": [', b"not json", b"[1, 2]", b""])

@@ -294,7 +294,7 @@ class LLM:
         constraint = Constraint(automaton, params.eos_token_ids, params.seed)
         if constraint.shortest() > params.max_new_tokens:
             raise RequestError(f"max_tokens {params.max_new_tokens} is too few for this structured output: its "
-                               f"shortest valid answer takes {constraint.shortest()} tokens")
+                               f"shortest valid answer takes {constraint.shortest()} tokens", param="max_tokens")
         return constraint
 
     def detokenize(self, output: RequestOutput) -> RequestOutput:

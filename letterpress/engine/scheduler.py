@@ -48,7 +48,7 @@ class Scheduler:
                 f"--kv-cache-memory, or shorten the prompt or lower max_new_tokens")
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         request.check_clamps(canvas, vocab)  # requests built without LLM.make_request get the same checks
         self.check_media(request)
 

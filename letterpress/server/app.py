@@ -35,9 +35,9 @@ from ..engine.request import CanvasEvent, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from ..engine.llm import soft_tokens_of
 from ..media.prompt import MediaRun
-from ..structured import StructuredOutputsParams
+from ..structured import SchemaError, StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
-from .structured import from_body as structured_from_body
+from .structured import from_body as structured_from_body, param_of as structured_param
 from .body import parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .core import DEFAULT_STEP_CEILING, DISCONNECTED, Job, ServerConfig
@@ -196,6 +196,27 @@ class OpenAIServer:
             top_k=vllm_compat.top_k(body.top_k, greedy),
         )
 
+    def token_budget(self, prompt: int, max_tokens: int | None, kind: str, body: _Common) -> int:
+        """The max_new_tokens of a prompt's rows: `max_tokens` if it fits, else a 400 in OpenAI's terms. Unset,
+        the room the prompt leaves (at most the checkpoint's default), as vLLM defaults it. A canvas takes all
+        its positions while it denoises, so the room is counted in whole canvases (vLLM: in tokens)."""
+        canvas, limit = self.llm.runner.canvas_length, self.llm.max_model_len
+        room = max(limit - prompt, 0) // canvas * canvas
+        if room == 0:
+            raise ApiError(400, f"the prompt is {prompt:,} tokens: max_model_len {limit} leaves no room for an answer, "
+                                f"which is counted in whole canvases of {canvas} tokens; shorten the prompt to at most "
+                                f"{max(limit - canvas, 0):,} tokens", param="messages" if kind == "chat" else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            return min(self.llm.defaults.max_new_tokens, room)
+        if max_tokens > room:
+            name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise ApiError(400, f"{name} {max_tokens} does not fit: max_model_len {limit} leaves {room} tokens after "
+                                f"the prompt ({prompt:,} tokens), counted in whole canvases of {canvas} tokens; lower "
+                                f"{name} to at most {room} or shorten the prompt", param=name,
+                           code="context_length_exceeded")
+        return max_tokens
+
     def make_job(self, kind: str, body: _Common, prompts: list[list[int]], max_tokens: int | None,
                  chat: ChatOptions | None = None, media: list[list[MediaRun]] | None = None,
                  structured: StructuredOutputsParams | None = None) -> Job:
@@ -214,13 +235,18 @@ class OpenAIServer:
         stream = RequestStream(self.loop)
         rows = []
         for p, prompt in enumerate(prompts):
+            budget = self.token_budget(len(prompt), max_tokens, kind, body)
             for j in range(body.n):
                 index = p * body.n + j
-                params = self.sampling_params(body, max_tokens, j)
+                params = self.sampling_params(body, budget, j)
                 params.structured_outputs = structured  # letterpress.structured: compiled once, cached
-                request = self.llm.make_request(prompt, params, listener=stream.listener(index),
-                                                want_drafts=body.wants_preview(), request_id=f"{job_id}-{index}",
-                                                media=media[p] if media else None)
+                try:
+                    request = self.llm.make_request(prompt, params, listener=stream.listener(index),
+                                                    want_drafts=body.wants_preview(), request_id=f"{job_id}-{index}",
+                                                    media=media[p] if media else None)
+                except SchemaError as e:  # the constraint cannot be compiled (a bad regex): name the field
+                    e.param = e.param or structured_param(body)
+                    raise
                 # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)
@@ -357,7 +383,7 @@ class OpenAIServer:
             elif isinstance(e, ApiError):  # e.g. the request timed out
                 yield sse_data(error_body(e.message, e.type, e.param, e.code))
             elif isinstance(e, RequestError):
-                yield sse_data(error_body(str(e), "invalid_request_error"))
+                yield sse_data(error_body(str(e), "invalid_request_error", e.param))
             elif isinstance(e, EngineError):  # logged by the engine thread
                 yield sse_data(error_body(str(e), "server_error"))
             else:
@@ -500,7 +526,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, NotSupportedError):
             return error_response(400, str(exc), code="unsupported")
         if isinstance(exc, RequestError):
-            return error_response(400, str(exc))
+            return error_response(400, str(exc), param=exc.param)
         log.error("server-side error: %s", exc)
         return error_response(500, str(exc), "server_error")
 

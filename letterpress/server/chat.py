@@ -59,6 +59,9 @@ def template_kwargs(requested: dict[str, Any] | None) -> dict[str, Any]:
 def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str, ChatOptions]:
     """The rendered prompt and the parsing options of a chat request (400s for what we cannot do)."""
     choice, name = _tool_choice(body)
+    if choice in ("required", "named") and body.stop_strings():  # as stop_token_ids (app.make_job)
+        raise ApiError(400, "stop cannot be combined with tool_choice 'required' or a named function: a stop string "
+                            "inside the forced tool call would cut it", param="stop", code="unsupported")
     spec = structured.from_body(body)
     kwargs = template_kwargs(body.chat_template_kwargs)
     tools = body.tools or None

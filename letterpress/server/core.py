@@ -72,6 +72,8 @@ class Job:
     tasks: list[Any] | None = None
     # more entries of `usage.letterpress` (a Sudoku puzzle harder than the model was trained on: server/sudoku.py)
     usage_notes: dict[str, Any] = field(default_factory=dict)
+    # the prompt of each row; None: rows come prompt by prompt, as many for each (n per prompt)
+    row_prompts: list[int] | None = None
 
     def __post_init__(self):
         self.outputs = [None] * len(self.rows)
@@ -155,10 +157,18 @@ class Job:
         stats.update(self.usage_notes)
         prompt_tokens = sum(len(p) for p in self.prompts)
         out = usage(prompt_tokens, completion, stats)
-        # prompt tokens whose KV came from the prefix cache (rows of one prompt share it: capped at the prompt)
-        cached = min(prompt_tokens, sum(o.num_cached_tokens for o in outs))
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
+        out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens()}
         return out
+
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache, once per prompt: its rows share the prompt (with
+        n > 1 each may find the same blocks), so it counts the most any of them found, capped at its length."""
+        found = [0] * len(self.prompts)
+        for r, out in enumerate(self.outputs):
+            if out is not None:
+                p = self.row_prompts[r] if self.row_prompts is not None else r * len(self.prompts) // len(self.rows)
+                found[p] = max(found[p], out.num_cached_tokens)
+        return sum(min(n, len(prompt)) for n, prompt in zip(found, self.prompts))
 
 
 class ServerContext(Protocol):

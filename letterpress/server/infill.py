@@ -69,8 +69,8 @@ def infill_job(server: ServerContext, body: CompletionRequest) -> Job:
                             f"{server.engine.capacity} (--max-num-seqs + --max-queue)", param="n")
     job_id = "cmpl-" + uuid.uuid4().hex
     stream = RequestStream(server.loop)
-    rows, texts, groups = [], [], []
-    for plan in plans:
+    rows, texts, groups, row_prompts = [], [], [], []
+    for p, plan in enumerate(plans):
         for j in range(body.n):
             params = row_params(server.sampling_params(body, None, j), codec.canvas_length)
             group = []
@@ -80,6 +80,7 @@ def infill_job(server: ServerContext, body: CompletionRequest) -> Job:
                                                   request_id=f"{job_id}-{index}", clamps=[row.clamp])
                 server.llm.scheduler.check(request)
                 rows.append(request)
+                row_prompts.append(p)
                 group.append(index)
                 run, limit = row.runs[0], plan.max_middle
                 texts.append(ChoiceText(server.llm.tokenizer.decode, body.stop_strings(),
@@ -87,7 +88,7 @@ def infill_job(server: ServerContext, body: CompletionRequest) -> Job:
             groups.append(group)
     log.info("%s: infill, %d row(s) for %d choice(s), user=%s", job_id, len(rows), len(groups), body.user)
     return Job(job_id, "completion", model, [plan.rows[0].prompt_ids for plan in plans], rows, texts, stream,
-               groups=groups)
+               groups=groups, row_prompts=row_prompts)
 
 
 def text_prompts(prompt: str | list) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -31,7 +31,7 @@ class _Sampler(BaseModel):
 
     model: str | None = None  # None = the served model
     temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # null: 1, as OpenAI's spec and vLLM allow
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None  # only logged
 
@@ -45,13 +45,18 @@ class _Sampler(BaseModel):
     top_k: int | None = None
     vllm_xargs: dict[str, Any] | None = None
 
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_n(cls, value: Any) -> Any:
+        return 1 if value is None else value
+
 
 class _Common(_Sampler):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     ignore_eos: bool = False  # as in vLLM: keep going past EOS until max_tokens (benchmarks, tests)
     max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    stream: bool = False  # null: false, as OpenAI's spec and vLLM allow
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's: more EOS ids (server/vllm_compat.py)
@@ -66,6 +71,11 @@ class _Common(_Sampler):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        return False if value is None else value
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -115,7 +125,7 @@ class ChatCompletionRequest(_Common):
 
 # field -> (values that mean "off", why we refuse anything else)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "logprobs": ((None, False, 0), "log-probabilities are not supported yet"),
+    "logprobs": ((None, False), "log-probabilities are not supported yet"),
     "top_logprobs": ((None, 0), "log-probabilities are not supported yet"),
     "functions": ((None, []), "the deprecated functions API is not supported: use tools"),
     "function_call": ((None, "none"), "the deprecated function_call is not supported: use tool_choice"),
@@ -126,6 +136,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "presence_penalty": ((None, 0.0), "presence_penalty is not supported"),
     "frequency_penalty": ((None, 0.0), "frequency_penalty is not supported"),
 }
+
+# completions' logprobs is a count, and 0 asks for the sampled token's log-probability: only null is off there
+COMPLETION_OFF: dict[str, tuple] = {"logprobs": (None,)}
 
 
 class ApiError(Exception):
@@ -141,6 +154,8 @@ class ApiError(Exception):
 def refuse_unsupported(body: _Common) -> None:
     """Raise a 400 naming the first OpenAI feature the request turns on that letterpress lacks."""
     for name, (off, why) in UNSUPPORTED.items():
+        if isinstance(body, CompletionRequest):
+            off = COMPLETION_OFF.get(name, off)
         if hasattr(body, name) and getattr(body, name) not in off:
             raise ApiError(400, f"'{name}' is not supported by letterpress: {why}", param=name, code="unsupported")
 

@@ -22,6 +22,14 @@ _VLLM_IGNORABLE = {"disable_fallback": (None, False), "disable_any_whitespace": 
                    "disable_additional_properties": (None, False, True), "whitespace_pattern": (None,)}
 
 
+def param_of(body: Any) -> str:
+    """The request field a constraint came from, for an error about it."""
+    for name in ("structured_outputs", "response_format"):
+        if getattr(body, name, None) is not None:
+            return name
+    return "tool_choice"
+
+
 def from_body(body: Any) -> StructuredOutputsParams | None:
     """`response_format` and `structured_outputs` of a completions or chat request (at most one of them)."""
     response_format = getattr(body, "response_format", None)

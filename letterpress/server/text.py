@@ -71,11 +71,13 @@ class ChoiceText:
         return delta
 
     def _held_back(self) -> int:
-        text = self.text
-        held = len(text) - len(text.rstrip(REPLACEMENT))
+        # The stop prefix is looked for before the U+FFFD tail: a half-decoded character may complete a stop
+        # string, and text ending in U+FFFD ends with no prefix of one. Both are held back.
+        whole = self.text.rstrip(REPLACEMENT)
+        prefix = 0
         for stop in self.stops:  # the longest tail that is a proper prefix of a stop string
-            for k in range(min(len(stop) - 1, len(text)), held, -1):
-                if text.endswith(stop[:k]):
-                    held = k
+            for k in range(min(len(stop) - 1, len(whole)), prefix, -1):
+                if whole.endswith(stop[:k]):
+                    prefix = k
                     break
-        return held
+        return len(self.text) - len(whole) + prefix
