@@ -241,6 +241,35 @@ def test_data_lines_and_chat_messages(tmp_path, tokenizer_dir):
     assert [(e.prompt, e.target) for e in read_jsonl(bom, tok)] == [(e.prompt, e.target) for e in data]
 
 
+def test_chat_lines_in_the_gemma_4_format_split_as_inference_sees_them(tmp_path):
+    """The Gemma 4 template (the default model's, the released one's) opens an empty thought channel in the
+    generation prompt that no history turn shows: every {"messages"} line used to be refused. The prompt is what
+    inference renders, the target the reply; a line's top-level "tools" are declared as at inference, and a
+    reply that is a tool call keeps its whole opening marker."""
+    from letterpress.embedded import ASSETS
+
+    tok = Tokenizer.from_dir(ASSETS / "tiny_tasks")
+    ask = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 1+1?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [*ask, {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "user", "content": "Weather in Oslo?"}, call], "tools": tools}])
+    answer, tool = read_jsonl(path, tok)
+    assert answer.prompt == tok.encode(tok.apply_chat_template(ask, add_generation_prompt=True))
+    assert tok.decode(answer.prompt, skip_special_tokens=False).endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    assert tok.decode(answer.target, skip_special_tokens=False) == "2<turn|>\n"
+    assert "get_weather" in tok.decode(tool.prompt, skip_special_tokens=False)  # declared
+    assert tok.decode(tool.target, skip_special_tokens=False) == \
+        '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>'
+    with pytest.raises(DataError, match='"tools" must be a list'):
+        read_jsonl(write_jsonl(tmp_path / "bad.jsonl", [{"messages": [*ask, {"role": "assistant", "content": "2"}],
+                                                         "tools": "get_weather"}]), tok)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a", "completion": ', "not valid JSON"),
     ('["prompt", "completion"]', "expected a JSON object"),

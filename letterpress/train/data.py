@@ -112,7 +112,7 @@ def parse_line(line: str, tokenizer: Tokenizer, fmt: DataFormat = DataFormat()) 
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        return chat_example(record["messages"], tokenizer)
+        return chat_example(record["messages"], tokenizer, record.get("tools"))
     if "prompt" in record or "completion" in record:
         prompt, completion = record.get("prompt"), record.get("completion")
         for key, value in (("prompt", prompt), ("completion", completion)):
@@ -134,22 +134,39 @@ def prompt_completion_example(prompt: str, completion: str, tokenizer: Tokenizer
     return Example(prompt=prompt_ids, target=tokenizer.encode(completion))
 
 
-def chat_example(messages, tokenizer: Tokenizer) -> Example:
+def chat_example(messages, tokenizer: Tokenizer, tools: list[dict] | None = None) -> Example:
+    """The conversation's prompt as inference renders it (history, then the generation prompt) and, as the
+    target, what the full conversation renders after the point where the two part. They part after the
+    generation prompt's role marker, or earlier where the template adds something only for generating: the
+    Gemma 4 template opens an empty thought channel there (`<|channel>thought\n<channel|>`), which a turn in
+    the history does not show. `tools`: the line's top-level "tools" (OpenAI's fine-tuning format, TRL's
+    column), declared to the model as at inference."""
     if not isinstance(messages, list) or len(messages) < 2:
         raise DataError('"messages" must be a list of at least two messages (a prompt and the assistant reply)')
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "assistant":
         raise DataError('the last message must have role "assistant": it is the training target')
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError('"tools" must be a list of tool declarations ({"type": "function", "function": {...}})')
+    extra = {"tools": tools} if tools else {}
     try:
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+        history = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=False, **extra)
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, **extra)
+        full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, **extra)
     except LetterpressError as e:
         raise DataError(f"messages: {e}") from None
-    if not full.startswith(prompt):
-        raise DataError("the chat template renders the conversation so that it does not start with the rendered "
-                        "prompt (with add_generation_prompt=True); cannot split it into prompt and target")
+    if not (prompt.startswith(history) and full.startswith(history)):
+        raise DataError("the chat template renders the history differently with the reply after it; cannot split "
+                        "the conversation into prompt and target")
+    generation, reply = prompt[len(history):], full[len(history):]
+    # The longest run of the generation prompt's whole tokens that the reply also starts with: whole tokens, so
+    # that a reply opening with "<|tool_call>" does not share "<|" of "<|channel>" and lose it from its target.
+    _, offsets = tokenizer.encode_with_offsets(generation)
+    shared = max((end for _, end in offsets if reply.startswith(generation[:end])), default=0)
+    if not reply[shared:]:
+        raise DataError("the chat template renders no reply after the prompt; cannot split the conversation")
     # Encoded separately, as at inference: the prompt alone, then the model's continuation.
-    return Example(prompt=tokenizer.encode(prompt), target=tokenizer.encode(full[len(prompt):]))
+    return Example(prompt=tokenizer.encode(prompt), target=tokenizer.encode(reply[shared:]))
 
 
 def _kind(value) -> str:
