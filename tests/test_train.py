@@ -499,6 +499,15 @@ def test_cli_errors_are_one_line(tmp_path, base_dir, capsys):
     assert "--model" in capsys.readouterr().err
     assert cli_main(["train", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+    # a quantized checkpoint (the embedded default is int8): refused before any work, full or LoRA; a full run
+    # used to train only its embedding and norms and then fail to save with a traceback
+    from letterpress.embedded import ASSETS
+
+    for extra in ([], ["--lora"]):
+        assert cli_main(["train", "--model", str(ASSETS / "tiny_tasks"), "--data", str(bad), *extra,
+                         "--output", str(tmp_path / "q")]) == 2
+        assert "is stored quantized (int8): training needs its float weights" in capsys.readouterr().err
+        assert not (tmp_path / "q").exists()
     # counts no run can use: one line before anything is built or written, for recipes with their own loop too
     for recipe, flag, value in (("tiny-vlm-tower", "--steps", "-1"), ("tiny-vlm", "--batch-size", "0"),
                                 ("tiny-tasks", "--lr", "-1"), ("tiny-tasks", "--lr", "nan"),

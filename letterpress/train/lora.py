@@ -434,6 +434,22 @@ def check_mergeable(folder: str | Path) -> None:
                 raise NotSupportedError(f"{path}: {module}: {_UNTIED_MERGE}")
 
 
+def refuse_quantized(folder: Path, config: dict, doing: str) -> None:
+    """Refuse a quantized checkpoint before any work: its int8 / int4 / fp8 layers are buffers and LoRA wraps
+    float layers only, so a full run would train just the embedding and norms (then fail to save), and a
+    LoRA run or a merge would find no layer to adapt."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return
+    from ..quant import ct_formats
+
+    formats = ", ".join(sorted(ct_formats(qc))) or str(qc.get("quant_method", "quantized"))
+    hint = (" (the embedded tiny-tasks: `python -m letterpress.train.recipes_tasks unship DIR` writes it out in "
+            "float32)" if folder.name == "tiny_tasks" else "")
+    raise TrainError(f"{folder} is stored quantized ({formats}): {doing} needs its float weights (letterpress "
+                     f"has no QLoRA); use the float checkpoint it was quantized from{hint}")
+
+
 def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     """Wrap the modules the adapter file covers and load its weights into them, keeping the encoder pass's
     and the decoder pass's adapters apart where they differ and applying none to a pass the file does not

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..checkpoint import check_replaceable, parse_dtype, resolve, save_model, weight_files
 from ..model import DiffusionGemma
-from .lora import check_mergeable, load_adapter, merge_lora
+from .lora import check_mergeable, load_adapter, merge_lora, refuse_quantized
 
 # What a checkpoint folder may hold besides weights and configs; copied next to a saved model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -35,6 +35,7 @@ def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dt
     check_replaceable(Path(output))  # before the work, not only when writing
     check_mergeable(adapter)
     base = resolve(model, offline=offline)
+    refuse_quantized(base, json.loads((base / "config.json").read_text()), "merging an adapter")
     dtype = parse_dtype(dtype) if dtype is not None else stored_dtype(base)
     # Merge in float32 (W + s * B A), then cast once when saving.
     net = DiffusionGemma.from_pretrained(base, dtype=torch.float32)

@@ -46,7 +46,7 @@ from ..model import DiffusionGemma
 from ..tokenizer import Tokenizer
 from . import distributed as D
 from .data import DataFormat, ExampleOrder, TokenizedDataset, example_generator, read_jsonl
-from .lora import LoRAConfig, apply_lora, merge_lora_state, save_adapter
+from .lora import LoRAConfig, apply_lora, merge_lora_state, refuse_quantized, save_adapter
 from .merge import TOKENIZER_FILES
 from .loss import LossConfig, LossModule, LossSums, make_batch, total_loss
 
@@ -348,6 +348,7 @@ class Trainer:
         self.base_dir = resolve(cfg.model) if cfg.model is not None else None
         if self.base_dir is not None:
             self.config_dict = json.loads((self.base_dir / "config.json").read_text())
+            refuse_quantized(self.base_dir, self.config_dict, "training")
             gen_file = self.base_dir / "generation_config.json"
             self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else None
         else:
