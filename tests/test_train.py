@@ -571,3 +571,20 @@ def test_logged_metrics_average_the_steps_since_the_last_line():
     line = window_means(window)
     assert line == {"loss": 2.0, "diffusion": 1.0, "encoder": 3.0, "grad_norm": 2.0, "loss_tokens": 6.0,
                     "forward_tokens": 20.0, "seconds": 2.0, "lr": 5e-4, "steps_averaged": 2}
+
+
+def test_a_train_config_made_in_python_is_checked_as_the_flags_are(tmp_path, base_dir, data_file):
+    """Trainer(TrainConfig(...)) skipped the CLI's checks: batch_size 0 was a ZeroDivisionError, lora=True an
+    AttributeError, steps 0 saved an untrained "fine-tuned" model."""
+    from letterpress.errors import TrainError
+
+    for kw, message in ((dict(batch_size=0), "--batch-size 0"), (dict(steps=0), "--steps 0"),
+                        (dict(micro_batch_size=0), "--micro-batch-size 0"), (dict(warmup_steps=-5), "--warmup-steps"),
+                        (dict(lr=float("nan")), "finite"), (dict(eval_examples=0), "--eval-examples 0"),
+                        (dict(eval_fraction=1.0), "--eval-fraction 1.0"), (dict(lora=True), "must be a LoRAConfig")):
+        with pytest.raises(TrainError, match=message):
+            Trainer(trainer_config(tmp_path, base_dir, data_file, **kw))
+        assert not (tmp_path / "out").exists()
+    # a fraction asked for holds out at least one example, even of a tiny file
+    data = TokenizedDataset([Example([2, i], [i + 1]) for i in range(1, 4)])
+    assert [len(part) for part in data.split(0.01, seed=0)] == [2, 1]

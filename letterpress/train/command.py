@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -95,7 +94,7 @@ def train_config_from_args(args: argparse.Namespace):
     from ..errors import TrainError
     from .lora import LoRAConfig
     from .recipes import get_recipe
-    from .trainer import TrainConfig
+    from .trainer import TrainConfig, check_train_config
 
     recipe = get_recipe(args.recipe) if args.recipe else None
     cfg = recipe.config() if recipe else TrainConfig()
@@ -116,7 +115,7 @@ def train_config_from_args(args: argparse.Namespace):
         lora["target_modules"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     if args.lora or lora:
         cfg = replace(cfg, lora=replace(cfg.lora or LoRAConfig(), **lora))
-    _check_counts(cfg)
+    check_train_config(cfg)
     _check_tower_lr(cfg, args.recipe)
     train_data = eval_data = None
     if recipe is not None and recipe.build_data is not None and cfg.data is None:
@@ -127,25 +126,6 @@ def train_config_from_args(args: argparse.Namespace):
         tokenizer_dir = cfg.tokenizer or (resolve(cfg.model) if cfg.model else ASSETS / "tiny_code")
         train_data, eval_data = recipe.build_data(Tokenizer.from_dir(tokenizer_dir), cfg.seed)
     return cfg, train_data, eval_data, recipe.evaluate if recipe else None
-
-
-def _check_counts(cfg) -> None:
-    """Refuse step counts, batch sizes and learning rates no run can use, before any recipe starts (the recipes
-    with their own loop, tiny-vlm and tiny-vlm-tower, read these too)."""
-    from ..errors import TrainError
-
-    at_least = {"steps": 1, "batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0, "lr": 0, "min_lr": 0}
-    for name, low in at_least.items():
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            flag = "--" + name.replace("_", "-")
-            raise TrainError(f"{flag} {value}: must be at least {low}")
-    for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "tower_lr"):
-        value = getattr(cfg, name, None)
-        if value is not None and not math.isfinite(value):  # nan stops AdamW with a traceback; inf trains to nan
-            raise TrainError(f"--{name.replace('_', '-')} {value}: must be a finite number")
-    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise TrainError(f"--output {cfg.output_dir} is a file: the run needs a folder to write into")
 
 
 def _check_tower_lr(cfg, recipe: str | None) -> None:

@@ -62,6 +62,8 @@ class TokenizedDataset:
         """(train, held out): a seeded random `held_out_fraction` of the examples is held out."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         n_held = int(round(len(self) * held_out_fraction))
+        if held_out_fraction > 0 and len(self) > 1:
+            n_held = max(n_held, 1)  # a fraction asked for is never nothing (sklearn and HF round up too)
         return self.subset(sorted(order[n_held:])), self.subset(sorted(order[:n_held]))
 
 

@@ -307,11 +307,34 @@ def finished_message(output_dir: str | Path, step: int, steps: int) -> str:
             f"from its last checkpoint, or --no-resume to start over")
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse step counts, batch sizes, learning rates and settings no run can use, before anything is built or
+    written: the CLI runs it on its flags (the recipes with their own loop, tiny-vlm and tiny-vlm-tower, read
+    these too) and `Trainer` on a TrainConfig made in Python. Messages name the CLI flag."""
+    at_least = {"steps": 1, "batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0, "lr": 0, "min_lr": 0,
+                "eval_examples": 1, "log_every": 1}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low):
+            raise TrainError(f"--{name.replace('_', '-')} {value!r}: must be a number at least {low}")
+    for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "tower_lr"):
+        value = getattr(cfg, name, None)
+        if value is not None and not math.isfinite(value):  # nan stops AdamW with a traceback; inf trains to nan
+            raise TrainError(f"--{name.replace('_', '-')} {value}: must be a finite number")
+    if cfg.eval_fraction is not None and not 0 <= cfg.eval_fraction < 1:
+        raise TrainError(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1)")
+    if cfg.lora is not None and not isinstance(cfg.lora, LoRAConfig):
+        raise TrainError(f"lora must be a LoRAConfig (or None for full fine-tuning), got {cfg.lora!r}")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise TrainError(f"--output {cfg.output_dir} is a file: the run needs a folder to write into")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, train_data: TokenizedDataset | None = None,
                  eval_data: TokenizedDataset | None = None, eval_hook: EvalHook | None = None):
         """`eval_hook(trainer) -> metrics` runs on every rank at each evaluation, after the held-out loss (e.g. a
         recipe's generation accuracy); its metrics are logged with the others."""
+        check_train_config(config)
         self.cfg = cfg = config
         self.eval_hook = eval_hook
         self.env = D.init_distributed(cfg.device)
