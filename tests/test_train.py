@@ -588,3 +588,14 @@ def test_a_train_config_made_in_python_is_checked_as_the_flags_are(tmp_path, bas
     # a fraction asked for holds out at least one example, even of a tiny file
     data = TokenizedDataset([Example([2, i], [i + 1]) for i in range(1, 4)])
     assert [len(part) for part in data.split(0.01, seed=0)] == [2, 1]
+
+
+def test_examples_past_the_models_positions_are_skipped_by_default(tmp_path, base_dir, caplog):
+    """Unset --max-length is the model's max_position_embeddings: a longer example used to train silently."""
+    from letterpress.config import load_model_config
+
+    limit = load_model_config(base_dir).text.max_position_embeddings
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1 =", "completion": " 2"},
+                                              {"prompt": "1 " * (limit + 10), "completion": " 2"}])
+    trainer = Trainer(trainer_config(tmp_path, base_dir, path, steps=1, batch_size=1, micro_batch_size=1))
+    assert len(trainer.train_data) == 1 and f"skipped 1 examples longer than {limit} tokens" in caplog.text

@@ -31,7 +31,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-fraction", type=float, default=None, help="hold out this fraction of --data")
     g.add_argument("--chat-template", action="store_true", default=None,
                    help="render prompt/completion lines with the chat template (one user turn, one reply)")
-    g.add_argument("--max-length", type=int, default=None, help="skip examples longer than this (tokens)")
+    g.add_argument("--max-length", type=int, default=None, help="skip examples longer than this (tokens; default: the model's max_position_embeddings)")
     g.add_argument("--output", dest="output_dir", default=None, help="output folder (default runs/letterpress)")
     g = p.add_argument_group("method")
     g.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")

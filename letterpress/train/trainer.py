@@ -346,9 +346,9 @@ class Trainer:
         self._last_plot, self._plotted_size, self._plot_warned = -math.inf, -1, False
         self.dtype = parse_dtype(cfg.dtype)
         self._load_sources()
+        self.model_config = model_config_from_dict(self.config_dict)
         self.train_data, self.eval_data = self._load_data(train_data, eval_data)
         self.micro = self._micro_batch_size()
-        self.model_config = model_config_from_dict(self.config_dict)
         if self.vocab_size < self.tokenizer.vocab_size:
             raise TrainError(f"the tokenizer ({self.tokenizer_dir}) has {self.tokenizer.vocab_size} ids but the "
                              f"model's vocabulary only {self.vocab_size}")
@@ -391,7 +391,12 @@ class Trainer:
 
     def _load_data(self, train: TokenizedDataset | None, held_out: TokenizedDataset | None):
         cfg = self.cfg
-        fmt = DataFormat(chat_template=cfg.chat_template, max_length=cfg.max_length)
+        # Unset, the model's positions bound an example (TRL truncates at its max_length): a longer one would
+        # train positions the model never learned, and slowly (an 8,232-token example took 108 s a step here).
+        max_length = cfg.max_length if cfg.max_length is not None else self.model_config.text.max_position_embeddings
+        fmt = DataFormat(chat_template=cfg.chat_template, max_length=max_length)
+        if cfg.eval_data is not None and cfg.eval_fraction > 0:
+            log.warning("--eval-fraction %s is ignored: --eval-data gives the held-out examples", cfg.eval_fraction)
         if train is None:
             if cfg.data is None:
                 raise TrainError("no training data: pass --data FILE.jsonl (or a recipe)")
