@@ -504,6 +504,25 @@ def test_cli_lora_train_then_merge_lora(tmp_path, base_dir, data_file, capsys):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
+def test_train_merge_stores_the_bases_dtype_as_merge_lora_does(tmp_path, base_dir, data_file):
+    """A bfloat16 base: `train --lora --merge` wrote float32 (twice the size), `merge-lora` bfloat16."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "bf16"
+    shutil.copytree(base_dir, base)
+    for path in base.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(path).items()},
+                  path)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--model", str(base), "--data", str(data_file), "--output", str(out), "--lora",
+                     "--steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu", "--merge"]) == 0
+    assert cli_main(["merge-lora", str(base), str(out / "adapter"), str(tmp_path / "merged")]) == 0
+    a = load_file(out / "model" / "model.safetensors")
+    b = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {v.dtype for v in a.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_errors_are_one_line(tmp_path, base_dir, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": 1, "completion": "x"}'])
     assert cli_main(["train", "--model", str(base_dir), "--data", str(bad), "--output", str(tmp_path / "o"),

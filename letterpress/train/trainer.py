@@ -812,11 +812,22 @@ class Trainer:
                 adapter_dir = save_adapter(adapter, lora, self.out / "adapter",
                                            base_model=str(self.cfg.model) if self.cfg.model else None)
             if lora is None or self.cfg.merge:
-                weights = merge_lora_state(state, lora.scaling) if lora is not None else state
+                weights = state if lora is None else self._merged(state, lora)
                 model_dir = self.save_model(weights, self.out / "model")
             self._record_final_outputs([p.name for p in (model_dir, adapter_dir) if p is not None])
         D.barrier(self.env)
         return model_dir, adapter_dir
+
+    def _merged(self, state: dict[str, torch.Tensor], lora: LoRAConfig) -> dict[str, torch.Tensor]:
+        """The adapter folded in, stored in the base's dtype as `letterpress merge-lora` stores it (the same
+        merge gave a float32 folder here and a bfloat16 one there). Full fine-tuning saves what it trained."""
+        from .merge import stored_dtype
+
+        weights = merge_lora_state(state, lora.scaling)
+        if self.base_dir is None:
+            return weights
+        dtype = stored_dtype(self.base_dir)
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
 
     def save_model(self, weights: dict[str, torch.Tensor], folder: Path) -> Path:
         """Write `weights` (our names) in the released format, with the tokenizer files copied."""
