@@ -299,6 +299,7 @@ def test_missing_outputs_are_written_again(tmp_path, base_dir, data_file):
     # go, so the next resume continues this run, not that one.
     Trainer(replace(cfg, resume=False, stop_after_steps=1)).train()
     assert checkpoints(tmp_path) == ["step-0000001"] and [r["step"] for r in logged(tmp_path)] == [1]
+    assert not (tmp_path / "model").exists()  # the earlier run's model is not left to pass for this one's
     assert Trainer(cfg).train().finished and checkpoints(tmp_path) == ["step-0000001", "step-0000002"]
 
 

@@ -773,12 +773,15 @@ class Trainer:
         the latest) and whose lines would mix with this run's."""
         if self.env.is_main:
             old = sorted((self.out / "checkpoints").glob("*step-*"))
-            if old or (self.out / "metrics.jsonl").exists():
-                log.warning("starting over in %s: removing the earlier run's %d checkpoint(s) and metrics",
-                            self.out, len(old))
-            for path in old:
+            # its model / adapter folders too: left beside this run's checkpoints they would pass for its outputs
+            outputs = [self.out / name for name in ("model", "adapter") if (self.out / name).is_dir()]
+            if old or outputs or (self.out / "metrics.jsonl").exists():
+                log.warning("starting over in %s: removing the earlier run's %d checkpoint(s), metrics%s", self.out,
+                            len(old), "".join(f" and {p.name}/" for p in outputs))
+            for path in old + outputs:
                 shutil.rmtree(path, ignore_errors=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            for name in ("metrics.jsonl", "loss.png"):
+                (self.out / name).unlink(missing_ok=True)
         D.barrier(self.env)
 
     def _truncate_metrics(self, step: int) -> None:
