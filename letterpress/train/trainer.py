@@ -753,6 +753,9 @@ class Trainer:
             change = schedule_change(stored, schedule_settings(self.cfg), self.step)
             if change:
                 print(change, file=sys.stderr)
+            if self.step > self.cfg.steps:
+                print(f"the latest checkpoint is at step {self.step}, past --steps {self.cfg.steps}: its weights are "
+                      "the run's (--no-resume starts over to stop at the earlier step)", file=sys.stderr)
             log.info("resumed from %s at step %d", path, self.step)  # once, not once per rank
         return True
 
