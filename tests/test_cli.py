@@ -275,6 +275,21 @@ def test_chat_from_a_pipe_says_when_the_history_is_too_long_and_exits_1():
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "/reset starts a new conversation" in errors[0]
     assert run.stdout.count("model> ") == 3 and "Traceback" not in run.stderr
+    # /exit after a refused turn ends the same way (it used to exit 0)
+    refused = letterpress("chat", "--max-denoising-steps", "2", "--seed", "0", "--max-model-len", "300",
+                          stdin=f"{long}\n{long}\n/exit\n")
+    assert refused.returncode == 1 and "/reset starts a new conversation" in refused.stderr
+
+
+def test_chat_commands_are_never_sent_to_the_model():
+    """/help lists the commands, /reset says it cleared, an unknown /word is refused (it used to go to the model
+    as a question and spoil the conversation); a line that only starts with a slash is a question."""
+    run = letterpress("chat", "--max-new-tokens", "6", "--max-denoising-steps", "2", "--seed", "0",
+                      stdin="/help\n/history\n/reset\n/etc/hosts format?\n")
+    assert run.returncode == 0, run.stderr
+    assert "/reset  clear the conversation" in run.stdout and "[conversation cleared]" in run.stdout
+    assert "unknown command /history: /help lists them" in run.stderr
+    assert run.stdout.count("model> ") == 1 and "you> /etc/hosts format?" in run.stdout
 
 
 def test_a_closed_pipe_and_a_foreign_encoding_end_no_verb_with_a_traceback():

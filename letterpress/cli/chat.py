@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import time
@@ -39,6 +40,12 @@ def check(args: argparse.Namespace) -> None:
     check_sampling_arguments(args)
 
 
+COMMAND = re.compile(r"/[A-Za-z]+")
+HELP = ("/reset  clear the conversation (the --system prompt stays)\n"
+        "/exit   quit (also /quit, or Ctrl-D); Ctrl-C during a reply stops that reply\n"
+        "/help   this list")
+
+
 def run(args: argparse.Namespace) -> int:
     template = None
     if args.chat_template is not None:
@@ -54,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         enable_line_editing()
-        print(f"letterpress chat with {llm.model_name}: /reset clears the conversation, /exit or Ctrl-D quits")
+        print(f"letterpress chat with {llm.model_name}: /reset clears the conversation, /exit or Ctrl-D quits, "
+              "/help lists the commands")
     failed = 0  # replies refused or failed: a piped transcript with any ends with exit 1, not 0
     while True:
         try:
@@ -66,10 +74,16 @@ def run(args: argparse.Namespace) -> int:
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = history[:1] if args.system else []
+        if COMMAND.fullmatch(text):  # a line of one /word is a command, never a question to the model
+            if text in ("/exit", "/quit"):
+                return 1 if failed and not interactive else 0
+            if text == "/reset":
+                history = history[:1] if args.system else []
+                print("[conversation cleared]", flush=True)
+            elif text == "/help":
+                print(HELP, flush=True)
+            else:
+                print(f"unknown command {text}: /help lists them", file=sys.stderr, flush=True)
             continue
         first = not any(m["role"] == "user" for m in history)
         media = media_parts(args) if first else []  # --image / --video go with the first question
