@@ -451,7 +451,18 @@ def test_sudoku_rule_mask_out_of_forwards_prints_no_grid():
     run = letterpress("sudoku", HARD_PUZZLE, "--rule-mask", "--max-forwards", "1")
     assert run.returncode == 1
     assert run.stdout.splitlines()[-1].startswith("no valid solution found")
+    assert "cells/forward" not in run.stdout  # no rate for a board not filled in
     assert not any(len(line) == 81 and line.isdigit() for line in run.stdout.splitlines())
+
+
+def test_sudoku_refuses_a_model_that_is_not_a_sudoku_model():
+    """It used to end in a tensor-shape traceback with --rule-mask, and a misleading max_model_len error without."""
+    from letterpress.embedded import ASSETS
+
+    for extra in (["--rule-mask"], []):
+        run = letterpress("sudoku", HARD_PUZZLE, "--model", str(ASSETS / "tiny_code"), *extra)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.startswith(f"error: {ASSETS / 'tiny_code'} is not a Sudoku model: its tokenizer does not")
 
 
 def test_sudoku_rule_mask_says_when_a_puzzle_has_no_solution():

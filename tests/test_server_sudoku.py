@@ -167,6 +167,8 @@ def test_a_puzzle_harder_than_the_model_learned_gets_a_note(served):
     ({"top_k": 5}, "top_k", "does not sample"),
     ({"n": 2}, "n", "cannot be combined"),
     ({"suffix": "x"}, "suffix", "cannot be combined"),
+    ({"stop": ["1"]}, "stop", "cannot be combined"),  # it cut the answer to "7945"
+    ({"stop_token_ids": [5]}, "stop_token_ids", "cannot be combined"),
     ({"max_tokens": 10}, "max_tokens", "81 cells"),
     ({"rule_mask": "chess"}, "rule_mask", None),
 ])

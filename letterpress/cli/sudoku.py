@@ -88,10 +88,26 @@ def run(args: argparse.Namespace) -> int:
 
     puzzle = args.grid  # parsed by check (cli.main runs it first)
     model_dir = args.model or ASSETS / "sudoku"
+    check_sudoku_model(model_dir, puzzle)
     note = harder_than_trained(puzzle, model_dir)
     if note:
         print(note if args.rule_mask else note + " (--rule-mask helps)", file=sys.stderr)
     return _run_ruled(args, puzzle, model_dir) if args.rule_mask else _run_plain(args, puzzle, model_dir)
+
+
+def check_sudoku_model(model_dir, puzzle: str) -> None:
+    """A model whose tokenizer and canvas do not fit a Sudoku prompt is one line, as the server says it; it
+    used to reach the solver (a tensor-shape traceback) or a misleading max_model_len error."""
+    from ..apps.sudoku_solve import sudoku_token_ids
+    from ..checkpoint import resolve
+    from ..config import load_model_config
+    from ..tokenizer import Tokenizer
+
+    folder = resolve(model_dir)
+    try:
+        sudoku_token_ids(Tokenizer.from_dir(folder), load_model_config(folder).canvas_length, puzzle)
+    except ValueError as e:
+        raise RequestError(f"{model_dir} is not a Sudoku model: {e}") from None
 
 
 def _show(puzzle: str, cells: str, step: int, height: int, redraw: bool) -> None:
@@ -144,7 +160,8 @@ def _run_ruled(args: argparse.Namespace, puzzle: str, model_dir) -> int:
                               seed=args.seed, on_step=show)
     seconds = time.perf_counter() - start
     forwards = int(r["mean_forwards"])
-    per_forward = f"{puzzle.count('0') / forwards:.2f} cells/forward | " if forwards else ""
+    solved = bool(r["outputs"][0])  # cells per forward only of a board filled in
+    per_forward = f"{puzzle.count('0') / forwards:.2f} cells/forward | " if forwards and solved else ""
     stats = (f"{forwards} forwards (at most {args.max_forwards}) | {per_forward}"
              f"{int(r['mean_backtracks'])} backtracks | rule mask | {seconds:.2f} s")
     if r["no_solution"][0]:

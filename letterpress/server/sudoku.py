@@ -111,10 +111,12 @@ def sudoku_job(server: ServerContext, body: CompletionRequest) -> Job:
                      "words) or a grid of 81 digits (0 or . for blanks)", "prompt")
     for name, value, off in (("suffix", body.suffix, (None, "")), ("n", body.n, (1,)),
                              ("structured_outputs", body.structured_outputs, (None,)),
-                             ("response_format", body.response_format, (None,))):
+                             ("response_format", body.response_format, (None,)),
+                             ("stop", body.stop, (None, "", [])),  # a stop cut the 81 digits short: "7945"
+                             ("stop_token_ids", body.stop_token_ids, (None, []))):
         if value not in off:
-            raise refuse(f"'{name}' cannot be combined with rule_mask 'sudoku' (one puzzle, one answer)", name,
-                         "unsupported")
+            raise refuse(f"'{name}' cannot be combined with rule_mask 'sudoku' (one puzzle, one answer: the 81 "
+                         "digits of a solution or nothing)", name, "unsupported")
     if body.temperature is not None and body.temperature >= GREEDY_BELOW:
         raise refuse("rule_mask 'sudoku' decodes greedily (the model's surest allowed digits first): leave "
                      "temperature unset or 0", "temperature", "unsupported")
