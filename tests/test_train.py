@@ -504,15 +504,19 @@ def test_cli_lora_train_then_merge_lora(tmp_path, base_dir, data_file, capsys):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
-def test_train_merge_stores_the_bases_dtype_as_merge_lora_does(tmp_path, base_dir, data_file):
-    """A bfloat16 base: `train --lora --merge` wrote float32 (twice the size), `merge-lora` bfloat16."""
+def bfloat16_copy(base_dir: Path, folder: Path) -> Path:
     from safetensors.torch import save_file
 
-    base = tmp_path / "bf16"
-    shutil.copytree(base_dir, base)
-    for path in base.glob("*.safetensors"):
+    shutil.copytree(base_dir, folder)
+    for path in folder.glob("*.safetensors"):
         save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(path).items()},
                   path)
+    return folder
+
+
+def test_train_merge_stores_the_bases_dtype_as_merge_lora_does(tmp_path, base_dir, data_file):
+    """A bfloat16 base: `train --lora --merge` wrote float32 (twice the size), `merge-lora` bfloat16."""
+    base = bfloat16_copy(base_dir, tmp_path / "bf16")
     out = tmp_path / "run"
     assert cli_main(["train", "--model", str(base), "--data", str(data_file), "--output", str(out), "--lora",
                      "--steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu", "--merge"]) == 0
@@ -618,3 +622,15 @@ def test_examples_past_the_models_positions_are_skipped_by_default(tmp_path, bas
                                               {"prompt": "1 " * (limit + 10), "completion": " 2"}])
     trainer = Trainer(trainer_config(tmp_path, base_dir, path, steps=1, batch_size=1, micro_batch_size=1))
     assert len(trainer.train_data) == 1 and f"skipped 1 examples longer than {limit} tokens" in caplog.text
+
+
+def test_dtype_auto_trains_in_the_bases_dtype(tmp_path, base_dir, data_file):
+    """--dtype auto said "pass it where a checkpoint is loaded" to a command that loads one."""
+    from letterpress.errors import TrainError
+
+    base = bfloat16_copy(base_dir, tmp_path / "bf16")
+    trainer = Trainer(trainer_config(tmp_path, base, data_file, dtype="auto", steps=1))
+    assert trainer.dtype == torch.bfloat16
+    with pytest.raises(TrainError, match="trained from scratch has none"):
+        Trainer(trainer_config(tmp_path / "scratch", base_dir, data_file, model=None,
+                               model_config=json.loads((base_dir / "config.json").read_text()), dtype="auto"))

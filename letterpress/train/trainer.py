@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..checkpoint import parse_dtype, resolve, save_model
+from ..checkpoint import checkpoint_dtype, parse_dtype, resolve, save_model
 from ..config import model_config_from_dict
 from ..embedded import ASSETS
 from ..errors import TrainError
@@ -344,9 +344,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         # loss.png: time of the last draw, metrics.jsonl's size then, whether a failure was reported
         self._last_plot, self._plotted_size, self._plot_warned = -math.inf, -1, False
-        self.dtype = parse_dtype(cfg.dtype)
         self._load_sources()
         self.model_config = model_config_from_dict(self.config_dict)
+        self.dtype = self._parse_dtype()
         self.train_data, self.eval_data = self._load_data(train_data, eval_data)
         self.micro = self._micro_batch_size()
         if self.vocab_size < self.tokenizer.vocab_size:
@@ -364,6 +364,15 @@ class Trainer:
         self._resumed_state: dict[str, Any] = {}  # trainer_state.json of the checkpoint resumed from
 
     # ------------------------------------------------------------------------------------------------- set-up
+    def _parse_dtype(self) -> torch.dtype:
+        """--dtype; "auto" is the base checkpoint's own dtype, as where a checkpoint is loaded for inference."""
+        if self.cfg.dtype != "auto":
+            return parse_dtype(self.cfg.dtype)
+        if self.base_dir is None:
+            raise TrainError("--dtype auto means the checkpoint's own dtype, and a model trained from scratch has "
+                             "none: pass float32 or bfloat16")
+        return parse_dtype("auto", auto=checkpoint_dtype(self.base_dir, self.model_config))
+
     def _load_sources(self) -> None:
         cfg = self.cfg
         if cfg.model is None and cfg.model_config is None:
