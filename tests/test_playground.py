@@ -60,6 +60,77 @@ def test_preview_events_carry_each_positions_token_and_acceptance(served):
     assert any(any(p["accepted_mask"]) for p in previews)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the chat tests below (each loads the page afresh): starting one takes a while."""
+    if browser_paths() is None:
+        pytest.skip(NO_BROWSER)
+    driver = headless_chrome()
+    yield driver
+    driver.quit()
+
+
+def open_page(driver, url, model=MODEL):
+    """Load the page and wait for its model lookup; the network at full speed again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    network(driver)
+    driver.get(url + "/")
+    WebDriverWait(driver, DEADLINE_S).until(lambda d: d.find_element(By.ID, "model-name").text == model)
+
+
+def network(driver, latency_ms=0, offline=False):
+    """Chrome's network emulation (DevTools): a latency keeps a reply in flight for that long; offline is a
+    server that does not answer."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": offline, "latency": latency_ms, "downloadThroughput": -1, "uploadThroughput": -1})
+
+
+def type_message(driver, text, send=True):
+    """Type into the chat box; send: press Enter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, "chat-input")
+    box.send_keys(text)
+    if send:
+        box.send_keys(Keys.ENTER)
+
+
+def wait_reply(driver, count=1):
+    """The `count`-th reply, once it has ended (done, error or stopped)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    selector = ".msg.assistant:not([data-state=streaming])"
+    return WebDriverWait(driver, DEADLINE_S).until(
+        lambda d: len(found := d.find_elements(By.CSS_SELECTOR, selector)) >= count and found[count - 1])
+
+
+def history(driver):
+    return [m["role"] for m in driver.execute_script("return page.messages")]
+
+
+def test_enter_during_a_reply_sends_nothing(served, browser):
+    """Send is disabled while a reply streams, and Enter (which submits the form anyway) is ignored too: a second
+    request would interleave two replies in the history and on the canvas."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    browser.find_element(By.ID, "chat-max-tokens").clear()
+    browser.find_element(By.ID, "chat-max-tokens").send_keys("8")
+    network(browser, latency_ms=1500)  # the reply stays in flight for a while
+    type_message(browser, "Hello!")
+    type_message(browser, "And again?")
+    assert browser.find_element(By.ID, "chat-input").get_attribute("value") == "And again?"  # kept, not sent
+    network(browser)
+    assert wait_reply(browser).get_attribute("data-state") == "done"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 2
+    assert history(browser) == ["user", "assistant"]
+
+
 @pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)
 def test_chat_in_a_real_browser(served, tmp_path):
     from selenium.webdriver.common.by import By

@@ -7,7 +7,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const page = { model: null, root: "", messages: [], frames: new Set() };
+// busy: a chat reply is in flight (one at a time: the history is sent with each request)
+const page = { model: null, root: "", messages: [], frames: new Set(), busy: false };
 
 // ---------------------------------------------------------------------------------------------- HTTP
 class ApiError extends Error {}
@@ -174,13 +175,17 @@ function addMessage(role, text) {
 
 async function sendChat(event) {
   event.preventDefault();
+  // Enter submits the form even while Send is disabled: a second request would interleave two replies
+  if (page.busy) return;
   const text = $("chat-input").value.trim();
   if (!text || !page.model) return;
   $("chat-input").value = "";
-  page.messages.push({ role: "user", content: text });
+  const turn = { role: "user", content: text };
+  page.messages.push(turn);
   addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.el.dataset.state = "streaming";
+  page.busy = true;
   setBusy(["chat-send"], true);
   $("chat-figures").textContent = "";
   lastDraft = null;
@@ -223,12 +228,13 @@ async function sendChat(event) {
     $("chat-figures").textContent = figures(usage, (performance.now() - started) / 1000);
     reply.el.dataset.state = "done";
   } catch (e) {
-    page.messages.pop(); // the turn that failed is not part of the conversation
+    page.messages.splice(page.messages.indexOf(turn), 1); // the turn that failed is not part of the conversation
     reply.el.classList.add("error");
     reply.draft.textContent = "";
     reply.body.textContent = e.message;
     reply.el.dataset.state = "error";
   } finally {
+    page.busy = false;
     setBusy(["chat-send"], false);
   }
 }
