@@ -131,6 +131,36 @@ def test_enter_during_a_reply_sends_nothing(served, browser):
     assert history(browser) == ["user", "assistant"]
 
 
+def test_stop_and_new_chat_end_the_reply_in_flight(served, browser):
+    """Stop (shown while a reply runs) aborts the request and leaves the turn out of the conversation; New chat
+    aborts it too, so that no late reply lands in the new conversation."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    stop = browser.find_element(By.ID, "chat-stop")
+    assert not stop.is_displayed()
+    network(browser, latency_ms=1500)
+    type_message(browser, "Hello!")
+    assert stop.is_displayed()
+    stop.click()
+    reply = wait_reply(browser)
+    assert reply.get_attribute("data-state") == "stopped" and "stopped" in reply.text
+    assert history(browser) == [] and not stop.is_displayed()
+    assert browser.find_element(By.ID, "chat-send").is_enabled()
+
+    type_message(browser, "Hello again!")
+    browser.find_element(By.ID, "chat-reset").click()
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == [] and history(browser) == []
+    assert not stop.is_displayed()
+    network(browser)
+    type_message(browser, "A new question")
+    assert wait_reply(browser).get_attribute("data-state") == "done"
+    assert [m["content"] for m in browser.execute_script("return page.messages")][0] == "A new question"
+    assert history(browser) == ["user", "assistant"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 2
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
 @pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)
 def test_chat_in_a_real_browser(served, tmp_path):
     from selenium.webdriver.common.by import By

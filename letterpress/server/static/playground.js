@@ -7,8 +7,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-// busy: a chat reply is in flight (one at a time: the history is sent with each request)
-const page = { model: null, root: "", messages: [], frames: new Set(), busy: false };
+// reply: the AbortController of the chat reply in flight, null when none (one at a time: each request sends the
+// whole history)
+const page = { model: null, root: "", messages: [], frames: new Set(), reply: null };
 
 // ---------------------------------------------------------------------------------------------- HTTP
 class ApiError extends Error {}
@@ -33,8 +34,9 @@ async function postJson(path, body) {
 }
 
 // A streaming POST: calls onEvent(eventName, data) for each server-sent event until `data: [DONE]`.
-async function stream(path, body, onEvent) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+// signal: an AbortSignal that ends the request (an AbortError is thrown then).
+async function stream(path, body, onEvent, signal = undefined) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!response.ok) throw await failure(response);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -173,20 +175,29 @@ function addMessage(role, text) {
   return { el, reasoning, body, draft };
 }
 
+// Send while no reply runs; Stop while one does
+function showReplyRunning(running) {
+  $("chat-send").disabled = running;
+  $("chat-stop").hidden = !running;
+}
+
 async function sendChat(event) {
   event.preventDefault();
   // Enter submits the form even while Send is disabled: a second request would interleave two replies
-  if (page.busy) return;
+  if (page.reply) return;
   const text = $("chat-input").value.trim();
   if (!text || !page.model) return;
   $("chat-input").value = "";
+  // the conversation this reply belongs to: New chat starts another array, so a late reply cannot land there
+  const messages = page.messages;
   const turn = { role: "user", content: text };
-  page.messages.push(turn);
+  messages.push(turn);
   addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.el.dataset.state = "streaming";
-  page.busy = true;
-  setBusy(["chat-send"], true);
+  const controller = new AbortController(); // Stop and New chat abort it; the server frees the row on disconnect
+  page.reply = controller;
+  showReplyRunning(true);
   $("chat-figures").textContent = "";
   lastDraft = null;
   const started = performance.now();
@@ -194,7 +205,7 @@ async function sendChat(event) {
   const calls = [];
   try {
     await stream("/v1/chat/completions", {
-      model: page.model, messages: page.messages, stream: true,
+      model: page.model, messages, stream: true,
       max_tokens: Number($("chat-max-tokens").value), temperature: Number($("chat-temperature").value),
       stream_options: { include_usage: true, denoising_preview: true },
     }, (name, chunk) => {
@@ -220,29 +231,41 @@ async function sendChat(event) {
         }
       }
       reply.body.textContent = content + calls.map((c) => `\n\u2192 ${c.name}(${c.arguments})`).join("");
-    });
+    }, controller.signal);
     reply.draft.textContent = "";
     $("canvas").classList.add("committed");
     $("canvas-status").textContent = "(committed)";
-    page.messages.push({ role: "assistant", content });
+    messages.push({ role: "assistant", content });
     $("chat-figures").textContent = figures(usage, (performance.now() - started) / 1000);
     reply.el.dataset.state = "done";
   } catch (e) {
-    page.messages.splice(page.messages.indexOf(turn), 1); // the turn that failed is not part of the conversation
-    reply.el.classList.add("error");
+    messages.splice(messages.indexOf(turn), 1); // the turn that failed or was stopped is not part of the conversation
     reply.draft.textContent = "";
-    reply.body.textContent = e.message;
-    reply.el.dataset.state = "error";
+    if (e.name === "AbortError") { // Stop (after New chat this reply is no longer on the page)
+      reply.body.textContent = content + (content ? "\n" : "") + "[stopped: left out of the conversation]";
+      reply.el.dataset.state = "stopped";
+      if (messages === page.messages) $("canvas-status").textContent = "(stopped)";
+    } else {
+      reply.el.classList.add("error");
+      reply.body.textContent = e.message;
+      reply.el.dataset.state = "error";
+    }
   } finally {
-    page.busy = false;
-    setBusy(["chat-send"], false);
+    if (page.reply === controller) { // (not a reply sent since this one was aborted)
+      page.reply = null;
+      showReplyRunning(false);
+    }
   }
 }
 
 function resetChat() {
+  if (page.reply) page.reply.abort();
   page.messages = [];
   $("chat-log").replaceChildren();
   $("chat-figures").textContent = "";
+  $("canvas").replaceChildren();
+  $("canvas").classList.remove("committed");
+  $("canvas-status").textContent = "(idle)";
 }
 
 // ------------------------------------------------------------------------------------ infill and edit
@@ -437,6 +460,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
   });
   $("chat-reset").addEventListener("click", resetChat);
+  $("chat-stop").addEventListener("click", () => page.reply && page.reply.abort());
   $("infill-run").addEventListener("click", () => runInfillOrEdit("infill"));
   $("edit-run").addEventListener("click", () => runInfillOrEdit("edit"));
   const resetBoard = (puzzle) => { setBoard(puzzle); $("sudoku-status").textContent = ""; showNote(""); };
