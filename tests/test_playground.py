@@ -281,3 +281,31 @@ def test_sudoku_board_solves_with_the_rules(sudoku_served):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_sudoku_answer_stays_apart_from_the_givens(sudoku_served, browser):
+    """The model's answer is not read back as givens: Solve again counts the same givens, and an edit makes its
+    cell a given and clears the answer; a digit typed into a filled cell replaces it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, sudoku_served, "sudoku")
+    wait = WebDriverWait(browser, DEADLINE_S)
+    status = browser.find_element(By.ID, "sudoku-status")
+    cells = browser.find_elements(By.CSS_SELECTOR, "#sudoku-board input")
+    board = lambda: "".join(c.get_attribute("value") or "0" for c in cells)  # noqa: E731
+    for _ in range(2):  # the example's 50 givens, then the same 50 on the solved board
+        browser.find_element(By.ID, "sudoku-solve").click()
+        wait.until(lambda d: status.text.startswith(("Solved", "No valid")))
+        assert status.text == "Solved (50 givens)."
+        assert "0" not in board()
+    cells[0].send_keys(Keys.BACKSPACE)  # a given cleared: the answer to the old puzzle goes with it
+    assert status.text == "" and board().count("0") == 81 - 49
+    assert not browser.find_elements(By.CSS_SELECTOR, "#sudoku-board input.accepted")
+    assert browser.execute_script("return readPuzzle()") == "0" + board()[1:]
+    cells[1].send_keys("5")  # a filled cell (the example's 9): the typed digit replaces it
+    assert cells[1].get_attribute("value") == "5" and "given" in cells[1].get_attribute("class")
+    cells[0].send_keys("7")
+    assert cells[0].get_attribute("value") == "7" and "given" in cells[0].get_attribute("class")
+    assert browser.execute_script("return readPuzzle()").count("0") == 81 - 50

@@ -330,16 +330,32 @@ function buildBoard() {
     const input = document.createElement("input");
     const row = Math.floor(i / 9), col = i % 9;
     input.className = `c${col} r${row}`;
-    input.maxLength = 1;
+    // no maxLength: a full cell would refuse a typed digit, which is meant to replace the cell's
     input.inputMode = "numeric";
     input.setAttribute("aria-label", `row ${row + 1}, column ${col + 1}`);
-    input.addEventListener("input", () => {
-      input.value = input.value.replace(/[^1-9]/g, "");
-      input.className = `c${col} r${row}` + (input.value ? " given" : "");
+    input.addEventListener("beforeinput", (e) => {
+      if (e.inputType !== "insertText" || !e.data) return;
+      e.preventDefault();
+      const digit = e.data.replace(/[^1-9]/g, "").slice(-1);
+      if (digit) { input.value = digit; edited(input); }
+    });
+    input.addEventListener("input", () => { // a paste, a deletion
+      input.value = input.value.replace(/[^1-9]/g, "").slice(-1);
+      edited(input);
     });
     cells.push(input);
   }
   $("sudoku-board").append(...cells);
+}
+
+// The user's cells are the givens (class "given"); the model's answer fills the others (accepted, kept).
+// An edited cell becomes a given (or a blank); the model's answer, to a puzzle that is no longer the board's,
+// is cleared, with the status of that solve.
+function edited(input) {
+  input.classList.toggle("given", input.value !== "");
+  setBoard(readPuzzle());
+  $("sudoku-status").textContent = "";
+  showNote("");
 }
 
 function setBoard(puzzle, answer = null) {
@@ -350,7 +366,9 @@ function setBoard(puzzle, answer = null) {
   });
 }
 
-const readPuzzle = () => cells.map((c) => (/^[1-9]$/.test(c.value) ? c.value : "0")).join("");
+// the givens only: not the digits the model filled in
+const readPuzzle = () => cells.map((c) => (c.classList.contains("given") && /^[1-9]$/.test(c.value) ? c.value : "0"))
+  .join("");
 const peers = (i, j) => i !== j && (Math.floor(i / 9) === Math.floor(j / 9) || i % 9 === j % 9 ||
   (Math.floor(i / 27) === Math.floor(j / 27) && Math.floor((i % 9) / 3) === Math.floor((j % 9) / 3)));
 
@@ -382,6 +400,7 @@ async function solveSudoku() {
     return;
   }
   setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], true);
+  cells.forEach((c) => { c.readOnly = true; }); // an edit now would be overwritten by the answer to the old puzzle
   $("sudoku-figures").textContent = "";
   showNote("");
   const givens = [...puzzle].filter((ch) => ch !== "0").length;
@@ -448,6 +467,7 @@ async function solveSudoku() {
     $("sudoku-status").textContent = e.message;
   } finally {
     setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], false);
+    cells.forEach((c) => { c.readOnly = false; });
   }
 }
 
