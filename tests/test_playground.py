@@ -14,7 +14,7 @@ from letterpress.apps.sudoku import trained_givens
 from letterpress.embedded import ASSETS
 from letterpress.server.app import ServerConfig
 from tests.browser import NO_BROWSER, browser_paths, headless_chrome
-from tests.live_server import DEADLINE_S, MODEL, LiveServer
+from tests.live_server import DEADLINE_S, KEY, MODEL, LiveServer
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,72 @@ def test_stop_and_new_chat_end_the_reply_in_flight(served, browser):
     assert history(browser) == ["user", "assistant"]
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 2
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@pytest.fixture(scope="module")
+def keyed_served():
+    """The app with `--api-key`."""
+    llm = LLM(None, max_model_len=1024)
+    llm.defaults.max_denoising_steps = 8
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY))
+    yield live.url
+    live.stop()
+
+
+def test_send_says_why_without_a_key_and_when_the_key_is_refused(keyed_served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(keyed_served + "/")
+    wait = WebDriverWait(browser, DEADLINE_S)
+    notice, chat_notice = browser.find_element(By.ID, "server-notice"), browser.find_element(By.ID, "chat-notice")
+    wait.until(lambda d: notice.text.startswith("This server needs an API key"))
+    type_message(browser, "Hello!")
+    wait.until(lambda d: chat_notice.text.startswith("Not sent: This server needs an API key"))
+    assert browser.find_element(By.ID, "chat-input").get_attribute("value") == "Hello!"  # kept for the next try
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == []
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong-key")
+    browser.find_element(By.CSS_SELECTOR, "#key-box button").click()
+    wait.until(lambda d: notice.text.startswith("The server refused this API key"))
+    key.clear()
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "chat-send").click()  # looks the model up with this key, then sends
+    assert wait_reply(browser).get_attribute("data-state") == "done"
+    assert not notice.is_displayed() and not chat_notice.is_displayed()
+    assert browser.find_element(By.ID, "model-name").text == MODEL
+
+
+def test_a_restarted_or_stopped_server_is_looked_up_again(served, browser):
+    """After 404 model_not_found (a restart with another model; here the page's model name made stale) or no
+    answer at all, the page looks the model up again, so that the next Send works without a reload."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    browser.find_element(By.ID, "chat-max-tokens").clear()
+    browser.find_element(By.ID, "chat-max-tokens").send_keys("8")
+    browser.execute_script("page.model = 'the-model-before'")
+    type_message(browser, "Hello!")
+    reply = wait_reply(browser)
+    assert reply.get_attribute("data-state") == "error"
+    assert reply.text.endswith(f"The server now serves \u201c{MODEL}\u201d: try again.")
+    assert history(browser) == []  # the failed turn left the conversation
+    type_message(browser, "Hello again!")
+    assert wait_reply(browser, 2).get_attribute("data-state") == "done"
+    assert history(browser) == ["user", "assistant"]
+
+    network(browser, offline=True)
+    type_message(browser, "Still there?")
+    reply = wait_reply(browser, 3)
+    assert reply.get_attribute("data-state") == "error"
+    assert reply.text.endswith("The server did not answer (is it running?)")
+    assert browser.find_element(By.ID, "server-notice").text == "The server did not answer (is it running?)"
+    assert history(browser) == ["user", "assistant"]
+    network(browser)
+    type_message(browser, "Back?")  # the lookup again, then the request
+    assert wait_reply(browser, 4).get_attribute("data-state") == "done"
+    assert history(browser) == ["user", "assistant"] * 2
+    assert not browser.find_element(By.ID, "server-notice").is_displayed()
 
 
 @pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)

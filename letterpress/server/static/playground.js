@@ -12,7 +12,23 @@ const $ = (id) => document.getElementById(id);
 const page = { model: null, root: "", messages: [], frames: new Set(), reply: null };
 
 // ---------------------------------------------------------------------------------------------- HTTP
-class ApiError extends Error {}
+// status and code: the server's answer (0 and null when there was none); network: the server did not answer
+class ApiError extends Error {
+  constructor(message, { status = 0, code = null, network = false } = {}) {
+    super(message);
+    Object.assign(this, { status, code, network });
+  }
+}
+
+// fetch says only "Failed to fetch" (a TypeError) when nothing answers; an abort stays an AbortError
+async function call(path, init) {
+  try {
+    return await fetch(path, { headers: headers(), ...init });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new ApiError("The server did not answer (is it running?)", { network: true });
+  }
+}
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -24,11 +40,11 @@ function headers() {
 async function failure(response) {
   const body = await response.json().catch(() => ({}));
   const message = body.error ? body.error.message : response.statusText;
-  return new ApiError(`${response.status}: ${message}`);
+  return new ApiError(`${response.status}: ${message}`, { status: response.status, code: body.error?.code ?? null });
 }
 
 async function postJson(path, body) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const response = await call(path, { method: "POST", body: JSON.stringify(body) });
   if (!response.ok) throw await failure(response);
   return response.json();
 }
@@ -36,13 +52,16 @@ async function postJson(path, body) {
 // A streaming POST: calls onEvent(eventName, data) for each server-sent event until `data: [DONE]`.
 // signal: an AbortSignal that ends the request (an AbortError is thrown then).
 async function stream(path, body, onEvent, signal = undefined) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+  const response = await call(path, { method: "POST", body: JSON.stringify(body), signal });
   if (!response.ok) throw await failure(response);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reader.read().catch((e) => {
+      if (e.name === "AbortError") throw e;
+      throw new ApiError("The server stopped answering (is it running?)", { network: true });
+    });
     if (done) return;
     buffer += decoder.decode(value, { stream: true });
     let cut;
@@ -81,15 +100,23 @@ function setBusy(buttons, busy) {
 }
 
 // ------------------------------------------------------------------------------------------ the model
+// Looks up the served model; on failure page.model is null and the notice says why, which is also returned
+// ("" when the lookup worked), for Send to repeat.
 async function loadModel() {
   const notice = $("server-notice");
+  const fail = (why) => {
+    page.model = null;
+    notice.textContent = why;
+    notice.hidden = false;
+    return why;
+  };
   try {
-    const response = await fetch("/v1/models", { headers: headers() });
+    const response = await call("/v1/models", {});
     if (response.status === 401) {
-      notice.textContent = "This server needs an API key: enter it under \u201cAPI key\u201d.";
-      notice.hidden = false;
       $("key-box").closest("details").open = true;
-      return;
+      return fail($("api-key").value.trim()
+        ? "The server refused this API key: check it under \u201cAPI key\u201d."
+        : "This server needs an API key: enter it under \u201cAPI key\u201d.");
     }
     if (!response.ok) throw await failure(response);
     const card = (await response.json()).data[0];
@@ -111,10 +138,20 @@ async function loadModel() {
       : sudoku ? "The served model fills Sudoku boards, not text: serve a text model for this panel." : "";
     $("infill-notice").hidden = !infillNotice;
     $("infill-notice").textContent = infillNotice;
+    return "";
   } catch (e) {
-    notice.textContent = `Cannot reach the server: ${e.message}`;
-    notice.hidden = false;
+    return fail(e.network ? e.message : `Cannot reach the server: ${e.message}`);
   }
+}
+
+// After a failed request: the server may be down, or have restarted with another model (404 model_not_found)
+// or key (401). Look the model up again, so that the next try uses what the server serves now; returns a hint
+// to add to the error when the model has changed.
+async function recover(e) {
+  if (!(e.network || e.status === 401 || (e.status === 404 && e.code === "model_not_found"))) return "";
+  const before = page.model;
+  await loadModel();
+  return page.model && page.model !== before ? ` The server now serves \u201c${page.model}\u201d: try again.` : "";
 }
 
 // ---------------------------------------------------------------------------------------- canvas view
@@ -185,9 +222,16 @@ async function sendChat(event) {
   event.preventDefault();
   // Enter submits the form even while Send is disabled: a second request would interleave two replies
   if (page.reply) return;
+  if (!page.model) { // not looked up yet, or the lookup failed (a key needed or refused, the server down): again
+    const why = await loadModel();
+    $("chat-notice").textContent = why && `Not sent: ${why}`;
+    $("chat-notice").hidden = !why;
+    if (why || page.reply) return; // (another Send went first while the model was looked up)
+  }
   const text = $("chat-input").value.trim();
-  if (!text || !page.model) return;
+  if (!text) return;
   $("chat-input").value = "";
+  $("chat-notice").hidden = true;
   // the conversation this reply belongs to: New chat starts another array, so a late reply cannot land there
   const messages = page.messages;
   const turn = { role: "user", content: text };
@@ -246,8 +290,9 @@ async function sendChat(event) {
       reply.el.dataset.state = "stopped";
       if (messages === page.messages) $("canvas-status").textContent = "(stopped)";
     } else {
+      const hint = await recover(e);
       reply.el.classList.add("error");
-      reply.body.textContent = e.message;
+      reply.body.textContent = e.message + hint;
       reply.el.dataset.state = "error";
     }
   } finally {
@@ -313,7 +358,7 @@ async function runInfillOrEdit(kind) {
     }
     $("infill-figures").textContent = figures(data.usage, (performance.now() - started) / 1000);
   } catch (e) {
-    showResult([[e.message, false]]);
+    showResult([[e.message + await recover(e), false]]);
   } finally {
     setBusy(["infill-run", "edit-run"], false);
   }
@@ -464,7 +509,7 @@ async function solveSudoku() {
   } catch (e) {
     await player;
     setBoard(puzzle);
-    $("sudoku-status").textContent = e.message;
+    $("sudoku-status").textContent = e.message + await recover(e);
   } finally {
     setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], false);
     cells.forEach((c) => { c.readOnly = false; });
