@@ -161,6 +161,23 @@ def test_stop_and_new_chat_end_the_reply_in_flight(served, browser):
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
+def test_enter_that_ends_an_ime_composition_sends_nothing(served, browser):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    type_message(browser, "\u3053\u3093\u306b\u3061\u306f", send=False)
+    enter = """arguments[0].dispatchEvent(new KeyboardEvent("keydown",
+                 {key: "Enter", bubbles: true, cancelable: true, ...arguments[1]}))"""
+    box = browser.find_element(By.ID, "chat-input")
+    for composing in ({"isComposing": True}, {"keyCode": 229}):
+        browser.execute_script(enter, box, composing)
+        assert box.get_attribute("value") == "\u3053\u3093\u306b\u3061\u306f"
+        assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == []
+    browser.execute_script(enter, box, {})  # the same event without a composition sends
+    assert box.get_attribute("value") == "" and browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")
+    wait_reply(browser)
+
+
 @pytest.fixture(scope="module")
 def keyed_served():
     """The app with `--api-key`."""

@@ -522,6 +522,9 @@ document.addEventListener("DOMContentLoaded", () => {
   setBoard(EXAMPLE);
   $("chat-form").addEventListener("submit", sendChat);
   $("chat-input").addEventListener("keydown", (e) => { // Enter sends, Shift+Enter is a new line
+    // an Enter that confirms an IME composition (Japanese, Chinese, ...) is the IME's, not a send; some
+    // browsers end the composition first and report it as keyCode 229 only
+    if (e.isComposing || e.keyCode === 229) return;
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
   });
   $("chat-reset").addEventListener("click", resetChat);
