@@ -178,6 +178,22 @@ def test_enter_that_ends_an_ime_composition_sends_nothing(served, browser):
     wait_reply(browser)
 
 
+def test_canvas_status_counts_the_positions_it_shows(served, browser):
+    """A preview's `accepted` counts the whole canvas, its draft is cut at EOS: the status line does not mix the
+    two (it read "34 accepted, 32 positions")."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    show = """showPreview({index: 0, canvas: arguments[0], step: 15, accepted: arguments[1], text: "",
+                           token_ids: [...Array(32).keys()], tokens: Array(32).fill("x"),
+                           accepted_mask: Array(32).fill(true).fill(false, 30)})"""
+    browser.execute_script(show, 1, 34)
+    status = browser.find_element(By.ID, "canvas-status")
+    assert status.text == "(canvas 1, step 15: 30 of 32 positions accepted; 34 in the whole canvas)"
+    browser.execute_script(show, 2, 30)
+    assert status.text == "(canvas 2, step 15: 30 of 32 positions accepted)"
+
+
 @pytest.fixture(scope="module")
 def keyed_served():
     """The app with `--api-key`."""

@@ -185,8 +185,12 @@ function showPreview(preview) {
     cell.textContent = visible(text);
     return cell;
   }));
-  $("canvas-status").textContent =
-    `(canvas ${preview.canvas}, step ${preview.step}, ${preview.accepted} accepted, ${preview.tokens.length} positions)`;
+  // `accepted` counts the whole canvas, while the draft (and its mask) is cut at EOS and max_tokens: the count
+  // shown is the mask's, with the canvas's beside it when positions past the cut were accepted too
+  const shown = preview.accepted_mask ? preview.accepted_mask.filter(Boolean).length : 0;
+  const beyond = preview.accepted > shown ? `; ${preview.accepted} in the whole canvas` : "";
+  $("canvas-status").textContent = `(canvas ${preview.canvas}, step ${preview.step}: ${shown} of ` +
+    `${preview.tokens.length} positions accepted${beyond})`;
   lastDraft = { canvas: preview.canvas, ids: preview.token_ids };
   countFrame(preview);
 }
