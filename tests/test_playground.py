@@ -14,7 +14,7 @@ from letterpress.apps.sudoku import trained_givens
 from letterpress.embedded import ASSETS
 from letterpress.server.app import ServerConfig
 from tests.browser import NO_BROWSER, browser_paths, headless_chrome
-from tests.live_server import DEADLINE_S, MODEL, LiveServer
+from tests.live_server import DEADLINE_S, KEY, MODEL, LiveServer
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,206 @@ def test_preview_events_carry_each_positions_token_and_acceptance(served):
         assert "".join(p["tokens"]) == p["text"] or not p["text"].isascii()  # bytes of one character may split
         assert sum(p["accepted_mask"]) <= p["accepted"]  # the mask is cut with the draft (EOS, max_tokens)
     assert any(any(p["accepted_mask"]) for p in previews)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the chat tests below (each loads the page afresh): starting one takes a while."""
+    if browser_paths() is None:
+        pytest.skip(NO_BROWSER)
+    driver = headless_chrome()
+    yield driver
+    driver.quit()
+
+
+def open_page(driver, url, model=MODEL):
+    """Load the page and wait for its model lookup; the network at full speed again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    network(driver)
+    driver.get(url + "/")
+    WebDriverWait(driver, DEADLINE_S).until(lambda d: d.find_element(By.ID, "model-name").text == model)
+
+
+def network(driver, latency_ms=0, offline=False):
+    """Chrome's network emulation (DevTools): a latency keeps a reply in flight for that long; offline is a
+    server that does not answer."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": offline, "latency": latency_ms, "downloadThroughput": -1, "uploadThroughput": -1})
+
+
+def type_message(driver, text, send=True):
+    """Type into the chat box; send: press Enter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, "chat-input")
+    box.send_keys(text)
+    if send:
+        box.send_keys(Keys.ENTER)
+
+
+def wait_reply(driver, count=1):
+    """The `count`-th reply, once it has ended (done, error or stopped)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    selector = ".msg.assistant:not([data-state=streaming])"
+    return WebDriverWait(driver, DEADLINE_S).until(
+        lambda d: len(found := d.find_elements(By.CSS_SELECTOR, selector)) >= count and found[count - 1])
+
+
+def history(driver):
+    return [m["role"] for m in driver.execute_script("return page.messages")]
+
+
+def test_enter_during_a_reply_sends_nothing(served, browser):
+    """Send is disabled while a reply streams, and Enter (which submits the form anyway) is ignored too: a second
+    request would interleave two replies in the history and on the canvas."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    browser.find_element(By.ID, "chat-max-tokens").clear()
+    browser.find_element(By.ID, "chat-max-tokens").send_keys("8")
+    network(browser, latency_ms=1500)  # the reply stays in flight for a while
+    type_message(browser, "Hello!")
+    type_message(browser, "And again?")
+    assert browser.find_element(By.ID, "chat-input").get_attribute("value") == "And again?"  # kept, not sent
+    network(browser)
+    assert wait_reply(browser).get_attribute("data-state") == "done"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 2
+    assert history(browser) == ["user", "assistant"]
+
+
+def test_stop_and_new_chat_end_the_reply_in_flight(served, browser):
+    """Stop (shown while a reply runs) aborts the request and leaves the turn out of the conversation; New chat
+    aborts it too, so that no late reply lands in the new conversation."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    stop = browser.find_element(By.ID, "chat-stop")
+    assert not stop.is_displayed()
+    network(browser, latency_ms=1500)
+    type_message(browser, "Hello!")
+    assert stop.is_displayed()
+    stop.click()
+    reply = wait_reply(browser)
+    assert reply.get_attribute("data-state") == "stopped" and "stopped" in reply.text
+    assert history(browser) == [] and not stop.is_displayed()
+    assert browser.find_element(By.ID, "chat-send").is_enabled()
+
+    type_message(browser, "Hello again!")
+    browser.find_element(By.ID, "chat-reset").click()
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == [] and history(browser) == []
+    assert not stop.is_displayed()
+    network(browser)
+    type_message(browser, "A new question")
+    assert wait_reply(browser).get_attribute("data-state") == "done"
+    assert [m["content"] for m in browser.execute_script("return page.messages")][0] == "A new question"
+    assert history(browser) == ["user", "assistant"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 2
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_enter_that_ends_an_ime_composition_sends_nothing(served, browser):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    type_message(browser, "\u3053\u3093\u306b\u3061\u306f", send=False)
+    enter = """arguments[0].dispatchEvent(new KeyboardEvent("keydown",
+                 {key: "Enter", bubbles: true, cancelable: true, ...arguments[1]}))"""
+    box = browser.find_element(By.ID, "chat-input")
+    for composing in ({"isComposing": True}, {"keyCode": 229}):
+        browser.execute_script(enter, box, composing)
+        assert box.get_attribute("value") == "\u3053\u3093\u306b\u3061\u306f"
+        assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == []
+    browser.execute_script(enter, box, {})  # the same event without a composition sends
+    assert box.get_attribute("value") == "" and browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg")
+    wait_reply(browser)
+
+
+def test_canvas_status_counts_the_positions_it_shows(served, browser):
+    """A preview's `accepted` counts the whole canvas, its draft is cut at EOS: the status line does not mix the
+    two (it read "34 accepted, 32 positions")."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    show = """showPreview({index: 0, canvas: arguments[0], step: 15, accepted: arguments[1], text: "",
+                           token_ids: [...Array(32).keys()], tokens: Array(32).fill("x"),
+                           accepted_mask: Array(32).fill(true).fill(false, 30)})"""
+    browser.execute_script(show, 1, 34)
+    status = browser.find_element(By.ID, "canvas-status")
+    assert status.text == "(canvas 1, step 15: 30 of 32 positions accepted; 34 in the whole canvas)"
+    browser.execute_script(show, 2, 30)
+    assert status.text == "(canvas 2, step 15: 30 of 32 positions accepted)"
+
+
+@pytest.fixture(scope="module")
+def keyed_served():
+    """The app with `--api-key`."""
+    llm = LLM(None, max_model_len=1024)
+    llm.defaults.max_denoising_steps = 8
+    live = LiveServer(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY))
+    yield live.url
+    live.stop()
+
+
+def test_send_says_why_without_a_key_and_when_the_key_is_refused(keyed_served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(keyed_served + "/")
+    wait = WebDriverWait(browser, DEADLINE_S)
+    notice, chat_notice = browser.find_element(By.ID, "server-notice"), browser.find_element(By.ID, "chat-notice")
+    wait.until(lambda d: notice.text.startswith("This server needs an API key"))
+    type_message(browser, "Hello!")
+    wait.until(lambda d: chat_notice.text.startswith("Not sent: This server needs an API key"))
+    assert browser.find_element(By.ID, "chat-input").get_attribute("value") == "Hello!"  # kept for the next try
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == []
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong-key")
+    browser.find_element(By.CSS_SELECTOR, "#key-box button").click()
+    wait.until(lambda d: notice.text.startswith("The server refused this API key"))
+    key.clear()
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "chat-send").click()  # looks the model up with this key, then sends
+    assert wait_reply(browser).get_attribute("data-state") == "done"
+    assert not notice.is_displayed() and not chat_notice.is_displayed()
+    assert browser.find_element(By.ID, "model-name").text == MODEL
+
+
+def test_a_restarted_or_stopped_server_is_looked_up_again(served, browser):
+    """After 404 model_not_found (a restart with another model; here the page's model name made stale) or no
+    answer at all, the page looks the model up again, so that the next Send works without a reload."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, served)
+    browser.find_element(By.ID, "chat-max-tokens").clear()
+    browser.find_element(By.ID, "chat-max-tokens").send_keys("8")
+    browser.execute_script("page.model = 'the-model-before'")
+    type_message(browser, "Hello!")
+    reply = wait_reply(browser)
+    assert reply.get_attribute("data-state") == "error"
+    assert reply.text.endswith(f"The server now serves \u201c{MODEL}\u201d: try again.")
+    assert history(browser) == []  # the failed turn left the conversation
+    type_message(browser, "Hello again!")
+    assert wait_reply(browser, 2).get_attribute("data-state") == "done"
+    assert history(browser) == ["user", "assistant"]
+
+    network(browser, offline=True)
+    type_message(browser, "Still there?")
+    reply = wait_reply(browser, 3)
+    assert reply.get_attribute("data-state") == "error"
+    assert reply.text.endswith("The server did not answer (is it running?)")
+    assert browser.find_element(By.ID, "server-notice").text == "The server did not answer (is it running?)"
+    assert history(browser) == ["user", "assistant"]
+    network(browser)
+    type_message(browser, "Back?")  # the lookup again, then the request
+    assert wait_reply(browser, 4).get_attribute("data-state") == "done"
+    assert history(browser) == ["user", "assistant"] * 2
+    assert not browser.find_element(By.ID, "server-notice").is_displayed()
 
 
 @pytest.mark.skipif(browser_paths() is None, reason=NO_BROWSER)
@@ -180,3 +380,31 @@ def test_sudoku_board_solves_with_the_rules(sudoku_served):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_sudoku_answer_stays_apart_from_the_givens(sudoku_served, browser):
+    """The model's answer is not read back as givens: Solve again counts the same givens, and an edit makes its
+    cell a given and clears the answer; a digit typed into a filled cell replaces it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, sudoku_served, "sudoku")
+    wait = WebDriverWait(browser, DEADLINE_S)
+    status = browser.find_element(By.ID, "sudoku-status")
+    cells = browser.find_elements(By.CSS_SELECTOR, "#sudoku-board input")
+    board = lambda: "".join(c.get_attribute("value") or "0" for c in cells)  # noqa: E731
+    for _ in range(2):  # the example's 50 givens, then the same 50 on the solved board
+        browser.find_element(By.ID, "sudoku-solve").click()
+        wait.until(lambda d: status.text.startswith(("Solved", "No valid")))
+        assert status.text == "Solved (50 givens)."
+        assert "0" not in board()
+    cells[0].send_keys(Keys.BACKSPACE)  # a given cleared: the answer to the old puzzle goes with it
+    assert status.text == "" and board().count("0") == 81 - 49
+    assert not browser.find_elements(By.CSS_SELECTOR, "#sudoku-board input.accepted")
+    assert browser.execute_script("return readPuzzle()") == "0" + board()[1:]
+    cells[1].send_keys("5")  # a filled cell (the example's 9): the typed digit replaces it
+    assert cells[1].get_attribute("value") == "5" and "given" in cells[1].get_attribute("class")
+    cells[0].send_keys("7")
+    assert cells[0].get_attribute("value") == "7" and "given" in cells[0].get_attribute("class")
+    assert browser.execute_script("return readPuzzle()").count("0") == 81 - 50

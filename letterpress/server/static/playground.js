@@ -7,10 +7,28 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const page = { model: null, root: "", messages: [], frames: new Set() };
+// reply: the AbortController of the chat reply in flight, null when none (one at a time: each request sends the
+// whole history)
+const page = { model: null, root: "", messages: [], frames: new Set(), reply: null };
 
 // ---------------------------------------------------------------------------------------------- HTTP
-class ApiError extends Error {}
+// status and code: the server's answer (0 and null when there was none); network: the server did not answer
+class ApiError extends Error {
+  constructor(message, { status = 0, code = null, network = false } = {}) {
+    super(message);
+    Object.assign(this, { status, code, network });
+  }
+}
+
+// fetch says only "Failed to fetch" (a TypeError) when nothing answers; an abort stays an AbortError
+async function call(path, init) {
+  try {
+    return await fetch(path, { headers: headers(), ...init });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new ApiError("The server did not answer (is it running?)", { network: true });
+  }
+}
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -22,24 +40,28 @@ function headers() {
 async function failure(response) {
   const body = await response.json().catch(() => ({}));
   const message = body.error ? body.error.message : response.statusText;
-  return new ApiError(`${response.status}: ${message}`);
+  return new ApiError(`${response.status}: ${message}`, { status: response.status, code: body.error?.code ?? null });
 }
 
 async function postJson(path, body) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const response = await call(path, { method: "POST", body: JSON.stringify(body) });
   if (!response.ok) throw await failure(response);
   return response.json();
 }
 
 // A streaming POST: calls onEvent(eventName, data) for each server-sent event until `data: [DONE]`.
-async function stream(path, body, onEvent) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+// signal: an AbortSignal that ends the request (an AbortError is thrown then).
+async function stream(path, body, onEvent, signal = undefined) {
+  const response = await call(path, { method: "POST", body: JSON.stringify(body), signal });
   if (!response.ok) throw await failure(response);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reader.read().catch((e) => {
+      if (e.name === "AbortError") throw e;
+      throw new ApiError("The server stopped answering (is it running?)", { network: true });
+    });
     if (done) return;
     buffer += decoder.decode(value, { stream: true });
     let cut;
@@ -78,15 +100,23 @@ function setBusy(buttons, busy) {
 }
 
 // ------------------------------------------------------------------------------------------ the model
+// Looks up the served model; on failure page.model is null and the notice says why, which is also returned
+// ("" when the lookup worked), for Send to repeat.
 async function loadModel() {
   const notice = $("server-notice");
+  const fail = (why) => {
+    page.model = null;
+    notice.textContent = why;
+    notice.hidden = false;
+    return why;
+  };
   try {
-    const response = await fetch("/v1/models", { headers: headers() });
+    const response = await call("/v1/models", {});
     if (response.status === 401) {
-      notice.textContent = "This server needs an API key: enter it under \u201cAPI key\u201d.";
-      notice.hidden = false;
       $("key-box").closest("details").open = true;
-      return;
+      return fail($("api-key").value.trim()
+        ? "The server refused this API key: check it under \u201cAPI key\u201d."
+        : "This server needs an API key: enter it under \u201cAPI key\u201d.");
     }
     if (!response.ok) throw await failure(response);
     const card = (await response.json()).data[0];
@@ -108,10 +138,20 @@ async function loadModel() {
       : sudoku ? "The served model fills Sudoku boards, not text: serve a text model for this panel." : "";
     $("infill-notice").hidden = !infillNotice;
     $("infill-notice").textContent = infillNotice;
+    return "";
   } catch (e) {
-    notice.textContent = `Cannot reach the server: ${e.message}`;
-    notice.hidden = false;
+    return fail(e.network ? e.message : `Cannot reach the server: ${e.message}`);
   }
+}
+
+// After a failed request: the server may be down, or have restarted with another model (404 model_not_found)
+// or key (401). Look the model up again, so that the next try uses what the server serves now; returns a hint
+// to add to the error when the model has changed.
+async function recover(e) {
+  if (!(e.network || e.status === 401 || (e.status === 404 && e.code === "model_not_found"))) return "";
+  const before = page.model;
+  await loadModel();
+  return page.model && page.model !== before ? ` The server now serves \u201c${page.model}\u201d: try again.` : "";
 }
 
 // ---------------------------------------------------------------------------------------- canvas view
@@ -145,8 +185,12 @@ function showPreview(preview) {
     cell.textContent = visible(text);
     return cell;
   }));
-  $("canvas-status").textContent =
-    `(canvas ${preview.canvas}, step ${preview.step}, ${preview.accepted} accepted, ${preview.tokens.length} positions)`;
+  // `accepted` counts the whole canvas, while the draft (and its mask) is cut at EOS and max_tokens: the count
+  // shown is the mask's, with the canvas's beside it when positions past the cut were accepted too
+  const shown = preview.accepted_mask ? preview.accepted_mask.filter(Boolean).length : 0;
+  const beyond = preview.accepted > shown ? `; ${preview.accepted} in the whole canvas` : "";
+  $("canvas-status").textContent = `(canvas ${preview.canvas}, step ${preview.step}: ${shown} of ` +
+    `${preview.tokens.length} positions accepted${beyond})`;
   lastDraft = { canvas: preview.canvas, ids: preview.token_ids };
   countFrame(preview);
 }
@@ -172,16 +216,36 @@ function addMessage(role, text) {
   return { el, reasoning, body, draft };
 }
 
+// Send while no reply runs; Stop while one does
+function showReplyRunning(running) {
+  $("chat-send").disabled = running;
+  $("chat-stop").hidden = !running;
+}
+
 async function sendChat(event) {
   event.preventDefault();
+  // Enter submits the form even while Send is disabled: a second request would interleave two replies
+  if (page.reply) return;
+  if (!page.model) { // not looked up yet, or the lookup failed (a key needed or refused, the server down): again
+    const why = await loadModel();
+    $("chat-notice").textContent = why && `Not sent: ${why}`;
+    $("chat-notice").hidden = !why;
+    if (why || page.reply) return; // (another Send went first while the model was looked up)
+  }
   const text = $("chat-input").value.trim();
-  if (!text || !page.model) return;
+  if (!text) return;
   $("chat-input").value = "";
-  page.messages.push({ role: "user", content: text });
+  $("chat-notice").hidden = true;
+  // the conversation this reply belongs to: New chat starts another array, so a late reply cannot land there
+  const messages = page.messages;
+  const turn = { role: "user", content: text };
+  messages.push(turn);
   addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.el.dataset.state = "streaming";
-  setBusy(["chat-send"], true);
+  const controller = new AbortController(); // Stop and New chat abort it; the server frees the row on disconnect
+  page.reply = controller;
+  showReplyRunning(true);
   $("chat-figures").textContent = "";
   lastDraft = null;
   const started = performance.now();
@@ -189,7 +253,7 @@ async function sendChat(event) {
   const calls = [];
   try {
     await stream("/v1/chat/completions", {
-      model: page.model, messages: page.messages, stream: true,
+      model: page.model, messages, stream: true,
       max_tokens: Number($("chat-max-tokens").value), temperature: Number($("chat-temperature").value),
       stream_options: { include_usage: true, denoising_preview: true },
     }, (name, chunk) => {
@@ -215,28 +279,42 @@ async function sendChat(event) {
         }
       }
       reply.body.textContent = content + calls.map((c) => `\n\u2192 ${c.name}(${c.arguments})`).join("");
-    });
+    }, controller.signal);
     reply.draft.textContent = "";
     $("canvas").classList.add("committed");
     $("canvas-status").textContent = "(committed)";
-    page.messages.push({ role: "assistant", content });
+    messages.push({ role: "assistant", content });
     $("chat-figures").textContent = figures(usage, (performance.now() - started) / 1000);
     reply.el.dataset.state = "done";
   } catch (e) {
-    page.messages.pop(); // the turn that failed is not part of the conversation
-    reply.el.classList.add("error");
+    messages.splice(messages.indexOf(turn), 1); // the turn that failed or was stopped is not part of the conversation
     reply.draft.textContent = "";
-    reply.body.textContent = e.message;
-    reply.el.dataset.state = "error";
+    if (e.name === "AbortError") { // Stop (after New chat this reply is no longer on the page)
+      reply.body.textContent = content + (content ? "\n" : "") + "[stopped: left out of the conversation]";
+      reply.el.dataset.state = "stopped";
+      if (messages === page.messages) $("canvas-status").textContent = "(stopped)";
+    } else {
+      const hint = await recover(e);
+      reply.el.classList.add("error");
+      reply.body.textContent = e.message + hint;
+      reply.el.dataset.state = "error";
+    }
   } finally {
-    setBusy(["chat-send"], false);
+    if (page.reply === controller) { // (not a reply sent since this one was aborted)
+      page.reply = null;
+      showReplyRunning(false);
+    }
   }
 }
 
 function resetChat() {
+  if (page.reply) page.reply.abort();
   page.messages = [];
   $("chat-log").replaceChildren();
   $("chat-figures").textContent = "";
+  $("canvas").replaceChildren();
+  $("canvas").classList.remove("committed");
+  $("canvas-status").textContent = "(idle)";
 }
 
 // ------------------------------------------------------------------------------------ infill and edit
@@ -284,7 +362,7 @@ async function runInfillOrEdit(kind) {
     }
     $("infill-figures").textContent = figures(data.usage, (performance.now() - started) / 1000);
   } catch (e) {
-    showResult([[e.message, false]]);
+    showResult([[e.message + await recover(e), false]]);
   } finally {
     setBusy(["infill-run", "edit-run"], false);
   }
@@ -301,16 +379,32 @@ function buildBoard() {
     const input = document.createElement("input");
     const row = Math.floor(i / 9), col = i % 9;
     input.className = `c${col} r${row}`;
-    input.maxLength = 1;
+    // no maxLength: a full cell would refuse a typed digit, which is meant to replace the cell's
     input.inputMode = "numeric";
     input.setAttribute("aria-label", `row ${row + 1}, column ${col + 1}`);
-    input.addEventListener("input", () => {
-      input.value = input.value.replace(/[^1-9]/g, "");
-      input.className = `c${col} r${row}` + (input.value ? " given" : "");
+    input.addEventListener("beforeinput", (e) => {
+      if (e.inputType !== "insertText" || !e.data) return;
+      e.preventDefault();
+      const digit = e.data.replace(/[^1-9]/g, "").slice(-1);
+      if (digit) { input.value = digit; edited(input); }
+    });
+    input.addEventListener("input", () => { // a paste, a deletion
+      input.value = input.value.replace(/[^1-9]/g, "").slice(-1);
+      edited(input);
     });
     cells.push(input);
   }
   $("sudoku-board").append(...cells);
+}
+
+// The user's cells are the givens (class "given"); the model's answer fills the others (accepted, kept).
+// An edited cell becomes a given (or a blank); the model's answer, to a puzzle that is no longer the board's,
+// is cleared, with the status of that solve.
+function edited(input) {
+  input.classList.toggle("given", input.value !== "");
+  setBoard(readPuzzle());
+  $("sudoku-status").textContent = "";
+  showNote("");
 }
 
 function setBoard(puzzle, answer = null) {
@@ -321,7 +415,9 @@ function setBoard(puzzle, answer = null) {
   });
 }
 
-const readPuzzle = () => cells.map((c) => (/^[1-9]$/.test(c.value) ? c.value : "0")).join("");
+// the givens only: not the digits the model filled in
+const readPuzzle = () => cells.map((c) => (c.classList.contains("given") && /^[1-9]$/.test(c.value) ? c.value : "0"))
+  .join("");
 const peers = (i, j) => i !== j && (Math.floor(i / 9) === Math.floor(j / 9) || i % 9 === j % 9 ||
   (Math.floor(i / 27) === Math.floor(j / 27) && Math.floor((i % 9) / 3) === Math.floor((j % 9) / 3)));
 
@@ -353,6 +449,7 @@ async function solveSudoku() {
     return;
   }
   setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], true);
+  cells.forEach((c) => { c.readOnly = true; }); // an edit now would be overwritten by the answer to the old puzzle
   $("sudoku-figures").textContent = "";
   showNote("");
   const givens = [...puzzle].filter((ch) => ch !== "0").length;
@@ -416,9 +513,10 @@ async function solveSudoku() {
   } catch (e) {
     await player;
     setBoard(puzzle);
-    $("sudoku-status").textContent = e.message;
+    $("sudoku-status").textContent = e.message + await recover(e);
   } finally {
     setBusy(["sudoku-solve", "sudoku-example", "sudoku-clear"], false);
+    cells.forEach((c) => { c.readOnly = false; });
   }
 }
 
@@ -428,9 +526,13 @@ document.addEventListener("DOMContentLoaded", () => {
   setBoard(EXAMPLE);
   $("chat-form").addEventListener("submit", sendChat);
   $("chat-input").addEventListener("keydown", (e) => { // Enter sends, Shift+Enter is a new line
+    // an Enter that confirms an IME composition (Japanese, Chinese, ...) is the IME's, not a send; some
+    // browsers end the composition first and report it as keyCode 229 only
+    if (e.isComposing || e.keyCode === 229) return;
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
   });
   $("chat-reset").addEventListener("click", resetChat);
+  $("chat-stop").addEventListener("click", () => page.reply && page.reply.abort());
   $("infill-run").addEventListener("click", () => runInfillOrEdit("infill"));
   $("edit-run").addEventListener("click", () => runInfillOrEdit("edit"));
   const resetBoard = (puzzle) => { setBoard(puzzle); $("sudoku-status").textContent = ""; showNote(""); };
