@@ -150,6 +150,22 @@ def test_media_errors_name_the_part(llm, folder, tmp_path):
         llm.generate([2, llm.media_tokens.image, 5], PARAMS)
 
 
+def test_video_longer_than_max_model_len_is_refused_before_decoding(llm, tmp_path, monkeypatch):
+    from letterpress.media.video import VideoProcessor
+
+    from .test_video import write_video
+
+    def never(self, image):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(VideoProcessor, "frame", never)
+    monkeypatch.setattr(llm, "max_model_len", 100)
+    clip = write_video(tmp_path / "clip.mp4", frames=35, rate=10)  # 3 frames of ~70 soft tokens
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content\[0\]: the video's 3 sampled frames .* more "
+                                           "than max_model_len 100"):
+        llm.chat(ask({"type": "video", "video": str(clip)}), PARAMS)
+
+
 def test_resolution_tier_per_request(llm):
     out = llm.chat(ask(image(1, 64, 64)), PARAMS, mm_processor_kwargs={"max_soft_tokens": 140})[0]
     assert out.prompt_token_ids.count(llm.media_tokens.image) == llm.image_processor.num_soft_tokens(64, 64, 140) > 70

@@ -213,7 +213,7 @@ class LLM:
                 if part.kind == IMAGE:
                     images.append(self.image_processor(source, soft_tokens=tier))
                 else:
-                    videos.append(self.video_processor(as_file(source)))
+                    videos.append(self.video_processor(as_file(source), max_tokens=self.max_model_len))
             except RequestError as e:
                 message = str(e)
                 raise RequestError(message if message.startswith(part.where) else f"{part.where}: {message}") from None

@@ -26,6 +26,11 @@ import torch
 from ..config import IMAGE_TIERS, VisionConfig
 from ..errors import NotSupportedError, RequestError
 
+# Images and video frames above this many pixels are refused before they are decoded: a 13000×13000 PNG of a
+# few hundred KB (under Pillow's 179-megapixel bomb limit) takes gigabytes and seconds to decode and composite,
+# for an image that is then scaled to at most 1120 soft tokens (~1,000 pixels a side). 8K (33 MP) passes.
+MAX_PIXELS = 50_000_000
+
 ImageInput = Union["PIL.Image.Image", str, Path, bytes, np.ndarray]  # noqa: F821
 
 
@@ -51,6 +56,12 @@ def check_tier(soft_tokens: int) -> int:
     if soft_tokens not in IMAGE_TIERS:
         raise RequestError(f"image soft tokens {soft_tokens!r} is not a tier; choose one of {list(IMAGE_TIERS)}")
     return int(soft_tokens)
+
+
+def check_pixels(width: int, height: int, what: str = "the image") -> None:
+    if width * height > MAX_PIXELS:
+        raise RequestError(f"{what} is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels), more than "
+                           f"the limit of {MAX_PIXELS / 1e6:.0f} megapixels")
 
 
 def target_size(height: int, width: int, soft_tokens: int, patch_size: int = 16, pooling_kernel_size: int = 3) -> tuple[int, int]:
