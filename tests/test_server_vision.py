@@ -8,10 +8,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import http.server
+import io
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -22,6 +24,7 @@ from letterpress import LLM  # noqa: E402
 from letterpress.errors import RequestError  # noqa: E402
 from letterpress.media.sources import MediaLimits, read_url  # noqa: E402
 from letterpress.server.app import ServerConfig  # noqa: E402
+from letterpress.server.body import default_max_request_bytes  # noqa: E402
 
 from .live_server import KEY, MODEL, LiveServer  # noqa: E402
 from .test_video import write_video  # noqa: E402
@@ -230,6 +233,30 @@ def test_text_requests_do_not_wait_behind_media_fetches(server, host, monkeypatc
     for r, elapsed in results:
         assert r.status_code == 400 and "took longer than 4 s" in r.json()["error"]["message"]
         assert elapsed < 4.0 + 3.0  # the deadline plus slack, not TRICKLE_S
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_default_body_limit_holds_data_urls(client, server):
+    """A vision checkpoint's default --max-request-bytes holds an image at the limit as a data URL (the text
+    default, 2,000,000, refused phone photos of 1.5 MB+); past it, the 413 says how data URLs count."""
+    assert default_max_request_bytes(20 * 2**20) == 29_962_028 and default_max_request_bytes(None) == 2_000_000
+    limit = server.app.state.server.config.max_request_bytes
+    assert limit == 2_000_000 + 4 * -(-2**20 // 3)  # this server's image limit is 1 MiB
+    images = [noise_png(540, seed) for seed in (1, 2)]  # two of ~0.85 MiB: a body of ~2.4 MB
+    assert all(len(image) < 2**20 for image in images)
+    reply = chat(client, *[image_part(data_url(image)) for image in images])
+    assert reply.choices[0].finish_reason is not None
+    r = httpx.post(server.url + "/v1/chat/completions", content=b" " * (limit + 1), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "data URLs count in full" in r.json()["error"]["message"]
 
 
 def test_tokenize_counts_image_soft_tokens_as_chat_does(client, server):

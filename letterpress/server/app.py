@@ -39,7 +39,7 @@ from ..media.prompt import MediaRun
 from ..structured import SchemaError, StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
 from .structured import from_body as structured_from_body, param_of as structured_param
-from .body import parse_body, read_body
+from .body import default_max_request_bytes, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .core import DEFAULT_STEP_CEILING, DISCONNECTED, Job, ServerConfig
 from .infill import edit_job, edit_response, infill_job
@@ -79,6 +79,9 @@ class OpenAIServer:
         if llm.tokenizer is None:
             raise CheckpointError("letterpress serve needs a checkpoint with a tokenizer.json")
         self.llm = llm
+        if config.max_request_bytes is None:
+            images = config.media_limits.max_image_bytes if llm.vision is not None else None
+            config = dataclasses.replace(config, max_request_bytes=default_max_request_bytes(images))
         self.config = config
         self.metrics = Metrics()
         self.engine = EngineLoop(llm, config.max_queue, self.metrics, config.request_timeout)
@@ -106,7 +109,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------ requests
     async def read(self, raw: HttpRequest, model: type[T]) -> T:
         """The request body as `model`: 413 past --max-request-bytes, 400 for anything that is not JSON."""
-        data = await read_body(raw, self.config.max_request_bytes)
+        data = await read_body(raw, self.config.max_request_bytes, self.llm.vision is not None)
         return await self.off_loop(parse_body, data, model)
 
     async def off_loop(self, fn: Callable[..., T], *args, media: bool = False) -> T:
@@ -703,7 +706,7 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     # vLLM's tokenizer routes and version (server/vllm_compat.py)
     @app.post("/tokenize")
     async def tokenize(raw: HttpRequest):
-        data = await read_body(raw, config.max_request_bytes)
+        data = await read_body(raw, server.config.max_request_bytes, llm.vision is not None)
         body = await server.off_loop(vllm_compat.tokenize_body, data)
         media = has_media(getattr(body, "messages", None))
         return await server.off_loop(vllm_compat.tokenize, server, body, media=media)
