@@ -154,7 +154,10 @@ def test_http_file_and_video_urls(client, server, host, media_dir):
     (image_part(data_url(b"not an image")), "messages[0].content[0]: cannot read the image"),
     (image_part("data:image/png;base64,@@@"), "not valid base64"),
     (image_part(data_url(mime="text/plain")), "is not an image"),
-    (image_part(data_url(b"\0" * (2**20 + 10))), "larger than the limit of 1 MiB"),
+    (image_part(data_url(b"\0" * (2**20 + 10))), "messages[0].content[0]: the image is larger than the limit of 1 MiB"),
+    (image_part(data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")),
+     "messages[0].content[0]: cannot read the image: not an image Pillow can read (PNG, JPEG"),
+    (image_part(data_url(b"")), "not an image Pillow can read"),
     (image_part("ftp://example.com/a.png"), "unsupported URL"),
     (image_part("file:///etc/passwd"), "not under the allowed local media path"),
     (image_part("/etc/passwd"), "unsupported URL"),
@@ -168,6 +171,7 @@ def test_unusable_media_are_400s(client, media_dir, part, message):
     with pytest.raises(openai.BadRequestError) as error:
         chat(client, part)
     assert message in str(error.value)
+    assert str(error.value).count("messages[0].content[0]") == 1 and " at 0x" not in str(error.value)
 
 
 def test_fetch_limits_and_counts(client, host, server):

@@ -112,7 +112,10 @@ def _decode(source: str | Path | bytes) -> "PIL.Image.Image":  # noqa: F821
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError:
         raise RequestError(f"image file {source} not found") from None
-    except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, DecompressionBombError, ...
+    except Image.UnidentifiedImageError:  # its message names the file object, a memory address
+        raise RequestError("cannot read the image: not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, "
+                           "TIFF)") from None
+    except Exception as e:  # Pillow raises OSError, DecompressionBombError, ...
         raise RequestError(f"cannot read the image: {e}") from None
     check_pixels(image.width, image.height)
     try:

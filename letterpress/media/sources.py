@@ -55,7 +55,7 @@ class MediaLimits:
 
 
 def _too_big(kind: str, where: str, limit: int) -> RequestError:
-    return RequestError(f"{kind} {where} is larger than the limit of {limit / 2**20:g} MiB")
+    return RequestError(f"{where}: the {kind} is larger than the limit of {limit / 2**20:g} MiB")
 
 
 def read_url(url: str, kind: str, limits: MediaLimits, where: str = "") -> bytes | Path:

@@ -13,9 +13,12 @@ Decoding uses PyAV (`pip install letterpress[video]`), imported only when a vide
 from __future__ import annotations
 
 import functools
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
+
+import numpy as np
 
 from ..config import VIDEO_TIER
 from ..errors import NotSupportedError, RequestError
@@ -76,6 +79,18 @@ def _av():
     except ImportError:
         raise NotSupportedError("video needs PyAV: pip install 'letterpress[video]' (or pip install av)") from None
     return av
+
+
+def decoded_video(frames: Any, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -> VideoFrames:
+    """Frames the caller decoded: an array [frames, height, width, 3] uint8 (vLLM's), or a list of PIL images or
+    [height, width, 3] arrays. They are taken as a clip of `fps` frames a second (frame i at i / fps seconds)
+    and sampled as a file's frames are (at most `max_frames`, evenly spread)."""
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8):
+        raise RequestError(f"a video array must be [frames, height, width, 3] uint8, got {list(frames.shape)} "
+                           f"{frames.dtype}")
+    frames = list(frames)
+    indices = sample_indices(len(frames), fps, fps, max_frames)
+    return VideoFrames([frames[i] for i in indices], indices, fps, len(frames))
 
 
 def read_video(source: str | Path | BinaryIO, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
@@ -157,9 +172,16 @@ class VideoProcessor:
 
     def __call__(self, source: str | Path | BinaryIO | VideoFrames, max_tokens: int | None = None) -> ProcessedVideo:
         """`max_tokens` (max_model_len): refuse, before decoding, a video whose sampled frames alone take more."""
+        if isinstance(source, (np.ndarray, list, tuple)):  # frames decoded by the caller (vLLM takes an array)
+            source = decoded_video(source, self.fps, self.max_frames)
         if isinstance(source, VideoFrames):
             frames = [self.image_processor(frame, soft_tokens=self.soft_tokens) for frame in source.frames]
             return ProcessedVideo(frames, source.timestamps)
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)
+        if not isinstance(source, (str, Path)) and not hasattr(source, "read"):
+            raise RequestError(f"cannot use a {type(source).__name__} as a video: a video is a file, a URL, bytes, "
+                               "or its frames ([frames, height, width, 3] uint8 array, or a list of images)")
         video = read_video(source, self.fps, self.max_frames, convert=self.frame,
                            check=None if max_tokens is None else functools.partial(self.check_length, max_tokens))
         return ProcessedVideo(video.frames, video.timestamps)
