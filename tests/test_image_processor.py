@@ -5,6 +5,8 @@ positions and padding at every tier, and pixel values (exactly equal: both resiz
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -132,3 +134,25 @@ def test_inputs_and_errors(tmp_path):
         ours(tmp_path / "bad.png")
     with pytest.raises(RequestError, match="uint8"):
         ours(np.zeros((4, 4), dtype=np.float32))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width×height (RGBA) but holds a few bytes of pixels: its size without the memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(monkeypatch):
+    """Under Pillow's bomb limits (a 13000×13000 PNG took ~2.6 GB to decode and composite): the header suffices."""
+    from PIL import ImageFile
+
+    def never(self):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    with pytest.raises(RequestError, match="the image is 9000×9000 pixels \\(81 megapixels\\), more than the "
+                                           "limit of 50 megapixels"):
+        ImageProcessor()(png_header(9000, 9000))

@@ -6,11 +6,14 @@ every unusable medium a 400 that says which part and why, with the event loop fr
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.server
+import io
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -18,8 +21,10 @@ openai = pytest.importorskip("openai")
 av = pytest.importorskip("av")
 
 from letterpress import LLM  # noqa: E402
-from letterpress.media.sources import MediaLimits  # noqa: E402
+from letterpress.errors import RequestError  # noqa: E402
+from letterpress.media.sources import MediaLimits, read_url  # noqa: E402
 from letterpress.server.app import ServerConfig  # noqa: E402
+from letterpress.server.body import default_max_request_bytes  # noqa: E402
 
 from .live_server import KEY, MODEL, LiveServer  # noqa: E402
 from .test_video import write_video  # noqa: E402
@@ -28,14 +33,19 @@ from .vision_fixtures import build_vision_checkpoint, png_bytes  # noqa: E402
 
 PNG = png_bytes(60, 40, 1)
 SLOW_S = 3.0
+TRICKLE_S = 30.0  # how long /trickle.png keeps sending, a byte every 0.1 s
 
 
 class MediaHost:
-    """An http server on loopback: /ok.png, /big.png (over the limit), /slow.png (answers after SLOW_S)."""
+    """An http server on loopback: /ok.png, /big.png (over the limit), /slow.png (answers after SLOW_S),
+    /trickle.png (200 without Content-Length, then a byte every 0.1 s for TRICKLE_S)."""
 
     def __init__(self):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                if self.path == "/trickle.png":
+                    self.trickle()
+                    return
                 if self.path == "/slow.png":
                     time.sleep(SLOW_S)
                 body = b"\0" * (3 * 2**20) if self.path == "/big.png" else PNG
@@ -48,6 +58,19 @@ class MediaHost:
                 try:
                     self.wfile.write(body)
                 except OSError:
+                    pass
+
+            def trickle(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                end = time.monotonic() + TRICKLE_S
+                try:
+                    while time.monotonic() < end:
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:  # the client hung up
                     pass
 
             def log_message(self, *args):
@@ -131,7 +154,10 @@ def test_http_file_and_video_urls(client, server, host, media_dir):
     (image_part(data_url(b"not an image")), "messages[0].content[0]: cannot read the image"),
     (image_part("data:image/png;base64,@@@"), "not valid base64"),
     (image_part(data_url(mime="text/plain")), "is not an image"),
-    (image_part(data_url(b"\0" * (2**20 + 10))), "larger than the limit of 1 MiB"),
+    (image_part(data_url(b"\0" * (2**20 + 10))), "messages[0].content[0]: the image is larger than the limit of 1 MiB"),
+    (image_part(data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")),
+     "messages[0].content[0]: cannot read the image: not an image Pillow can read (PNG, JPEG"),
+    (image_part(data_url(b"")), "not an image Pillow can read"),
     (image_part("ftp://example.com/a.png"), "unsupported URL"),
     (image_part("file:///etc/passwd"), "not under the allowed local media path"),
     (image_part("/etc/passwd"), "unsupported URL"),
@@ -145,6 +171,7 @@ def test_unusable_media_are_400s(client, media_dir, part, message):
     with pytest.raises(openai.BadRequestError) as error:
         chat(client, part)
     assert message in str(error.value)
+    assert str(error.value).count("messages[0].content[0]") == 1 and " at 0x" not in str(error.value)
 
 
 def test_fetch_limits_and_counts(client, host, server):
@@ -173,6 +200,67 @@ def test_slow_fetch_times_out_without_stalling_the_event_loop(server, host):
     assert health.status_code == 200 and thread.is_alive()  # answered while the fetch was still waiting
     thread.join(60)
     assert result["r"].status_code == 400 and "/slow.png" in result["r"].json()["error"]["message"]
+
+
+def test_fetch_deadline_holds_for_a_trickling_server(host):
+    """A socket timeout bounds each receive; the deadline bounds the fetch, even at a byte per 0.1 s."""
+    start = time.monotonic()
+    with pytest.raises(RequestError, match=r"trickle.png took longer than 0.5 s"):
+        read_url(host.url + "/trickle.png", "image", MediaLimits(image_timeout=0.5), "messages[0].content[0]")
+    assert time.monotonic() - start < 2.0  # not TRICKLE_S
+
+
+def test_text_requests_do_not_wait_behind_media_fetches(server, host, monkeypatch):
+    """Two trickling image URLs in flight: a text-only chat is answered meanwhile, and each media request gets
+    its 400 at the fetch deadline."""
+    state = server.app.state.server
+    monkeypatch.setattr(state.config, "media_limits", dataclasses.replace(state.config.media_limits, image_timeout=4.0))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    results, threads = [], []
+
+    def trickling():
+        start = time.monotonic()
+        r = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=60, json={
+            "model": MODEL, "max_tokens": 8, "messages": [
+                {"role": "user", "content": [image_part(host.url + "/trickle.png")]}]})
+        results.append((r, time.monotonic() - start))
+
+    for _ in range(2):
+        threads.append(threading.Thread(target=trickling))
+        threads[-1].start()
+    time.sleep(0.5)  # both fetches under way
+    text = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=60, json={
+        "model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
+    assert text.status_code == 200 and all(t.is_alive() for t in threads)  # answered while both still fetch
+    for t in threads:
+        t.join(60)
+    for r, elapsed in results:
+        assert r.status_code == 400 and "took longer than 4 s" in r.json()["error"]["message"]
+        assert elapsed < 4.0 + 3.0  # the deadline plus slack, not TRICKLE_S
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_default_body_limit_holds_data_urls(client, server):
+    """A vision checkpoint's default --max-request-bytes holds an image at the limit as a data URL (the text
+    default, 2,000,000, refused phone photos of 1.5 MB+); past it, the 413 says how data URLs count."""
+    assert default_max_request_bytes(20 * 2**20) == 29_962_028 and default_max_request_bytes(None) == 2_000_000
+    limit = server.app.state.server.config.max_request_bytes
+    assert limit == 2_000_000 + 4 * -(-2**20 // 3)  # this server's image limit is 1 MiB
+    images = [noise_png(540, seed) for seed in (1, 2)]  # two of ~0.85 MiB: a body of ~2.4 MB
+    assert all(len(image) < 2**20 for image in images)
+    reply = chat(client, *[image_part(data_url(image)) for image in images])
+    assert reply.choices[0].finish_reason is not None
+    r = httpx.post(server.url + "/v1/chat/completions", content=b" " * (limit + 1), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "data URLs count in full" in r.json()["error"]["message"]
 
 
 def test_tokenize_counts_image_soft_tokens_as_chat_does(client, server):

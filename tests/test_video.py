@@ -6,6 +6,7 @@ ids from a transformers tokenizer over the same tokenizer.json."""
 from __future__ import annotations
 
 import shutil
+import weakref
 from functools import partial
 from types import SimpleNamespace
 
@@ -157,3 +158,36 @@ def test_container_without_a_frame_count(tmp_path):
     video = read_video(path)
     assert video.indices == [0, 11, 23] and video.total_frames == 35 and len(video.frames) == 3
     assert all(abs(float(np.asarray(f).mean()) - 4 * i) < 6 for f, i in zip(video.frames, video.indices))
+
+
+def test_frames_are_processed_as_decoded(clips, monkeypatch):
+    """Each kept frame goes through the image processor before the next is decoded: one full-size frame is
+    held at a time, not 32 (an 8K clip held ~5 GB of frames before resizing)."""
+    seen, peak, original = [], [], VideoProcessor.frame
+
+    def frame(self, image):
+        seen.append(weakref.ref(image))
+        peak.append(sum(ref() is not None for ref in seen))  # full-size frames still held
+        return original(self, image)
+
+    monkeypatch.setattr(VideoProcessor, "frame", frame)
+    video = VideoProcessor()(clips["long"])
+    assert len(video.frames) == 32 and max(peak) == 1
+    assert all(f.num_soft_tokens == video.soft_tokens_per_frame for f in video.frames)
+
+
+def test_too_long_or_too_large_video_is_refused_before_decoding(clips, monkeypatch):
+    def never(self, image):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(VideoProcessor, "frame", never)
+    processor = VideoProcessor()
+    per_frame = processor.image_processor.num_soft_tokens(32, 32, 70) + 2
+    with pytest.raises(RequestError, match=rf"32 sampled frames \(32×32\) take at least {32 * per_frame:,} tokens, "
+                                           "more than max_model_len 1000"):
+        processor(clips["long"], max_tokens=1000)
+    import letterpress.media.image as image_module
+
+    monkeypatch.setattr(image_module, "MAX_PIXELS", 1000)  # the 50-megapixel cap, scaled down
+    with pytest.raises(RequestError, match="a video frame is 32×32 pixels .* more than the limit"):
+        processor(clips["long"])

@@ -150,6 +150,46 @@ def test_media_errors_name_the_part(llm, folder, tmp_path):
         llm.generate([2, llm.media_tokens.image, 5], PARAMS)
 
 
+def test_video_longer_than_max_model_len_is_refused_before_decoding(llm, tmp_path, monkeypatch):
+    from letterpress.media.video import VideoProcessor
+
+    from .test_video import write_video
+
+    def never(self, image):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(VideoProcessor, "frame", never)
+    monkeypatch.setattr(llm, "max_model_len", 100)
+    clip = write_video(tmp_path / "clip.mp4", frames=35, rate=10)  # 3 frames of ~70 soft tokens
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content\[0\]: the video's 3 sampled frames .* more "
+                                           "than max_model_len 100"):
+        llm.chat(ask({"type": "video", "video": str(clip)}), PARAMS)
+
+
+def test_video_as_decoded_frames(llm):
+    """vLLM's ndarray [T, H, W, 3] (or a list of images) is a video whose frames are 1 s apart; anything else
+    that is not a file says what a video may be (a PIL image was read as a file name)."""
+    import numpy as np
+
+    frames = np.stack([np.full((40, 60, 3), 40 * i, dtype=np.uint8) for i in range(3)])
+    per_frame = llm.image_processor.num_soft_tokens(40, 60, 70)
+    out = llm.generate({"prompt": "<|video|>What happens?", "multi_modal_data": {"video": frames}}, PARAMS)[0]
+    assert out.prompt_token_ids.count(llm.media_tokens.video) == 3 * per_frame
+    as_list = llm.chat(ask({"type": "video", "video": [image(1), image(2)]}), PARAMS)[0]
+    assert as_list.prompt_token_ids.count(llm.media_tokens.video) == 2 * per_frame
+    with pytest.raises(RequestError, match=r"cannot use a PngImageFile as a video: a video is a file, a URL, bytes"):
+        llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": image(1)}}, PARAMS)
+    with pytest.raises(RequestError, match=r"a video array must be \[frames, height, width, 3\] uint8"):
+        llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": frames[0]}}, PARAMS)
+
+
+def test_limits_of_zero_say_so(folder):
+    off = LLM(folder, limit_mm_per_prompt={"image": 0, "video": 0})
+    with pytest.raises(RequestError, match=r"At most 0 image\(s\) may be provided in one prompt, got 1 "
+                                           r"\(limit_mm_per_prompt"):
+        off.chat(ask(image(1)), PARAMS)
+
+
 def test_resolution_tier_per_request(llm):
     out = llm.chat(ask(image(1, 64, 64)), PARAMS, mm_processor_kwargs={"max_soft_tokens": 140})[0]
     assert out.prompt_token_ids.count(llm.media_tokens.image) == llm.image_processor.num_soft_tokens(64, 64, 140) > 70

@@ -185,16 +185,16 @@ class LLM:
         """A text-only model refuses media; `limit_mm_per_prompt` caps each kind (vLLM's message)."""
         if not any(counts.values()):
             return
+        for kind, n in counts.items():  # first: limits of 0 also skip loading the tower
+            limit = self.limit_mm_per_prompt.get(kind)
+            if limit is not None and n > limit:
+                raise RequestError(f"At most {limit} {kind}(s) may be provided in one prompt, got {n} "
+                                   "(limit_mm_per_prompt, --limit-mm-per-prompt)")
         if self.vision is None:
             why = f" (its vision tower did not load: {self.vision_error})" if self.vision_error else ""
             raise NotSupportedError(f"this model has no vision tower: it takes text only, not images or video{why}")
         if counts.get(VIDEO) and self.media_tokens.video is None:
             raise NotSupportedError("this model's tokenizer has no <|video|> token: it does not take video")
-        for kind, n in counts.items():
-            limit = self.limit_mm_per_prompt.get(kind)
-            if limit is not None and n > limit:
-                raise RequestError(f"At most {limit} {kind}(s) may be provided in one prompt, got {n} "
-                                   "(--limit-mm-per-prompt)")
 
     def process_media(self, parts: list[MediaPart], limits: MediaLimits | None = None,
                       soft_tokens: int | None = None) -> tuple[list, list]:
@@ -213,7 +213,7 @@ class LLM:
                 if part.kind == IMAGE:
                     images.append(self.image_processor(source, soft_tokens=tier))
                 else:
-                    videos.append(self.video_processor(as_file(source)))
+                    videos.append(self.video_processor(as_file(source), max_tokens=self.max_model_len))
             except RequestError as e:
                 message = str(e)
                 raise RequestError(message if message.startswith(part.where) else f"{part.where}: {message}") from None

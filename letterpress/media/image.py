@@ -26,6 +26,11 @@ import torch
 from ..config import IMAGE_TIERS, VisionConfig
 from ..errors import NotSupportedError, RequestError
 
+# Images and video frames above this many pixels are refused before they are decoded: a 13000×13000 PNG of a
+# few hundred KB (under Pillow's 179-megapixel bomb limit) takes gigabytes and seconds to decode and composite,
+# for an image that is then scaled to at most 1120 soft tokens (~1,000 pixels a side). 8K (33 MP) passes.
+MAX_PIXELS = 50_000_000
+
 ImageInput = Union["PIL.Image.Image", str, Path, bytes, np.ndarray]  # noqa: F821
 
 
@@ -53,6 +58,12 @@ def check_tier(soft_tokens: int) -> int:
     return int(soft_tokens)
 
 
+def check_pixels(width: int, height: int, what: str = "the image") -> None:
+    if width * height > MAX_PIXELS:
+        raise RequestError(f"{what} is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels), more than "
+                           f"the limit of {MAX_PIXELS / 1e6:.0f} megapixels")
+
+
 def target_size(height: int, width: int, soft_tokens: int, patch_size: int = 16, pooling_kernel_size: int = 3) -> tuple[int, int]:
     """(height, width) to resize to: aspect ratio kept, sides multiples of k·p, at most k²·T patches.
     A side that would round to 0 becomes k·p and the other ⌊long/short⌋·k·p, at most T·k·p."""
@@ -74,17 +85,10 @@ def target_size(height: int, width: int, soft_tokens: int, patch_size: int = 16,
 
 def to_rgb(image: Any) -> "PIL.Image.Image":  # noqa: F821
     """A PIL RGB image from a PIL image, a file path, encoded bytes or an [H, W, 3] uint8 array. Transparency
-    is composited onto white, as transformers does."""
+    is composited onto white, as transformers does. A file over MAX_PIXELS is refused before it is decoded."""
     Image = _pil()
     if isinstance(image, (str, Path, bytes)):
-        source = io.BytesIO(image) if isinstance(image, bytes) else image
-        try:
-            image = Image.open(source)
-            image.load()
-        except FileNotFoundError:
-            raise RequestError(f"image file {image} not found") from None
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, DecompressionBombError, ...
-            raise RequestError(f"cannot read the image: {e}") from None
+        image = _decode(image)
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise RequestError(f"an image array must be [height, width, 3] uint8, got {list(image.shape)} {image.dtype}")
@@ -92,9 +96,33 @@ def to_rgb(image: Any) -> "PIL.Image.Image":  # noqa: F821
     elif not isinstance(image, Image.Image):
         raise RequestError(f"cannot use a {type(image).__name__} as an image (a PIL image, a path, bytes or an array)")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+        # one paste onto white through the alpha channel: the same pixels as transformers' alpha_composite onto
+        # a white RGBA image, without its three full-size RGBA copies
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, (0, 0), rgba)
+        return white
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _decode(source: str | Path | bytes) -> "PIL.Image.Image":  # noqa: F821
+    """Open (which reads only the header), check the size, then decode."""
+    Image = _pil()
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise RequestError(f"image file {source} not found") from None
+    except Image.UnidentifiedImageError:  # its message names the file object, a memory address
+        raise RequestError("cannot read the image: not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, "
+                           "TIFF)") from None
+    except Exception as e:  # Pillow raises OSError, DecompressionBombError, ...
+        raise RequestError(f"cannot read the image: {e}") from None
+    check_pixels(image.width, image.height)
+    try:
+        image.load()
+    except Exception as e:
+        raise RequestError(f"cannot read the image: {e}") from None
+    return image
 
 
 def patchify(pixels: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,6 +73,13 @@ def split_media(messages: Any) -> SplitMessages:
     return SplitMessages(structured, flat, parts)
 
 
+def has_media(messages: Any) -> bool:
+    """Whether any message holds a media (or audio) part: a quick look, before `split_media` checks them."""
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) and any(_media_kind(p) for p in m["content"])
+        for m in messages)
+
+
 def _media_kind(part: Any) -> str | None:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in _AUDIO:

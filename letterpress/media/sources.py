@@ -3,7 +3,8 @@ checked at the boundary with a limit, as vLLM's media connector does.
 
 - `data:<mime>;base64,<payload>`: decoded in memory (its decoded size counts against the byte limit).
 - `http://` / `https://`: fetched with the standard library, at most `max_bytes` (the body is read in pieces
-  and the fetch stops as soon as it exceeds the limit) and at most `timeout` seconds in all.
+  and the fetch stops as soon as it exceeds the limit) and at most `timeout` seconds in all (a timer cuts the
+  connection: a per-receive socket timeout would let a server that trickles bytes hold a fetch for ever).
 - `file://` URLs (and plain paths from a server request): only under `allowed_local_media_path`, after
   resolving symlinks and `..`, as vLLM's `--allowed-local-media-path`; refused when none is set. The Python
   API and the CLI read local paths directly (the caller owns the machine).
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import re
-import time
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -52,7 +55,7 @@ class MediaLimits:
 
 
 def _too_big(kind: str, where: str, limit: int) -> RequestError:
-    return RequestError(f"{kind} {where} is larger than the limit of {limit / 2**20:g} MiB")
+    return RequestError(f"{where}: the {kind} is larger than the limit of {limit / 2**20:g} MiB")
 
 
 def read_url(url: str, kind: str, limits: MediaLimits, where: str = "") -> bytes | Path:
@@ -95,30 +98,92 @@ def _read_data_url(url: str, kind: str, limits: MediaLimits, where: str) -> byte
 
 def _fetch(url: str, kind: str, limits: MediaLimits, where: str) -> bytes:
     limit, timeout = limits.max_bytes(kind), limits.timeout(kind)
-    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "letterpress"})
+    deadline = _Deadline(timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with deadline, deadline.opener().open(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limit:
                 raise _too_big(kind, where, limit)
             body = bytearray()
-            while True:
-                if time.monotonic() > deadline:
-                    raise RequestError(f"{where}: fetching {url} took longer than {timeout:g} s")
-                piece = response.read(64 * 1024)
-                if not piece:
-                    return bytes(body)
+            while piece := response.read1(64 * 1024):  # read1: what has arrived, not a wait for 64 KiB
                 body += piece
                 if len(body) > limit:
                     raise _too_big(kind, where, limit)
+            if deadline.expired:  # the cut connection looks like the end of the body
+                raise deadline.error(url, where)
+            return bytes(body)
     except RequestError:
         raise
     except urllib.error.HTTPError as e:
         raise RequestError(f"{where}: fetching {url} failed with HTTP {e.code}") from None
-    except (TimeoutError, OSError, ValueError) as e:  # URLError is an OSError; socket timeouts too
+    except (TimeoutError, OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+        if deadline.expired:
+            raise deadline.error(url, where) from None
         reason = getattr(e, "reason", e)
         raise RequestError(f"{where}: cannot fetch {url}: {reason}") from None
+
+
+class _Deadline:
+    """The whole fetch's time limit. A socket timeout bounds each receive, not the fetch: a server that sends
+    a byte a second never trips it. So a timer shuts the fetch's connections down when the time is up, which
+    ends any read (headers or body) at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(seconds, self.expire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                _shut(sock)
+
+    def error(self, url: str, where: str) -> RequestError:
+        return RequestError(f"{where}: fetching {url} took longer than {self.seconds:g} s")
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's opener (proxies, redirects, TLS as urlopen), whose connections report to this deadline."""
+        deadline = self
+
+        class Watched:
+            def do_open(self, connection: type[http.client.HTTPConnection], req, **kwargs):
+                class Connection(connection):
+                    def connect(self) -> None:
+                        super().connect()
+                        deadline.watch(self.sock)
+                return super().do_open(Connection, req, **kwargs)
+
+        class Http(Watched, urllib.request.HTTPHandler):
+            pass
+
+        class Https(Watched, urllib.request.HTTPSHandler):
+            pass
+
+        return urllib.request.build_opener(Http, Https)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 def local_path(path: str | Path, kind: str, limits: MediaLimits, where: str) -> Path:

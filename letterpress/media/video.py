@@ -12,13 +12,17 @@ Decoding uses PyAV (`pip install letterpress[video]`), imported only when a vide
 
 from __future__ import annotations
 
+import functools
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Callable, Protocol
+
+import numpy as np
 
 from ..config import VIDEO_TIER
 from ..errors import NotSupportedError, RequestError
-from .image import ImageProcessor, ProcessedImage, check_tier
+from .image import ImageProcessor, ProcessedImage, check_pixels, check_tier
 
 BOI_TOKEN, VIDEO_TOKEN, EOI_TOKEN = "<|image>", "<|video|>", "<image|>"
 VIDEO_TOKEN_ID = 258884  # in the released tokenizer; `<|image>` is 255999 and `<image|>` 258882
@@ -56,7 +60,8 @@ def video_prompt(timestamps: list[float], soft_tokens_per_frame: int) -> str:
 
 @dataclass
 class VideoFrames:
-    """Decoded, sampled frames (PIL RGB images) and where they come from."""
+    """Decoded, sampled frames (PIL RGB images, or what `read_video`'s `convert` made of them) and where they
+    come from."""
 
     frames: list[Any]
     indices: list[int]
@@ -76,8 +81,25 @@ def _av():
     return av
 
 
-def read_video(source: str | Path | BinaryIO, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -> VideoFrames:
-    """Decode the first video stream of a file and keep the sampled frames."""
+def decoded_video(frames: Any, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -> VideoFrames:
+    """Frames the caller decoded: an array [frames, height, width, 3] uint8 (vLLM's), or a list of PIL images or
+    [height, width, 3] arrays. They are taken as a clip of `fps` frames a second (frame i at i / fps seconds)
+    and sampled as a file's frames are (at most `max_frames`, evenly spread)."""
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8):
+        raise RequestError(f"a video array must be [frames, height, width, 3] uint8, got {list(frames.shape)} "
+                           f"{frames.dtype}")
+    frames = list(frames)
+    indices = sample_indices(len(frames), fps, fps, max_frames)
+    return VideoFrames([frames[i] for i in indices], indices, fps, len(frames))
+
+
+def read_video(source: str | Path | BinaryIO, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
+               convert: Callable[[Any], Any] | None = None,
+               check: Callable[[int, int, int], None] | None = None) -> VideoFrames:
+    """Decode the first video stream of a file and keep the sampled frames. `check(frames, height, width)`
+    runs once the frames to keep are known and before any is decoded (it raises to refuse the video);
+    `convert(frame)` runs on each kept frame as it is decoded, so that one full-size frame is held at a time,
+    not 32. Frames over MAX_PIXELS are refused (Pillow's own limit never sees decoded video)."""
     av = _av()
     try:
         container = av.open(source if hasattr(source, "read") else str(source))  # a path or a file object
@@ -90,15 +112,21 @@ def read_video(source: str | Path | BinaryIO, fps: float = DEFAULT_FPS, max_fram
             raise RequestError("the file has no video stream")
         stream = container.streams.video[0]
         source_fps = float(stream.average_rate) if stream.average_rate else FALLBACK_SOURCE_FPS
+        height, width = stream.codec_context.height, stream.codec_context.width
+        check_pixels(width, height, "a video frame")
         try:
             total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # some containers omit the count
             if not stream.frames:
                 container.seek(0)
             indices = sample_indices(total, source_fps, fps, max_frames)
+            if check is not None and height > 0 and width > 0:
+                check(len(indices), height, width)
             wanted, frames = set(indices), []
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames.append(frame.to_image())  # RGB (rgb24), as transformers decodes with PyAV
+                    check_pixels(frame.width, frame.height, "a video frame")  # a stream may change size midway
+                    image = frame.to_image()  # RGB (rgb24), as transformers decodes with PyAV
+                    frames.append(convert(image) if convert is not None else image)
                 if i >= indices[-1]:
                     break
         except RequestError:
@@ -142,7 +170,27 @@ class VideoProcessor:
         self.image_processor = image_processor or ImageProcessor()
         self.fps, self.max_frames, self.soft_tokens = fps, max_frames, check_tier(soft_tokens)
 
-    def __call__(self, source: str | Path | BinaryIO | VideoFrames) -> ProcessedVideo:
-        video = source if isinstance(source, VideoFrames) else read_video(source, self.fps, self.max_frames)
-        frames = [self.image_processor(frame, soft_tokens=self.soft_tokens) for frame in video.frames]
-        return ProcessedVideo(frames, video.timestamps)
+    def __call__(self, source: str | Path | BinaryIO | VideoFrames, max_tokens: int | None = None) -> ProcessedVideo:
+        """`max_tokens` (max_model_len): refuse, before decoding, a video whose sampled frames alone take more."""
+        if isinstance(source, (np.ndarray, list, tuple)):  # frames decoded by the caller (vLLM takes an array)
+            source = decoded_video(source, self.fps, self.max_frames)
+        if isinstance(source, VideoFrames):
+            frames = [self.image_processor(frame, soft_tokens=self.soft_tokens) for frame in source.frames]
+            return ProcessedVideo(frames, source.timestamps)
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)
+        if not isinstance(source, (str, Path)) and not hasattr(source, "read"):
+            raise RequestError(f"cannot use a {type(source).__name__} as a video: a video is a file, a URL, bytes, "
+                               "or its frames ([frames, height, width, 3] uint8 array, or a list of images)")
+        video = read_video(source, self.fps, self.max_frames, convert=self.frame,
+                           check=None if max_tokens is None else functools.partial(self.check_length, max_tokens))
+        return ProcessedVideo(video.frames, video.timestamps)
+
+    def frame(self, image: Any) -> ProcessedImage:
+        return self.image_processor(image, soft_tokens=self.soft_tokens)
+
+    def check_length(self, max_tokens: int, frames: int, height: int, width: int) -> None:
+        per_frame = self.image_processor.num_soft_tokens(height, width, self.soft_tokens) + 2  # + <|image>, <image|>
+        if frames * per_frame > max_tokens:
+            raise RequestError(f"the video's {frames} sampled frames ({width}×{height}) take at least "
+                               f"{frames * per_frame:,} tokens, more than max_model_len {max_tokens}")

@@ -34,11 +34,12 @@ from ..engine.limits import MIN_TEMPERATURE
 from ..engine.request import CanvasEvent, SamplingParams
 from ..errors import CheckpointError, LetterpressError, NotSupportedError, RequestError
 from ..engine.llm import soft_tokens_of
+from ..media.messages import has_media
 from ..media.prompt import MediaRun
 from ..structured import SchemaError, StructuredOutputsParams
 from .chat import ChatChoice, ChatOptions, render_chat
 from .structured import from_body as structured_from_body, param_of as structured_param
-from .body import parse_body, read_body
+from .body import default_max_request_bytes, parse_body, read_body
 from .engine_loop import EngineError, EngineLoop, QueueFull, RequestStream
 from .core import DEFAULT_STEP_CEILING, DISCONNECTED, Job, ServerConfig
 from .infill import edit_job, edit_response, infill_job
@@ -68,6 +69,7 @@ class ShuttingDown(Exception):
     """The server is shutting down and its drain time is up: what is still open ends with this error."""
 
 
+MEDIA_WORKERS = 4  # threads that prepare requests with images or video (fetch, decode)
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy, as in vLLM (its _SAMPLING_EPS)
 
 
@@ -77,6 +79,9 @@ class OpenAIServer:
         if llm.tokenizer is None:
             raise CheckpointError("letterpress serve needs a checkpoint with a tokenizer.json")
         self.llm = llm
+        if config.max_request_bytes is None:
+            images = config.media_limits.max_image_bytes if llm.vision is not None else None
+            config = dataclasses.replace(config, max_request_bytes=default_max_request_bytes(images))
         self.config = config
         self.metrics = Metrics()
         self.engine = EngineLoop(llm, config.max_queue, self.metrics, config.request_timeout)
@@ -90,6 +95,10 @@ class OpenAIServer:
         # Parsing, chat templates, tokenizing and planning run here, never on the event loop; two workers keep
         # many large requests from crowding out the loop (and the engine thread) for the GIL.
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="letterpress-prep")
+        # Requests with media parts are prepared on their own threads: a fetch may wait up to its deadline
+        # (5 s for an image, 30 s for a video) and decoding takes a while, and text requests must not queue
+        # behind them. Four such requests at once make the next one with media wait.
+        self.media_prep = ThreadPoolExecutor(max_workers=MEDIA_WORKERS, thread_name_prefix="letterpress-media")
         # A text longer than this many characters cannot fit in max_model_len tokens (None: no such bound)
         per_token = llm.tokenizer.max_chars_per_token()
         self.max_prompt_chars = None if per_token is None else llm.max_model_len * per_token
@@ -100,12 +109,14 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------ requests
     async def read(self, raw: HttpRequest, model: type[T]) -> T:
         """The request body as `model`: 413 past --max-request-bytes, 400 for anything that is not JSON."""
-        data = await read_body(raw, self.config.max_request_bytes)
+        data = await read_body(raw, self.config.max_request_bytes, self.llm.vision is not None)
         return await self.off_loop(parse_body, data, model)
 
-    async def off_loop(self, fn: Callable[..., T], *args) -> T:
-        """Run `fn(*args)` on a preparation thread, so that the event loop keeps answering meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self.prep, functools.partial(fn, *args))
+    async def off_loop(self, fn: Callable[..., T], *args, media: bool = False) -> T:
+        """Run `fn(*args)` on a preparation thread, so that the event loop keeps answering meanwhile; `media`:
+        on a media thread (the request fetches or decodes images or video)."""
+        pool = self.media_prep if media else self.prep
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     def check_chars(self, text: str, what: str, param: str | None = None) -> None:
         """Refuse, before tokenizing, a text that cannot fit in max_model_len tokens whatever its tokens."""
@@ -624,7 +635,8 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
             yield
         finally:  # also when the loop is cancelled (Ctrl-C in run-batch): the engine thread must not outlive it
             server.engine.stop()
-            server.prep.shutdown(wait=False, cancel_futures=True)
+            for pool in (server.prep, server.media_prep):
+                pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="letterpress", lifespan=lifespan)
     app.state.server = server
@@ -688,14 +700,16 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def chat_completions(raw: HttpRequest):
         body = await server.read(raw, ChatCompletionRequest)
         refuse_unsupported(body)
-        return await server.serve(raw, await server.off_loop(server.chat_job, body), body)
+        job = await server.off_loop(server.chat_job, body, media=has_media(body.messages))
+        return await server.serve(raw, job, body)
 
     # vLLM's tokenizer routes and version (server/vllm_compat.py)
     @app.post("/tokenize")
     async def tokenize(raw: HttpRequest):
-        data = await read_body(raw, config.max_request_bytes)
+        data = await read_body(raw, server.config.max_request_bytes, llm.vision is not None)
         body = await server.off_loop(vllm_compat.tokenize_body, data)
-        return await server.off_loop(vllm_compat.tokenize, server, body)
+        media = has_media(getattr(body, "messages", None))
+        return await server.off_loop(vllm_compat.tokenize, server, body, media=media)
 
     @app.post("/detokenize")
     async def detokenize(raw: HttpRequest):

@@ -22,28 +22,41 @@ from ..tokenizer import lone_surrogate_at
 from .schemas import ApiError
 
 # Hugging Face's text-generation-inference and text-embeddings-inference refuse bodies over 2,000,000 bytes
-# (`--payload-limit`); vLLM sets no limit. 2 MB holds far more text than the default max_model_len does.
+# (`--payload-limit`); vLLM sets no limit. 2 MB holds far more text than the default max_model_len does; a
+# model that takes images gets room for one image as a data URL on top (`default_max_request_bytes`).
 DEFAULT_MAX_REQUEST_BYTES = 2_000_000
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def too_large(size: int | None, limit: int) -> ApiError:
+def default_max_request_bytes(max_image_bytes: int | None) -> int:
+    """2,000,000; on a model that takes images (`max_image_bytes` its image limit) also room for one image at
+    the limit as a base64 data URL (4/3 of its size): OpenAI takes images of 20 MB, and a phone photo sent as a
+    data URL is several MB."""
+    if max_image_bytes is None:
+        return DEFAULT_MAX_REQUEST_BYTES
+    return DEFAULT_MAX_REQUEST_BYTES + 4 * -(-max_image_bytes // 3)
+
+
+def too_large(size: int | None, limit: int, media: bool = False) -> ApiError:
     what = f"{size:,} bytes" if size is not None else f"more than {limit:,} bytes"
+    why = ("; images and video sent as data URLs count in full (base64, 4/3 of the file): send large ones as "
+           "http(s) URLs, or raise --max-request-bytes") if media else ""
     return ApiError(413, f"the request body is {what}; this server accepts at most {limit:,} bytes "
-                         "(--max-request-bytes)", code="request_too_large")
+                         f"(--max-request-bytes){why}", code="request_too_large")
 
 
-async def read_body(raw: HttpRequest, limit: int) -> bytes:
-    """The whole body, or a 413 as soon as it is known to be larger than `limit` bytes."""
+async def read_body(raw: HttpRequest, limit: int, media: bool = False) -> bytes:
+    """The whole body, or a 413 as soon as it is known to be larger than `limit` bytes. `media`: the model
+    takes images, and the 413 says how data URLs count."""
     declared = raw.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), limit)
+        raise too_large(int(declared), limit, media)
     chunks, size = [], 0
     async for chunk in raw.stream():
         size += len(chunk)
         if size > limit:  # a chunked body (or a Content-Length that lied): stop reading now
-            raise too_large(None, limit)
+            raise too_large(None, limit, media)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator, Protocol
 from ..engine.llm import LLM
 from ..engine.request import Request, RequestOutput, SamplingParams
 from ..media.sources import MediaLimits
-from .body import DEFAULT_MAX_REQUEST_BYTES
 from .chat import ChatChoice
 from .engine_loop import EngineLoop, RequestStream
 from .schemas import _Sampler, usage
@@ -38,7 +37,9 @@ class ServerConfig:
     # seconds a request may take from submission; then its rows are stopped and it gets a 504. None: no limit
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
     disconnect_poll_s: float = 0.25  # how often a waiting handler checks that its client is still there
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
+    # larger bodies get a 413. None: 2,000,000, plus one image at the image limit as a base64 data URL on a
+    # checkpoint with a vision tower (body.default_max_request_bytes)
+    max_request_bytes: int | None = None
     # vLLM's CORS flags (no origins: no CORS headers) and --enable-request-id-headers (server/vllm_compat.py)
     allowed_origins: list[str] = field(default_factory=list)
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])

@@ -36,7 +36,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop a request's rows this long after it was queued and answer 504 (streams: a final "
                         "error event); 0 = no limit (default 600, the openai client's own timeout)")
     p.add_argument("--max-request-bytes", type=int, default=None,
-                   help="larger request bodies get 413 (default 2000000, text-generation-inference's --payload-limit)")
+                   help="larger request bodies get 413 (default 2000000, text-generation-inference's --payload-limit; "
+                        "with a vision tower 29962028, room for one 20 MiB image as a base64 data URL too)")
     p.add_argument("--shutdown-timeout", type=float, default=0.0,
                    help="on SIGTERM/SIGINT, refuse new requests (503) and let open ones run this many seconds "
                         "before ending them with an error; a second signal exits at once (default 0, as vLLM)")
