@@ -390,6 +390,8 @@ ERRORS = [
     ("completion", {"prompt": [10**9]}, 400, "token ids", "prompt"),
     ("completion", {"prompt": PROMPT, "max_tokens": 2, "structured_outputs": {"choice": ["a long answer here"]}}, 400,
      "too few", "max_tokens"),
+    ("chat", {"messages": CHAT, "max_completion_tokens": 2, "structured_outputs": {"choice": ["a long answer here"]}},
+     400, "max_completion_tokens 2 is too few", "max_completion_tokens"),
     ("completion", {"prompt": PROMPT, "structured_outputs": {"regex": "(unclosed"}}, 400, "the regex is not valid",
      "structured_outputs"),
     ("completion", {"prompt": [5, 6], "suffix": "return x"}, 400, "with suffix, the prompt must be text", "prompt"),

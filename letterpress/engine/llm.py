@@ -293,8 +293,10 @@ class LLM:
                                   frozenset(spec.special_tokens), limit=self.max_constraint_edges)
         constraint = Constraint(automaton, params.eos_token_ids, params.seed)
         if constraint.shortest() > params.max_new_tokens:
+            # the server's field (a library caller's max_new_tokens is the same number)
             raise RequestError(f"max_tokens {params.max_new_tokens} is too few for this structured output: its "
-                               f"shortest valid answer takes {constraint.shortest()} tokens", param="max_tokens")
+                               f"shortest valid answer takes {constraint.shortest()} tokens (max_new_tokens in "
+                               "SamplingParams)", param="max_tokens")
         return constraint
 
     def detokenize(self, output: RequestOutput) -> RequestOutput:

@@ -258,6 +258,11 @@ class OpenAIServer:
                 except SchemaError as e:  # the constraint cannot be compiled (a bad regex): name the field
                     e.param = e.param or structured_param(body)
                     raise
+                except RequestError as e:  # too few tokens for the constraint: name the field the client used
+                    if e.param == "max_tokens" and getattr(body, "max_completion_tokens", None):
+                        e.param = "max_completion_tokens"
+                        e.args = (str(e).replace("max_tokens", "max_completion_tokens", 1),)
+                    raise
                 # check() only reads fixed sizes (canvas length, max_model_len, vocab), so calling it here, off
                 # the engine thread, is safe; it lets a too-long prompt get its 400 before any streaming starts.
                 self.llm.scheduler.check(request)
