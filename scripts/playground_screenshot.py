@@ -26,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="what `letterpress serve` serves (default: the embedded default)")
     p.add_argument("--out", default="docs/playground.png")
-    p.add_argument("--message", default="Convert name=Ada, year=1815 to JSON")
+    p.add_argument("--message", default="Convert to JSON: name=Ada, year=1815")
     p.add_argument("--frames", type=int, default=6, help="preview frames to wait for before the screenshot")
     args = p.parse_args()
 
