@@ -540,3 +540,26 @@ def test_a_seeded_constrained_request_is_the_same_in_every_process():
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(done.stdout)
     assert outputs[0] == outputs[1]
+
+
+def test_chat_markers_are_allowed_only_where_the_constraint_writes_them():
+    """The chat answer's constraint allows the Gemma markers (a tool call, a thought). Spelled as their text,
+    the single token <|tool_call> was allowed wherever "<", "|" and letters were: inside a JSON string of a
+    response_format, where the chat parser then split the answer (half the JSON came back as reasoning).
+    Now a marker token is allowed only where the regex writes that marker."""
+    from letterpress.server.structured import CHAT_MARKERS
+    from letterpress.structured import tool_call_regex
+
+    tok = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "tiny_tasks")  # has the markers as single ids
+    markers = {m: tok.encode(m) for m in CHAT_MARKERS}
+    assert all(len(ids) == 1 for ids in markers.values())
+    fmt = compile_regex(r'\{"a":"[^"]*"\}', tok, EOS, frozenset(CHAT_MARKERS))
+    state = 0
+    for t in tok.encode('{"a":"'):
+        state = fmt.next_state(state, t)
+    inside = set(fmt.allowed(state).tolist())
+    assert tok.encode("x")[0] in inside and not inside & {ids[0] for ids in markers.values()}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}]
+    call = compile_regex(tool_call_regex(tools), tok, EOS, frozenset(CHAT_MARKERS))
+    assert markers["<|tool_call>"][0] in set(call.allowed(0).tolist())

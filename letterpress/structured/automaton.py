@@ -18,7 +18,9 @@ released 262,144-token vocabulary json_object has ~4.8 M edges, 55 MB (BENCHMARK
 
 from __future__ import annotations
 
+import re
 import threading
+import zlib
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
@@ -103,6 +105,23 @@ class TokenAutomaton:
         return self._copies[device]
 
 
+def special_char(token: str) -> str:
+    """The private-use character an allowed special token is spelled as in a constraint. Spelled as its text,
+    `<|tool_call>` was one token that any regex admitting "<", "|" and letters admitted: inside every JSON
+    string of a chat's response_format, where the chat parser then read it as a marker (half the JSON came back
+    as reasoning). As its own character it is allowed only where the regex writes the marker (mark_specials),
+    and `narrow` keeps it out of `.` and negated classes."""
+    return chr(0xF0000 + zlib.crc32(token.encode()) % 0xFFFE)
+
+
+def mark_specials(regex: str, allowed_special: frozenset[str]) -> str:
+    """`regex` with each allowed special token written literally (escaped, as re.escape writes it) replaced by
+    its special_char."""
+    for token in sorted(allowed_special, key=len, reverse=True):
+        regex = regex.replace(re.escape(token), special_char(token))
+    return regex
+
+
 def token_bytes(tokenizer: Tokenizer, allowed_special: frozenset[str] = frozenset()) -> dict[bytes, list[int]]:
     """bytes -> the ids spelling them: every token but the special ones (except `allowed_special`)."""
     backend = tokenizer._backend
@@ -117,7 +136,7 @@ def token_bytes(tokenizer: Tokenizer, allowed_special: frozenset[str] = frozense
         if i in added:
             if added[i] not in allowed_special and (i in special or not added[i]):
                 continue
-            spelled = added[i].encode()
+            spelled = (special_char(added[i]) if added[i] in allowed_special else added[i]).encode()
         elif byte_map is not None:
             try:
                 spelled = bytes(byte_map[c] for c in token)
@@ -169,8 +188,12 @@ def compile_regex(regex: str, tokenizer: Tokenizer, eos_token_ids: list[int],
     try:
         eos = eos_token_ids[0] if eos_token_ids else tokenizer.vocab_size  # outlines needs one; never emitted
         spelled, first = _vocabulary(tokenizer, eos, allowed_special)
-        check_size(regex, first, limit)
-        anchored = SENTINEL + f"(?:{narrow(regex, SENTINEL)})"
+        # markers this tokenizer has as single tokens; others are written in ordinary tokens, as text
+        present = allowed_special & {t.content for t in tokenizer._backend.get_added_tokens_decoder().values()}
+        marked = mark_specials(regex, present)
+        check_size(marked, first, limit)
+        excluded = SENTINEL + "".join(special_char(t) for t in sorted(present))
+        anchored = SENTINEL + f"(?:{narrow(marked, excluded)})"
         table = _byte_classes(anchored, first.total, limit)
         automaton = _compile(regex, anchored, _grouped(spelled, table, eos), eos_token_ids)
         with _lock:
