@@ -563,3 +563,24 @@ def test_chat_markers_are_allowed_only_where_the_constraint_writes_them():
         "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}]
     call = compile_regex(tool_call_regex(tools), tok, EOS, frozenset(CHAT_MARKERS))
     assert markers["<|tool_call>"][0] in set(call.allowed(0).tolist())
+
+
+def test_tools_with_auto_beside_a_response_format_may_still_call_a_tool():
+    """An agent with tools and an output type sends both: the answer is a tool call or the format, as OpenAI
+    answers; the format alone (before) left the model no way to call a tool, and nothing said so."""
+    from letterpress.server.chat import render_chat
+    from letterpress.server.schemas import ChatCompletionRequest
+
+    tok = Tokenizer.from_dir(ROOT / "letterpress" / "assets" / "tiny_tasks")
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "Current time in Riga?"}], tools=tools,
+                                 response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    regex = render_chat(tok, body)[1].structured.regex
+    assert re.fullmatch(regex, '<|tool_call>call:get_time{city:<|"|>Riga<|"|>}<tool_call|>')
+    assert re.fullmatch(regex, '{"answer":"It is noon"}')
+    none = ChatCompletionRequest(**{**body.model_dump(exclude_none=True), "tool_choice": "none"})
+    assert not re.fullmatch(render_chat(tok, none)[1].structured.regex,
+                            '<|tool_call>call:get_time{city:<|"|>Riga<|"|>}<tool_call|>')

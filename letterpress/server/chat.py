@@ -73,6 +73,9 @@ def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str,
     special = (tokenizer.id_to_token(i) for i in tokenizer.special_ids())
     parallel = body.parallel_tool_calls is not False
     tool_regex = structured.tool_choice_spec(tools, name, parallel) if choice in ("required", "named") else None
+    # tool_choice auto beside a response format: a tool call or the format (as OpenAI answers), not the format
+    # alone, which left an agent with tools and an output type no way to call a tool
+    or_tools = structured.tool_choice_spec(tools, None, parallel) if choice == "auto" and spec is not None else None
     opens = prompt_opens_reasoning(prompt)
     options = ChatOptions(
         tool_calls=tools is not None and choice != "none",
@@ -81,7 +84,7 @@ def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str,
         parallel_tool_calls=parallel,
         include_reasoning=body.include_reasoning,
         hidden=tuple(sorted(t for t in special if t and t not in _FORMAT_TOKENS)),
-        structured=structured.for_chat(spec, tool_regex, opens, bool(kwargs.get("enable_thinking"))),
+        structured=structured.for_chat(spec, tool_regex, opens, bool(kwargs.get("enable_thinking")), or_tools),
     )
     return prompt, options
 

@@ -95,12 +95,15 @@ def tool_choice_spec(tools: list[dict], name: str | None, parallel: bool) -> str
 
 
 def for_chat(spec: StructuredOutputsParams | None, tool_regex: str | None, prompt_opens_reasoning: bool,
-             thinking: bool) -> StructuredOutputsParams | None:
-    """The chat answer's constraint: the tool calls or the format, after an optional thought."""
+             thinking: bool, or_tools: str | None = None) -> StructuredOutputsParams | None:
+    """The chat answer's constraint: the tool calls or the format, after an optional thought. `or_tools`: the
+    calls tool_choice "auto" allows beside the format (either may come)."""
     if tool_regex is not None and spec is not None:
         raise ApiError(400, "tool_choice 'required' / a named function cannot be combined with response_format "
                             "or structured_outputs", param="tool_choice")
     body = tool_regex if tool_regex is not None else (spec.regex if spec is not None else None)
+    if body is not None and or_tools is not None:
+        body = f"(?:{or_tools})|(?:{body})"
     if body is None:
         return None
     if prompt_opens_reasoning:  # the prompt ends inside the thought channel: close it first
