@@ -584,3 +584,13 @@ def test_tools_with_auto_beside_a_response_format_may_still_call_a_tool():
     none = ChatCompletionRequest(**{**body.model_dump(exclude_none=True), "tool_choice": "none"})
     assert not re.fullmatch(render_chat(tok, none)[1].structured.regex,
                             '<|tool_call>call:get_time{city:<|"|>Riga<|"|>}<tool_call|>')
+
+
+def test_a_tool_without_parameters_is_called_with_none():
+    """OpenAI: a function declared without `parameters` takes no arguments; a required call of it was allowed
+    any object, and the model invented {"city": ...} for a function that takes nothing."""
+    from letterpress.structured import tool_call_regex
+
+    regex = tool_call_regex([{"type": "function", "function": {"name": "noargs"}}])
+    assert re.fullmatch(regex, "<|tool_call>call:noargs{}<tool_call|>")
+    assert not re.fullmatch(regex, '<|tool_call>call:noargs{city:<|"|>x<|"|>}<tool_call|>')

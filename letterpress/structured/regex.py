@@ -134,7 +134,9 @@ def tool_call_regex(tools: list[dict], name: str | None = None, parallel: bool =
             raise SchemaError("every tool needs a function with a name")
         if name is not None and function["name"] != name:
             continue
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        parameters = function.get("parameters")
+        if parameters is None:  # OpenAI: a function without parameters takes none (not "any object")
+            parameters = {"type": "object", "properties": {}, "additionalProperties": False}
         try:
             arguments = schema_regex(parameters, GEMMA)
         except SchemaError as e:
