@@ -183,7 +183,7 @@ class Tokenizer:
             "tools": None,
             "documents": None,
             **extra,
-            "messages": [_template_message(m) for m in messages],
+            "messages": [_template_message(m) for m in _object_arguments(messages)],
             "add_generation_prompt": add_generation_prompt,
         }
         try:
@@ -439,3 +439,33 @@ def _validate_content(content: Any, where: str) -> None:
         if kind is None or not isinstance(part.get("text"), str):
             raise RequestError(f'{where}[{j}] must be a text part: {{"type": "text", "text": "..."}}')
         _check_text(part["text"], f"{where}[{j}].text")
+
+
+def _object_arguments(messages: list[Any]) -> list[Any]:
+    """Assistant tool-call arguments as objects: OpenAI clients (and `ToolCall.to_openai()`) give them as JSON
+    strings, and a template pastes a string as it is, so a JSON string would reach the model in JSON, not in its
+    call syntax. vLLM does the same for LLM.chat and its server (chat_utils._postprocess_messages)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list) and any(_string_arguments(c) for c in calls):
+            message = {**message, "tool_calls": [_with_object_arguments(c) for c in calls]}
+        out.append(message)
+    return out
+
+
+def _string_arguments(call: Any) -> bool:
+    return isinstance(call, dict) and isinstance(call.get("function"), dict) and \
+        isinstance(call["function"].get("arguments"), str)
+
+
+def _with_object_arguments(call: Any) -> Any:
+    if not _string_arguments(call):
+        return call
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except json.JSONDecodeError:
+        return call  # not JSON: pasted as given (the model's own syntax, say)
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**call["function"], "arguments": arguments}}

@@ -269,3 +269,22 @@ def test_turns_template_carries_tools_calls_responses_and_thinking() -> None:
 def test_turns_template_matches_transformers(turns_hf, turns_folder: Path, name: str, thinking: bool | None,
                                              with_tools: bool) -> None:
     _renders_like_transformers(Tokenizer.from_dir(turns_folder), turns_hf, name, thinking, with_tools)
+
+
+def test_json_string_tool_arguments_render_in_the_call_syntax() -> None:
+    """OpenAI clients, and our own ToolCall.to_openai(), give a call's arguments as a JSON string; rendered as
+    given it reached the model as `call:f{{"city": "Riga"}}`. LLM.chat and training data now get what the
+    server already did (vLLM: chat_utils._postprocess_messages)."""
+    from letterpress.embedded import ASSETS
+
+    tasks = Tokenizer.from_dir(ASSETS / "tiny_tasks")
+
+    def conversation(arguments):
+        return [{"role": "user", "content": "Time in Riga?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "14:05"}]
+
+    as_text = tasks.apply_chat_template(conversation(json.dumps({"city": "Riga"})))
+    assert as_text == tasks.apply_chat_template(conversation({"city": "Riga"}))
+    assert 'call:get_time{city:<|"|>Riga<|"|>}' in as_text

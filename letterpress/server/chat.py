@@ -16,7 +16,6 @@ parser, so they agree.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +66,7 @@ def render_chat(tokenizer: Tokenizer, body: ChatCompletionRequest) -> tuple[str,
     tools = body.tools or None
     if tools is not None:
         kwargs["tools"] = tools
-    prompt = tokenizer.apply_chat_template(_messages_for_template(body.messages), **kwargs)
+    prompt = tokenizer.apply_chat_template(body.messages, **kwargs)
     names = frozenset(t["function"]["name"] for t in tools or ()
                       if isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str))
     special = (tokenizer.id_to_token(i) for i in tokenizer.special_ids())
@@ -109,35 +108,6 @@ def _tool_choice(body: ChatCompletionRequest) -> tuple[str, str | None]:
         return "named", function["name"]
     raise ApiError(400, f"tool_choice must be 'auto', 'none', 'required' or a named function, not {choice!r}",
                    param="tool_choice")
-
-
-def _messages_for_template(messages: list[Any]) -> list[Any]:
-    """Assistant tool-call arguments as objects: OpenAI clients send them as JSON strings, and a template
-    pastes a string as it is (so a JSON string would reach the model in JSON, not in its call syntax)."""
-    out = []
-    for message in messages:
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
-        if isinstance(calls, list) and any(_string_arguments(c) for c in calls):
-            message = {**message, "tool_calls": [_with_object_arguments(c) for c in calls]}
-        out.append(message)
-    return out
-
-
-def _string_arguments(call: Any) -> bool:
-    return isinstance(call, dict) and isinstance(call.get("function"), dict) and \
-        isinstance(call["function"].get("arguments"), str)
-
-
-def _with_object_arguments(call: Any) -> Any:
-    if not _string_arguments(call):
-        return call
-    try:
-        arguments = json.loads(call["function"]["arguments"])
-    except json.JSONDecodeError:
-        return call  # not JSON: pasted as given (the model's own syntax, say)
-    if not isinstance(arguments, dict):
-        return call
-    return {**call, "function": {**call["function"], "arguments": arguments}}
 
 
 class ChatChoice:

@@ -18,7 +18,7 @@ from starlette.datastructures import Headers, MutableHeaders
 
 from ..engine.llm import soft_tokens_of
 from .body import parse_json, validate_body
-from .chat import _messages_for_template, render_chat, template_kwargs
+from .chat import render_chat, template_kwargs
 from .schemas import ApiError, ChatCompletionRequest
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def tokenize(server: ServerContext, body: TokenizeCompletionRequest | TokenizeCh
             if body.add_generation_prompt:  # the very prompt /v1/chat/completions renders
                 text, _ = render_chat(tokenizer, chat.model_copy(update={"messages": messages}))
             else:
-                text = tokenizer.apply_chat_template(_messages_for_template(messages), add_generation_prompt=False,
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=False,
                                                      **kwargs, **({"tools": tools} if tools else {}))
             server.check_chars(text, "the conversation (rendered by the chat template)", "messages")
             return text, None
