@@ -90,7 +90,13 @@ def prompt_opens_reasoning(prompt: str) -> bool:
 
 
 def parse_output(text: str, **options) -> ChatOutput:
-    """The reasoning, content and tool calls of one whole output (options as for StreamParser)."""
+    """The reasoning, content and tool calls of one whole output (options as for StreamParser). Unless
+    `start_in_reasoning` is given, an output whose first channel marker is a close (`<channel|>` before any
+    `<|channel>`) began inside a thought the prompt opened (thinking on, after a tool response): what comes
+    before the close is reasoning, as R1-style parsers read a leading `</think>`, not content glued to the answer."""
+    if "start_in_reasoning" not in options:
+        close, opened = text.find(CHANNEL_CLOSE), text.find(CHANNEL_OPEN)
+        options["start_in_reasoning"] = close != -1 and (opened == -1 or close < opened)
     parser = StreamParser(**options)
     return ChatOutput().add([*parser.feed(text), *parser.finish()])
 

@@ -165,3 +165,14 @@ def test_llm_chat_takes_tools_and_template_kwargs(tmp_path) -> None:
     assert out.prompt_token_ids == llm.tokenizer.encode(prompt) and "<|tool>declaration:f{" in prompt
     parsed = parse_output(llm.tokenizer.decode(out.token_ids, skip_special_tokens=False))
     assert isinstance(parsed.content, str)
+
+
+def test_a_whole_output_that_closes_a_thought_first_began_in_one():
+    """With thinking on, a prompt after a tool response ends inside an open thought channel; the model's output
+    is then `thought<channel|>answer`. parse_output, the README's Python recipe, glued the two into content; it
+    now reads a leading close as the end of a thought (start_in_reasoning given explicitly still wins)."""
+    out = parse_output("Let me look at the result.<channel|>It is 14:05 in Riga.")
+    assert out.reasoning == "Let me look at the result." and out.content == "It is 14:05 in Riga."
+    assert parse_output("<|channel>thought\nhmm<channel|>Answer").content == "Answer"
+    assert parse_output("Plain answer").reasoning == ""
+    assert parse_output("a<channel|>b", start_in_reasoning=False).reasoning == ""
