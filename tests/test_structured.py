@@ -86,6 +86,10 @@ def test_gemma_keys_are_sorted_like_the_template():
                           "required": ["a", "b"]}, GEMMA)
     assert re.fullmatch(regex, 'a:<|"|>x<|"|>,b:3'.join("{}"))
     assert not re.fullmatch(regex, '{b:3,a:<|"|>x<|"|>}')
+    # case does not order them (Jinja's dictsort): a before B, as the template writes the call back
+    mixed = schema_regex({"type": "object", "properties": {"a": {"type": "integer"}, "B": {"type": "integer"}},
+                          "required": ["a", "B"]}, GEMMA)
+    assert re.fullmatch(mixed, "{a:1,B:2}") and not re.fullmatch(mixed, "{B:2,a:1}")
 
 
 @pytest.mark.parametrize("schema,message", [

@@ -93,7 +93,7 @@ class Syntax:
         if isinstance(value, list):
             return "[" + ",".join(self.literal(v) for v in value) + "]"
         if isinstance(value, dict):
-            items = sorted(value.items()) if self.sort_keys else value.items()
+            items = sorted(value.items(), key=lambda kv: template_key(kv[0])) if self.sort_keys else value.items()
             return "{" + ",".join(f"{k if _BARE_KEY.fullmatch(k) else self.literal(k)}:{self.literal(v)}"
                                   for k, v in items) + "}"
         raise SchemaError(f"cannot write the constant {value!r}")
@@ -122,6 +122,12 @@ def choice_regex(choices: Any) -> str:
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
         raise SchemaError("choice must be a non-empty list of strings")
     return "(?:" + "|".join(re.escape(c) for c in choices) + ")"
+
+
+def template_key(name: str) -> str:
+    """The order the chat template writes an object's keys in: Jinja's `dictsort`, which ignores case (ties keep
+    their order; Python's sort is stable too)."""
+    return name.lower()
 
 
 def tool_call_regex(tools: list[dict], name: str | None = None, parallel: bool = True) -> str:
@@ -252,7 +258,7 @@ class _Builder:
             return rf"\{{(?:{pair}(?:{s.comma}{pair})*)?\}}"
         if missing:  # a required key the schema says nothing about: any value
             properties = {**properties, **{r: {} for r in missing}}
-        names = sorted(properties) if s.sort_keys else list(properties)
+        names = sorted(properties, key=template_key) if s.sort_keys else list(properties)
         pairs = [f"{s.key(n)}{s.colon}(?:{self.value(properties[n], f'{where}/properties/{n}', refs)})" for n in names]
         needed = [n in required for n in names]
         return r"\{" + _optional_sequence(pairs, needed, s.comma) + r"\}"
