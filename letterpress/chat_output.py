@@ -17,6 +17,7 @@ This module knows only text: no tokenizer, engine or server.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Collection, Iterable
@@ -492,5 +493,8 @@ def _scalar(raw: str):
         return None
     if _NUMBER.fullmatch(raw):
         number = float(raw)
-        return int(raw) if re.fullmatch(r"-?\d+", raw) else number
+        if re.fullmatch(r"-?\d+", raw):
+            return int(raw)
+        # 1e999 overflows to inf, which json.dumps writes as Infinity (not JSON): keep such a number's text
+        return number if math.isfinite(number) else raw
     return raw

@@ -176,3 +176,9 @@ def test_a_whole_output_that_closes_a_thought_first_began_in_one():
     assert parse_output("<|channel>thought\nhmm<channel|>Answer").content == "Answer"
     assert parse_output("Plain answer").reasoning == ""
     assert parse_output("a<channel|>b", start_in_reasoning=False).reasoning == ""
+
+
+def test_an_overflowing_number_in_a_call_stays_valid_json():
+    """1e999 became float inf, written as Infinity, which JSON.parse and strict parsers reject."""
+    [call] = parse_output("<|tool_call>call:f{b:1e999,c:2.5}<tool_call|>").tool_calls
+    assert json.loads(call.arguments) == {"b": "1e999", "c": 2.5}
