@@ -54,11 +54,28 @@ class Codec:
     canvas_length: int
     eos_id: int  # written after a text that ends inside the canvas
     end_ids: frozenset[int]  # EOS ids and pad: a free run ends at the first of these
+    max_context: int | None = None  # the most context tokens beside one canvas (max_model_len - canvas_length)
 
     def context(self, text: str) -> list[int]:
-        """A prompt: <bos> + tokens of `text`."""
-        bos = self.tokenizer.bos_id
-        return ([] if bos is None else [bos]) + self.tokenizer.encode(text)
+        """A prompt: <bos> + tokens of `text`, its start dropped (from a line start) where it would not fit
+        beside the canvas: a gap deep in a long file is filled from the text just above it."""
+        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        if self.max_context is None:
+            return bos + self.tokenizer.encode(text)
+        ids, offsets = self.tokenizer.encode_with_offsets(text)
+        return bos + keep_tail(ids, offsets, text, self.max_context - len(bos))
+
+
+def keep_tail(ids: list[int], offsets: list[tuple[int, int]], text: str, room: int) -> list[int]:
+    """The last `room` of `ids` (the tokens of `text`, with their character offsets), starting at the first
+    token of a line where a line starts within them; all of `ids` when they fit."""
+    if len(ids) <= room or room <= 0:
+        return ids if room > 0 else []
+    cut = len(ids) - room
+    newline = text.find("\n", offsets[cut][0])
+    if newline != -1:
+        cut = next((k for k in range(cut, len(ids)) if offsets[k][0] > newline), cut)
+    return ids[cut:]
 
 
 @dataclass
@@ -404,7 +421,9 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
     if head < len(text):
         after += count_tokens(codec.tokenizer, text, head)
     pinned += [codec.eos_id] * (C - len(pinned))
-    context = codec.context(instruction + "\n" if instruction else "") + ids[:start]
+    context = codec.context(instruction + "\n" if instruction else "")
+    room = len(context) + start if codec.max_context is None else codec.max_context - len(context)
+    context += keep_tail(ids[:start], offsets[:start], text, room)  # a long text's start may not fit
     char_ranges = [(offsets[a][0], offsets[b][1]) for a, b in token_runs]
     return EditPlan(text, RowPlan(context, Clamp.of(pinned), runs), char_ranges, start, after)
 

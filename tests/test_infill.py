@@ -540,3 +540,23 @@ def test_a_failed_candidate_row_is_never_chosen(llm, monkeypatch):
     monkeypatch.setattr(LLM, "run", fail_rows(range))
     with pytest.raises(RuntimeError, match="row 0 broke"):
         llm.infill(PREFIX, SUFFIX, 12, params)
+
+
+def test_a_gap_deep_in_a_long_file_is_filled_from_the_text_just_above_it(llm):
+    """The whole prefix went into the context: a gap more than max_model_len tokens into a file was a "prompt
+    exceeds max_model_len" error. The context now keeps what fits beside the canvas, from a line start."""
+    from letterpress.infill import plan_edit, plan_infill
+
+    codec = llm.infill_codec()
+    room = llm.max_model_len - codec.canvas_length
+    prefix = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(400)) + "def g(x):\n"
+    plan = plan_infill(codec, prefix, "    return x\n", 8)
+    context = plan.rows[0].prompt_ids
+    assert len(context) <= room and len(codec.tokenizer.encode(prefix)) > room
+    kept = codec.tokenizer.decode(context)
+    assert prefix.endswith(kept) and prefix[len(prefix) - len(kept) - 1] == "\n"  # from a line start
+    assert llm.infill(prefix, "    return x\n", 8, params=FAST).text.startswith(prefix)
+    text = prefix + "    return x + 1\n"
+    edit = plan_edit(codec, text, [(len(text) - 6, len(text) - 1)])
+    assert len(edit.row.prompt_ids) <= room
+    assert llm.edit(text, [(len(text) - 6, len(text) - 1)], params=FAST).text.startswith(prefix)

@@ -437,7 +437,8 @@ class LLM:
         if self.tokenizer is None:
             raise RequestError("infilling and editing need a checkpoint with a tokenizer.json")
         eos = list(self.defaults.eos_token_ids)
-        return Codec(self.tokenizer, self.runner.canvas_length, eos[0], frozenset(eos) | {self.defaults.pad_token_id})
+        return Codec(self.tokenizer, self.runner.canvas_length, eos[0], frozenset(eos) | {self.defaults.pad_token_id},
+                     max_context=self.max_model_len - self.runner.canvas_length)
 
     def clamped_rows(self, plans: list[RowPlan], params: SamplingParams | None) -> list[Request]:
         """One request per planned row: its context, and its canvas's clamp over one whole canvas."""
