@@ -27,6 +27,7 @@ Canvas layouts (C positions; `.` free, `S` suffix token, `T` text token, `E` EOS
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -265,7 +266,7 @@ class LineGap:
 
     @classmethod
     def cut(cls, text: str, line: int) -> LineGap:
-        lines = text.splitlines(keepends=True)
+        lines = _lines(text)
         if not 1 <= line <= len(lines):
             raise RequestError(f"line {line} is out of range: the text has {len(lines)} lines")
         before, gap, after = "".join(lines[:line - 1]), lines[line - 1], "".join(lines[line:])
@@ -276,8 +277,8 @@ class LineGap:
     @classmethod
     def marked(cls, text: str, line: int) -> LineGap:
         """Like `cut`, for a line that must be a gap marker (only `...` or a `# fill` comment)."""
-        lines = text.splitlines()
-        body = lines[line - 1].strip() if 1 <= line <= len(lines) else None
+        lines = _lines(text)
+        body = lines[line - 1].strip().lstrip("\ufeff") if 1 <= line <= len(lines) else None
         if body is not None and not (body == "..." or body.lower().startswith("# fill")):
             raise RequestError(f"line {line} is not a gap: mark the line to fill with only `...` or `# fill`")
         return cls.cut(text, line)
@@ -287,7 +288,17 @@ class LineGap:
         middle = middle.rstrip("\r\n")
         if self.lead and not middle.startswith(self.lead):
             middle = self.lead + middle
+        elif not self.lead and middle.startswith("\n"):  # the first line: nothing above to end with a newline
+            middle = middle[1:]
         return self.prefix + middle + self.suffix
+
+
+def _lines(text: str) -> list[str]:
+    """`text`'s lines with their ends, split at "\n" only, as an editor numbers them: str.splitlines also
+    splits at form feeds, \x1c-\x1e, \x85 and U+2028/9, which Python source may hold (a form feed is PEP 8's
+    page break), and the line numbers after them would not be the editor's."""
+    return text.splitlines(keepends=True) if "\n" not in text else [
+        line for line in re.split(r"(?<=\n)", text) if line]
 
 
 # ------------------------------------------------------------------------------------------------ edit

@@ -481,13 +481,13 @@ def test_in_place_keeps_crlf_and_mode_and_a_failed_write_leaves_the_file_whole(t
     import io
     import os
 
-    from letterpress.cli.infill import write_in_place
+    from letterpress.cli.infill import read, write_in_place
     from letterpress.errors import RequestError
 
     source = tmp_path / "f.py"
     source.write_bytes(b"def f(x):\r\n    ...\r\n    return x\r\n")
     os.chmod(source, 0o640)
-    write_in_place(str(source), "def f(x):\n    y = x\n    return y\n")
+    write_in_place(read(str(source)), "def f(x):\n    y = x\n    return y\n")
     assert source.read_bytes() == b"def f(x):\r\n    y = x\r\n    return y\r\n"
     assert source.stat().st_mode & 0o777 == 0o640
 
@@ -501,8 +501,8 @@ def test_in_place_keeps_crlf_and_mode_and_a_failed_write_leaves_the_file_whole(t
         def __exit__(self, *exc):
             self.file.close()
 
-        def write(self, text):
-            self.file.write(text[:10])
+        def write(self, data):
+            self.file.write(data[:10])
             self.file.flush()
             raise OSError(28, "No space left on device")
 
@@ -510,10 +510,58 @@ def test_in_place_keeps_crlf_and_mode_and_a_failed_write_leaves_the_file_whole(t
                         lambda file, mode="r", **kw: io.open(file, mode, **kw) if "r" in mode
                         else FullDisk(file, mode, **kw), raising=False)
     with pytest.raises(RequestError, match="cannot write .*No space left on device; the file is unchanged"):
-        write_in_place(str(source), "x" * 1000)
+        write_in_place(read(str(source)), "x" * 1000)
     monkeypatch.undo()
     assert source.read_bytes() == b"def f(x):\r\n    y = x\r\n    return y\r\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.py"]  # no temporary file left behind
+
+
+def test_a_file_is_read_and_written_back_as_an_editor_has_it(tmp_path):
+    """A byte-order mark is set aside (line 1 may be a gap; --span offsets are an editor's) and written back;
+    CR-only files keep CR; standard output keeps CRLF (an editor piping it back keeps the file's ends); a form
+    feed does not shift line numbers (str.splitlines split at it)."""
+    from letterpress.cli.infill import read, write_in_place
+    from letterpress.infill import LineGap
+
+    bom = tmp_path / "bom.py"
+    bom.write_bytes(b"\xef\xbb\xbf...\nx = 1\n")
+    source = read(str(bom))
+    assert source.text == "...\nx = 1\n" and source.bom
+    gap = LineGap.marked(source.text, 1)
+    write_in_place(source, gap.fill("\ny = 2"))  # the model's leading newline: nothing above it to end
+    assert bom.read_bytes() == b"\xef\xbb\xbfy = 2\nx = 1\n"
+    cr = tmp_path / "cr.py"
+    cr.write_bytes(b"x = 1\r...\ry = 2\r")
+    source = read(str(cr))
+    write_in_place(source, LineGap.marked(source.text, 2).fill("\nz = 3"))
+    assert cr.read_bytes() == b"x = 1\rz = 3\ry = 2\r"
+    assert read(str(cr)).encoded("a\nb\n", bom=False) == b"a\rb\r"
+    assert LineGap.marked("import os\n\x0c\ndef f():\n    ...\n    return 1\n", 4).prefix.endswith("def f():")
+
+
+def test_in_place_refuses_what_it_cannot_replace_whole(tmp_path):
+    """Before the model loads: a read-only file, a read-only folder (a traceback after the model ran, before),
+    a file with another hard link, mixed line ends."""
+    import os
+
+    from letterpress.cli.infill import check_in_place
+    from letterpress.errors import RequestError
+
+    mixed = tmp_path / "mixed.py"
+    mixed.write_bytes(b"x = 1\r\n...\nz = 3\n")
+    with pytest.raises(RequestError, match="mixes line ends"):
+        check_in_place(str(mixed))
+    linked = tmp_path / "a.py"
+    linked.write_text("...\n")
+    os.link(linked, tmp_path / "b.py")
+    with pytest.raises(RequestError, match="has 2 hard links"):
+        check_in_place(str(linked))
+    if os.geteuid() != 0:  # root may write anything, and os.access says so
+        locked = tmp_path / "locked.py"
+        locked.write_text("...\n")
+        os.chmod(locked, 0o444)
+        with pytest.raises(RequestError, match="is read-only"):
+            check_in_place(str(locked))
 
 
 def test_a_failed_candidate_row_is_never_chosen(llm, monkeypatch):
