@@ -233,6 +233,14 @@ def test_infill_errors(llm, kwargs, message):
         llm.infill(PREFIX, SUFFIX, **{"params": FAST, **kwargs})
 
 
+def test_the_batch_calls_refuse_one_string_for_a_list(llm):
+    """list("ab") made two one-letter prefixes: infill_batch("ab", "cd") ran two infills, silently."""
+    with pytest.raises(RequestError, match="infill_batch takes lists"):
+        llm.infill_batch(PREFIX, SUFFIX, params=FAST)
+    with pytest.raises(RequestError, match="edit_batch takes a list of texts"):
+        llm.edit_batch(TEXT, [[(0, 1)]] * len(TEXT), params=FAST)
+
+
 def test_edit_keeps_everything_outside_the_span(llm):
     start, end = TEXT.index("a + b"), TEXT.index("a + b") + 5
     codec = llm.infill_codec()

@@ -398,6 +398,8 @@ class LLM:
                      lengths: Sequence[int] | None = None) -> list[InfillResult]:
         """`infill` for many (prefix, suffix) pairs; all their rows run as one batch."""
         codec = self.infill_codec()
+        if isinstance(prefixes, str) or isinstance(suffixes, str):  # list("ab") would be two one-letter prefixes
+            raise RequestError("infill_batch takes lists of prefixes and suffixes; infill takes one of each")
         prefixes, suffixes = list(prefixes), list(suffixes)
         if len(prefixes) != len(suffixes):
             raise RequestError("pass one suffix per prefix")
@@ -425,6 +427,8 @@ class LLM:
                    instructions: list[str | None] | None = None, params: SamplingParams | None = None,
                    slack_tokens: int = 0) -> list[EditResult]:
         codec = self.infill_codec()
+        if isinstance(texts, str):  # each character would be a text of its own
+            raise RequestError("edit_batch takes a list of texts; edit takes one")
         instructions = [None] * len(texts) if instructions is None else list(instructions)
         if not (len(texts) == len(spans) == len(instructions)):
             raise RequestError("pass one list of spans (and one instruction) per text")
