@@ -395,6 +395,7 @@ ERRORS = [
     ("completion", {"prompt": PROMPT, "structured_outputs": {"regex": "(unclosed"}}, 400, "the regex is not valid",
      "structured_outputs"),
     ("completion", {"prompt": [5, 6], "suffix": "return x"}, 400, "with suffix, the prompt must be text", "prompt"),
+    ("completion", {"prompt": PROMPT, "infill_strategy": "slack"}, 400, "with a non-empty suffix", "infill_strategy"),
     ("completion", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream", "stream_options"),
     ("completion", {"prompt": PROMPT, "n": 1000}, 400, "never fit", "n"),
     ("completion", {"prompt": PROMPT, "t_min": 0.9, "t_max": 0.5}, 400, "t_min", None),

@@ -683,6 +683,9 @@ def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def completions(raw: HttpRequest):
         body = await server.read(raw, CompletionRequest)
         refuse_unsupported(body)
+        if body.infill_strategy is not None and not body.suffix:  # refused, never ignored
+            raise ApiError(400, "infill_strategy applies to infilling: send it with a non-empty suffix",
+                           param="infill_strategy")
         if body.rule_mask == "sudoku":  # the rule-mask search, run by the engine thread (server/sudoku.py)
             job = await server.off_loop(sudoku_job, server, body)
         elif body.suffix:  # infilling: the completion is the middle (an empty suffix is a plain completion)
