@@ -63,6 +63,12 @@ class Codec:
         bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
         if self.max_context is None:
             return bos + self.tokenizer.encode(text)
+        per_token = self.tokenizer.max_chars_per_token()
+        if per_token is not None and len(text) > (self.max_context + 1) * per_token:
+            # more than fits however it tokenizes: tokenize only the tail that can, from a line start
+            start = len(text) - (self.max_context + 1) * per_token
+            newline = text.find("\n", start)
+            text = text[newline + 1:] if newline != -1 else text[start:]
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         return bos + keep_tail(ids, offsets, text, self.max_context - len(bos))
 
@@ -168,7 +174,8 @@ def plan_infill(codec: Codec, prefix: str, suffix: str, max_middle: int | None =
     max_middle = C // 2 if max_middle is None else max_middle
     check_infill_args(prefix, suffix, max_middle, C, strategy, lengths)
     context = codec.context(prefix)
-    suffix_ids = codec.tokenizer.encode(suffix)
+    per_token = codec.tokenizer.max_chars_per_token()  # the canvas shows at most C tokens of the suffix:
+    suffix_ids = codec.tokenizer.encode(suffix if per_token is None else suffix[:(C + 2) * per_token])  # tokenize no more
     plan = InfillPlan(prefix, suffix, strategy, max_middle, [], [], [])
     if strategy == "search":
         lengths = search_lengths(max_middle) if lengths is None else sorted(set(lengths))

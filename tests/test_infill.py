@@ -612,6 +612,16 @@ def test_a_gap_deep_in_a_long_file_is_filled_from_the_text_just_above_it(llm):
     kept = codec.tokenizer.decode(context)
     assert prefix.endswith(kept) and prefix[len(prefix) - len(kept) - 1] == "\n"  # from a line start
     assert llm.infill(prefix, "    return x\n", 8, params=FAST).text.startswith(prefix)
+    # a prefix and a suffix far longer than a context: only what can fit is tokenized (11 MB took 17 s)
+    calls = []
+    encode, encode_with_offsets = codec.tokenizer.encode, codec.tokenizer.encode_with_offsets
+    codec.tokenizer.encode = lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k)
+    codec.tokenizer.encode_with_offsets = lambda text: calls.append(len(text)) or encode_with_offsets(text)
+    try:
+        huge = plan_infill(codec, prefix * 50, "    return x\n" * 20000, 8)
+    finally:
+        del codec.tokenizer.encode, codec.tokenizer.encode_with_offsets
+    assert huge.rows[0].prompt_ids[-len(context) + 1:] == context[1:] and max(calls) < 50_000
     text = prefix + "    return x + 1\n"
     edit = plan_edit(codec, text, [(len(text) - 6, len(text) - 1)])
     assert len(edit.row.prompt_ids) <= room
