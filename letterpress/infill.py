@@ -417,7 +417,9 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
         raise RequestError(f"slack_tokens must be an integer >= 0, got {slack!r}")
     C = codec.canvas_length
     head = edit_window(codec, text, checked)
-    ids, offsets = codec.tokenizer.encode_with_offsets(text[:head])
+    tail = context_window(codec, text, checked[0][0])
+    ids, offsets = codec.tokenizer.encode_with_offsets(text[tail:head])
+    offsets = [(a + tail, b + tail) for a, b in offsets] if tail else offsets
     token_runs = span_tokens(offsets, checked)
     start = token_runs[0][0]
     needed = token_runs[-1][1] - start + 1 + slack * len(token_runs)
@@ -444,6 +446,18 @@ def plan_edit(codec: Codec, text: str, spans: Sequence[Span], instruction: str |
     context += keep_tail(ids[:start], offsets[:start], text, room)  # a long text's start may not fit
     char_ranges = [(offsets[a][0], offsets[b][1]) for a, b in token_runs]
     return EditPlan(text, RowPlan(context, Clamp.of(pinned), runs), char_ranges, start, after)
+
+
+def context_window(codec: Codec, text: str, first: int) -> int:
+    """Where to start tokenizing the text before the first span: a line start from which more tokens than the
+    context holds surely lie before `first` (max_chars_per_token), so that a span deep in a large text costs
+    its context, not its length; 0 when the whole start may fit (or no bound is known)."""
+    per_token = codec.tokenizer.max_chars_per_token()
+    if per_token is None or codec.max_context is None or first <= (codec.max_context + 1) * per_token:
+        return 0
+    start = first - (codec.max_context + 1) * per_token
+    newline = text.find("\n", start, first)
+    return newline + 1 if newline != -1 else start
 
 
 def edit_window(codec: Codec, text: str, spans: list[Span]) -> int:

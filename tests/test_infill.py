@@ -622,7 +622,17 @@ def test_a_gap_deep_in_a_long_file_is_filled_from_the_text_just_above_it(llm):
     finally:
         del codec.tokenizer.encode, codec.tokenizer.encode_with_offsets
     assert huge.rows[0].prompt_ids[-len(context) + 1:] == context[1:] and max(calls) < 50_000
+    long_text = prefix * 50 + "    return x + 1\n"
+    calls.clear()
+    codec.tokenizer.encode_with_offsets = lambda text: calls.append(len(text)) or encode_with_offsets(text)
+    try:
+        far = plan_edit(codec, long_text, [(len(long_text) - 6, len(long_text) - 1)])
+    finally:
+        del codec.tokenizer.encode_with_offsets
+    assert max(calls) < 50_000 and far.char_ranges[0][1] == len(long_text) - 1
     text = prefix + "    return x + 1\n"
     edit = plan_edit(codec, text, [(len(text) - 6, len(text) - 1)])
+    assert far.row.prompt_ids[-30:] == edit.row.prompt_ids[-30:]
+    assert torch.equal(far.row.clamp.tokens, edit.row.clamp.tokens) and torch.equal(far.row.clamp.mask, edit.row.clamp.mask)
     assert len(edit.row.prompt_ids) <= room
     assert llm.edit(text, [(len(text) - 6, len(text) - 1)], params=FAST).text.startswith(prefix)
